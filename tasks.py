@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Set-up and entry points. Needs only python3: the first call builds .venv from pyproject.toml.
+
+    python3 tasks.py demo      # generate data, run the whole pipeline on embedded defaults, summarize
+    python3 tasks.py test      # the test suite (what CI runs)
+    python3 tasks.py ui        # the Dagster UI on http://127.0.0.1:3000
+    python3 tasks.py bench ... # the scale benchmark (bench/run_pipeline.py)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+PY = VENV / "bin" / "python"
+STAMP = VENV / ".installed"
+INSTALL_INPUTS = [ROOT / "pyproject.toml", ROOT / "constraints.txt"]
+
+
+def _install_fingerprint() -> str:
+    digest = hashlib.sha256()
+    for path in INSTALL_INPUTS:
+        if path.exists():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_venv() -> None:
+    """Create .venv and install the project, once per change of its dependency files."""
+    if STAMP.exists() and STAMP.read_text() == _install_fingerprint():
+        return
+    if not PY.exists():
+        print("creating .venv", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    constraints = ["-c", str(ROOT / "constraints.txt")] if (ROOT / "constraints.txt").exists() else []
+    print("installing dependencies (first run takes a minute or two)", flush=True)
+    subprocess.run([*pip, *constraints, "-e", f"{ROOT}[dev]"], check=True)
+    STAMP.write_text(_install_fingerprint())
+
+
+def project_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DAGSTER_HOME", str(ROOT / ".dagster_home"))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    Path(env["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def run(*args: str) -> int:
+    return subprocess.run([str(PY), *args], cwd=ROOT, env=project_env()).returncode
+
+
+def main(argv: list[str]) -> int:
+    command, rest = (argv[0], argv[1:]) if argv else ("help", [])
+    if command in ("help", "-h", "--help"):
+        print(__doc__)
+        return 0
+    ensure_venv()
+    if command == "setup":
+        return 0
+    if command == "demo":
+        return run("-m", "bench.demo", *rest)
+    if command == "test":
+        return run("-m", "pytest", *rest)
+    if command == "ui":
+        return run("-m", "dagster", "dev", "-h", "127.0.0.1", "-p", "3000", *rest)
+    if command == "bench":
+        return run("-m", "bench.run_pipeline", *rest)
+    print(f"unknown command {command!r}\n{__doc__}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

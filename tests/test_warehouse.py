@@ -1,0 +1,44 @@
+import multiprocessing as mp
+
+import pytest
+
+from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
+
+
+def _append(path: str, worker: int) -> None:
+    wh = DuckDBWarehouse(path=path, memory_limit="256MB")
+    for i in range(5):
+        with wh.transaction() as con:
+            con.execute("CREATE TABLE IF NOT EXISTS t (worker INT, i INT)")
+            con.execute("INSERT INTO t VALUES (?, ?)", [worker, i])
+
+
+def test_processes_take_turns_instead_of_failing_on_the_lock(tmp_path):
+    path = str(tmp_path / "w.duckdb")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_append, args=(path, w)) for w in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 6
+    with DuckDBWarehouse(path=path).connect(read_only=True) as con:
+        assert fetch_scalar(con, "SELECT count(*) FROM t") == 30
+
+
+def test_transaction_rolls_back_on_error(warehouse):
+    with warehouse.transaction() as con:
+        con.execute("CREATE TABLE t AS SELECT 1 AS x")
+    with pytest.raises(ZeroDivisionError):
+        with warehouse.transaction() as con:
+            con.execute("DELETE FROM t")
+            1 / 0
+    with warehouse.connect(read_only=True) as con:
+        assert fetch_all(con, "SELECT x FROM t") == [(1,)]
+
+
+def test_nested_connection_is_refused(warehouse):
+    with warehouse.connect():
+        with pytest.raises(RuntimeError, match="already open"):
+            with warehouse.connect():
+                pass

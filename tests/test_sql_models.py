@@ -1,0 +1,141 @@
+"""The dbt-style SQL models: dependencies from the SQL itself, partition day as a parameter,
+rebuilt only when inputs change, Online Retail quirks handled as documented."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import dagster as dg
+import pytest
+
+from assets.sql_models import SqlModel, build_sql_assets, load_models, upstream_assets
+from resources.warehouse import fetch_all, fetch_scalar
+
+DAY = "2011-01-10"
+
+
+def seed_raw_tables(warehouse, transactions, purchases=(), products=()):
+    """Raw tables as ingestion lands them, with one batch fingerprint per source and day."""
+    with warehouse.transaction() as con:
+        con.execute("CREATE SCHEMA IF NOT EXISTS raw; CREATE SCHEMA IF NOT EXISTS ops")
+        con.execute(
+            """CREATE TABLE raw.transactions (partition_date DATE, line_no BIGINT, invoice_no VARCHAR,
+               stock_code VARCHAR, description VARCHAR, quantity INTEGER, invoice_date TIMESTAMP,
+               unit_price DOUBLE, customer_id VARCHAR, country VARCHAR)"""
+        )
+        con.execute(
+            """CREATE TABLE raw.customer_purchases (partition_date DATE, line_no BIGINT, item_no INTEGER,
+               customer_id VARCHAR, product_id VARCHAR, amount DOUBLE, purchased_at TIMESTAMP)"""
+        )
+        con.execute(
+            """CREATE TABLE raw.products (partition_date DATE, line_no BIGINT, product_id VARCHAR, name VARCHAR,
+               description VARCHAR, category VARCHAR, price DOUBLE, in_stock BOOLEAN)"""
+        )
+        con.execute("CREATE TABLE ops.batch_fingerprints (source VARCHAR, partition_date DATE, fingerprint VARCHAR)")
+        con.executemany("INSERT INTO raw.transactions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", list(transactions))
+        if purchases:
+            con.executemany("INSERT INTO raw.customer_purchases VALUES (?, ?, ?, ?, ?, ?, ?)", list(purchases))
+        if products:
+            con.executemany("INSERT INTO raw.products VALUES (?, ?, ?, ?, ?, ?, ?, ?)", list(products))
+        for source in ("transactions", "customers", "products"):
+            con.execute("INSERT INTO ops.batch_fingerprints VALUES (?, ?, 'v1')", [source, DAY])
+
+
+def line(no, invoice, code, qty, price, customer, when="2011-01-10 10:00:00", desc="RED MUG"):
+    return (DAY, no, invoice, code, desc, qty, when, price, customer, "United Kingdom")
+
+
+QUIRKY_LINES = [
+    line(1, "536365", "85123A", 6, 2.55, "17850"),  # kept
+    line(2, "536366", "85123a ", 2, 2.55, "17850"),  # code case and whitespace normalized
+    line(3, "536367", "22633", 4, 1.85, None),  # no customer
+    line(4, "536368", "POST", 1, 18.0, "17850"),  # postage, not a product
+    line(5, "536369", "22750", 10, 0.0, "13047"),  # free item
+    line(6, "536370", "23166", 74215, 1.04, "12346", when="2011-01-10 10:01:00"),  # huge order...
+    line(7, "C536371", "23166", -74215, 1.04, "12346", when="2011-01-10 10:05:00"),  # ...reversed
+    line(8, "536372", "22960", 3, 4.25, "13047"),  # kept
+    line(9, "C536373", "22960", -1, 4.25, "13047"),  # a partial return: the order stays
+    line(10, "A563185", "B", 1, -11062.06, None),  # bad-debt adjustment
+]
+
+
+def materialize_models(warehouse, day=DAY, force=False):
+    assets = build_sql_assets()
+    config = {"ops": {a.key.to_user_string(): {"config": {"force": force}} for a in assets}} if force else None
+    return dg.materialize(assets, partition_key=day, resources={"warehouse": warehouse}, run_config=config)
+
+
+def test_dependencies_come_from_the_sql():
+    models = {m.name: m for m in load_models()}
+    names = set(models)
+    assert upstream_assets(models["stg_purchases"], names) == ["raw_customers", "stg_order_lines"]
+    assert upstream_assets(models["customer_features"], names) == ["dim_products", "stg_purchases"]
+    assert upstream_assets(models["stg_order_lines"], names) == ["raw_transactions"]
+
+
+def test_a_table_that_no_asset_writes_is_an_error():
+    model = SqlModel("bad", "WITH x AS (SELECT 1) SELECT * FROM x JOIN somewhere.else_table USING (a)")
+    with pytest.raises(ValueError, match="somewhere.else_table"):
+        upstream_assets(model, set())
+
+
+def test_online_retail_quirks_are_handled_as_documented(warehouse):
+    seed_raw_tables(warehouse, QUIRKY_LINES)
+    assert materialize_models(warehouse).success
+    with warehouse.connect(read_only=True) as con:
+        kept = fetch_all(con, "SELECT customer_id, product_id, quantity FROM analytics.stg_order_lines ORDER BY ALL")
+        products = fetch_all(con, "SELECT product_id, price, in_stock, source FROM analytics.dim_products ORDER BY 1")
+        features = fetch_all(
+            con, "SELECT customer_id, recency_days, frequency, monetary FROM analytics.customer_features ORDER BY 1"
+        )
+    assert kept == [("13047", "22960", 3), ("17850", "85123A", 2), ("17850", "85123A", 6)]
+    assert [p[0] for p in products] == ["22960", "85123A"]
+    assert all(p[2] and p[3] == "order_lines" for p in products)
+    assert features == [("13047", 0, 1, pytest.approx(12.75)), ("17850", 0, 1, pytest.approx(20.4))]
+
+
+def test_unchanged_inputs_skip_and_changed_inputs_rebuild(warehouse):
+    seed_raw_tables(warehouse, QUIRKY_LINES)
+    first = materialize_models(warehouse)
+    second = materialize_models(warehouse)
+    skipped = [e.materialization.metadata["skipped"].value for e in second.get_asset_materialization_events()]
+    assert first.success and second.success and all(skipped) and len(skipped) == 4
+    with warehouse.transaction() as con:
+        con.execute("UPDATE ops.batch_fingerprints SET fingerprint = 'v2' WHERE source = 'transactions'")
+    third = materialize_models(warehouse)
+    rebuilt = {e.asset_key.path[-1]: e.materialization.metadata["skipped"].value for e in third.get_asset_materialization_events()}
+    assert rebuilt == {"stg_order_lines": False, "stg_purchases": False, "dim_products": False, "customer_features": False}
+
+
+def test_an_older_day_does_not_overwrite_a_newer_state_unless_forced(warehouse):
+    seed_raw_tables(warehouse, QUIRKY_LINES)
+    materialize_models(warehouse)
+    older = materialize_models(warehouse, day="2011-01-09")
+    assert older.success
+    assert all(e.materialization.metadata["skipped"].value for e in older.get_asset_materialization_events())
+    with warehouse.connect(read_only=True) as con:
+        assert fetch_all(con, "SELECT DISTINCT as_of FROM ops.asset_state") == [(dt.date(2011, 1, 10),)]
+    forced = materialize_models(warehouse, day="2011-01-09", force=True)
+    assert forced.success
+    with warehouse.connect(read_only=True) as con:
+        assert fetch_all(con, "SELECT DISTINCT as_of FROM ops.asset_state") == [(dt.date(2011, 1, 9),)]
+
+
+def test_catalog_rows_win_over_order_lines_and_history_repeats_count_once(warehouse):
+    purchases = [
+        (DAY, 1, 0, "c-1", "P1", 10.0, "2011-01-01 00:00:00"),
+        ("2011-01-09", 1, 0, "c-1", "P1", 10.0, "2011-01-01 00:00:00"),  # the same history sent again
+        (DAY, 1, 1, "c-1", "P2", 5.0, "2011-01-05 00:00:00"),
+    ]
+    products = [
+        ("2011-01-09", 1, "P1", "Mug", "A red mug", "kitchen", 9.0, True),
+        (DAY, 1, "P1", "Mug", "A red mug", "kitchen", 10.0, False),
+        (DAY, 2, "P2", "Lamp", "A desk lamp", "home", 5.0, True),
+    ]
+    seed_raw_tables(warehouse, [], purchases, products)
+    assert materialize_models(warehouse).success
+    with warehouse.connect(read_only=True) as con:
+        assert fetch_scalar(con, "SELECT count(*) FROM analytics.stg_purchases") == 2
+        assert fetch_all(con, "SELECT price, in_stock FROM analytics.dim_products WHERE product_id = 'P1'") == [(10.0, False)]
+        mix = fetch_all(con, "SELECT top_category, category_mix FROM analytics.customer_features")
+    assert mix[0][0] == "kitchen" and mix[0][1] == {"kitchen": pytest.approx(0.6667), "home": pytest.approx(0.3333)}

@@ -32,7 +32,8 @@ def seed_raw_tables(warehouse, transactions, purchases=(), products=()):
                description VARCHAR, category VARCHAR, price DOUBLE, in_stock BOOLEAN)"""
         )
         con.execute("CREATE TABLE ops.batch_fingerprints (source VARCHAR, partition_date DATE, fingerprint VARCHAR)")
-        con.executemany("INSERT INTO raw.transactions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", list(transactions))
+        if transactions:
+            con.executemany("INSERT INTO raw.transactions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", list(transactions))
         if purchases:
             con.executemany("INSERT INTO raw.customer_purchases VALUES (?, ?, ?, ?, ?, ?, ?)", list(purchases))
         if products:

@@ -76,11 +76,11 @@ def _raw_fingerprint(con: duckdb.DuckDBPyConnection, source: str, asset: str, as
 def read_state(con: duckdb.DuckDBPyConnection, asset: str) -> dict[str, Any] | None:
     if not table_exists(con, STATE_TABLE):
         return None
-    rows = fetch_all(con, f"SELECT as_of, fingerprint, row_count FROM {STATE_TABLE} WHERE asset = ?", [asset])
+    rows = fetch_all(con, f"SELECT as_of, fingerprint, row_count, metadata FROM {STATE_TABLE} WHERE asset = ?", [asset])
     if not rows:
         return None
-    as_of, fingerprint, row_count = rows[0]
-    return {"as_of": as_of, "fingerprint": fingerprint, "row_count": row_count}
+    as_of, fingerprint, row_count, metadata = rows[0]
+    return {"as_of": as_of, "fingerprint": fingerprint, "row_count": row_count, "metadata": json.loads(metadata or "{}")}
 
 
 def decide_build(
@@ -112,10 +112,17 @@ def write_state(
     )
 
 
-def skipped_result(context: dg.AssetExecutionContext, decision: BuildDecision, **metadata: Any) -> dg.MaterializeResult:
+def skipped_result(
+    context: dg.AssetExecutionContext,
+    decision: BuildDecision,
+    check_results: list[dg.AssetCheckResult] | None = None,
+    **metadata: Any,
+) -> dg.MaterializeResult:
+    """A materialization that records the skip; checks declared on the asset report the kept state."""
     context.log.info(f"skipped: {decision.reason}")
     return dg.MaterializeResult(
-        metadata={"skipped": True, "skip_reason": decision.reason, "fingerprint": decision.fingerprint, **metadata}
+        metadata={"skipped": True, "skip_reason": decision.reason, "fingerprint": decision.fingerprint, **metadata},
+        check_results=check_results or [],
     )
 
 

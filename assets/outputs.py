@@ -1,0 +1,174 @@
+"""Business rules on the model's recommendations: what may reach customers, and why not.
+
+Every recommendation ends up in exactly one of two tables: `outputs.recommendations` (passed
+every rule) or `outputs.rejected_recommendations` (with the list of rules it broke). The rules
+run as one SQL statement over the whole table, so they cost seconds even at 20M rows.
+"""
+
+import time
+
+import dagster as dg
+from pydantic import Field
+
+from assets.metadata import table_preview
+from assets.partitions import daily_partitions
+from assets.state import (
+    as_of_day,
+    decide_build,
+    fingerprint_of,
+    read_state,
+    skipped_result,
+    upstream_fingerprint,
+    write_state,
+)
+from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
+
+ACCEPTED_TABLE = "outputs.recommendations"
+REJECTED_TABLE = "outputs.rejected_recommendations"
+
+# One SQL expression a rule; a recommendation is rejected with the names of every rule it breaks.
+RULES_SQL = """
+WITH recs AS (
+    SELECT r.*, p.in_stock
+    FROM ml.recommendations AS r
+    LEFT JOIN analytics.dim_products AS p ON p.product_id = r.product_id
+),
+checked AS (
+    SELECT
+        recs.*,
+        list_filter([
+            CASE WHEN recs.in_stock IS NULL THEN 'unknown_product' END,
+            CASE WHEN NOT recs.in_stock THEN 'out_of_stock' END,
+            CASE WHEN recs.confidence IS NULL OR isnan(recs.confidence) OR recs.confidence < $min_confidence
+                 THEN 'confidence_below_threshold' END,
+            CASE WHEN EXISTS (
+                    SELECT 1 FROM analytics.stg_purchases AS b
+                    WHERE b.customer_id = recs.customer_id AND b.product_id = recs.product_id)
+                 THEN 'already_bought' END,
+            CASE WHEN recs.predicted_value IS NULL OR isnan(recs.predicted_value)
+                      OR recs.predicted_value < $min_value OR recs.predicted_value > $max_value
+                 THEN 'predicted_value_out_of_range' END
+        ], lambda rule: rule IS NOT NULL) AS failed_rules
+    FROM recs
+)
+SELECT * EXCLUDE (in_stock) FROM checked
+"""
+
+
+class OutputRulesConfig(dg.Config):
+    min_confidence: float = Field(default=0.01, description="Recommendations below this confidence are rejected.")
+    min_predicted_value: float = Field(default=0.0, description="Lowest sane predicted value (currency).")
+    max_predicted_value: float = Field(default=10_000.0, description="Highest sane predicted value (currency).")
+    max_rejection_rate: float = Field(default=0.2, description="Above this share rejected, the check warns.")
+    force: bool = False
+
+
+def apply_rules(con, config: OutputRulesConfig) -> dict[str, int]:
+    """Split ml.recommendations into accepted and rejected tables; returns counts by rule."""
+    params = {
+        "min_confidence": config.min_confidence,
+        "min_value": config.min_predicted_value,
+        "max_value": config.max_predicted_value,
+    }
+    con.execute("CREATE SCHEMA IF NOT EXISTS outputs")
+    con.execute(f"CREATE OR REPLACE TEMP TABLE checked_recommendations AS {RULES_SQL}", params)
+    con.execute(
+        f"CREATE OR REPLACE TABLE {ACCEPTED_TABLE} AS "
+        "SELECT * EXCLUDE (failed_rules) FROM checked_recommendations WHERE len(failed_rules) = 0"
+    )
+    con.execute(
+        f"CREATE OR REPLACE TABLE {REJECTED_TABLE} AS "
+        "SELECT *, now()::TIMESTAMP AS rejected_at FROM checked_recommendations WHERE len(failed_rules) > 0"
+    )
+    counts = dict(
+        fetch_all(
+            con,
+            f"SELECT rule, count(*) FROM (SELECT unnest(failed_rules) AS rule FROM {REJECTED_TABLE}) GROUP BY rule",
+        )
+    )
+    counts["input"] = fetch_scalar(con, "SELECT count(*) FROM checked_recommendations")
+    counts["accepted"] = fetch_scalar(con, f"SELECT count(*) FROM {ACCEPTED_TABLE}")
+    counts["rejected"] = fetch_scalar(con, f"SELECT count(*) FROM {REJECTED_TABLE}")
+    con.execute("DROP TABLE checked_recommendations")
+    return counts
+
+
+@dg.asset(
+    deps=["recommendations", "dim_products", "stg_purchases"],
+    partitions_def=daily_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    group_name="outputs",
+    pool="duckdb",
+    kinds={"duckdb"},
+    check_specs=[
+        dg.AssetCheckSpec("rejection_rate", asset="validated_recommendations"),
+        dg.AssetCheckSpec("every_recommendation_accounted_for", asset="validated_recommendations"),
+    ],
+)
+def validated_recommendations(
+    context: dg.AssetExecutionContext, config: OutputRulesConfig, warehouse: DuckDBWarehouse
+) -> dg.MaterializeResult:
+    """Recommendations that pass the business rules; the rest kept with the rules they broke."""
+    as_of = as_of_day(context)
+    started = time.perf_counter()
+    with warehouse.transaction() as con:
+        inputs = {name: upstream_fingerprint(con, name, as_of) for name in ("recommendations", "dim_products", "stg_purchases")}
+        rules = config.model_dump(exclude={"force", "max_rejection_rate"})
+        decision = decide_build(con, "validated_recommendations", as_of, fingerprint_of(rules, inputs), config.force)
+        if not decision.build:
+            counts = read_state(con, "validated_recommendations")["metadata"]
+            return skipped_result(context, decision, as_of=str(as_of), check_results=rule_checks(config, counts))
+        counts = apply_rules(con, config)
+        write_state(con, "validated_recommendations", as_of, decision.fingerprint, counts["accepted"], counts)
+        suspicious = fetch_scalar(
+            con, f"SELECT count(*) FROM {REJECTED_TABLE} WHERE list_contains(failed_rules, 'predicted_value_out_of_range')"
+        )
+        preview = table_preview(con, f"SELECT customer_id, product_id, failed_rules FROM {REJECTED_TABLE}")
+    if suspicious:
+        context.log.warning(f"{suspicious:,} recommendations had a suspicious predicted value (outside the sane range)")
+    return outputs_result(context, config, counts, as_of, time.perf_counter() - started, preview)
+
+
+def outputs_result(context, config, counts, as_of, seconds, preview) -> dg.MaterializeResult:
+    total, rejected = counts["input"], counts["rejected"]
+    rate = rejected / total if total else 0.0
+    by_rule = {k: v for k, v in counts.items() if k not in ("input", "accepted", "rejected")}
+    context.log.info(f"{counts['accepted']:,} accepted, {rejected:,} rejected of {total:,} ({rate:.1%}); {by_rule}")
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": counts["accepted"],
+            "input_recommendations": total,
+            "accepted": counts["accepted"],
+            "rejected": rejected,
+            "rejection_rate": round(rate, 4),
+            "rejected_by_rule": dg.MetadataValue.json(by_rule),
+            "as_of": str(as_of),
+            "seconds": round(seconds, 3),
+            "rejected_preview": preview,
+            "skipped": False,
+        },
+        check_results=rule_checks(config, counts),
+    )
+
+
+def rule_checks(config: OutputRulesConfig, counts: dict[str, int]) -> list[dg.AssetCheckResult]:
+    total, accepted, rejected = counts["input"], counts["accepted"], counts["rejected"]
+    rate = rejected / total if total else 0.0
+    return [
+        dg.AssetCheckResult(
+            check_name="rejection_rate",
+            passed=rate <= config.max_rejection_rate,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"rejection_rate": round(rate, 4), "threshold": config.max_rejection_rate},
+            description="Share of recommendations the business rules rejected.",
+        ),
+        dg.AssetCheckResult(
+            check_name="every_recommendation_accounted_for",
+            passed=accepted + rejected == total,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"input": total, "accepted": accepted, "rejected": rejected},
+        ),
+    ]
+
+
+defs = dg.Definitions(assets=[validated_recommendations])

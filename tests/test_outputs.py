@@ -1,0 +1,74 @@
+"""Business rules on recommendations: each one kept or rejected with its reasons, none lost."""
+
+import datetime as dt
+
+import dagster as dg
+
+from assets.outputs import validated_recommendations
+from assets.state import write_state
+from resources.warehouse import fetch_all
+
+DAY = "2011-03-01"
+
+RECOMMENDATIONS = [
+    # customer, rank, product, confidence, predicted value
+    ("c1", 1, "P1", 0.40, 12.0),  # fine
+    ("c1", 2, "P2", 0.30, 8.0),  # out of stock
+    ("c1", 3, "P3", 0.005, 1.0),  # below the confidence threshold
+    ("c1", 4, "P4", 0.20, 5.0),  # already bought
+    ("c2", 1, "P1", 0.50, 25_000.0),  # suspicious value
+    ("c2", 2, "NOPE", 0.50, 3.0),  # unknown product
+    ("c2", 3, "P2", 0.001, float("nan")),  # three rules at once
+]
+
+
+def seed(warehouse):
+    with warehouse.transaction() as con:
+        con.execute("CREATE SCHEMA analytics; CREATE SCHEMA ml")
+        con.execute("CREATE TABLE analytics.dim_products (product_id VARCHAR, in_stock BOOLEAN)")
+        con.execute("INSERT INTO analytics.dim_products VALUES ('P1', true), ('P2', false), ('P3', true), ('P4', true)")
+        con.execute("CREATE TABLE analytics.stg_purchases (customer_id VARCHAR, product_id VARCHAR)")
+        con.execute("INSERT INTO analytics.stg_purchases VALUES ('c1', 'P4'), ('c2', 'P4')")
+        con.execute(
+            "CREATE TABLE ml.recommendations (customer_id VARCHAR, rank INTEGER, product_id VARCHAR,"
+            " confidence DOUBLE, predicted_value DOUBLE)"
+        )
+        con.executemany("INSERT INTO ml.recommendations VALUES (?, ?, ?, ?, ?)", RECOMMENDATIONS)
+        for asset in ("recommendations", "dim_products", "stg_purchases"):
+            write_state(con, asset, dt.date(2011, 3, 1), "v1", 0)
+
+
+def test_each_rule_rejects_with_its_reason_and_counts_reconcile(warehouse):
+    seed(warehouse)
+    result = dg.materialize([validated_recommendations], partition_key=DAY, resources={"warehouse": warehouse})
+    assert result.success
+    with warehouse.connect(read_only=True) as con:
+        accepted = fetch_all(con, "SELECT customer_id, product_id FROM outputs.recommendations")
+        rejected = dict(
+            fetch_all(con, "SELECT customer_id || '/' || product_id, list_sort(failed_rules) FROM outputs.rejected_recommendations")
+        )
+    assert accepted == [("c1", "P1")]
+    assert rejected == {
+        "c1/P2": ["out_of_stock"],
+        "c1/P3": ["confidence_below_threshold"],
+        "c1/P4": ["already_bought"],
+        "c2/P1": ["predicted_value_out_of_range"],
+        "c2/NOPE": ["unknown_product"],
+        "c2/P2": ["confidence_below_threshold", "out_of_stock", "predicted_value_out_of_range"],
+    }
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["every_recommendation_accounted_for"].passed
+    assert not checks["rejection_rate"].passed  # 6 of 7 rejected is far above 20 %
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["input_recommendations"].value == 7 and metadata["rejected"].value == 6
+
+
+def test_rerun_with_unchanged_inputs_is_a_skip_that_still_reports_checks(warehouse):
+    seed(warehouse)
+    dg.materialize([validated_recommendations], partition_key=DAY, resources={"warehouse": warehouse})
+    again = dg.materialize([validated_recommendations], partition_key=DAY, resources={"warehouse": warehouse})
+    assert again.get_asset_materialization_events()[0].materialization.metadata["skipped"].value is True
+    assert {c.check_name for c in again.get_asset_check_evaluations()} == {
+        "rejection_rate",
+        "every_recommendation_accounted_for",
+    }

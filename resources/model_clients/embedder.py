@@ -1,0 +1,376 @@
+"""The embedding session: what a step holds between `open()` and the end of the step.
+
+`embed_items` streams (item_key, text) pairs in chunks of `lookup_chunk_size`:
+
+    prepare (normalize, truncate, hash) -> look the hashes up in ops.embedding_cache
+      -> unseen texts are grouped into requests (count and character limits)
+      -> requests run on a pool of `max_concurrency` threads, each with its own retries,
+         through the shared throttle and breaker (resilience.py)
+      -> finished vectors are buffered and written every `write_chunk_rows`, with the item map
+         and dead letters, in one short transaction (never while holding a model call)
+
+At most 2 x max_concurrency requests are outstanding, so memory stays bounded whatever the
+number of items. A text shared by several items is requested once. A killed run leaves every
+flushed chunk in the cache; the next run finds those texts there and does not pay for them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from resources.model_clients import store
+from resources.model_clients.base import EmbeddingClient, EmbeddingResponse
+from resources.model_clients.errors import CLIENT_ERROR, CircuitOpenError, InvalidOutputError, ModelCallError
+from resources.model_clients.metrics import CallMetrics
+from resources.model_clients.resilience import ResilientCaller
+from resources.model_clients.texts import PreparedText, chunked, estimate_tokens, plan_batches, prepare_text, text_hash
+from resources.warehouse import DuckDBWarehouse
+
+Pair = tuple[str, str]  # (text_hash, text)
+
+
+@dataclass(frozen=True)
+class EmbeddingSettings:
+    max_batch_size: int = 256
+    max_batch_chars: int = 100_000
+    max_input_chars: int = 8_000
+    max_concurrency: int = 8
+    lookup_chunk_size: int = 4_096
+    write_chunk_rows: int = 2_048
+    read_batch_rows: int = 8_192
+    price_per_1k_tokens: float = 0.0
+    chars_per_token: float = 4.0
+
+
+@dataclass
+class EmbeddingReport:
+    stage: str
+    partition_key: str
+    metrics: CallMetrics
+    dead_letters_open: int = 0
+    dead_letters_resolved: int = 0
+
+    @property
+    def dlq_count(self) -> int:
+        """Items that failed in this run."""
+        return self.metrics.dlq_count
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.metrics.as_dict(), "dlq_open": self.dead_letters_open, "dlq_resolved": self.dead_letters_resolved}
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {
+            **self.metrics.to_metadata(),
+            "dlq_open": self.dead_letters_open,
+            "dlq_resolved": self.dead_letters_resolved,
+        }
+
+
+@dataclass
+class _BatchOutcome:
+    embedded: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    failed: list[tuple[str, ModelCallError, int]] = field(default_factory=list)  # (hash, error, attempts)
+
+    def fail(self, batch: Sequence[Pair], error: ModelCallError, attempts: int) -> None:
+        self.failed.extend((text_hash_, error, attempts) for text_hash_, _ in batch)
+
+
+class EmbeddingSession:
+    def __init__(
+        self,
+        client: EmbeddingClient,
+        settings: EmbeddingSettings,
+        caller: ResilientCaller,
+        model_id: str,
+        log: logging.Logger | Any | None = None,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.caller = caller
+        self.model_id = model_id
+        self.log = log or logging.getLogger(__name__)
+        self._load_seconds_reported = False
+
+    @property
+    def dimensions(self) -> int:
+        return self.client.dimensions
+
+    @property
+    def concurrency(self) -> int:
+        return max(1, min(self.settings.max_concurrency, self.client.max_parallel_requests or self.settings.max_concurrency))
+
+    def text_hash(self, text: str) -> str:
+        """The cache key of `text` as this session would send it."""
+        return prepare_text("", text, self.settings.max_input_chars).text_hash
+
+    def new_metrics(self) -> CallMetrics:
+        metrics = CallMetrics(self.client.provider, self.client.model, self.settings.price_per_1k_tokens)
+        if not self._load_seconds_reported:
+            metrics.model_load_seconds = self.client.load_seconds
+            self._load_seconds_reported = True
+        return metrics
+
+    # -- the step's entry point ---------------------------------------------------------------
+    def embed_items(
+        self,
+        warehouse: DuckDBWarehouse,
+        items: Iterable[tuple[object, object]],
+        *,
+        stage: str,
+        partition_key: str | None = None,
+    ) -> EmbeddingReport:
+        """Embed every (item_key, text) not yet cached; failures go to ops.dead_letter."""
+        return _EmbedRun(self, warehouse, stage, partition_key or "").run(items)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors for a few ad-hoc texts (no cache, no DLQ); raises the first failure."""
+        prepared = [prepare_text(i, text, self.settings.max_input_chars) for i, text in enumerate(texts)]
+        if any(not p.text for p in prepared):
+            raise ValueError("cannot embed an empty text")
+        unique = dict((p.text_hash, p.text) for p in prepared)
+        vectors: dict[str, np.ndarray] = {}
+        metrics = self.new_metrics()
+        for batch in plan_batches(unique.items(), self.settings.max_batch_size, self.settings.max_batch_chars):
+            outcome = self.embed_batch(batch, metrics)
+            if outcome.failed:
+                raise outcome.failed[0][1]
+            vectors.update(outcome.embedded)
+        return np.stack([vectors[p.text_hash] for p in prepared]) if prepared else np.zeros((0, self.dimensions), np.float32)
+
+    # -- reading vectors back -----------------------------------------------------------------
+    def iter_vector_batches(
+        self, warehouse: DuckDBWarehouse, *, stage: str, partition_key: str | None = None, batch_rows: int | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        yield from store.iter_item_vectors(
+            warehouse, stage, partition_key or "", self.dimensions, batch_rows or self.settings.read_batch_rows
+        )
+
+    def to_arrow_reader(
+        self, warehouse: DuckDBWarehouse, *, stage: str, partition_key: str | None = None, batch_rows: int | None = None
+    ) -> pa.RecordBatchReader:
+        """(item_key, text_hash, vector) of the stage/partition's stored items, in pages."""
+        batches = self.iter_vector_batches(warehouse, stage=stage, partition_key=partition_key, batch_rows=batch_rows)
+        return pa.RecordBatchReader.from_batches(store.item_vector_schema(self.dimensions), batches)
+
+    def iter_numpy(
+        self, warehouse: DuckDBWarehouse, *, stage: str, partition_key: str | None = None, batch_rows: int | None = None
+    ) -> Iterator[tuple[list[str], np.ndarray]]:
+        """(item keys, float32 matrix) pages of the stage/partition's stored items."""
+        for batch in self.iter_vector_batches(warehouse, stage=stage, partition_key=partition_key, batch_rows=batch_rows):
+            yield batch_as_numpy(batch, self.dimensions)
+
+    def iter_vectors_for_hashes(
+        self, warehouse: DuckDBWarehouse, text_hashes: Sequence[str], batch_rows: int | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """(text_hash, vector) pages for the given cache keys that are stored."""
+        yield from store.iter_vectors_for_hashes(
+            warehouse, self.model_id, self.dimensions, text_hashes, batch_rows or self.settings.read_batch_rows
+        )
+
+    # -- one request's worth, with retries (runs on a worker thread) --------------------------
+    def embed_batch(self, batch: Sequence[Pair], metrics: CallMetrics) -> _BatchOutcome:
+        outcome = _BatchOutcome()
+        self._embed_with_retries(list(batch), metrics, outcome)
+        return outcome
+
+    def _embed_with_retries(self, todo: list[Pair], metrics: CallMetrics, outcome: _BatchOutcome) -> None:
+        attempt = 0
+        while todo:
+            attempt += 1
+            texts = [text for _, text in todo]
+            estimated = sum(estimate_tokens(text, self.settings.chars_per_token) for text in texts)
+            try:
+                response = self.caller.attempt(lambda: self.client.embed(texts), metrics, estimated)
+            except CircuitOpenError as error:
+                outcome.fail(todo, error, attempt - 1)
+                return
+            except ModelCallError as error:
+                if error.blames_inputs and len(todo) > 1:
+                    self._split_and_retry(todo, metrics, outcome)  # isolate the input the server rejects
+                    return
+                if not self.caller.pause_before_retry(attempt, error, metrics):
+                    outcome.fail(todo, error, attempt)
+                    return
+                continue
+            todo = self._keep_valid(todo, response, outcome)
+            if todo:
+                error = InvalidOutputError(f"unusable output: {response.problem or 'invalid vector'}")
+                if not self.caller.pause_before_retry(attempt, error, metrics):
+                    outcome.fail(todo, error, attempt)
+                    return
+
+    def _split_and_retry(self, todo: list[Pair], metrics: CallMetrics, outcome: _BatchOutcome) -> None:
+        middle = len(todo) // 2
+        self._embed_with_retries(todo[:middle], metrics, outcome)
+        self._embed_with_retries(todo[middle:], metrics, outcome)
+
+    @staticmethod
+    def _keep_valid(todo: list[Pair], response: EmbeddingResponse, outcome: _BatchOutcome) -> list[Pair]:
+        """Keep the trustworthy vectors; return the inputs whose vectors were not."""
+        invalid = []
+        for (text_hash_, text), vector, ok in zip(todo, response.vectors, response.valid, strict=True):
+            if ok:
+                outcome.embedded.append((text_hash_, vector.copy()))
+            else:
+                invalid.append((text_hash_, text))
+        return invalid
+
+
+def batch_as_numpy(batch: pa.RecordBatch, dimensions: int) -> tuple[list[str], np.ndarray]:
+    keys = batch.column(0).to_pylist()
+    vectors = batch.column(store.VECTOR_FIELD)
+    matrix = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(batch), dimensions)
+    return keys, matrix
+
+
+class _EmbedRun:
+    """The bookkeeping of one `embed_items` call (main thread only, except the futures)."""
+
+    def __init__(self, session: EmbeddingSession, warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> None:
+        self.session = session
+        self.settings = session.settings
+        self.warehouse = warehouse
+        self.stage = stage
+        self.partition_key = partition_key
+        self.metrics = session.new_metrics()
+        self.pending: dict[str, list[str]] = {}  # text hash in flight -> item keys waiting for it
+        self.buffered: dict[str, np.ndarray] = {}  # embedded, not yet in the cache
+        self.failed: dict[str, tuple[ModelCallError, int]] = {}  # text hash -> (error, attempts)
+        self.item_rows: dict[str, tuple[str, bool]] = {}  # item key -> (text hash, truncated), unflushed
+        self.dead: dict[str, store.DeadLetter] = {}  # unflushed dead letters by item key
+        self.futures: set[Future[_BatchOutcome]] = set()
+        self.submit: Callable[[list[Pair]], Future[_BatchOutcome]] | None = None
+        breaker, throttle = session.caller.breaker, session.caller.throttle
+        self._opens_before, self._throttle_wait_before = breaker.opens, throttle.wait_seconds
+
+    def run(self, items: Iterable[tuple[object, object]]) -> EmbeddingReport:
+        store.ensure_tables(self.warehouse)
+        store.forget_items(self.warehouse, self.stage, self.partition_key)
+        try:
+            with ThreadPoolExecutor(self.session.concurrency, thread_name_prefix="embed") as executor:
+                self.submit = lambda batch: executor.submit(self.session.embed_batch, batch, self.metrics)
+                try:
+                    for chunk in chunked(items, self.settings.lookup_chunk_size):
+                        self._admit(chunk)
+                    while self.futures:
+                        self._drain_some()
+                except BaseException:
+                    for future in self.futures:
+                        future.cancel()
+                    raise
+        finally:
+            self._flush()  # what was embedded is kept, even when the step fails
+        return self._report()
+
+    # -- admission ----------------------------------------------------------------------------
+    def _admit(self, chunk: list[tuple[object, object]]) -> None:
+        prepared = [prepare_text(key, text, self.settings.max_input_chars) for key, text in chunk]
+        cached = self._cached({p.text_hash for p in prepared if p.text})
+        to_send: dict[str, str] = {}
+        for item in prepared:
+            self._admit_item(item, cached, to_send)
+        for batch in plan_batches(to_send.items(), self.settings.max_batch_size, self.settings.max_batch_chars):
+            self._submit(batch)
+        if len(self.item_rows) >= self.settings.lookup_chunk_size:
+            self._flush()
+
+    def _cached(self, hashes: set[str]) -> set[str]:
+        unknown = [h for h in hashes if h not in self.pending and h not in self.buffered and h not in self.failed]
+        return store.cached_hashes(self.warehouse, self.session.model_id, self.session.dimensions, sorted(unknown))
+
+    def _admit_item(self, item: PreparedText, cached: set[str], to_send: dict[str, str]) -> None:
+        self.metrics.items += 1
+        if not item.text:
+            self._dead_letter(item.item_key, text_hash(""), ModelCallError(CLIENT_ERROR, "empty text"), 0)
+            return
+        self.metrics.truncated += item.truncated
+        self.item_rows[item.item_key] = (item.text_hash, item.truncated)
+        key = item.text_hash
+        if key in cached:
+            self.metrics.cache_hits += 1
+        elif key in self.buffered:
+            self.metrics.deduplicated += 1
+        elif key in self.pending:
+            self.metrics.deduplicated += 1
+            self.pending[key].append(item.item_key)
+        elif key in self.failed:
+            error, attempts = self.failed[key]
+            self._dead_letter(item.item_key, key, error, attempts)
+        else:
+            self.pending[key] = [item.item_key]
+            to_send[key] = item.text
+
+    def _submit(self, batch: list[Pair]) -> None:
+        while len(self.futures) >= 2 * self.session.concurrency:
+            self._drain_some()
+        assert self.submit is not None
+        self.futures.add(self.submit(batch))
+
+    # -- completion ---------------------------------------------------------------------------
+    def _drain_some(self) -> None:
+        done, _ = wait(self.futures, return_when=FIRST_COMPLETED)
+        for future in done:
+            self.futures.discard(future)
+            self._absorb(future.result())
+        if len(self.buffered) >= self.settings.write_chunk_rows:
+            self._flush()
+
+    def _absorb(self, outcome: _BatchOutcome) -> None:
+        for key, vector in outcome.embedded:
+            self.pending.pop(key, None)
+            self.buffered[key] = vector
+            self.metrics.items_embedded += 1
+        for key, error, attempts in outcome.failed:
+            self.failed[key] = (error, attempts)
+            for item_key in self.pending.pop(key, []):
+                self._dead_letter(item_key, key, error, attempts)
+
+    def _dead_letter(self, item_key: str, payload_hash: str, error: ModelCallError, attempts: int) -> None:
+        self.metrics.record_dead_letters(error.reason_class)
+        self.dead[item_key] = store.DeadLetter(item_key, error.reason_class, error.message, attempts, payload_hash)
+
+    def _flush(self) -> None:
+        if not (self.buffered or self.item_rows or self.dead):
+            return
+        store.write_progress(
+            self.warehouse,
+            stage=self.stage,
+            partition_key=self.partition_key,
+            model=self.session.model_id,
+            dimensions=self.session.dimensions,
+            vectors=list(self.buffered.items()),
+            item_rows=[(key, h, truncated) for key, (h, truncated) in self.item_rows.items()],
+            dead_letters=list(self.dead.values()),
+        )
+        self.buffered.clear()
+        self.item_rows.clear()
+        self.dead.clear()
+
+    def _report(self) -> EmbeddingReport:
+        resolved = store.resolve_embedded_dead_letters(self.warehouse, self.stage, self.partition_key)
+        still_open = store.count_open_dead_letters(self.warehouse, self.stage, self.partition_key)
+        caller = self.session.caller
+        self.metrics.breaker_opens = caller.breaker.opens - self._opens_before
+        self.metrics.throttle_wait_seconds = caller.throttle.wait_seconds - self._throttle_wait_before
+        self.metrics.finish()
+        report = EmbeddingReport(self.stage, self.partition_key, self.metrics, still_open, resolved)
+        self._log(report)
+        return report
+
+    def _log(self, report: EmbeddingReport) -> None:
+        m = report.metrics
+        message = (
+            f"embedded {self.stage}/{self.partition_key or '-'}: {m.items} items, {m.cache_hits} cached, "
+            f"{m.items_embedded} new in {m.requests} requests, {sum(m.retries.values())} retries, "
+            f"{m.dlq_count} dead-lettered ({report.dead_letters_open} open), {m.seconds:.1f}s"
+        )
+        (self.session.log.warning if m.dlq_count else self.session.log.info)(message)
+        if m.breaker_opens:
+            self.session.log.warning(f"circuit breaker opened {m.breaker_opens}x: {self.session.caller.breaker.last_error}")

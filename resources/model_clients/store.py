@@ -1,0 +1,290 @@
+"""The model clients' tables in DuckDB: vector cache, item map, dead-letter queue.
+
+    ops.embedding_cache  (model, dimensions, text_hash) -> vector FLOAT[]      one row per text
+    ops.embedding_items  (stage, partition_key, item_key) -> text_hash          the last run's items
+    ops.dead_letter      (stage, partition_key, item_key) -> reason, attempts  items that failed
+
+Every function opens one short connection through the warehouse and closes it; none is held
+while a model is called. Data always travels as parameters or registered Arrow tables.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
+
+DDL = (
+    "CREATE SCHEMA IF NOT EXISTS ops",
+    """
+    CREATE TABLE IF NOT EXISTS ops.embedding_cache (
+        model       VARCHAR   NOT NULL,  -- provider:model, e.g. local:all-MiniLM-L6-v2
+        dimensions  INTEGER   NOT NULL,
+        text_hash   VARCHAR   NOT NULL,  -- sha256 hex of the normalized, truncated text
+        vector      FLOAT[]   NOT NULL,
+        created_at  TIMESTAMP NOT NULL,
+        PRIMARY KEY (model, dimensions, text_hash)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS ops.embedding_items (
+        stage          VARCHAR   NOT NULL,
+        partition_key  VARCHAR   NOT NULL,  -- '' when the step is not partitioned
+        item_key       VARCHAR   NOT NULL,
+        model          VARCHAR   NOT NULL,
+        dimensions     INTEGER   NOT NULL,
+        text_hash      VARCHAR   NOT NULL,
+        truncated      BOOLEAN   NOT NULL,
+        updated_at     TIMESTAMP NOT NULL,
+        PRIMARY KEY (stage, partition_key, item_key)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS ops.dead_letter (
+        stage          VARCHAR   NOT NULL,
+        partition_key  VARCHAR   NOT NULL,
+        item_key       VARCHAR   NOT NULL,
+        reason_class   VARCHAR   NOT NULL,  -- rate_limited, server_error, timeout, invalid_output, client_error, circuit_open
+        error_message  VARCHAR,             -- redacted: never a credential
+        attempts       INTEGER   NOT NULL,  -- requests that carried the item, summed over runs
+        payload_hash   VARCHAR,             -- sha256 of what was sent (the text itself is not kept)
+        model          VARCHAR,
+        first_seen     TIMESTAMP NOT NULL,
+        last_seen      TIMESTAMP NOT NULL,
+        resolved_at    TIMESTAMP,           -- set when a later run succeeds; NULL = still open
+        PRIMARY KEY (stage, partition_key, item_key)
+    )
+    """,
+)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    item_key: str
+    reason_class: str
+    error_message: str
+    attempts: int
+    payload_hash: str
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def ensure_tables(warehouse: DuckDBWarehouse) -> None:
+    with warehouse.transaction() as con:
+        for statement in DDL:
+            con.execute(statement)
+
+
+def forget_items(warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> None:
+    """A new run of a stage/partition starts a fresh item map (the cache stays)."""
+    with warehouse.transaction() as con:
+        con.execute("DELETE FROM ops.embedding_items WHERE stage = ? AND partition_key = ?", [stage, partition_key])
+
+
+def cached_hashes(warehouse: DuckDBWarehouse, model: str, dimensions: int, hashes: Sequence[str]) -> set[str]:
+    if not hashes:
+        return set()
+    with warehouse.connect(read_only=True) as con:
+        rows = fetch_all(
+            con,
+            """
+            SELECT text_hash FROM ops.embedding_cache
+            WHERE model = ? AND dimensions = ? AND text_hash IN (SELECT unnest(?::VARCHAR[]))
+            """,
+            [model, dimensions, list(hashes)],
+        )
+    return {row[0] for row in rows}
+
+
+def write_progress(
+    warehouse: DuckDBWarehouse,
+    *,
+    stage: str,
+    partition_key: str,
+    model: str,
+    dimensions: int,
+    vectors: Sequence[tuple[str, np.ndarray]],
+    item_rows: Sequence[tuple[str, str, bool]],
+    dead_letters: Sequence[DeadLetter],
+) -> None:
+    """One transaction: new vectors into the cache, item map rows, dead letters."""
+    now = utc_now()
+    with warehouse.transaction() as con:
+        if vectors:
+            con.register("new_vectors", _vector_table(vectors, dimensions))
+            con.execute(
+                """
+                INSERT OR IGNORE INTO ops.embedding_cache
+                SELECT ?, ?, text_hash, vector::FLOAT[], ? FROM new_vectors
+                """,
+                [model, dimensions, now],
+            )
+            con.unregister("new_vectors")
+        if item_rows:
+            keys, hashes, truncated = zip(*item_rows, strict=True)
+            items = pa.table({"item_key": keys, "text_hash": hashes, "truncated": truncated})
+            con.register("new_items", items)
+            con.execute(
+                """
+                INSERT OR REPLACE INTO ops.embedding_items
+                SELECT ?, ?, item_key, ?, ?, text_hash, truncated, ? FROM new_items
+                """,
+                [stage, partition_key, model, dimensions, now],
+            )
+            con.unregister("new_items")
+        if dead_letters:
+            _upsert_dead_letters(con, stage, partition_key, model, dead_letters, now)
+
+
+def write_dead_letters(
+    warehouse: DuckDBWarehouse, stage: str, partition_key: str, model: str, dead_letters: Sequence[DeadLetter]
+) -> None:
+    if dead_letters:
+        with warehouse.transaction() as con:
+            _upsert_dead_letters(con, stage, partition_key, model, dead_letters, utc_now())
+
+
+def _upsert_dead_letters(con, stage: str, partition_key: str, model: str, dead_letters: Sequence[DeadLetter], now) -> None:
+    # Re-failing an item updates its row (attempts add up, last_seen moves, it reopens).
+    letters = pa.Table.from_pylist([letter.__dict__ for letter in dead_letters])
+    con.register("new_dead_letters", letters)
+    con.execute(
+        """
+        INSERT INTO ops.dead_letter
+        SELECT $stage, $partition_key, item_key, reason_class, error_message, attempts, payload_hash,
+               $model, $now, $now, NULL
+        FROM new_dead_letters
+        ON CONFLICT (stage, partition_key, item_key) DO UPDATE SET
+            reason_class = excluded.reason_class,
+            error_message = excluded.error_message,
+            attempts = ops.dead_letter.attempts + excluded.attempts,
+            payload_hash = excluded.payload_hash,
+            model = excluded.model,
+            last_seen = excluded.last_seen,
+            resolved_at = NULL
+        """,
+        {"stage": stage, "partition_key": partition_key, "model": model, "now": now},
+    )
+    con.unregister("new_dead_letters")
+
+
+def resolve_embedded_dead_letters(warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> int:
+    """Mark resolved the open dead letters of items that now have a vector. Returns how many."""
+    with warehouse.transaction() as con:
+        resolved = fetch_all(
+            con,
+            """
+            UPDATE ops.dead_letter SET resolved_at = $now
+            WHERE stage = $stage AND partition_key = $partition_key AND resolved_at IS NULL
+              AND item_key IN (
+                  SELECT m.item_key
+                  FROM ops.embedding_items m
+                  JOIN ops.embedding_cache c USING (model, dimensions, text_hash)
+                  WHERE m.stage = $stage AND m.partition_key = $partition_key
+              )
+            RETURNING item_key
+            """,
+            {"stage": stage, "partition_key": partition_key, "now": utc_now()},
+        )
+    return len(resolved)
+
+
+def resolve_dead_letter_keys(warehouse: DuckDBWarehouse, stage: str, partition_key: str, keys: Sequence[str]) -> None:
+    if not keys:
+        return
+    with warehouse.transaction() as con:
+        con.execute(
+            """
+            UPDATE ops.dead_letter SET resolved_at = ?
+            WHERE stage = ? AND partition_key = ? AND resolved_at IS NULL
+              AND item_key IN (SELECT unnest(?::VARCHAR[]))
+            """,
+            [utc_now(), stage, partition_key, list(keys)],
+        )
+
+
+def count_open_dead_letters(warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> int:
+    with warehouse.connect(read_only=True) as con:
+        return int(
+            fetch_scalar(
+                con,
+                "SELECT count(*) FROM ops.dead_letter WHERE stage = ? AND partition_key = ? AND resolved_at IS NULL",
+                [stage, partition_key],
+            )
+        )
+
+
+def iter_item_vectors(
+    warehouse: DuckDBWarehouse, stage: str, partition_key: str, dimensions: int, batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """(item_key, text_hash, vector) of the stage/partition's stored items, ordered by item_key,
+    one short connection per page: the consumer may do anything between batches."""
+    after = ""
+    while True:
+        with warehouse.connect(read_only=True) as con:
+            page = con.sql(
+                """
+                SELECT m.item_key, m.text_hash, c.vector
+                FROM ops.embedding_items m
+                JOIN ops.embedding_cache c USING (model, dimensions, text_hash)
+                WHERE m.stage = $stage AND m.partition_key = $partition_key AND m.item_key > $after
+                ORDER BY m.item_key
+                LIMIT $limit
+                """,
+                params={"stage": stage, "partition_key": partition_key, "after": after, "limit": batch_rows},
+            ).to_arrow_table()
+        if page.num_rows == 0:
+            return
+        yield _with_fixed_vectors(page, dimensions)
+        if page.num_rows < batch_rows:
+            return
+        after = page.column("item_key")[-1].as_py()
+
+
+def iter_vectors_for_hashes(
+    warehouse: DuckDBWarehouse, model: str, dimensions: int, hashes: Sequence[str], batch_rows: int
+) -> Iterator[pa.RecordBatch]:
+    """(text_hash, vector) for the given hashes that are cached, `batch_rows` hashes per query."""
+    for start in range(0, len(hashes), batch_rows):
+        chunk = list(hashes[start : start + batch_rows])
+        with warehouse.connect(read_only=True) as con:
+            page = con.sql(
+                """
+                SELECT text_hash, vector FROM ops.embedding_cache
+                WHERE model = $model AND dimensions = $dimensions AND text_hash IN (SELECT unnest($hashes::VARCHAR[]))
+                """,
+                params={"model": model, "dimensions": dimensions, "hashes": chunk},
+            ).to_arrow_table()
+        if page.num_rows:
+            yield _with_fixed_vectors(page, dimensions)
+
+
+VECTOR_FIELD = "vector"
+
+
+def item_vector_schema(dimensions: int) -> pa.Schema:
+    return pa.schema(
+        [("item_key", pa.string()), ("text_hash", pa.string()), (VECTOR_FIELD, pa.list_(pa.float32(), dimensions))]
+    )
+
+
+def _vector_table(vectors: Sequence[tuple[str, np.ndarray]], dimensions: int) -> pa.Table:
+    hashes = [text_hash for text_hash, _ in vectors]
+    flat = np.stack([vector for _, vector in vectors]).astype(np.float32, copy=False).ravel()
+    return pa.table({"text_hash": hashes, "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat), dimensions)})
+
+
+def _with_fixed_vectors(table: pa.Table, dimensions: int) -> pa.RecordBatch:
+    """Vectors as fixed-size float32 lists, so `.flatten()` reshapes straight into numpy."""
+    column = table.column(VECTOR_FIELD).combine_chunks()
+    fixed = pa.FixedSizeListArray.from_arrays(column.flatten().cast(pa.float32()), dimensions)
+    arrays = [table.column(name).combine_chunks() for name in table.column_names if name != VECTOR_FIELD]
+    names = [name for name in table.column_names if name != VECTOR_FIELD]
+    return pa.RecordBatch.from_arrays([*arrays, fixed], names=[*names, VECTOR_FIELD])

@@ -2,8 +2,20 @@
 
 import dagster as dg
 
+from assets import outputs, sql_models
+from assets.partitions import daily_partitions
 from resources import build_resources
 
+# Every stage for one day, from landing files to validated recommendations and their checks.
+daily_pipeline = dg.define_asset_job(
+    "daily_pipeline",
+    selection=dg.AssetSelection.all(),
+    partitions_def=daily_partitions,
+    description="One daily batch end to end: ingestion, validation, SQL models, AI stages, output rules, checks.",
+)
+
 defs = dg.Definitions.merge(
-    dg.Definitions(resources=build_resources()),
+    sql_models.defs,
+    outputs.defs,
+    dg.Definitions(resources=build_resources(), jobs=[daily_pipeline]),
 )

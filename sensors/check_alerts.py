@@ -1,0 +1,68 @@
+"""Failed asset checks, WARN or ERROR, each alerted once.
+
+Open-source Dagster shows a failed non-blocking check in the UI and nothing else; this sensor
+turns every failed evaluation into an alert. The cursor is the event-log storage id of the last
+evaluation read, so each evaluation is seen exactly once whatever the tick rate.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from resources.alerts import Alerts
+from sensors.alert import Alert
+from sensors.delivery import AlertSensorState, deliver
+from sensors.event_log import check_evaluations_after, plain_metadata, run_partition
+from sensors.settings import MonitoringSettings
+
+RULE = "asset_check_failed"
+
+
+def check_failure_alert(instance: dg.DagsterInstance, storage_id: int, entry: dg.EventLogEntry) -> Alert | None:
+    evaluation = entry.dagster_event.event_specific_data
+    if evaluation.passed:
+        return None
+    asset = evaluation.asset_key.to_user_string()
+    # A check declared without its own partitions reports none; the run's partition says which day.
+    partition = evaluation.partition or run_partition(instance, entry.run_id)
+    severity = evaluation.severity.value
+    return Alert.create(
+        dedup_key=f"{RULE}:{asset}:{evaluation.check_name}:{partition or '-'}:{entry.run_id}",
+        rule=RULE,
+        severity=severity,
+        message=f"{severity} check {evaluation.check_name!r} failed on {asset}" + (f" [{partition}]" if partition else ""),
+        asset=asset,
+        partition=partition,
+        details={
+            "check": evaluation.check_name,
+            "description": evaluation.description,
+            "metadata": plain_metadata(dict(evaluation.metadata)),
+            "run_id": entry.run_id,
+            "storage_id": storage_id,
+        },
+    )
+
+
+def failed_check_alerts(instance: dg.DagsterInstance, after_storage_id: int, limit: int) -> tuple[list[Alert], int]:
+    """Alerts for the failed evaluations after the cursor, and the cursor to resume from."""
+    alerts, cursor = [], after_storage_id
+    for storage_id, entry in check_evaluations_after(instance, after_storage_id, limit):
+        alert = check_failure_alert(instance, storage_id, entry)
+        if alert is not None:
+            alerts.append(alert)
+        cursor = storage_id
+    return alerts, cursor
+
+
+@dg.sensor(
+    name="asset_check_failure_alerts",
+    description="Alerts on every failed asset check evaluation (WARN or ERROR), once each.",
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+)
+def asset_check_failure_alerts(
+    context: dg.SensorEvaluationContext, monitoring: MonitoringSettings, alerts: Alerts
+) -> dg.SensorResult:
+    state = AlertSensorState.from_cursor(context.cursor)
+    found, state.position = failed_check_alerts(context.instance, state.read_from(-1), monitoring.events_per_tick)
+    return deliver(context, alerts, found, state, monitoring)

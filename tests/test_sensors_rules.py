@@ -1,0 +1,257 @@
+"""The alert rules against a real Dagster instance and real runs: what fires, what doesn't, once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import dagster as dg
+import pytest
+
+from assets.partitions import daily_partitions
+from sensors.check_alerts import failed_check_alerts
+from sensors.freshness import late_partition_alerts
+from sensors.metrics import metric_alerts
+from sensors.run_failures import run_failure_alert
+from sensors.settings import MonitoringSettings
+from tests.sensor_support import dagster_instance, emit
+
+
+@pytest.fixture
+def instance():
+    with dagster_instance() as test_instance:
+        yield test_instance
+
+
+def new_alerts(instance, settings, positions):
+    """Metric alerts since the last call (positions is the per-asset cursor, advanced in place)."""
+    found, advanced = metric_alerts(instance, settings, positions)
+    positions.clear()
+    positions.update(advanced)
+    return found
+
+
+# ---- asset checks ------------------------------------------------------------------------
+
+
+@dg.asset(
+    partitions_def=daily_partitions,
+    check_specs=[
+        dg.AssetCheckSpec("volume_ok", asset="checked_batch"),
+        dg.AssetCheckSpec("keys_unique", asset="checked_batch"),
+        dg.AssetCheckSpec("schema_ok", asset="checked_batch"),
+    ],
+)
+def checked_batch() -> dg.MaterializeResult:
+    return dg.MaterializeResult(
+        metadata={"dagster/row_count": 10},
+        check_results=[
+            dg.AssetCheckResult(check_name="volume_ok", passed=True),
+            dg.AssetCheckResult(
+                check_name="keys_unique", passed=False, severity=dg.AssetCheckSeverity.WARN,
+                metadata={"duplicates": 3, "api_key": "sk-should-never-leave-123456"},
+            ),
+            dg.AssetCheckResult(
+                check_name="schema_ok", passed=False, severity=dg.AssetCheckSeverity.ERROR,
+                metadata={"error_rate": 0.12}, description="too many invalid rows",
+            ),
+        ],
+    )
+
+
+def test_each_failed_check_alerts_once_with_partition_severity_and_metadata(instance):
+    dg.materialize([checked_batch], instance=instance, partition_key="2024-03-01")
+
+    alerts, cursor = failed_check_alerts(instance, -1, limit=100)
+
+    by_check = {a.details["check"]: a for a in alerts}
+    assert set(by_check) == {"keys_unique", "schema_ok"}
+    warn, error = by_check["keys_unique"], by_check["schema_ok"]
+    assert (warn.severity, error.severity) == ("WARN", "ERROR")
+    assert warn.asset == "checked_batch" and warn.partition == "2024-03-01"
+    assert warn.details["metadata"]["duplicates"] == 3
+    assert "sk-should" not in json.dumps(warn.to_json())
+    assert error.details["description"] == "too many invalid rows"
+    assert failed_check_alerts(instance, cursor, limit=100) == ([], cursor)
+
+    dg.materialize([checked_batch], instance=instance, partition_key="2024-03-02")
+    later, _ = failed_check_alerts(instance, cursor, limit=100)
+    assert {a.partition for a in later} == {"2024-03-02"} and len(later) == 2
+    assert not {a.dedup_key for a in later} & {a.dedup_key for a in alerts}
+
+
+def test_check_cursor_pages_through_a_backlog(instance):
+    for day in ("2024-03-01", "2024-03-02", "2024-03-03"):
+        dg.materialize([checked_batch], instance=instance, partition_key=day)
+    seen, cursor = [], -1
+    for _ in range(10):
+        page, cursor = failed_check_alerts(instance, cursor, limit=2)
+        seen += page
+    assert len(seen) == 6 and len({a.dedup_key for a in seen}) == 6
+
+
+# ---- run failures ------------------------------------------------------------------------
+
+
+def test_run_failure_alert_names_the_step_and_error_without_secrets(instance, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-value-42")
+
+    @dg.asset(partitions_def=daily_partitions)
+    def flaky_embeddings() -> None:
+        raise ValueError("endpoint refused key sk-test-secret-value-42 with Bearer abcdefghijk123")
+
+    result = dg.materialize([flaky_embeddings], instance=instance, partition_key="2024-03-05", raise_on_error=False)
+    assert not result.success
+    step_failures = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+
+    alert = run_failure_alert(instance, result.dagster_run, result.get_run_failure_event(), step_failures)
+
+    assert alert.dedup_key == f"run_failed:{result.run_id}"
+    assert alert.partition == "2024-03-05" and alert.severity == "ERROR"
+    assert alert.details["failed_steps"][0]["step"] == "flaky_embeddings"
+    assert "ValueError: endpoint refused key" in alert.details["failed_steps"][0]["error"]
+    text = json.dumps(alert.to_json())
+    assert "sk-test-secret" not in text and "abcdefghijk123" not in text
+
+
+# ---- partition freshness -----------------------------------------------------------------
+
+
+def test_late_partitions_alert_per_asset_and_day_after_the_lag(instance):
+    for day in ("2024-03-01", "2024-03-02", "2024-03-04"):
+        emit(instance, "raw_products", {"dagster/row_count": 100}, partition=day)
+    settings = MonitoringSettings(
+        freshness_assets=["raw_products", "raw_customers"], freshness_lag_hours=6, freshness_lookback_days=5
+    )
+    # 2024-03-05 ended at midnight; 05:00 is inside its 6 h lag, so only earlier days can be late.
+    now = dt.datetime(2024, 3, 6, 5, tzinfo=dt.timezone.utc)
+
+    late = {(a.asset, a.partition) for a in late_partition_alerts(instance, settings, now)}
+
+    assert late == {
+        ("raw_products", "2024-03-03"),
+        *{("raw_customers", day) for day in ("2024-03-01", "2024-03-02", "2024-03-03", "2024-03-04")},
+    }
+    after_lag = {(a.asset, a.partition) for a in late_partition_alerts(instance, settings, now + dt.timedelta(hours=2))}
+    assert ("raw_products", "2024-03-05") in after_lag
+
+
+def test_no_freshness_alert_when_every_due_day_landed(instance):
+    for day in ("2024-03-04", "2024-03-05"):
+        emit(instance, "raw_transactions", {"dagster/row_count": 5}, partition=day)
+    settings = MonitoringSettings(freshness_assets=["raw_transactions"], freshness_lookback_days=2)
+    now = dt.datetime(2024, 3, 6, 7, tzinfo=dt.timezone.utc)
+    assert late_partition_alerts(instance, settings, now) == []
+
+
+# ---- metric rules ------------------------------------------------------------------------
+
+
+def test_row_count_anomaly_against_the_trailing_median_ignoring_skips(instance):
+    settings = MonitoringSettings(row_count_min_history=3, row_count_factor=3.0)
+    positions: dict[str, int] = {}
+    for day, rows in (("2024-03-01", 1000), ("2024-03-02", 1100), ("2024-03-03", 900), ("2024-03-04", 1500)):
+        emit(instance, "raw_products", {"dagster/row_count": rows}, partition=day)
+    emit(instance, "raw_products", {"skipped": True, "dagster/row_count": 1}, partition="2024-03-04")
+    assert new_alerts(instance, settings, positions) == []
+
+    emit(instance, "raw_products", {"dagster/row_count": 40}, partition="2024-03-05")
+    (alert,) = new_alerts(instance, settings, positions)
+    assert alert.rule == "row_count_anomaly" and alert.partition == "2024-03-05"
+    assert alert.details["median"] == 1050 and alert.details["row_count"] == 40
+    assert new_alerts(instance, settings, positions) == []
+
+
+def test_schema_error_rate_above_five_percent(instance):
+    settings = MonitoringSettings()
+    emit(instance, "raw_customers", {"error_rate": 0.05}, partition="2024-03-01")
+    emit(instance, "raw_customers", {"error_rate": 0.08}, partition="2024-03-02")
+    emit(instance, "recommendations", {"error_rate": 0.9})  # not an ingestion asset: rule not applicable
+    alerts = new_alerts(instance, settings, {})
+    assert [(a.rule, a.asset, a.partition, a.severity) for a in alerts] == [
+        ("schema_error_rate", "raw_customers", "2024-03-02", "ERROR")
+    ]
+
+
+def test_dlq_alerts_on_growth_or_above_threshold(instance):
+    settings = MonitoringSettings(max_dlq_count=50)
+    positions: dict[str, int] = {}
+    emit(instance, "product_embeddings", {"dlq_count": 3})
+    emit(instance, "product_embeddings", {"dlq_count": 3})
+    emit(instance, "product_embeddings", {"dlq_count": 2})
+    assert new_alerts(instance, settings, positions) == []
+    emit(instance, "product_embeddings", {"dlq_count": 7})
+    emit(instance, "recommendations", {"dlq_count": 80})
+    alerts = {a.asset: a for a in new_alerts(instance, settings, positions)}
+    assert set(alerts) == {"product_embeddings", "recommendations"}
+    assert "grew from 2" in alerts["product_embeddings"].message
+    assert "above 50" in alerts["recommendations"].message
+
+
+def test_model_latency_thresholds(instance):
+    settings = MonitoringSettings(max_latency_p95_ms=500, max_latency_p99_ms=900)
+    emit(instance, "product_embeddings", {"latency_p95_ms": 400.0, "latency_p99_ms": 800.0})
+    emit(instance, "product_embeddings", {"latency_p95_ms": 450.0, "latency_p99_ms": 1200.0})
+    (alert,) = new_alerts(instance, settings, {})
+    assert alert.rule == "model_latency" and "latency_p99_ms 1,200 > 900" in alert.message
+
+
+def histogram(shares: list[float], total: int = 10_000) -> str:
+    return json.dumps([round(s * total) for s in shares])
+
+
+STABLE = [0.02, 0.03, 0.05, 0.1, 0.15, 0.2, 0.2, 0.15, 0.07, 0.03]
+SHIFTED_DOWN = [0.3, 0.25, 0.15, 0.1, 0.08, 0.05, 0.03, 0.02, 0.01, 0.01]
+
+
+def test_confidence_drop_and_drift_on_recommendations(instance):
+    settings = MonitoringSettings()
+    positions: dict[str, int] = {}
+    for mean in (0.62, 0.60, 0.61):
+        emit(instance, "recommendations", {"confidence_mean": mean, "confidence_p50": mean,
+                                           "confidence_histogram": dg.MetadataValue.json(json.loads(histogram(STABLE)))})
+    assert new_alerts(instance, settings, positions) == []
+
+    emit(instance, "recommendations", {"confidence_mean": 0.35, "confidence_p10": 0.05, "confidence_p50": 0.3,
+                                       "confidence_p90": 0.7, "confidence_histogram": histogram(SHIFTED_DOWN)})
+    alerts = {a.rule: a for a in new_alerts(instance, settings, positions)}
+    assert set(alerts) == {"confidence_drop", "confidence_drift"}
+    assert alerts["confidence_drop"].details["baseline_median"] == 0.61
+    assert alerts["confidence_drop"].details["confidence_p10"] == 0.05
+    assert alerts["confidence_drift"].details["psi"] > 0.2
+
+
+def test_segment_drift_by_psi_over_segment_sizes(instance):
+    settings = MonitoringSettings()
+    positions: dict[str, int] = {}
+    emit(instance, "customer_segments", {"segment_sizes": dg.MetadataValue.json({"0": 500, "1": 300, "2": 200})})
+    emit(instance, "customer_segments", {"segment_sizes": dg.MetadataValue.json({"0": 510, "1": 290, "2": 200})})
+    assert new_alerts(instance, settings, positions) == []
+    emit(instance, "customer_segments", {"segment_sizes": dg.MetadataValue.json({"0": 100, "1": 300, "3": 600})})
+    (alert,) = new_alerts(instance, settings, positions)
+    assert alert.rule == "segment_drift" and alert.details["psi"] > 0.2
+
+
+def test_rejection_rate_and_absent_or_malformed_keys_never_crash(instance):
+    settings = MonitoringSettings()
+    emit(instance, "validated_recommendations", {"rejection_rate": 0.1})
+    emit(instance, "validated_recommendations", {"rejection_rate": 0.35})
+    emit(instance, "recommendations", {"confidence_histogram": "not json", "confidence_mean": "n/a"})
+    emit(instance, "recommendations", {"confidence_histogram": dg.MetadataValue.json(["a", "b"])})
+    emit(instance, "customer_segments", {"note": "no sizes this time"})
+    alerts = new_alerts(instance, settings, {})
+    assert [(a.rule, a.asset) for a in alerts] == [("rejection_rate", "validated_recommendations")]
+
+
+def test_a_range_run_is_judged_once(instance):
+    @dg.asset(name="raw_transactions", partitions_def=daily_partitions,
+              backfill_policy=dg.BackfillPolicy.single_run())
+    def ranged() -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={"error_rate": 0.5})
+
+    dg.materialize(
+        [ranged], instance=instance,
+        tags={"dagster/asset_partition_range_start": "2024-03-01", "dagster/asset_partition_range_end": "2024-03-03"},
+    )
+    (alert,) = new_alerts(instance, MonitoringSettings(), {})
+    assert alert.partition == "2024-03-01...2024-03-03"

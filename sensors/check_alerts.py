@@ -2,7 +2,8 @@
 
 Open-source Dagster shows a failed non-blocking check in the UI and nothing else; this sensor
 turns every failed evaluation into an alert. The cursor is the event-log storage id of the last
-evaluation read, so each evaluation is seen exactly once whatever the tick rate.
+evaluation read, so each evaluation is seen exactly once whatever the tick rate. A failed check
+that only re-reports a skipped build (inputs unchanged) is not alerted again.
 """
 
 from __future__ import annotations
@@ -12,15 +13,30 @@ import dagster as dg
 from resources.alerts import Alerts
 from sensors.alert import Alert
 from sensors.delivery import AlertSensorState, deliver
-from sensors.event_log import check_evaluations_after, plain_metadata, run_partition
+from sensors.event_log import check_evaluations_after, is_skipped, plain_metadata, run_partition
 from sensors.settings import MonitoringSettings
 
 RULE = "asset_check_failed"
 
 
+def rechecks_a_skip(instance: dg.DagsterInstance, evaluation: dg.AssetCheckEvaluation) -> bool:
+    """True when the check re-reports a build that was skipped (metadata `skipped` = True).
+
+    A skipped build keeps the data of an earlier one, whose failed checks were alerted then; a
+    daily run over unchanged inputs must not raise the same failure again every day.
+    """
+    target = evaluation.target_materialization_data
+    if target is None:
+        return False
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=evaluation.asset_key, storage_ids=[target.storage_id]), limit=1
+    ).records
+    return bool(records) and is_skipped(records[0])
+
+
 def check_failure_alert(instance: dg.DagsterInstance, storage_id: int, entry: dg.EventLogEntry) -> Alert | None:
     evaluation = entry.dagster_event.event_specific_data
-    if evaluation.passed:
+    if evaluation.passed or rechecks_a_skip(instance, evaluation):
         return None
     asset = evaluation.asset_key.to_user_string()
     # A check declared without its own partitions reports none; the run's partition says which day.

@@ -84,6 +84,11 @@ def run_partition(instance: dg.DagsterInstance, run_id: str) -> str | None:
 # ---- materializations --------------------------------------------------------------------
 
 
+def is_skipped(record: dg.EventLogRecord) -> bool:
+    """Builds that found their inputs unchanged say so with metadata `skipped` = True."""
+    return plain_value(record.asset_materialization.metadata.get("skipped")) is True
+
+
 @dataclass(frozen=True)
 class Materialization:
     """What the metric rules need of one materialization event."""

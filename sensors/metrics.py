@@ -56,12 +56,15 @@ def row_count_anomaly(instance: dg.DagsterInstance, m: Materialization, s: Monit
 
 
 def schema_error_rate(instance: dg.DagsterInstance, m: Materialization, s: MonitoringSettings) -> Finding | None:
-    rate = m.number("error_rate")
-    if rate is None or rate <= s.max_error_rate:
+    # `error_rate` is the batch's main table; raw_customers adds `customer_purchases.error_rate`.
+    rates = {k: m.number(k) for k in m.metadata if k == "error_rate" or k.endswith(".error_rate")}
+    over = {k: rate for k, rate in rates.items() if rate is not None and rate > s.max_error_rate}
+    if not over:
         return None
+    text = ", ".join(f"{k.removesuffix('error_rate').rstrip('.') or 'batch'} {rate:.1%}" for k, rate in over.items())
     return Finding(
-        f"schema error rate {rate:.1%} above {s.max_error_rate:.1%}",
-        {"error_rate": rate, "threshold": s.max_error_rate},
+        f"schema error rate above {s.max_error_rate:.1%}: {text}",
+        {**over, "threshold": s.max_error_rate, "quarantined_by_rule": m.json("quarantined_by_rule")},
         ERROR,
     )
 

@@ -1,7 +1,5 @@
 """The alert rules against a real Dagster instance and real runs: what fires, what doesn't, once."""
 
-from __future__ import annotations
-
 import datetime as dt
 import json
 
@@ -34,6 +32,10 @@ def new_alerts(instance, settings, positions):
 # ---- asset checks ------------------------------------------------------------------------
 
 
+class BuildConfig(dg.Config):
+    skip: bool = False  # report a skipped build (inputs unchanged) that re-reports its checks
+
+
 @dg.asset(
     partitions_def=daily_partitions,
     check_specs=[
@@ -42,9 +44,9 @@ def new_alerts(instance, settings, positions):
         dg.AssetCheckSpec("schema_ok", asset="checked_batch"),
     ],
 )
-def checked_batch() -> dg.MaterializeResult:
+def checked_batch(config: BuildConfig) -> dg.MaterializeResult:
     return dg.MaterializeResult(
-        metadata={"dagster/row_count": 10},
+        metadata={"dagster/row_count": 10, "skipped": config.skip},
         check_results=[
             dg.AssetCheckResult(check_name="volume_ok", passed=True),
             dg.AssetCheckResult(
@@ -78,6 +80,14 @@ def test_each_failed_check_alerts_once_with_partition_severity_and_metadata(inst
     later, _ = failed_check_alerts(instance, cursor, limit=100)
     assert {a.partition for a in later} == {"2024-03-02"} and len(later) == 2
     assert not {a.dedup_key for a in later} & {a.dedup_key for a in alerts}
+
+
+def test_a_skipped_build_re_reporting_its_failed_checks_is_not_alerted_again(instance):
+    dg.materialize([checked_batch], instance=instance, partition_key="2024-03-01")
+    first, cursor = failed_check_alerts(instance, -1, limit=100)
+    dg.materialize([checked_batch], instance=instance, partition_key="2024-03-01",
+                   run_config={"ops": {"checked_batch": {"config": {"skip": True}}}})
+    assert len(first) == 2 and failed_check_alerts(instance, cursor, limit=100)[0] == []
 
 
 def test_check_cursor_pages_through_a_backlog(instance):
@@ -166,11 +176,14 @@ def test_schema_error_rate_above_five_percent(instance):
     settings = MonitoringSettings()
     emit(instance, "raw_customers", {"error_rate": 0.05}, partition="2024-03-01")
     emit(instance, "raw_customers", {"error_rate": 0.08}, partition="2024-03-02")
+    emit(instance, "raw_customers", {"error_rate": 0.01, "customer_purchases.error_rate": 0.2}, partition="2024-03-03")
     emit(instance, "recommendations", {"error_rate": 0.9})  # not an ingestion asset: rule not applicable
     alerts = new_alerts(instance, settings, {})
     assert [(a.rule, a.asset, a.partition, a.severity) for a in alerts] == [
-        ("schema_error_rate", "raw_customers", "2024-03-02", "ERROR")
+        ("schema_error_rate", "raw_customers", "2024-03-02", "ERROR"),
+        ("schema_error_rate", "raw_customers", "2024-03-03", "ERROR"),
     ]
+    assert "customer_purchases 20.0%" in alerts[1].message
 
 
 def test_dlq_alerts_on_growth_or_above_threshold(instance):

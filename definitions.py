@@ -5,6 +5,7 @@ import dagster as dg
 from assets import outputs, sql_models
 from assets.partitions import daily_partitions
 from resources import build_resources
+import sensors
 
 # Every stage for one day, from landing files to validated recommendations and their checks.
 daily_pipeline = dg.define_asset_job(
@@ -15,6 +16,7 @@ daily_pipeline = dg.define_asset_job(
 )
 
 defs = dg.Definitions.merge(
+    sensors.defs,
     sql_models.defs,
     outputs.defs,
     dg.Definitions(resources=build_resources(), jobs=[daily_pipeline]),

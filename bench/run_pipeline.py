@@ -1,0 +1,178 @@
+"""The scale benchmark: generate N customers, run every stage of the daily pipeline, print figures.
+
+    python3 tasks.py bench --customers 200000              # one scale
+    python3 tasks.py bench --customers 20000 --quick       # the CI smoke run
+    python3 tasks.py bench --compare a.json b.json         # memory flatness between two scales
+
+Each stage runs in its own process (as Dagster's multiprocess executor runs steps), so the
+peak RSS reported is that stage's process. Three passes:
+  1. day 1 from scratch (the first embedding of the catalog and the model load are reported
+     apart from the pipeline's wall time, as one-time costs);
+  2. day 1 again, unchanged: everything should skip, with zero model calls;
+  3. day 2 with new customers (5 % of N by default): what an ordinary next day costs.
+It prints a table per pass and the totals, and writes all of it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIRST_DAY = dt.date(2011, 9, 1)
+MODEL_STAGES = ("product_embeddings",)
+PEAK_RSS_GOAL_MB = 2048
+
+
+def pipeline_stages() -> list[str]:
+    """Every asset of the daily pipeline job, upstream first."""
+    from definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    job_keys = defs.resolve_job_def("daily_pipeline").asset_layer.selected_asset_keys
+    return [key.to_user_string() for key in graph.toposorted_asset_keys if key in job_keys]
+
+
+def generate_landing(landing: Path, customers: int, days: int, seed: int, new_share: float) -> dict:
+    from generator import FaultRates, GeneratorConfig, generate
+
+    started = time.perf_counter()
+    summary = generate(
+        GeneratorConfig(
+            out=landing, customers=customers, days=days, seed=seed, start=FIRST_DAY,
+            new_customer_share=new_share, faults=FaultRates.uniform(0.001),
+        )
+    )
+    return {"seconds": round(time.perf_counter() - started, 1), "summary": str(summary)[:500]}
+
+
+def run_stage(stage: str, day: dt.date, env: dict[str, str]) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.stage", stage, day.isoformat()],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"stage": stage, "success": False, "error": proc.stderr[-2000:], "seconds": 0, "peak_rss_mb": 0}
+    return json.loads(lines[-1])
+
+
+def run_pass(name: str, stages: list[str], day: dt.date, env: dict[str, str]) -> dict:
+    print(f"\n== {name} ({day})", flush=True)
+    results = []
+    started = time.perf_counter()
+    for stage in stages:
+        result = run_stage(stage, day, env)
+        results.append(result)
+        print(format_row(result), flush=True)
+        if not result["success"]:
+            print(result.get("error", ""), file=sys.stderr)
+            break
+    return {"name": name, "day": day.isoformat(), "seconds": round(time.perf_counter() - started, 1), "stages": results}
+
+
+def format_row(r: dict) -> str:
+    rows = r.get("rows")
+    rate = f"{rows / r['seconds']:,.0f}" if rows and r.get("seconds") else "-"
+    flag = "skip" if r.get("skipped") else ("ok" if r.get("success") else "FAILED")
+    return (
+        f"{r['stage']:<28}{flag:>7}{rows if rows is not None else '-':>12}{r.get('seconds', 0):>9.1f}s"
+        f"{rate:>12}/s{r.get('peak_rss_mb', 0):>9.0f} MB  calls={r.get('model_calls') or 0}"
+    )
+
+
+def totals(first: dict, rerun: dict, next_day: dict | None, customers: int, warehouse: Path) -> dict:
+    def stage_seconds(p, names=None):
+        return sum(s.get("seconds", 0) for s in p["stages"] if names is None or s["stage"] in names)
+
+    model_first = stage_seconds(first, MODEL_STAGES)
+    out = {
+        "customers": customers,
+        "all_stages_succeeded": all(s["success"] for p in (first, rerun, next_day) if p for s in p["stages"]),
+        "first_run_seconds": round(stage_seconds(first), 1),
+        "first_run_seconds_without_one_time_model_work": round(stage_seconds(first) - model_first, 1),
+        "one_time_model_load_and_catalog_embedding_seconds": round(model_first, 1),
+        "peak_rss_mb_max": max(s.get("peak_rss_mb", 0) for s in first["stages"]),
+        "rerun_seconds": round(stage_seconds(rerun), 1),
+        "rerun_share_of_first": round(stage_seconds(rerun) / max(stage_seconds(first), 1e-9), 3),
+        "rerun_model_calls": sum(s.get("model_calls") or 0 for s in rerun["stages"]),
+        "warehouse_bytes": warehouse.stat().st_size if warehouse.exists() else None,
+    }
+    out["warehouse_bytes_per_customer"] = round(out["warehouse_bytes"] / customers, 1) if out["warehouse_bytes"] else None
+    if next_day:
+        out["next_day_seconds"] = round(stage_seconds(next_day), 1)
+        out["next_day_model_stage_seconds"] = round(stage_seconds(next_day, MODEL_STAGES), 1)
+        out["next_day_model_calls"] = sum(s.get("model_calls") or 0 for s in next_day["stages"])
+    out["goals"] = {
+        "peak_rss_at_most_2GiB": out["peak_rss_mb_max"] <= PEAK_RSS_GOAL_MB,
+        "rerun_at_most_5pct": out["rerun_share_of_first"] <= 0.05,
+        "rerun_zero_model_calls": out["rerun_model_calls"] == 0,
+        "wall_at_most_15min": out["first_run_seconds_without_one_time_model_work"] <= 900,
+    }
+    return out
+
+
+def compare(small_path: Path, large_path: Path) -> None:
+    small, large = (json.loads(p.read_text()) for p in (small_path, large_path))
+    ratio = large["totals"]["peak_rss_mb_max"] / small["totals"]["peak_rss_mb_max"]
+    print(f"peak RSS {small['totals']['customers']:,}: {small['totals']['peak_rss_mb_max']:.0f} MB; "
+          f"{large['totals']['customers']:,}: {large['totals']['peak_rss_mb_max']:.0f} MB; ratio {ratio:.2f} (goal <= 1.5)")
+
+
+def machine() -> str:
+    import platform
+
+    import psutil
+
+    return f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--customers", type=int, default=200_000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--new-customer-share", type=float, default=0.05)
+    parser.add_argument("--workdir", type=Path, default=None, help="default: data/bench/<customers>")
+    parser.add_argument("--json", type=Path, default=None, help="where to write the figures")
+    parser.add_argument("--quick", action="store_true", help="skip the day-2 pass (CI smoke run)")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("SMALL.json", "LARGE.json"))
+    args = parser.parse_args(argv)
+    if args.compare:
+        compare(*args.compare)
+        return 0
+
+    workdir = args.workdir or ROOT / "data" / "bench" / str(args.customers)
+    shutil.rmtree(workdir, ignore_errors=True)
+    landing, warehouse = workdir / "landing", workdir / "warehouse.duckdb"
+    days = 1 if args.quick else 2
+    print(f"machine: {machine()}\ngenerating {args.customers:,} customers, {days} day(s) into {landing}", flush=True)
+    generation = generate_landing(landing, args.customers, days, args.seed, args.new_customer_share)
+    print(f"generated in {generation['seconds']}s", flush=True)
+
+    env = {**os.environ, "WAREHOUSE_PATH": str(warehouse), "LANDING_DIR": str(landing), "PYTHONWARNINGS": "ignore"}
+    stages = pipeline_stages()
+    first = run_pass("day 1, first run", stages, FIRST_DAY, env)
+    rerun = run_pass("day 1 again, unchanged", stages, FIRST_DAY, env)
+    next_day = None if args.quick else run_pass("day 2, new customers", stages, FIRST_DAY + dt.timedelta(days=1), env)
+    figures = {
+        "machine": machine(),
+        "generation": generation,
+        "passes": [p for p in (first, rerun, next_day) if p],
+        "totals": totals(first, rerun, next_day, args.customers, warehouse),
+    }
+    print("\n" + json.dumps(figures["totals"], indent=2))
+    out = args.json or workdir / "figures.json"
+    out.write_text(json.dumps(figures, indent=2))
+    print(f"figures written to {out}")
+    return 0 if figures["totals"]["all_stages_succeeded"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

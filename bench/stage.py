@@ -1,0 +1,53 @@
+"""Run one asset (with its checks) for one partition in this process and print what it cost.
+
+The scale benchmark starts one such process per stage, as Dagster's multiprocess executor
+does, so the peak RSS it reports is that of the step's own process.
+
+    python -m bench.stage ASSET PARTITION_KEY  ->  one JSON line on stdout
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import dagster as dg
+
+
+def run_stage(asset_name: str, partition_key: str) -> dict:
+    from definitions import defs
+
+    started = time.perf_counter()
+    job = defs.resolve_job_def("daily_pipeline")
+    result = job.execute_in_process(
+        partition_key=partition_key,
+        asset_selection=[dg.AssetKey(asset_name)],
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+    seconds = time.perf_counter() - started
+    metadata = {}
+    for event in result.get_asset_materialization_events():
+        metadata = {k: _plain(v.value) for k, v in event.materialization.metadata.items()}
+    failed_checks = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
+    return {
+        "stage": asset_name,
+        "partition": partition_key,
+        "success": result.success,
+        "seconds": round(seconds, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "skipped": bool(metadata.get("skipped", False)),
+        "rows": metadata.get("dagster/row_count"),
+        "model_calls": metadata.get("model_calls", metadata.get("requests")),
+        "failed_checks": failed_checks,
+    }
+
+
+def _plain(value):
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_stage(sys.argv[1], sys.argv[2])))

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets import outputs, sql_models
+from assets import ingestion, outputs, sql_models, validation
 from assets.partitions import daily_partitions
 from resources import build_resources
 import sensors
@@ -16,6 +16,8 @@ daily_pipeline = dg.define_asset_job(
 )
 
 defs = dg.Definitions.merge(
+    ingestion.defs,
+    validation.defs,
     sensors.defs,
     sql_models.defs,
     outputs.defs,

@@ -47,12 +47,13 @@ class ProductSampler:
         products = np.arange(catalog.initial_size)
         group, rank = catalog.group[products], catalog.rank[products]
         weight = 1.0 / (rank + 1.0) ** PRODUCT_ZIPF
-        weight = np.where(_group_keeps_some(group, excluded), np.where(excluded, 0.0, weight), weight)
+        weight = np.where(excluded, 0.0, weight)  # a group left empty hands its buyers to the next one
         order = np.lexsort((rank, group))
         self.products = products[order]
         sorted_group, sorted_weight = group[order], weight[order]
         totals = np.bincount(sorted_group, weights=sorted_weight, minlength=N_GROUPS)
-        within = _cumsum_by_group(sorted_group, sorted_weight) / totals[sorted_group]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            within = np.nan_to_num(_cumsum_by_group(sorted_group, sorted_weight) / totals[sorted_group])
         # Keys rise from g to g+1 inside group g, so one searchsorted finds group and rank at once.
         self.keys = sorted_group + within
         last_of_group = np.r_[sorted_group[1:] != sorted_group[:-1], True]
@@ -65,7 +66,7 @@ class ProductSampler:
         return self.products[np.minimum(position, len(self.products) - 1)]
 
     def _nearest_stocked(self, group: np.ndarray) -> np.ndarray:
-        """Tiny catalogs leave some groups empty: their buyers take the next group that has products."""
+        """Tiny catalogs or excluded products leave some groups empty: their buyers take the next group."""
         if self.has_products.all():
             return group
         stocked = np.flatnonzero(self.has_products)
@@ -142,8 +143,3 @@ def _cumsum_by_group(group: np.ndarray, weight: np.ndarray) -> np.ndarray:
     before = np.repeat(running[starts] - weight[starts], np.diff(np.r_[starts, len(group)]))
     return running - before
 
-
-def _group_keeps_some(group: np.ndarray, excluded: np.ndarray) -> np.ndarray:
-    """Per product: does its group keep at least one product once the excluded ones are dropped?"""
-    kept = np.bincount(group, weights=~excluded, minlength=N_GROUPS) > 0
-    return kept[group]

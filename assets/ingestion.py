@@ -1,0 +1,641 @@
+"""Landing files -> raw.* tables: one daily partition per batch, idempotent and atomic.
+
+For each source and day:
+1. the file must exist, be non-empty and readable (else `dg.Failure` naming the path and cause);
+2. its fingerprint (content hash + hash of the suites + parser version) is compared with the one
+   recorded in `ops.batch_fingerprints`: unchanged -> skipped, unless run config `force: true`;
+3. DuckDB reads it as text, line numbers kept: CSV through `read_csv` (all VARCHAR, rejected
+   lines kept with their error), JSON Lines line by line (`json_transform`), so a bad line is
+   quarantined and never crashes the batch;
+4. the suite's rules (assets/validation.py) split staged rows into valid and quarantined;
+5. one transaction replaces the partition: delete its rows in the raw tables and in
+   `ops.schema_errors`, insert the new ones, upsert the fingerprint. An error anywhere rolls the
+   whole partition back to its previous rows.
+"""
+
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+from pydantic import Field
+
+from assets.metadata import markdown_table
+from assets.partitions import daily_partitions
+from assets.validation import load_suite, quarantine, typed
+from resources.alerts import Alerts
+from resources.landing import LandingFileError, LandingZone
+from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, table_exists
+
+PARSER_VERSION = "1"  # part of the fingerprint: bump it when staging reads files differently
+HASH_BLOCK_BYTES = 8 << 20
+MAX_LINE_BYTES = 64 << 20
+LINE_DELIMITER = "\x1e"  # never in a JSON line (control characters must be escaped in JSON)
+
+
+@dataclass(frozen=True)
+class RawTable:
+    """A raw table: its landed columns (after partition_date, line_no) and its record key."""
+
+    name: str  # also the name of its GX suite and `ops.schema_errors.table_name`
+    columns: dict[str, str]
+    record_key: str  # SQL over the staged columns
+    landed: dict[str, str] = field(default_factory=dict)  # SQL of a column as it lands, when not a plain cast
+
+    @property
+    def qualified(self) -> str:
+        return f"raw.{self.name}"
+
+    def landed_sql(self, column: str) -> str:
+        return self.landed.get(column) or typed(f'"{column}"', self.columns[column])
+
+
+TABLES = {
+    "products": RawTable(
+        "products",
+        {"product_id": "VARCHAR", "name": "VARCHAR", "description": "VARCHAR", "category": "VARCHAR",
+         "price": "DOUBLE", "in_stock": "BOOLEAN"},
+        "coalesce(product_id, 'line ' || line_no)",
+    ),
+    "customers": RawTable(
+        "customers",
+        {"customer_id": "VARCHAR", "email": "VARCHAR", "created_at": "TIMESTAMP", "purchase_count": "INTEGER"},
+        "coalesce(customer_id, 'line ' || line_no)",
+    ),
+    "customer_purchases": RawTable(
+        "customer_purchases",
+        {"item_no": "INTEGER", "customer_id": "VARCHAR", "product_id": "VARCHAR", "amount": "DOUBLE",
+         "purchased_at": "TIMESTAMP"},
+        "customer_id || '#' || item_no",
+    ),
+    "transactions": RawTable(
+        "transactions",
+        {"invoice_no": "VARCHAR", "stock_code": "VARCHAR", "description": "VARCHAR", "quantity": "INTEGER",
+         "invoice_date": "TIMESTAMP", "unit_price": "DOUBLE", "customer_id": "VARCHAR", "country": "VARCHAR"},
+        "coalesce(invoice_no, '?') || '/' || coalesce(stock_code, '?') || ' line ' || line_no",
+        # Online Retail writes CustomerID as a float ('17850.0'); it lands as the integer text.
+        landed={"customer_id": "regexp_replace(customer_id, '\\.0+$', '')"},
+    ),
+}
+
+# Source field names of each landing file -> raw column names.
+CSV_HEADERS = {
+    "products": {"product_id": "product_id", "name": "name", "description": "description", "category": "category",
+                 "price": "price", "in_stock": "in_stock"},
+    "transactions": {"InvoiceNo": "invoice_no", "StockCode": "stock_code", "Description": "description",
+                     "Quantity": "quantity", "InvoiceDate": "invoice_date", "UnitPrice": "unit_price",
+                     "CustomerID": "customer_id", "Country": "country"},
+}
+JSON_FIELDS = {"id": "customer_id", "email": "email", "createdAt": "created_at", "purchaseHistory": "purchase_count",
+               "productId": "product_id", "amount": "amount", "date": "purchased_at"}
+CUSTOMER_JSON_SHAPE = json.dumps({
+    "id": "VARCHAR", "email": "VARCHAR", "createdAt": "VARCHAR",
+    # Amounts stay raw JSON tokens, so that "12.5" (a string) is told apart from 12.5 (a number).
+    "purchaseHistory": [{"productId": "VARCHAR", "amount": "JSON", "date": "VARCHAR"}],
+})
+
+SCHEMA_ERRORS_DDL = """
+CREATE TABLE IF NOT EXISTS ops.schema_errors (
+    partition_date DATE, source VARCHAR, table_name VARCHAR, record_key VARCHAR, line_no BIGINT,
+    rule VARCHAR, column_name VARCHAR, value VARCHAR, raw_record VARCHAR, detected_at TIMESTAMP)"""
+FINGERPRINTS_DDL = """
+CREATE TABLE IF NOT EXISTS ops.batch_fingerprints (
+    source VARCHAR, partition_date DATE, fingerprint VARCHAR, source_path VARCHAR, source_bytes BIGINT,
+    input_records BIGINT, valid_records BIGINT, quarantined_records BIGINT, table_counts JSON,
+    quarantined_by_rule JSON, landed_at TIMESTAMP, seconds DOUBLE)"""
+
+
+class IngestionConfig(dg.Config):
+    force: bool = Field(default=False, description="Re-ingest even when the source file is unchanged.")
+    max_error_rate: float = Field(default=0.05, description="Quarantined / input above this fails the check.")
+    preview_rows: int = Field(default=5, description="Rows in the markdown previews.")
+
+
+@dataclass
+class TableCounts:
+    input_records: int
+    valid_records: int
+    quarantined_records: int
+    by_rule: dict[str, int]
+
+    @property
+    def error_rate(self) -> float:
+        return self.quarantined_records / self.input_records if self.input_records else 0.0
+
+    @property
+    def reconciles(self) -> bool:
+        return self.input_records == self.valid_records + self.quarantined_records
+
+
+@dataclass(frozen=True)
+class Source:
+    """A landing source: the raw tables it feeds (the first holds its records) and how to stage it."""
+
+    name: str
+    tables: tuple[str, ...]
+    stage: Callable[[duckdb.DuckDBPyConnection, Path, str], dict[str, int]]
+
+    @property
+    def suites_digest(self) -> str:
+        return "+".join(load_suite(t).digest for t in self.tables)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files as text, with their line numbers
+# ---------------------------------------------------------------------------------------------
+
+def read_lines(con: duckdb.DuckDBPyConnection, path: Path, into: str, keep_text: str = "TRUE",
+               parsed: str = "NULL") -> None:
+    """Every physical line of a file as a row of `into` (line_no from 1, blank lines as NULL).
+
+    Lines DuckDB cannot decode (invalid UTF-8) are left out of `into` and listed, with their line
+    number and an approximation of their text, in `<into>_rejects`. `parsed` is SQL over `line`
+    computed while reading; the text itself is kept only where `keep_text` (SQL over `line`,
+    `parsed` and `ordinality`, the row's position in the read) is true.
+    """
+    rejects = f"{into}_rejects"
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE {into}_read AS
+        SELECT ordinality AS k, line IS NULL OR trim(line, ' ' || chr(13) || chr(9)) = '' AS blank,
+               {parsed} AS parsed, CASE WHEN {keep_text} THEN line END AS line
+        FROM read_csv($path, columns = {{'line': 'VARCHAR'}}, header = false, auto_detect = false,
+                      delim = '{LINE_DELIMITER}', quote = '', escape = '', new_line = '\\n',
+                      max_line_size = {MAX_LINE_BYTES}, store_rejects = true,
+                      rejects_table = '{rejects}_raw', rejects_scan = '{rejects}_scan')
+        WITH ORDINALITY""",
+        {"path": str(path)},
+    )
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE {rejects} AS
+        SELECT line AS line_no, min(error_type)::VARCHAR AS error_type, any_value(csv_line) AS raw_record
+        FROM {rejects}_raw GROUP BY line""")
+    _number_lines(con, f"{into}_read", rejects, into)
+
+
+def _number_lines(con: duckdb.DuckDBPyConnection, read: str, rejects: str, into: str) -> None:
+    """Row k of the read is physical line k, shifted by the rejected lines before it."""
+    if not fetch_scalar(con, f"SELECT count(*) FROM {rejects}"):
+        con.execute(f"ALTER TABLE {read} RENAME COLUMN k TO line_no")
+        con.execute(f"ALTER TABLE {read} RENAME TO {into}")
+        return
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE {into} AS
+        SELECT r.k + coalesce(s.shift, 0) AS line_no, r.* EXCLUDE (k)
+        FROM {read} AS r ASOF LEFT JOIN (
+            SELECT line_no - row_number() OVER (ORDER BY line_no) AS rows_before,
+                   row_number() OVER (ORDER BY line_no) AS shift
+            FROM {rejects}) AS s
+          ON r.k > s.rows_before""")
+    con.execute(f"DROP TABLE {read}")
+
+
+def check_header(source: str, path: Path, expected: list[str]) -> None:
+    with open(path, "rb") as handle:
+        first = handle.readline()
+    try:
+        header = first.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise LandingFileError(source, path, "unreadable header (not UTF-8)") from None
+    if [h.strip() for h in header.split(",")] != expected:
+        raise LandingFileError(source, path, f"unexpected header {header!r}; expected {','.join(expected)!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging: each source into `stg_<table>` (row_id, line_no, raw columns as text) + `unparseable`
+# ---------------------------------------------------------------------------------------------
+
+def _create_work_tables(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("""CREATE OR REPLACE TEMP TABLE unparseable (
+        line_no BIGINT, rule VARCHAR, column_name VARCHAR, raw_record VARCHAR)""")
+
+
+def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, table: str) -> dict[str, int]:
+    """A CSV file: DuckDB's parser for the fields, a plain line read for line numbers and raw text."""
+    header = CSV_HEADERS[table]
+    check_header(table, path, list(header))
+    _create_work_tables(con)
+    read_lines(con, path, "src_lines")
+    columns = ", ".join(f"'{raw}': 'VARCHAR'" for raw in header.values())
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE parsed AS
+        SELECT ordinality AS k, * EXCLUDE (ordinality)
+        FROM read_csv($path, columns = {{{columns}}}, header = true, auto_detect = false, delim = ',',
+                      quote = '"', escape = '"', max_line_size = {MAX_LINE_BYTES}, store_rejects = true,
+                      rejects_table = 'parse_rejects', rejects_scan = 'parse_rejects_scan')
+        WITH ORDINALITY""",
+        {"path": str(path)},
+    )
+    con.execute("""INSERT INTO unparseable
+        SELECT line, CASE WHEN min(error_type)::VARCHAR LIKE '%COLUMNS%' THEN 'wrong_column_count'
+                          WHEN min(error_type)::VARCHAR LIKE '%ENCODING%' THEN 'bad_encoding'
+                          ELSE 'unparseable_line' END,
+               any_value(column_name), any_value(csv_line)
+        FROM parse_rejects GROUP BY line""")
+    _align_parsed_rows(con, table, list(header.values()))
+    return {table: _records_in_file(con, "src_lines", first_line=2)}
+
+
+def _records_in_file(con: duckdb.DuckDBPyConnection, lines: str, first_line: int) -> int:
+    """Input records: the non-blank lines from `first_line` on, decodable or not."""
+    readable = fetch_scalar(con, f"SELECT count(*) FROM {lines} WHERE line_no >= ? AND NOT blank", [first_line])
+    undecodable = fetch_scalar(con, f"SELECT count(*) FROM {lines}_rejects WHERE line_no >= ?", [first_line])
+    return int(readable) + int(undecodable)
+
+
+def _align_parsed_rows(con: duckdb.DuckDBPyConnection, table: str, columns: list[str]) -> None:
+    """Parsed row k is the k-th data line that is neither blank nor rejected by the parser.
+
+    That holds while no quoted field spans lines; when it does not, line numbers fall back to
+    the row order and the raw text to the joined fields.
+    """
+    con.execute("""CREATE OR REPLACE TEMP TABLE data_lines AS
+        SELECT line_no, line, row_number() OVER (ORDER BY line_no) AS k FROM src_lines
+        WHERE line_no > 1 AND NOT blank AND line_no NOT IN (SELECT line_no FROM unparseable)""")
+    aligned = fetch_scalar(con, "SELECT count(*) FROM data_lines") == fetch_scalar(con, "SELECT count(*) FROM parsed")
+    names = ", ".join(f'p."{c}"' for c in columns)
+    if aligned:
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE stg_{table} AS
+            SELECT p.k AS row_id, d.line_no, d.line AS raw_record, {names}
+            FROM parsed AS p JOIN data_lines AS d USING (k) ORDER BY p.k""")
+    else:
+        joined = " || ',' || ".join(f"coalesce(p.\"{c}\", '')" for c in columns)
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE stg_{table} AS
+            SELECT p.k AS row_id, p.k + 1 AS line_no, {joined} AS raw_record, {names} FROM parsed AS p""")
+
+
+def stage_products(con: duckdb.DuckDBPyConnection, path: Path, partition_date: str) -> dict[str, int]:
+    return stage_csv(con, path, "products")
+
+
+def stage_transactions(con: duckdb.DuckDBPyConnection, path: Path, partition_date: str) -> dict[str, int]:
+    return stage_csv(con, path, "transactions")
+
+
+def stage_customers(con: duckdb.DuckDBPyConnection, path: Path, partition_date: str) -> dict[str, int]:
+    """JSON Lines: parsed once per line while reading; a line that is not a JSON object is kept
+    whole for the quarantine. The items of valid customers are staged after their validation."""
+    _create_work_tables(con)
+    # One JSON parse per line; `try` turns a malformed line into NULL instead of an error.
+    parse = f"CASE WHEN starts_with(ltrim(line), '{{') THEN try(json_transform(line, '{CUSTOMER_JSON_SHAPE}')) END"
+    read_lines(con, path, "json_lines", keep_text="parsed IS NULL", parsed=parse)
+    records = _records_in_file(con, "json_lines", first_line=1)
+    con.execute("""INSERT INTO unparseable
+        SELECT line_no, 'malformed_json', NULL, line FROM json_lines WHERE parsed IS NULL AND NOT blank
+        UNION ALL
+        SELECT line_no, CASE WHEN error_type LIKE '%ENCODING%' THEN 'bad_encoding' ELSE 'malformed_json' END,
+               NULL, raw_record FROM json_lines_rejects""")
+    con.execute("""CREATE OR REPLACE TEMP TABLE stg_customers AS
+        SELECT line_no AS row_id, line_no, parsed.id AS customer_id, parsed.email AS email,
+               parsed.createdAt AS created_at, len(parsed.purchaseHistory) AS purchase_count,
+               parsed.purchaseHistory AS items
+        FROM json_lines WHERE parsed IS NOT NULL""")
+    con.execute("DROP TABLE json_lines")
+    return {"customers": records}
+
+
+def stage_customer_purchases(con: duckdb.DuckDBPyConnection) -> int:
+    """The purchase items of the customers that passed their own rules, one row per item.
+
+    row_id packs (line, position): a 64 MB line cannot hold 2^20 items, so ids never collide."""
+    con.execute("""CREATE OR REPLACE TEMP TABLE stg_customer_purchases AS
+        SELECT (c.line_no << 20) + u.position AS row_id, c.line_no, (u.position - 1)::INTEGER AS item_no, c.customer_id,
+               u.item.productId AS product_id, u.item.amount AS amount, u.item.date AS purchased_at
+        FROM (SELECT * FROM stg_customers WHERE row_id NOT IN (SELECT row_id FROM failures_customers)) AS c,
+             unnest(c.items) WITH ORDINALITY AS u(item, position)""")
+    return int(fetch_scalar(con, "SELECT count(*) FROM stg_customer_purchases"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and the partition write
+# ---------------------------------------------------------------------------------------------
+
+def validate_staged(con: duckdb.DuckDBPyConnection, table: str, partition_date: str) -> None:
+    """Quarantine every staged row of `table` that breaks a rule of its suite into failures_<table>."""
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE failures_{table} (
+        row_id BIGINT, line_no BIGINT, record_key VARCHAR, rule VARCHAR, column_name VARCHAR, value VARCHAR)""")
+    columns = {c for c in TABLES[table].columns} | {"line_no"}
+    quarantine(con, load_suite(table), f"stg_{table}", columns, TABLES[table].record_key, f"failures_{table}",
+               partition_date)
+
+
+def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("CREATE SCHEMA IF NOT EXISTS raw; CREATE SCHEMA IF NOT EXISTS ops")
+    for table in TABLES.values():
+        columns = ", ".join(f'"{name}" {kind}' for name, kind in table.columns.items())
+        con.execute(f"CREATE TABLE IF NOT EXISTS {table.qualified} (partition_date DATE, line_no BIGINT, {columns})")
+    con.execute(SCHEMA_ERRORS_DDL)
+    con.execute(FINGERPRINTS_DDL)
+
+
+def delete_partition(con: duckdb.DuckDBPyConnection, source: Source, partition_date: str) -> None:
+    for table in source.tables:
+        con.execute(f"DELETE FROM {TABLES[table].qualified} WHERE partition_date = ?", [partition_date])
+    con.execute("DELETE FROM ops.schema_errors WHERE partition_date = ? AND source = ?", [partition_date, source.name])
+    con.execute("DELETE FROM ops.batch_fingerprints WHERE partition_date = ? AND source = ?",
+                [partition_date, source.name])
+
+
+def insert_partition(con: duckdb.DuckDBPyConnection, source: Source, partition_date: str, path: Path) -> None:
+    """Valid rows into the raw tables, failures and unparseable lines into ops.schema_errors."""
+    for table in source.tables:
+        spec = TABLES[table]
+        landed = ", ".join(spec.landed_sql(c) for c in spec.columns)
+        con.execute(
+            f"""INSERT INTO {spec.qualified}
+            SELECT $day, line_no, {landed} FROM stg_{table}
+            WHERE row_id NOT IN (SELECT row_id FROM failures_{table})""",
+            {"day": partition_date},
+        )
+        con.execute(
+            f"""INSERT INTO ops.schema_errors
+            SELECT $day, $source, $table, f.record_key, f.line_no, f.rule, f.column_name, f.value,
+                   {_raw_record_sql(table)}, now()::TIMESTAMP
+            FROM failures_{table} AS f JOIN stg_{table} AS s USING (row_id) ORDER BY f.row_id, f.rule""",
+            {"day": partition_date, "source": source.name, "table": table},
+        )
+    con.execute(
+        """INSERT INTO ops.schema_errors
+        SELECT $day, $source, $table, NULL, line_no, rule, column_name, NULL, raw_record, now()::TIMESTAMP
+        FROM unparseable ORDER BY line_no""",
+        {"day": partition_date, "source": source.name, "table": source.tables[0]},
+    )
+    if source.name == "customers":
+        _fill_customer_raw_records(con, path, partition_date)
+
+
+def _raw_record_sql(table: str) -> str:
+    if table == "customers":
+        return "NULL"  # filled from the file afterwards: only quarantined lines are read back
+    if table == "customer_purchases":
+        return ("json_object('productId', s.product_id, 'amount', s.amount, 'date', s.purchased_at)::VARCHAR")
+    return "s.raw_record"
+
+
+def _fill_customer_raw_records(con: duckdb.DuckDBPyConnection, path: Path, partition_date: str) -> None:
+    """The original text of quarantined customer lines: the file streams through again and only
+    those lines are kept (position in the read = line number minus the undecodable lines before)."""
+    con.execute("""CREATE OR REPLACE TEMP TABLE wanted_positions AS
+        SELECT DISTINCT f.line_no - (SELECT count(*) FROM json_lines_rejects AS r WHERE r.line_no < f.line_no) AS k
+        FROM failures_customers AS f""")
+    read_lines(con, path, "quarantined_lines", keep_text="ordinality IN (SELECT k FROM wanted_positions)")
+    con.execute(
+        """UPDATE ops.schema_errors AS e SET raw_record = q.line
+        FROM quarantined_lines AS q
+        WHERE e.partition_date = $day AND e.source = 'customers' AND e.table_name = 'customers'
+          AND e.raw_record IS NULL AND e.line_no = q.line_no""",
+        {"day": partition_date},
+    )
+    con.execute("DROP TABLE quarantined_lines")
+
+
+def count_partition(con: duckdb.DuckDBPyConnection, source: Source, partition_date: str,
+                    inputs: dict[str, int]) -> dict[str, TableCounts]:
+    """Record accounting recounted from what landed: valid rows in the raw tables, distinct
+    quarantined records in ops.schema_errors, against the records read from the file."""
+    counts = {}
+    for table in source.tables:
+        valid = fetch_scalar(con, f"SELECT count(*) FROM {TABLES[table].qualified} WHERE partition_date = ?",
+                             [partition_date])
+        rows = fetch_all(
+            con,
+            """SELECT rule, count(DISTINCT (line_no, record_key)) FROM ops.schema_errors
+            WHERE partition_date = ? AND source = ? AND table_name = ? GROUP BY ALL ORDER BY 2 DESC, 1""",
+            [partition_date, source.name, table],
+        )
+        quarantined = fetch_scalar(
+            con,
+            """SELECT count(DISTINCT (line_no, record_key)) FROM ops.schema_errors
+            WHERE partition_date = ? AND source = ? AND table_name = ?""",
+            [partition_date, source.name, table],
+        )
+        counts[table] = TableCounts(inputs.get(table, 0), int(valid), int(quarantined), dict(rows))
+    return counts
+
+
+def record_fingerprint(con: duckdb.DuckDBPyConnection, source: Source, partition_date: str, fingerprint: str,
+                       path: Path, counts: dict[str, TableCounts], seconds: float) -> None:
+    primary = counts[source.tables[0]]
+    con.execute(
+        "INSERT INTO ops.batch_fingerprints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP, ?)",
+        [source.name, partition_date, fingerprint, str(path), path.stat().st_size, primary.input_records,
+         primary.valid_records, primary.quarantined_records,
+         json.dumps({t: vars(c) for t, c in counts.items()}), json.dumps(primary.by_rule), round(seconds, 3)],
+    )
+
+
+def file_fingerprint(path: Path, source: Source) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+    return f"{digest.hexdigest()[:32]}:{source.suites_digest}:p{PARSER_VERSION}"
+
+
+def stored_batch(warehouse: DuckDBWarehouse, source: Source, partition_date: str) -> dict[str, Any] | None:
+    with warehouse.connect(read_only=True) as con:
+        if not table_exists(con, "ops.batch_fingerprints"):
+            return None
+        rows = fetch_all(
+            con, """SELECT fingerprint, table_counts, landed_at FROM ops.batch_fingerprints
+            WHERE source = ? AND partition_date = ?""", [source.name, partition_date])
+    if not rows:
+        return None
+    fingerprint, table_counts, landed_at = rows[0]
+    return {"fingerprint": fingerprint, "inputs": {t: c["input_records"] for t, c in json.loads(table_counts).items()},
+            "landed_at": landed_at}
+
+
+# ---------------------------------------------------------------------------------------------
+# The asset body shared by the three sources
+# ---------------------------------------------------------------------------------------------
+
+def ingest(context: dg.AssetExecutionContext, config: IngestionConfig, source: Source, warehouse: DuckDBWarehouse,
+           landing: LandingZone, alerts: Alerts) -> dg.MaterializeResult:
+    started = time.perf_counter()
+    day = context.partition_key
+    try:
+        path = landing.require(source.name, day)
+    except LandingFileError as error:
+        raise dg.Failure(description=str(error), metadata={"path": str(error.path), "cause": error.cause}) from None
+    fingerprint = file_fingerprint(path, source)
+    stored = stored_batch(warehouse, source, day)
+    if stored and stored["fingerprint"] == fingerprint and not config.force:
+        context.log.info(f"skipped {source.name} {day}: {path} unchanged since {stored['landed_at']} ({fingerprint})")
+        return _skipped_result(context, config, source, warehouse, day, path, fingerprint, stored, started)
+    try:
+        with warehouse.transaction() as con:
+            counts, preview = _land(con, source, day, path, fingerprint, config, started)
+    except LandingFileError as error:
+        raise dg.Failure(description=str(error), metadata={"path": str(error.path), "cause": error.cause}) from None
+    except duckdb.IOException as error:
+        raise dg.Failure(description=f"{source.name} file {path}: unreadable ({error})",
+                         metadata={"path": str(path), "cause": str(error)}) from None
+    seconds = time.perf_counter() - started
+    context.log.info(f"landed {source.name} {day} from {path} in {seconds:.1f}s: "
+                     + "; ".join(f"{t} {c.valid_records} valid, {c.quarantined_records} quarantined" for t, c in counts.items()))
+    checks = _check_results(source, counts, config.max_error_rate)
+    _alert_on_error_rate(alerts, context, source, day, path, counts, config.max_error_rate)
+    metadata = _metadata(source, day, path, fingerprint, counts, seconds, skipped=False)
+    metadata["preview"] = dg.MetadataValue.md(preview)
+    return dg.MaterializeResult(metadata=metadata, check_results=checks, data_version=dg.DataVersion(fingerprint))
+
+
+def _land(con: duckdb.DuckDBPyConnection, source: Source, day: str, path: Path, fingerprint: str,
+          config: IngestionConfig, started: float) -> tuple[dict[str, TableCounts], str]:
+    ensure_tables(con)
+    inputs = source.stage(con, path, day)
+    validate_staged(con, source.tables[0], day)
+    if source.name == "customers":
+        inputs["customer_purchases"] = stage_customer_purchases(con)
+        validate_staged(con, "customer_purchases", day)
+    delete_partition(con, source, day)
+    insert_partition(con, source, day, path)
+    counts = count_partition(con, source, day, inputs)
+    record_fingerprint(con, source, day, fingerprint, path, counts, time.perf_counter() - started)
+    return counts, _preview(con, source, day, counts, config.preview_rows)
+
+
+def _skipped_result(context: dg.AssetExecutionContext, config: IngestionConfig, source: Source,
+                    warehouse: DuckDBWarehouse, day: str, path: Path, fingerprint: str, stored: dict[str, Any],
+                    started: float) -> dg.MaterializeResult:
+    with warehouse.connect(read_only=True) as con:
+        counts = count_partition(con, source, day, stored["inputs"])
+    metadata = _metadata(source, day, path, fingerprint, counts, time.perf_counter() - started, skipped=True)
+    metadata["skip_reason"] = f"source unchanged since {stored['landed_at']}"
+    return dg.MaterializeResult(metadata=metadata, check_results=_check_results(source, counts, config.max_error_rate),
+                                data_version=dg.DataVersion(fingerprint))
+
+
+def _metadata(source: Source, day: str, path: Path, fingerprint: str, counts: dict[str, TableCounts],
+              seconds: float, skipped: bool) -> dict[str, Any]:
+    primary = counts[source.tables[0]]
+    metadata: dict[str, Any] = {
+        "partition_date": day,
+        "source_path": str(path),
+        "fingerprint": fingerprint,
+        "skipped": skipped,
+        "input_records": primary.input_records,
+        "valid_records": primary.valid_records,
+        "quarantined_records": primary.quarantined_records,
+        "error_rate": round(primary.error_rate, 6),
+        "quarantined_by_rule": primary.by_rule,
+        "seconds": round(seconds, 3),
+        "dagster/row_count": primary.valid_records,
+    }
+    for table, table_counts in list(counts.items())[1:]:
+        metadata[f"{table}.input_records"] = table_counts.input_records
+        metadata[f"{table}.valid_records"] = table_counts.valid_records
+        metadata[f"{table}.quarantined_records"] = table_counts.quarantined_records
+        metadata[f"{table}.error_rate"] = round(table_counts.error_rate, 6)
+        metadata[f"{table}.quarantined_by_rule"] = table_counts.by_rule
+    return metadata
+
+
+def _preview(con: duckdb.DuckDBPyConnection, source: Source, day: str, counts: dict[str, TableCounts],
+             limit: int) -> str:
+    parts = []
+    for table in source.tables:
+        result = con.execute(
+            f"SELECT * EXCLUDE (partition_date) FROM {TABLES[table].qualified} WHERE partition_date = ? "
+            f"ORDER BY line_no LIMIT {int(limit)}", [day])
+        parts.append(f"**raw.{table}** (first valid rows)\n\n"
+                     + markdown_table([d[0] for d in result.description], result.fetchall()))
+        rules = [(rule, n) for rule, n in counts[table].by_rule.items()]
+        if rules:
+            parts.append(f"**{table}: quarantined by rule**\n\n" + markdown_table(["rule", "records"], rules))
+    return "\n\n".join(parts)
+
+
+def _check_results(source: Source, counts: dict[str, TableCounts], max_error_rate: float) -> list[dg.AssetCheckResult]:
+    asset = f"raw_{source.name}"
+    unbalanced = [t for t, c in counts.items() if not c.reconciles]
+    too_many = {t: round(c.error_rate, 6) for t, c in counts.items() if c.error_rate > max_error_rate}
+    accounting = {t: {"input": c.input_records, "valid": c.valid_records, "quarantined": c.quarantined_records}
+                  for t, c in counts.items()}
+    return [
+        dg.AssetCheckResult(
+            asset_key=asset, check_name="record_accounting", passed=not unbalanced,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description="input = valid + quarantined for every table" if not unbalanced
+            else f"records lost or counted twice in {unbalanced}",
+            metadata={"accounting": accounting},
+        ),
+        dg.AssetCheckResult(
+            asset_key=asset, check_name="error_rate", passed=not too_many, severity=dg.AssetCheckSeverity.ERROR,
+            description=f"quarantined share above {max_error_rate:.1%} in {sorted(too_many)}" if too_many
+            else f"quarantined share within {max_error_rate:.1%}",
+            metadata={"error_rate": {t: round(c.error_rate, 6) for t, c in counts.items()},
+                      "max_error_rate": max_error_rate},
+        ),
+    ]
+
+
+def _alert_on_error_rate(alerts: Alerts, context: dg.AssetExecutionContext, source: Source, day: str, path: Path,
+                         counts: dict[str, TableCounts], max_error_rate: float) -> None:
+    """Called after the write transaction has closed: the alert opens its own connection."""
+    for table, table_counts in counts.items():
+        if table_counts.error_rate <= max_error_rate:
+            continue
+        alerts.send(
+            "ERROR", f"raw_{source.name}",
+            f"schema error rate {table_counts.error_rate:.1%} in {table} on {day}",
+            f"{table_counts.quarantined_records} of {table_counts.input_records} {table} records were quarantined "
+            f"(limit {max_error_rate:.1%}); see ops.schema_errors",
+            details={"partition_date": day, "table": table, "source_path": str(path),
+                     "error_rate": round(table_counts.error_rate, 6), "by_rule": table_counts.by_rule},
+            log=context.log,
+        )
+
+
+SOURCES = {
+    "products": Source("products", ("products",), stage_products),
+    "customers": Source("customers", ("customers", "customer_purchases"), stage_customers),
+    "transactions": Source("transactions", ("transactions",), stage_transactions),
+}
+
+
+def _check_specs(asset: str) -> list[dg.AssetCheckSpec]:
+    return [
+        dg.AssetCheckSpec("record_accounting", asset=asset, partitions_def=daily_partitions,
+                          description="Every input record of the partition is either valid or quarantined."),
+        dg.AssetCheckSpec("error_rate", asset=asset, partitions_def=daily_partitions,
+                          description="Quarantined / input stays within max_error_rate (default 5 %)."),
+    ]
+
+
+def _ingestion_asset(source_name: str, description: str, deps: list[str]) -> dg.AssetsDefinition:
+    asset_name = f"raw_{source_name}"
+
+    @dg.asset(
+        name=asset_name,
+        partitions_def=daily_partitions,
+        pool="duckdb",
+        deps=deps,
+        check_specs=_check_specs(asset_name),
+        kinds={"duckdb"},
+        group_name="ingestion",
+        description=description,
+    )
+    def _asset(context: dg.AssetExecutionContext, config: IngestionConfig, warehouse: DuckDBWarehouse,
+               landing: LandingZone, alerts: Alerts) -> dg.MaterializeResult:
+        return ingest(context, config, SOURCES[source_name], warehouse, landing, alerts)
+
+    return _asset
+
+
+raw_products = _ingestion_asset(
+    "products", "The day's product catalog rows -> raw.products (invalid rows -> ops.schema_errors).", [])
+raw_customers = _ingestion_asset(
+    "customers", "The day's customer records (JSON Lines) -> raw.customers and their purchase items -> "
+    "raw.customer_purchases; unknown products are checked against the catalog up to the day.", ["raw_products"])
+raw_transactions = _ingestion_asset(
+    "transactions", "The day's order lines (UCI Online Retail layout) -> raw.transactions.", [])
+
+defs = dg.Definitions(assets=[raw_products, raw_customers, raw_transactions])
+

@@ -1,0 +1,205 @@
+"""Alerts: every alert goes to the log and to `ops.alerts`, and to a webhook when one is set.
+
+The webhook is best effort: bounded retries with backoff, and a webhook that is down is recorded
+on the alert row (`webhook_status = 'failed'`), never raised into the pipeline. The webhook URL
+is a secret (chat webhooks embed their token): it comes from `dg.EnvVar` and never appears in a
+log line, an exception or the table. Details are redacted by key name and by secret env values.
+
+The resource opens its own short warehouse connection, so call it after closing yours.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import json
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from resources.warehouse import DuckDBWarehouse
+
+SEVERITIES = ("INFO", "WARN", "ERROR")
+MASK = "***"
+SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|credential|authorization|bearer|token|webhook_url)", re.I)
+SECRET_ENV = re.compile(r"(key|token|secret|password|passwd|credential|auth|webhook)", re.I)
+MAX_RETRY_AFTER_SECONDS = 30.0
+
+ALERTS_DDL = """
+CREATE TABLE IF NOT EXISTS ops.alerts (
+    alert_id VARCHAR,
+    raised_at TIMESTAMP,
+    severity VARCHAR,
+    source VARCHAR,
+    title VARCHAR,
+    message VARCHAR,
+    details JSON,
+    webhook_status VARCHAR,   -- not_configured | delivered | failed
+    webhook_attempts INTEGER,
+    webhook_error VARCHAR     -- why delivery failed (status or error class; never the URL)
+)"""
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    alert_id: str
+    raised_at: dt.datetime
+    severity: str
+    source: str
+    title: str
+    message: str
+    details: dict[str, Any]
+    webhook_status: str = "not_configured"
+    webhook_attempts: int = 0
+    webhook_error: str | None = None
+
+    def payload(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["raised_at"] = self.raised_at.isoformat()
+        for key in ("webhook_status", "webhook_attempts", "webhook_error"):
+            data.pop(key)
+        return data
+
+
+class Alerts(dg.ConfigurableResource):
+    """Raise alerts to the log, the `ops.alerts` table and an optional webhook."""
+
+    warehouse: DuckDBWarehouse
+    webhook_url: str | None = Field(default=None, description="POST target for alerts; set it with dg.EnvVar.")
+    webhook_timeout_seconds: float = Field(default=5.0, description="Timeout of one webhook request.")
+    webhook_attempts: int = Field(default=3, description="Tries per alert before it is recorded as undelivered.")
+    webhook_backoff_seconds: float = Field(default=0.5, description="First wait between tries; doubles each time.")
+
+    def send(self, severity: str | dg.AssetCheckSeverity, source: str, title: str, message: str,
+             details: dict[str, Any] | None = None, log: logging.Logger | None = None) -> AlertRecord:
+        """Raise one alert; returns what was recorded. Never raises because the webhook is down."""
+        alert = self.notify(severity, source, title, message, details, log)
+        self.record(alert)
+        return alert
+
+    def notify(self, severity: str | dg.AssetCheckSeverity, source: str, title: str, message: str,
+               details: dict[str, Any] | None = None, log: logging.Logger | None = None) -> AlertRecord:
+        """The log line and the webhook of `send`, without the table row (sensors record it apart)."""
+        alert = AlertRecord(
+            alert_id=str(uuid.uuid4()),
+            raised_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None),
+            severity=_severity(severity),
+            source=source,
+            title=redact_text(title),
+            message=redact_text(message),
+            details=redact(details or {}),
+        )
+        logger = log or dg.get_dagster_logger()
+        logger.log(_log_level(alert.severity), f"ALERT {alert.severity} [{source}] {alert.title}: {alert.message}")
+        if self.webhook_url:
+            alert = self._deliver(alert, logger)
+        return alert
+
+    def _deliver(self, alert: AlertRecord, logger: logging.Logger) -> AlertRecord:
+        body = json.dumps(alert.payload(), default=str).encode()
+        error, attempts = None, 0
+        for attempt in range(1, max(self.webhook_attempts, 1) + 1):
+            attempts = attempt
+            error, retry_after = self._post_once(body)
+            if error is None:
+                return _with_delivery(alert, "delivered", attempts, None)
+            if retry_after is None or attempt == self.webhook_attempts:
+                break
+            time.sleep(max(retry_after, self.webhook_backoff_seconds * 2 ** (attempt - 1)))
+        logger.warning(f"alert {alert.alert_id} not delivered to the webhook after {attempts} tries: {error}")
+        return _with_delivery(alert, "failed", attempts, error)
+
+    def _post_once(self, body: bytes) -> tuple[str | None, float | None]:
+        """(None, None) when delivered; else (why, seconds to wait or None when retrying is pointless)."""
+        request = urllib.request.Request(
+            self.webhook_url, data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.webhook_timeout_seconds) as response:
+                response.read()
+            return None, None
+        except urllib.error.HTTPError as failure:
+            retryable = failure.code == 429 or failure.code >= 500
+            return f"HTTP {failure.code}", _retry_after(failure.headers.get("Retry-After")) if retryable else None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as failure:
+            reason = getattr(failure, "reason", failure)
+            # The error class only: some messages quote the URL, and the URL is a secret.
+            return f"{type(failure).__name__}: {type(reason).__name__}", 0.0
+
+    def record(self, alert: AlertRecord, lock_timeout_seconds: float | None = None) -> None:
+        """Write the alert's row. A sensor passes a short lock timeout: rather than wait behind a
+        pipeline step it gets `WarehouseLockTimeout` and writes the row on a later tick."""
+        warehouse = self.warehouse
+        if lock_timeout_seconds is not None:
+            warehouse = warehouse.model_copy(update={"lock_timeout_seconds": lock_timeout_seconds})
+        with warehouse.transaction() as con:
+            con.execute("CREATE SCHEMA IF NOT EXISTS ops")
+            con.execute(ALERTS_DDL)
+            con.execute(
+                "INSERT INTO ops.alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [alert.alert_id, alert.raised_at, alert.severity, alert.source, alert.title, alert.message,
+                 json.dumps(alert.details, default=str), alert.webhook_status, alert.webhook_attempts,
+                 alert.webhook_error],
+            )
+
+
+def redact(value: Any) -> Any:
+    """A JSON-able copy with secrets masked: values under secret-looking keys, secret env values."""
+    if isinstance(value, dict):
+        return {str(k): MASK if SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return redact_text(value)
+    return value
+
+
+def redact_text(text: str) -> str:
+    for secret in sorted(_secret_env_values(), key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
+
+
+def _secret_env_values() -> list[str]:
+    return [v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 6]
+
+
+def _with_delivery(alert: AlertRecord, status: str, attempts: int, error: str | None) -> AlertRecord:
+    return AlertRecord(**{**asdict(alert), "webhook_status": status, "webhook_attempts": attempts,
+                          "webhook_error": error})
+
+
+def _retry_after(header: str | None) -> float:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date), bounded."""
+    if not header:
+        return 0.0
+    try:
+        seconds = float(header)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(header)
+        except (TypeError, ValueError):
+            return 0.0
+        seconds = (when - dt.datetime.now(when.tzinfo)).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+def _severity(severity: str | dg.AssetCheckSeverity) -> str:
+    value = severity.value if isinstance(severity, dg.AssetCheckSeverity) else str(severity).upper()
+    value = "WARN" if value == "WARNING" else value
+    if value not in SEVERITIES:
+        raise ValueError(f"unknown alert severity {severity!r}; expected one of {SEVERITIES}")
+    return value
+
+
+def _log_level(severity: str) -> int:
+    return {"INFO": logging.INFO, "WARN": logging.WARNING, "ERROR": logging.ERROR}[severity]

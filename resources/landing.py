@@ -1,0 +1,67 @@
+"""The landing zone: where each day's source files are, and whether they can be read.
+
+Paths come from a pattern per source, relative to `root` unless absolute, with `{date}` standing
+for the partition day (YYYY-MM-DD). So transactions can point at the Online Retail download
+(`/data/online-retail/by-day/{date}.csv`) while products and customers come from the generator.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+DEFAULT_LANDING_DIR = "data/landing"
+SOURCES = ("products", "customers", "transactions")
+
+
+class LandingFileError(Exception):
+    """A source file that cannot be ingested: says which file and why."""
+
+    def __init__(self, source: str, path: Path, cause: str):
+        super().__init__(f"{source} file {path}: {cause}")
+        self.source, self.path, self.cause = source, path, cause
+
+
+class LandingZone(dg.ConfigurableResource):
+    """Local folders of daily landing files, one pattern per source."""
+
+    root: str = Field(default=DEFAULT_LANDING_DIR, description="Folder the relative patterns start from.")
+    products_pattern: str = Field(default="products/{date}.csv", description="Product catalog CSV of a day.")
+    customers_pattern: str = Field(default="customers/{date}.jsonl", description="Customer JSON Lines of a day.")
+    transactions_pattern: str = Field(
+        default="transactions/{date}.csv", description="Order lines of a day, UCI Online Retail layout."
+    )
+
+    def path(self, source: str, partition_date: str | dt.date) -> Path:
+        """Where the source's file for the day should be (it may not exist)."""
+        if source not in SOURCES:
+            raise ValueError(f"unknown landing source {source!r}; expected one of {SOURCES}")
+        day = partition_date if isinstance(partition_date, str) else partition_date.isoformat()
+        pattern = getattr(self, f"{source}_pattern")
+        return Path(self.root) / pattern.format(date=day)
+
+    def require(self, source: str, partition_date: str | dt.date) -> Path:
+        """The path of a file that exists, is not empty and can be read; LandingFileError otherwise."""
+        path = self.path(source, partition_date)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise LandingFileError(source, path, "missing (no such file)") from None
+        except OSError as error:
+            raise LandingFileError(source, path, f"unreadable ({error.strerror or error})") from None
+        if not path.is_file():
+            raise LandingFileError(source, path, "not a regular file")
+        if size == 0:
+            raise LandingFileError(source, path, "empty (0 bytes)")
+        if not os.access(path, os.R_OK):
+            raise LandingFileError(source, path, "unreadable (permission denied)")
+        try:
+            with open(path, "rb") as handle:
+                handle.read(1)
+        except OSError as error:
+            raise LandingFileError(source, path, f"unreadable ({error.strerror or error})") from None
+        return path

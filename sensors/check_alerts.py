@@ -12,7 +12,7 @@ import dagster as dg
 
 from resources.alerts import Alerts
 from sensors.alert import Alert
-from sensors.delivery import AlertSensorState, deliver
+from sensors.delivery import run_alert_sensor
 from sensors.event_log import check_evaluations_after, is_skipped, plain_metadata, run_partition
 from sensors.settings import MonitoringSettings
 
@@ -79,6 +79,7 @@ def failed_check_alerts(instance: dg.DagsterInstance, after_storage_id: int, lim
 def asset_check_failure_alerts(
     context: dg.SensorEvaluationContext, monitoring: MonitoringSettings, alerts: Alerts
 ) -> dg.SensorResult:
-    state = AlertSensorState.from_cursor(context.cursor)
-    found, state.position = failed_check_alerts(context.instance, state.read_from(-1), monitoring.events_per_tick)
-    return deliver(context, alerts, found, state, monitoring)
+    def find(after: int) -> tuple[list[Alert], int]:
+        return failed_check_alerts(context.instance, after, monitoring.events_per_tick)
+
+    return run_alert_sensor(context, alerts, monitoring, find, start=-1)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -29,7 +30,8 @@ from sensors.alert import Alert
 from sensors.settings import MonitoringSettings
 
 MAX_REMEMBERED_KEYS = 2_000  # far more than one look-back window of late partitions
-MAX_OUTBOX = 1_000  # beyond this the oldest rows are dropped: they already reached the log and webhook
+MAX_UNSENT = 1_000  # alerts waiting to be notified; beyond this the sensor stops reading new events
+MAX_UNWRITTEN_ROWS = 1_000  # beyond this the oldest rows are dropped: they already reached the log and webhook
 
 
 def key_digest(dedup_key: str) -> str:
@@ -55,6 +57,9 @@ class AlertSensorState:
 
     def to_cursor(self) -> str:
         return json.dumps({"position": self.position, "raised": self.raised, "outbox": self.outbox})
+
+    def unsent(self) -> int:
+        return sum("alert" in item for item in self.outbox)
 
     def queue_new(self, alerts: list[Alert]) -> int:
         """Queue the alerts whose problem was not raised before; returns how many."""
@@ -122,21 +127,36 @@ def work_outbox(alerts: Alerts, state: AlertSensorState, settings: MonitoringSet
 
 
 def _bounded(outbox: list[dict[str, Any]], log) -> list[dict[str, Any]]:
-    if len(outbox) <= MAX_OUTBOX:
+    """Drop the oldest unwritten rows beyond the bound; alerts not yet notified are never dropped."""
+    excess = sum("row" in item for item in outbox) - MAX_UNWRITTEN_ROWS
+    if excess <= 0:
         return outbox
-    log.warning(f"dropping {len(outbox) - MAX_OUTBOX} alert rows never written (already logged and sent)")
-    return outbox[-MAX_OUTBOX:]
+    log.warning(f"dropping {excess} alert rows never written to ops.alerts (they were logged and sent)")
+    kept = []
+    for item in outbox:
+        if "row" in item and excess > 0:
+            excess -= 1
+            continue
+        kept.append(item)
+    return kept
 
 
-def deliver(
-    context: dg.SensorEvaluationContext,
-    alerts: Alerts,
-    found: list[Alert],
-    state: AlertSensorState,
-    settings: MonitoringSettings,
+# A sensor's reading step: from its last position, the problems found and the position reached.
+Finder = Callable[[Any], tuple[list[Alert], Any]]
+
+
+def run_alert_sensor(
+    context: dg.SensorEvaluationContext, alerts: Alerts, settings: MonitoringSettings, find: Finder, start: Any
 ) -> dg.SensorResult:
-    """Raise the new problems among `found`, finish earlier deliveries, and save it all in the cursor."""
-    state.queue_new(found)
+    """One tick: read what is new since the cursor, raise the new problems, finish earlier deliveries.
+
+    While too many alerts wait to be notified (a webhook so slow that ticks run out of time), new
+    events are left in the event log, where they wait safely, instead of growing the cursor.
+    """
+    state = AlertSensorState.from_cursor(context.cursor)
+    if state.unsent() < MAX_UNSENT:
+        found, state.position = find(state.read_from(start))
+        state.queue_new(found)
     notified, recorded = work_outbox(alerts, state, settings, context.log)
     summary = f"{notified} alert(s) raised, {recorded} row(s) recorded, {len(state.outbox)} waiting"
     return dg.SensorResult(cursor=state.to_cursor(), skip_reason=summary if notified == 0 else None)

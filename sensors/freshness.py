@@ -16,7 +16,7 @@ import dagster as dg
 from assets.partitions import daily_partitions
 from resources.alerts import Alerts
 from sensors.alert import ERROR, Alert
-from sensors.delivery import AlertSensorState, deliver
+from sensors.delivery import run_alert_sensor
 from sensors.settings import MonitoringSettings
 
 RULE = "partition_late"
@@ -83,9 +83,11 @@ def build_partition_freshness_sensor(clock: Clock = utc_now, name: str = "partit
     def partition_freshness(
         context: dg.SensorEvaluationContext, monitoring: MonitoringSettings, alerts: Alerts
     ) -> dg.SensorResult:
-        state = AlertSensorState.from_cursor(context.cursor)
-        found = late_partition_alerts(context.instance, monitoring, clock())
-        return deliver(context, alerts, found, state, monitoring)
+        # No position: every tick looks at the whole look-back window; the dedup keys remember.
+        def find(_: None) -> tuple[list[Alert], None]:
+            return late_partition_alerts(context.instance, monitoring, clock()), None
+
+        return run_alert_sensor(context, alerts, monitoring, find, start=None)
 
     return partition_freshness
 

@@ -17,7 +17,7 @@ import dagster as dg
 
 from resources.alerts import Alerts
 from sensors.alert import ERROR, WARN, Alert
-from sensors.delivery import AlertSensorState, deliver
+from sensors.delivery import run_alert_sensor
 from sensors.drift import psi, psi_of_categories
 from sensors.event_log import Materialization, materializations_after, previous_json, run_partition, trailing_values
 from sensors.settings import EVERY_ASSET, MonitoringSettings
@@ -222,6 +222,7 @@ def metric_alerts(
 def metric_anomaly_alerts(
     context: dg.SensorEvaluationContext, monitoring: MonitoringSettings, alerts: Alerts
 ) -> dg.SensorResult:
-    state = AlertSensorState.from_cursor(context.cursor)
-    found, state.position = metric_alerts(context.instance, monitoring, state.read_from({}))
-    return deliver(context, alerts, found, state, monitoring)
+    def find(positions: dict[str, int]) -> tuple[list[Alert], dict[str, int]]:
+        return metric_alerts(context.instance, monitoring, positions)
+
+    return run_alert_sensor(context, alerts, monitoring, find, start={})

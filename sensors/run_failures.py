@@ -14,7 +14,7 @@ import dagster as dg
 
 from resources.alerts import Alerts
 from sensors.alert import ERROR, Alert
-from sensors.delivery import AlertSensorState, deliver
+from sensors.delivery import run_alert_sensor
 from sensors.event_log import run_partition
 from sensors.settings import MonitoringSettings
 
@@ -94,6 +94,7 @@ def failed_run_alerts(instance: dg.DagsterInstance, after_storage_id: int, limit
 def run_failure_alerts(
     context: dg.SensorEvaluationContext, monitoring: MonitoringSettings, alerts: Alerts
 ) -> dg.SensorResult:
-    state = AlertSensorState.from_cursor(context.cursor)
-    found, state.position = failed_run_alerts(context.instance, state.read_from(-1), monitoring.events_per_tick)
-    return deliver(context, alerts, found, state, monitoring)
+    def find(after: int) -> tuple[list[Alert], int]:
+        return failed_run_alerts(context.instance, after, monitoring.events_per_tick)
+
+    return run_alert_sensor(context, alerts, monitoring, find, start=-1)

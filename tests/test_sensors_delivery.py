@@ -169,6 +169,18 @@ def test_a_webhook_that_is_down_does_not_lose_the_alert(instance, resources, web
     assert AlertSensorState.from_cursor(cursor).outbox == []
 
 
+def test_alerts_left_over_when_a_tick_runs_out_of_time_go_out_on_the_next(instance, resources, webhook):
+    for day in ("2024-05-01", "2024-05-02"):
+        dg.materialize([landed_batch], instance=instance, partition_key=day)
+    out_of_time = {**resources, "monitoring": MonitoringSettings(tick_budget_seconds=0)}
+    cursor = tick(asset_check_failure_alerts, instance, out_of_time, None)
+    assert webhook.received == [] and AlertSensorState.from_cursor(cursor).unsent() == 2
+
+    cursor = tick(asset_check_failure_alerts, instance, resources, cursor)
+    tick(asset_check_failure_alerts, instance, resources, cursor)
+    assert sorted(a["details"]["partition"] for a in webhook.received) == ["2024-05-01", "2024-05-02"]
+
+
 def test_sensor_definitions_load():
     names = {sensor.name for sensor in sensor_defs.sensors}
     assert names == {"asset_check_failure_alerts", "run_failure_alerts", "partition_freshness_alerts",

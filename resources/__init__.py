@@ -9,6 +9,7 @@ import dagster as dg
 
 from resources.alerts import Alerts
 from resources.landing import DEFAULT_LANDING_DIR, LandingZone
+from resources.model_clients import ChatModel, EmbeddingModel
 from resources.warehouse import DEFAULT_WAREHOUSE_PATH, DuckDBWarehouse
 
 
@@ -26,6 +27,8 @@ def build_resources() -> dict[str, object]:
         # An unset variable means no webhook (dg.EnvVar would fail the load on a missing variable).
         webhook_url=dg.EnvVar("ALERT_WEBHOOK_URL") if os.getenv("ALERT_WEBHOOK_URL") else None,
     )
+    resources["embedding_model"] = embedding_model()
+    resources["chat_model"] = chat_model()
     return resources
 
 
@@ -34,3 +37,44 @@ def landing_zone() -> LandingZone:
     patterns = {f"{source}_pattern": os.environ[f"LANDING_{source.upper()}_PATTERN"]
                 for source in ("products", "customers", "transactions") if os.getenv(f"LANDING_{source.upper()}_PATTERN")}
     return LandingZone(root=os.getenv("LANDING_DIR", DEFAULT_LANDING_DIR), **patterns)
+
+
+def _openai_endpoint() -> dict[str, object]:
+    """OPENAI_BASE_URL, OPENAI_API_KEY (as dg.EnvVar, only when set: keyless servers exist) and
+    AZURE_OPENAI_API_VERSION (set it to talk to Azure OpenAI; OPENAI_BASE_URL is the endpoint)."""
+    return {
+        "base_url": os.getenv("OPENAI_BASE_URL") or None,
+        "api_key": dg.EnvVar("OPENAI_API_KEY") if os.getenv("OPENAI_API_KEY") else None,
+        "azure_api_version": os.getenv("AZURE_OPENAI_API_VERSION") or None,
+        "max_concurrency": int(os.getenv("MODEL_MAX_CONCURRENCY", "8")),
+    }
+
+
+def embedding_model() -> EmbeddingModel:
+    """MODEL_PROVIDER=local (default: offline all-MiniLM-L6-v2, no key) or openai (any
+    OpenAI-compatible endpoint); EMBEDDING_MODEL, EMBEDDING_DIMENSIONS, EMBEDDING_BATCH_SIZE,
+    EMBEDDING_PRICE_PER_1K_TOKENS, AZURE_OPENAI_DEPLOYMENT."""
+    if os.getenv("MODEL_PROVIDER", "local") != "openai":
+        return EmbeddingModel(provider="local")
+    return EmbeddingModel(
+        provider="openai",
+        model=os.getenv("EMBEDDING_MODEL", "text-embedding-3-small"),
+        dimensions=int(os.getenv("EMBEDDING_DIMENSIONS", "1536")),
+        azure_deployment=os.getenv("AZURE_OPENAI_DEPLOYMENT") or None,
+        max_batch_size=int(os.getenv("EMBEDDING_BATCH_SIZE", "256")),
+        price_per_1k_tokens=float(os.getenv("EMBEDDING_PRICE_PER_1K_TOKENS", "0")),
+        **_openai_endpoint(),
+    )
+
+
+def chat_model() -> ChatModel:
+    """Disabled unless MODEL_PROVIDER=openai and CHAT_MODEL are set (AZURE_OPENAI_CHAT_DEPLOYMENT)."""
+    if os.getenv("MODEL_PROVIDER", "local") != "openai" or not os.getenv("CHAT_MODEL"):
+        return ChatModel(provider="none")
+    return ChatModel(
+        provider="openai",
+        model=os.environ["CHAT_MODEL"],
+        azure_deployment=os.getenv("AZURE_OPENAI_CHAT_DEPLOYMENT") or None,
+        price_per_1k_tokens=float(os.getenv("CHAT_PRICE_PER_1K_TOKENS", "0")),
+        **_openai_endpoint(),
+    )

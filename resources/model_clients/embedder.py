@@ -96,7 +96,6 @@ class EmbeddingSession:
         self.caller = caller
         self.model_id = model_id
         self.log = log or logging.getLogger(__name__)
-        self._load_seconds_reported = False
 
     @property
     def dimensions(self) -> int:
@@ -112,9 +111,7 @@ class EmbeddingSession:
 
     def new_metrics(self) -> CallMetrics:
         metrics = CallMetrics(self.client.provider, self.client.model, self.settings.price_per_1k_tokens)
-        if not self._load_seconds_reported:
-            metrics.model_load_seconds = self.client.load_seconds
-            self._load_seconds_reported = True
+        metrics.model_load_seconds = self.client.load_seconds  # paid once per step, reported on each report
         return metrics
 
     # -- the step's entry point ---------------------------------------------------------------
@@ -148,6 +145,8 @@ class EmbeddingSession:
     def iter_vector_batches(
         self, warehouse: DuckDBWarehouse, *, stage: str, partition_key: str | None = None, batch_rows: int | None = None
     ) -> Iterator[pa.RecordBatch]:
+        """Pages of (item_key, text_hash, vector), one short read connection per page; do not ask
+        for the next page while holding a warehouse connection (use to_arrow_reader for that)."""
         yield from store.iter_item_vectors(
             warehouse, stage, partition_key or "", self.dimensions, batch_rows or self.settings.read_batch_rows
         )
@@ -155,9 +154,11 @@ class EmbeddingSession:
     def to_arrow_reader(
         self, warehouse: DuckDBWarehouse, *, stage: str, partition_key: str | None = None, batch_rows: int | None = None
     ) -> pa.RecordBatchReader:
-        """(item_key, text_hash, vector) of the stage/partition's stored items, in pages."""
-        batches = self.iter_vector_batches(warehouse, stage=stage, partition_key=partition_key, batch_rows=batch_rows)
-        return pa.RecordBatchReader.from_batches(store.item_vector_schema(self.dimensions), batches)
+        """(item_key, text_hash, vector) of the stage/partition's stored items, ordered by item_key,
+        detached from the database (see store.spool_item_vectors): safe to register in DuckDB
+        inside your own warehouse transaction."""
+        rows = batch_rows or self.settings.read_batch_rows
+        return store.spool_item_vectors(warehouse, stage, partition_key or "", self.dimensions, rows)
 
     def iter_numpy(
         self, warehouse: DuckDBWarehouse, *, stage: str, partition_key: str | None = None, batch_rows: int | None = None
@@ -308,7 +309,7 @@ class _EmbedRun:
             to_send[key] = item.text
 
     def _submit(self, batch: list[Pair]) -> None:
-        while len(self.futures) >= 2 * self.session.concurrency:
+        while len(self.futures) >= 4 * self.session.concurrency:
             self._drain_some()
         assert self.submit is not None
         self.futures.add(self.submit(batch))

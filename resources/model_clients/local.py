@@ -43,6 +43,7 @@ class LocalSentenceTransformerClient(EmbeddingClient):
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         if model_path is None and model != DEFAULT_LOCAL_MODEL:
             raise ValueError(f"only {DEFAULT_LOCAL_MODEL} ships offline; give local_model_path for {model!r}")
         started = time.perf_counter()

@@ -56,7 +56,14 @@ class RetryPolicy:
 
 
 class AdaptiveThrottle:
-    """Gates requests: at most `limit` in flight, none during a pause, spaced when budget is low."""
+    """Gates requests: at most `limit` in flight, none during a pause, paced when budget is low.
+
+    Pacing is a small client-side token bucket refilled at the server's refill rate, learned from
+    `x-ratelimit-limit/remaining/reset-*`. It holds a couple of tokens so a thread that wakes a
+    little late (a busy CPU) does not lose its turn, which would pace below the server's rate.
+    """
+
+    PACER_BURST = 2.0
 
     def __init__(self, max_concurrency: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_concurrency = max(1, max_concurrency)
@@ -65,8 +72,10 @@ class AdaptiveThrottle:
         self.wait_seconds = 0.0
         self._clock = clock
         self._paused_until = 0.0
-        self._interval = 0.0  # seconds between request starts while pacing, 0 = no pacing
-        self._next_start = 0.0
+        self._pace_rate: float | None = None  # requests/s while the server's budget is low
+        self._allowance = self.PACER_BURST
+        self._allowance_at = clock()
+        self._seen_budget_headers = False
         self._last_decrease = -1e9
         self._tokens_per_request = 0.0
         self._cond = threading.Condition()
@@ -92,13 +101,15 @@ class AdaptiveThrottle:
     def on_rate_limited(self, retry_after: float | None, rate_limit: RateLimitInfo | None) -> None:
         with self._cond:
             now = self._clock()
-            # One decrease per burst of 429s: the requests already in flight all see the same limit.
+            self._learn(rate_limit)
+            # One decrease per burst of 429s (the requests in flight all hit the same wall). When
+            # the server publishes its budget the pacer does the real work: decrease gently.
             if now - self._last_decrease > max(0.05, retry_after or 0.0):
-                self.limit = max(1.0, self.limit / 2.0)
+                factor = 0.8 if self._seen_budget_headers else 0.5
+                self.limit = max(1.0, self.limit * factor)
                 self._last_decrease = now
             if retry_after:
                 self._paused_until = max(self._paused_until, now + retry_after)
-            self._learn(rate_limit)
             self._cond.notify_all()
 
     def _acquire(self) -> None:
@@ -106,37 +117,59 @@ class AdaptiveThrottle:
             waited_from = None
             while True:
                 now = self._clock()
-                ready_at = max(self._paused_until, self._next_start)
-                if self.in_flight < int(self.limit) and now >= ready_at:
+                wait = self._wait_needed(now)
+                if wait <= 0:
                     break
                 waited_from = waited_from if waited_from is not None else now
-                self._cond.wait(timeout=min(1.0, ready_at - now) if now < ready_at else 1.0)
+                self._cond.wait(timeout=min(1.0, wait))
             if waited_from is not None:
                 self.wait_seconds += now - waited_from
             self.in_flight += 1
-            self._next_start = max(now, self._next_start) + self._interval
+            if self._pace_rate:
+                self._allowance -= 1.0
+
+    def _wait_needed(self, now: float) -> float:
+        """Seconds until a request may start (0: now); 1 s when only a release can help."""
+        if now < self._paused_until:
+            return self._paused_until - now
+        if self.in_flight >= int(self.limit):
+            return 1.0
+        if not self._pace_rate:
+            return 0.0
+        self._allowance = min(self.PACER_BURST, self._allowance + (now - self._allowance_at) * self._pace_rate)
+        self._allowance_at = now
+        return 0.0 if self._allowance >= 1.0 else (1.0 - self._allowance) / self._pace_rate
 
     def _learn(self, info: RateLimitInfo | None) -> None:
         """Pace at the server's refill rate once its remaining budget is within reach of what
         we have in flight; stop pacing when the budget is comfortable again."""
         if info is None:
             return
-        intervals = [
-            _pacing_interval(info.limit_requests, info.remaining_requests, info.reset_requests_s, 1.0, self.in_flight),
-            _pacing_interval(
+        self._seen_budget_headers = True
+        rates = [
+            _pacing_rate(info.limit_requests, info.remaining_requests, info.reset_requests_s, 1.0, self.in_flight),
+            _pacing_rate(
                 info.limit_tokens, info.remaining_tokens, info.reset_tokens_s, self._tokens_per_request, self.in_flight
             ),
         ]
-        self._interval = max(intervals)
+        paced = [rate for rate in rates if rate is not None]
+        if not paced:
+            self._pace_rate = None
+            self._allowance = self.PACER_BURST
+        else:
+            if self._pace_rate is None:
+                self._allowance_at = self._clock()
+            self._pace_rate = min(paced)
 
 
-def _pacing_interval(limit: int | None, remaining: int | None, reset_s: float | None, cost: float, in_flight: int) -> float:
+def _pacing_rate(limit: int | None, remaining: int | None, reset_s: float | None, cost: float, in_flight: int) -> float | None:
+    """Requests/s the budget sustains, or None when there is no need to pace."""
     if limit is None or remaining is None or not reset_s or cost <= 0:
-        return 0.0
+        return None
     if remaining > cost * max(in_flight, 1) * 2:
-        return 0.0
+        return None
     refill_per_s = max(limit - remaining, 1) / reset_s  # a token bucket refills to full in reset_s
-    return cost / refill_per_s
+    return refill_per_s / cost
 
 
 class CircuitBreaker:

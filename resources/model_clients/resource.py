@@ -149,11 +149,9 @@ class EmbeddingModel(_RemoteModelResource):
     def to_arrow_reader(
         self, warehouse: DuckDBWarehouse, *, stage: str, partition_key: str | None = None, batch_rows: int | None = None
     ) -> pa.RecordBatchReader:
-        """Read stored vectors back without loading the model (see EmbeddingSession.to_arrow_reader)."""
-        batches = store.iter_item_vectors(
-            warehouse, stage, partition_key or "", self.dimensions, batch_rows or self.read_batch_rows
-        )
-        return pa.RecordBatchReader.from_batches(store.item_vector_schema(self.dimensions), batches)
+        """Stored vectors without loading the model (see EmbeddingSession.to_arrow_reader)."""
+        rows = batch_rows or self.read_batch_rows
+        return store.spool_item_vectors(warehouse, stage, partition_key or "", self.dimensions, rows)
 
 
 class ChatModel(_RemoteModelResource):

@@ -11,6 +11,8 @@ while a model is called. Data always travels as parameters or registered Arrow t
 from __future__ import annotations
 
 import datetime as dt
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -221,23 +223,26 @@ def count_open_dead_letters(warehouse: DuckDBWarehouse, stage: str, partition_ke
         )
 
 
+ITEM_VECTORS_SQL = """
+    SELECT m.item_key, m.text_hash, c.vector
+    FROM ops.embedding_items m
+    JOIN ops.embedding_cache c USING (model, dimensions, text_hash)
+    WHERE m.stage = $stage AND m.partition_key = $partition_key AND m.item_key > $after
+    ORDER BY m.item_key
+"""
+
+
 def iter_item_vectors(
     warehouse: DuckDBWarehouse, stage: str, partition_key: str, dimensions: int, batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
     """(item_key, text_hash, vector) of the stage/partition's stored items, ordered by item_key,
-    one short connection per page: the consumer may do anything between batches."""
+    one short connection per page: the consumer may do anything between batches, except hold a
+    warehouse connection of its own while asking for the next one."""
     after = ""
     while True:
         with warehouse.connect(read_only=True) as con:
             page = con.sql(
-                """
-                SELECT m.item_key, m.text_hash, c.vector
-                FROM ops.embedding_items m
-                JOIN ops.embedding_cache c USING (model, dimensions, text_hash)
-                WHERE m.stage = $stage AND m.partition_key = $partition_key AND m.item_key > $after
-                ORDER BY m.item_key
-                LIMIT $limit
-                """,
+                f"{ITEM_VECTORS_SQL} LIMIT $limit",
                 params={"stage": stage, "partition_key": partition_key, "after": after, "limit": batch_rows},
             ).to_arrow_table()
         if page.num_rows == 0:
@@ -246,6 +251,28 @@ def iter_item_vectors(
         if page.num_rows < batch_rows:
             return
         after = page.column("item_key")[-1].as_py()
+
+
+def spool_item_vectors(
+    warehouse: DuckDBWarehouse, stage: str, partition_key: str, dimensions: int, batch_rows: int
+) -> pa.RecordBatchReader:
+    """The same rows as a reader detached from the database: one read streams them into an
+    Arrow file beside the warehouse (memory stays at one batch), the file is unlinked at once
+    (nothing is left behind, even on a crash) and read back through a memory map. So the reader
+    can be registered in DuckDB inside the caller's own warehouse transaction."""
+    schema = item_vector_schema(dimensions)
+    fd, path = tempfile.mkstemp(dir=warehouse.file.parent, prefix=".vectors-", suffix=".arrow")
+    os.close(fd)
+    try:
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            with warehouse.connect(read_only=True) as con:
+                params = {"stage": stage, "partition_key": partition_key, "after": ""}
+                for batch in con.sql(ITEM_VECTORS_SQL, params=params).to_arrow_reader(batch_rows):
+                    if batch.num_rows:
+                        writer.write_batch(_with_fixed_vectors(pa.Table.from_batches([batch]), dimensions))
+        return pa.ipc.open_stream(pa.memory_map(path))
+    finally:
+        os.unlink(path)  # the open mapping keeps the bytes readable until the reader is dropped
 
 
 def iter_vectors_for_hashes(
@@ -285,6 +312,6 @@ def _with_fixed_vectors(table: pa.Table, dimensions: int) -> pa.RecordBatch:
     """Vectors as fixed-size float32 lists, so `.flatten()` reshapes straight into numpy."""
     column = table.column(VECTOR_FIELD).combine_chunks()
     fixed = pa.FixedSizeListArray.from_arrays(column.flatten().cast(pa.float32()), dimensions)
-    arrays = [table.column(name).combine_chunks() for name in table.column_names if name != VECTOR_FIELD]
+    arrays = [table.column(name).combine_chunks().cast(pa.string()) for name in table.column_names if name != VECTOR_FIELD]
     names = [name for name in table.column_names if name != VECTOR_FIELD]
     return pa.RecordBatch.from_arrays([*arrays, fixed], names=[*names, VECTOR_FIELD])

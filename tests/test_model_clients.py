@@ -1,0 +1,458 @@
+"""Model clients against a real HTTP server on 127.0.0.1 and real DuckDB files in tmp dirs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from resources.model_clients import METRIC_KEYS, ChatModel, EmbeddingModel, ModelCallError
+from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
+from tests.fake_openai_server import (
+    BAD_REQUEST,
+    DROP,
+    DUPLICATE_INDEX,
+    ECHO_AUTH,
+    HANG,
+    MALFORMED_JSON,
+    NAN,
+    RATE_LIMIT,
+    SERVER_ERROR,
+    SHORT,
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    WRONG_DIMS,
+    WRONG_ORDER,
+    FakeOpenAIServer,
+    expected_vector,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DIMS = 32
+API_KEY = "sk-test-key-0123456789"
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer(default_dimensions=DIMS, retry_after_s=0.02, hang_seconds=2.0) as fake:
+        yield fake
+
+
+def remote_model(server: FakeOpenAIServer, **overrides) -> EmbeddingModel:
+    knobs = dict(
+        provider="openai",
+        model="fake-embed",
+        dimensions=DIMS,
+        base_url=server.base_url,
+        api_key=API_KEY,
+        max_batch_size=8,
+        max_concurrency=4,
+        max_attempts=8,
+        request_timeout_seconds=1.0,
+        backoff_base_seconds=0.01,
+        backoff_cap_seconds=0.05,
+        breaker_failure_threshold=50,
+        breaker_cooldown_seconds=0.5,
+        write_chunk_rows=32,
+        lookup_chunk_size=64,
+    )
+    knobs.update(overrides)
+    return EmbeddingModel(**knobs)
+
+
+def catalog(count: int, prefix: str = "item") -> list[tuple[str, str]]:
+    return [(f"{prefix}-{i:05d}", f"{prefix} text number {i}") for i in range(count)]
+
+
+def stored_vectors(model: EmbeddingModel, warehouse: DuckDBWarehouse, stage: str, partition_key: str | None = None):
+    vectors = {}
+    for batch in model.to_arrow_reader(warehouse, stage=stage, partition_key=partition_key, batch_rows=50):
+        keys = batch.column("item_key").to_pylist()
+        matrix = batch.column("vector").flatten().to_numpy().reshape(len(keys), model.dimensions)
+        vectors.update(zip(keys, matrix))
+    return vectors
+
+
+def assert_all_stored(model, warehouse, stage, items, partition_key=None):
+    vectors = stored_vectors(model, warehouse, stage, partition_key)
+    assert set(vectors) == {key for key, _ in items}
+    for key, text in items:
+        np.testing.assert_allclose(vectors[key], expected_vector(text, model.dimensions), atol=1e-6)
+
+
+def dead_letters(warehouse: DuckDBWarehouse, stage: str) -> dict[str, dict]:
+    with warehouse.connect(read_only=True) as con:
+        rows = fetch_all(
+            con,
+            """SELECT item_key, reason_class, error_message, attempts, payload_hash, first_seen, last_seen, resolved_at
+               FROM ops.dead_letter WHERE stage = ? ORDER BY item_key""",
+            [stage],
+        )
+    names = ["item_key", "reason_class", "error_message", "attempts", "payload_hash", "first_seen", "last_seen", "resolved_at"]
+    return {row[0]: dict(zip(names, row)) for row in rows}
+
+
+# -- retries and faults ---------------------------------------------------------------------------
+
+
+def test_transient_faults_on_a_fifth_of_requests_lose_nothing(server, warehouse):
+    server.transient_rate = 0.2
+    server.transient_faults = (RATE_LIMIT, SERVER_ERROR, UNAVAILABLE, DROP, MALFORMED_JSON, SHORT, WRONG_DIMS, DUPLICATE_INDEX, HANG)
+    model = remote_model(server, request_timeout_seconds=0.3)
+    items = catalog(480)
+    with model.open() as embedder:
+        report = embedder.embed_items(warehouse, items, stage="transient", partition_key="2024-01-01")
+
+    assert report.dlq_count == 0
+    assert_all_stored(model, warehouse, "transient", items, "2024-01-01")
+    faults = sum(n for fault, n in server.stats.faults.items() if fault != "ok")
+    assert faults >= 6
+    metrics = report.as_dict()
+    assert metrics["retries"] == faults  # each failed request was retried exactly once
+    assert metrics["requests"] == server.stats.requests == 60 + faults
+    assert metrics["items_embedded"] == 480 and metrics["cache_hits"] == 0
+    assert set(METRIC_KEYS) <= set(report.to_metadata())
+    assert metrics["latency_ms_p50"] <= metrics["latency_ms_p95"] <= metrics["latency_ms_p99"]
+
+
+def test_answers_in_another_order_are_put_back_by_index(server, warehouse):
+    server.script(WRONG_ORDER, WRONG_ORDER)
+    model = remote_model(server, max_concurrency=1)
+    items = catalog(16)
+    with model.open() as embedder:
+        report = embedder.embed_items(warehouse, items, stage="order")
+    assert report.as_dict()["retries"] == 0
+    assert_all_stored(model, warehouse, "order", items)
+
+
+def test_permanent_faults_are_dead_lettered_by_reason_and_the_rest_is_stored(server, warehouse):
+    server.poison = {"SRV": UNAVAILABLE, "RATE": RATE_LIMIT, "HANG": HANG, "AUTH": UNAUTHORIZED}
+    model = remote_model(server, max_batch_size=1, max_attempts=3, request_timeout_seconds=0.2)
+    good = catalog(20)
+    bad = [("srv", "SRV down"), ("rate", "RATE limited"), ("hang", "HANG forever"), ("auth", "AUTH refused"), ("empty", "  ")]
+    with model.open() as embedder:
+        report = embedder.embed_items(warehouse, good + bad, stage="permanent")
+
+    letters = dead_letters(warehouse, "permanent")
+    reasons = {key: (row["reason_class"], row["attempts"]) for key, row in letters.items()}
+    assert reasons == {
+        "srv": ("server_error", 3),
+        "rate": ("rate_limited", 3),
+        "hang": ("timeout", 3),
+        "auth": ("client_error", 1),  # 401 is never retried
+        "empty": ("client_error", 0),  # never sent
+    }
+    assert report.dlq_count == 5 and report.dead_letters_open == 5
+    assert report.as_dict()["dlq_by_reason"] == {"client_error": 2, "rate_limited": 1, "server_error": 1, "timeout": 1}
+    assert_all_stored(model, warehouse, "permanent", good)
+
+
+def test_bad_inputs_are_isolated_and_dead_letters_update_then_resolve(server, warehouse):
+    server.poison = {"BADINPUT": BAD_REQUEST, "NANVEC": NAN}
+    model = remote_model(server, max_attempts=2)
+    good = catalog(30)
+    items = good[:10] + [("bad", "BADINPUT here")] + good[10:20] + [("nan", "NANVEC here")] + good[20:]
+
+    with model.open() as embedder:
+        first = embedder.embed_items(warehouse, items, stage="isolate")
+    letters = dead_letters(warehouse, "isolate")
+    assert {k: r["reason_class"] for k, r in letters.items()} == {"bad": "client_error", "nan": "invalid_output"}
+    assert "NaN" in letters["nan"]["error_message"] and first.dlq_count == 2
+    assert_all_stored(model, warehouse, "isolate", good)  # their batch mates were kept
+
+    server.reset_stats()
+    with model.open() as embedder:
+        embedder.embed_items(warehouse, items, stage="isolate")
+    again = dead_letters(warehouse, "isolate")
+    assert set(again) == {"bad", "nan"}  # updated, not duplicated
+    assert again["nan"]["attempts"] == 2 * letters["nan"]["attempts"]
+    assert again["bad"]["attempts"] == 2 * letters["bad"]["attempts"]
+    assert again["nan"]["last_seen"] > again["nan"]["first_seen"] == letters["nan"]["first_seen"]
+    assert all(server.stats.per_text[text] == 0 for _, text in good)  # cached: not paid twice
+
+    server.poison = {}
+    with model.open() as embedder:
+        fixed = embedder.embed_items(warehouse, items, stage="isolate")
+    resolved = dead_letters(warehouse, "isolate")
+    assert all(row["resolved_at"] is not None for row in resolved.values())
+    assert fixed.dead_letters_resolved == 2 and fixed.dead_letters_open == 0 and fixed.dlq_count == 0
+    assert_all_stored(model, warehouse, "isolate", items)
+
+
+def test_vectors_of_the_wrong_length_are_never_stored(server, warehouse):
+    server.fail_all = WRONG_DIMS
+    model = remote_model(server, max_attempts=2)
+    with model.open() as embedder:
+        report = embedder.embed_items(warehouse, catalog(12), stage="dims")
+    assert report.as_dict()["dlq_by_reason"] == {"invalid_output": 12}
+    assert "length 33 (expected 32)" in next(iter(dead_letters(warehouse, "dims").values()))["error_message"]
+    with warehouse.connect(read_only=True) as con:
+        assert fetch_scalar(con, "SELECT count(*) FROM ops.embedding_cache") == 0
+
+
+def test_a_server_without_base64_gets_floats(server, warehouse):
+    server.reject_base64 = True
+    model = remote_model(server)
+    items = catalog(24)
+    with model.open() as embedder:
+        report = embedder.embed_items(warehouse, items, stage="floats")
+        assert embedder.client.encoding_format == "float"
+    assert report.dlq_count == 0
+    assert_all_stored(model, warehouse, "floats", items)
+
+
+@pytest.mark.parametrize("headers, retry_after, expected_wait", [("seconds", 0.3, 1.0), ("ms", 0.3, 0.3)])
+def test_retry_after_is_waited(server, warehouse, headers, retry_after, expected_wait):
+    server.retry_after_headers = headers
+    server.retry_after_s = retry_after
+    server.script(RATE_LIMIT)
+    model = remote_model(server, max_concurrency=1, backoff_base_seconds=0.0)
+    with model.open() as embedder:
+        report = embedder.embed_items(warehouse, catalog(4), stage="retry_after")
+    first, second = server.stats.arrivals[:2]
+    assert expected_wait <= second - first < expected_wait + 0.6
+    assert report.as_dict()["retries_by_cause"] == {"rate_limited": 1}
+
+
+def test_the_concurrency_bound_is_never_exceeded(server, warehouse):
+    server.latency_s = 0.03
+    model = remote_model(server, max_concurrency=3)
+    with model.open() as embedder:
+        embedder.embed_items(warehouse, catalog(320), stage="bound")
+    assert server.stats.max_in_flight == 3  # reached, never passed
+    assert server.stats.requests == 40
+
+
+def test_the_breaker_opens_fails_fast_and_closes_after_the_cooldown(server, warehouse):
+    server.fail_all = UNAVAILABLE
+    model = remote_model(
+        server, max_batch_size=1, max_concurrency=1, max_attempts=2, breaker_failure_threshold=3, breaker_cooldown_seconds=0.6
+    )
+    items = catalog(20)
+    with model.open() as embedder:
+        started = time.monotonic()
+        down = embedder.embed_items(warehouse, items, stage="breaker")
+        assert time.monotonic() - started < 0.5  # the rest was dead-lettered fast
+        assert server.stats.requests == 3  # no hammering once open
+        assert down.as_dict()["dlq_by_reason"] == {"circuit_open": 19, "server_error": 1}
+        assert down.metrics.breaker_opens == 1
+        letters = dead_letters(warehouse, "breaker")
+        assert "circuit open after 3 consecutive failures" in letters["item-00019"]["error_message"]
+
+        server.fail_all = None
+        server.reset_stats()
+        still_open = embedder.embed_items(warehouse, items, stage="breaker")
+        assert server.stats.requests == 0 and still_open.dlq_count == 20
+
+        time.sleep(0.6)
+        healed = embedder.embed_items(warehouse, items, stage="breaker")
+        assert healed.dlq_count == 0 and healed.dead_letters_resolved == 20 and healed.dead_letters_open == 0
+        assert embedder.caller.breaker.state == "closed"
+    assert_all_stored(model, warehouse, "breaker", items)
+
+
+# -- crash and resume -------------------------------------------------------------------------------
+
+CHILD = """
+import sys
+from resources.model_clients import EmbeddingModel
+from resources.warehouse import DuckDBWarehouse
+db, url, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = EmbeddingModel(provider="openai", model="fake-embed", dimensions=32, base_url=url, api_key="k",
+                       max_batch_size=5, max_concurrency=2, write_chunk_rows=10, lookup_chunk_size=50)
+items = [(f"item-{i:05d}", f"item text number {i}") for i in range(count)]
+with model.open() as embedder:
+    embedder.embed_items(DuckDBWarehouse(path=db), items, stage="resume", partition_key="2024-01-01")
+print("finished", flush=True)
+"""
+
+
+def test_a_run_killed_mid_way_resumes_without_paying_twice(server, warehouse):
+    server.latency_s = 0.04
+    count = 400
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(warehouse.file), server.base_url, str(count)], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while server.stats.requests < 30 and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(10)
+    assert child.returncode == -signal.SIGKILL
+
+    with warehouse.connect(read_only=True) as con:
+        cached_before = {row[0] for row in fetch_all(con, "SELECT text_hash FROM ops.embedding_cache")}
+    assert 0 < len(cached_before) < count
+
+    server.reset_stats()
+    model = remote_model(server, max_batch_size=5, max_concurrency=2, api_key="k")
+    items = catalog(count)
+    with model.open() as embedder:
+        report = embedder.embed_items(warehouse, items, stage="resume", partition_key="2024-01-01")
+        hashes = {text: embedder.text_hash(text) for _, text in items}
+    repeats = [text for text, h in hashes.items() if h in cached_before and server.stats.per_text[text] > 0]
+    assert repeats == []  # nothing already cached was requested again
+    assert report.metrics.cache_hits == len(cached_before)
+    assert report.metrics.items_embedded == count - len(cached_before)
+    with warehouse.connect(read_only=True) as con:
+        duplicates = fetch_scalar(
+            con, "SELECT count(*) FROM (SELECT text_hash FROM ops.embedding_cache GROUP BY ALL HAVING count(*) > 1)"
+        )
+        assert duplicates == 0
+        assert fetch_scalar(con, "SELECT count(*) FROM ops.embedding_cache") == count
+        assert fetch_scalar(con, "SELECT count(DISTINCT item_key) = count(*) FROM ops.embedding_items")
+    assert_all_stored(model, warehouse, "resume", items, "2024-01-01")
+
+
+# -- secrets ----------------------------------------------------------------------------------------
+
+
+def test_the_api_key_never_reaches_logs_metadata_database_or_exceptions(server, warehouse, monkeypatch, caplog):
+    secret = f"sk-proj-{uuid.uuid4().hex}"
+    monkeypatch.setenv("FAKE_OPENAI_API_KEY", secret)
+    server.poison = {"LEAK": ECHO_AUTH}  # a server that repeats the Authorization header back
+    caplog.set_level(logging.DEBUG)
+
+    @dg.asset
+    def leaky_embeddings(context, embedding_model: EmbeddingModel, warehouse: DuckDBWarehouse):
+        with embedding_model.open(context) as embedder:
+            report = embedder.embed_items(warehouse, [("a", "hello"), ("b", "LEAK this")], stage="leak")
+        return dg.MaterializeResult(metadata=report.to_metadata())
+
+    @dg.asset
+    def failing_embeddings(context, embedding_model: EmbeddingModel):
+        with embedding_model.open(context) as embedder:
+            embedder.embed_texts(["LEAK again"])
+
+    model = remote_model(server, api_key=dg.EnvVar("FAKE_OPENAI_API_KEY"))
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {"embedding_model": model, "warehouse": warehouse}
+    ok = dg.materialize([leaky_embeddings], resources=resources, instance=instance)
+    failed = dg.materialize([failing_embeddings], resources=resources, instance=instance, raise_on_error=False)
+    assert ok.success and not failed.success
+    assert f"Bearer {secret}" in server.stats.authorization_headers  # the key was really used
+
+    with pytest.raises(ModelCallError) as raised:
+        with remote_model(server, api_key=secret).open() as embedder:
+            embedder.embed_texts(["LEAK directly"])
+
+    seen = [caplog.text, str(raised.value), repr(raised.value), "".join(traceback.format_exception(raised.value))]
+    for run in (ok, failed):
+        seen += [str(record) for record in instance.all_logs(run.run_id)]
+        seen.append(str(instance.get_run_by_id(run.run_id)))
+    seen.append(str(ok.asset_materializations_for_node("leaky_embeddings")))
+    with warehouse.connect(read_only=True) as con:
+        tables = fetch_all(con, "SELECT table_schema, table_name FROM information_schema.tables")
+        for schema, table in tables:
+            seen.append(str(fetch_all(con, f'SELECT * FROM "{schema}"."{table}"')))
+    assert "Incorrect API key provided" in "".join(seen)  # the leaky message did travel ...
+    assert all(secret not in text for text in seen)  # ... without the key
+
+
+# -- reading back, scale, chat ------------------------------------------------------------------------
+
+
+def test_twenty_thousand_items_stream_through_and_read_back_in_pages(server, warehouse):
+    model = remote_model(server, max_batch_size=256, max_concurrency=4, write_chunk_rows=2048, lookup_chunk_size=4096)
+    count = 20_000
+    items = ((f"p{i:06d}", f"product {i % 15_000} description") for i in range(count))  # a generator, 5k repeats
+    with model.open() as embedder:
+        report = embedder.embed_items(warehouse, items, stage="scale")
+        pages = list(embedder.iter_numpy(warehouse, stage="scale", batch_rows=3_000))
+    assert report.metrics.items == count and report.metrics.items_embedded == 15_000
+    # Repeats are free: in flight they are deduplicated, once flushed they are cache hits.
+    assert report.metrics.deduplicated + report.metrics.cache_hits == 5_000 and report.dlq_count == 0
+    assert server.stats.requests == -(-15_000 // 256)
+    keys = [key for page_keys, _ in pages for key in page_keys]
+    assert len(keys) == count and keys == sorted(keys) and max(len(k) for k, _ in pages) <= 3_000
+    sample = {key: matrix[0] for page_keys, matrix in pages for key in page_keys[:1]}
+    for key, vector in sample.items():
+        np.testing.assert_allclose(vector, expected_vector(f"product {int(key[1:]) % 15_000} description", DIMS), atol=1e-6)
+
+
+def test_the_reader_can_be_registered_inside_the_callers_own_transaction(server, warehouse):
+    model = remote_model(server)
+    items = catalog(120)
+    with model.open() as embedder:
+        embedder.embed_items(warehouse, items, stage="copy", partition_key="2024-01-02")
+        reader = embedder.to_arrow_reader(warehouse, stage="copy", partition_key="2024-01-02", batch_rows=25)
+    with warehouse.transaction() as con:  # the reader needs no connection of its own
+        con.register("vectors", reader)
+        con.execute("CREATE SCHEMA IF NOT EXISTS ml")
+        con.execute("CREATE TABLE ml.copied AS SELECT item_key, vector FROM vectors")
+        con.unregister("vectors")
+    with warehouse.connect(read_only=True) as con:
+        assert fetch_scalar(con, "SELECT count(*) FROM ml.copied") == 120
+        assert fetch_scalar(con, "SELECT typeof(vector) FROM ml.copied LIMIT 1") == f"FLOAT[{DIMS}]"
+    assert not list(warehouse.file.parent.glob(".vectors-*"))  # the spool file is gone
+
+
+def chat_model(server: FakeOpenAIServer, **overrides) -> ChatModel:
+    knobs = dict(
+        provider="openai",
+        model="fake-chat",
+        base_url=server.base_url,
+        api_key=API_KEY,
+        max_attempts=3,
+        backoff_base_seconds=0.01,
+        backoff_cap_seconds=0.02,
+        request_timeout_seconds=1.0,
+    )
+    knobs.update(overrides)
+    return ChatModel(**knobs)
+
+
+def test_chat_returns_parsed_json_and_dead_letters_malformed_replies(server, warehouse):
+    server.script(MALFORMED_JSON)
+    with chat_model(server).open() as chat:
+        assert chat.complete_json([{"role": "user", "content": "describe a red shirt"}]) == {
+            "summary": "describe a red shirt",
+            "length": 20,
+        }
+        server.poison = {"GARBLED": MALFORMED_JSON}
+        items = [("ok", [{"role": "user", "content": "fine"}]), ("bad", [{"role": "user", "content": "GARBLED"}])]
+        report = chat.complete_items(warehouse, items, stage="chat")
+    assert report.results == {"ok": {"summary": "fine", "length": 4}}
+    assert report.metrics.as_dict()["dlq_by_reason"] == {"invalid_output": 1} and report.dlq_count == 1
+    letters = dead_letters(warehouse, "chat")
+    assert letters["bad"]["reason_class"] == "invalid_output" and letters["bad"]["attempts"] == 3
+
+
+def test_chat_is_disabled_by_default():
+    assert not ChatModel().enabled
+    with pytest.raises(dg.Failure, match="disabled"):
+        with ChatModel().open():
+            pass
+
+
+def test_build_resources_runs_offline_by_default_and_reads_openai_settings_from_the_env(monkeypatch):
+    from resources import build_resources
+
+    for name in ("MODEL_PROVIDER", "OPENAI_API_KEY", "OPENAI_BASE_URL", "CHAT_MODEL", "EMBEDDING_DIMENSIONS"):
+        monkeypatch.delenv(name, raising=False)
+    offline = build_resources()
+    assert offline["embedding_model"].provider == "local" and offline["embedding_model"].api_key is None
+    assert not offline["chat_model"].enabled
+
+    monkeypatch.setenv("MODEL_PROVIDER", "openai")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-the-environment")
+    monkeypatch.setenv("EMBEDDING_DIMENSIONS", "256")
+    monkeypatch.setenv("CHAT_MODEL", "gpt-4o-mini")
+    remote = build_resources()
+    embedding = remote["embedding_model"]
+    assert (embedding.provider, embedding.dimensions, embedding.base_url) == ("openai", 256, "http://127.0.0.1:9/v1")
+    assert isinstance(embedding.api_key, dg.EnvVar) and embedding.api_key.env_var_name == "OPENAI_API_KEY"
+    assert remote["chat_model"].enabled

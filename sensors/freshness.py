@@ -32,7 +32,8 @@ def due_partitions(
     partitions_def: dg.TimeWindowPartitionsDefinition, now: dt.datetime, lag: dt.timedelta, lookback: dt.timedelta
 ) -> dict[str, dt.datetime]:
     """Partition keys whose deadline (window end + lag) has passed within the look-back, with that deadline."""
-    window = dg.TimeWindow(now - lag - lookback, now - lag)
+    # One day wider than needed: the query returns only whole windows, the deadline test decides.
+    window = dg.TimeWindow(now - lag - lookback - dt.timedelta(days=1), now - lag)
     due = {}
     for key in partitions_def.get_partition_keys_in_time_window(window):
         deadline = partitions_def.time_window_for_partition_key(key).end + lag

@@ -111,7 +111,7 @@ def test_late_partition_alerts_once_per_asset_and_day(instance, resources, webho
     now = {"value": dt.datetime(2024, 5, 3, 12, tzinfo=dt.timezone.utc)}
     sensor = build_partition_freshness_sensor(clock=lambda: now["value"], name="freshness_under_test")
     resources["monitoring"] = MonitoringSettings(
-        freshness_assets=["raw_products"], freshness_lag_hours=6, freshness_lookback_days=3
+        freshness_assets=["raw_products"], freshness_lag_hours=6, freshness_lookback_days=2
     )
 
     cursor = tick(sensor, instance, resources, None)

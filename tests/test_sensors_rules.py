@@ -131,9 +131,10 @@ def test_late_partitions_alert_per_asset_and_day_after_the_lag(instance):
     for day in ("2024-03-01", "2024-03-02", "2024-03-04"):
         emit(instance, "raw_products", {"dagster/row_count": 100}, partition=day)
     settings = MonitoringSettings(
-        freshness_assets=["raw_products", "raw_customers"], freshness_lag_hours=6, freshness_lookback_days=5
+        freshness_assets=["raw_products", "raw_customers"], freshness_lag_hours=6, freshness_lookback_days=4
     )
-    # 2024-03-05 ended at midnight; 05:00 is inside its 6 h lag, so only earlier days can be late.
+    # 2024-03-05 ended at midnight; 05:00 is inside its 6 h lag, so only earlier days can be late;
+    # the 4-day look-back starts at 2024-03-02 05:00, the deadline of 2024-03-01 (06:00) is after it.
     now = dt.datetime(2024, 3, 6, 5, tzinfo=dt.timezone.utc)
 
     late = {(a.asset, a.partition) for a in late_partition_alerts(instance, settings, now)}

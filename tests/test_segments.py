@@ -1,0 +1,361 @@
+"""Customer segments: k choice, stable ids, empty segments, profiles, names."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import scipy.sparse as sp
+
+from recsys.segments import (
+    CustomerSample,
+    SegmentingConfig,
+    SegmentModel,
+    SegmentProfile,
+    SegmentProfiler,
+    drop_empty_segments,
+    fallback_names,
+    fit_segments,
+    id_priorities,
+    match_segment_ids,
+    naming_messages,
+    parse_segment_names,
+)
+
+DIMS = 48
+CONFIG = SegmentingConfig(k_min=3, k_max=9, silhouette_sample=1500)
+
+
+def unit(matrix: np.ndarray) -> np.ndarray:
+    return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+
+def planted_centers(k: int, seed: int) -> np.ndarray:
+    return unit(np.random.default_rng(seed).standard_normal((k, DIMS)))
+
+
+def planted_customers(centers: np.ndarray, n: int, seed: int, first_id: int = 0):
+    """Customers scattered around the centers: (ids, unit vectors float32, true cluster)."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, len(centers), n)
+    vectors = unit(centers[truth] + 0.1 * rng.standard_normal((n, DIMS))).astype(np.float32)
+    ids = [f"c{first_id + i:07d}" for i in range(n)]
+    return ids, vectors, truth
+
+
+def fit(ids, vectors, previous=None, config=CONFIG, sample_size=3000):
+    sample = CustomerSample(sample_size, seed=0)
+    for start in range(0, len(ids), 1000):
+        sample.add(pa.array(ids[start : start + 1000]), vectors[start : start + 1000])
+    return fit_segments(sample.vectors, previous, config)
+
+
+def perturbed(ids, vectors, seed: int, fraction: float = 0.02):
+    """2 % of customers gone, 2 % new ones, every vector moved by 2 % of its length."""
+    rng = np.random.default_rng(seed)
+    keep = rng.random(len(ids)) >= fraction
+    noise = unit(rng.standard_normal(vectors.shape)) * fraction
+    moved = unit(vectors + noise).astype(np.float32)
+    return [i for i, k in zip(ids, keep) if k], moved[keep]
+
+
+def same_id_share(ids_a, labels_a, ids_b, labels_b) -> float:
+    before = dict(zip(ids_a, labels_a.tolist()))
+    common = [(before[i], label) for i, label in zip(ids_b, labels_b.tolist()) if i in before]
+    return sum(a == b for a, b in common) / len(common)
+
+
+def majority(labels: np.ndarray) -> int:
+    values, counts = np.unique(labels, return_counts=True)
+    return int(values[np.argmax(counts)])
+
+
+def test_k_by_silhouette_finds_the_planted_segments():
+    ids, vectors, truth = planted_customers(planted_centers(6, seed=1), 6000, seed=2)
+    result = fit(ids, vectors)
+    assert result.model.k == 6
+    assert sorted(result.silhouette_by_k) == list(range(3, 10))
+    assert max(result.silhouette_by_k, key=result.silhouette_by_k.get) == 6
+    labels = result.model.assign(vectors)
+    purity = sum((labels[truth == c] == majority(labels[truth == c])).mean() for c in range(6)) / 6
+    assert purity > 0.98
+    # Without a previous model, ids are 0..k-1 by decreasing size.
+    sizes = np.bincount(labels)
+    assert result.model.segment_ids.tolist() == list(range(6))
+    assert (np.diff(sizes) <= len(ids) * 0.02).all()
+
+
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_ids_survive_a_two_percent_perturbation(warm_start):
+    ids, vectors, _ = planted_customers(planted_centers(7, seed=3), 6000, seed=4)
+    first = fit(ids, vectors)
+    labels_first = first.model.assign(vectors)
+    new_ids, new_vectors, _ = planted_customers(planted_centers(7, seed=3), 120, seed=5, first_id=10**6)
+    kept_ids, kept_vectors = perturbed(ids, vectors, seed=6)
+    ids_second, vectors_second = kept_ids + new_ids, np.concatenate([kept_vectors, new_vectors])
+    # Another k-means seed: without the warm start, only the Hungarian matching keeps the ids.
+    config = SegmentingConfig(**{**CONFIG.__dict__, "warm_start": warm_start, "seed": 11})
+    second = fit(ids_second, vectors_second, previous=first.model, config=config)
+    assert second.kept_ids == first.model.segment_ids.tolist()
+    assert second.new_ids == [] and second.retired_ids == []
+    assert same_id_share(ids, labels_first, ids_second, second.model.assign(vectors_second)) >= 0.95
+
+
+def test_ids_survive_a_two_percent_perturbation_of_pooled_purchases():
+    """The harder case: pooled vectors of synthetic purchases, clusters that touch."""
+    from bench.segments import AS_OF, iter_synthetic_purchases, synthetic_catalog
+    from recsys.customer_vectors import iter_customer_vectors
+
+    catalog = synthetic_catalog(n_products=3000, n_archetypes=8, seed=7)
+    table = pa.Table.from_batches(list(iter_synthetic_purchases(catalog, 8000, 10, seed=8)))
+    rng = np.random.default_rng(9)
+    # 2 % of the purchase lines gone, every amount within +-2 %.
+    changed = table.filter(pa.array(rng.random(table.num_rows) >= 0.02))
+    changed = changed.set_column(2, "amount", pa.array(changed.column("amount").to_numpy() * rng.uniform(0.98, 1.02, changed.num_rows)))
+    runs = []
+    previous = None
+    for purchases in (table, changed):
+        chunks = list(iter_customer_vectors(purchases.to_batches(50_000), catalog.products, as_of=AS_OF))
+        ids = [i for c in chunks for i in c.customer_ids.to_pylist()]
+        vectors = np.concatenate([c.vectors for c in chunks])
+        result = fit(ids, vectors, previous=previous, config=SegmentingConfig(silhouette_sample=2000), sample_size=5000)
+        runs.append((ids, result.model.assign(vectors)))
+        previous = result.model
+    assert same_id_share(*runs[0], *runs[1]) >= 0.95
+
+
+def test_a_new_cluster_gets_a_fresh_id_and_the_others_keep_theirs():
+    centers = planted_centers(6, seed=12)
+    ids, vectors, _ = planted_customers(centers[:5], 5000, seed=13)
+    first = fit(ids, vectors)
+    assert first.model.k == 5
+    newcomers, newcomer_vectors, _ = planted_customers(centers[5:], 900, seed=14, first_id=10**6)
+    ids_second, vectors_second = ids + newcomers, np.concatenate([vectors, newcomer_vectors])
+    second = fit(ids_second, vectors_second, previous=first.model)
+    assert second.model.k == 6
+    assert second.new_ids == [5] and second.retired_ids == []
+    labels = second.model.assign(vectors_second)
+    assert same_id_share(ids, first.model.assign(vectors), ids_second, labels) >= 0.95
+    assert (labels[len(ids):] == 5).mean() >= 0.95
+
+
+def test_a_vanished_cluster_retires_its_id():
+    ids, vectors, truth = planted_customers(planted_centers(6, seed=15), 6000, seed=16)
+    first = fit(ids, vectors)
+    labels_first = first.model.assign(vectors)
+    gone = majority(labels_first[truth == 2])
+    stay = truth != 2
+    ids_second, vectors_second = [i for i, s in zip(ids, stay) if s], vectors[stay]
+    second = fit(ids_second, vectors_second, previous=first.model)
+    assert second.model.k == 5
+    assert second.retired_ids == [gone] and second.new_ids == []
+    assert gone not in second.model.segment_ids.tolist()
+    assert same_id_share(ids, labels_first, ids_second, second.model.assign(vectors_second)) >= 0.95
+
+
+def test_a_segment_nobody_joins_is_dropped_and_reported():
+    ids, vectors, _ = planted_customers(planted_centers(4, seed=17), 3000, seed=18)
+    fitted = fit(ids, vectors).model
+    away = -unit(vectors.mean(axis=0, keepdims=True))
+    model = SegmentModel(np.append(fitted.segment_ids, 9), np.concatenate([fitted.centroids, away]).astype(np.float32))
+
+    profiler = SegmentProfiler(model.segment_ids, pa.array(["p"]))
+    n = len(vectors)
+    profiler.add_arrays(model.assign(vectors), np.ones(n), np.ones(n), np.ones(n))
+    assert profiler.sizes[9] == 0
+    kept, dropped = drop_empty_segments(model, profiler.sizes)
+    assert dropped == [9] and kept.segment_ids.tolist() == fitted.segment_ids.tolist()
+    assert 9 not in [p.segment_id for p in profiler.profiles()]
+
+    # In the fit: a previous centroid that no sampled customer is near is dropped too, not reseeded.
+    config = SegmentingConfig(**{**CONFIG.__dict__, "k_min": 5, "k_max": 5, "warm_start_slack": 1.0})
+    refit = fit(ids, vectors, previous=model, config=config)
+    assert refit.init == "previous centroids"
+    assert refit.dropped_empty == 1 and refit.retired_ids == [9]
+    assert refit.model.segment_ids.tolist() == fitted.segment_ids.tolist()
+
+
+def test_fitting_is_deterministic():
+    ids, vectors, _ = planted_customers(planted_centers(5, seed=19), 4000, seed=20)
+    first, second = fit(ids, vectors), fit(ids, vectors)
+    np.testing.assert_array_equal(first.model.centroids, second.model.centroids)
+    np.testing.assert_array_equal(first.model.segment_ids, second.model.segment_ids)
+    assert first.summary() == second.summary()
+
+
+def test_the_sample_depends_neither_on_chunking_nor_on_order():
+    ids, vectors, _ = planted_customers(planted_centers(3, seed=21), 5000, seed=22)
+    forward = CustomerSample(700, seed=3)
+    for start in range(0, len(ids), 100):
+        forward.add(pa.array(ids[start : start + 100]), vectors[start : start + 100])
+    backward = CustomerSample(700, seed=3)
+    for stop in range(len(ids), 0, -333):
+        start = max(stop - 333, 0)
+        backward.add(pa.array(ids[start:stop]), vectors[start:stop])
+    assert len(forward) == 700
+    assert forward.customer_ids.to_pylist() == backward.customer_ids.to_pylist()
+    np.testing.assert_array_equal(forward.vectors, backward.vectors)
+    other_seed = CustomerSample(700, seed=4)
+    other_seed.add(pa.array(ids), vectors)
+    assert set(other_seed.customer_ids.to_pylist()) != set(forward.customer_ids.to_pylist())
+
+
+def reference_priority(text: str, seed: int) -> int:
+    """FNV-1a 64 then splitmix64, in plain Python."""
+    mask = 2**64 - 1
+
+    def splitmix(z: int) -> int:
+        z = (z + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    h = 0xCBF29CE484222325
+    for byte in text.encode("utf-8"):
+        h = ((h ^ byte) * 0x100000001B3) & mask
+    return splitmix(h ^ splitmix(seed))
+
+
+def test_id_priorities_match_a_plain_python_reference():
+    texts = ["", "17850", "c0000001", "Zoë-Ø-客户", "x" * 70]
+    array = pa.array(texts).slice(0)
+    for seed in (0, 42):
+        assert id_priorities(array, seed).tolist() == [reference_priority(t, seed) for t in texts]
+    assert id_priorities(pa.array(texts[1:3]), 0).tolist() == id_priorities(array, 0)[1:3].tolist()
+    assert id_priorities(array.slice(1, 2), 0).tolist() == id_priorities(array, 0)[1:3].tolist()
+
+
+def test_hungarian_matching_follows_the_centroids_not_their_order():
+    rng = np.random.default_rng(23)
+    old = planted_centers(4, seed=24)
+    previous = SegmentModel(np.array([3, 7, 11, 12]), old.astype(np.float32))
+    nudged = unit(old + 0.05 * rng.standard_normal(old.shape))
+    brand_new = planted_centers(1, seed=25)
+    centroids = np.concatenate([nudged[[2, 0, 1]], brand_new])        # 12 has no successor
+    ids, kept, new, retired = match_segment_ids(centroids, np.array([5, 4, 3, 9]), previous, max_match_distance=0.3)
+    assert ids.tolist() == [11, 3, 7, 13]
+    assert kept == [3, 7, 11] and new == [13] and retired == [12]
+
+
+def profiler_with_two_segments() -> tuple[SegmentProfiler, dict]:
+    products = pa.array(["p0", "p1", "p2", "p3"])
+    category_of = {"p0": "Home", "p1": "Home", "p2": "Garden"}     # p3: uncategorized
+    labels = np.array([1, 1, 1, 4, 4, 4, 4])
+    recency = np.array([2, 10, 4, 100, 90, 120, 80])
+    frequency = np.array([5, 7, 6, 1, 1, 2, 1])
+    monetary = np.array([500.0, 900.0, 700.0, 20.0, 30.0, 25.0, 35.0])
+    spend = sp.csr_matrix(np.array([
+        [300, 0, 0, 0], [500, 100, 0, 0], [400, 0, 0, 10],
+        [0, 0, 20, 0], [0, 0, 30, 0], [5, 0, 20, 0], [0, 0, 35, 0],
+    ], dtype=float))
+    profiler = SegmentProfiler([4, 1], products)
+    data = dict(labels=labels, recency=recency, frequency=frequency, monetary=monetary, spend=spend)
+    return profiler, data | {"category_of": category_of}
+
+
+def test_profiles_from_chunks_by_hand():
+    profiler, d = profiler_with_two_segments()
+    profiler.add_arrays(d["labels"], d["recency"], d["frequency"], d["monetary"], d["spend"])
+    home, garden = profiler.profiles(d["category_of"])
+    assert (home.segment_id, home.size, garden.segment_id, garden.size) == (1, 3, 4, 4)
+    assert home.share == pytest.approx(3 / 7)
+    assert (home.recency_days_mean, home.recency_days_median) == (pytest.approx(16 / 3), 4)
+    assert (garden.recency_days_median, garden.frequency_median) == (95, 1)
+    assert home.monetary_median == pytest.approx(700, rel=5e-4)
+    assert garden.monetary_median == pytest.approx(27.5, rel=5e-4)
+    assert garden.monetary_mean == pytest.approx(27.5)
+    assert home.top_products == (("p0", 3), ("p1", 1), ("p3", 1))
+    assert [c for c, _ in home.top_categories] == ["Home", "uncategorized"]
+    assert home.top_categories[0][1] == pytest.approx(1300 / 1310)
+    assert garden.top_categories == (("Garden", pytest.approx(105 / 110)), ("Home", pytest.approx(5 / 110)))
+    # Everyone's medians: recency 80 days, frequency 2 days, monetary 35.
+    assert home.name == "Home loyalists · high value"
+    assert garden.name == "Garden regulars · mid value"   # 95 days < 2 x 80; 27.5 > 35 / 1.5
+
+
+def test_profiles_are_the_same_whatever_the_chunking():
+    whole, d = profiler_with_two_segments()
+    whole.add_arrays(d["labels"], d["recency"], d["frequency"], d["monetary"], d["spend"])
+    parts, _ = profiler_with_two_segments()
+    for rows in (slice(0, 2), slice(2, 5), slice(5, 7)):
+        parts.add_arrays(d["labels"][rows], d["recency"][rows], d["frequency"][rows], d["monetary"][rows], d["spend"][rows])
+    assert whole.profiles(d["category_of"]) == parts.profiles(d["category_of"])
+
+
+def profile(**values) -> SegmentProfile:
+    base = dict(segment_id=0, size=10, share=0.5, recency_days_mean=20, recency_days_median=20,
+                frequency_mean=3, frequency_median=3, monetary_mean=100, monetary_median=100,
+                top_products=(), top_categories=(("Toys", 0.5), ("Garden", 0.3), ("Home", 0.04)), name="")
+    return SegmentProfile(**(base | values))
+
+
+@pytest.mark.parametrize(
+    "values, name",
+    [
+        ({}, "Garden regulars · mid value"),                         # Garden: 0.3 vs 0.1 overall, highest lift
+        ({"recency_days_median": 61}, "Garden lapsed · mid value"),
+        ({"recency_days_median": 59}, "Garden regulars · mid value"),
+        ({"frequency_median": 4.5}, "Garden loyalists · mid value"),
+        ({"frequency_median": 1, "recency_days_median": 10}, "Garden newcomers · mid value"),
+        ({"monetary_median": 150}, "Garden regulars · high value"),
+        ({"monetary_median": 66}, "Garden regulars · low value"),
+        ({"top_categories": (("uncategorized", 0.9),)}, "Segment 0 regulars · mid value"),
+    ],
+)
+def test_fallback_name_rules(values, name):
+    medians = {"recency_days": 30, "frequency": 3, "monetary": 100}
+    shares = {"Toys": 0.5, "Garden": 0.1, "Home": 0.01}     # Home: lift 4 but under 5 % of spend
+    assert fallback_names([profile(**values)], medians, shares) == {0: name}
+
+
+def test_fallback_names_are_unique_even_when_profiles_look_alike():
+    profiler = SegmentProfiler([0, 1], pa.array(["p"]))
+    profiler.add_arrays(np.array([0, 1]), np.array([5, 5]), np.array([2, 2]), np.array([10.0, 10.0]),
+                        sp.csr_matrix(np.array([[1.0], [1.0]])))
+    names = [p.name for p in profiler.profiles({"p": "Toys"})]
+    assert names == ["Toys regulars · mid value #0", "Toys regulars · mid value #1"]
+
+
+def test_profiler_refuses_labels_it_does_not_know():
+    profiler = SegmentProfiler([0, 2], pa.array(["p"]))
+    with pytest.raises(ValueError, match="segment labels"):
+        profiler.add_arrays(np.array([1]), np.array([1]), np.array([1]), np.array([1.0]))
+
+
+def test_naming_prompt_carries_every_segment():
+    profiler, d = profiler_with_two_segments()
+    profiler.add_arrays(d["labels"], d["recency"], d["frequency"], d["monetary"], d["spend"])
+    messages = naming_messages(profiler.profiles(d["category_of"]), {"p0": "Velvet cushion"})
+    assert [m["role"] for m in messages] == ["system", "user"]
+    facts = json.loads(messages[1]["content"].split("\n")[1])
+    assert [f["segment_id"] for f in facts] == ["1", "4"]
+    assert facts[0]["top_products"][0] == "Velvet cushion"
+
+
+def test_a_well_formed_answer_gives_the_names():
+    answer = '```json\n{"1": "Cosy home  lovers", "4": "Weekend gardeners"}\n```'
+    assert parse_segment_names(answer, [1, 4]) == {1: "Cosy home lovers", 4: "Weekend gardeners"}
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        None,
+        "",
+        "Here are the names: Cosy home lovers, Weekend gardeners",
+        '{"1": "Cosy home lovers"}',                                    # an id missing
+        '{"1": "Cosy home lovers", "4": "Gardeners", "5": "Extra"}',   # an id too many
+        '{"1": "Cosy home lovers", "04": "Gardeners"}',
+        '{"1": "Cosy home lovers", "4": ""}',
+        '{"1": "Cosy home lovers", "4": 7}',
+        '{"1": "Cosy home lovers", "4": "' + "x" * 41 + '"}',
+        '{"1": "Same", "4": "same"}',
+        '{"1": "Cosy\\u0007home", "4": "Gardeners"}',
+        '[["1", "Cosy"], ["4", "Gardeners"]]',
+        '{"segments": {"1": "Cosy", "4": "Gardeners"}}',
+    ],
+)
+def test_a_malformed_answer_gives_none(answer):
+    assert parse_segment_names(answer, [1, 4]) is None

@@ -199,11 +199,18 @@ def materialization_alerts(instance: dg.DagsterInstance, m: Materialization, set
 def metric_alerts(
     instance: dg.DagsterInstance, settings: MonitoringSettings, positions: dict[str, int]
 ) -> tuple[list[Alert], dict[str, int]]:
-    """Alerts for the materializations after each asset's cursor, and the advanced cursors."""
-    alerts, positions = [], dict(positions)
+    """Alerts for the materializations after each asset's cursor, and the advanced cursors.
+
+    At most `events_per_tick` materializations in all (each costs history queries); assets not
+    reached keep their cursor for the next tick.
+    """
+    alerts, positions, budget = [], dict(positions), settings.events_per_tick
     for asset in watched_assets(instance, settings):
+        if budget <= 0:
+            break
         judged_runs = set()
-        for m in materializations_after(instance, asset, positions.get(asset, -1), settings.events_per_tick):
+        for m in materializations_after(instance, asset, positions.get(asset, -1), budget):
+            budget -= 1
             positions[asset] = m.storage_id
             if m.skipped or m.run_id in judged_runs:
                 continue

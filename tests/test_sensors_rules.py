@@ -269,3 +269,14 @@ def test_a_range_run_is_judged_once(instance):
     )
     (alert,) = new_alerts(instance, MonitoringSettings(), {})
     assert alert.partition == "2024-03-01...2024-03-03"
+
+
+def test_a_backlog_larger_than_a_tick_is_judged_over_several_ticks_once(instance):
+    settings = MonitoringSettings(events_per_tick=2)
+    for rate in (0.3, 0.4, 0.5):
+        emit(instance, "validated_recommendations", {"rejection_rate": rate})
+    emit(instance, "raw_products", {"error_rate": 0.2}, partition="2024-03-01")
+    positions: dict[str, int] = {}
+    found = [new_alerts(instance, settings, positions) for _ in range(3)]
+    assert [len(tick) for tick in found] == [2, 2, 0]  # two materializations judged a tick
+    assert sorted(a.rule for tick in found for a in tick) == ["rejection_rate"] * 3 + ["schema_error_rate"]

@@ -86,12 +86,17 @@ def dlq_growth(instance: dg.DagsterInstance, m: Materialization, s: MonitoringSe
     )
 
 
+# The model clients' own metrics spell the percentiles `latency_ms_p95`; either spelling is read.
+LATENCY_KEYS = {"latency_p95_ms": ("latency_p95_ms", "latency_ms_p95"), "latency_p99_ms": ("latency_p99_ms", "latency_ms_p99")}
+
+
 def model_latency(instance: dg.DagsterInstance, m: Materialization, s: MonitoringSettings) -> Finding | None:
     limits = {"latency_p95_ms": s.max_latency_p95_ms, "latency_p99_ms": s.max_latency_p99_ms}
-    over = {key: m.number(key) for key, limit in limits.items() if (m.number(key) or 0) > limit}
+    values = {name: next((v for k in LATENCY_KEYS[name] if (v := m.number(k)) is not None), None) for name in limits}
+    over = {name: value for name, value in values.items() if value is not None and value > limits[name]}
     if not over:
         return None
-    text = ", ".join(f"{key} {value:,.0f} > {limits[key]:,.0f}" for key, value in over.items())
+    text = ", ".join(f"{name} {value:,.0f} > {limits[name]:,.0f}" for name, value in over.items())
     return Finding(f"model latency over threshold: {text}", {**over, "thresholds": limits})
 
 

@@ -2,6 +2,7 @@
 
     python -m bench.model_clients [--latency 0.05] [--rate-limit 200] [--batch-size 32]
                                   [--concurrency 16] [--seconds 8] [--fault-rate 0.1]
+                                  [--local] [--skip-remote]
 
 The server runs in its own process (so it does not share our GIL) with a per-request latency and
 a token-bucket rate limit. Compared, with the same batch size:
@@ -14,6 +15,9 @@ a token-bucket rate limit. Compared, with the same batch size:
 Both run clean and with `--fault-rate` transient faults (429, 500, 503, dropped connections,
 malformed JSON, short answers). Loss is checked in DuckDB: every item must have its vector, and
 sampled vectors must equal the server's deterministic ones.
+
+`--local` also measures the offline model (all-MiniLM-L6-v2, torch CPU): import + load time,
+and texts/s for short (~8 token) and medium (~60 token) texts.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ def server_stats(base_url: str, reset: bool = False) -> dict:
 
 
 def product_texts(count: int, offset: int) -> list[tuple[str, str]]:
-    return [(f"p{offset + i}", f"product {offset + i}: a cotton shirt in size {i % 7}, colour {i % 13}") for i in range(count)]
+    numbers = range(offset, offset + count)
+    return [(f"p{n}", f"product {n}: a cotton shirt in size {n % 7}, colour {n % 13}") for n in numbers]
 
 
 def seed_loop(base_url: str, items: list[tuple[str, str]], batch_size: int, model: str) -> dict:
@@ -158,12 +163,49 @@ def run_scenario(name: str, fault_rate: float, args: argparse.Namespace, workdir
     }
 
 
+SHORT_TEXTS = ["red cotton t-shirt", "stainless steel knife", "vintage glass tumbler", "wool winter scarf"]
+MEDIUM_TEXT = (
+    "Product {i}: a hand-finished ceramic coffee mug with a speckled glaze, holds 350 ml, dishwasher "
+    "and microwave safe, sold as a set of two in a recycled cardboard gift box, ideal for cafes and "
+    "kitchens, shipped from our warehouse within two working days"
+)
+
+
+def bench_local(args: argparse.Namespace) -> dict:
+    """Load time and texts/s of the offline model (one process, torch's own threads)."""
+    started = time.perf_counter()
+    from resources.model_clients.local import LocalSentenceTransformerClient
+
+    client = LocalSentenceTransformerClient(encode_batch_size=args.local_encode_batch)
+    load_seconds = time.perf_counter() - started
+    tokenizer = client._model.tokenizer
+    figures: dict = {"import_and_load_seconds": round(load_seconds, 2), "encode_batch_size": args.local_encode_batch}
+    kinds = {"short": lambda i: f"{SHORT_TEXTS[i % 4]} number {i}", "medium": lambda i: MEDIUM_TEXT.format(i=i)}
+    for name, make in kinds.items():
+        texts = [make(i) for i in range(args.local_texts)]
+        tokens = np.mean([len(tokenizer(t)["input_ids"]) for t in texts[:50]])
+        client.embed(texts[:64])  # warm-up
+        t0 = time.perf_counter()
+        for start in range(0, len(texts), 256):
+            client.embed(texts[start : start + 256])
+        seconds = time.perf_counter() - t0
+        figures[name] = {
+            "texts": len(texts),
+            "tokens_per_text": round(float(tokens), 1),
+            "texts_per_second": round(len(texts) / seconds, 1),
+        }
+    return figures
+
+
 def print_table(results: list[dict], args: argparse.Namespace) -> None:
     print(
         f"\nfake server: {args.latency * 1000:.0f} ms latency, rate limit {args.rate_limit:.0f} req/s "
         f"(burst {args.burst:.0f}), batch {args.batch_size}, our concurrency {args.concurrency}\n"
     )
-    header = f"{'scenario':<10} {'seed items/s':>12} {'seed lost':>9} {'ours items/s':>12} {'ours lost':>9} {'speedup':>8} {'% of limit':>10} {'retries':>8} {'429s':>5}"
+    header = (
+        f"{'scenario':<10} {'seed items/s':>12} {'seed lost':>9} {'ours items/s':>12} {'ours lost':>9} "
+        f"{'speedup':>8} {'% of limit':>10} {'retries':>8} {'429s':>5}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
@@ -190,15 +232,28 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="our run's length at the rate limit")
     parser.add_argument("--seed-batches", type=int, default=60, help="batches for the (slow) seed loop")
     parser.add_argument("--fault-rate", type=float, default=0.1)
+    parser.add_argument("--local", action="store_true", help="also measure the offline local model")
+    parser.add_argument("--local-texts", type=int, default=1024)
+    parser.add_argument("--local-encode-batch", type=int, default=32)
+    parser.add_argument("--skip-remote", action="store_true")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench_model_clients_") as tmp:
-        workdir = Path(tmp)
-        results = [
-            run_scenario("clean", 0.0, args, workdir),
-            run_scenario("faults", args.fault_rate, args, workdir),
-        ]
-    print_table(results, args)
-    print("\n" + json.dumps({"settings": vars(args), "results": results}, indent=1, default=float))
+    output: dict = {"settings": vars(args), "load_average": os.getloadavg()}
+    if not args.skip_remote:
+        with tempfile.TemporaryDirectory(prefix="bench_model_clients_") as tmp:
+            workdir = Path(tmp)
+            output["results"] = [
+                run_scenario("clean", 0.0, args, workdir),
+                run_scenario("faults", args.fault_rate, args, workdir),
+            ]
+        print_table(output["results"], args)
+    if args.local:
+        output["local_model"] = local = bench_local(args)
+        print(
+            f"\nlocal all-MiniLM-L6-v2 (torch CPU): import+load {local['import_and_load_seconds']} s, "
+            f"short ({local['short']['tokens_per_text']} tokens) {local['short']['texts_per_second']} texts/s, "
+            f"medium ({local['medium']['tokens_per_text']} tokens) {local['medium']['texts_per_second']} texts/s"
+        )
+    print("\n" + json.dumps(output, indent=1, default=float))
 
 
 if __name__ == "__main__":

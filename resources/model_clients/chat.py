@@ -96,19 +96,21 @@ class ChatSession:
         metrics = self.new_metrics()
         report = ChatReport(stage, partition, metrics)
         store.ensure_tables(warehouse)
+        model_id = f"{self.client.provider}:{self.client.model}"
         with ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="chat") as executor:
             for chunk in chunked(items, chunk_size):
                 metrics.items += len(chunk)
-                outcomes = executor.map(lambda item: self._one(item, validate, metrics), chunk)
-                letters = []
-                for key, data, letter in outcomes:
+                answered, letters = [], []
+                for key, data, letter in executor.map(lambda item: self._one(item, validate, metrics), chunk):
                     if letter is None:
-                        report.results[key] = data
+                        report.results[key] = data  # type: ignore[assignment]
+                        answered.append(key)
                     else:
                         letters.append(letter)
                         metrics.record_dead_letters(letter.reason_class)
-                store.write_dead_letters(warehouse, stage, partition, f"{self.client.provider}:{self.client.model}", letters)
-                store.resolve_dead_letter_keys(warehouse, stage, partition, [str(key) for key, *_ in chunk if str(key) in report.results])
+                # Short connections between chunks, none while the model is being called.
+                store.write_dead_letters(warehouse, stage, partition, model_id, letters)
+                store.resolve_dead_letter_keys(warehouse, stage, partition, answered)
         metrics.finish()
         self.log.info(f"chat {stage}/{partition or '-'}: {len(report.results)} answers, {metrics.dlq_count} dead-lettered")
         return report

@@ -103,7 +103,8 @@ class EmbeddingSession:
 
     @property
     def concurrency(self) -> int:
-        return max(1, min(self.settings.max_concurrency, self.client.max_parallel_requests or self.settings.max_concurrency))
+        wanted = self.settings.max_concurrency
+        return max(1, min(wanted, self.client.max_parallel_requests or wanted))
 
     def text_hash(self, text: str) -> str:
         """The cache key of `text` as this session would send it."""
@@ -139,7 +140,9 @@ class EmbeddingSession:
             if outcome.failed:
                 raise outcome.failed[0][1]
             vectors.update(outcome.embedded)
-        return np.stack([vectors[p.text_hash] for p in prepared]) if prepared else np.zeros((0, self.dimensions), np.float32)
+        if not prepared:
+            return np.zeros((0, self.dimensions), np.float32)
+        return np.stack([vectors[p.text_hash] for p in prepared])
 
     # -- reading vectors back -----------------------------------------------------------------
     def iter_vector_batches(

@@ -88,7 +88,7 @@ class CallMetrics:
         if samples.size == 0:
             return {"latency_ms_p50": 0.0, "latency_ms_p95": 0.0, "latency_ms_p99": 0.0}
         p50, p95, p99 = np.percentile(samples, [50, 95, 99])
-        return {"latency_ms_p50": round(float(p50), 1), "latency_ms_p95": round(float(p95), 1), "latency_ms_p99": round(float(p99), 1)}
+        return {f"latency_ms_p{q}": round(float(value), 1) for q, value in zip((50, 95, 99), (p50, p95, p99), strict=True)}
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values, for JSON and tests."""

@@ -93,8 +93,9 @@ class AdaptiveThrottle:
     def on_success(self, rate_limit: RateLimitInfo | None, tokens: int | None = None) -> None:
         with self._cond:
             self.limit = min(float(self.max_concurrency), self.limit + 1.0 / self.limit)
-            if tokens:
-                self._tokens_per_request = 0.9 * self._tokens_per_request + 0.1 * tokens if self._tokens_per_request else tokens
+            if tokens:  # a moving average, for pacing by the token budget
+                previous = self._tokens_per_request or tokens
+                self._tokens_per_request = 0.9 * previous + 0.1 * tokens
             self._learn(rate_limit)
             self._cond.notify_all()
 
@@ -162,7 +163,9 @@ class AdaptiveThrottle:
             self._pace_rate = min(paced)
 
 
-def _pacing_rate(limit: int | None, remaining: int | None, reset_s: float | None, cost: float, in_flight: int) -> float | None:
+def _pacing_rate(
+    limit: int | None, remaining: int | None, reset_s: float | None, cost: float, in_flight: int
+) -> float | None:
     """Requests/s the budget sustains, or None when there is no need to pace."""
     if limit is None or remaining is None or not reset_s or cost <= 0:
         return None
@@ -185,7 +188,7 @@ class CircuitBreaker:
         self.consecutive_failures = 0
         self.opens = 0
         self.last_error = ""
-        self._clock = clock
+        self.clock = clock
         self._opened_at = 0.0
         self._probe: int | None = None  # thread id of the probing caller
         self._cond = threading.Condition()
@@ -197,7 +200,7 @@ class CircuitBreaker:
                 if self.state == self.CLOSED:
                     return
                 if self.state == self.OPEN:
-                    if self._clock() - self._opened_at < self.cooldown_s:
+                    if self.clock() - self._opened_at < self.cooldown_s:
                         raise CircuitOpenError(self._open_message())
                     self.state = self.HALF_OPEN
                     self._probe = threading.get_ident()
@@ -219,7 +222,7 @@ class CircuitBreaker:
             probing = self.state == self.HALF_OPEN and self._probe == threading.get_ident()
             if probing or (self.state == self.CLOSED and self.consecutive_failures >= self.failure_threshold):
                 self.state = self.OPEN
-                self._opened_at = self._clock()
+                self._opened_at = self.clock()
                 self._probe = None
                 self.opens += 1
                 self._cond.notify_all()
@@ -229,7 +232,7 @@ class CircuitBreaker:
         with self._cond:
             if self.state == self.HALF_OPEN and self._probe == threading.get_ident():
                 self.state = self.OPEN
-                self._opened_at = self._clock() - self.cooldown_s
+                self._opened_at = self.clock() - self.cooldown_s
                 self._probe = None
                 self._cond.notify_all()
 

@@ -176,9 +176,8 @@ class ChatModel(_RemoteModelResource):
             raise dg.Failure("ChatModel is disabled (provider='none'); set MODEL_PROVIDER/CHAT_MODEL to enable it")
         client = self.build_client()
         try:
-            yield ChatSession(
-                client, self._caller(self.max_concurrency), self.max_concurrency, self.price_per_1k_tokens, _step_log(context)
-            )
+            caller = self._caller(self.max_concurrency)
+            yield ChatSession(client, caller, self.max_concurrency, self.price_per_1k_tokens, _step_log(context))
         finally:
             client.close()
 

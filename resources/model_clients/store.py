@@ -51,7 +51,8 @@ DDL = (
         stage          VARCHAR   NOT NULL,
         partition_key  VARCHAR   NOT NULL,
         item_key       VARCHAR   NOT NULL,
-        reason_class   VARCHAR   NOT NULL,  -- rate_limited, server_error, timeout, invalid_output, client_error, circuit_open
+        reason_class   VARCHAR   NOT NULL,  -- rate_limited, server_error, timeout, invalid_output,
+                                            -- client_error, circuit_open
         error_message  VARCHAR,             -- redacted: never a credential
         attempts       INTEGER   NOT NULL,  -- requests that carried the item, summed over runs
         payload_hash   VARCHAR,             -- sha256 of what was sent (the text itself is not kept)

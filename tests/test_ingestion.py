@@ -1,0 +1,186 @@
+"""Idempotent, atomic daily ingestion: real DuckDB files in tmp dirs, real Dagster materializations."""
+
+from __future__ import annotations
+
+import collections
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets import ingestion
+from resources.landing import LandingFileError, LandingZone
+from resources.warehouse import fetch_all, fetch_scalar
+from tests.ingestion_support import (
+    check_results, day, generate_landing, materialization, materialize, raw_resources, snapshot,
+)
+
+ONLINE_RETAIL_DAYS = ["2010-12-01", "2010-12-20", "2011-08-12"]
+
+
+@pytest.fixture(scope="module")
+def landing(tmp_path_factory) -> Path:
+    return generate_landing(tmp_path_factory.mktemp("landing"), customers=300, days=2)
+
+
+@pytest.fixture
+def own_landing(landing: Path, tmp_path: Path) -> Path:
+    """A private copy, for tests that change files."""
+    return Path(shutil.copytree(landing, tmp_path / "landing"))
+
+
+def test_second_materialization_is_a_skip_and_tables_stay_identical(warehouse, landing):
+    resources = raw_resources(warehouse, landing)
+    first = materialize(resources, day(0))
+    before = snapshot(warehouse)
+    second = materialize(resources, day(0))
+    assert snapshot(warehouse) == before
+    for asset in ("raw_products", "raw_customers", "raw_transactions"):
+        assert materialization(first, asset)["skipped"] is False
+        assert materialization(second, asset)["skipped"] is True
+        assert materialization(second, asset)["fingerprint"] == materialization(first, asset)["fingerprint"]
+    assert all(e.passed for e in check_results(second).values())
+    assert before["customers"] and before["customer_purchases"] and before["transactions"] and before["products"]
+
+
+def test_force_rewrites_the_same_rows(warehouse, landing):
+    resources = raw_resources(warehouse, landing)
+    materialize(resources, day(0))
+    before = snapshot(warehouse)
+    forced = materialize(resources, day(0), force=True)
+    assert materialization(forced, "raw_customers")["skipped"] is False
+    assert snapshot(warehouse) == before
+
+
+def test_a_changed_file_replaces_only_its_partition(warehouse, own_landing):
+    resources = raw_resources(warehouse, own_landing)
+    materialize(resources, day(0))
+    materialize(resources, day(1))
+    before = snapshot(warehouse)
+    path = own_landing / "transactions" / f"{day(1)}.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:11]))  # the header and the first 10 order lines
+
+    result = materialize(resources, day(1), assets=[ingestion.raw_transactions])
+
+    assert materialization(result, "raw_transactions")["input_records"] == 10
+    after = snapshot(warehouse)
+    with warehouse.connect(read_only=True) as con:
+        per_day = dict(fetch_all(con, "SELECT partition_date::VARCHAR, count(*) FROM raw.transactions GROUP BY 1"))
+    assert per_day[day(1)] == 10
+    assert [r for r in after["transactions"] if str(r[0]) == day(0)] == \
+           [r for r in before["transactions"] if str(r[0]) == day(0)]
+    for table in ("customers", "customer_purchases", "products"):
+        assert after[table] == before[table]
+
+
+def test_an_error_between_delete_and_insert_leaves_the_old_rows(warehouse, own_landing, monkeypatch):
+    resources = raw_resources(warehouse, own_landing)
+    materialize(resources, day(0))
+    before = snapshot(warehouse)
+    path = own_landing / "customers" / f"{day(0)}.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:5]))
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full (injected between the delete and the insert)")
+
+    monkeypatch.setattr(ingestion, "insert_partition", crash)
+    result = materialize(resources, day(0), assets=[ingestion.raw_customers], raise_on_error=False)
+
+    assert not result.success
+    assert snapshot(warehouse) == before
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "unreadable"])
+def test_a_missing_empty_or_unreadable_file_fails_naming_path_and_cause(warehouse, own_landing, problem):
+    path = own_landing / "transactions" / f"{day(0)}.csv"
+    path.unlink()
+    if problem == "empty":
+        path.write_bytes(b"")
+    if problem == "unreadable":
+        path.mkdir()  # a directory where the file should be (the tests run as root: chmod would not stop a read)
+    result = materialize(raw_resources(warehouse, own_landing), day(0), assets=[ingestion.raw_transactions],
+                         raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    message = failure.step_failure_data.error.message
+    cause = {"missing": "missing", "empty": "empty", "unreadable": "not a regular file"}[problem]
+    assert str(path) in message and cause in message
+
+
+def test_landing_zone_patterns_and_errors(tmp_path):
+    zone = LandingZone(root=str(tmp_path), transactions_pattern="/elsewhere/by-day/{date}.csv")
+    assert zone.path("customers", "2011-09-01") == tmp_path / "customers" / "2011-09-01.jsonl"
+    assert zone.path("transactions", "2011-09-01") == Path("/elsewhere/by-day/2011-09-01.csv")
+    with pytest.raises(LandingFileError, match="missing"):
+        zone.require("products", "2011-09-01")
+    with pytest.raises(ValueError, match="unknown landing source"):
+        zone.path("orders", "2011-09-01")
+
+
+def test_line_numbers_count_blank_and_undecodable_lines(warehouse, tmp_path):
+    """Quarantine line numbers are physical lines of the file, whatever comes before them."""
+    (tmp_path / "customers").mkdir()
+    (tmp_path / "customers" / "2011-09-01.jsonl").write_bytes(
+        b'{"id":"6f1c2c1e-9a3b-4c1d-8e2f-0a1b2c3d4e5f","email":"a@b.com","purchaseHistory":[],'
+        b'"createdAt":"2011-01-01T00:00:00.000Z"}\n'
+        b"\n"
+        b'{"id":"not-a-uuid","email":"x@y.com","purchaseHistory":[],"createdAt":"2011-01-01T00:00:00.000Z"}\n'
+        b'{"id":"caf\xe9"}\n'
+        b"   \n"
+        b'{"id": oops}\n'
+    )
+    (tmp_path / "transactions").mkdir()
+    (tmp_path / "transactions" / "2011-09-01.csv").write_bytes(
+        b"InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
+        b'536365,85123A,"HEART, WHITE",6,2011-09-01 08:26:00,2.55,17850.0,United Kingdom\n'
+        b"\n"
+        b"536366,22633,CAF\xe9 MUG,6,2011-09-01 08:28:00,1.85,,United Kingdom\n"
+        b"536367,22634,MUG,six,2011-09-01 08:28:00,1.85,,United Kingdom\n"
+        b"536368,22635,MUG,6,2011-09-01 08:28:00,1.85,,United Kingdom,extra\n"
+        b"536369,22636,MUG,1,2011-09-01 08:29:00,0.0,12346.0,France\n"
+    )
+    resources = raw_resources(warehouse, tmp_path)
+    materialize(resources, "2011-09-01", assets=[ingestion.raw_customers, ingestion.raw_transactions])
+    with warehouse.connect(read_only=True) as con:
+        errors = fetch_all(con, "SELECT source, line_no, rule FROM ops.schema_errors ORDER BY source, line_no, rule")
+        landed = fetch_all(con, "SELECT line_no, description, customer_id FROM raw.transactions ORDER BY line_no")
+    assert errors == [
+        ("customers", 3, "customer_id_not_a_uuid"),
+        ("customers", 4, "bad_encoding"),
+        ("customers", 6, "malformed_json"),
+        ("transactions", 4, "bad_encoding"),
+        ("transactions", 5, "quantity_not_an_integer"),
+        ("transactions", 6, "wrong_column_count"),
+    ]
+    assert landed == [(2, "HEART, WHITE", "17850"), (7, "MUG", "12346")]
+
+
+def test_online_retail_days_ingest_with_their_quirks(warehouse, online_retail_dir):
+    zone = LandingZone(root=str(online_retail_dir), transactions_pattern="{date}.csv")
+    resources = raw_resources(warehouse, zone)
+    for partition in ONLINE_RETAIL_DAYS:
+        result = materialize(resources, partition, assets=[ingestion.raw_transactions])
+        checks = check_results(result)
+        assert checks[("raw_transactions", "record_accounting")].passed
+        meta = materialization(result, "raw_transactions")
+        lines = (online_retail_dir / f"{partition}.csv").read_text().splitlines()[1:]
+        copies = sum(n - 1 for n in collections.Counter(lines).values())
+        assert meta["input_records"] == len(lines)
+        assert meta["quarantined_by_rule"].get("duplicate_line", 0) == copies
+    with warehouse.connect(read_only=True) as con:
+        count = lambda sql: fetch_scalar(con, sql)  # noqa: E731
+        assert count("SELECT count(*) FROM raw.transactions WHERE invoice_no LIKE 'C%' AND quantity < 0") > 0
+        assert count("SELECT count(*) FROM raw.transactions WHERE customer_id IS NULL") > 0
+        assert count("SELECT count(*) FROM raw.transactions WHERE unit_price = 0") > 0
+        assert count("SELECT count(*) FROM raw.transactions WHERE stock_code IN ('POST', 'DOT', 'M', 'C2')") > 0
+        assert count("SELECT count(*) FROM raw.transactions WHERE description LIKE '%£%'") > 0
+        assert count("SELECT count(*) FROM raw.transactions WHERE customer_id LIKE '%.%'") == 0
+        bad_debt = fetch_all(con, """SELECT e.value FROM ops.schema_errors AS e
+            WHERE e.rule = 'unit_price_negative' AND e.raw_record LIKE 'A%Adjust bad debt%' ORDER BY 1""")
+        kept_adjustment = count("SELECT count(*) FROM raw.transactions WHERE invoice_no = 'A563185'")
+        others = count("""SELECT count(*) FROM ops.schema_errors
+            WHERE rule NOT IN ('duplicate_line', 'unit_price_negative')""")
+    assert bad_debt == [("-11062.06",), ("-11062.06",)] and kept_adjustment == 1
+    assert others == 0

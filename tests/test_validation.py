@@ -1,0 +1,207 @@
+"""GX suites: compiled to DuckDB for the row-level quarantine, and run by GX as partition checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from assets import ingestion
+from assets.validation import Suite, compile_expectation, load_suite, quarantine, validate_partition
+from generator import FAULTS_BY_TABLE, FaultRates, manifest_path
+from resources.warehouse import fetch_all, fetch_scalar
+from tests.ingestion_support import START, check_results, day, generate_landing, materialization, materialize, raw_resources
+
+# Which expectation catches each fault that hits one field; whole-line faults have a parse rule.
+EXPECTATION_OF_FAULT = {
+    "missing_field": "expect_column_values_to_not_be_null",
+    "non_numeric_amount": "expect_column_values_to_be_of_type",
+    "bad_date": "expect_column_values_to_be_of_type",
+    "negative_amount": "expect_column_values_to_be_between",
+    "invalid_email": "expect_column_values_to_match_regex",
+    "invalid_uuid": "expect_column_values_to_match_regex",
+    "unknown_product_id": "expect_column_values_to_be_in_set",
+}
+PARSE_RULE_OF_FAULT = {"malformed_json": "malformed_json", "wrong_column_count": "wrong_column_count",
+                       "bad_encoding": "bad_encoding"}
+COLUMN_OF_FIELD = {**ingestion.JSON_FIELDS, **ingestion.CSV_HEADERS["transactions"], **ingestion.CSV_HEADERS["products"]}
+
+
+def expected_rule(table: str, fault: str, field: str) -> str:
+    suite = load_suite(table)
+    if fault in PARSE_RULE_OF_FAULT:
+        return PARSE_RULE_OF_FAULT[fault]
+    if fault == "duplicate_record":
+        kinds = ("expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique")
+        return next(e["meta"]["rule"] for e in suite.expectations if e["type"] in kinds)
+    column = COLUMN_OF_FIELD[field]
+    return next(e["meta"]["rule"] for e in suite.expectations
+                if e["type"] == EXPECTATION_OF_FAULT[fault] and e["kwargs"].get("column") == column)
+
+
+@pytest.fixture(scope="module")
+def faulty_landing(tmp_path_factory) -> Path:
+    return generate_landing(tmp_path_factory.mktemp("faulty"), customers=600, days=2,
+                            faults=FaultRates.uniform(0.012), seed=11)
+
+
+def injected_faults(landing: Path, partition: str) -> set[tuple]:
+    with open(manifest_path(landing, START.fromisoformat(partition))) as handle:
+        rows = list(csv.DictReader(handle))
+    return {(r["table"], int(r["line_no"]), int(r["item_no"]) if r["item_no"] else None,
+             expected_rule(r["table"], r["fault"], r["field"])) for r in rows}
+
+
+def quarantined(warehouse) -> set[tuple]:
+    with warehouse.connect(read_only=True) as con:
+        rows = fetch_all(con, "SELECT table_name, line_no, record_key, rule FROM ops.schema_errors")
+    return {(t, line, int(key.rsplit("#", 1)[1]) if t == "customer_purchases" else None, rule)
+            for t, line, key, rule in rows}
+
+
+def test_every_injected_fault_is_quarantined_with_its_reason_and_counts_reconcile(warehouse, faulty_landing):
+    resources = raw_resources(warehouse, faulty_landing)
+    for index in (0, 1):
+        result = materialize(resources, day(index))
+        for (asset, check), evaluation in check_results(result).items():
+            if check == "record_accounting":
+                assert evaluation.passed, (asset, evaluation.metadata)
+        customers = materialization(result, "raw_customers")
+        assert customers["input_records"] == customers["valid_records"] + customers["quarantined_records"]
+    expected = injected_faults(faulty_landing, day(0)) | injected_faults(faulty_landing, day(1))
+    faults_seen = {fault for table, faults in FAULTS_BY_TABLE.items() for fault in faults}
+    with open(manifest_path(faulty_landing, START)) as handle:
+        assert {r["fault"] for r in csv.DictReader(handle)} == faults_seen  # every fault type was injected
+    assert quarantined(warehouse) == expected
+
+
+def test_counts_per_rule_match_the_fault_log(warehouse, faulty_landing):
+    result = materialize(raw_resources(warehouse, faulty_landing), day(0))
+    by_rule: dict[str, int] = {}
+    for table, line, item, rule in injected_faults(faulty_landing, day(0)):
+        if table == "customers":
+            by_rule[rule] = by_rule.get(rule, 0) + 1
+    assert materialization(result, "raw_customers")["quarantined_by_rule"] == by_rule
+
+
+def test_error_rate_over_the_limit_fails_the_check_and_raises_an_alert(warehouse, tmp_path):
+    landing = generate_landing(tmp_path / "landing", customers=200, days=1,
+                               faults=FaultRates(invalid_email=0.1), seed=5)
+    result = materialize(raw_resources(warehouse, landing), day(0))
+    evaluation = check_results(result)[("raw_customers", "error_rate")]
+    assert not evaluation.passed and evaluation.severity.value == "ERROR"
+    assert check_results(result)[("raw_products", "error_rate")].passed
+    with warehouse.connect(read_only=True) as con:
+        alerts = fetch_all(con, "SELECT severity, source, title, details FROM ops.alerts")
+    ((severity, source, title, details),) = alerts
+    assert severity == "ERROR" and source == "raw_customers" and "customers" in title
+    assert json.loads(details)["by_rule"]["email_invalid"] > 0
+
+
+def test_the_suites_pass_as_partition_checks_on_clean_data(warehouse, faulty_landing):
+    result = materialize(raw_resources(warehouse, faulty_landing), day(0), with_suite_checks=True)
+    checks = check_results(result)
+    for table in ("products", "customers", "customer_purchases", "transactions"):
+        asset = ingestion.SOURCES["customers" if table == "customer_purchases" else table].name
+        evaluation = checks[(f"raw_{asset}", f"{table}_expectation_suite")]
+        assert evaluation.passed, evaluation.metadata
+        assert evaluation.metadata["rows_validated"].value == evaluation.metadata["rows_in_partition"].value > 0
+
+
+def test_the_suite_check_finds_bad_rows_even_across_batches(warehouse, faulty_landing):
+    materialize(raw_resources(warehouse, faulty_landing), day(0))
+    chunk_rows = 50
+    with warehouse.transaction() as con:
+        # Batches follow the customer_id order: copy the last customer of the first batch, so that
+        # the copy would open the second batch if batches could split a key.
+        con.execute("""INSERT INTO raw.customers SELECT partition_date, 999999, customer_id, email, created_at,
+                       purchase_count FROM raw.customers WHERE partition_date = ?
+                       ORDER BY customer_id LIMIT 1 OFFSET ?""", [day(0), chunk_rows - 1])
+        con.execute("""UPDATE raw.customer_purchases SET amount = -1
+                       WHERE (line_no, item_no) IN (SELECT (line_no, item_no) FROM raw.customer_purchases LIMIT 1)""")
+    for table, rule, batch in (("customers", "customer_id_duplicate", chunk_rows),
+                               ("customer_purchases", "amount_negative", 2_000)):
+        suite = load_suite(table)
+        tallies, validated, total = validate_partition(warehouse, suite, f"raw.{table}", day(0), chunk_rows=batch)
+        failed = {t.rule: t.unexpected_count for t in tallies if not t.success}
+        assert validated == total and failed == {rule: 2 if table == "customers" else 1}
+
+
+def staged(rows: list[tuple], columns: list[str]) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.execute("CREATE TABLE stg (row_id BIGINT, line_no BIGINT, " + ", ".join(f"{c} VARCHAR" for c in columns) + ")")
+    con.executemany(f"INSERT INTO stg VALUES ({', '.join(['?'] * (len(columns) + 2))})",
+                    [(i, i, *row) for i, row in enumerate(rows, start=1)])
+    con.execute("CREATE TABLE failures (row_id BIGINT, line_no BIGINT, record_key VARCHAR, rule VARCHAR,"
+                " column_name VARCHAR, value VARCHAR)")
+    return con
+
+
+@pytest.mark.parametrize("expectation, values, failing", [
+    ({"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "v"}}, ["a", None], [2]),
+    ({"type": "expect_column_values_to_be_unique", "kwargs": {"column": "v"}}, ["a", "b", "a", None, None], [3]),
+    ({"type": "expect_column_values_to_match_regex", "kwargs": {"column": "v", "regex": "^[0-9]+$"}},
+     ["12", "1a", None], [2]),
+    ({"type": "expect_column_values_to_not_match_regex", "kwargs": {"column": "v", "regex": "x"}}, ["ax", "b"], [1]),
+    ({"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "v", "value_set": ["a", "b"]}},
+     ["a", "c", None], [2]),
+    ({"type": "expect_column_values_to_not_be_in_set", "kwargs": {"column": "v", "value_set": ["a"]}}, ["a", "c"], [1]),
+    ({"type": "expect_column_values_to_be_of_type", "kwargs": {"column": "v", "type_": "float64"}},
+     ["1.5", "-2", "abc", "nan", None, '"3"'], [3, 4, 6]),
+    ({"type": "expect_column_values_to_be_of_type", "kwargs": {"column": "v", "type_": "int32"}},
+     ["6", "6.5", "x", "-3"], [2, 3]),
+    ({"type": "expect_column_values_to_be_of_type", "kwargs": {"column": "v", "type_": "datetime64[us]"}},
+     ["2011-08-14T10:22:00.000Z", "2011-02-30 10:00:00", "yesterday", ""], [2, 3, 4]),
+    ({"type": "expect_column_values_to_match_strftime_format", "kwargs": {"column": "v", "strftime_format": "%d/%m/%Y"}},
+     ["31/12/2011", "2011-12-31"], [2]),
+    ({"type": "expect_column_values_to_be_dateutil_parseable", "kwargs": {"column": "v"}}, ["2011-12-31", "nope"], [2]),
+    ({"type": "expect_column_value_lengths_to_be_between", "kwargs": {"column": "v", "min_value": 2, "max_value": 3}},
+     ["a", "ab", "abcd"], [1, 3]),
+])
+def test_each_expectation_type_compiles_to_a_row_predicate(expectation, values, failing):
+    con = staged([(v,) for v in values], ["v"])
+    suite = Suite("t", (dict(expectation, meta={"rule": "r"}),), "digest")
+    quarantine(con, suite, "stg", {"v", "line_no"}, "CAST(row_id AS VARCHAR)", "failures", "2011-09-01")
+    assert [r[0] for r in fetch_all(con, "SELECT line_no FROM failures ORDER BY 1")] == failing
+
+
+def test_between_uses_the_declared_type_and_strictness():
+    expectations = (
+        {"type": "expect_column_values_to_be_of_type", "kwargs": {"column": "v", "type_": "float64"}, "meta": {"rule": "t"}},
+        {"type": "expect_column_values_to_be_between", "kwargs": {"column": "v", "min_value": 0, "max_value": 10,
+                                                                  "strict_max": True}, "meta": {"rule": "range"}},
+    )
+    con = staged([("9",), ("10",), ("-0.5",), ("100",), ("abc",)], ["v"])
+    quarantine(con, Suite("t", expectations, "d"), "stg", {"v", "line_no"}, "'k'", "failures", "2011-09-01")
+    assert fetch_all(con, "SELECT line_no, rule FROM failures ORDER BY 1") == [
+        (2, "range"), (3, "range"), (4, "range"), (5, "t")]
+
+
+def test_compound_uniqueness_keeps_the_first_of_identical_rows():
+    expectation = {"type": "expect_compound_columns_to_be_unique", "kwargs": {"column_list": ["a", "b"]},
+                   "meta": {"rule": "duplicate_line"}}
+    con = staged([("1", "x"), ("1", None), ("1", "x"), ("1", None), ("2", "x")], ["a", "b"])
+    quarantine(con, Suite("t", (expectation,), "d"), "stg", {"a", "b", "line_no"}, "'k'", "failures", "2011-09-01")
+    assert fetch_scalar(con, "SELECT list(line_no ORDER BY line_no) FROM failures") == [3, 4]
+
+
+@pytest.mark.parametrize("expectation, error", [
+    ({"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "v"}}, "meta.rule"),
+    ({"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "nope"}, "meta": {"rule": "r"}}, "not a column"),
+    ({"type": "expect_column_pair_values_to_be_equal", "kwargs": {"column_A": "v", "column_B": "v"},
+      "meta": {"rule": "r"}}, "no row-level"),
+])
+def test_a_suite_that_cannot_compile_is_refused(expectation, error):
+    with pytest.raises(ValueError, match=error):
+        compile_expectation(expectation, "p_", {"v"}, {})
+
+
+def test_the_shipped_suites_compile_against_their_tables():
+    for table, spec in ingestion.TABLES.items():
+        suite = load_suite(table)
+        rules = suite.row_rules(set(spec.columns) | {"line_no"})
+        assert [r.rule for r in rules] == suite.rule_names
+        assert set(suite.column_types) <= set(spec.columns)

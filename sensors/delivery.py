@@ -159,4 +159,5 @@ def run_alert_sensor(
         state.queue_new(found)
     notified, recorded = work_outbox(alerts, state, settings, context.log)
     summary = f"{notified} alert(s) raised, {recorded} row(s) recorded, {len(state.outbox)} waiting"
-    return dg.SensorResult(cursor=state.to_cursor(), skip_reason=summary if notified == 0 else None)
+    # Alert sensors request no runs: the skip reason is the tick's summary in the UI.
+    return dg.SensorResult(cursor=state.to_cursor(), skip_reason=summary)

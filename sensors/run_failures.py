@@ -30,7 +30,9 @@ def error_summary(error: SerializableErrorInfo | None) -> str | None:
     parts = []
     while error is not None and len(parts) < MAX_CAUSES:
         message = error.message.strip()
-        parts.append(f"{error.cls_name}: {message}" if error.cls_name and not message.startswith(error.cls_name) else message)
+        # Messages often already start with their class, qualified or not ("pkg.mod.Failure: ...").
+        named = not error.cls_name or f"{error.cls_name}:" in message.split(" ", 1)[0]
+        parts.append(message if named else f"{error.cls_name}: {message}")
         error = error.cause or error.context
     return " <- caused by ".join(parts) if parts else None
 

@@ -20,7 +20,7 @@ RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 
 def plain_value(value: Any) -> Any:
-    """A metadata value as plain JSON-able Python (JSON text is parsed, markdown kept as text)."""
+    """A metadata value as plain JSON-able Python (markdown stays text, other objects become text)."""
     if isinstance(value, dg.MetadataValue):
         value = value.value
     if isinstance(value, dg.AssetKey):

@@ -115,6 +115,8 @@ class IngestionConfig(dg.Config):
     force: bool = Field(default=False, description="Re-ingest even when the source file is unchanged.")
     max_error_rate: float = Field(default=0.05, description="Quarantined / input above this fails the check.")
     preview_rows: int = Field(default=5, description="Rows in the markdown previews.")
+    catalog_wait_seconds: float = Field(
+        default=300.0, description="raw_customers: how long to wait for earlier catalog days still landing.")
 
 
 @dataclass
@@ -437,6 +439,37 @@ def file_fingerprint(path: Path, source: Source) -> str:
     return f"{digest.hexdigest()[:32]}:{source.suites_digest}:p{PARSER_VERSION}"
 
 
+def wait_for_catalog(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, landing: LandingZone, day: str,
+                     timeout_seconds: float) -> str:
+    """Wait until every catalog day up to `day` that has a landing file has landed; returns a
+    digest of the catalog batches. In a backfill launched at once, customers of day 5 must not be
+    judged against a catalog whose day 1 is still landing in another process."""
+    deadline = time.monotonic() + timeout_seconds
+    expected = set(landing.days_available("products", day))
+    while True:
+        landed = landed_batches(warehouse, "products", day)
+        missing = sorted(expected - set(landed))
+        if not missing:
+            return hashlib.sha256(json.dumps(sorted(landed.items())).encode()).hexdigest()[:16]
+        if time.monotonic() > deadline:
+            raise dg.Failure(
+                description=f"the product catalog of {missing[:5]}{' ...' if len(missing) > 5 else ''} has not landed "
+                f"after {timeout_seconds:.0f}s: materialize raw_products for those days first",
+                metadata={"missing_catalog_days": missing})
+        context.log.info(f"waiting for the catalog of {len(missing)} earlier day(s) to land: {missing[:5]}")
+        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
+
+
+def landed_batches(warehouse: DuckDBWarehouse, source: str, until: str) -> dict[str, str]:
+    """{day: fingerprint} of the source's batches up to a day."""
+    with warehouse.connect(read_only=True) as con:
+        if not table_exists(con, "ops.batch_fingerprints"):
+            return {}
+        rows = fetch_all(con, """SELECT partition_date::VARCHAR, fingerprint FROM ops.batch_fingerprints
+                                 WHERE source = ? AND partition_date <= ?""", [source, until])
+    return dict(rows)
+
+
 def stored_batch(warehouse: DuckDBWarehouse, source: Source, partition_date: str) -> dict[str, Any] | None:
     with warehouse.connect(read_only=True) as con:
         if not table_exists(con, "ops.batch_fingerprints"):
@@ -464,6 +497,9 @@ def ingest(context: dg.AssetExecutionContext, config: IngestionConfig, source: S
     except LandingFileError as error:
         raise dg.Failure(description=str(error), metadata={"path": str(error.path), "cause": error.cause}) from None
     fingerprint = file_fingerprint(path, source)
+    if source.name == "customers":
+        # The unknown-product rule reads the catalog up to the day: a new catalog means new results.
+        fingerprint += ":catalog=" + wait_for_catalog(context, warehouse, landing, day, config.catalog_wait_seconds)
     stored = stored_batch(warehouse, source, day)
     if stored and stored["fingerprint"] == fingerprint and not config.force:
         context.log.info(f"skipped {source.name} {day}: {path} unchanged since {stored['landed_at']} ({fingerprint})")

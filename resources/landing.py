@@ -44,6 +44,17 @@ class LandingZone(dg.ConfigurableResource):
         pattern = getattr(self, f"{source}_pattern")
         return Path(self.root) / pattern.format(date=day)
 
+    def days_available(self, source: str, until: str | dt.date | None = None) -> list[str]:
+        """The days (YYYY-MM-DD) that have a file for the source, up to `until` included."""
+        pattern = self.path(source, "{date}")
+        prefix, _, suffix = pattern.name.partition("{date}")
+        days = []
+        for candidate in pattern.parent.glob(f"{prefix}*{suffix}") if pattern.parent.is_dir() else []:
+            day = candidate.name[len(prefix): len(candidate.name) - len(suffix)]
+            if _is_iso_day(day) and (until is None or day <= str(until)):
+                days.append(day)
+        return sorted(days)
+
     def require(self, source: str, partition_date: str | dt.date) -> Path:
         """The path of a file that exists, is not empty and can be read; LandingFileError otherwise."""
         path = self.path(source, partition_date)
@@ -65,3 +76,10 @@ class LandingZone(dg.ConfigurableResource):
         except OSError as error:
             raise LandingFileError(source, path, f"unreadable ({error.strerror or error})") from None
         return path
+
+
+def _is_iso_day(text: str) -> bool:
+    try:
+        return dt.date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False

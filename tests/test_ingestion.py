@@ -109,6 +109,23 @@ def test_a_missing_empty_or_unreadable_file_fails_naming_path_and_cause(warehous
     assert str(path) in message and cause in message
 
 
+def test_customers_wait_for_earlier_catalog_days_and_follow_catalog_changes(warehouse, own_landing):
+    resources = raw_resources(warehouse, own_landing)
+    early = dg.materialize([ingestion.raw_customers], partition_key=day(1), resources=resources, raise_on_error=False,
+                           run_config={"ops": {"raw_customers": {"config": {"catalog_wait_seconds": 0.5}}}})
+    (failure,) = [e for e in early.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    assert "catalog" in failure.step_failure_data.error.message and day(0) in failure.step_failure_data.error.message
+
+    materialize(resources, day(0))
+    first = materialize(resources, day(1))
+    path = own_landing / "products" / f"{day(0)}.csv"
+    path.write_text(path.read_text() + "99999,Late Lamp,\"A lamp, late\",Lighting,9.5,true\n")
+    materialize(resources, day(0), assets=[ingestion.raw_products])
+    again = materialize(resources, day(1), assets=[ingestion.raw_customers])
+    assert materialization(first, "raw_customers")["skipped"] is False
+    assert materialization(again, "raw_customers")["skipped"] is False  # the catalog up to the day changed
+
+
 def test_landing_zone_patterns_and_errors(tmp_path):
     zone = LandingZone(root=str(tmp_path), transactions_pattern="/elsewhere/by-day/{date}.csv")
     assert zone.path("customers", "2011-09-01") == tmp_path / "customers" / "2011-09-01.jsonl"
@@ -117,6 +134,10 @@ def test_landing_zone_patterns_and_errors(tmp_path):
         zone.require("products", "2011-09-01")
     with pytest.raises(ValueError, match="unknown landing source"):
         zone.path("orders", "2011-09-01")
+    (tmp_path / "products").mkdir()
+    for name in ("2011-09-02.csv", "2011-09-01.csv", "2011-09-03.csv", "notes.csv", "2011-09-01.csv.partial"):
+        (tmp_path / "products" / name).write_text("x")
+    assert zone.days_available("products", until="2011-09-02") == ["2011-09-01", "2011-09-02"]
 
 
 def test_line_numbers_count_blank_and_undecodable_lines(warehouse, tmp_path):

@@ -1,0 +1,132 @@
+"""Alerts reach the log, ops.alerts and a real webhook on 127.0.0.1; a dead webhook breaks nothing."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from assets import ingestion
+from generator import FaultRates
+from resources.alerts import Alerts
+from resources.warehouse import fetch_all
+from tests.ingestion_support import check_results, day, generate_landing, materialize, raw_resources
+
+
+class Webhook:
+    """A local HTTP server recording JSON posts; answers with the queued statuses, then 200."""
+
+    def __init__(self, statuses: list[int] | None = None):
+        self.received: list[dict] = []
+        self.statuses = list(statuses or [])
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (the http.server API)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = owner.statuses.pop(0) if owner.statuses else 200
+                if status == 200:
+                    owner.received.append(json.loads(body))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/secret-token-123456"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "Webhook":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/hook"
+
+
+def alert_rows(warehouse) -> list[tuple]:
+    with warehouse.connect(read_only=True) as con:
+        return fetch_all(con, """SELECT severity, source, title, message, details, webhook_status, webhook_attempts,
+                                 webhook_error FROM ops.alerts ORDER BY raised_at""")
+
+
+def quick_alerts(warehouse, url: str | None, attempts: int = 3) -> Alerts:
+    return Alerts(warehouse=warehouse, webhook_url=url, webhook_attempts=attempts, webhook_backoff_seconds=0.01,
+                  webhook_timeout_seconds=2)
+
+
+def test_an_alert_goes_to_the_table_and_the_webhook(warehouse):
+    with Webhook() as hook:
+        record = quick_alerts(warehouse, hook.url).send("ERROR", "raw_customers", "too many errors", "7 % quarantined",
+                                                        details={"error_rate": 0.07})
+    (posted,) = hook.received
+    assert posted["severity"] == "ERROR" and posted["details"] == {"error_rate": 0.07}
+    assert posted["alert_id"] == record.alert_id
+    ((severity, source, title, message, details, status, attempts, error),) = alert_rows(warehouse)
+    assert (severity, source, title, status, attempts, error) == ("ERROR", "raw_customers", "too many errors",
+                                                                  "delivered", 1, None)
+    assert json.loads(details) == {"error_rate": 0.07}
+
+
+def test_server_errors_are_retried_with_backoff(warehouse):
+    with Webhook(statuses=[503, 500]) as hook:
+        record = quick_alerts(warehouse, hook.url).send("WARN", "test", "flaky", "webhook recovers")
+    assert record.webhook_status == "delivered" and record.webhook_attempts == 3 and len(hook.received) == 1
+
+
+def test_a_down_webhook_is_recorded_and_never_raised(warehouse):
+    url = closed_port_url()
+    record = quick_alerts(warehouse, url, attempts=2).send("ERROR", "test", "webhook down", "still recorded")
+    assert record.webhook_status == "failed" and record.webhook_attempts == 2
+    ((*_, status, attempts, error),) = alert_rows(warehouse)
+    assert status == "failed" and attempts == 2 and "127.0.0.1" not in error
+
+
+def test_a_client_error_is_not_retried(warehouse):
+    with Webhook(statuses=[404]) as hook:
+        record = quick_alerts(warehouse, hook.url).send("INFO", "test", "wrong path", "no retry")
+    assert record.webhook_status == "failed" and record.webhook_attempts == 1 and record.webhook_error == "HTTP 404"
+
+
+def test_secrets_never_reach_the_table_or_the_webhook(warehouse, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-abcdefghijklmnop")
+    with Webhook() as hook:
+        quick_alerts(warehouse, hook.url).send(
+            "ERROR", "model_clients", "call failed", "auth failed with key sk-test-abcdefghijklmnop",
+            details={"api_key": "sk-test-abcdefghijklmnop", "status": 401})
+    stored = json.dumps(alert_rows(warehouse), default=str) + json.dumps(hook.received)
+    assert "sk-test-abcdefghijklmnop" not in stored and "secret-token-123456" not in stored
+    assert hook.received[0]["details"] == {"api_key": "***", "status": 401}
+
+
+def test_unknown_severity_is_refused(warehouse):
+    with pytest.raises(ValueError, match="severity"):
+        quick_alerts(warehouse, None).send("PANIC", "test", "t", "m")
+
+
+def test_an_ingestion_alert_reaches_the_webhook_and_a_dead_webhook_does_not_fail_the_run(warehouse, tmp_path):
+    landing = generate_landing(tmp_path / "landing", customers=150, days=1,
+                               faults=FaultRates(malformed_json=0.15), seed=9)
+    with Webhook() as hook:
+        alive = materialize(raw_resources(warehouse, landing, webhook_url=hook.url), day(0),
+                            assets=[ingestion.raw_products, ingestion.raw_customers])
+    dead = materialize(raw_resources(warehouse, landing, webhook_url=closed_port_url()), day(0),
+                       assets=[ingestion.raw_products, ingestion.raw_customers], force=True)
+    assert alive.success and dead.success
+    assert not check_results(dead)[("raw_customers", "error_rate")].passed
+    (posted,) = hook.received
+    assert posted["source"] == "raw_customers" and posted["details"]["by_rule"]["malformed_json"] > 0
+    statuses = [row[5] for row in alert_rows(warehouse)]
+    assert statuses == ["delivered", "failed"]

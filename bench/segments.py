@@ -32,7 +32,13 @@ import numpy as np
 import pyarrow as pa
 
 from recsys.customer_vectors import PoolingReport, ProductEmbeddings, iter_customer_vectors
-from recsys.segments import CustomerSample, SegmentingConfig, SegmentProfiler, drop_empty_segments, fit_segments
+from recsys.segments import (
+    CustomerSample,
+    SegmentingConfig,
+    SegmentProfiler,
+    drop_empty_segments,
+    fit_segments,
+)
 
 DIMENSIONS = 384
 AS_OF = dt.date(2024, 6, 30)
@@ -50,6 +56,7 @@ class SyntheticCatalog:
     category_index: np.ndarray      # category of each product row
     category_starts: np.ndarray     # products are grouped by category
     archetypes: np.ndarray          # taste archetype x category purchase probabilities (cumulative)
+    habits: np.ndarray              # per archetype: (lines factor, spend factor, mean days between)
 
 
 def synthetic_catalog(n_products: int, n_archetypes: int, seed: int) -> SyntheticCatalog:
@@ -61,12 +68,20 @@ def synthetic_catalog(n_products: int, n_archetypes: int, seed: int) -> Syntheti
     vectors += centers[category_index]
     ids = [f"P{i:06d}" for i in range(n_products)]
     tastes = rng.dirichlet(np.full(len(CATEGORIES), 0.25), size=n_archetypes)
+    # Archetypes also differ in how often, how much and how lately they buy, so that the
+    # profiles (and the names made from them) have something to tell apart.
+    habits = np.column_stack([
+        rng.uniform(0.5, 1.5, n_archetypes),
+        rng.lognormal(0.0, 0.5, n_archetypes),
+        rng.uniform(40, 300, n_archetypes),
+    ])
     return SyntheticCatalog(
         products=ProductEmbeddings.from_arrays(ids, vectors),
         category_of={pid: CATEGORIES[c] for pid, c in zip(ids, category_index)},
         category_index=category_index,
         category_starts=np.searchsorted(category_index, np.arange(len(CATEGORIES) + 1)),
         archetypes=np.cumsum(tastes, axis=1),
+        habits=habits,
     )
 
 
@@ -79,22 +94,24 @@ def iter_synthetic_purchases(
     for first in range(0, n_customers, block):
         rng = np.random.default_rng([seed, 2, first])
         count = min(block, n_customers - first)
-        lines = 1 + rng.poisson(lines_per_customer - 1, count)
+        customer_archetype = rng.integers(0, len(catalog.archetypes), count)
+        lines_factor, spend_factor, days_between = catalog.habits[customer_archetype].T
+        lines = 1 + rng.poisson((lines_per_customer - 1) * lines_factor)
         customer = np.repeat(np.arange(count), lines)
-        archetype = rng.integers(0, len(catalog.archetypes), count)[customer]
+        archetype = customer_archetype[customer]
         category = _draw_categories(catalog.archetypes, archetype, rng)
         start, stop = catalog.category_starts[category], catalog.category_starts[category + 1]
         # Popularity skew inside a category: low ranks sell more.
         product = start + ((stop - start) * rng.random(len(customer)) ** 2).astype(np.int64)
         product = np.minimum(product, np.maximum(stop - 1, start)).clip(max=len(product_ids) - 1)
-        days_ago = np.minimum(rng.exponential(120.0, len(customer)), 3 * 365)
+        days_ago = np.minimum(rng.exponential(days_between[customer]), 3 * 365)
         purchased = as_of_us - (days_ago * 86_400e6).astype(np.int64)
         ids = pa.array([f"C{first + i:09d}" for i in range(count)])
         yield pa.record_batch(
             {
                 "customer_id": ids.take(pa.array(customer)),
                 "product_id": product_ids.take(pa.array(product)),
-                "amount": np.round(rng.lognormal(2.5, 1.0, len(customer)), 2),
+                "amount": np.round(rng.lognormal(2.5, 1.0, len(customer)) * spend_factor[customer], 2),
                 "purchased_at": pa.array(purchased, type=pa.timestamp("us")),
             }
         )
@@ -166,39 +183,16 @@ def _stage(name: str, rows: int, seconds: float, peak: int, **extra) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     catalog = synthetic_catalog(args.products, args.archetypes, args.seed)
-    pooling = dict(as_of=AS_OF, half_life_days=args.half_life_days, chunk_lines=args.chunk_lines)
-    stages = []
-
-    reset_peak_rss()
     report, sample = PoolingReport(), CustomerSample(args.sample_size, args.seed)
-    generated = _TimedIterator(iter_synthetic_purchases(catalog, args.customers, args.lines_per_customer, args.seed))
-    pooled = _TimedIterator(iter_customer_vectors(generated, catalog.products, report=report, **pooling))
-    for chunk in pooled:
-        sample.add(chunk.customer_ids, chunk.vectors)
-    stages.append(_stage("pooling", report.lines_in, pooled.seconds - generated.seconds, peak_rss_bytes(),
-                         customers=report.customers_out, generating_seconds=round(generated.seconds, 3)))
-
-    reset_peak_rss()
-    started = time.perf_counter()
-    fit = fit_segments(sample.vectors, config=SegmentingConfig(seed=args.seed))
-    stages.append(_stage("fitting", len(sample), time.perf_counter() - started, peak_rss_bytes(), k=fit.model.k))
-
-    reset_peak_rss()
-    started = time.perf_counter()
-    profiler = SegmentProfiler(fit.model.segment_ids, catalog.products.product_ids)
-    generated = _TimedIterator(iter_synthetic_purchases(catalog, args.customers, args.lines_per_customer, args.seed))
-    pooled = _TimedIterator(iter_customer_vectors(generated, catalog.products, **pooling))
-    for chunk in pooled:
-        profiler.add(fit.model.assign(chunk.vectors), chunk)
+    pooling_stage = _pooling_stage(args, catalog, report, sample)
+    fitting_stage, fit = _fitting_stage(args, sample)
+    assigning_stage, profiler = _assigning_stage(args, catalog, fit.model)
     model, dropped = drop_empty_segments(fit.model, profiler.sizes)
     profiles = profiler.profiles(catalog.category_of)
-    assigned = sum(profiler.sizes.values())
-    stages.append(_stage("assigning", assigned, time.perf_counter() - started - pooled.seconds, peak_rss_bytes(),
-                         repooling_seconds=round(pooled.seconds - generated.seconds, 3),
-                         generating_seconds=round(generated.seconds, 3)))
+    stages = [pooling_stage, fitting_stage, assigning_stage]
     return {
         "machine": _machine(),
-        "parameters": vars(args),
+        "parameters": {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()},
         "stages": stages,
         "pooling_report": report.as_dict(),
         "fit": fit.summary(),
@@ -209,11 +203,65 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def _pooled_chunks(args: argparse.Namespace, catalog: SyntheticCatalog, report: PoolingReport | None = None):
+    """Timed generation and timed pooled chunks (whose time includes the generation's)."""
+    purchases = iter_synthetic_purchases(catalog, args.customers, args.lines_per_customer, args.seed)
+    generated = _TimedIterator(purchases)
+    chunks = iter_customer_vectors(
+        generated, catalog.products, as_of=AS_OF, half_life_days=args.half_life_days,
+        chunk_lines=args.chunk_lines, report=report,
+    )
+    pooled = _TimedIterator(chunks)
+    return generated, pooled
+
+
+def _pooling_stage(
+    args: argparse.Namespace, catalog: SyntheticCatalog, report: PoolingReport, sample: CustomerSample
+) -> dict:
+    reset_peak_rss()
+    generated, pooled = _pooled_chunks(args, catalog, report)
+    for chunk in pooled:
+        sample.add(chunk.customer_ids, chunk.vectors)
+    seconds = pooled.seconds - generated.seconds
+    return _stage("pooling", report.lines_in, seconds, peak_rss_bytes(), customers=report.customers_out,
+                  generating_seconds=round(generated.seconds, 3))
+
+
+def _fitting_stage(args: argparse.Namespace, sample: CustomerSample):
+    reset_peak_rss()
+    started = time.perf_counter()
+    fit = fit_segments(sample.vectors, config=SegmentingConfig(seed=args.seed))
+    return _stage("fitting", len(sample), time.perf_counter() - started, peak_rss_bytes(), k=fit.model.k), fit
+
+
+def _assigning_stage(args: argparse.Namespace, catalog: SyntheticCatalog, model):
+    """Pass 2: pool again (timed apart), assign and profile every chunk."""
+    reset_peak_rss()
+    started = time.perf_counter()
+    profiler = SegmentProfiler(model.segment_ids, catalog.products.product_ids)
+    generated, pooled = _pooled_chunks(args, catalog)
+    for chunk in pooled:
+        profiler.add(model.assign(chunk.vectors), chunk)
+    profiler.profiles(catalog.category_of)
+    seconds = time.perf_counter() - started - pooled.seconds
+    stage = _stage("assigning", sum(profiler.sizes.values()), seconds, peak_rss_bytes(),
+                   repooling_seconds=round(pooled.seconds - generated.seconds, 3),
+                   generating_seconds=round(generated.seconds, 3))
+    return stage, profiler
+
+
 def _machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1), "python": sys.version.split()[0]}
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory / 2**30, 1),
+        "python": sys.version.split()[0],
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def format_table(result: dict) -> str:
@@ -245,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
     print(format_table(result))
-    print(f"k={result['final_k']}  " + "; ".join(f"{s['id']}: {s['name']} ({s['size']:,})" for s in result["segments"]))
-    text = json.dumps(result, indent=2, default=str)
+    segments = "; ".join(f"{s['id']}: {s['name']} ({s['size']:,})" for s in result["segments"])
+    print(f"k={result['final_k']}  {segments}")
+    text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,8 @@ PURCHASE_COLUMNS = ("customer_id", "product_id", "amount", "purchased_at")
 MICROSECONDS_PER_DAY = 86_400_000_000
 DEFAULT_HALF_LIFE_DAYS = 90.0
 DEFAULT_CHUNK_LINES = 200_000
+LINE_IGNORE_REASONS = ("null_customer", "invalid_amount", "null_timestamp", "no_embedding")
+CUSTOMER_SKIP_REASONS = ("no_valid_purchases", "no_embedded_products", "degenerate_vector")
 # Below this norm a pooled vector has no direction worth keeping.
 MIN_POOLED_NORM = 1e-6
 
@@ -74,7 +76,7 @@ class ProductEmbeddings:
 
     @classmethod
     def from_arrays(cls, product_ids: Sequence[str] | pa.Array, vectors: np.ndarray) -> ProductEmbeddings:
-        ids = pa.array(product_ids, type=pa.string()) if not isinstance(product_ids, pa.Array) else product_ids
+        ids = product_ids if isinstance(product_ids, pa.Array) else pa.array(product_ids, type=pa.string())
         ids = ids.cast(pa.string())
         matrix = np.asarray(vectors, dtype=np.float32)
         if matrix.ndim != 2 or matrix.shape[0] != len(ids):
@@ -101,6 +103,11 @@ class ProductEmbeddings:
         return cls.from_arrays(table.column(id_column).combine_chunks(), flat.reshape(len(lengths), dims))
 
 
+def _zero_counts(reasons: tuple[str, ...]) -> Counter:
+    """Every reason present from the start, so run metadata always has the same keys."""
+    return Counter(dict.fromkeys(reasons, 0))
+
+
 @dataclass
 class PoolingReport:
     """What happened to the input, filled in while the chunks are consumed."""
@@ -109,9 +116,9 @@ class PoolingReport:
     customers_in: int = 0
     customers_out: int = 0
     chunks: int = 0
-    lines_ignored: Counter = field(default_factory=Counter)
+    lines_ignored: Counter = field(default_factory=lambda: _zero_counts(LINE_IGNORE_REASONS))
     lines_after_as_of: int = 0
-    customers_skipped: Counter = field(default_factory=Counter)
+    customers_skipped: Counter = field(default_factory=lambda: _zero_counts(CUSTOMER_SKIP_REASONS))
 
     def as_dict(self) -> dict:
         return {
@@ -224,9 +231,8 @@ def _whole_customer_tables(
     for batch in batches:
         table = _normalized_batch(batch)
         report.lines_in += table.num_rows
-        known = pc.is_valid(table.column("customer_id"))
-        report.lines_ignored["null_customer"] += table.num_rows - pc.sum(known).as_py() if table.num_rows else 0
-        table = table.filter(known)
+        report.lines_ignored["null_customer"] += table.column("customer_id").null_count
+        table = table.filter(pc.is_valid(table.column("customer_id")))
         if not table.num_rows:
             continue
         pending.append(table)
@@ -246,10 +252,12 @@ def _split_before_last_customer(table: pa.Table, chunk_lines: int) -> tuple[list
     last_start = int(starts[-1])
     ready, position = [], 0
     while last_start - position >= chunk_lines:
-        # The furthest customer start within chunk_lines, or the next one if a single
+        # The furthest customer start within chunk_lines, or the next start when a single
         # customer has more lines than chunk_lines.
         index = np.searchsorted(starts, position + chunk_lines, side="right") - 1
-        cut = int(starts[index]) if starts[index] > position else int(starts[np.searchsorted(starts, position, side="right")])
+        if starts[index] <= position:
+            index = np.searchsorted(starts, position, side="right")
+        cut = int(starts[index])
         ready.append(table.slice(position, cut - position))
         position = cut
     return ready, table.slice(position)
@@ -277,41 +285,57 @@ def _pool_table(
 ) -> CustomerChunk:
     customer_ids = table.column("customer_id").combine_chunks()
     starts = _run_starts(customer_ids)
-    customer_of_line = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(customer_ids))))
     report.customers_in += len(starts)
+    lines = _valid_lines(table, products, _customer_of_line(starts, len(customer_ids)), report)
+    report.lines_after_as_of += int((lines.day > as_of_day).sum())
+    embedded = lines.only(lines.product >= 0)
+    has_embedded = _count_skipped_customers(lines, embedded, len(starts), report)
 
-    lines = _valid_lines(table, products, customer_of_line, report)
-    has_valid = np.bincount(lines.customer, minlength=len(starts)) > 0
-    embedded = lines.product >= 0
-    has_embedded = np.bincount(lines.customer[embedded], minlength=len(starts)) > 0
+    ages = np.maximum(as_of_day - embedded.day, 0)
+    weights = _decayed_spend_weights(embedded.amount, ages, embedded.customer, half_life_days)
+    rows = _compact_rows(embedded.customer, has_embedded)
+    n_rows, n_products = int(has_embedded.sum()), len(products)
+    weight_matrix = _csr(rows, embedded.product, weights.astype(np.float32), n_rows, n_products)
+    vectors, usable = _normalized(weight_matrix @ products.vectors)
+    report.customers_skipped["degenerate_vector"] += int((~usable).sum())
+
+    kept = np.flatnonzero(has_embedded)[usable]
+    report.customers_out += len(kept)
+    rfm = _rfm(lines, as_of_day, len(starts))
+    spend = _csr(rows, embedded.product, embedded.amount, n_rows, n_products)
+    spend.sum_duplicates()
+    return CustomerChunk(
+        customer_ids=customer_ids.take(pa.array(starts[kept])),
+        vectors=vectors if usable.all() else vectors[usable],
+        recency_days=rfm.recency_days[kept],
+        frequency=rfm.frequency[kept],
+        monetary=rfm.monetary[kept],
+        product_spend=spend if usable.all() else spend[np.flatnonzero(usable)],
+    )
+
+
+def _customer_of_line(starts: np.ndarray, n_lines: int) -> np.ndarray:
+    return np.repeat(np.arange(len(starts)), np.diff(np.append(starts, n_lines)))
+
+
+def _count_skipped_customers(
+    lines: _Lines, embedded: _Lines, n_customers: int, report: PoolingReport
+) -> np.ndarray:
+    """Count customers with nothing to pool; return which customers have an embedded line."""
+    has_valid = np.bincount(lines.customer, minlength=n_customers) > 0
+    has_embedded = np.bincount(embedded.customer, minlength=n_customers) > 0
     report.customers_skipped["no_valid_purchases"] += int((~has_valid).sum())
     report.customers_skipped["no_embedded_products"] += int((has_valid & ~has_embedded).sum())
+    return has_embedded
 
-    ages = np.maximum(as_of_day - lines.day, 0)
-    report.lines_after_as_of += int((lines.day > as_of_day).sum())
-    weights = _decayed_spend_weights(lines.amount[embedded], ages[embedded], lines.customer[embedded], half_life_days)
-    rows = _compact_rows(lines.customer[embedded], has_embedded)
-    n_rows = int(has_embedded.sum())
-    weight_matrix = _csr(rows, lines.product[embedded], weights.astype(np.float32), n_rows, len(products))
-    pooled = np.asarray(weight_matrix @ products.vectors, dtype=np.float32)
+
+def _normalized(pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to unit norm in place, and which rows had a usable norm."""
+    pooled = np.asarray(pooled, dtype=np.float32)
     norms = _row_norms(pooled)
     usable = np.isfinite(norms) & (norms > MIN_POOLED_NORM)
     pooled /= np.where(usable, norms, 1.0).astype(np.float32)[:, None]
-    report.customers_skipped["degenerate_vector"] += int((~usable).sum())
-
-    rfm = _rfm(lines, as_of_day, len(starts))
-    keep_customers = np.flatnonzero(has_embedded)[usable]
-    spend = _csr(rows, lines.product[embedded], lines.amount[embedded], n_rows, len(products))
-    spend.sum_duplicates()
-    report.customers_out += len(keep_customers)
-    return CustomerChunk(
-        customer_ids=customer_ids.take(pa.array(starts[keep_customers])),
-        vectors=pooled if usable.all() else pooled[usable],
-        recency_days=rfm.recency_days[keep_customers],
-        frequency=rfm.frequency[keep_customers],
-        monetary=rfm.monetary[keep_customers],
-        product_spend=spend[np.flatnonzero(usable)] if not usable.all() else spend,
-    )
+    return pooled, usable
 
 
 @dataclass(frozen=True)
@@ -322,6 +346,9 @@ class _Lines:
     product: np.ndarray
     amount: np.ndarray
     day: np.ndarray
+
+    def only(self, mask: np.ndarray) -> _Lines:
+        return _Lines(self.customer[mask], self.product[mask], self.amount[mask], self.day[mask])
 
 
 def _valid_lines(
@@ -359,7 +386,9 @@ def _compact_rows(customer: np.ndarray, kept: np.ndarray) -> np.ndarray:
     return (np.cumsum(kept) - 1)[customer]
 
 
-def _csr(rows: np.ndarray, columns: np.ndarray, values: np.ndarray, n_rows: int, n_columns: int) -> sp.csr_matrix:
+def _csr(
+    rows: np.ndarray, columns: np.ndarray, values: np.ndarray, n_rows: int, n_columns: int
+) -> sp.csr_matrix:
     """CSR from entries already grouped by row (no sort needed; duplicates are summed by @)."""
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])

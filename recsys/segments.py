@@ -17,14 +17,23 @@ Method (the choices, and why):
 * **k by silhouette** (Euclidean, on the first `silhouette_sample` customers of the sample) for
   k in [k_min, k_max]. With a previous model, its k is kept unless another k beats it by
   `k_switch_margin`: a coin-flip between two k's would otherwise reshuffle every segment.
-* **Stable ids.** When the previous model (ids + centroids) is given, its centroids also seed one
-  more candidate fit (warm start, extended by k-means++ when k grew, started as if each centroid
-  had already seen its current members so that it stays in the previous solution's basin); that
-  candidate wins unless a cold fit has an inertia lower by more than `warm_start_slack`. New centroids are then
-  matched to the previous ones by the Hungarian algorithm on cosine distance; a pair farther
-  apart than `max_match_distance` is no match. A matched centroid inherits the old id; the others
-  get fresh ids above every previous id; previous ids left unmatched are reported as retired.
-  Without a previous model, ids are 0..k-1 by decreasing size on the sample.
+* **Stable ids.** Given the previous model (ids + centroids), continuity is preferred. The
+  candidates, most stable first: the previous centroids unchanged (when k is the same), a refit
+  started from them (k-means++ adds centroids when k grew; it starts as if each centroid had
+  already seen its current members, so it stays in the previous solution's basin), and the best
+  cold fit. A less stable candidate wins only if it lowers the sample inertia by more than
+  `min_refit_gain` (against the unchanged centroids) or `warm_start_slack` (against the refit):
+  segments move when the data moved, not because of sampling noise or another local optimum.
+  The chosen centroids are then matched to the previous ones by the Hungarian algorithm on
+  cosine distance (scipy's linear_sum_assignment); a pair farther apart than
+  `max_match_distance` is no match. A matched centroid inherits the old id; the others get fresh
+  ids above the previous model's largest id (an id retired before the previous run is unknown
+  here and may come back if it was the largest); previous ids left unmatched are reported as
+  retired. Without a previous model, ids are 0..k-1 by decreasing size on the sample.
+  Measured on pooled synthetic purchases (8,000 customers, 2 % of the lines dropped, amounts
+  +-2 %, 5 catalogs): 97.8-98.3 % of customers keep their id, which is what reassigning the
+  changed vectors to unchanged centroids gives; refits from the previous centroids kept
+  93.7-98 %, and cold refits matched by the Hungarian step alone 69-86 %.
 * **Empty segments are dropped and reported, never reseeded**: reseeding would hand an existing
   id to customers unrelated to the ones it named. A centroid that gets no sample customer is
   dropped in `fit_segments`; one that gets no customer at all in the full assignment is dropped
@@ -49,6 +58,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 
@@ -75,7 +85,8 @@ def id_priorities(customer_ids: pa.Array, seed: int) -> np.ndarray:
     if ids.null_count:
         raise ValueError("customer ids must not be null")
     offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64)[ids.offset : ids.offset + len(ids) + 1]
-    data = np.frombuffer(ids.buffers()[2], dtype=np.uint8) if ids.buffers()[2] is not None else np.zeros(1, np.uint8)
+    data_buffer = ids.buffers()[2]
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(1, np.uint8)
     starts, lengths = offsets[:-1], np.diff(offsets)
     hashes = np.full(len(ids), _FNV_OFFSET, dtype=np.uint64)
     with np.errstate(over="ignore"):
@@ -179,7 +190,26 @@ class SegmentModel:
 
     def assign(self, vectors: np.ndarray) -> np.ndarray:
         """The segment id of the nearest centroid (Euclidean) for each row; ties go to the lower row."""
-        return self.segment_ids[_nearest(np.asarray(vectors, dtype=np.float32), self.centroids)]
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.centroids.shape[1]:
+            raise ValueError(f"vectors must be (n x {self.centroids.shape[1]}), got {vectors.shape}")
+        return self.segment_ids[_nearest(vectors, self.centroids)]
+
+    def to_arrow(self) -> pa.Table:
+        """segment_id (int64), centroid (fixed-size list of float32): what to save for the next run."""
+        flat = pa.array(self.centroids.astype(np.float32).ravel(), type=pa.float32())
+        centroids = pa.FixedSizeListArray.from_arrays(flat, self.centroids.shape[1])
+        return pa.table({"segment_id": pa.array(self.segment_ids, pa.int64()), "centroid": centroids})
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table) -> SegmentModel:
+        """Back from `to_arrow` (rows in any order; sorted by id here)."""
+        table = table.sort_by("segment_id")
+        centroids = table.column("centroid").combine_chunks()
+        dims = centroids.type.list_size if pa.types.is_fixed_size_list(centroids.type) else len(centroids[0])
+        flat = pc.list_flatten(centroids).to_numpy(zero_copy_only=False)
+        ids = table.column("segment_id").to_numpy().astype(np.int64)
+        return cls(ids, flat.astype(np.float32).reshape(len(ids), dims))
 
 
 @dataclass(frozen=True)
@@ -195,7 +225,8 @@ class SegmentingConfig:
     warm_start: bool = True          # also try the previous centroids as the initialization
     silhouette_sample: int = 3000
     k_switch_margin: float = 0.02    # silhouette gain needed to leave the previous k
-    warm_start_slack: float = 0.01   # relative inertia the warm start may lose and still win
+    warm_start_slack: float = 0.03   # inertia a refit from the previous centroids may lose and still win
+    min_refit_gain: float = 0.005    # inertia gain needed to move the previous centroids at all
     max_match_distance: float = 0.3  # cosine distance beyond which two centroids are different segments
 
 
@@ -230,7 +261,9 @@ class SegmentFit:
 
 
 def fit_segments(
-    sample_vectors: np.ndarray, previous: SegmentModel | None = None, config: SegmentingConfig = SegmentingConfig()
+    sample_vectors: np.ndarray,
+    previous: SegmentModel | None = None,
+    config: SegmentingConfig = SegmentingConfig(),
 ) -> SegmentFit:
     """Choose k, fit mini-batch k-means on the sample and give the centroids stable ids."""
     with _single_threaded_blas():
@@ -274,19 +307,23 @@ def _checked_sample(sample_vectors: np.ndarray, previous: SegmentModel | None) -
 
 
 def _k_values(config: SegmentingConfig, n: int) -> list[int]:
-    """The k range, clipped so every k leaves room for a silhouette (k < sample size)."""
+    """[k_min, k_max], clipped so that every k leaves room for a silhouette (k < customers);
+    a sample too small for k_min gets the k's it can hold, down to 2."""
     top = min(config.k_max, min(n, config.silhouette_sample) - 1)
-    values = list(range(max(2, config.k_min), top + 1))
-    if not values:
-        raise ValueError(f"no k in [{config.k_min}, {config.k_max}] fits a sample of {n}")
-    return values
+    bottom = min(max(2, config.k_min), top)
+    if top < 2 or config.k_max < 2:
+        raise ValueError(f"segments need k >= 2 and at least 3 customers (sample: {n})")
+    return list(range(bottom, top + 1))
 
 
-def _choose_k(scores: dict[int, float], previous: SegmentModel | None, config: SegmentingConfig) -> tuple[int, str]:
+def _choose_k(
+    scores: dict[int, float], previous: SegmentModel | None, config: SegmentingConfig
+) -> tuple[int, str]:
     best = max(scores, key=lambda k: (scores[k], -k))  # ties: the smaller k
     if previous is not None and previous.k in scores and previous.k != best:
         if scores[best] < scores[previous.k] + config.k_switch_margin:
-            return previous.k, f"kept the previous k={previous.k} (best k={best} gains < {config.k_switch_margin})"
+            gain = scores[best] - scores[previous.k]
+            return previous.k, f"kept the previous k={previous.k} (k={best} gains only {gain:.4f})"
     return best, f"highest silhouette (k={best})"
 
 
@@ -306,7 +343,9 @@ def _best_fit(vectors: np.ndarray, k: int, config: SegmentingConfig) -> _Fit:
     return min(fits, key=lambda fit: fit.inertia)  # min keeps the first of equals
 
 
-def _silhouette_by_k(vectors: np.ndarray, fits: Mapping[int, _Fit], config: SegmentingConfig) -> dict[int, float]:
+def _silhouette_by_k(
+    vectors: np.ndarray, fits: Mapping[int, _Fit], config: SegmentingConfig
+) -> dict[int, float]:
     """Mean silhouette of each k's fit, on a prefix of the sample (itself a uniform sample)."""
     subsample = vectors[: config.silhouette_sample]
     distances = _euclidean_distances(subsample)
@@ -316,18 +355,24 @@ def _silhouette_by_k(vectors: np.ndarray, fits: Mapping[int, _Fit], config: Segm
 def _with_warm_start(
     vectors: np.ndarray, best: _Fit, previous: SegmentModel | None, config: SegmentingConfig
 ) -> _Fit:
-    """Refit from the previous centroids (k-means++ adds any extra ones); keep that fit unless
-    the best cold fit beats it by more than warm_start_slack."""
+    """Prefer continuity. Candidates, most stable first: the previous centroids as they are (same
+    k only), a refit started from them (k-means++ adds any extra ones), the best cold fit. A less
+    stable candidate wins only if its inertia is lower by more than the margin: min_refit_gain
+    against the unchanged centroids, warm_start_slack against the refit."""
     k = len(best.centroids)
     if not config.warm_start or previous is None or previous.k > k:
         return best
     rng = np.random.default_rng([config.seed, k, config.n_init])  # a stream no cold attempt uses
     start = _kmeans_plus_plus(vectors, k, rng, initial=previous.centroids)
     warm = _minibatch_kmeans(vectors, start, rng, config, trusted_start=True)
-    warm_inertia = _inertia(vectors, warm)
-    if warm_inertia <= best.inertia * (1 + config.warm_start_slack):
-        return _Fit(warm, warm_inertia, "previous centroids")
-    return best
+    chosen = best
+    if _inertia(vectors, warm) <= best.inertia * (1 + config.warm_start_slack):
+        chosen = _Fit(warm, _inertia(vectors, warm), "refit from the previous centroids")
+    if previous.k == k:
+        unchanged = previous.centroids.astype(np.float32, copy=True)
+        if _inertia(vectors, unchanged) <= chosen.inertia * (1 + config.min_refit_gain):
+            chosen = _Fit(unchanged, _inertia(vectors, unchanged), "previous centroids unchanged")
+    return chosen
 
 
 def _minibatch_kmeans(
@@ -400,7 +445,8 @@ def _kmeans_plus_plus(
             centers.append(vectors[rng.integers(len(vectors))])
             continue
         candidates = rng.choice(len(vectors), size=trials, p=closest / total)
-        updated = np.minimum(closest[None, :], _squared_distances(vectors, vectors[candidates], squared_norms).T)
+        to_candidates = _squared_distances(vectors, vectors[candidates], squared_norms).T
+        updated = np.minimum(closest[None, :], to_candidates)
         best = int(np.argmin(updated.sum(axis=1)))
         centers.append(vectors[candidates[best]])
         closest = updated[best]
@@ -454,7 +500,8 @@ def _mean_silhouette(distances: np.ndarray, labels: np.ndarray) -> float:
     mean_to[np.arange(len(labels)), labels] = np.inf
     mean_to[:, counts == 0] = np.inf
     nearest_other = mean_to.min(axis=1)
-    scores = (nearest_other - within) / np.maximum(within, nearest_other)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scores = (nearest_other - within) / np.maximum(within, nearest_other)
     scores[(counts[labels] <= 1) | ~np.isfinite(scores)] = 0.0
     return float(scores.mean())
 
@@ -662,7 +709,13 @@ class SegmentProfiler:
         return categories.tolist(), codes
 
     def _profile(
-        self, row: int, segment_id: int, total: int, categories: list[str], category_spend: np.ndarray, top_n: int
+        self,
+        row: int,
+        segment_id: int,
+        total: int,
+        categories: list[str],
+        category_spend: np.ndarray,
+        top_n: int,
     ) -> SegmentProfile:
         size = int(self._sizes[row])
         medians = {
@@ -743,7 +796,8 @@ def fallback_names(
     for profile in profiles:
         lead = _distinctive_category(profile, global_category_shares) if has_categories else None
         lead = lead or f"Segment {profile.segment_id}"
-        names[profile.segment_id] = f"{lead} {_persona(profile, global_medians)} · {_value_tier(profile, global_medians)}"
+        persona, value = _persona(profile, global_medians), _value_tier(profile, global_medians)
+        names[profile.segment_id] = f"{lead} {persona} · {value}"
     counts: dict[str, int] = {}
     for name in names.values():
         counts[name] = counts.get(name, 0) + 1
@@ -751,7 +805,9 @@ def fallback_names(
 
 
 def _distinctive_category(profile: SegmentProfile, global_shares: Mapping[str, float]) -> str | None:
-    candidates = [(c, s) for c, s in profile.top_categories if s >= MIN_NAMING_CATEGORY_SHARE and c != UNCATEGORIZED]
+    candidates = [
+        (c, s) for c, s in profile.top_categories if s >= MIN_NAMING_CATEGORY_SHARE and c != UNCATEGORIZED
+    ]
     if not candidates:
         return None
     lift = lambda item: item[1] / max(global_shares.get(item[0], 0.0), 1e-12)  # noqa: E731

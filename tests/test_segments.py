@@ -126,6 +126,21 @@ def test_ids_survive_a_two_percent_perturbation_of_pooled_purchases():
     assert same_id_share(*runs[0], *runs[1]) >= 0.95
 
 
+def test_when_the_data_moves_the_centroids_follow_and_keep_their_ids():
+    centers = planted_centers(5, seed=30)
+    ids, vectors, truth = planted_customers(centers, 4000, seed=31)
+    first = fit(ids, vectors)
+    drifted = unit(centers + 0.35 * np.random.default_rng(32).standard_normal(centers.shape) / np.sqrt(DIMS))
+    assert (np.sum(drifted * centers, axis=1) < 0.97).all()
+    ids_second, vectors_second, truth_second = planted_customers(drifted, 4000, seed=33, first_id=10**6)
+    second = fit(ids_second, vectors_second, previous=first.model)
+    assert second.init == "refit from the previous centroids"
+    assert second.kept_ids == first.model.segment_ids.tolist()
+    labels_first, labels_second = first.model.assign(vectors), second.model.assign(vectors_second)
+    for cluster in range(5):
+        assert majority(labels_first[truth == cluster]) == majority(labels_second[truth_second == cluster])
+
+
 def test_a_new_cluster_gets_a_fresh_id_and_the_others_keep_theirs():
     centers = planted_centers(6, seed=12)
     ids, vectors, _ = planted_customers(centers[:5], 5000, seed=13)
@@ -172,7 +187,7 @@ def test_a_segment_nobody_joins_is_dropped_and_reported():
     # In the fit: a previous centroid that no sampled customer is near is dropped too, not reseeded.
     config = SegmentingConfig(**{**CONFIG.__dict__, "k_min": 5, "k_max": 5, "warm_start_slack": 1.0})
     refit = fit(ids, vectors, previous=model, config=config)
-    assert refit.init == "previous centroids"
+    assert refit.init.startswith("previous centroids")
     assert refit.dropped_empty == 1 and refit.retired_ids == [9]
     assert refit.model.segment_ids.tolist() == fitted.segment_ids.tolist()
 
@@ -359,3 +374,39 @@ def test_a_well_formed_answer_gives_the_names():
 )
 def test_a_malformed_answer_gives_none(answer):
     assert parse_segment_names(answer, [1, 4]) is None
+
+
+def test_the_model_round_trips_through_arrow():
+    ids, vectors, _ = planted_customers(planted_centers(4, seed=26), 2000, seed=27)
+    model = fit(ids, vectors).model
+    shuffled = SegmentModel(model.segment_ids[::-1] + 10, model.centroids[::-1].copy())
+    back = SegmentModel.from_arrow(shuffled.to_arrow())
+    assert back.segment_ids.tolist() == sorted(shuffled.segment_ids.tolist())
+    np.testing.assert_array_equal(back.assign(vectors), shuffled.assign(vectors))
+
+
+def test_identical_customers_make_one_segment_and_the_rest_are_dropped_as_empty():
+    same = np.tile(unit(np.ones((1, DIMS))), (200, 1)).astype(np.float32)
+    result = fit_segments(same, config=CONFIG)
+    assert result.model.k == 1 and result.dropped_empty == result.chosen_k - 1
+    assert set(result.model.assign(same).tolist()) == {0}
+
+
+def test_a_sample_smaller_than_k_min_still_gets_segments():
+    ids, vectors, _ = planted_customers(planted_centers(2, seed=28), 4, seed=29)
+    assert fit_segments(vectors, config=CONFIG).chosen_k in (2, 3)
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_segments(vectors[:2], config=CONFIG)
+
+
+def test_the_benchmark_runs_at_small_scale(tmp_path):
+    """The CI smoke run of bench/segments.py, so that it cannot rot."""
+    from bench.segments import main
+
+    out = tmp_path / "segments.json"
+    assert main(["--customers", "3000", "--products", "800", "--sample-size", "1500", "--json-out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [s["stage"] for s in result["stages"]] == ["pooling", "fitting", "assigning"]
+    assert result["stages"][0]["rows"] == result["pooling_report"]["lines_in"] > 3000
+    assert result["stages"][2]["rows"] == sum(s["size"] for s in result["segments"]) == 3000
+    assert all(stage["peak_rss_mib"] > 0 for stage in result["stages"])

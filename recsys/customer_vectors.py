@@ -133,7 +133,7 @@ class PoolingReport:
 
 
 @dataclass(frozen=True)
-class CustomerChunk:
+class CustomerVectorChunk:
     """Pooled vectors and RFM values of the customers of one chunk, in input order.
 
     `product_spend` is (customers x products of the ProductEmbeddings), the summed amount per
@@ -161,8 +161,8 @@ def iter_customer_vectors(
     half_life_days: float = DEFAULT_HALF_LIFE_DAYS,
     chunk_lines: int = DEFAULT_CHUNK_LINES,
     report: PoolingReport | None = None,
-) -> Iterator[CustomerChunk]:
-    """Yield one CustomerChunk per ~`chunk_lines` purchase lines, whole customers only.
+) -> Iterator[CustomerVectorChunk]:
+    """Yield one CustomerVectorChunk per ~`chunk_lines` purchase lines, whole customers only.
 
     `purchase_batches` need the columns customer_id (str), product_id (str), amount (float),
     purchased_at (timestamp or date), sorted by customer_id. `report` is updated in place.
@@ -282,7 +282,7 @@ def _check_sorted(customer_ids: pa.ChunkedArray, previous_last_id: str | None) -
 
 def _pool_table(
     table: pa.Table, products: ProductEmbeddings, as_of_day: int, half_life_days: float, report: PoolingReport
-) -> CustomerChunk:
+) -> CustomerVectorChunk:
     customer_ids = table.column("customer_id").combine_chunks()
     starts = _run_starts(customer_ids)
     report.customers_in += len(starts)
@@ -304,7 +304,7 @@ def _pool_table(
     rfm = _rfm(lines, as_of_day, len(starts))
     spend = _csr(rows, embedded.product, embedded.amount, n_rows, n_products)
     spend.sum_duplicates()
-    return CustomerChunk(
+    return CustomerVectorChunk(
         customer_ids=customer_ids.take(pa.array(starts[kept])),
         vectors=vectors if usable.all() else vectors[usable],
         recency_days=rfm.recency_days[kept],

@@ -638,7 +638,7 @@ class SegmentProfiler:
         self._spend = np.zeros((k, n_products))
 
     def add(self, segment_of_customer: np.ndarray, chunk) -> None:
-        """Add a CustomerChunk (or anything with the same RFM and product_spend attributes)."""
+        """Add a CustomerVectorChunk (or anything with the same RFM and product_spend attributes)."""
         self.add_arrays(
             segment_of_customer, chunk.recency_days, chunk.frequency, chunk.monetary, chunk.product_spend
         )

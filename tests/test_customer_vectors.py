@@ -31,7 +31,10 @@ def purchases(rows: list[tuple]) -> pa.Table:
 
 def pool(table: pa.Table, products: ProductEmbeddings, batch_rows: int | None = None, **options):
     report = PoolingReport()
-    batches = table.to_batches(max_chunksize=batch_rows) if batch_rows else [table]
+    if not isinstance(table, pa.Table):  # already a stream of batches
+        batches = table
+    else:
+        batches = table.to_batches(max_chunksize=batch_rows) if batch_rows else [table]
     chunks = list(iter_customer_vectors(batches, products, as_of=AS_OF, report=report, **options))
     return chunks, report
 
@@ -49,7 +52,8 @@ def axes() -> ProductEmbeddings:
 
 def random_catalog(n_products: int, dims: int, seed: int) -> ProductEmbeddings:
     rng = np.random.default_rng(seed)
-    return ProductEmbeddings.from_arrays([f"p{i:04d}" for i in range(n_products)], rng.standard_normal((n_products, dims)))
+    ids = [f"p{i:04d}" for i in range(n_products)]
+    return ProductEmbeddings.from_arrays(ids, rng.standard_normal((n_products, dims)))
 
 
 def random_purchases(n_customers: int, n_products: int, seed: int) -> pa.Table:
@@ -57,7 +61,8 @@ def random_purchases(n_customers: int, n_products: int, seed: int) -> pa.Table:
     rows = []
     for c in range(n_customers):
         for _ in range(int(rng.integers(1, 12))):
-            rows.append((f"c{c:06d}", f"p{int(rng.integers(0, n_products)):04d}", float(rng.lognormal(2, 1)), int(rng.integers(0, 900))))
+            product = f"p{int(rng.integers(0, n_products)):04d}"
+            rows.append((f"c{c:06d}", product, float(rng.lognormal(2, 1)), int(rng.integers(0, 900))))
     return purchases(rows)
 
 
@@ -112,9 +117,8 @@ def test_chunked_and_batched_equal_one_shot_exactly():
     assert one_ids == many_ids
     np.testing.assert_array_equal(one_vectors, many_vectors)
     for name in ("recency_days", "frequency", "monetary"):
-        np.testing.assert_array_equal(
-            np.concatenate([getattr(c, name) for c in one_chunks]), np.concatenate([getattr(c, name) for c in many_chunks])
-        )
+        one = np.concatenate([getattr(c, name) for c in one_chunks])
+        np.testing.assert_array_equal(one, np.concatenate([getattr(c, name) for c in many_chunks]))
     assert one_report.as_dict() | {"chunks": 0} == many_report.as_dict() | {"chunks": 0}
 
 
@@ -150,8 +154,12 @@ def test_customers_without_embeddable_purchases_are_skipped_and_counted(axes):
     ids, _ = concatenated(chunks)
     assert ids == ["a", "f"]
     assert report.customers_in == 6 and report.customers_out == 2
-    assert dict(report.customers_skipped) == {"no_embedded_products": 1, "no_valid_purchases": 3, "degenerate_vector": 0}
-    assert report.lines_ignored == {"null_customer": 1, "invalid_amount": 4, "null_timestamp": 1, "no_embedding": 2}
+    assert report.customers_skipped == {
+        "no_embedded_products": 1, "no_valid_purchases": 3, "degenerate_vector": 0,
+    }
+    assert report.lines_ignored == {
+        "null_customer": 1, "invalid_amount": 4, "null_timestamp": 1, "no_embedding": 2,
+    }
     f = chunks[0].customer_ids.to_pylist().index("f")
     # The unembedded line still counts as spend; the NaN line does not.
     assert chunks[0].monetary[f] == pytest.approx(6.0)
@@ -185,8 +193,9 @@ def test_unsorted_input_is_refused(axes):
 def test_timezone_aware_and_date_columns_pool_like_naive_timestamps(axes):
     table = purchases([("a", "p1", 3.0, 10), ("a", "p2", 1.0, 100)])
     naive, _ = pool(table, axes)
-    aware = table.set_column(3, "purchased_at", table.column("purchased_at").cast(pa.timestamp("ns", tz="UTC")))
-    dated = table.set_column(3, "purchased_at", table.column("purchased_at").cast(pa.date32()))
+    column = table.column("purchased_at")
+    aware = table.set_column(3, "purchased_at", column.cast(pa.timestamp("ns", tz="UTC")))
+    dated = table.set_column(3, "purchased_at", column.cast(pa.date32()))
     for other in (aware, dated):
         chunks, _ = pool(other, axes)
         np.testing.assert_array_equal(chunks[0].vectors, naive[0].vectors)
@@ -209,3 +218,24 @@ def test_product_embeddings_from_an_arrow_table():
     })
     products = ProductEmbeddings.from_arrow(table)
     np.testing.assert_allclose(products.vectors, [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
+
+
+def test_pooling_reads_a_duckdb_arrow_reader_sorted_by_customer(axes):
+    """The way the asset feeds it: ORDER BY customer_id, record batches of a configurable size."""
+    import duckdb
+
+    table = purchases([
+        ("Zoë", "p1", 2.0, 3), ("a", "p2", 1.0, 1), ("é", "p3", 4.0, 2),
+        ("a", "p1", 3.0, 8), ("ab", "p3", 1.0, 0), ("Zoë", "p2", 1.0, 40),
+    ])
+    con = duckdb.connect()
+    try:
+        con.register("purchases", table)
+        reader = con.sql("SELECT * FROM purchases ORDER BY customer_id").to_arrow_reader(2)
+        chunks, report = pool(reader, axes, chunk_lines=2)
+    finally:
+        con.close()
+    ids, vectors = concatenated(chunks)
+    assert ids == ["Zoë", "a", "ab", "é"] and report.customers_out == 4
+    expected, _ = pool(table.sort_by("customer_id"), axes)
+    np.testing.assert_array_equal(vectors, concatenated(expected)[1])

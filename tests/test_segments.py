@@ -113,14 +113,16 @@ def test_ids_survive_a_two_percent_perturbation_of_pooled_purchases():
     rng = np.random.default_rng(9)
     # 2 % of the purchase lines gone, every amount within +-2 %.
     changed = table.filter(pa.array(rng.random(table.num_rows) >= 0.02))
-    changed = changed.set_column(2, "amount", pa.array(changed.column("amount").to_numpy() * rng.uniform(0.98, 1.02, changed.num_rows)))
+    amounts = changed.column("amount").to_numpy() * rng.uniform(0.98, 1.02, changed.num_rows)
+    changed = changed.set_column(2, "amount", pa.array(amounts))
     runs = []
     previous = None
     for purchases in (table, changed):
         chunks = list(iter_customer_vectors(purchases.to_batches(50_000), catalog.products, as_of=AS_OF))
         ids = [i for c in chunks for i in c.customer_ids.to_pylist()]
         vectors = np.concatenate([c.vectors for c in chunks])
-        result = fit(ids, vectors, previous=previous, config=SegmentingConfig(silhouette_sample=2000), sample_size=5000)
+        config = SegmentingConfig(silhouette_sample=2000)
+        result = fit(ids, vectors, previous=previous, config=config, sample_size=5000)
         runs.append((ids, result.model.assign(vectors)))
         previous = result.model
     assert same_id_share(*runs[0], *runs[1]) >= 0.95
@@ -174,7 +176,8 @@ def test_a_segment_nobody_joins_is_dropped_and_reported():
     ids, vectors, _ = planted_customers(planted_centers(4, seed=17), 3000, seed=18)
     fitted = fit(ids, vectors).model
     away = -unit(vectors.mean(axis=0, keepdims=True))
-    model = SegmentModel(np.append(fitted.segment_ids, 9), np.concatenate([fitted.centroids, away]).astype(np.float32))
+    centroids = np.concatenate([fitted.centroids, away]).astype(np.float32)
+    model = SegmentModel(np.append(fitted.segment_ids, 9), centroids)
 
     profiler = SegmentProfiler(model.segment_ids, pa.array(["p"]))
     n = len(vectors)
@@ -249,7 +252,8 @@ def test_hungarian_matching_follows_the_centroids_not_their_order():
     nudged = unit(old + 0.05 * rng.standard_normal(old.shape))
     brand_new = planted_centers(1, seed=25)
     centroids = np.concatenate([nudged[[2, 0, 1]], brand_new])        # 12 has no successor
-    ids, kept, new, retired = match_segment_ids(centroids, np.array([5, 4, 3, 9]), previous, max_match_distance=0.3)
+    sizes = np.array([5, 4, 3, 9])
+    ids, kept, new, retired = match_segment_ids(centroids, sizes, previous, max_match_distance=0.3)
     assert ids.tolist() == [11, 3, 7, 13]
     assert kept == [3, 7, 11] and new == [13] and retired == [12]
 
@@ -295,7 +299,8 @@ def test_profiles_are_the_same_whatever_the_chunking():
     whole.add_arrays(d["labels"], d["recency"], d["frequency"], d["monetary"], d["spend"])
     parts, _ = profiler_with_two_segments()
     for rows in (slice(0, 2), slice(2, 5), slice(5, 7)):
-        parts.add_arrays(d["labels"][rows], d["recency"][rows], d["frequency"][rows], d["monetary"][rows], d["spend"][rows])
+        columns = [d[name][rows] for name in ("labels", "recency", "frequency", "monetary", "spend")]
+        parts.add_arrays(*columns)
     assert whole.profiles(d["category_of"]) == parts.profiles(d["category_of"])
 
 
@@ -309,7 +314,7 @@ def profile(**values) -> SegmentProfile:
 @pytest.mark.parametrize(
     "values, name",
     [
-        ({}, "Garden regulars · mid value"),                         # Garden: 0.3 vs 0.1 overall, highest lift
+        ({}, "Garden regulars · mid value"),   # Garden: 0.3 here vs 0.1 overall, the highest lift
         ({"recency_days_median": 61}, "Garden lapsed · mid value"),
         ({"recency_days_median": 59}, "Garden regulars · mid value"),
         ({"frequency_median": 4.5}, "Garden loyalists · mid value"),
@@ -404,7 +409,8 @@ def test_the_benchmark_runs_at_small_scale(tmp_path):
     from bench.segments import main
 
     out = tmp_path / "segments.json"
-    assert main(["--customers", "3000", "--products", "800", "--sample-size", "1500", "--json-out", str(out)]) == 0
+    arguments = ["--customers", "3000", "--products", "800", "--sample-size", "1500", "--json-out", str(out)]
+    assert main(arguments) == 0
     result = json.loads(out.read_text())
     assert [s["stage"] for s in result["stages"]] == ["pooling", "fitting", "assigning"]
     assert result["stages"][0]["rows"] == result["pooling_report"]["lines_in"] > 3000

@@ -86,8 +86,9 @@ class ProductEmbeddings:
         norms = _row_norms(matrix)
         usable = np.isfinite(norms) & (norms > 0)
         dropped = tuple(ids.filter(pa.array(~usable)).to_pylist())
-        kept = matrix[usable] / norms[usable, None]
-        return cls(ids.filter(pa.array(usable)), np.ascontiguousarray(kept, dtype=np.float32), dropped)
+        kept = matrix[usable]
+        kept /= norms[usable, None].astype(np.float32)
+        return cls(ids.filter(pa.array(usable)), np.ascontiguousarray(kept), dropped)
 
     @classmethod
     def from_arrow(

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets import embeddings, ingestion, outputs, sql_models, validation
+from assets import embeddings, ingestion, outputs, segments, sql_models, validation
 from assets.partitions import daily_partitions
 from resources import build_resources
 import sensors
@@ -21,6 +21,7 @@ defs = dg.Definitions.merge(
     sensors.defs,
     sql_models.defs,
     dg.Definitions(assets=[embeddings.product_embeddings]),
+    segments.defs,
     outputs.defs,
     dg.Definitions(resources=build_resources(), jobs=[daily_pipeline]),
 )

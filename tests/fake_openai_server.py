@@ -265,10 +265,11 @@ class _FakeOpenAIHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         """`GET /_stats` (counters as JSON) and `GET /_reset`, for a server in another process."""
-        if self.path == "/_reset":
-            self.fake.reset_stats()
         if self.path in ("/_stats", "/_reset"):
-            self._send_json(200, self.fake.stats_summary())
+            summary = self.fake.stats_summary()  # the counters so far, then reset if asked
+            if self.path == "/_reset":
+                self.fake.reset_stats()
+            self._send_json(200, summary)
         else:
             self._send_json(404, {"error": {"message": f"no route {self.path}"}})
 

@@ -1,0 +1,570 @@
+"""The recommender: fit EASE on a purchases stream, then score customers chunk by chunk.
+
+    model = Recommender.fit(purchases, config=RecommenderConfig(), as_of=None)
+    for part in model.recommend(purchases, catalog):   # RecommendationChunk, in stream order
+        part.recommendations                            # pa.RecordBatch, RECOMMENDATION_SCHEMA
+
+Fitting reads the purchases three times (never all at once):
+1. item scan: product vocabulary, distinct buyers per product, customers, latest timestamp;
+   the model items are the top `max_items` products by distinct buyers (at least
+   `min_item_buyers`), sorted by product_id so column order is the tie-break order;
+2. Gram pass: Gram matrix, recent popularity and spend statistics for the full history
+   (before as_of) and, when calibrating, for the history before the validation cut-off
+   (as_of - calibration_days);
+3. calibration pass: a validation model (fitted on the history before the cut-off) ranks a
+   systematic sample of customers; the outcomes in [cut-off, as_of) calibrate confidence and
+   predicted value. Then the final model is solved.
+
+Confidence = P(the customer buys this product within the next `calibration_days` days), estimated
+by isotonic regression of the score on the validation outcomes, separately for the
+collaborative and the popularity strategy. The validation population is every sampled customer
+with history before the cut-off (churned ones included), so confidences are honest and low:
+a hit rate among customers who did come back (the evaluation's population) is higher.
+
+predicted_value (currency) = confidence x expected spend if bought, where expected spend =
+spend per buyer of the product (total spend on it / distinct buyers, before as_of) x the
+customer's spend index (their spend on their products / what typical buyers of those products
+spend, clipped to `spend_index_bounds`) x a correction factor (realized / expected spend of the
+validation hits, so the scale matches what customers really spent within the horizon).
+
+Rules (applied here and by the evaluation's baselines alike): only products in the catalog with
+in_stock true are recommended; a product the customer bought before as_of never is. Products
+outside the model (fewer than `min_item_buyers` buyers, no co-purchases, or beyond the top
+`max_items`) cannot be recommended by this model; `Candidates.catalog_products_not_in_model`
+counts them (text embeddings could cover them later).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recsys.calibration import IsotonicCalibrator
+from recsys.ease import (
+    EaseScorer,
+    GramAccumulator,
+    Ranking,
+    padded_width,
+    solve_ease_in_place,
+)
+from recsys.purchases import (
+    MICROS_PER_DAY,
+    CustomerChunk,
+    ItemIndex,
+    PurchaseSource,
+    distinct_pairs,
+    from_micros,
+    iter_customer_chunks,
+    to_micros,
+)
+
+COLLABORATIVE = "collaborative"
+POPULARITY = "popularity"
+
+RECOMMENDATION_SCHEMA = pa.schema(
+    [
+        ("customer_id", pa.string()),
+        ("rank", pa.int16()),
+        ("product_id", pa.string()),
+        ("score", pa.float64()),
+        ("confidence", pa.float64()),
+        ("predicted_value", pa.float64()),
+        ("strategy", pa.string()),
+    ]
+)
+SKIPPED_SCHEMA = pa.schema([("customer_id", pa.string()), ("reason", pa.string())])
+
+REASON_NO_MODEL = "no model items: no valid purchases before as_of"
+REASON_NO_STOCK = "no in-stock candidate products"
+REASON_ALL_BOUGHT = "customer already bought every in-stock candidate"
+
+
+@dataclass(frozen=True)
+class RecommenderConfig:
+    """Every knob, with the default and why. Tuned values: see recsys/evaluation.py."""
+
+    top_k: int = 10
+    # 8,192 items: G and B are 256 MiB float32 each; fit peaks near 3 of those. On a catalog of
+    # 20,000 the top 8,192 cover most purchases (the fit report gives the share).
+    max_items: int = 8_192
+    min_item_buyers: int = 2  # a product bought by one customer has no co-purchase to learn from
+    l2_regularization: float = 3.0  # lambda = this x mean(diag(G))
+    gram_half_life_days: float | None = 45.0
+    activity_exponent: float = 0.25
+    popularity_blend: float = 0.1
+    popularity_half_life_days: float | None = 30.0
+    calibration_days: int = 90  # the horizon confidence refers to; 0 disables calibration
+    calibration_customers: int = 20_000  # systematic sample size for calibration
+    spend_index_bounds: tuple[float, float] = (0.25, 4.0)
+    fit_chunk_customers: int = 20_000
+    score_chunk_customers: int = 2_048
+    workers: int = 2  # scoring threads (numpy and scipy release the GIL in the heavy parts)
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.max_items < 1 or self.min_item_buyers < 1:
+            raise ValueError("top_k, max_items and min_item_buyers must be at least 1")
+        if self.l2_regularization <= 0:
+            raise ValueError("l2_regularization must be positive (EASE needs G + lambda I invertible)")
+        if self.fit_chunk_customers < 1 or self.score_chunk_customers < 1 or self.workers < 1:
+            raise ValueError("chunk sizes and workers must be at least 1")
+
+
+@dataclass
+class FitReport:
+    as_of: str
+    customers: int = 0
+    customers_with_history: int = 0
+    valid_rows: int = 0
+    invalid_rows: int = 0
+    products_seen: int = 0
+    model_items: int = 0
+    products_below_min_buyers: int = 0
+    products_beyond_max_items: int = 0
+    purchase_pairs_covered_by_model: float = 0.0
+    l2_lambda: float = 0.0
+    validation_cutoff: str | None = None
+    calibration: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Which model columns may be recommended under a given catalog."""
+
+    blocked: np.ndarray  # per padded model column
+    in_stock_model_items: int
+    catalog_products: int
+    catalog_products_in_stock: int
+    catalog_products_not_in_model: int  # in stock, but the model cannot rank them (no CF signal)
+
+
+@dataclass(frozen=True)
+class RecommendationChunk:
+    recommendations: pa.RecordBatch  # RECOMMENDATION_SCHEMA
+    skipped: pa.RecordBatch  # SKIPPED_SCHEMA: customers with no recommendation and why
+    customers: int
+    collaborative: int  # customers ranked by the model
+    popularity: int  # customers with no usable history, given popularity
+    without_valid_purchases: int  # subset of popularity: no valid row at all
+    invalid_rows: int
+
+    def counts(self) -> dict:
+        return {
+            "customers": self.customers,
+            "collaborative": self.collaborative,
+            "popularity": self.popularity,
+            "without_valid_purchases": self.without_valid_purchases,
+            "skipped": self.skipped.num_rows,
+            "recommendations": self.recommendations.num_rows,
+            "invalid_rows": self.invalid_rows,
+        }
+
+
+@dataclass(frozen=True)
+class SpendModel:
+    """Expected spend on a product if bought, for a given customer."""
+
+    vocabulary: ItemIndex
+    spend_per_buyer: np.ndarray  # per vocabulary product
+    bounds: tuple[float, float]
+    correction: float = 1.0
+
+    def customer_index(self, history: CustomerChunk) -> np.ndarray:
+        """Per chunk customer: own spend / typical spend of buyers of the same products."""
+        position = self.vocabulary.positions(history.product_ids)
+        known = position >= 0
+        actual = np.bincount(history.row_customer[known], weights=history.amount[known], minlength=history.n_customers)
+        customer, item, _ = distinct_pairs(history.row_customer, position, max(len(self.vocabulary), 1))
+        typical = np.bincount(customer, weights=self.spend_per_buyer[item], minlength=history.n_customers)
+        index = np.ones(history.n_customers)
+        has = typical > 0
+        index[has] = np.clip(actual[has] / typical[has], *self.bounds)
+        return index
+
+
+class Recommender:
+    """A fitted model. Build it with `Recommender.fit`."""
+
+    def __init__(self, config, scorer, spend, model_spend_per_buyer, calibrators, report):
+        self.config: RecommenderConfig = config
+        self.scorer: EaseScorer = scorer
+        self.spend: SpendModel = spend
+        self.model_spend_per_buyer: np.ndarray = model_spend_per_buyer
+        self.calibrators: dict[str, IsotonicCalibrator | None] = calibrators
+        self.report: FitReport = report
+
+    # ---- fitting -------------------------------------------------------------------------
+
+    @classmethod
+    def fit(
+        cls, purchases: PurchaseSource, config: RecommenderConfig | None = None, as_of: datetime | None = None
+    ) -> Recommender:
+        """Fit on the purchases before `as_of` (default: all of them)."""
+        config = config or RecommenderConfig()
+        clock = time.perf_counter()
+        scan = _scan_items(purchases, None if as_of is None else to_micros(as_of), config.fit_chunk_customers)
+        as_of_us = to_micros(as_of) if as_of is not None else scan.latest_us + 1
+        report = FitReport(as_of=str(from_micros(as_of_us)), customers=scan.customers, invalid_rows=scan.invalid_rows)
+        report.valid_rows, report.products_seen = scan.valid_rows, len(scan.vocabulary)
+        model_items = _select_model_items(scan, config, report)
+        report.seconds["item_scan"] = round(time.perf_counter() - clock, 3)
+
+        clock = time.perf_counter()
+        validation_cut_us = as_of_us - config.calibration_days * MICROS_PER_DAY if config.calibration_days else None
+        cutoffs = [as_of_us] + ([validation_cut_us] if validation_cut_us is not None else [])
+        full, *validation = _accumulate(purchases, cutoffs, model_items, scan.vocabulary, config)
+        report.customers_with_history = full.customers_with_history
+        report.purchase_pairs_covered_by_model = round(full.pairs_in_model / max(full.pairs_total, 1), 4)
+        report.seconds["gram_pass"] = round(time.perf_counter() - clock, 3)
+
+        calibrators, correction = {COLLABORATIVE: None, POPULARITY: None}, 1.0
+        if validation:
+            report.validation_cutoff = str(from_micros(validation_cut_us))
+            calibrators, correction, report.calibration = _calibrate(
+                purchases, validation[0], model_items, scan, as_of_us, config, report
+            )
+            del validation
+        else:
+            report.calibration = {"status": "disabled (calibration_days = 0): confidence is 0"}
+
+        clock = time.perf_counter()
+        weights, report.l2_lambda = solve_ease_in_place(full.gram, len(model_items), config.l2_regularization)
+        report.l2_lambda = round(report.l2_lambda, 6)
+        scorer = EaseScorer(model_items, weights, full.normalized_popularity(), as_of_us, config.popularity_blend)
+        spend = _spend_model(full, scan.vocabulary, config, correction)
+        report.seconds["solve"] = round(time.perf_counter() - clock, 3)
+        return cls(config, scorer, spend, _model_spend(spend, model_items), calibrators, report)
+
+    # ---- scoring -------------------------------------------------------------------------
+
+    def candidates(self, catalog: pa.Table) -> Candidates:
+        """Model columns that are in the catalog and in stock; everything else is blocked."""
+        for name in ("product_id", "in_stock"):
+            if name not in catalog.schema.names:
+                raise ValueError(f"catalog lacks column {name!r}")
+        in_stock = catalog.filter(pc.fill_null(catalog["in_stock"], False))
+        stock_ids = pc.unique(pc.cast(in_stock["product_id"], pa.string()).combine_chunks()).drop_null()
+        blocked = np.ones(self.scorer.width, dtype=bool)
+        if len(self.scorer.items):
+            model_position = self.scorer.items.positions(stock_ids)
+            blocked[model_position[model_position >= 0]] = False
+            not_in_model = int(np.count_nonzero(model_position < 0))
+        else:
+            not_in_model = len(stock_ids)
+        return Candidates(
+            blocked=blocked,
+            in_stock_model_items=int(np.count_nonzero(~blocked)),
+            catalog_products=pc.count_distinct(catalog["product_id"]).as_py(),
+            catalog_products_in_stock=len(stock_ids),
+            catalog_products_not_in_model=not_in_model,
+        )
+
+    def recommend(
+        self,
+        purchases: PurchaseSource,
+        catalog: pa.Table,
+        chunk_customers: int | None = None,
+        workers: int | None = None,
+    ) -> Iterator[RecommendationChunk]:
+        """Top-K for every customer of the stream, one RecommendationChunk per customer chunk.
+
+        Chunks come back in stream order; `workers` threads score ahead. For per-chunk error
+        handling (dead-letter a failed chunk, continue), drive `iter_customer_chunks` and
+        `score_chunk` yourself.
+        """
+        candidates = self.candidates(catalog)
+        chunks = iter_customer_chunks(purchases, chunk_customers or self.config.score_chunk_customers)
+        yield from ordered_parallel_map(
+            lambda chunk: self.score_chunk(chunk, candidates), chunks, workers or self.config.workers
+        )
+
+    def score_chunk(self, chunk: CustomerChunk, candidates: Candidates) -> RecommendationChunk:
+        ranking = self.scorer.rank(chunk, candidates.blocked, self.config.top_k)
+        history = chunk.before(self.scorer.as_of_us)
+        strategy = np.where(ranking.has_signal, COLLABORATIVE, POPULARITY)
+        confidence = self._confidence(ranking.score, ranking.has_signal[ranking.row])
+        expected_spend = self.model_spend_per_buyer[ranking.column] * self.spend.customer_index(history)[ranking.row]
+        predicted_value = confidence * self.spend.correction * expected_spend
+        recommendations = pa.RecordBatch.from_arrays(
+            [
+                chunk.customer_ids.take(pa.array(ranking.row)),
+                pa.array(ranking.rank.astype(np.int16)),
+                self.scorer.items.product_ids.take(pa.array(ranking.column)),
+                pa.array(ranking.score.astype(np.float64)),
+                pa.array(confidence),
+                pa.array(predicted_value),
+                pa.array(strategy[ranking.row], type=pa.string()),
+            ],
+            schema=RECOMMENDATION_SCHEMA,
+        )
+        valid_customers = chunk.customers_with_rows()
+        return RecommendationChunk(
+            recommendations=recommendations,
+            skipped=self._skipped(chunk, ranking, candidates),
+            customers=chunk.n_customers,
+            collaborative=int(np.count_nonzero(ranking.has_signal)),
+            popularity=int(np.count_nonzero(~ranking.has_signal)),
+            without_valid_purchases=int(np.count_nonzero(~valid_customers)),
+            invalid_rows=chunk.invalid_rows,
+        )
+
+    def _confidence(self, score: np.ndarray, collaborative: np.ndarray) -> np.ndarray:
+        confidence = np.zeros(len(score))
+        for name, rows in ((COLLABORATIVE, collaborative), (POPULARITY, ~collaborative)):
+            calibrator = self.calibrators.get(name)
+            if calibrator is not None and rows.any():
+                confidence[rows] = calibrator(score[rows])
+        return confidence
+
+    def _skipped(self, chunk: CustomerChunk, ranking: Ranking, candidates: Candidates) -> pa.RecordBatch:
+        served = np.zeros(chunk.n_customers, dtype=bool)
+        served[ranking.row] = True
+        if len(self.scorer.items) == 0:
+            reason = REASON_NO_MODEL
+        elif candidates.in_stock_model_items == 0:
+            reason = REASON_NO_STOCK
+        else:
+            reason = REASON_ALL_BOUGHT
+        missing = np.flatnonzero(~served)
+        return pa.RecordBatch.from_arrays(
+            [chunk.customer_ids.take(pa.array(missing)), pa.array([reason] * len(missing), type=pa.string())],
+            schema=SKIPPED_SCHEMA,
+        )
+
+
+# ---- fitting passes ------------------------------------------------------------------------
+
+
+@dataclass
+class _ItemScan:
+    vocabulary: ItemIndex
+    buyers: np.ndarray
+    customers: int
+    valid_rows: int
+    invalid_rows: int
+    latest_us: int
+
+
+def _scan_items(purchases: PurchaseSource, as_of_us: int | None, chunk_customers: int) -> _ItemScan:
+    """Pass 1: product vocabulary and distinct buyers per product (purchases before as_of)."""
+    vocabulary, buyers = _GrowingVocabulary(), np.zeros(0, dtype=np.int64)
+    customers = valid_rows = invalid_rows = 0
+    latest_us = np.iinfo(np.int64).min
+    for chunk in iter_customer_chunks(purchases, chunk_customers):
+        customers, invalid_rows = customers + chunk.n_customers, invalid_rows + chunk.invalid_rows
+        if as_of_us is not None:
+            chunk = chunk.before(as_of_us)
+        if len(chunk.amount) == 0:
+            continue
+        valid_rows += len(chunk.amount)
+        latest_us = max(latest_us, int(chunk.purchased_at.max()))
+        position = vocabulary.positions_adding(chunk.product_ids)
+        _, item, _ = distinct_pairs(chunk.row_customer, position, len(vocabulary))
+        buyers = np.pad(buyers, (0, len(vocabulary) - len(buyers)))
+        buyers += np.bincount(item, minlength=len(vocabulary))
+    if valid_rows == 0:
+        latest_us = 0
+    return _ItemScan(vocabulary.freeze(), buyers, customers, valid_rows, invalid_rows, latest_us)
+
+
+class _GrowingVocabulary:
+    """Product ids in order of first appearance."""
+
+    def __init__(self) -> None:
+        self._ids: list[str] = []
+        self._index = ItemIndex([])
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def positions_adding(self, product_ids: pa.Array) -> np.ndarray:
+        position = self._index.positions(product_ids)
+        if (position < 0).any():
+            unseen = pc.unique(product_ids.filter(pa.array(position < 0)))
+            self._ids.extend(unseen.to_pylist())
+            self._index = ItemIndex(self._ids)
+            position = self._index.positions(product_ids)
+        return position
+
+    def freeze(self) -> ItemIndex:
+        return self._index
+
+
+def _select_model_items(scan: _ItemScan, config: RecommenderConfig, report: FitReport) -> ItemIndex:
+    """Top `max_items` products by distinct buyers (ties: product_id), then sorted by product_id."""
+    ids = np.asarray(scan.vocabulary.product_ids.to_pylist(), dtype=object)
+    eligible = np.flatnonzero(scan.buyers >= config.min_item_buyers)
+    report.products_below_min_buyers = len(ids) - len(eligible)
+    by_popularity = eligible[np.lexsort((ids[eligible].astype(str), -scan.buyers[eligible]))]
+    chosen = by_popularity[: config.max_items]
+    report.products_beyond_max_items = len(eligible) - len(chosen)
+    report.model_items = len(chosen)
+    return ItemIndex(sorted(ids[chosen].tolist()))
+
+
+def _accumulate(
+    purchases: PurchaseSource,
+    cutoffs: list[int],
+    model_items: ItemIndex,
+    vocabulary: ItemIndex,
+    config: RecommenderConfig,
+) -> list[GramAccumulator]:
+    """Pass 2: one Gram accumulator per cutoff (full history, and the validation history)."""
+    accumulators = [
+        GramAccumulator(
+            cutoff_us=cutoff,
+            model_items=model_items,
+            n_vocabulary=len(vocabulary),
+            gram_half_life_days=config.gram_half_life_days,
+            activity_exponent=config.activity_exponent,
+            popularity_half_life_days=config.popularity_half_life_days,
+        )
+        for cutoff in cutoffs
+    ]
+    for chunk in iter_customer_chunks(purchases, config.fit_chunk_customers):
+        chunk = chunk.before(cutoffs[0])
+        vocabulary_position = vocabulary.positions(chunk.product_ids) if len(vocabulary) else np.full(len(chunk.amount), -1)
+        model_position = model_items.positions(chunk.product_ids) if len(model_items) else np.full(len(chunk.amount), -1)
+        for accumulator in accumulators:
+            accumulator.add(chunk, vocabulary_position, model_position)
+    return accumulators
+
+
+def _spend_model(accumulator: GramAccumulator, vocabulary: ItemIndex, config, correction: float) -> SpendModel:
+    buyers = np.maximum(accumulator.vocabulary_buyers, 1)
+    return SpendModel(vocabulary, accumulator.vocabulary_spend / buyers, config.spend_index_bounds, correction)
+
+
+def _model_spend(spend: SpendModel, model_items: ItemIndex) -> np.ndarray:
+    per_column = np.zeros(padded_width(len(model_items)))
+    if len(model_items):
+        per_column[: len(model_items)] = spend.spend_per_buyer[spend.vocabulary.positions(model_items.product_ids)]
+    return per_column
+
+
+def _calibrate(purchases, validation: GramAccumulator, model_items, scan, as_of_us, config, report):
+    """Pass 3: rank a sample of customers as of the validation cut-off; learn score -> P(hit)."""
+    clock = time.perf_counter()
+    weights, _ = solve_ease_in_place(validation.gram, len(model_items), config.l2_regularization)
+    scorer = EaseScorer(model_items, weights, validation.normalized_popularity(), validation.cutoff_us, config.popularity_blend)
+    spend = _spend_model(validation, scan.vocabulary, config, 1.0)
+    model_spend = _model_spend(spend, model_items)
+    blocked = np.ones(scorer.width, dtype=bool)
+    blocked[: len(model_items)] = False  # past stock levels are unknown: every model item counts
+    sample_every = max(1, scan.customers // max(config.calibration_customers, 1))
+    outcomes = _CalibrationOutcomes()
+    first_customer = 0
+    for chunk in iter_customer_chunks(purchases, config.fit_chunk_customers):
+        sampled = (np.arange(first_customer, first_customer + chunk.n_customers) % sample_every) == 0
+        first_customer += chunk.n_customers
+        chunk = chunk.before(as_of_us).select_customers(sampled)
+        for part in chunk.slices(config.score_chunk_customers):
+            outcomes.add(part, scorer, spend, model_spend, blocked, config.top_k)
+    del weights, scorer
+    calibrators = {
+        COLLABORATIVE: IsotonicCalibrator.fit(*outcomes.arrays(COLLABORATIVE)),
+        POPULARITY: IsotonicCalibrator.fit(*outcomes.arrays(POPULARITY)),
+    }
+    correction = outcomes.value_correction()
+    summary = {
+        "status": "calibrated" if calibrators[COLLABORATIVE] else "no validation customers: confidence is 0",
+        "horizon_days": config.calibration_days,
+        "sampled_customers": outcomes.customers,
+        "value_correction": round(correction, 4),
+        **{name: (c.to_dict() if c else None) for name, c in calibrators.items()},
+        **outcomes.hit_rates(),
+    }
+    report.seconds["calibration"] = round(time.perf_counter() - clock, 3)
+    return calibrators, correction, summary
+
+
+class _CalibrationOutcomes:
+    """(score, hit) of validation recommendations, and spend of the hits."""
+
+    def __init__(self) -> None:
+        self.scores = {COLLABORATIVE: [], POPULARITY: []}
+        self.hits = {COLLABORATIVE: [], POPULARITY: []}
+        self.realized_spend = 0.0
+        self.expected_spend = 0.0
+        self.customers = 0
+
+    def add(self, chunk: CustomerChunk, scorer: EaseScorer, spend: SpendModel, model_spend, blocked, k) -> None:
+        history = chunk.before(scorer.as_of_us)
+        existing = history.customers_with_rows()  # customers known at the cut-off
+        self.customers += int(existing.sum())
+        future = chunk.rows_where(chunk.purchased_at >= scorer.as_of_us)
+        future_column = scorer.items.positions(future.product_ids)
+        for name, popularity_only in ((COLLABORATIVE, False), (POPULARITY, True)):
+            ranking = scorer.rank(history, blocked, k, popularity_only=popularity_only)
+            keep = existing[ranking.row] & (ranking.has_signal[ranking.row] != popularity_only)
+            row, column, score = ranking.row[keep], ranking.column[keep], ranking.score[keep]
+            hit, realized = _outcomes(row, column, future.row_customer, future_column, future.amount, scorer.width)
+            self.scores[name].append(score)
+            self.hits[name].append(hit)
+            if name == COLLABORATIVE and hit.any():
+                index = spend.customer_index(history)
+                self.realized_spend += float(realized[hit].sum())
+                self.expected_spend += float((model_spend[column] * index[row])[hit].sum())
+
+    def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        scores = np.concatenate(self.scores[name]) if self.scores[name] else np.zeros(0)
+        hits = np.concatenate(self.hits[name]) if self.hits[name] else np.zeros(0, dtype=bool)
+        return scores, hits
+
+    def value_correction(self) -> float:
+        return self.realized_spend / self.expected_spend if self.expected_spend > 0 else 1.0
+
+    def hit_rates(self) -> dict:
+        """Share of validation recommendations that were bought, per strategy."""
+        rates = {}
+        for name in self.scores:
+            hits = self.arrays(name)[1]
+            rates[f"{name}_validation_precision"] = round(float(hits.mean()), 5) if len(hits) else None
+        return rates
+
+
+def _outcomes(row, column, future_customer, future_column, future_amount, width):
+    """Hit flag and realized spend of each (customer, column) recommendation."""
+    known = future_column >= 0
+    future_keys = future_customer[known] * width + future_column[known]
+    spent_keys, inverse = np.unique(future_keys, return_inverse=True)
+    spent = np.bincount(inverse, weights=future_amount[known], minlength=len(spent_keys))
+    keys = row * width + column
+    where = np.searchsorted(spent_keys, keys)
+    where = np.minimum(where, max(len(spent_keys) - 1, 0))
+    hit = (spent_keys[where] == keys) if len(spent_keys) else np.zeros(len(keys), dtype=bool)
+    realized = np.where(hit, spent[where] if len(spent_keys) else 0.0, 0.0)
+    return hit, realized
+
+
+# ---- ordered parallel map --------------------------------------------------------------------
+
+
+def ordered_parallel_map(function: Callable, items: Iterable, workers: int) -> Iterator:
+    """map(function, items) on `workers` threads, results in input order, bounded look-ahead.
+
+    At most workers + 1 items are in flight, so memory stays at a few chunks.
+    """
+    if workers <= 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        in_flight: deque[Future] = deque()
+        for item in items:
+            in_flight.append(pool.submit(function, item))
+            if len(in_flight) > workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+

@@ -1,0 +1,215 @@
+"""The recommender core on small synthetic data: rules, determinism, chunking, bad input."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from recsys.calibration import IsotonicCalibrator
+from recsys.ease import GROUP_WIDTH, solve_ease_in_place, top_k_stable
+from recsys.purchases import PurchasesNotGrouped, iter_customer_chunks
+from recsys.recommender import (
+    COLLABORATIVE,
+    POPULARITY,
+    REASON_NO_MODEL,
+    REASON_NO_STOCK,
+    Recommender,
+    RecommenderConfig,
+)
+from recsys.synthetic import SyntheticRetail
+
+DATA = SyntheticRetail(customers=800, products=400, topics=10, lines_per_customer=8, seed=3, batch_customers=300)
+AS_OF = DATA.start + timedelta(days=300)
+CONFIG = RecommenderConfig(top_k=5, fit_chunk_customers=128, score_chunk_customers=64, calibration_customers=400)
+
+
+@pytest.fixture(scope="module")
+def purchases() -> pa.Table:
+    return pa.Table.from_batches(list(DATA.batches()))
+
+
+@pytest.fixture(scope="module")
+def model(purchases) -> Recommender:
+    return Recommender.fit(purchases, config=CONFIG, as_of=AS_OF)
+
+
+def recommend_all(model, purchases, catalog, **kwargs) -> tuple[pa.Table, list]:
+    parts = list(model.recommend(purchases, catalog, **kwargs))
+    table = pa.Table.from_batches([p.recommendations for p in parts], schema=parts[0].recommendations.schema)
+    return table, parts
+
+
+def test_fit_report_describes_the_model(model):
+    report = model.report
+    assert report.customers == DATA.customers
+    assert 0 < report.model_items <= DATA.products
+    assert 0.9 < report.purchase_pairs_covered_by_model <= 1.0
+    assert report.calibration["status"] == "calibrated"
+    assert report.calibration["sampled_customers"] > 100
+
+
+def test_same_inputs_give_identical_outputs(purchases, model):
+    again = Recommender.fit(purchases, config=CONFIG, as_of=AS_OF)
+    first, _ = recommend_all(model, purchases, DATA.catalog())
+    second, _ = recommend_all(again, purchases, DATA.catalog())
+    assert first.num_rows > 0
+    assert first.equals(second)
+
+
+def test_chunk_size_threads_and_input_batching_do_not_change_results(purchases, model):
+    one_chunk, _ = recommend_all(model, purchases, DATA.catalog(), chunk_customers=100_000, workers=1)
+    small_chunks, _ = recommend_all(model, purchases, DATA.catalog(), chunk_customers=7, workers=2)
+    # batches of 37 rows cut customers in the middle: the reader must carry them over
+    rebatched = pa.Table.from_batches(purchases.to_batches(max_chunksize=37))
+    odd_batches, _ = recommend_all(model, lambda: rebatched.to_batches(max_chunksize=37), DATA.catalog(), chunk_customers=50)
+    assert one_chunk.equals(small_chunks)
+    assert one_chunk.equals(odd_batches)
+
+
+def test_never_recommends_bought_or_out_of_stock_items(purchases, model):
+    catalog = DATA.catalog()
+    recommended, _ = recommend_all(model, purchases, catalog)
+    history = purchases.filter(pc.less(purchases["purchased_at"], pa.scalar(AS_OF, pa.timestamp("us"))))
+    bought = set(zip(history["customer_id"].to_pylist(), history["product_id"].to_pylist()))
+    pairs = set(zip(recommended["customer_id"].to_pylist(), recommended["product_id"].to_pylist()))
+    in_stock = set(catalog.filter(catalog["in_stock"])["product_id"].to_pylist())
+    out_of_stock = set(catalog["product_id"].to_pylist()) - in_stock
+    assert out_of_stock, "the fixture must have out-of-stock products for this test to mean anything"
+    assert not pairs & bought
+    assert set(recommended["product_id"].to_pylist()) <= in_stock
+
+
+def test_outputs_are_ranked_bounded_and_tie_broken_by_product_id(purchases, model):
+    recommended, _ = recommend_all(model, purchases, DATA.catalog())
+    frame = recommended.to_pandas()
+    assert frame["confidence"].between(0, 1).all()
+    assert (frame["predicted_value"] >= 0).all()
+    assert frame["confidence"].max() > 0, "a calibrated model gives some positive confidence"
+    assert set(frame["strategy"]) <= {COLLABORATIVE, POPULARITY}
+    for _, rows in frame.groupby("customer_id"):
+        assert list(rows["rank"]) == list(range(1, len(rows) + 1))
+        assert len(rows) <= CONFIG.top_k
+        expected = rows.sort_values(["score", "product_id"], ascending=[False, True])
+        assert list(rows["product_id"]) == list(expected["product_id"])
+    # confidence is a monotone map of the score within a strategy
+    for _, rows in frame.groupby("strategy"):
+        ordered = rows.sort_values("score")
+        assert np.all(np.diff(ordered["confidence"].to_numpy()) >= -1e-12)
+
+
+def test_customers_without_valid_purchases_get_popularity(purchases, model):
+    strays = pa.table(
+        {
+            "customer_id": ["Z1", "Z2", "Z2", "Z3"],
+            "product_id": [None, "P000001", "P000002", "P000003"],
+            "amount": [None, -5.0, 0.0, 3.0],
+            "purchased_at": pa.array([AS_OF - timedelta(days=1)] * 3 + [None], type=pa.timestamp("us")),
+        }
+    )
+    table, parts = recommend_all(model, lambda: [strays.to_batches()[0]], DATA.catalog())
+    assert sum(p.without_valid_purchases for p in parts) == 3
+    assert sum(p.popularity for p in parts) == 3
+    assert sum(p.invalid_rows for p in parts) == 4
+    assert set(table["customer_id"].to_pylist()) == {"Z1", "Z2", "Z3"}
+    assert set(table["strategy"].to_pylist()) == {POPULARITY}
+    assert table.num_rows == 3 * CONFIG.top_k
+
+
+def test_every_product_out_of_stock_gives_empty_recommendations_with_reason(purchases, model):
+    catalog = DATA.catalog()
+    sold_out = catalog.set_column(1, "in_stock", pa.array([False] * catalog.num_rows))
+    table, parts = recommend_all(model, purchases, sold_out)
+    skipped = pa.Table.from_batches([p.skipped for p in parts])
+    assert table.num_rows == 0
+    assert skipped.num_rows == DATA.customers
+    assert set(skipped["reason"].to_pylist()) == {REASON_NO_STOCK}
+
+
+def test_empty_input_fits_and_recommends_nothing():
+    empty = pa.table(
+        {
+            "customer_id": pa.array([], pa.string()),
+            "product_id": pa.array([], pa.string()),
+            "amount": pa.array([], pa.float64()),
+            "purchased_at": pa.array([], pa.timestamp("us")),
+        }
+    )
+    model = Recommender.fit(empty, config=CONFIG)
+    assert model.report.model_items == 0 and model.report.customers == 0
+    assert list(model.recommend(empty, DATA.catalog())) == []
+    newcomer = pa.table(
+        {"customer_id": ["N1"], "product_id": ["P000001"], "amount": [1.0], "purchased_at": pa.array([DATA.start], pa.timestamp("us"))}
+    )
+    (part,) = model.recommend(newcomer, DATA.catalog())
+    assert part.recommendations.num_rows == 0
+    assert part.skipped["reason"].to_pylist() == [REASON_NO_MODEL]
+
+
+def test_interleaved_customers_are_refused():
+    interleaved = pa.table(
+        {
+            "customer_id": ["A", "B", "A"],
+            "product_id": ["P1", "P2", "P3"],
+            "amount": [1.0, 1.0, 1.0],
+            "purchased_at": pa.array([DATA.start] * 3, pa.timestamp("us")),
+        }
+    )
+    with pytest.raises(PurchasesNotGrouped):
+        list(iter_customer_chunks(interleaved, 10))
+
+
+def test_max_items_bounds_the_model_and_what_it_recommends(purchases):
+    small = Recommender.fit(purchases, config=replace(CONFIG, max_items=50, calibration_days=0), as_of=AS_OF)
+    table, _ = recommend_all(small, purchases, DATA.catalog())
+    assert small.report.model_items == 50
+    assert small.report.products_beyond_max_items > 0
+    assert set(table["product_id"].to_pylist()) <= set(small.scorer.items.product_ids.to_pylist())
+    assert small.report.calibration["status"].startswith("disabled")
+    assert (table["confidence"].to_numpy() == 0).all()
+
+
+@pytest.mark.parametrize("n_columns", [GROUP_WIDTH * 8, 100])  # pre-filtered path, plain path
+def test_top_k_stable_equals_a_full_sort(n_columns):
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, size=(40, n_columns)).astype(np.float32)  # many ties
+    scores[rng.random(scores.shape) < 0.3] = -np.inf
+    scores[0, :] = -np.inf  # a row with nothing to recommend
+    scores[1, :-3] = -np.inf  # a row with fewer than k candidates
+    row, column, score, rank = top_k_stable(scores, 4)
+    for r in range(scores.shape[0]):
+        finite = np.flatnonzero(np.isfinite(scores[r]))
+        expected = finite[np.lexsort((finite, -scores[r, finite]))][:4]
+        assert column[row == r].tolist() == expected.tolist()
+        assert rank[row == r].tolist() == list(range(1, len(expected) + 1))
+        assert np.array_equal(score[row == r], scores[r, expected])
+
+
+def test_ease_solve_matches_the_closed_form():
+    rng = np.random.default_rng(1)
+    x = (rng.random((200, GROUP_WIDTH)) < 0.1).astype(np.float32)
+    gram = x.T @ x
+    lam = 2.0 * gram.diagonal().mean()
+    p = np.linalg.inv(gram.astype(np.float64) + lam * np.eye(GROUP_WIDTH))
+    expected = -p / np.diag(p)[None, :]
+    np.fill_diagonal(expected, 0.0)
+    weights, strength = solve_ease_in_place(gram.copy(), GROUP_WIDTH, 2.0)
+    assert strength == pytest.approx(lam, rel=1e-6)
+    assert np.allclose(weights, expected, atol=1e-5)
+
+
+def test_isotonic_calibrator_is_monotone_and_bounded():
+    rng = np.random.default_rng(2)
+    scores = rng.random(5_000)
+    hits = rng.random(5_000) < scores * 0.5  # true P(hit | score) = score / 2
+    calibrator = IsotonicCalibrator.fit(scores, hits)
+    grid = np.linspace(-1, 2, 301)
+    probabilities = calibrator(grid)
+    assert np.all(np.diff(probabilities) >= 0)
+    assert probabilities.min() >= 0 and probabilities.max() <= 1
+    assert calibrator(np.array([0.8]))[0] == pytest.approx(0.4, abs=0.06)
+    assert IsotonicCalibrator.fit(np.zeros(0), np.zeros(0)) is None

@@ -184,7 +184,11 @@ class EmbeddingSession:
         self._embed_with_retries(list(batch), metrics, outcome)
         return outcome
 
-    def _embed_with_retries(self, todo: list[Pair], metrics: CallMetrics, outcome: _BatchOutcome) -> None:
+    def _embed_with_retries(
+        self, todo: list[Pair], metrics: CallMetrics, outcome: _BatchOutcome, carried: int = 0
+    ) -> None:
+        """Send `todo` until every input has a trustworthy vector or a final failure. `carried`
+        counts the requests that already carried these inputs (before a split)."""
         attempt = 0
         while todo:
             attempt += 1
@@ -193,27 +197,24 @@ class EmbeddingSession:
             try:
                 response = self.caller.attempt(lambda: self.client.embed(texts), metrics, estimated)
             except CircuitOpenError as error:
-                outcome.fail(todo, error, attempt - 1)
+                outcome.fail(todo, error, carried + attempt - 1)
                 return
             except ModelCallError as error:
-                if error.blames_inputs and len(todo) > 1:
-                    self._split_and_retry(todo, metrics, outcome)  # isolate the input the server rejects
+                if error.blames_inputs and len(todo) > 1:  # halve until the rejected input is alone
+                    middle = len(todo) // 2
+                    self._embed_with_retries(todo[:middle], metrics, outcome, carried + attempt)
+                    self._embed_with_retries(todo[middle:], metrics, outcome, carried + attempt)
                     return
                 if not self.caller.pause_before_retry(attempt, error, metrics):
-                    outcome.fail(todo, error, attempt)
+                    outcome.fail(todo, error, carried + attempt)
                     return
                 continue
             todo = self._keep_valid(todo, response, outcome)
-            if todo:
+            if todo:  # only the inputs whose vectors were unusable go again
                 error = InvalidOutputError(f"unusable output: {response.problem or 'invalid vector'}")
                 if not self.caller.pause_before_retry(attempt, error, metrics):
-                    outcome.fail(todo, error, attempt)
+                    outcome.fail(todo, error, carried + attempt)
                     return
-
-    def _split_and_retry(self, todo: list[Pair], metrics: CallMetrics, outcome: _BatchOutcome) -> None:
-        middle = len(todo) // 2
-        self._embed_with_retries(todo[:middle], metrics, outcome)
-        self._embed_with_retries(todo[middle:], metrics, outcome)
 
     @staticmethod
     def _keep_valid(todo: list[Pair], response: EmbeddingResponse, outcome: _BatchOutcome) -> list[Pair]:

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets import embeddings, ingestion, outputs, segments, sql_models, validation
+from assets import embeddings, ingestion, outputs, recommendations, segments, sql_models, validation
 from assets.partitions import daily_partitions
 from resources import build_resources
 import sensors
@@ -22,6 +22,7 @@ defs = dg.Definitions.merge(
     sql_models.defs,
     dg.Definitions(assets=[embeddings.product_embeddings]),
     segments.defs,
+    recommendations.defs,
     outputs.defs,
     dg.Definitions(resources=build_resources(), jobs=[daily_pipeline]),
 )

@@ -219,10 +219,14 @@ def bench_local(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     from resources.model_clients.local import LocalSentenceTransformerClient
 
-    client = LocalSentenceTransformerClient(encode_batch_size=args.local_encode_batch)
+    client = LocalSentenceTransformerClient(encode_batch_size=args.local_encode_batch, torch_threads=args.local_threads)
     load_seconds = time.perf_counter() - started
     tokenizer = client._model.tokenizer
-    figures: dict = {"import_and_load_seconds": round(load_seconds, 2), "encode_batch_size": args.local_encode_batch}
+    figures: dict = {
+        "import_and_load_seconds": round(load_seconds, 2),
+        "encode_batch_size": args.local_encode_batch,
+        "torch_threads": args.local_threads,
+    }
     kinds = {"short": lambda i: f"{SHORT_TEXTS[i % 4]} number {i}", "medium": lambda i: MEDIUM_TEXT.format(i=i)}
     for name, make in kinds.items():
         texts = [make(i) for i in range(args.local_texts)]
@@ -284,6 +288,7 @@ def main() -> None:
     parser.add_argument("--local", action="store_true", help="also measure the offline local model")
     parser.add_argument("--local-texts", type=int, default=1024)
     parser.add_argument("--local-encode-batch", type=int, default=32)
+    parser.add_argument("--local-threads", type=int, default=EmbeddingModel().local_threads, help="0 = torch default")
     parser.add_argument("--skip-remote", action="store_true")
     args = parser.parse_args()
     output: dict = {"settings": vars(args), "load_average": os.getloadavg()}
@@ -298,7 +303,8 @@ def main() -> None:
     if args.local:
         output["local_model"] = local = bench_local(args)
         print(
-            f"\nlocal all-MiniLM-L6-v2 (torch CPU): import+load {local['import_and_load_seconds']} s, "
+            f"\nlocal all-MiniLM-L6-v2 (torch CPU, {args.local_threads or 'default'} threads): "
+            f"import+load {local['import_and_load_seconds']} s, "
             f"short ({local['short']['tokens_per_text']} tokens) {local['short']['texts_per_second']} texts/s, "
             f"medium ({local['medium']['tokens_per_text']} tokens) {local['medium']['texts_per_second']} texts/s"
         )

@@ -87,7 +87,9 @@ class EmbeddingModel(_RemoteModelResource):
     encoding_format: Literal["base64", "float"] = Field(default="base64", description="Wire format of vectors.")
     cache_namespace: str | None = Field(default=None, description="Cache key prefix; default provider:model.")
     local_model_path: str | None = Field(default=None, description="Local model folder; default: the bundled one.")
-    local_threads: int = Field(default=0, ge=0, description="torch threads for the local model (0 = torch default).")
+    local_threads: int = Field(
+        default=1, ge=0, description="torch threads for the local model (0 = torch's default, one a core)."
+    )
     local_encode_batch_size: int = Field(default=32, ge=1, description="Texts per forward pass of the local model.")
     max_batch_size: int = Field(default=256, ge=1, le=MAX_INPUTS_PER_REQUEST, description="Inputs per request.")
     max_batch_chars: int = Field(default=100_000, ge=1, description="Characters per request (~4 a token).")

@@ -1,9 +1,10 @@
 -- Order lines (Online Retail layout) a recommender can learn from, as of the partition day.
 -- Kept out: lines with no customer, cancellation invoices (C...) and negative quantities,
 -- zero or negative prices, non-product codes (POST, DOT, M, C2, D, S, BANK CHARGES, AMAZONFEE,
--- CRUK, B, gift vouchers: product codes start with five digits), and orders that a
+-- CRUK, B and GIFT_* vouchers; DCGS* and PADS are real products), and orders that a
 -- cancellation of the same customer, product and quantity reversed later. Exact duplicate
--- lines never get here: ingestion quarantines them.
+-- lines never get here: ingestion quarantines them. recsys/online_retail.py applies the same
+-- rules to the raw CSVs for the offline evaluation.
 WITH lines AS (
     SELECT
         customer_id,
@@ -35,7 +36,8 @@ WHERE l.customer_id IS NOT NULL
   AND l.invoice_no NOT LIKE 'C%'
   AND l.quantity > 0
   AND l.unit_price > 0
-  AND regexp_matches(l.product_id, '^[0-9]{5}')
+  AND l.product_id NOT IN ('POST', 'DOT', 'M', 'C2', 'D', 'S', 'BANK CHARGES', 'AMAZONFEE', 'CRUK', 'B')
+  AND NOT starts_with(l.product_id, 'GIFT_')
   AND NOT EXISTS (
       SELECT 1 FROM cancellations AS c
       WHERE c.customer_id = l.customer_id

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets import embeddings, ingestion, outputs, recommendations, segments, sql_models, validation
+from assets import embeddings, evaluation, ingestion, outputs, recommendations, segments, sql_models, validation
 from assets.partitions import daily_partitions
 from resources import build_resources
 import sensors
@@ -23,6 +23,7 @@ defs = dg.Definitions.merge(
     dg.Definitions(assets=[embeddings.product_embeddings]),
     segments.defs,
     recommendations.defs,
+    evaluation.defs,
     outputs.defs,
     dg.Definitions(resources=build_resources(), jobs=[daily_pipeline]),
 )

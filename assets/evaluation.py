@@ -1,0 +1,133 @@
+"""Offline quality of the recommender against baselines, under the same business rules.
+
+Two datasets, each with a time split (train before a cut-off, test on the products each
+customer bought after it that were new to them): the warehouse's own purchases (generated data
+in the demo), and the real UCI Online Retail data when `ONLINE_RETAIL_DIR` points at its
+by-day CSVs. Results go to `ml.evaluation_results` (one row per as-of day, dataset and method).
+"""
+
+import datetime as dt
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+from pydantic import Field
+
+from assets.partitions import daily_partitions
+from assets.state import as_of_day
+from recsys import online_retail
+from recsys.evaluation import OURS, EvaluationReport, evaluate_split
+from resources.warehouse import DuckDBWarehouse, fetch_all, table_exists
+
+RESULTS_TABLE = "ml.evaluation_results"
+ONLINE_RETAIL_CUTOFF = dt.datetime(2011, 6, 1)
+ONLINE_RETAIL_TEST_END = dt.datetime(2011, 9, 1)
+POPULARITY = "global popularity"
+
+
+class EvaluationConfig(dg.Config):
+    test_days: int = Field(default=60, description="Warehouse split: test window = the last N days up to as-of.")
+    k: int = Field(default=10, description="Cut-off of the ranking metrics (@K).")
+    online_retail_dir: str = Field(
+        default_factory=lambda: os.getenv("ONLINE_RETAIL_DIR", ""),
+        description="Folder of the Online Retail by-day CSVs; empty: that evaluation is skipped.",
+    )
+
+
+def evaluate_warehouse(warehouse: DuckDBWarehouse, as_of: dt.date, config: EvaluationConfig) -> EvaluationReport | None:
+    """Split the warehouse's clean purchases at as-of minus test_days; segments from ml.customer_segments."""
+    test_end = dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time())
+    cutoff = test_end - dt.timedelta(days=config.test_days)
+    with warehouse.connect(read_only=True) as con:
+        if not table_exists(con, "analytics.stg_purchases"):
+            return None
+        query = "SELECT customer_id, product_id, amount, purchased_at FROM analytics.stg_purchases ORDER BY customer_id"
+        source = lambda: con.cursor().execute(query).to_arrow_reader(50_000)  # noqa: E731 (re-readable)
+        catalog = con.execute("SELECT product_id, in_stock, price FROM analytics.dim_products").to_arrow_table()
+        segments = dict(fetch_all(con, "SELECT customer_id, segment_id FROM ml.customer_segments")) \
+            if table_exists(con, "ml.customer_segments") else None
+        return evaluate_split(source, cutoff, test_end, catalog=catalog, segments=segments, k=config.k)
+
+
+def evaluate_online_retail(folder: Path, config: EvaluationConfig) -> EvaluationReport:
+    """The reference split on real data: train < 2011-06-01, test 2011-06-01..2011-08-31."""
+    with duckdb.connect(config={"memory_limit": "1GB", "threads": 2}) as con:
+        online_retail.load_online_retail(con, folder)
+        source = online_retail.purchases_source(con)
+        catalog = online_retail.catalog_before(con, ONLINE_RETAIL_CUTOFF)
+        return evaluate_split(source, ONLINE_RETAIL_CUTOFF, ONLINE_RETAIL_TEST_END, catalog=catalog, k=config.k)
+
+
+def store_results(warehouse: DuckDBWarehouse, as_of: dt.date, reports: dict[str, EvaluationReport]) -> None:
+    rows = [
+        (as_of, dataset, report.cutoff, report.test_end, report.evaluated_customers, row["method"],
+         row.get(f"hit_rate@{report.k}"), row.get(f"precision@{report.k}"), row.get(f"recall@{report.k}"),
+         row.get(f"ndcg@{report.k}"), row.get("coverage"))
+        for dataset, report in reports.items() for row in report.table
+    ]
+    with warehouse.transaction() as con:
+        con.execute("CREATE SCHEMA IF NOT EXISTS ml")
+        con.execute(
+            f"""CREATE TABLE IF NOT EXISTS {RESULTS_TABLE} (as_of DATE, dataset VARCHAR, cutoff VARCHAR,
+                test_end VARCHAR, evaluated_customers BIGINT, method VARCHAR, hit_rate DOUBLE,
+                precision DOUBLE, recall DOUBLE, ndcg DOUBLE, coverage DOUBLE)"""
+        )
+        con.execute(f"DELETE FROM {RESULTS_TABLE} WHERE as_of = ?", [as_of])
+        if rows:
+            con.executemany(f"INSERT INTO {RESULTS_TABLE} VALUES ({', '.join(['?'] * 11)})", rows)
+
+
+def lift_over_popularity(report: EvaluationReport) -> float | None:
+    key = f"hit_rate@{report.k}"
+    popularity = report.row(POPULARITY)[key]
+    return round(report.row(OURS)[key] / popularity, 3) if popularity else None
+
+
+@dg.asset(
+    deps=["recommendations", "customer_segments", "dim_products"],
+    partitions_def=daily_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    group_name="evaluation",
+    kinds={"python"},
+    check_specs=[dg.AssetCheckSpec("beats_global_popularity", asset="recommendation_quality")],
+)
+def recommendation_quality(context: dg.AssetExecutionContext, config: EvaluationConfig, warehouse: DuckDBWarehouse) -> dg.MaterializeResult:
+    """Hit-rate, precision, recall, NDCG @K and coverage: ours vs global and segment popularity."""
+    as_of = as_of_day(context)
+    started = time.perf_counter()
+    reports: dict[str, EvaluationReport] = {}
+    warehouse_report = evaluate_warehouse(warehouse, as_of, config)
+    if warehouse_report is not None and warehouse_report.evaluated_customers:
+        reports["warehouse"] = warehouse_report
+    else:
+        context.log.warning("warehouse split: no customer bought a new product in the test window; nothing to evaluate")
+    folder = Path(config.online_retail_dir) if config.online_retail_dir else None
+    if folder and folder.is_dir():
+        reports["online_retail"] = evaluate_online_retail(folder, config)
+    elif folder:
+        context.log.warning(f"ONLINE_RETAIL_DIR {folder} is not a folder; the Online Retail evaluation is skipped")
+    store_results(warehouse, as_of, reports)
+    lifts = {name: lift_over_popularity(report) for name, report in reports.items()}
+    metadata: dict = {"as_of": str(as_of), "seconds": round(time.perf_counter() - started, 3), "lift_over_popularity": lifts}
+    for name, report in reports.items():
+        metadata[f"{name}_table"] = dg.MetadataValue.md(report.to_markdown())
+        metadata[f"{name}_evaluated_customers"] = report.evaluated_customers
+        metadata[f"{name}_split"] = f"train < {report.cutoff}, test until {report.test_end}"
+    context.log.info(f"lift of HR@{config.k} over global popularity: {lifts}")
+    return dg.MaterializeResult(
+        metadata=metadata,
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="beats_global_popularity",
+                passed=bool(lifts) and all(lift is not None and lift >= 1.0 for lift in lifts.values()),
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"lift_over_popularity": lifts},
+                description="Our hit-rate must beat recommending the most popular products.",
+            )
+        ],
+    )
+
+
+defs = dg.Definitions(assets=[recommendation_quality])

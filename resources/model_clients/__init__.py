@@ -14,15 +14,22 @@ In a step, open the model once:
     with embedding_model.open(context) as embedder:                 # EmbeddingSession
         report = embedder.embed_items(warehouse, ((p.id, p.text) for p in products),
                                       stage="product_embeddings", partition_key=pk)
-        for batch in embedder.to_arrow_reader(warehouse, stage="product_embeddings",
-                                              partition_key=pk):    # item_key, text_hash, vector
-            ...                                                     # or embedder.iter_numpy(...)
-        return dg.MaterializeResult(metadata=report.to_metadata())
+        reader = embedder.to_arrow_reader(warehouse, stage="product_embeddings", partition_key=pk)
+    with warehouse.transaction() as con:             # the reader holds no connection: register it
+        con.register("vectors", reader)              # item_key, text_hash, vector FLOAT[dim]
+        con.execute("CREATE OR REPLACE TABLE ml.product_embeddings AS SELECT * FROM vectors")
+    return dg.MaterializeResult(metadata=report.to_metadata())
 
+    embedder.iter_numpy(warehouse, stage=..., partition_key=...)    # (keys, float32 matrix) pages
+    embedder.iter_vector_batches(...)                               # Arrow pages, a connection each
     embedder.embed_texts(["a query"]) -> np.ndarray                 # ad hoc, uncached
     embedder.text_hash(text) -> str                                 # the cache key of a text
     embedder.iter_vectors_for_hashes(warehouse, hashes)             # (text_hash, vector) pages
     embedding_model.to_arrow_reader(warehouse, stage=..., partition_key=...)   # no model load
+
+Readers never hold a connection while you use their rows: `to_arrow_reader` streams the rows
+into an unlinked Arrow file beside the warehouse and maps it (memory: one batch), the `iter_*`
+pages open one short read connection per page. Memory stays bounded for any number of items.
 
     with chat_model.open(context) as chat:                          # ChatSession
         data = chat.complete_json([{"role": "user", "content": "..."}])        # dict

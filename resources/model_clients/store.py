@@ -10,6 +10,7 @@ while a model is called. Data always travels as parameters or registered Arrow t
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import tempfile
@@ -81,8 +82,12 @@ def utc_now() -> dt.datetime:
 
 def ensure_tables(warehouse: DuckDBWarehouse) -> None:
     with warehouse.transaction() as con:
-        for statement in DDL:
-            con.execute(statement)
+        _create_tables(con)
+
+
+def _create_tables(con) -> None:
+    for statement in DDL:
+        con.execute(statement)
 
 
 def forget_items(warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> None:
@@ -147,16 +152,20 @@ def write_progress(
 
 
 def write_dead_letters(
-    warehouse: DuckDBWarehouse, stage: str, partition_key: str, model: str, dead_letters: Sequence[DeadLetter]
+    warehouse: DuckDBWarehouse, stage: str, partition_key: str | None, model: str, dead_letters: Sequence[DeadLetter]
 ) -> None:
+    """Dead letters of any stage (other steps use this too): one row per item, upserted."""
     if dead_letters:
         with warehouse.transaction() as con:
-            _upsert_dead_letters(con, stage, partition_key, model, dead_letters, utc_now())
+            _create_tables(con)  # a step may fail items before anything was ever embedded
+            _upsert_dead_letters(con, stage, partition_key or "", model, dead_letters, utc_now())
 
 
 def _upsert_dead_letters(con, stage: str, partition_key: str, model: str, dead_letters: Sequence[DeadLetter], now) -> None:
-    # Re-failing an item updates its row (attempts add up, last_seen moves, it reopens).
-    letters = pa.Table.from_pylist([letter.__dict__ for letter in dead_letters])
+    # Re-failing an item updates its row (attempts add up, last_seen moves, it reopens). One row
+    # per item a statement: DuckDB refuses to update the same row twice in one statement.
+    latest = {letter.item_key: dataclasses.asdict(letter) for letter in dead_letters}
+    letters = pa.Table.from_pylist(list(latest.values()))
     con.register("new_dead_letters", letters)
     con.execute(
         """
@@ -199,10 +208,15 @@ def resolve_embedded_dead_letters(warehouse: DuckDBWarehouse, stage: str, partit
     return len(resolved)
 
 
-def resolve_dead_letter_keys(warehouse: DuckDBWarehouse, stage: str, partition_key: str, keys: Sequence[str]) -> None:
+def resolve_dead_letter_keys(
+    warehouse: DuckDBWarehouse, stage: str, partition_key: str | None, keys: Sequence[str]
+) -> None:
+    """Mark resolved the open dead letters of these items (they succeeded this time)."""
     if not keys:
         return
+    partition_key = partition_key or ""
     with warehouse.transaction() as con:
+        _create_tables(con)
         con.execute(
             """
             UPDATE ops.dead_letter SET resolved_at = ?

@@ -1,0 +1,152 @@
+"""The whole daily pipeline on generated data with faults: every record accounted for, business
+rules hold on what is accepted, a re-run is a skip with zero model calls, a new day pays only for
+new texts, and the same inputs give identical outputs.
+
+The embedding model is a real OpenAI-compatible HTTP server on 127.0.0.1 (tests/fake_openai_server.py);
+the local model gets its own slow test in test_model_clients_local.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from definitions import defs
+from generator import FaultRates, GeneratorConfig, generate
+from resources.alerts import Alerts
+from resources.landing import LandingZone
+from resources.model_clients import ChatModel, EmbeddingModel
+from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
+from tests.fake_openai_server import FakeOpenAIServer
+
+DAY1, DAY2 = "2011-09-01", "2011-09-02"
+DETERMINISTIC_TABLES = {
+    "segments": "SELECT customer_id, segment_id FROM ml.customer_segments ORDER BY ALL",
+    "recommendations": "SELECT customer_id, rank, product_id, round(confidence, 9), round(predicted_value, 6)"
+                       " FROM ml.recommendations ORDER BY ALL",
+    "accepted": "SELECT customer_id, product_id FROM outputs.recommendations ORDER BY ALL",
+}
+CUSTOMERS = 1_500
+
+
+@pytest.fixture(scope="module")
+def landing(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("landing")
+    generate(GeneratorConfig(out=folder, customers=CUSTOMERS, days=2, seed=11, start=dt.date(2011, 9, 1),
+                             faults=FaultRates.uniform(0.003)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_server():
+    with FakeOpenAIServer(default_dimensions=384) as server:
+        yield server
+
+
+def pipeline_resources(warehouse_path: Path, landing: Path, server: FakeOpenAIServer) -> dict:
+    warehouse = DuckDBWarehouse(path=str(warehouse_path), memory_limit="512MB")
+    return {
+        "warehouse": warehouse,
+        "landing": LandingZone(root=str(landing)),
+        "alerts": Alerts(warehouse=warehouse),
+        "embedding_model": EmbeddingModel(provider="openai", model="fake-embed", dimensions=384,
+                                          base_url=server.base_url, api_key="test-key", max_concurrency=2),
+        "chat_model": ChatModel(provider="none"),
+    }
+
+
+def run_day(resources: dict, day: str) -> dg.ExecuteInProcessResult:
+    return dg.materialize([*defs.assets, *defs.asset_checks], partition_key=day, resources=resources,
+                          run_config={"ops": {"recommendation_quality": {"config": {"online_retail_dir": ""}}}})
+
+
+def materializations(result) -> dict[str, dict]:
+    return {e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
+            for e in result.get_asset_materialization_events()}
+
+
+def table_digest(warehouse: DuckDBWarehouse, sql: str) -> str:
+    with warehouse.connect(read_only=True) as con:
+        return hashlib.sha256(repr(fetch_all(con, sql)).encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, landing, model_server):
+    path = tmp_path_factory.mktemp("pipeline") / "warehouse.duckdb"
+    resources = pipeline_resources(path, landing, model_server)
+    model_server.reset_stats()
+    result = run_day(resources, DAY1)
+    stats = model_server.stats_summary()
+    digests = {name: table_digest(resources["warehouse"], sql) for name, sql in DETERMINISTIC_TABLES.items()}
+    return resources, result, stats, digests
+
+
+def test_every_stage_succeeds_and_every_record_is_accounted_for(first_run):
+    resources, result, _, _ = first_run
+    assert result.success
+    done = materializations(result)
+    expected = {"raw_products", "raw_customers", "raw_transactions", "stg_order_lines", "stg_purchases",
+                "dim_products", "customer_features", "product_embeddings", "customer_segments",
+                "recommendations", "validated_recommendations", "recommendation_quality"}
+    assert expected <= done.keys()
+    with resources["warehouse"].connect(read_only=True) as con:
+        batches = fetch_all(con, "SELECT source, input_records, valid_records, quarantined_records FROM ops.batch_fingerprints")
+        quarantined = fetch_scalar(con, "SELECT count(DISTINCT (source, line_no)) FROM ops.schema_errors")
+    assert {b[0] for b in batches} == {"products", "customers", "transactions"}
+    for source, input_records, valid, bad in batches:
+        assert input_records == valid + bad, source
+    assert quarantined > 0, "the generator injected faults: some records must be quarantined"
+
+
+def test_accepted_recommendations_obey_every_business_rule(first_run):
+    resources, _, _, _ = first_run
+    with resources["warehouse"].connect(read_only=True) as con:
+        total = fetch_scalar(con, "SELECT count(*) FROM ml.recommendations")
+        kept = fetch_scalar(con, "SELECT count(*) FROM outputs.recommendations")
+        rejected = fetch_scalar(con, "SELECT count(*) FROM outputs.rejected_recommendations")
+        violations = fetch_scalar(con, """
+            SELECT count(*) FROM outputs.recommendations r
+            LEFT JOIN analytics.dim_products p USING (product_id)
+            WHERE NOT coalesce(p.in_stock, false) OR r.confidence < 0.01
+               OR r.predicted_value NOT BETWEEN 0 AND 10000
+               OR EXISTS (SELECT 1 FROM analytics.stg_purchases b
+                          WHERE b.customer_id = r.customer_id AND b.product_id = r.product_id)""")
+        segments = fetch_scalar(con, "SELECT count(DISTINCT segment_id) FROM ml.customer_segments")
+    assert total > 0 and kept > 0 and kept + rejected == total
+    assert violations == 0
+    assert segments >= 2
+
+
+def test_rerun_of_an_unchanged_day_skips_everything_with_zero_model_calls(first_run, model_server):
+    resources, _, _, _ = first_run
+    before = table_digest(resources["warehouse"], "SELECT * FROM outputs.recommendations ORDER BY ALL")
+    model_server.reset_stats()
+    again = run_day(resources, DAY1)
+    assert again.success
+    skipped = {name: meta.get("skipped") for name, meta in materializations(again).items() if name != "recommendation_quality"}
+    assert skipped and all(skipped.values()), skipped
+    assert model_server.stats_summary()["requests"] == 0
+    assert table_digest(resources["warehouse"], "SELECT * FROM outputs.recommendations ORDER BY ALL") == before
+
+
+def test_next_day_pays_only_for_new_product_texts(first_run, model_server):
+    resources, _, first_stats, _ = first_run
+    model_server.reset_stats()
+    result = run_day(resources, DAY2)
+    assert result.success
+    embedded = materializations(result)["product_embeddings"]
+    assert embedded["cache_hits"] >= first_stats["distinct_texts"] * 0.9
+    assert model_server.stats_summary()["repeated_texts"] == 0
+    assert embedded["items_embedded"] < first_stats["distinct_texts"]
+
+
+def test_same_inputs_give_identical_outputs(tmp_path, landing, model_server, first_run):
+    _, _, _, first_digests = first_run
+    other = pipeline_resources(tmp_path / "other.duckdb", landing, model_server)
+    assert run_day(other, DAY1).success
+    for name, sql in DETERMINISTIC_TABLES.items():
+        assert table_digest(other["warehouse"], sql) == first_digests[name], name

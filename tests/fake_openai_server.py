@@ -104,7 +104,8 @@ class ServerStats:
     faults: Counter = field(default_factory=Counter)
     per_text: Counter = field(default_factory=Counter)
     arrivals: list[float] = field(default_factory=list)
-    authorization_headers: set[str] = field(default_factory=set)
+    authorization_headers: set[str] = field(default_factory=set)  # "Bearer ..." or "api-key ..." (Azure)
+    paths: Counter = field(default_factory=Counter)  # request paths with their query strings
 
 
 class FakeOpenAIServer:
@@ -197,7 +198,9 @@ class FakeOpenAIServer:
             self._bucket = _TokenBucket(rate_limit_rps, burst or max(1.0, rate_limit_rps / 10)) if rate_limit_rps else None
 
     # -- request bookkeeping (called by the handler) -----------------------------------------
-    def _arrive(self, texts: list[str], authorization: str | None) -> tuple[str, float | None, dict[str, str]]:
+    def _arrive(
+        self, texts: list[str], authorization: str | None, path: str
+    ) -> tuple[str, float | None, dict[str, str]]:
         """Count the request and decide its fate: (fault, retry_after, rate-limit headers)."""
         with self._lock:
             stats = self.stats
@@ -206,6 +209,7 @@ class FakeOpenAIServer:
             stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
             stats.arrivals.append(time.monotonic())
             stats.per_text.update(texts)
+            stats.paths[path] += 1
             if authorization:
                 stats.authorization_headers.add(authorization)
             wait, headers = self._rate_limit_locked()
@@ -275,14 +279,17 @@ class _FakeOpenAIHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-        if self.path.rstrip("/").endswith("/embeddings"):
+        route = self.path.split("?", 1)[0].rstrip("/")
+        if route.endswith("/embeddings"):
             texts = _as_list(body.get("input"))
-        elif self.path.rstrip("/").endswith("/chat/completions"):
+        elif route.endswith("/chat/completions"):
             texts = [str(m.get("content", "")) for m in body.get("messages", []) if m.get("role") == "user"]
         else:
             self._send_json(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
             return
-        fault, wait, rate_headers = self.fake._arrive(texts, self.headers.get("Authorization"))
+        api_key = self.headers.get("api-key")
+        authorization = self.headers.get("Authorization") or (f"api-key {api_key}" if api_key else None)
+        fault, wait, rate_headers = self.fake._arrive(texts, authorization, self.path)
         status = None
         try:
             status = self._answer(body, texts, fault, wait, rate_headers)
@@ -311,7 +318,7 @@ class _FakeOpenAIHandler(BaseHTTPRequestHandler):
             shown = self.headers.get("Authorization", "") if fault == ECHO_AUTH else "sk-...redacted"
             message = f"Incorrect API key provided: {shown}"
             return self._send_json(401, {"error": {"message": message, "type": "invalid_request_error"}})
-        if self.path.rstrip("/").endswith("/chat/completions"):
+        if self.path.split("?", 1)[0].rstrip("/").endswith("/chat/completions"):
             return self._send_chat(body, texts, fault, rate_headers)
         return self._send_embeddings(body, texts, fault, rate_headers)
 

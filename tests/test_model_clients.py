@@ -227,6 +227,19 @@ def test_a_server_without_base64_gets_floats(server, warehouse):
     assert_all_stored(model, warehouse, "floats", items)
 
 
+def test_azure_openai_uses_the_deployment_url_the_api_version_and_the_api_key_header(server, warehouse):
+    model = remote_model(
+        server, base_url=f"http://127.0.0.1:{server.port}", azure_api_version="2024-10-21", azure_deployment="embed-dep"
+    )
+    items = catalog(10)
+    with model.open() as embedder:
+        report = embedder.embed_items(warehouse, items, stage="azure")
+    assert report.dlq_count == 0
+    assert set(server.stats.paths) == {"/openai/deployments/embed-dep/embeddings?api-version=2024-10-21"}
+    assert server.stats.authorization_headers == {f"api-key {API_KEY}"}
+    assert_all_stored(model, warehouse, "azure", items)
+
+
 @pytest.mark.parametrize("headers, retry_after, expected_wait", [("seconds", 0.3, 1.0), ("ms", 0.3, 0.3)])
 def test_retry_after_is_waited(server, warehouse, headers, retry_after, expected_wait):
     server.retry_after_headers = headers

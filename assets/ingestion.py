@@ -35,7 +35,8 @@ from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, table_
 
 PARSER_VERSION = "1"  # part of the fingerprint: bump it when staging reads files differently
 HASH_BLOCK_BYTES = 8 << 20
-MAX_LINE_BYTES = 64 << 20
+MAX_LINE_BYTES = 8 << 20  # a longer line is quarantined as unparseable
+READ_BUFFER_BYTES = 32 << 20  # DuckDB would otherwise size its CSV buffer from the line limit (GBs)
 LINE_DELIMITER = "\x1e"  # never in a JSON line (control characters must be escaped in JSON)
 
 
@@ -168,7 +169,7 @@ def read_lines(con: duckdb.DuckDBPyConnection, path: Path, into: str, keep_text:
                {parsed} AS parsed, CASE WHEN {keep_text} THEN line END AS line
         FROM read_csv($path, columns = {{'line': 'VARCHAR'}}, header = false, auto_detect = false,
                       delim = '{LINE_DELIMITER}', quote = '', escape = '', new_line = '\\n',
-                      max_line_size = {MAX_LINE_BYTES}, store_rejects = true,
+                      max_line_size = {MAX_LINE_BYTES}, buffer_size = {READ_BUFFER_BYTES}, store_rejects = true,
                       rejects_table = '{rejects}_raw', rejects_scan = '{rejects}_scan')
         WITH ORDINALITY""",
         {"path": str(path)},
@@ -228,7 +229,8 @@ def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, table: str) -> dict[st
         f"""CREATE OR REPLACE TEMP TABLE parsed AS
         SELECT ordinality AS k, * EXCLUDE (ordinality)
         FROM read_csv($path, columns = {{{columns}}}, header = true, auto_detect = false, delim = ',',
-                      quote = '"', escape = '"', max_line_size = {MAX_LINE_BYTES}, store_rejects = true,
+                      quote = '"', escape = '"', max_line_size = {MAX_LINE_BYTES}, buffer_size = {READ_BUFFER_BYTES},
+                      store_rejects = true,
                       rejects_table = 'parse_rejects', rejects_scan = 'parse_rejects_scan')
         WITH ORDINALITY""",
         {"path": str(path)},
@@ -304,7 +306,7 @@ def stage_customers(con: duckdb.DuckDBPyConnection, path: Path, partition_date: 
 def stage_customer_purchases(con: duckdb.DuckDBPyConnection) -> int:
     """The purchase items of the customers that passed their own rules, one row per item.
 
-    row_id packs (line, position): a 64 MB line cannot hold 2^20 items, so ids never collide."""
+    row_id packs (line, position): an 8 MB line cannot hold 2^20 items, so ids never collide."""
     con.execute("""CREATE OR REPLACE TEMP TABLE stg_customer_purchases AS
         SELECT (c.line_no << 20) + u.position AS row_id, c.line_no, (u.position - 1)::INTEGER AS item_no, c.customer_id,
                u.item.productId AS product_id, u.item.amount AS amount, u.item.date AS purchased_at

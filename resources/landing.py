@@ -8,7 +8,9 @@ for the partition day (YYYY-MM-DD). So transactions can point at the Online Reta
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import os
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -46,13 +48,13 @@ class LandingZone(dg.ConfigurableResource):
 
     def days_available(self, source: str, until: str | dt.date | None = None) -> list[str]:
         """The days (YYYY-MM-DD) that have a file for the source, up to `until` included."""
-        pattern = self.path(source, "{date}")
-        prefix, _, suffix = pattern.name.partition("{date}")
-        days = []
-        for candidate in pattern.parent.glob(f"{prefix}*{suffix}") if pattern.parent.is_dir() else []:
-            day = candidate.name[len(prefix): len(candidate.name) - len(suffix)]
-            if _is_iso_day(day) and (until is None or day <= str(until)):
-                days.append(day)
+        pattern = str(self.path(source, "{date}"))
+        shape = re.compile(re.escape(pattern).replace(re.escape("{date}"), r"(\d{4}-\d{2}-\d{2})"))
+        days = set()
+        for candidate in glob.glob(glob.escape(pattern).replace(glob.escape("{date}"), "*")):
+            match = shape.fullmatch(candidate)
+            if match and _is_iso_day(match.group(1)) and (until is None or match.group(1) <= str(until)):
+                days.add(match.group(1))
         return sorted(days)
 
     def require(self, source: str, partition_date: str | dt.date) -> Path:

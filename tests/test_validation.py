@@ -9,7 +9,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from assets import ingestion
+from assets import ingestion, staging
 from assets.validation import Suite, compile_expectation, load_suite, quarantine, validate_partition
 from generator import FAULTS_BY_TABLE, FaultRates, manifest_path
 from resources.warehouse import fetch_all, fetch_scalar
@@ -27,7 +27,7 @@ EXPECTATION_OF_FAULT = {
 }
 PARSE_RULE_OF_FAULT = {"malformed_json": "malformed_json", "wrong_column_count": "wrong_column_count",
                        "bad_encoding": "bad_encoding"}
-COLUMN_OF_FIELD = {**ingestion.JSON_FIELDS, **ingestion.CSV_HEADERS["transactions"], **ingestion.CSV_HEADERS["products"]}
+COLUMN_OF_FIELD = {**staging.JSON_FIELDS, **staging.CSV_HEADERS["transactions"], **staging.CSV_HEADERS["products"]}
 
 
 def expected_rule(table: str, fault: str, field: str) -> str:

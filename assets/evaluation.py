@@ -7,6 +7,7 @@ by-day CSVs. Results go to `ml.evaluation_results` (one row per as-of day, datas
 """
 
 import datetime as dt
+import math
 import os
 import time
 from pathlib import Path
@@ -16,12 +17,14 @@ import duckdb
 from pydantic import Field
 
 from assets.partitions import daily_partitions
-from assets.state import as_of_day
+from assets.state import as_of_day, decide_build, fingerprint_of, skipped_result, upstream_fingerprint, write_state
 from recsys import online_retail
 from recsys.evaluation import OURS, EvaluationReport, evaluate_split
-from resources.warehouse import DuckDBWarehouse, fetch_all, table_exists
+from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, table_exists
 
 RESULTS_TABLE = "ml.evaluation_results"
+STAGE = "recommendation_quality"
+UPSTREAM = ("recommendations", "customer_segments", "dim_products")
 ONLINE_RETAIL_CUTOFF = dt.datetime(2011, 6, 1)
 ONLINE_RETAIL_TEST_END = dt.datetime(2011, 9, 1)
 POPULARITY = "global popularity"
@@ -30,6 +33,11 @@ POPULARITY = "global popularity"
 class EvaluationConfig(dg.Config):
     test_days: int = Field(default=60, description="Warehouse split: test window = the last N days up to as-of.")
     k: int = Field(default=10, description="Cut-off of the ranking metrics (@K).")
+    max_customers: int = Field(
+        default=200_000, ge=1,
+        description="Warehouse split: above this many customers, evaluate a stable hash sample of about this size.",
+    )
+    force: bool = False
     online_retail_dir: str = Field(
         default_factory=lambda: os.getenv("ONLINE_RETAIL_DIR", ""),
         description="Folder of the Online Retail by-day CSVs; empty: that evaluation is skipped.",
@@ -43,8 +51,12 @@ def evaluate_warehouse(warehouse: DuckDBWarehouse, as_of: dt.date, config: Evalu
     with warehouse.connect(read_only=True) as con:
         if not table_exists(con, "analytics.stg_purchases"):
             return None
-        query = "SELECT customer_id, product_id, amount, purchased_at FROM analytics.stg_purchases ORDER BY customer_id"
-        source = lambda: con.cursor().execute(query).to_arrow_reader(50_000)  # noqa: E731 (re-readable)
+        customers = fetch_scalar(con, "SELECT count(DISTINCT customer_id) FROM analytics.stg_purchases")
+        per_mille = min(1000, math.ceil(1000 * config.max_customers / max(customers, 1)))
+        query = ("SELECT customer_id, product_id, amount, purchased_at FROM analytics.stg_purchases"
+                 " WHERE hash(customer_id) % 1000 < $per_mille ORDER BY customer_id")
+        params = {"per_mille": per_mille}
+        source = lambda: con.cursor().execute(query, params).to_arrow_reader(50_000)  # noqa: E731 (re-readable)
         catalog = con.execute("SELECT product_id, in_stock, price FROM analytics.dim_products").to_arrow_table()
         segments = dict(fetch_all(con, "SELECT customer_id, segment_id FROM ml.customer_segments")) \
             if table_exists(con, "ml.customer_segments") else None
@@ -60,7 +72,7 @@ def evaluate_online_retail(folder: Path, config: EvaluationConfig) -> Evaluation
         return evaluate_split(source, ONLINE_RETAIL_CUTOFF, ONLINE_RETAIL_TEST_END, catalog=catalog, k=config.k)
 
 
-def store_results(warehouse: DuckDBWarehouse, as_of: dt.date, reports: dict[str, EvaluationReport]) -> None:
+def store_results(warehouse: DuckDBWarehouse, as_of: dt.date, reports: dict[str, EvaluationReport], fingerprint: str) -> None:
     rows = [
         (as_of, dataset, report.cutoff, report.test_end, report.evaluated_customers, row["method"],
          row.get(f"hit_rate@{report.k}"), row.get(f"precision@{report.k}"), row.get(f"recall@{report.k}"),
@@ -77,6 +89,7 @@ def store_results(warehouse: DuckDBWarehouse, as_of: dt.date, reports: dict[str,
         con.execute(f"DELETE FROM {RESULTS_TABLE} WHERE as_of = ?", [as_of])
         if rows:
             con.executemany(f"INSERT INTO {RESULTS_TABLE} VALUES ({', '.join(['?'] * 11)})", rows)
+        write_state(con, STAGE, as_of, fingerprint, len(rows))
 
 
 def lift_over_popularity(report: EvaluationReport) -> float | None:
@@ -86,7 +99,7 @@ def lift_over_popularity(report: EvaluationReport) -> float | None:
 
 
 @dg.asset(
-    deps=["recommendations", "customer_segments", "dim_products"],
+    deps=list(UPSTREAM),
     partitions_def=daily_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="evaluation",
@@ -97,6 +110,13 @@ def recommendation_quality(context: dg.AssetExecutionContext, config: Evaluation
     """Hit-rate, precision, recall, NDCG @K and coverage: ours vs global and segment popularity."""
     as_of = as_of_day(context)
     started = time.perf_counter()
+    with warehouse.connect(read_only=True) as con:
+        inputs = {name: upstream_fingerprint(con, name, as_of) for name in UPSTREAM}
+        decision = decide_build(con, STAGE, as_of, fingerprint_of(config.model_dump(exclude={"force"}), inputs), config.force)
+    if not decision.build:
+        return skipped_result(context, decision, [dg.AssetCheckResult(
+            check_name="beats_global_popularity", passed=True, severity=dg.AssetCheckSeverity.WARN,
+            description="inputs unchanged: the stored evaluation stands")], as_of=str(as_of))
     reports: dict[str, EvaluationReport] = {}
     warehouse_report = evaluate_warehouse(warehouse, as_of, config)
     if warehouse_report is not None and warehouse_report.evaluated_customers:
@@ -108,7 +128,7 @@ def recommendation_quality(context: dg.AssetExecutionContext, config: Evaluation
         reports["online_retail"] = evaluate_online_retail(folder, config)
     elif folder:
         context.log.warning(f"ONLINE_RETAIL_DIR {folder} is not a folder; the Online Retail evaluation is skipped")
-    store_results(warehouse, as_of, reports)
+    store_results(warehouse, as_of, reports, decision.fingerprint)
     lifts = {name: lift_over_popularity(report) for name, report in reports.items()}
     metadata: dict = {"as_of": str(as_of), "seconds": round(time.perf_counter() - started, 3), "lift_over_popularity": lifts}
     for name, report in reports.items():

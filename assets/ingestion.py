@@ -200,6 +200,8 @@ def _raw_record_sql(table: str) -> str:
 def _fill_customer_raw_records(con: duckdb.DuckDBPyConnection, path: Path, partition_date: str) -> None:
     """The original text of quarantined customer lines: the file streams through again and only
     those lines are kept (position in the read = line number minus the undecodable lines before)."""
+    if not fetch_scalar(con, "SELECT count(*) FROM failures_customers"):
+        return
     con.execute("""CREATE OR REPLACE TEMP TABLE wanted_positions AS
         SELECT DISTINCT f.line_no - (SELECT count(*) FROM json_lines_rejects AS r WHERE r.line_no < f.line_no) AS k
         FROM failures_customers AS f""")

@@ -399,7 +399,7 @@ def _preview(con: duckdb.DuckDBPyConnection, source: Source, day: str, counts: d
     for table in source.tables:
         result = con.execute(
             f"SELECT * EXCLUDE (partition_date) FROM {TABLES[table].qualified} WHERE partition_date = ? "
-            f"ORDER BY line_no LIMIT {int(limit)}", [day])
+            f"ORDER BY ALL LIMIT {int(limit)}", [day])  # line_no first, then item_no for purchases
         parts.append(f"**raw.{table}** (first valid rows)\n\n"
                      + markdown_table([d[0] for d in result.description], result.fetchall()))
         rules = [(rule, n) for rule, n in counts[table].by_rule.items()]

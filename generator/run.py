@@ -131,7 +131,8 @@ def _customer_records(config: GeneratorConfig, catalog: Catalog, model: TasteMod
 def _buyers_of_the_day(config: GeneratorConfig, catalog: Catalog, model: TasteModel, day_index: int,
                        chunk: np.ndarray) -> tuple[np.ndarray, Purchases]:
     """Customers who joined on the day, and returning customers who buy again, with their purchases."""
-    joined_today = chunk >= config.customers + config.new_customers_per_day * (day_index - 1) if day_index else False
+    first_joiner = config.customers + config.new_customers_per_day * (day_index - 1)
+    joined_today = (chunk >= first_joiner) if day_index > 0 else np.zeros(len(chunk), dtype=bool)
     returning = uniform(config.seed, "customer:returns", day_index, chunk) < config.returning_share
     buyers = chunk[joined_today | returning]
     counts = item_counts(config.seed, "count:day", config.mean_daily_items, day_index, buyers)

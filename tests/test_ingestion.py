@@ -205,3 +205,18 @@ def test_online_retail_days_ingest_with_their_quirks(warehouse, online_retail_di
             WHERE rule NOT IN ('duplicate_line', 'unit_price_negative')""")
     assert bad_debt == [("-11062.06",), ("-11062.06",)] and kept_adjustment == 1
     assert others == 0
+
+
+def test_the_code_location_loads_the_ingestion_assets_checks_and_resources():
+    from definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    checks = {(key.asset_key.to_user_string(), key.name) for key in graph.asset_check_keys}
+    for asset in ("raw_products", "raw_customers", "raw_transactions"):
+        node = graph.get(dg.AssetKey(asset))
+        assert node.partitions_def is not None and node.pools == {"duckdb"}
+        assert {(asset, "record_accounting"), (asset, "error_rate")} <= checks
+    assert {("raw_customers", "customers_expectation_suite"), ("raw_customers", "customer_purchases_expectation_suite"),
+            ("raw_products", "products_expectation_suite"),
+            ("raw_transactions", "transactions_expectation_suite")} <= checks
+    assert {"warehouse", "landing", "alerts"} <= set(defs.resources)

@@ -1,7 +1,7 @@
 """Baselines under the same rules as the recommender: global and segment popularity.
 
-Both rank products by distinct buyers before the cut-off (ties: more buyers overall, then
-product_id), skip what the customer already bought and recommend only candidate (in-stock)
+Both rank products by distinct buyers before the cut-off (segment popularity: buyers within
+the customer's segment, ties broken by buyers overall; last tie-break: product_id), skip what the customer already bought and recommend only candidate (in-stock)
 products. Segments come from a mapping customer -> segment id, or, when none is given, from
 `RfmSegmenter`: terciles of recency, frequency and monetary value at the cut-off.
 """
@@ -45,26 +45,25 @@ def count_buyers(purchases: PurchaseSource, items: ItemIndex, as_of_us: int, chu
     return overall, by_segment
 
 
-def bought_mask_rows(history: CustomerChunk, items: ItemIndex) -> tuple[np.ndarray, np.ndarray]:
-    customer, item, _ = distinct_pairs(history.row_customer, items.positions(history.product_ids), max(len(items), 1))
-    return customer, item
-
-
 def rank_by_scores(history: CustomerChunk, items: ItemIndex, scores: np.ndarray, k: int) -> TopK:
-    """Top-k of per-customer score rows, bought items excluded (scores: customers x items)."""
-    scores = scores.copy()
-    customer, item = bought_mask_rows(history, items)
+    """Top-k of per-customer score rows (customers x items, modified in place), bought excluded."""
+    customer, item, _ = distinct_pairs(history.row_customer, items.positions(history.product_ids), max(len(items), 1))
     scores[customer, item] = -np.inf
     row, column, _, rank = top_k_stable(scores, k)
     return TopK(row, column, rank)
 
 
-def _tie_break(buyers: np.ndarray) -> np.ndarray:
-    """A value in [0, 1) that orders items by overall buyers (more first), then product_id."""
-    order = np.lexsort((np.arange(len(buyers)), -buyers))
-    position = np.empty(len(buyers), dtype=np.float64)
-    position[order] = np.arange(len(buyers))
-    return 1.0 - (position + 1.0) / (len(buyers) + 1.0)
+def ordinal_scores(*keys_most_important_first: np.ndarray) -> np.ndarray:
+    """float32 scores n-1 .. 0 that order items by the keys (larger first), then by position.
+
+    Items are sorted by product_id, so position breaks the last ties. Ordinals stay exact in
+    float32 up to 16 M items, unlike raw counts plus a fractional tie-break.
+    """
+    n = len(keys_most_important_first[0])
+    order = np.lexsort((np.arange(n), *(-key for key in reversed(keys_most_important_first))))
+    scores = np.empty(n, dtype=np.float32)
+    scores[order] = np.arange(n - 1, -1, -1, dtype=np.float32)
+    return scores
 
 
 class PopularityBaseline:
@@ -72,10 +71,10 @@ class PopularityBaseline:
 
     def __init__(self, items: ItemIndex, buyers: np.ndarray):
         self.items = items
-        self.scores = _tie_break(buyers)  # rank order alone is what matters
+        self.scores = ordinal_scores(buyers)
 
     def rank(self, history: CustomerChunk, k: int) -> TopK:
-        rows = np.broadcast_to(self.scores, (history.n_customers, len(self.items)))
+        rows = np.tile(self.scores, (history.n_customers, 1))
         return rank_by_scores(history, self.items, rows, k)
 
 
@@ -85,17 +84,15 @@ class SegmentPopularityBaseline:
     def __init__(self, items: ItemIndex, buyers: np.ndarray, by_segment: dict[int, np.ndarray], segmenter):
         self.items = items
         self.segmenter = segmenter
-        tie_break = _tie_break(buyers)
-        # integer segment counts first, overall popularity only breaks their ties
-        self.segment_scores = {segment: counts + tie_break for segment, counts in by_segment.items()}
-        self.fallback = tie_break
+        segments = sorted(by_segment)
+        self.segment_row = {segment: row for row, segment in enumerate(segments)}
+        # row per segment (segment buyers first, overall buyers break ties), last row: global
+        self.scores = np.vstack([ordinal_scores(by_segment[s], buyers) for s in segments] + [ordinal_scores(buyers)])
 
     def rank(self, history: CustomerChunk, k: int) -> TopK:
-        segment = self.segmenter(history)
-        rows = np.empty((history.n_customers, len(self.items)), dtype=np.float64)
-        for row, value in enumerate(segment):
-            rows[row] = self.segment_scores.get(int(value), self.fallback)
-        return rank_by_scores(history, self.items, rows, k)
+        fallback = len(self.scores) - 1  # a segment unseen before the cut-off: global popularity
+        rows = [self.segment_row.get(int(segment), fallback) for segment in self.segmenter(history)]
+        return rank_by_scores(history, self.items, self.scores[np.asarray(rows, dtype=np.int64)], k)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ class EvaluationConfig(dg.Config):
     test_days: int = Field(default=60, description="Warehouse split: test window = the last N days up to as-of.")
     k: int = Field(default=10, description="Cut-off of the ranking metrics (@K).")
     max_customers: int = Field(
-        default=200_000, ge=1,
+        default=50_000, ge=1,
         description="Warehouse split: above this many customers, evaluate a stable hash sample of about this size.",
     )
     force: bool = False

@@ -6,17 +6,22 @@
       -> unseen texts are grouped into requests (count and character limits)
       -> requests run on a pool of `max_concurrency` threads, each with its own retries,
          through the shared throttle and breaker (resilience.py)
-      -> finished vectors are buffered and written every `write_chunk_rows`, with the item map
-         and dead letters, in one short transaction (never while holding a model call)
+      -> finished vectors are buffered and handed every `write_chunk_rows`, with the item map
+         and dead letters, to the run's database thread: one short transaction a chunk
 
-At most 2 x max_concurrency requests are outstanding, so memory stays bounded whatever the
-number of items. A text shared by several items is requested once. A killed run leaves every
-flushed chunk in the cache; the next run finds those texts there and does not pay for them.
+The database thread runs the cache look-ups and the writes in order, while the requests go on
+(no connection is ever held across a model call, and the model never waits for a checkpoint).
+At most 4 x max_concurrency requests are outstanding and at most 2 chunks wait to be written, so
+memory stays bounded whatever the number of items. A text shared by several items is requested
+once. A killed run leaves every committed chunk in the cache; the next run finds those texts
+there and does not pay for them.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -235,8 +240,15 @@ def batch_as_numpy(batch: pa.RecordBatch, dimensions: int) -> tuple[list[str], n
     return keys, matrix
 
 
+@dataclass
+class _WriteJob:
+    vectors: list[tuple[str, np.ndarray]]
+    item_rows: list[tuple[str, str, bool]]
+    dead_letters: list[store.DeadLetter]
+
+
 class _EmbedRun:
-    """The bookkeeping of one `embed_items` call (main thread only, except the futures)."""
+    """The bookkeeping of one `embed_items` call (main thread only, except futures and writer)."""
 
     def __init__(self, session: EmbeddingSession, warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> None:
         self.session = session
@@ -250,6 +262,13 @@ class _EmbedRun:
         self.failed: dict[str, tuple[ModelCallError, int]] = {}  # text hash -> (error, attempts)
         self.item_rows: dict[str, tuple[str, bool]] = {}  # item key -> (text hash, truncated), unflushed
         self.dead: dict[str, store.DeadLetter] = {}  # unflushed dead letters by item key
+        # Hashes handed to the database thread and not yet committed, and those committed since
+        # the last look-up was queued: a look-up cannot see them, the run must still not resend.
+        self.writing: set[str] = set()
+        self.committed_since_lookup: set[str] = set()
+        self.writing_lock = threading.Lock()
+        self.database = ThreadPoolExecutor(1, thread_name_prefix="embed-db")  # look-ups and writes, in order
+        self.writes: deque[Future[None]] = deque()
         self.futures: set[Future[_BatchOutcome]] = set()
         self.submit: Callable[[list[Pair]], Future[_BatchOutcome]] | None = None
         breaker, throttle = session.caller.breaker, session.caller.throttle
@@ -271,26 +290,42 @@ class _EmbedRun:
                         future.cancel()
                     raise
         finally:
-            self._flush()  # what was embedded is kept, even when the step fails
+            try:
+                self._flush()  # what was embedded is kept, even when the step fails
+                self._wait_for_writes(0)
+            finally:
+                self.database.shutdown(wait=True)
         return self._report()
 
     # -- admission ----------------------------------------------------------------------------
     def _admit(self, chunk: list[tuple[object, object]]) -> None:
         prepared = [prepare_text(key, text, self.settings.max_input_chars) for key, text in chunk]
-        cached = self._cached({p.text_hash for p in prepared if p.text})
+        cached = self._look_up({p.text_hash for p in prepared if p.text})
+        with self.writing_lock:  # a hash moves from one set to the other under the lock
+            embedded_earlier = self.writing | self.committed_since_lookup
         to_send: dict[str, str] = {}
         for item in prepared:
-            self._admit_item(item, cached, to_send)
+            self._admit_item(item, cached, embedded_earlier, to_send)
         for batch in plan_batches(to_send.items(), self.settings.max_batch_size, self.settings.max_batch_chars):
             self._submit(batch)
         if len(self.item_rows) >= self.settings.lookup_chunk_size:
             self._flush()
 
-    def _cached(self, hashes: set[str]) -> set[str]:
-        unknown = [h for h in hashes if h not in self.pending and h not in self.buffered and h not in self.failed]
-        return store.cached_hashes(self.warehouse, self.session.model_id, self.session.dimensions, sorted(unknown))
+    def _look_up(self, hashes: set[str]) -> set[str]:
+        """The hashes already in the cache. Queued behind the writes before it, so it sees them;
+        the requests in flight are absorbed while it waits."""
+        with self.writing_lock:
+            unknown = sorted(h for h in hashes if h not in self.pending and h not in self.buffered and h not in self.failed)
+            self.committed_since_lookup.clear()
+        model, dimensions = self.session.model_id, self.session.dimensions
+        lookup = self.database.submit(store.cached_hashes, self.warehouse, model, dimensions, unknown)
+        while not lookup.done() and self.futures:
+            self._drain_some(lookup)
+        return lookup.result()
 
-    def _admit_item(self, item: PreparedText, cached: set[str], to_send: dict[str, str]) -> None:
+    def _admit_item(
+        self, item: PreparedText, cached: set[str], embedded_earlier: set[str], to_send: dict[str, str]
+    ) -> None:
         self.metrics.items += 1
         if not item.text:
             self._dead_letter(item.item_key, text_hash(""), ModelCallError(CLIENT_ERROR, "empty text"), 0)
@@ -300,7 +335,7 @@ class _EmbedRun:
         key = item.text_hash
         if key in cached:
             self.metrics.cache_hits += 1
-        elif key in self.buffered:
+        elif key in self.buffered or key in embedded_earlier:
             self.metrics.deduplicated += 1
         elif key in self.pending:
             self.metrics.deduplicated += 1
@@ -319,9 +354,10 @@ class _EmbedRun:
         self.futures.add(self.submit(batch))
 
     # -- completion ---------------------------------------------------------------------------
-    def _drain_some(self) -> None:
-        done, _ = wait(self.futures, return_when=FIRST_COMPLETED)
-        for future in done:
+    def _drain_some(self, also: Future | None = None) -> None:
+        """Absorb the requests that finished (returning early, too, when `also` is done)."""
+        done, _ = wait(self.futures | ({also} if also else set()), return_when=FIRST_COMPLETED)
+        for future in done & self.futures:
             self.futures.discard(future)
             self._absorb(future.result())
         if len(self.buffered) >= self.settings.write_chunk_rows:
@@ -342,21 +378,43 @@ class _EmbedRun:
         self.dead[item_key] = store.DeadLetter(item_key, error.reason_class, error.message, attempts, payload_hash)
 
     def _flush(self) -> None:
+        """Hand the buffered vectors, item rows and dead letters to the writer."""
         if not (self.buffered or self.item_rows or self.dead):
             return
+        job = _WriteJob(
+            vectors=list(self.buffered.items()),
+            item_rows=[(key, h, truncated) for key, (h, truncated) in self.item_rows.items()],
+            dead_letters=list(self.dead.values()),
+        )
+        with self.writing_lock:
+            self.writing.update(self.buffered)
+        self.buffered.clear()
+        self.item_rows.clear()
+        self.dead.clear()
+        self.writes.append(self.database.submit(self._write, job))
+        self._wait_for_writes(2)
+
+    def _wait_for_writes(self, most_waiting: int) -> None:
+        """Back-pressure: block until at most `most_waiting` writes are pending (raises their errors)."""
+        while self.writes and (len(self.writes) > most_waiting or self.writes[0].done()):
+            self.writes.popleft().result()
+
+    def _write(self, job: _WriteJob) -> None:
+        """On the database thread: one short transaction."""
         store.write_progress(
             self.warehouse,
             stage=self.stage,
             partition_key=self.partition_key,
             model=self.session.model_id,
             dimensions=self.session.dimensions,
-            vectors=list(self.buffered.items()),
-            item_rows=[(key, h, truncated) for key, (h, truncated) in self.item_rows.items()],
-            dead_letters=list(self.dead.values()),
+            vectors=job.vectors,
+            item_rows=job.item_rows,
+            dead_letters=job.dead_letters,
         )
-        self.buffered.clear()
-        self.item_rows.clear()
-        self.dead.clear()
+        written = {text_hash_ for text_hash_, _ in job.vectors}
+        with self.writing_lock:
+            self.writing -= written
+            self.committed_since_lookup |= written
 
     def _report(self) -> EmbeddingReport:
         resolved = store.resolve_embedded_dead_letters(self.warehouse, self.stage, self.partition_key)

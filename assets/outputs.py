@@ -12,6 +12,7 @@ from pydantic import Field
 
 from assets.metadata import table_preview
 from assets.partitions import daily_partitions
+from assets.validation import load_suite, suite_check_result, validate_partition
 from assets.state import (
     as_of_day,
     decide_build,
@@ -171,4 +172,23 @@ def rule_checks(config: OutputRulesConfig, counts: dict[str, int]) -> list[dg.As
     ]
 
 
-defs = dg.Definitions(assets=[validated_recommendations])
+class OutputSuiteConfig(dg.Config):
+    chunk_rows: int = Field(default=1_000_000, description="Rows per pandas batch handed to GX.")
+    max_rows: int = Field(default=2_000_000, description="Above this, validate a repeatable sample of this many rows.")
+
+
+@dg.asset_check(
+    asset=validated_recommendations,
+    name="output_expectation_suite",
+    description="The GX suite expectations/recommendations.json on outputs.recommendations.",
+    partitions_def=daily_partitions,
+    blocking=False,
+)
+def output_expectation_suite(config: OutputSuiteConfig, warehouse: DuckDBWarehouse) -> dg.AssetCheckResult:
+    started = time.perf_counter()
+    suite = load_suite("recommendations")
+    tallies, validated, total = validate_partition(warehouse, suite, ACCEPTED_TABLE, None, config.chunk_rows, config.max_rows)
+    return suite_check_result(suite, tallies, validated, total, time.perf_counter() - started)
+
+
+defs = dg.Definitions(assets=[validated_recommendations], asset_checks=[output_expectation_suite])

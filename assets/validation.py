@@ -286,12 +286,13 @@ def gx_suite(suite: Suite) -> Any:
     return gx.ExpectationSuite(name=suite.name, expectations=expectations)
 
 
-def validate_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, partition_date: str,
+def validate_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, partition_date: str | None,
                        chunk_rows: int, max_rows: int = 0) -> tuple[list[ExpectationTally], int, int]:
-    """Run the suite with GX over a partition; returns (tallies, rows validated, rows in partition).
+    """Run the suite with GX over a partition (or, with no partition date, a whole current-state
+    table); returns (tallies, rows validated, rows in the partition or table).
 
-    The partition goes to a Parquet file in one short connection, so no database lock is held
-    while GX works; batches are ordered by the uniqueness key and a key never straddles two.
+    The rows go to a Parquet file in one short connection, so no database lock is held while GX
+    works; batches are ordered by the uniqueness key and a key never straddles two.
     """
     with tempfile.TemporaryDirectory(prefix="gx-") as folder:
         export = Path(folder) / "partition.parquet"
@@ -310,21 +311,23 @@ def validate_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, par
     return tallies, validated, total
 
 
-def _export_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, partition_date: str, export: Path,
+def _export_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, partition_date: str | None, export: Path,
                       max_rows: int) -> tuple[int, dict[str, list]]:
     columns = sorted({c for e in suite.expectations for c in _expectation_columns(e)})
+    # Raw tables break ties by source line; current-state tables have no line numbers.
+    tiebreak = ["line_no"] if partition_date is not None else []
     # Sorted only when a uniqueness key must keep its rows in one batch (sorting 20M rows costs).
-    order = "ORDER BY " + ", ".join(f'"{c}"' for c in suite.unique_columns + ["line_no"]) if suite.unique_columns else ""
-    select = ", ".join(f'"{c}"' for c in [*columns, "line_no"])
-    source = f"(SELECT * FROM {table} WHERE partition_date = $day)"
+    order = "ORDER BY " + ", ".join(f'"{c}"' for c in suite.unique_columns + tiebreak) if suite.unique_columns else ""
+    select = ", ".join(f'"{c}"' for c in [*columns, *tiebreak])
+    where, params = ("WHERE partition_date = $day", {"day": partition_date}) if partition_date is not None else ("", {})
+    source = f"(SELECT * FROM {table} {where})"
     if max_rows:
         source = f"(SELECT * FROM {source} USING SAMPLE reservoir({int(max_rows)} ROWS) REPEATABLE (42))"
     with warehouse.connect(read_only=True) as con:
         if not table_exists(con, table):
-            raise dg.Failure(f"{table} does not exist yet: materialize its ingestion asset first")
-        total = fetch_scalar(con, f"SELECT count(*) FROM {table} WHERE partition_date = ?", [partition_date])
-        con.execute(f"COPY (SELECT {select} FROM {source} {order}) TO '{export}' (FORMAT parquet)",
-                    {"day": partition_date})
+            raise dg.Failure(f"{table} does not exist yet: materialize the asset that writes it first")
+        total = fetch_scalar(con, f"SELECT count(*) FROM {table} {where}", params)
+        con.execute(f"COPY (SELECT {select} FROM {source} {order}) TO '{export}' (FORMAT parquet)", params)
         parameters = {name: [r[0] for r in fetch_all(con, sql, {"partition_date": partition_date})]
                       for name, sql in SUITE_PARAMETERS.items() if _suite_uses(suite, name)}
     return int(total), parameters
@@ -355,7 +358,7 @@ def _trailing_key_rows(chunk: pa.Table, key: list[str]) -> int:
 
 
 def _to_pandas(table: pa.Table) -> pd.DataFrame:
-    return table.drop_columns(["line_no"]).to_pandas()
+    return table.drop_columns([c for c in ("line_no",) if c in table.column_names]).to_pandas()
 
 
 @cache

@@ -4,7 +4,7 @@ import datetime as dt
 
 import dagster as dg
 
-from assets.outputs import validated_recommendations
+from assets.outputs import output_expectation_suite, validated_recommendations
 from assets.state import write_state
 from resources.warehouse import fetch_all
 
@@ -31,9 +31,10 @@ def seed(warehouse):
         con.execute("INSERT INTO analytics.stg_purchases VALUES ('c1', 'P4'), ('c2', 'P4')")
         con.execute(
             "CREATE TABLE ml.recommendations (customer_id VARCHAR, rank INTEGER, product_id VARCHAR,"
-            " confidence DOUBLE, predicted_value DOUBLE)"
+            " confidence DOUBLE, predicted_value DOUBLE, strategy VARCHAR DEFAULT 'collaborative')"
         )
-        con.executemany("INSERT INTO ml.recommendations VALUES (?, ?, ?, ?, ?)", RECOMMENDATIONS)
+        con.executemany("INSERT INTO ml.recommendations (customer_id, rank, product_id, confidence, predicted_value)"
+                        " VALUES (?, ?, ?, ?, ?)", RECOMMENDATIONS)
         for asset in ("recommendations", "dim_products", "stg_purchases"):
             write_state(con, asset, dt.date(2011, 3, 1), "v1", 0)
 
@@ -72,3 +73,20 @@ def test_rerun_with_unchanged_inputs_is_a_skip_that_still_reports_checks(warehou
         "rejection_rate",
         "every_recommendation_accounted_for",
     }
+
+
+def test_output_suite_runs_gx_on_the_accepted_table(warehouse):
+    seed(warehouse)
+    result = dg.materialize([validated_recommendations, output_expectation_suite], partition_key=DAY,
+                            resources={"warehouse": warehouse})
+    check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "output_expectation_suite")
+    assert check.passed, check.metadata
+    assert check.metadata["rows_validated"].value == 1
+    with warehouse.transaction() as con:  # break the output table behind the rules' back
+        con.execute("INSERT INTO outputs.recommendations SELECT * REPLACE (2.5 AS confidence) FROM outputs.recommendations")
+    # inputs unchanged: the asset skips and leaves the broken table for the check to find
+    again = dg.materialize([validated_recommendations, output_expectation_suite], partition_key=DAY,
+                           resources={"warehouse": warehouse})
+    check = next(c for c in again.get_asset_check_evaluations() if c.check_name == "output_expectation_suite")
+    assert not check.passed
+    assert set(check.metadata["failed_rules"].value) == {"product_recommended_twice", "confidence_outside_0_1"}

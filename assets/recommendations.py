@@ -21,6 +21,7 @@ from assets.partitions import daily_partitions
 from assets.state import as_of_day, decide_build, fingerprint_of, read_state, skipped_result, upstream_fingerprint, write_state
 from recsys.purchases import iter_customer_chunks
 from recsys.recommender import Recommender, RecommenderConfig, ordered_parallel_map
+from resources.model_clients.errors import PROCESSING_ERROR
 from resources.model_clients.store import DeadLetter, write_dead_letters
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 
@@ -104,7 +105,7 @@ def score_safely(model: Recommender, candidates):
 
 def dead_letter_chunk(warehouse_writes: list, chunk, error: Exception) -> None:
     message = f"{type(error).__name__}: {error}"[:500]
-    warehouse_writes.extend(DeadLetter(customer, "processing_error", message, 1, "") for customer in chunk.customer_ids.to_pylist())
+    warehouse_writes.extend(DeadLetter(customer, PROCESSING_ERROR, message, 1, "") for customer in chunk.customer_ids.to_pylist())
 
 
 def write_chunk(con: duckdb.DuckDBPyConnection, result, as_of: dt.date) -> None:

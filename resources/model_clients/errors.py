@@ -14,7 +14,10 @@ TIMEOUT = "timeout"
 INVALID_OUTPUT = "invalid_output"
 CLIENT_ERROR = "client_error"
 CIRCUIT_OPEN = "circuit_open"
-REASON_CLASSES = (RATE_LIMITED, SERVER_ERROR, TIMEOUT, INVALID_OUTPUT, CLIENT_ERROR, CIRCUIT_OPEN)
+# Not a model call: a pipeline step's own computation failed for these items (e.g. a chunk of
+# customers the recommender could not score); they share the dead-letter queue.
+PROCESSING_ERROR = "processing_error"
+REASON_CLASSES = (RATE_LIMITED, SERVER_ERROR, TIMEOUT, INVALID_OUTPUT, CLIENT_ERROR, CIRCUIT_OPEN, PROCESSING_ERROR)
 
 # Finer causes, for `retries_by_cause` (a dropped connection is a server_error in the DLQ).
 CONNECTION_ERROR = "connection_error"

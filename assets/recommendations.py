@@ -41,6 +41,7 @@ class RecommendationsConfig(dg.Config):
     read_batch_rows: int = Field(default=100_000, description="Purchase rows per Arrow batch read from DuckDB.")
     workers: int = Field(default=2, description="Scoring threads.")
     progress_every_seconds: float = Field(default=10.0, description="How often progress (%, ETA) is logged.")
+    min_served_share: float = Field(default=0.5, description="The check warns when fewer customers get a recommendation.")
     force: bool = False
 
     def recommender(self) -> RecommenderConfig:
@@ -146,6 +147,7 @@ def confidence_summary(con: duckdb.DuckDBPyConnection) -> dict:
     group_name="ai",
     pool="duckdb",
     kinds={"duckdb", "python"},
+    check_specs=[dg.AssetCheckSpec("customers_served", asset="recommendations")],
 )
 def recommendations(
     context: dg.AssetExecutionContext, config: RecommendationsConfig, warehouse: DuckDBWarehouse
@@ -158,8 +160,9 @@ def recommendations(
         inputs = {name: upstream_fingerprint(con, name, as_of) for name in UPSTREAM}
         decision = decide_build(con, STAGE, as_of, fingerprint_of(config.model_dump(exclude={"force"}), inputs), config.force)
         if not decision.build:
-            return skipped_result(context, decision, as_of=str(as_of), dlq_count=0,
-                                  **(read_state(con, STAGE)["metadata"].get("distribution") or {}))
+            kept = read_state(con, STAGE)["metadata"]
+            check = served_check(config, kept.get("counts", {}), kept.get("skip_reasons", {}))
+            return skipped_result(context, decision, [check], as_of=str(as_of), dlq_count=0, **(kept.get("distribution") or {}))
         source = purchases_source(con, config.read_batch_rows)
         catalog = con.execute("SELECT product_id, in_stock, price FROM analytics.dim_products").to_arrow_table()
         # Purchases on the partition day count as history: the model sees everything before the next day.
@@ -184,36 +187,53 @@ def recommendations(
         distribution = confidence_summary(con)
         stored = fetch_scalar(con, f"SELECT count(*) FROM {RECOMMENDATIONS_TABLE}")
         plain_distribution = {k: (v.value if isinstance(v, dg.JsonMetadataValue) else v) for k, v in distribution.items()}
-        write_state(con, STAGE, as_of, decision.fingerprint, stored, {"distribution": plain_distribution, "counts": counts})
+        skip_reasons = dict(fetch_all(con, f"SELECT reason, count(*) FROM {SKIPPED_TABLE} GROUP BY reason"))
+        write_state(con, STAGE, as_of, decision.fingerprint, stored,
+                    {"distribution": plain_distribution, "counts": counts, "skip_reasons": skip_reasons})
     write_dead_letters(warehouse, STAGE, context.partition_key, "ease", dead_letters)
-    return recommendations_result(context, as_of, model, candidates, counts, distribution, stored, dead_letters,
-                                  time.perf_counter() - started)
+    metadata = recommendations_metadata(context, as_of, model, candidates, counts, distribution, stored, dead_letters,
+                                        skip_reasons, time.perf_counter() - started)
+    return dg.MaterializeResult(metadata=metadata, check_results=[served_check(config, counts, skip_reasons)])
 
 
-def recommendations_result(context, as_of, model, candidates, counts, distribution, stored, dead_letters, seconds):
+def served_check(config: RecommendationsConfig, counts: dict, skip_reasons: dict) -> dg.AssetCheckResult:
+    """A catalog with nothing in stock, or a model with no items, serves nobody: say so loudly."""
+    customers = counts.get("customers", 0)
+    served = customers - counts.get("skipped", 0)
+    share = served / customers if customers else 0.0
+    return dg.AssetCheckResult(
+        check_name="customers_served",
+        passed=share >= config.min_served_share,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"customers": customers, "served": served, "share": round(share, 4), "skip_reasons": skip_reasons},
+        description=f"{share:.0%} of customers got recommendations"
+        + (f"; not served because: {', '.join(skip_reasons)}" if skip_reasons else ""),
+    )
+
+
+def recommendations_metadata(context, as_of, model, candidates, counts, distribution, stored, dead_letters, skip_reasons, seconds):
     dlq_customers = len(dead_letters)
     context.log.info(f"{stored:,} recommendations for {counts['customers']:,} customers "
                      f"({counts['popularity']:,} by popularity, {counts['skipped']:,} skipped, {dlq_customers:,} in the DLQ)")
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": stored,
-            "customers": counts["customers"],
-            "customers_collaborative": counts["collaborative"],
-            "customers_popularity_fallback": counts["popularity"],
-            "customers_without_valid_purchases": counts["without_valid_purchases"],
-            "customers_skipped": counts["skipped"],
-            "dlq_count": dlq_customers,
-            **distribution,
-            "model_items": model.report.model_items,
-            "in_stock_candidates": candidates.in_stock_model_items,
-            "catalog_products_not_in_model": candidates.catalog_products_not_in_model,
-            "fit": dg.MetadataValue.json(model.report.to_dict()),
-            "as_of": str(as_of),
-            "seconds": round(seconds, 3),
-            "customers_per_second": round(counts["customers"] / max(seconds, 1e-9), 1),
-            "skipped": False,
-        }
-    )
+    return {
+        "dagster/row_count": stored,
+        "customers": counts["customers"],
+        "customers_collaborative": counts["collaborative"],
+        "customers_popularity_fallback": counts["popularity"],
+        "customers_without_valid_purchases": counts["without_valid_purchases"],
+        "customers_skipped": counts["skipped"],
+        "skip_reasons": dg.MetadataValue.json(skip_reasons),
+        "dlq_count": dlq_customers,
+        **distribution,
+        "model_items": model.report.model_items,
+        "in_stock_candidates": candidates.in_stock_model_items,
+        "catalog_products_not_in_model": candidates.catalog_products_not_in_model,
+        "fit": dg.MetadataValue.json(model.report.to_dict()),
+        "as_of": str(as_of),
+        "seconds": round(seconds, 3),
+        "customers_per_second": round(counts["customers"] / max(seconds, 1e-9), 1),
+        "skipped": False,
+    }
 
 
 defs = dg.Definitions(assets=[recommendations])

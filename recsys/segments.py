@@ -866,18 +866,22 @@ _FENCED = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
 def parse_segment_names(answer: object, segment_ids: Iterable[int]) -> dict[int, str] | None:
     """The chat model's names as {segment id: name}, or None if the answer is not exactly that.
 
-    Accepted: one JSON object (optionally inside a ``` fence) whose keys are exactly the given ids
-    as strings and whose values are printable, distinct names of 1..NAME_MAX_LENGTH characters
-    (inner whitespace collapsed). Anything else returns None: the caller keeps the fallback
-    names and dead-letters the answer.
+    Accepted: one JSON object (as text, optionally inside a ``` fence, or already parsed, as a
+    chat client's JSON mode returns it) whose keys are exactly the given ids as strings and whose
+    values are printable, distinct names of 1..NAME_MAX_LENGTH characters (inner whitespace
+    collapsed). Anything else returns None: the caller keeps the fallback names and dead-letters
+    the answer.
     """
-    if not isinstance(answer, str):
-        return None
-    text = answer.strip()
-    fenced = _FENCED.match(text)
-    try:
-        parsed = json.loads(fenced.group(1) if fenced else text)
-    except ValueError:
+    if isinstance(answer, dict):
+        parsed = answer
+    elif isinstance(answer, str):
+        text = answer.strip()
+        fenced = _FENCED.match(text)
+        try:
+            parsed = json.loads(fenced.group(1) if fenced else text)
+        except ValueError:
+            return None
+    else:
         return None
     expected = {str(int(i)) for i in segment_ids}
     if not isinstance(parsed, dict) or set(parsed) != expected:

@@ -135,6 +135,7 @@ class FakeOpenAIServer:
         self.reject_base64 = reject_base64  # like servers that only speak JSON floats
         self.fail_all: str | None = None
         self.poison: dict[str, str] = {}  # marker substring -> fault for any request carrying it
+        self.chat_content = None  # callable(user texts) -> the assistant's content; None: an echo summary
         self.stats = ServerStats()
         self._scripted: deque[str] = deque()
         self._bucket = _TokenBucket(rate_limit_rps, burst or max(1.0, rate_limit_rps / 10)) if rate_limit_rps else None
@@ -359,7 +360,7 @@ class _FakeOpenAIHandler(BaseHTTPRequestHandler):
 
     def _send_chat(self, body: dict, texts: list[str], fault: str, rate_headers: dict) -> int:
         last = texts[-1] if texts else ""
-        content = json.dumps({"summary": last[:40], "length": len(last)})
+        content = self.fake.chat_content(texts) if self.fake.chat_content else json.dumps({"summary": last[:40], "length": len(last)})
         if fault == MALFORMED_JSON:
             content = "Sure! Here is the JSON: {'summary': "
         tokens = max(1, len(last) // 4)

@@ -1,0 +1,173 @@
+"""Bad input through the AI stages: each case has a defined outcome (skipped with a count, the
+DLQ, or a clear check failure), never a crash and never a silent gap."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets.embeddings import product_embeddings
+from assets.recommendations import recommendations
+from assets.segments import customer_segments
+from generator import FaultRates, GeneratorConfig, generate
+from recsys.recommender import Recommender
+from resources.model_clients import ChatModel, EmbeddingModel
+from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
+from tests.fake_openai_server import NAN, FakeOpenAIServer
+from tests.test_pipeline import pipeline_resources
+
+DAY = "2011-09-01"
+UPSTREAM_OF_AI = ["raw_products", "raw_customers", "raw_transactions", "stg_order_lines", "stg_purchases",
+                  "dim_products", "customer_features"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with FakeOpenAIServer(default_dimensions=384) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def base_warehouse(tmp_path_factory, server) -> tuple[Path, Path]:
+    """Landed and modelled data for 600 customers, up to the AI stages."""
+    from definitions import defs
+
+    folder = tmp_path_factory.mktemp("ai")
+    landing = folder / "landing"
+    generate(GeneratorConfig(out=landing, customers=600, days=1, seed=5, start=dt.date(2011, 9, 1),
+                             faults=FaultRates.uniform(0.0)))
+    resources = pipeline_resources(folder / "base.duckdb", landing, server)
+    assets = [a for a in defs.assets if a.key.to_user_string() in UPSTREAM_OF_AI]
+    assert dg.materialize(assets, partition_key=DAY, resources=resources).success
+    return folder / "base.duckdb", landing
+
+
+@pytest.fixture
+def resources(tmp_path, base_warehouse, server) -> dict:
+    path = tmp_path / "warehouse.duckdb"
+    shutil.copy(base_warehouse[0], path)
+    server.poison.clear()
+    server.chat_content = None
+    return pipeline_resources(path, base_warehouse[1], server)
+
+
+def run(assets, resources, run_config=None):
+    return dg.materialize(assets, partition_key=DAY, resources=resources, run_config=run_config)
+
+
+def metadata_of(result, asset: str) -> dict:
+    event = next(e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset)
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def checks_of(result) -> dict:
+    return {c.check_name: c for c in result.get_asset_check_evaluations()}
+
+
+def test_products_without_text_are_counted_and_a_garbage_vector_goes_to_the_dlq(resources, server):
+    warehouse: DuckDBWarehouse = resources["warehouse"]
+    with warehouse.transaction() as con:
+        ids = [r[0] for r in fetch_all(con, "SELECT product_id FROM analytics.dim_products ORDER BY 1 LIMIT 2")]
+        con.execute("UPDATE analytics.dim_products SET name = NULL, description = NULL, category = NULL WHERE product_id = ?", [ids[0]])
+        poisoned_name = fetch_all(con, "SELECT name FROM analytics.dim_products WHERE product_id = ?", [ids[1]])[0][0]
+    server.poison[poisoned_name] = NAN  # the server answers NaN for that text only
+    result = run([product_embeddings], resources)
+    assert result.success
+    meta = metadata_of(result, "product_embeddings")
+    assert meta["products_without_text"] == 1 and meta["dlq_count"] == 1
+    assert not checks_of(result)["products_embedded"].passed
+    with warehouse.connect(read_only=True) as con:
+        dead = fetch_all(con, "SELECT item_key, reason_class FROM ops.dead_letter WHERE stage = 'product_embeddings'")
+        stored = fetch_scalar(con, "SELECT count(*) FROM ml.product_embeddings")
+        vectors_ok = fetch_scalar(con, "SELECT bool_and(len(vector) = 384) FROM ml.product_embeddings")
+    assert dead == [(ids[1], "invalid_output")]
+    assert stored == meta["products"] - 2 and vectors_ok
+
+
+def test_a_failing_recommendation_chunk_is_dead_lettered_and_the_rest_goes_on(resources, monkeypatch):
+    assert run([product_embeddings], resources).success
+    original = Recommender.score_chunk
+
+    def failing_for_one_chunk(self, chunk, candidates):
+        if "cursed" in chunk.customer_ids.to_pylist():
+            raise FloatingPointError("injected fault")
+        return original(self, chunk, candidates)
+
+    warehouse: DuckDBWarehouse = resources["warehouse"]
+    with warehouse.transaction() as con:
+        victim = fetch_all(con, "SELECT min(customer_id) FROM analytics.stg_purchases")[0][0]
+        con.execute("UPDATE analytics.stg_purchases SET customer_id = 'cursed' WHERE customer_id = ?", [victim])
+    monkeypatch.setattr(Recommender, "score_chunk", failing_for_one_chunk)
+    config = {"ops": {"recommendations": {"config": {"score_chunk_customers": 50, "workers": 1}}}}
+    result = run([recommendations], resources, config)
+    assert result.success
+    meta = metadata_of(result, "recommendations")
+    with warehouse.connect(read_only=True) as con:
+        dead = fetch_all(con, "SELECT reason_class, count(*) FROM ops.dead_letter WHERE stage = 'recommendations' GROUP BY 1")
+        served = fetch_scalar(con, "SELECT count(DISTINCT customer_id) FROM ml.recommendations")
+        cursed = fetch_scalar(con, "SELECT count(*) FROM ml.recommendations WHERE customer_id = 'cursed'")
+        customers = fetch_scalar(con, "SELECT count(DISTINCT customer_id) FROM analytics.stg_purchases")
+    assert dead == [("processing_error", meta["dlq_count"])] and 0 < meta["dlq_count"] <= 50
+    assert cursed == 0 and served + meta["dlq_count"] == customers
+
+
+def test_a_catalog_with_nothing_in_stock_serves_nobody_and_says_why(resources):
+    assert run([product_embeddings], resources).success
+    with resources["warehouse"].transaction() as con:
+        con.execute("UPDATE analytics.dim_products SET in_stock = false")
+    result = run([recommendations], resources)
+    assert result.success
+    check = checks_of(result)["customers_served"]
+    assert not check.passed and "no in-stock candidate products" in check.description
+    with resources["warehouse"].connect(read_only=True) as con:
+        assert fetch_scalar(con, "SELECT count(*) FROM ml.recommendations") == 0
+        assert fetch_all(con, "SELECT DISTINCT reason FROM ml.recommendation_skips") == [("no in-stock candidate products",)]
+
+
+def chat_resources(resources, server) -> dict:
+    return {**resources, "chat_model": ChatModel(provider="openai", model="fake-chat", base_url=server.base_url,
+                                                  api_key="test-key", max_attempts=1)}
+
+
+def test_a_garbage_segment_naming_answer_falls_back_and_is_dead_lettered(resources, server):
+    assert run([product_embeddings], resources).success
+    result = run([customer_segments], chat_resources(resources, server))  # the fake answers off-topic JSON
+    assert result.success
+    assert metadata_of(result, "customer_segments")["named_by"].startswith("profile (chat answer rejected")
+    with resources["warehouse"].connect(read_only=True) as con:
+        assert fetch_all(con, "SELECT reason_class FROM ops.dead_letter WHERE stage = 'segment_names'") == [("invalid_output",)]
+        assert fetch_scalar(con, "SELECT bool_and(named_by = 'profile') FROM ml.segment_profiles")
+
+
+def test_segment_names_come_from_the_chat_model_when_its_answer_is_valid(resources, server):
+    def name_every_segment(texts):
+        ids = sorted(set(re.findall(r'"segment_id": "(\d+)"', " ".join(texts))))
+        return json.dumps({i: f"Tribe {i}" for i in ids})
+
+    server.chat_content = name_every_segment
+    assert run([product_embeddings], resources).success
+    result = run([customer_segments], chat_resources(resources, server))
+    assert result.success
+    assert metadata_of(result, "customer_segments")["named_by"] == "chat"
+    with resources["warehouse"].connect(read_only=True) as con:
+        names = fetch_all(con, "SELECT segment_id, name, named_by FROM ml.segment_profiles ORDER BY 1")
+    assert names and all(name == f"Tribe {sid}" and by == "chat" for sid, name, by in names)
+
+
+def test_customers_without_embedded_products_are_skipped_and_counted(resources):
+    assert run([product_embeddings], resources).success
+    with resources["warehouse"].transaction() as con:
+        lonely = fetch_all(con, "SELECT min(customer_id) FROM analytics.stg_purchases")[0][0]
+        con.execute("UPDATE analytics.stg_purchases SET product_id = 'NO-VECTOR' WHERE customer_id = ?", [lonely])
+    result = run([customer_segments], resources)
+    assert result.success
+    skipped = metadata_of(result, "customer_segments")["customers_skipped"]
+    assert skipped["no_embedded_products"] == 1
+    with resources["warehouse"].connect(read_only=True) as con:
+        assert fetch_scalar(con, "SELECT count(*) FROM ml.customer_segments WHERE customer_id = ?", [lonely]) == 0

@@ -20,7 +20,7 @@ from assets.partitions import daily_partitions
 from assets.state import as_of_day, decide_build, fingerprint_of, skipped_result, upstream_fingerprint, write_state
 from recsys import online_retail
 from recsys.evaluation import OURS, EvaluationReport, evaluate_split
-from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, table_exists
+from resources.warehouse import DuckDBWarehouse, arrow_batches, fetch_all, fetch_scalar, table_exists
 
 RESULTS_TABLE = "ml.evaluation_results"
 STAGE = "recommendation_quality"
@@ -56,7 +56,7 @@ def evaluate_warehouse(warehouse: DuckDBWarehouse, as_of: dt.date, config: Evalu
         query = ("SELECT customer_id, product_id, amount, purchased_at FROM analytics.stg_purchases"
                  " WHERE hash(customer_id) % 1000 < $per_mille ORDER BY customer_id")
         params = {"per_mille": per_mille}
-        source = lambda: con.cursor().execute(query, params).to_arrow_reader(50_000)  # noqa: E731 (re-readable)
+        source = lambda: arrow_batches(con, query, 50_000, params)  # noqa: E731 (re-readable)
         catalog = con.execute("SELECT product_id, in_stock, price FROM analytics.dim_products").to_arrow_table()
         segments = dict(fetch_all(con, "SELECT customer_id, segment_id FROM ml.customer_segments")) \
             if table_exists(con, "ml.customer_segments") else None

@@ -23,7 +23,7 @@ from recsys.purchases import iter_customer_chunks
 from recsys.recommender import Recommender, RecommenderConfig, ordered_parallel_map
 from resources.model_clients.errors import PROCESSING_ERROR
 from resources.model_clients.store import DeadLetter, write_dead_letters
-from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
+from resources.warehouse import DuckDBWarehouse, arrow_batches, fetch_all, fetch_scalar
 
 STAGE = "recommendations"
 RECOMMENDATIONS_TABLE = "ml.recommendations"
@@ -53,15 +53,7 @@ class RecommendationsConfig(dg.Config):
 
 def purchases_source(con: duckdb.DuckDBPyConnection, batch_rows: int) -> Callable[[], Iterator[pa.RecordBatch]]:
     """A re-readable purchase stream (the fit reads it several times), each pass on its own cursor."""
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        reader = con.cursor()
-        try:
-            yield from reader.execute(PURCHASES_SQL).to_arrow_reader(batch_rows)
-        finally:
-            reader.close()
-
-    return batches
+    return lambda: arrow_batches(con, PURCHASES_SQL, batch_rows)
 
 
 class Progress:

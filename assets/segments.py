@@ -36,7 +36,7 @@ from recsys.segments import (
 )
 from resources.model_clients import ChatModel
 from resources.model_clients.store import DeadLetter, write_dead_letters
-from resources.warehouse import DuckDBWarehouse, fetch_all, table_exists
+from resources.warehouse import DuckDBWarehouse, arrow_batches, fetch_all, table_exists
 
 STAGE = "customer_segments"
 ASSIGNMENTS_TABLE = "ml.customer_segments"
@@ -60,12 +60,7 @@ class SegmentsConfig(dg.Config):
 
 
 def purchase_batches(con: duckdb.DuckDBPyConnection, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """Stream purchases on a cursor of their own, so the step's connection stays free for writes."""
-    reader = con.cursor()
-    try:
-        yield from reader.execute(PURCHASES_SQL).to_arrow_reader(batch_rows)
-    finally:
-        reader.close()
+    return arrow_batches(con, PURCHASES_SQL, batch_rows)
 
 
 def arrow_table(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:

@@ -19,6 +19,7 @@ from typing import Any
 
 import dagster as dg
 import duckdb
+import pyarrow as pa
 from pydantic import Field
 
 DEFAULT_WAREHOUSE_PATH = "data/warehouse.duckdb"
@@ -109,6 +110,18 @@ class DuckDBWarehouse(dg.ConfigurableResource):
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+
+
+def arrow_batches(
+    con: duckdb.DuckDBPyConnection, sql: str, batch_rows: int, params: Sequence[Any] | dict | None = None
+) -> Iterator[pa.RecordBatch]:
+    """Stream a query as Arrow record batches on a cursor of its own, so the connection stays
+    free for writes meanwhile; call again for another pass."""
+    cursor = con.cursor()
+    try:
+        yield from cursor.execute(sql, params or []).to_arrow_reader(batch_rows)
+    finally:
+        cursor.close()
 
 
 def fetch_all(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | dict | None = None) -> list[tuple]:

@@ -244,8 +244,13 @@ def top_k_stable(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np
     if n_rows == 0 or n_columns == 0 or k <= 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0, dtype=scores.dtype), empty
-    if n_columns % GROUP_WIDTH == 0 and n_columns // GROUP_WIDTH >= 2 * k:
-        row, column = _candidates_by_group_max(scores, k)
+    grouped_columns = n_columns - n_columns % GROUP_WIDTH
+    if grouped_columns // GROUP_WIDTH >= 2 * k:
+        row, column = _candidates_by_group_max(scores[:, :grouped_columns], k)
+        # the last columns (fewer than GROUP_WIDTH) are all candidates: the prefix threshold is
+        # still a lower bound for the whole row's k-th largest entry
+        tail_row, tail_column = np.nonzero(np.isfinite(scores[:, grouped_columns:]))
+        row, column = np.concatenate([row, tail_row]), np.concatenate([column, tail_column + grouped_columns])
     else:
         row, column = np.nonzero(np.isfinite(scores))  # small matrices: look at everything
     score = scores[row, column]
@@ -268,7 +273,7 @@ def _candidates_by_group_max(scores: np.ndarray, k: int) -> tuple[np.ndarray, np
     """
     n_rows, n_columns = scores.shape
     n_groups = n_columns // GROUP_WIDTH
-    grouped = scores.reshape(n_rows, GROUP_WIDTH, n_groups)
+    grouped = scores.reshape(n_rows, GROUP_WIDTH, n_groups)  # a view, also of a column slice
     group_max = grouped.max(axis=1)
     threshold = np.partition(group_max, n_groups - k, axis=1)[:, n_groups - k]
     group_row, group_id = np.nonzero(group_max >= threshold[:, None])

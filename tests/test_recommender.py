@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import timedelta
 
@@ -173,7 +174,7 @@ def test_max_items_bounds_the_model_and_what_it_recommends(purchases):
     assert (table["confidence"].to_numpy() == 0).all()
 
 
-@pytest.mark.parametrize("n_columns", [GROUP_WIDTH * 8, 100])  # pre-filtered path, plain path
+@pytest.mark.parametrize("n_columns", [GROUP_WIDTH * 8, GROUP_WIDTH * 8 + 37, 100])  # pre-filtered, + tail, plain
 def test_top_k_stable_equals_a_full_sort(n_columns):
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 6, size=(40, n_columns)).astype(np.float32)  # many ties
@@ -213,3 +214,16 @@ def test_isotonic_calibrator_is_monotone_and_bounded():
     assert probabilities.min() >= 0 and probabilities.max() <= 1
     assert calibrator(np.array([0.8]))[0] == pytest.approx(0.4, abs=0.06)
     assert IsotonicCalibrator.fit(np.zeros(0), np.zeros(0)) is None
+
+
+def test_benchmark_smoke_run(tmp_path):
+    """The scale benchmark at toy size, so it cannot rot (its figures are not checked)."""
+    from bench.recommender import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--customers", "3000", "--products", "600", "--max-items", "256", "--json-out", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["customers_scored"] == 3000
+    assert figures["recommendations"] + figures["customers_skipped"] > 0
+    assert [stage["stage"] for stage in figures["stages"]] == ["item_scan", "gram_pass", "calibration", "solve", "score"]
+    assert figures["fit_report"]["model_items"] == 256

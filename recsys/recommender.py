@@ -198,13 +198,21 @@ class SpendModel:
 class Recommender:
     """A fitted model. Build it with `Recommender.fit`."""
 
-    def __init__(self, config, scorer, spend, model_spend_per_buyer, calibrators, report):
-        self.config: RecommenderConfig = config
-        self.scorer: EaseScorer = scorer
-        self.spend: SpendModel = spend
-        self.model_spend_per_buyer: np.ndarray = model_spend_per_buyer
-        self.calibrators: dict[str, IsotonicCalibrator | None] = calibrators
-        self.report: FitReport = report
+    def __init__(
+        self,
+        config: RecommenderConfig,
+        scorer: EaseScorer,
+        spend: SpendModel,
+        model_spend_per_buyer: np.ndarray,
+        calibrators: dict[str, IsotonicCalibrator | None],
+        report: FitReport,
+    ):
+        self.config = config
+        self.scorer = scorer
+        self.spend = spend
+        self.model_spend_per_buyer = model_spend_per_buyer  # per padded model column
+        self.calibrators = calibrators  # per strategy; None: no calibration data, confidence 0
+        self.report = report
 
     # ---- fitting -------------------------------------------------------------------------
 
@@ -212,7 +220,7 @@ class Recommender:
     def fit(
         cls, purchases: PurchaseSource, config: RecommenderConfig | None = None, as_of: datetime | None = None
     ) -> Recommender:
-        """Fit on the purchases before `as_of` (default: all of them)."""
+        """Fit on the purchases before `as_of` (default: just after the latest purchase)."""
         config = config or RecommenderConfig()
         clock = time.perf_counter()
         scan = _scan_items(purchases, None if as_of is None else to_micros(as_of), config.fit_chunk_customers)
@@ -241,8 +249,8 @@ class Recommender:
             report.calibration = {"status": "disabled (calibration_days = 0): confidence is 0"}
 
         clock = time.perf_counter()
-        weights, report.l2_lambda = solve_ease_in_place(full.gram, len(model_items), config.l2_regularization)
-        report.l2_lambda = round(report.l2_lambda, 6)
+        weights, strength = solve_ease_in_place(full.gram, len(model_items), config.l2_regularization)
+        report.l2_lambda = round(strength, 6)
         scorer = EaseScorer(model_items, weights, full.normalized_popularity(), as_of_us, config.popularity_blend)
         spend = _spend_model(full, scan.vocabulary, config, correction)
         report.seconds["solve"] = round(time.perf_counter() - clock, 3)

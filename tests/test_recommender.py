@@ -169,6 +169,7 @@ def test_max_items_bounds_the_model_and_what_it_recommends(purchases):
     table, _ = recommend_all(small, purchases, DATA.catalog())
     assert small.report.model_items == 50
     assert small.report.products_beyond_max_items > 0
+    assert small.candidates(DATA.catalog()).catalog_products_not_in_model > 0  # reported, not silent
     assert set(table["product_id"].to_pylist()) <= set(small.scorer.items.product_ids.to_pylist())
     assert small.report.calibration["status"].startswith("disabled")
     assert (table["confidence"].to_numpy() == 0).all()

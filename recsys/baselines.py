@@ -1,8 +1,8 @@
 """Baselines under the same rules as the recommender: global and segment popularity.
 
 Both rank products by distinct buyers before the cut-off (segment popularity: buyers within
-the customer's segment, ties broken by buyers overall; last tie-break: product_id), skip what the customer already bought and recommend only candidate (in-stock)
-products. Segments come from a mapping customer -> segment id, or, when none is given, from
+the customer's segment, ties broken by buyers overall; last tie-break: product_id), skip what
+the customer already bought and recommend only candidate (in-stock) products. Segments come from a mapping customer -> segment id, or, when none is given, from
 `RfmSegmenter`: terciles of recency, frequency and monetary value at the cut-off.
 """
 
@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from recsys.ease import top_k_stable
-from recsys.purchases import MICROS_PER_DAY, CustomerChunk, ItemIndex, PurchaseSource, distinct_pairs, iter_customer_chunks
+from recsys.purchases import (
+    MICROS_PER_DAY,
+    CustomerChunk,
+    ItemIndex,
+    PurchaseSource,
+    distinct_pairs,
+    iter_customer_chunks,
+)
 
 NO_SEGMENT = -1
 
@@ -155,7 +162,8 @@ def _rfm(history: CustomerChunk, as_of_us: int, keep_empty: bool = False) -> np.
     n = history.n_customers
     last = np.full(n, np.iinfo(np.int64).min)
     np.maximum.at(last, history.row_customer, history.purchased_at)
-    orders_customer, _, _ = distinct_pairs(history.row_customer, _order_codes(history.purchased_at), len(history.purchased_at) + 1)
+    order_code = _order_codes(history.purchased_at)
+    orders_customer, _, _ = distinct_pairs(history.row_customer, order_code, len(order_code) + 1)
     frequency = np.bincount(orders_customer, minlength=n)
     monetary = np.bincount(history.row_customer, weights=history.amount, minlength=n)
     has_history = frequency > 0

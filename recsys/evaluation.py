@@ -85,7 +85,10 @@ def evaluate_split(
 
     clock = time.perf_counter()
     items = _candidate_items(purchases, cutoff_us, catalog, chunk_customers)
-    segmenter = MappingSegmenter(segments) if segments is not None else RfmSegmenter.fit(purchases, cutoff_us, chunk_customers)
+    if segments is not None:
+        segmenter = MappingSegmenter(segments)
+    else:
+        segmenter = RfmSegmenter.fit(purchases, cutoff_us, chunk_customers)
     buyers, by_segment = count_buyers(purchases, items, cutoff_us, chunk_customers, segment_of=segmenter)
     baselines = [PopularityBaseline(items, buyers), SegmentPopularityBaseline(items, buyers, by_segment, segmenter)]
     seconds["fit_baselines"] = round(time.perf_counter() - clock, 3)
@@ -252,5 +255,6 @@ def tune_on_validation(
         for split_cutoff, split_end in splits:
             report = evaluate_split(purchases, split_cutoff, split_end, config=config, k=k)
             ratios.append(report.row(OURS)["hr_vs_popularity"])
-        results.append({**dict(zip(names, values)), "mean_hr_vs_popularity": round(float(np.mean(ratios)), 4), "per_split": ratios})
+        mean_ratio = round(float(np.mean(ratios)), 4)
+        results.append({**dict(zip(names, values)), "mean_hr_vs_popularity": mean_ratio, "per_split": ratios})
     return sorted(results, key=lambda row: -row["mean_hr_vs_popularity"])

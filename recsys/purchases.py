@@ -238,7 +238,9 @@ class ItemIndex:
         return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
 
 
-def distinct_pairs(row_customer: np.ndarray, row_item: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def distinct_pairs(
+    row_customer: np.ndarray, row_item: np.ndarray, n_items: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Unique (customer, item) pairs of rows with a known item, and the row -> pair map.
 
     Returns (pair_customer, pair_item, row_pair) where row_pair[i] is the pair of the i-th known row.

@@ -467,7 +467,9 @@ def _calibrate(purchases, validation: GramAccumulator, model_items, scan, as_of_
     """Pass 3: rank a sample of customers as of the validation cut-off; learn score -> P(hit)."""
     clock = time.perf_counter()
     weights, _ = solve_ease_in_place(validation.gram, len(model_items), config.l2_regularization)
-    scorer = EaseScorer(model_items, weights, validation.normalized_popularity(), validation.cutoff_us, config.popularity_blend)
+    scorer = EaseScorer(
+        model_items, weights, validation.normalized_popularity(), validation.cutoff_us, config.popularity_blend
+    )
     spend = _spend_model(validation, scan.vocabulary, config, 1.0)
     model_spend = _model_spend(spend, model_items)
     blocked = np.ones(scorer.width, dtype=bool)

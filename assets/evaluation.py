@@ -54,7 +54,7 @@ def evaluate_warehouse(warehouse: DuckDBWarehouse, as_of: dt.date, config: Evalu
         customers = fetch_scalar(con, "SELECT count(DISTINCT customer_id) FROM analytics.stg_purchases")
         per_mille = min(1000, math.ceil(1000 * config.max_customers / max(customers, 1)))
         query = ("SELECT customer_id, product_id, amount, purchased_at FROM analytics.stg_purchases"
-                 " WHERE hash(customer_id) % 1000 < $per_mille ORDER BY customer_id")
+                 " WHERE hash(customer_id) % 1000 < $per_mille")  # stored sorted by customer
         params = {"per_mille": per_mille}
         source = lambda: arrow_batches(con, query, 50_000, params)  # noqa: E731 (re-readable)
         catalog = con.execute("SELECT product_id, in_stock, price FROM analytics.dim_products").to_arrow_table()

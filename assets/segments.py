@@ -23,6 +23,7 @@ from pydantic import Field
 
 from assets.partitions import daily_partitions
 from assets.state import as_of_day, decide_build, fingerprint_of, read_state, skipped_result, upstream_fingerprint, write_state
+from assets.recommendations import PURCHASES_SQL
 from recsys.customer_vectors import PoolingReport, ProductEmbeddings, iter_customer_vectors
 from recsys.segments import (
     CustomerSample,
@@ -44,7 +45,6 @@ CENTROIDS_TABLE = "ml.segment_centroids"
 PROFILES_TABLE = "ml.segment_profiles"
 VECTORS_TABLE = "ml.customer_embeddings"
 UPSTREAM = ("stg_purchases", "product_embeddings")
-PURCHASES_SQL = "SELECT customer_id, product_id, amount, purchased_at FROM analytics.stg_purchases ORDER BY customer_id"
 
 
 class SegmentsConfig(dg.Config):

@@ -116,10 +116,14 @@ def arrow_batches(
     con: duckdb.DuckDBPyConnection, sql: str, batch_rows: int, params: Sequence[Any] | dict | None = None
 ) -> Iterator[pa.RecordBatch]:
     """Stream a query as Arrow record batches on a cursor of its own, so the connection stays
-    free for writes meanwhile; call again for another pass."""
+    free for writes meanwhile; call again for another pass.
+
+    Through the relation API (`sql`), not `execute`: a DB-API result is materialized whole before
+    it becomes Arrow (measured: 5 GB RSS for 20M purchase rows), a relation streams.
+    """
     cursor = con.cursor()
     try:
-        yield from cursor.execute(sql, params or []).to_arrow_reader(batch_rows)
+        yield from cursor.sql(sql, params=params).to_arrow_reader(batch_rows)
     finally:
         cursor.close()
 

@@ -23,7 +23,7 @@ from tests.fake_openai_server import NAN, FakeOpenAIServer
 from tests.test_pipeline import pipeline_resources
 
 DAY = "2011-09-01"
-UPSTREAM_OF_AI = ["raw_products", "raw_customers", "raw_transactions", "stg_order_lines", "stg_purchases",
+UPSTREAM_OF_AI = ["raw_products", "raw_customers", "raw_transactions", "stg_order_lines", "stg_customer_history", "stg_purchases",
                   "dim_products", "customer_features"]
 
 

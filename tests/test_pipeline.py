@@ -90,7 +90,7 @@ def test_every_stage_succeeds_and_every_record_is_accounted_for(first_run):
     assert result.success
     done = materializations(result)
     expected = {"raw_products", "raw_customers", "raw_transactions", "stg_order_lines", "stg_purchases",
-                "dim_products", "customer_features", "product_embeddings", "customer_segments",
+                "stg_customer_history", "dim_products", "customer_features", "product_embeddings", "customer_segments",
                 "recommendations", "validated_recommendations", "recommendation_quality"}
     assert expected <= done.keys()
     with resources["warehouse"].connect(read_only=True) as con:

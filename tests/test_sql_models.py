@@ -69,7 +69,8 @@ def materialize_models(warehouse, day=DAY, force=False):
 def test_dependencies_come_from_the_sql():
     models = {m.name: m for m in load_models()}
     names = set(models)
-    assert upstream_assets(models["stg_purchases"], names) == ["raw_customers", "stg_order_lines"]
+    assert upstream_assets(models["stg_customer_history"], names) == ["raw_customers"]
+    assert upstream_assets(models["stg_purchases"], names) == ["stg_customer_history", "stg_order_lines"]
     assert upstream_assets(models["customer_features"], names) == ["dim_products", "stg_purchases"]
     assert upstream_assets(models["stg_order_lines"], names) == ["raw_transactions"]
 
@@ -100,12 +101,14 @@ def test_unchanged_inputs_skip_and_changed_inputs_rebuild(warehouse):
     first = materialize_models(warehouse)
     second = materialize_models(warehouse)
     skipped = [e.materialization.metadata["skipped"].value for e in second.get_asset_materialization_events()]
-    assert first.success and second.success and all(skipped) and len(skipped) == 4
+    assert first.success and second.success and all(skipped) and len(skipped) == 5
     with warehouse.transaction() as con:
         con.execute("UPDATE ops.batch_fingerprints SET fingerprint = 'v2' WHERE source = 'transactions'")
     third = materialize_models(warehouse)
     rebuilt = {e.asset_key.path[-1]: e.materialization.metadata["skipped"].value for e in third.get_asset_materialization_events()}
-    assert rebuilt == {"stg_order_lines": False, "stg_purchases": False, "dim_products": False, "customer_features": False}
+    # the customers' history did not change: only what reads the order lines is rebuilt
+    assert rebuilt == {"stg_customer_history": True, "stg_order_lines": False, "stg_purchases": False,
+                       "dim_products": False, "customer_features": False}
 
 
 def test_an_older_day_does_not_overwrite_a_newer_state_unless_forced(warehouse):

@@ -58,7 +58,9 @@ def evaluate_warehouse(warehouse: DuckDBWarehouse, as_of: dt.date, config: Evalu
         params = {"per_mille": per_mille}
         source = lambda: arrow_batches(con, query, 50_000, params)  # noqa: E731 (re-readable)
         catalog = con.execute("SELECT product_id, in_stock, price FROM analytics.dim_products").to_arrow_table()
-        segments = dict(fetch_all(con, "SELECT customer_id, segment_id FROM ml.customer_segments")) \
+        # only the sampled customers' segments: a dict of 2M customers alone costs hundreds of MB
+        segments = dict(fetch_all(con, "SELECT customer_id, segment_id FROM ml.customer_segments"
+                                       " WHERE hash(customer_id) % 1000 < $per_mille", params)) \
             if table_exists(con, "ml.customer_segments") else None
         return evaluate_split(source, cutoff, test_end, catalog=catalog, segments=segments, k=config.k)
 

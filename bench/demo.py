@@ -36,7 +36,7 @@ SUMMARY_QUERIES = {
         SELECT 'customers with features', count(*) FROM analytics.customer_features""",
     "AI stages": """
         SELECT 'product vectors', count(*) FROM ml.product_embeddings UNION ALL
-        SELECT 'customer vectors', count(*) FROM ml.customer_embeddings UNION ALL
+        SELECT 'customers in segments', count(*) FROM ml.customer_segments UNION ALL
         SELECT 'segments', count(*) FROM ml.segment_profiles UNION ALL
         SELECT 'recommendations', count(*) FROM ml.recommendations UNION ALL
         SELECT 'accepted by the business rules', count(*) FROM outputs.recommendations UNION ALL
@@ -73,14 +73,17 @@ def run_day(day: dt.date) -> bool:
 
 
 def print_summary(warehouse_path: Path) -> None:
+    import duckdb
+
     from resources.warehouse import DuckDBWarehouse, fetch_all
 
     with DuckDBWarehouse(path=str(warehouse_path)).connect(read_only=True) as con:
         for title, sql in SUMMARY_QUERIES.items():
             try:
                 rows = fetch_all(con, sql)
-            except Exception as error:  # a stage that did not run leaves its table missing
-                rows = [("(not available)", str(error).splitlines()[0][:80])]
+            except duckdb.CatalogException:  # nothing written there yet (no alert raised, ...)
+                rows = []
+            rows = rows or [("(none)", "")]
             print(f"\n{title}:")
             for label, count in rows:
                 print(f"  {label:<45} {count:>12,}" if isinstance(count, int) else f"  {label:<45} {count}")

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from assets.metadata import table_preview
 from assets.partitions import daily_partitions
-from assets.validation import load_suite, suite_check_result, validate_partition
+from assets.validation import load_suite, run_suite_check
 from assets.state import (
     as_of_day,
     decide_build,
@@ -184,11 +184,11 @@ class OutputSuiteConfig(dg.Config):
     partitions_def=daily_partitions,
     blocking=False,
 )
-def output_expectation_suite(config: OutputSuiteConfig, warehouse: DuckDBWarehouse) -> dg.AssetCheckResult:
-    started = time.perf_counter()
-    suite = load_suite("recommendations")
-    tallies, validated, total = validate_partition(warehouse, suite, ACCEPTED_TABLE, None, config.chunk_rows, config.max_rows)
-    return suite_check_result(suite, tallies, validated, total, time.perf_counter() - started)
+def output_expectation_suite(
+    context: dg.AssetCheckExecutionContext, config: OutputSuiteConfig, warehouse: DuckDBWarehouse
+) -> dg.AssetCheckResult:
+    return run_suite_check(warehouse, load_suite("recommendations"), ACCEPTED_TABLE, context.partition_key,
+                           "validated_recommendations", config.chunk_rows, config.max_rows, partitioned=False)
 
 
 defs = dg.Definitions(assets=[validated_recommendations], asset_checks=[output_expectation_suite])

@@ -433,13 +433,77 @@ def build_suite_check(table: str, asset: str) -> dg.AssetChecksDefinition:
     )
     def _check(context: dg.AssetCheckExecutionContext, config: SuiteCheckConfig,
                warehouse: DuckDBWarehouse) -> dg.AssetCheckResult:
-        started = time.perf_counter()
-        suite = load_suite(suite_name)
-        tallies, validated, total = validate_partition(
-            warehouse, suite, f"raw.{table}", context.partition_key, config.chunk_rows, config.max_rows)
-        return suite_check_result(suite, tallies, validated, total, time.perf_counter() - started)
+        return run_suite_check(warehouse, load_suite(suite_name), f"raw.{table}", context.partition_key,
+                               asset, config.chunk_rows, config.max_rows)
 
     return _check
+
+
+# ---------------------------------------------------------------------------------------------
+# A suite's result is kept per (table, partition, data fingerprint): re-running a check on data
+# that has not changed reports the stored result instead of validating millions of rows again.
+# ---------------------------------------------------------------------------------------------
+
+SUITE_RUNS_TABLE = "ops.suite_runs"
+
+
+def run_suite_check(warehouse: DuckDBWarehouse, suite: Suite, table: str, partition_key: str, asset: str,
+                    chunk_rows: int, max_rows: int, partitioned: bool = True) -> dg.AssetCheckResult:
+    """The suite's check result on a raw partition (or, `partitioned=False`, a current-state table)."""
+    started = time.perf_counter()
+    fingerprint = _data_fingerprint(warehouse, asset, partition_key, suite, max_rows)
+    stored = _stored_suite_run(warehouse, table, partition_key, fingerprint) if fingerprint else None
+    if stored is not None:
+        tallies, validated, total = stored
+        result = suite_check_result(suite, tallies, validated, total, time.perf_counter() - started)
+        return result._replace(metadata={**result.metadata, "reused_result": True})
+    tallies, validated, total = validate_partition(
+        warehouse, suite, table, partition_key if partitioned else None, chunk_rows, max_rows)
+    if fingerprint:
+        _store_suite_run(warehouse, table, partition_key, fingerprint, tallies, validated, total)
+    return suite_check_result(suite, tallies, validated, total, time.perf_counter() - started)
+
+
+def _data_fingerprint(warehouse: DuckDBWarehouse, asset: str, partition_key: str, suite: Suite, max_rows: int) -> str | None:
+    """What the checked data was built from: the landed batch (raw assets) or the last build (others)."""
+    from assets.state import RAW_SOURCES, read_state
+
+    with warehouse.connect(read_only=True) as con:
+        if asset in RAW_SOURCES:
+            if not table_exists(con, "ops.batch_fingerprints"):
+                return None
+            rows = fetch_all(con, "SELECT fingerprint FROM ops.batch_fingerprints WHERE source = ? AND partition_date = ?",
+                             [RAW_SOURCES[asset], partition_key])
+            data = rows[0][0] if rows else None
+        else:
+            state = read_state(con, asset)
+            data = state["fingerprint"] if state else None
+    return hashlib.sha256(f"{data}|{suite.digest}|{max_rows}".encode()).hexdigest()[:32] if data else None
+
+
+def _stored_suite_run(warehouse: DuckDBWarehouse, table: str, partition_key: str, fingerprint: str):
+    with warehouse.connect(read_only=True) as con:
+        if not table_exists(con, SUITE_RUNS_TABLE):
+            return None
+        rows = fetch_all(con, f"SELECT tallies, validated, total FROM {SUITE_RUNS_TABLE}"
+                              " WHERE table_name = ? AND partition_key = ? AND fingerprint = ?",
+                         [table, partition_key, fingerprint])
+    if not rows:
+        return None
+    tallies, validated, total = rows[0]
+    return [ExpectationTally(**t) for t in json.loads(tallies)], validated, total
+
+
+def _store_suite_run(warehouse: DuckDBWarehouse, table: str, partition_key: str, fingerprint: str,
+                     tallies: list[ExpectationTally], validated: int, total: int) -> None:
+    payload = json.dumps([t.__dict__ for t in tallies], default=str)
+    with warehouse.transaction() as con:
+        con.execute("CREATE SCHEMA IF NOT EXISTS ops")
+        con.execute(f"""CREATE TABLE IF NOT EXISTS {SUITE_RUNS_TABLE} (table_name VARCHAR, partition_key VARCHAR,
+                        fingerprint VARCHAR, tallies JSON, validated BIGINT, total BIGINT, validated_at TIMESTAMP)""")
+        con.execute(f"DELETE FROM {SUITE_RUNS_TABLE} WHERE table_name = ? AND partition_key = ?", [table, partition_key])
+        con.execute(f"INSERT INTO {SUITE_RUNS_TABLE} VALUES (?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
+                    [table, partition_key, fingerprint, payload, validated, total])
 
 
 suite_checks = [build_suite_check(table, asset) for table, asset in CHECKED_TABLES.items()]

@@ -82,8 +82,13 @@ def test_output_suite_runs_gx_on_the_accepted_table(warehouse):
     check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "output_expectation_suite")
     assert check.passed, check.metadata
     assert check.metadata["rows_validated"].value == 1
+    reused = dg.materialize([validated_recommendations, output_expectation_suite], partition_key=DAY,
+                            resources={"warehouse": warehouse})
+    check = next(c for c in reused.get_asset_check_evaluations() if c.check_name == "output_expectation_suite")
+    assert check.passed and check.metadata["reused_result"].value is True
     with warehouse.transaction() as con:  # break the output table behind the rules' back
         con.execute("INSERT INTO outputs.recommendations SELECT * REPLACE (2.5 AS confidence) FROM outputs.recommendations")
+        con.execute("DELETE FROM ops.suite_runs")  # forget the stored result, or the unchanged build would reuse it
     # inputs unchanged: the asset skips and leaves the broken table for the check to find
     again = dg.materialize([validated_recommendations, output_expectation_suite], partition_key=DAY,
                            resources={"warehouse": warehouse})

@@ -1,0 +1,29 @@
+"""The scale benchmark at a small scale, so it cannot rot (its figures are not asserted as timings)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_every_stage_and_a_rerun_makes_no_model_call(tmp_path):
+    figures = tmp_path / "figures.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run_pipeline", "--customers", "3000", "--quick",
+         "--workdir", str(tmp_path / "bench"), "--json", str(figures)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    totals = json.loads(figures.read_text())["totals"]
+    assert totals["all_stages_succeeded"]
+    assert totals["rerun_model_calls"] == 0
+    assert totals["peak_rss_mb_max"] < 2048
+    stages = [s["stage"] for s in json.loads(figures.read_text())["passes"][0]["stages"]]
+    assert {"raw_customers", "product_embeddings", "recommendations", "validated_recommendations"} <= set(stages)

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from assets.metadata import markdown_table
 from assets.partitions import daily_partitions
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, table_exists
 
@@ -400,15 +401,10 @@ def suite_check_result(suite: Suite, tallies: list[ExpectationTally], validated:
             "failed_rules": [t.rule for t in failed],
             "unexpected_by_rule": {t.rule: t.unexpected_count for t in tallies},
             "seconds": round(seconds, 2),
-            "results": dg.MetadataValue.md(_markdown(["rule", "expectation", "result", "unexpected", "observed"], rows)),
+            "results": dg.MetadataValue.md(
+                markdown_table(["rule", "expectation", "result", "unexpected", "observed"], rows, max_width=80)),
         },
     )
-
-
-def _markdown(columns: list[str], rows: list[tuple]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(v).replace("|", "\\|")[:80] for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # Raw table -> the ingestion asset that writes it.

@@ -14,16 +14,7 @@ import pyarrow as pa
 
 from assets.metadata import table_preview
 from assets.partitions import daily_partitions
-from assets.state import (
-    BuildConfig,
-    as_of_day,
-    decide_build,
-    fingerprint_of,
-    read_state,
-    skipped_result,
-    upstream_fingerprint,
-    write_state,
-)
+from assets.state import BuildConfig, as_of_day, decide_from_upstream, read_state, skipped_result, write_state
 from resources.model_clients import EmbeddingModel
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 
@@ -99,8 +90,7 @@ def product_embeddings(
     """One vector per product (name, description, category) from the embedding model; cached by text."""
     as_of = as_of_day(context)
     with warehouse.connect(read_only=True) as con:
-        upstream = upstream_fingerprint(con, "dim_products", as_of)
-        decision = decide_build(con, STAGE, as_of, fingerprint_of(upstream, embedding_model.model_id), config.force)
+        decision = decide_from_upstream(con, STAGE, as_of, ["dim_products"], embedding_model.model_id, config.force)
         kept = read_state(con, STAGE)
     if not decision.build:
         kept_counts = kept["metadata"]

@@ -17,7 +17,7 @@ import duckdb
 from pydantic import Field
 
 from assets.partitions import daily_partitions
-from assets.state import as_of_day, decide_build, fingerprint_of, skipped_result, upstream_fingerprint, write_state
+from assets.state import as_of_day, decide_from_upstream, skipped_result, write_state
 from recsys import online_retail
 from recsys.evaluation import OURS, EvaluationReport, evaluate_split
 from resources.warehouse import DuckDBWarehouse, arrow_batches, fetch_all, fetch_scalar, table_exists
@@ -113,8 +113,7 @@ def recommendation_quality(context: dg.AssetExecutionContext, config: Evaluation
     as_of = as_of_day(context)
     started = time.perf_counter()
     with warehouse.connect(read_only=True) as con:
-        inputs = {name: upstream_fingerprint(con, name, as_of) for name in UPSTREAM}
-        decision = decide_build(con, STAGE, as_of, fingerprint_of(config.model_dump(exclude={"force"}), inputs), config.force)
+        decision = decide_from_upstream(con, STAGE, as_of, UPSTREAM, config.model_dump(exclude={"force"}), config.force)
     if not decision.build:
         return skipped_result(context, decision, [dg.AssetCheckResult(
             check_name="beats_global_popularity", passed=True, severity=dg.AssetCheckSeverity.WARN,

@@ -13,19 +13,12 @@ from pydantic import Field
 from assets.metadata import table_preview
 from assets.partitions import daily_partitions
 from assets.validation import load_suite, run_suite_check
-from assets.state import (
-    as_of_day,
-    decide_build,
-    fingerprint_of,
-    read_state,
-    skipped_result,
-    upstream_fingerprint,
-    write_state,
-)
+from assets.state import as_of_day, decide_from_upstream, read_state, skipped_result, write_state
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 
 ACCEPTED_TABLE = "outputs.recommendations"
 REJECTED_TABLE = "outputs.rejected_recommendations"
+UPSTREAM = ("recommendations", "dim_products", "stg_purchases")
 
 # One SQL expression a rule; a recommendation is rejected with the names of every rule it breaks.
 RULES_SQL = """
@@ -95,7 +88,7 @@ def apply_rules(con, config: OutputRulesConfig) -> dict[str, int]:
 
 
 @dg.asset(
-    deps=["recommendations", "dim_products", "stg_purchases"],
+    deps=list(UPSTREAM),
     partitions_def=daily_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="outputs",
@@ -113,9 +106,8 @@ def validated_recommendations(
     as_of = as_of_day(context)
     started = time.perf_counter()
     with warehouse.transaction() as con:
-        inputs = {name: upstream_fingerprint(con, name, as_of) for name in ("recommendations", "dim_products", "stg_purchases")}
         rules = config.model_dump(exclude={"force", "max_rejection_rate"})
-        decision = decide_build(con, "validated_recommendations", as_of, fingerprint_of(rules, inputs), config.force)
+        decision = decide_from_upstream(con, "validated_recommendations", as_of, UPSTREAM, rules, config.force)
         if not decision.build:
             counts = read_state(con, "validated_recommendations")["metadata"]
             return skipped_result(context, decision, as_of=str(as_of), check_results=rule_checks(config, counts))

@@ -13,12 +13,11 @@ from collections.abc import Callable, Iterator
 
 import dagster as dg
 import duckdb
-import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from assets.partitions import daily_partitions
-from assets.state import as_of_day, decide_build, fingerprint_of, read_state, skipped_result, upstream_fingerprint, write_state
+from assets.state import as_of_day, decide_from_upstream, read_state, skipped_result, write_state
 from recsys.purchases import iter_customer_chunks
 from recsys.recommender import Recommender, RecommenderConfig, ordered_parallel_map
 from resources.model_clients.errors import PROCESSING_ERROR
@@ -165,8 +164,7 @@ def recommendations(
     started = time.perf_counter()
     dead_letters: list[DeadLetter] = []
     with warehouse.connect() as con:
-        inputs = {name: upstream_fingerprint(con, name, as_of) for name in UPSTREAM}
-        decision = decide_build(con, STAGE, as_of, fingerprint_of(config.model_dump(exclude={"force"}), inputs), config.force)
+        decision = decide_from_upstream(con, STAGE, as_of, UPSTREAM, config.model_dump(exclude={"force"}), config.force)
         if not decision.build:
             kept = read_state(con, STAGE)["metadata"]
             check = served_check(config, kept.get("counts", {}), kept.get("skip_reasons", {}))

@@ -22,7 +22,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from assets.partitions import daily_partitions
-from assets.state import as_of_day, decide_build, fingerprint_of, read_state, skipped_result, upstream_fingerprint, write_state
+from assets.state import as_of_day, decide_from_upstream, read_state, skipped_result, write_state
 from assets.recommendations import PURCHASES_SQL
 from recsys.customer_vectors import PoolingReport, ProductEmbeddings, iter_customer_vectors
 from recsys.segments import (
@@ -175,9 +175,7 @@ def customer_segments(
     as_of = as_of_day(context)
     started = time.perf_counter()
     with warehouse.transaction() as con:
-        inputs = {name: upstream_fingerprint(con, name, as_of) for name in UPSTREAM}
-        settings = config.model_dump(exclude={"force"})
-        decision = decide_build(con, STAGE, as_of, fingerprint_of(settings, inputs), config.force)
+        decision = decide_from_upstream(con, STAGE, as_of, UPSTREAM, config.model_dump(exclude={"force"}), config.force)
         if not decision.build:
             return skipped_result(context, decision, as_of=str(as_of), segment_sizes=dg.MetadataValue.json(
                 (read_state(con, STAGE)["metadata"] or {}).get("segment_sizes", {})))

@@ -18,7 +18,7 @@ from sqlglot import exp
 
 from assets.metadata import table_preview, table_schema
 from assets.partitions import daily_partitions
-from assets.state import BuildConfig, as_of_day, decide_build, fingerprint_of, skipped_result, upstream_fingerprint, write_state
+from assets.state import BuildConfig, as_of_day, decide_from_upstream, skipped_result, write_state
 from resources.warehouse import DuckDBWarehouse, fetch_scalar
 
 SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
@@ -127,8 +127,7 @@ def build_sql_asset(model: SqlModel, model_names: set[str]) -> dg.AssetsDefiniti
         started = time.perf_counter()
         with warehouse.transaction() as con:
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {MODEL_SCHEMA}")
-            inputs = {name: upstream_fingerprint(con, name, as_of) for name in upstream}
-            decision = decide_build(con, model.name, as_of, fingerprint_of(model.code_version, params, inputs), config.force)
+            decision = decide_from_upstream(con, model.name, as_of, upstream, [model.code_version, params], config.force)
             if not decision.build:
                 return skipped_result(context, decision, as_of=str(as_of))
             con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)

@@ -100,6 +100,14 @@ def decide_build(
     return BuildDecision(True, "inputs changed", fingerprint)
 
 
+def decide_from_upstream(
+    con: duckdb.DuckDBPyConnection, asset: str, as_of: dt.date, upstream, settings: Any, force: bool
+) -> BuildDecision:
+    """Fingerprint the upstream assets' content and the build's own settings, then decide."""
+    inputs = {name: upstream_fingerprint(con, name, as_of) for name in upstream}
+    return decide_build(con, asset, as_of, fingerprint_of(settings, inputs), force)
+
+
 def write_state(
     con: duckdb.DuckDBPyConnection, asset: str, as_of: dt.date, fingerprint: str, row_count: int,
     metadata: dict[str, Any] | None = None,

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -352,6 +353,67 @@ def test_a_run_killed_mid_way_resumes_without_paying_twice(server, warehouse):
         assert fetch_scalar(con, "SELECT count(*) FROM ops.embedding_cache") == count
         assert fetch_scalar(con, "SELECT count(DISTINCT item_key) = count(*) FROM ops.embedding_items")
     assert_all_stored(model, warehouse, "resume", items, "2024-01-01")
+
+
+def cache_rows_per_write(warehouse: DuckDBWarehouse) -> list[int]:
+    """Vectors committed by each cache write, in order (a write stamps its rows with one time)."""
+    with warehouse.connect(read_only=True) as con:
+        rows = fetch_all(con, "SELECT count(*) FROM ops.embedding_cache GROUP BY created_at ORDER BY created_at")
+    return [row[0] for row in rows]
+
+
+def test_texts_repeated_across_chunks_in_flight_are_requested_once_and_stored_once(server, warehouse):
+    # Each look-up chunk repeats half of the one before while its requests are still in flight
+    # (look-ups run a chunk ahead), and the whole list comes again in a second run.
+    server.latency_s = 0.01
+    items = [(f"k{c:03d}-{j:02d}", f"text {c * 20 + j}") for c in range(30) for j in range(40)]
+    texts = {text for _, text in items}
+    model = remote_model(server, max_batch_size=4, max_concurrency=8, lookup_chunk_size=40, write_chunk_rows=16)
+    with model.open() as embedder:
+        first = embedder.embed_items(warehouse, items, stage="overlap")
+        second = embedder.embed_items(warehouse, items, stage="overlap")
+    assert set(server.stats.per_text) == texts and set(server.stats.per_text.values()) == {1}
+    assert first.metrics.items_embedded == len(texts) and first.metrics.deduplicated == len(items) - len(texts)
+    assert second.metrics.cache_hits == len(items) and second.metrics.items_embedded == 0
+    assert sum(cache_rows_per_write(warehouse)) == len(texts)  # one cache row a text, no key needed
+    assert_all_stored(model, warehouse, "overlap", items)
+
+
+def test_writes_gather_while_the_database_is_busy_and_stall_the_requests_at_the_cap(server, warehouse):
+    # Another connection holds the warehouse for 1.5 s mid-run (as a check or a sensor would):
+    # the next write waits, vectors gather up to max_write_rows, then the requests stop instead
+    # of buffering without bound; once it is free, bigger writes catch up.
+    server.latency_s = 0.01
+    chunk_rows, cap, batch, concurrency = 16, 128, 4, 4
+    model = remote_model(
+        server, max_batch_size=batch, max_concurrency=concurrency, write_chunk_rows=chunk_rows, max_write_rows=cap,
+        lookup_chunk_size=200,
+    )  # fmt: skip
+    items = catalog(1_200)
+    requests_while_held: list[int] = []
+
+    def hold_the_warehouse() -> None:
+        while server.stats.requests < 40:
+            time.sleep(0.005)
+        with warehouse.connect(read_only=True):
+            time.sleep(1.0)
+            requests_while_held.append(server.stats.requests)
+            time.sleep(0.5)
+            requests_while_held.append(server.stats.requests)
+
+    holder = threading.Thread(target=hold_the_warehouse)
+    holder.start()
+    with model.open() as embedder:
+        report = embedder.embed_items(warehouse, items, stage="busy")
+    holder.join()
+
+    assert requests_while_held[0] == requests_while_held[1] < 1_200 // batch  # stalled at the cap
+    writes = cache_rows_per_write(warehouse)
+    in_flight = 4 * concurrency * batch  # requests outstanding when the cap is reached
+    assert max(writes) > 2 * chunk_rows  # a write gathered what piled up meanwhile
+    assert max(writes) <= cap + in_flight
+    assert report.dlq_count == 0 and sum(writes) == len(items)
+    assert_all_stored(model, warehouse, "busy", items)
 
 
 # -- secrets ----------------------------------------------------------------------------------------

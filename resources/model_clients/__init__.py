@@ -45,8 +45,9 @@ What `embed_items` guarantees:
   x-ratelimit-remaining-*); retries with full-jitter backoff, Retry-After honoured; a circuit
   breaker stops calling a failing endpoint (resilience.py; the SDK's own retries are off);
 - vectors are checked (count, `index` order, length, NaN/inf) before they are stored;
-- results are written every `write_chunk_rows` vectors in short transactions: a killed run
-  resumes from the last written chunk;
+- results are written in short transactions of `write_chunk_rows` vectors or more (group
+  commits of up to `max_write_rows` while the database is busy): a killed run resumes from the
+  last committed write;
 - items that still fail land in `ops.dead_letter` (one row per stage/partition/item: attempts add
   up, last_seen moves); when a later run embeds them their row gets `resolved_at` (kept, not
   deleted, so the history stays auditable; open = `resolved_at IS NULL`);

@@ -95,7 +95,12 @@ class EmbeddingModel(_RemoteModelResource):
     max_batch_chars: int = Field(default=100_000, ge=1, description="Characters per request (~4 a token).")
     max_input_chars: int = Field(default=8_000, ge=1, description="Longer texts are truncated (and counted).")
     lookup_chunk_size: int = Field(default=4_096, ge=1, description="Items read and looked up in the cache at once.")
-    write_chunk_rows: int = Field(default=2_048, ge=1, description="Vectors per cache write transaction.")
+    write_chunk_rows: int = Field(
+        default=2_048, ge=1, description="Vectors buffered before a cache write starts (when none is running)."
+    )
+    max_write_rows: int = Field(
+        default=16_384, ge=1, description="Most vectors one write gathers while the previous write runs."
+    )
     read_batch_rows: int = Field(default=8_192, ge=1, description="Rows per page when reading vectors back.")
 
     @property
@@ -114,6 +119,7 @@ class EmbeddingModel(_RemoteModelResource):
             max_concurrency=self.max_concurrency,
             lookup_chunk_size=self.lookup_chunk_size,
             write_chunk_rows=self.write_chunk_rows,
+            max_write_rows=max(self.max_write_rows, self.write_chunk_rows),
             read_batch_rows=self.read_batch_rows,
             price_per_1k_tokens=self.price_per_1k_tokens,
         )

@@ -57,7 +57,7 @@ def evaluate_warehouse(warehouse: DuckDBWarehouse, as_of: dt.date, config: Evalu
                  " WHERE hash(customer_id) % 1000 < $per_mille")  # stored sorted by customer
         params = {"per_mille": per_mille}
         source = lambda: arrow_batches(con, query, 50_000, params)  # noqa: E731 (re-readable)
-        catalog = con.execute("SELECT product_id, in_stock, price FROM analytics.dim_products").to_arrow_table()
+        catalog = con.sql("SELECT product_id, in_stock, price FROM analytics.dim_products").to_arrow_table()
         # only the sampled customers' segments: a dict of 2M customers alone costs hundreds of MB
         segments = dict(fetch_all(con, "SELECT customer_id, segment_id FROM ml.customer_segments"
                                        " WHERE hash(customer_id) % 1000 < $per_mille", params)) \

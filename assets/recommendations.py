@@ -170,7 +170,7 @@ def recommendations(
             check = served_check(config, kept.get("counts", {}), kept.get("skip_reasons", {}))
             return skipped_result(context, decision, [check], as_of=str(as_of), dlq_count=0, **(kept.get("distribution") or {}))
         source = purchases_source(con, config.read_batch_rows)
-        catalog = con.execute("SELECT product_id, in_stock, price FROM analytics.dim_products").to_arrow_table()
+        catalog = con.sql("SELECT product_id, in_stock, price FROM analytics.dim_products").to_arrow_table()
         # Purchases on the partition day count as history: the model sees everything before the next day.
         model = Recommender.fit(source, config.recommender(), as_of=dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time()))
         candidates = model.candidates(catalog)

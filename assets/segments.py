@@ -64,7 +64,7 @@ def purchase_batches(con: duckdb.DuckDBPyConnection, batch_rows: int) -> Iterato
 
 
 def arrow_table(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
-    return con.execute(sql).to_arrow_table()
+    return con.sql(sql).to_arrow_table()
 
 
 def load_products(con: duckdb.DuckDBPyConnection) -> tuple[ProductEmbeddings, dict[str, str], dict[str, str]]:

@@ -2,7 +2,7 @@
 """Set-up and entry points. Needs only python3: the first call builds .venv from pyproject.toml.
 
     python3 tasks.py demo      # generate data, run the whole pipeline on embedded defaults, summarize
-    python3 tasks.py test      # the test suite (what CI runs)
+    python3 tasks.py test      # the test suite (what CI runs); installs Chromium via apt when missing
     python3 tasks.py ui        # the Dagster UI on http://127.0.0.1:3000
     python3 tasks.py bench ... # the scale benchmark (bench/run_pipeline.py)
 """
@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -21,6 +23,9 @@ VENV = ROOT / ".venv"
 PY = VENV / "bin" / "python"
 STAMP = VENV / ".installed"
 INSTALL_INPUTS = [ROOT / "pyproject.toml", ROOT / "constraints.txt"]
+# The UI test (tests/test_ui.py) drives Debian's Chromium through Debian's chromedriver: nothing to download.
+BROWSER_FILES = [Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")]
+BROWSER_PACKAGES = ["chromium", "chromium-driver"]
 
 
 def _install_fingerprint() -> str:
@@ -46,6 +51,28 @@ def ensure_venv() -> None:
     STAMP.write_text(_install_fingerprint())
 
 
+def ensure_browser() -> None:
+    """Install Chromium and chromedriver with apt when missing (root only). Without them the UI
+    test skips, or fails under CI=true, so a missing browser never passes unnoticed."""
+    missing = [str(path) for path in BROWSER_FILES if not path.exists()]
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        print(f"{', '.join(missing)} missing and this is not root with apt-get: the UI test will skip "
+              f"(install them with: apt-get install {' '.join(BROWSER_PACKAGES)})", flush=True)
+        return
+    print(f"{', '.join(missing)} missing: installing {' '.join(BROWSER_PACKAGES)} with apt-get", flush=True)
+    started = time.monotonic()
+    apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-q"],
+                    ["apt-get", "install", "-y", "-q", "--no-install-recommends", *BROWSER_PACKAGES]):
+        print("+", " ".join(command), flush=True)
+        if subprocess.run(command, env=apt_env).returncode != 0:
+            print(f"'{' '.join(command)}' failed: the UI test will skip (fail under CI=true)", flush=True)
+            return
+    print(f"installed {' '.join(BROWSER_PACKAGES)} in {time.monotonic() - started:.0f} s", flush=True)
+
+
 def project_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("DAGSTER_HOME", str(ROOT / ".dagster_home"))
@@ -68,10 +95,12 @@ def main(argv: list[str]) -> int:
         return 0
     ensure_venv()
     if command == "setup":
+        ensure_browser()
         return 0
     if command == "demo":
         return run("-m", "bench.demo", *rest)
     if command == "test":
+        ensure_browser()
         return run("-m", "pytest", *rest)
     if command == "ui":
         return run("-m", "dagster", "dev", "-h", "127.0.0.1", "-p", "3000", *rest)

@@ -67,7 +67,7 @@ def ensure_browser() -> None:
     for command in (["apt-get", "update", "-q"],
                     ["apt-get", "install", "-y", "-q", "--no-install-recommends", *BROWSER_PACKAGES]):
         print("+", " ".join(command), flush=True)
-        if subprocess.run(command, env=apt_env).returncode != 0:
+        if subprocess.run(command, check=False, env=apt_env).returncode != 0:
             print(f"'{' '.join(command)}' failed: the UI test will skip (fail under CI=true)", flush=True)
             return
     print(f"installed {' '.join(BROWSER_PACKAGES)} in {time.monotonic() - started:.0f} s", flush=True)

@@ -99,7 +99,7 @@ class IngestionConfig(dg.Config):
     max_error_rate: float = Field(default=0.05, description="Quarantined / input above this fails the check.")
     preview_rows: int = Field(default=5, description="Rows in the markdown previews.")
     catalog_wait_seconds: float = Field(
-        default=300.0, description="raw_customers: how long to wait for earlier catalog days still landing.")
+        default=300.0, description="raw_customers: how long to wait (by step retries) for earlier catalog days.")
 
 
 @dataclass
@@ -259,25 +259,33 @@ def file_fingerprint(path: Path, source: Source) -> str:
     return f"{digest.hexdigest()[:32]}:{source.suites_digest}:p{PARSER_VERSION}"
 
 
+CATALOG_RETRY_SECONDS = 5.0
+
+
 def wait_for_catalog(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, landing: LandingZone, day: str,
                      timeout_seconds: float) -> str:
-    """Wait until every catalog day up to `day` that has a landing file has landed; returns a
-    digest of the catalog batches. In a backfill launched at once, customers of day 5 must not be
-    judged against a catalog whose day 1 is still landing in another process."""
-    deadline = time.monotonic() + timeout_seconds
+    """Returns a digest of the catalog batches up to `day` once every catalog day that has a
+    landing file has landed. In a backfill launched at once, customers of day 5 must not be
+    judged against a catalog whose day 1 is still landing in another run.
+
+    It does not sleep in the step: that would hold the `duckdb` pool's only slot, which the
+    missing day's raw_products needs, and both would stall until the timeout. It asks Dagster
+    for a retry instead; a step up for retry gives its slot back while it waits."""
     expected = set(landing.days_available("products", day))
-    while True:
-        landed = landed_batches(warehouse, "products", day)
-        missing = sorted(expected - set(landed))
-        if not missing:
-            return hashlib.sha256(json.dumps(sorted(landed.items())).encode()).hexdigest()[:16]
-        if time.monotonic() > deadline:
-            raise dg.Failure(
-                description=f"the product catalog of {missing[:5]}{' ...' if len(missing) > 5 else ''} has not landed "
-                f"after {timeout_seconds:.0f}s: materialize raw_products for those days first",
-                metadata={"missing_catalog_days": missing})
-        context.log.info(f"waiting for the catalog of {len(missing)} earlier day(s) to land: {missing[:5]}")
-        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.05)))
+    landed = landed_batches(warehouse, "products", day)
+    missing = sorted(expected - set(landed))
+    if not missing:
+        return hashlib.sha256(json.dumps(sorted(landed.items())).encode()).hexdigest()[:16]
+    interval = min(CATALOG_RETRY_SECONDS, max(timeout_seconds / 4, 0.05))
+    shown = f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
+    if context.retry_number * interval >= timeout_seconds:
+        raise dg.Failure(
+            description=f"the product catalog of {shown} has not landed after {timeout_seconds:.0f}s: "
+            "materialize raw_products for those days first",
+            metadata={"missing_catalog_days": missing})
+    context.log.info(f"the catalog of {len(missing)} earlier day(s) has not landed yet: {shown}; "
+                     f"retrying in {interval:.1f}s (the pool slot is free meanwhile)")
+    raise dg.RetryRequested(max_retries=int(timeout_seconds / interval) + 2, seconds_to_wait=interval)
 
 
 def landed_batches(warehouse: DuckDBWarehouse, source: str, until: str) -> dict[str, str]:

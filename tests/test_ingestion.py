@@ -115,6 +115,8 @@ def test_customers_wait_for_earlier_catalog_days_and_follow_catalog_changes(ware
                            run_config={"ops": {"raw_customers": {"config": {"catalog_wait_seconds": 0.5}}}})
     (failure,) = [e for e in early.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
     assert "catalog" in failure.step_failure_data.error.message and day(0) in failure.step_failure_data.error.message
+    retries = [e for e in early.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
+    assert len(retries) == 4  # it waited by step retries (0.5 s / 4 apart), never by sleeping in the step
 
     materialize(resources, day(0))
     first = materialize(resources, day(1))

@@ -416,6 +416,31 @@ def test_writes_gather_while_the_database_is_busy_and_stall_the_requests_at_the_
     assert_all_stored(model, warehouse, "busy", items)
 
 
+def test_a_cache_made_with_the_old_primary_key_is_rebuilt_without_it_and_keeps_its_vectors(server, warehouse):
+    items = catalog(40)
+    model = remote_model(server)
+    with model.open() as embedder:
+        hashes = [embedder.text_hash(text) for _, text in items[:25]]
+    with warehouse.transaction() as con:  # the table as warehouses made before this change have it
+        con.execute("CREATE SCHEMA ops")
+        con.execute("""CREATE TABLE ops.embedding_cache (model VARCHAR NOT NULL, dimensions INTEGER NOT NULL,
+                       text_hash VARCHAR NOT NULL, vector FLOAT[] NOT NULL, created_at TIMESTAMP NOT NULL,
+                       PRIMARY KEY (model, dimensions, text_hash))""")
+        for (_, text), text_hash in zip(items, hashes):
+            con.execute("INSERT INTO ops.embedding_cache VALUES (?, ?, ?, ?, now()::TIMESTAMP)",
+                        [model.model_id, DIMS, text_hash, expected_vector(text, DIMS).tolist()])
+
+    with model.open() as embedder:
+        report = embedder.embed_items(warehouse, items, stage="migrated")
+    with warehouse.connect(read_only=True) as con:
+        keys = fetch_scalar(con, "SELECT count(*) FROM duckdb_constraints() WHERE table_name = 'embedding_cache' "
+                                 "AND constraint_type = 'PRIMARY KEY'")
+        rows = fetch_scalar(con, "SELECT count(*) FROM ops.embedding_cache")
+    assert keys == 0 and rows == 40
+    assert report.metrics.cache_hits == 25 and report.metrics.items_embedded == 15
+    assert_all_stored(model, warehouse, "migrated", items)
+
+
 # -- secrets ----------------------------------------------------------------------------------------
 
 

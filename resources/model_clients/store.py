@@ -22,9 +22,7 @@ import pyarrow as pa
 
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 
-DDL = (
-    "CREATE SCHEMA IF NOT EXISTS ops",
-    """
+CACHE_DDL = """
     CREATE TABLE IF NOT EXISTS ops.embedding_cache (
         -- unique by (model, dimensions, text_hash): kept by write_progress's anti-join under the
         -- warehouse's exclusive lock, not by a PRIMARY KEY, whose index every write's checkpoint
@@ -35,7 +33,11 @@ DDL = (
         vector      FLOAT[]   NOT NULL,
         created_at  TIMESTAMP NOT NULL
     )
-    """,
+    """
+
+DDL = (
+    "CREATE SCHEMA IF NOT EXISTS ops",
+    CACHE_DDL,
     """
     CREATE TABLE IF NOT EXISTS ops.embedding_items (
         stage          VARCHAR   NOT NULL,
@@ -85,6 +87,24 @@ def utc_now() -> dt.datetime:
 def ensure_tables(warehouse: DuckDBWarehouse) -> None:
     with warehouse.transaction() as con:
         _create_tables(con)
+        _drop_old_cache_key(con)
+
+
+def _drop_old_cache_key(con) -> None:
+    """Warehouses made before the cache lost its PRIMARY KEY still have it (CREATE ... IF NOT
+    EXISTS keeps them as they are): rebuild the table once, without it, in the caller's
+    transaction."""
+    keyed = fetch_scalar(
+        con,
+        """SELECT count(*) FROM duckdb_constraints()
+           WHERE schema_name = 'ops' AND table_name = 'embedding_cache' AND constraint_type = 'PRIMARY KEY'""",
+    )
+    if not keyed:
+        return
+    con.execute("ALTER TABLE ops.embedding_cache RENAME TO embedding_cache_keyed")
+    con.execute(CACHE_DDL)
+    con.execute("INSERT INTO ops.embedding_cache SELECT * FROM ops.embedding_cache_keyed")
+    con.execute("DROP TABLE ops.embedding_cache_keyed")
 
 
 def _create_tables(con) -> None:

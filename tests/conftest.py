@@ -1,8 +1,9 @@
-"""Shared fixtures: real DuckDB files in tmp dirs, the shared Online Retail data."""
+"""Shared fixtures and helpers: real DuckDB files in tmp dirs, the shared Online Retail data, ports."""
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,18 @@ def online_retail_dir() -> Path:
     if not ONLINE_RETAIL_DIR.is_dir():
         pytest.skip(f"Online Retail data not found at {ONLINE_RETAIL_DIR} (see README: fetch step)")
     return ONLINE_RETAIL_DIR
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the moment of asking)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip when a machine lacks a tool a slow test needs; under CI (`CI=true`) fail instead, so
+    a missing browser or database server never passes as a quiet skip."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI must run this test)")
+    pytest.skip(reason)

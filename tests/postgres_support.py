@@ -13,7 +13,6 @@ import pwd
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+
+from tests.conftest import free_port, skip_or_fail
 
 OS_USER = "postgres"  # postgres refuses to run as root
 DB_USER = "dagster"
@@ -51,12 +52,6 @@ def newest_bin_dir() -> Path | None:
     return None
 
 
-def skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; CI must run the PostgreSQL tests")
-    pytest.skip(reason)
-
-
 def as_server_user() -> list[str]:
     """The command prefix that runs a PostgreSQL binary as a user it accepts."""
     if os.geteuid() != 0:
@@ -68,12 +63,6 @@ def as_server_user() -> list[str]:
     except KeyError:
         skip_or_fail(f"running as root and there is no `{OS_USER}` OS user to run PostgreSQL")
     return ["runuser", "-u", OS_USER, "--"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run(prefix: list[str], binary: Path, *args: str) -> None:

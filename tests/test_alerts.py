@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,6 +12,7 @@ from assets import ingestion
 from generator import FaultRates
 from resources.alerts import Alerts
 from resources.warehouse import fetch_all
+from tests.conftest import free_port
 from tests.ingestion_support import check_results, day, generate_landing, materialize, raw_resources
 
 
@@ -50,10 +50,7 @@ class Webhook:
 
 
 def closed_port_url() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}/hook"
+    return f"http://127.0.0.1:{free_port()}/hook"
 
 
 def alert_rows(warehouse) -> list[tuple]:

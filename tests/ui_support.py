@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import yaml
 from selenium import webdriver
 from selenium.common.exceptions import (
@@ -36,7 +34,8 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, free_port, skip_or_fail
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -55,10 +54,8 @@ def require_browser() -> None:
     missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
     if not missing:
         return
-    message = f"{', '.join(missing)} not installed (python3 tasks.py test installs chromium chromium-driver via apt as root)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    skip_or_fail(f"{', '.join(missing)} not installed "
+                 "(python3 tasks.py test installs chromium chromium-driver via apt as root)")
 
 
 def start_chromium(user_data_dir: Path) -> WebDriver:
@@ -67,12 +64,6 @@ def start_chromium(user_data_dir: Path) -> WebDriver:
     for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}"]:
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_dagster_home(home: Path) -> Path:

@@ -1,29 +1,38 @@
 """The code location: every asset, check, sensor and resource, put together once."""
 
+from pathlib import Path
+
 import dagster as dg
 
-from assets import embeddings, evaluation, ingestion, outputs, recommendations, segments, sql_models, validation
-from assets.partitions import daily_partitions
+from assets import evaluate, infer, monitor, outputs
+from assets.common.partitions import daily_partitions
+from assets.common.sources import SOURCES, Source
+from assets.ingest import build_ingestion_assets
+from assets.transform import build_sql_assets
+from assets.transform.sql_models import SQL_DIR
+from assets.validate import build_suite_checks
 from resources import build_resources
-import sensors
 
-# Every stage for one day, from landing files to validated recommendations and their checks.
-daily_pipeline = dg.define_asset_job(
-    "daily_pipeline",
-    selection=dg.AssetSelection.all(),
-    partitions_def=daily_partitions,
-    description="One daily batch end to end: ingestion, validation, SQL models, AI stages, output rules, checks.",
-)
 
-defs = dg.Definitions.merge(
-    ingestion.defs,
-    validation.defs,
-    sensors.defs,
-    sql_models.defs,
-    dg.Definitions(assets=[embeddings.product_embeddings]),
-    segments.defs,
-    recommendations.defs,
-    evaluation.defs,
-    outputs.defs,
-    dg.Definitions(resources=build_resources(), jobs=[daily_pipeline]),
-)
+def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL_DIR) -> dg.Definitions:
+    """Everything derives from the source registry and the sql/ folder."""
+    # Every stage for one day, from landing files to validated recommendations and their checks.
+    daily_pipeline = dg.define_asset_job(
+        "daily_pipeline",
+        selection=dg.AssetSelection.all(),
+        partitions_def=daily_partitions,
+        description="One daily batch end to end: ingestion, validation, SQL models, AI stages, output rules, checks.",
+    )
+    return dg.Definitions.merge(
+        dg.Definitions(
+            assets=[*build_ingestion_assets(sources), *build_sql_assets(sql_dir, sources), *infer.ASSETS,
+                    *outputs.ASSETS, *evaluate.ASSETS],
+            asset_checks=[*build_suite_checks(sources), *outputs.CHECKS],
+            resources=build_resources(tuple(source.name for source in sources)),
+            jobs=[daily_pipeline],
+        ),
+        monitor.build_monitor_defs(sources),
+    )
+
+
+defs = build_definitions()

@@ -22,7 +22,7 @@ from pathlib import Path
 import duckdb
 
 from recsys.evaluation import OURS, evaluate_split, tune_on_validation
-from recsys.online_retail import catalog_before, load_online_retail, purchases_source
+from assets.evaluate.online_retail import catalog_before, load_online_retail, purchases_source
 from recsys.recommender import RecommenderConfig
 from recsys.synthetic import SyntheticRetail
 

@@ -23,8 +23,7 @@ so the output is identical whatever the batch sizes and chunk size.
 
 Bad input has a defined outcome, counted in `PoolingReport`:
   lines  null customer id -> ignored; amount null, NaN or <= 0 or timestamp null -> ignored
-         (not a valid purchase); product without an embedding -> left out of the vector
-         (but still counted in the customer's RFM);
+         (not a valid purchase); product without an embedding -> left out of the vector;
   customers  no valid purchase -> skipped ("no_valid_purchases"); valid purchases but none of
          an embedded product -> skipped ("no_embedded_products"); a weighted mean of norm ~0
          -> skipped ("degenerate_vector").
@@ -135,19 +134,15 @@ class PoolingReport:
 
 @dataclass(frozen=True)
 class CustomerVectorChunk:
-    """Pooled vectors and RFM values of the customers of one chunk, in input order.
+    """Pooled vectors of the customers of one chunk, in input order.
 
     `product_spend` is (customers x products of the ProductEmbeddings), the summed amount per
     embedded product, canonical CSR (one entry per distinct product): segment profiles read their
-    top products from it. RFM follows sql/customer_features.sql: recency = whole days since the
-    last purchase day, frequency = distinct purchase days, monetary = total valid spend.
+    top products from it. (RFM is sql/customer_features.sql's, never computed here.)
     """
 
     customer_ids: pa.StringArray
     vectors: np.ndarray
-    recency_days: np.ndarray
-    frequency: np.ndarray
-    monetary: np.ndarray
     product_spend: sp.csr_matrix
 
     def __len__(self) -> int:
@@ -302,15 +297,11 @@ def _pool_table(
 
     kept = np.flatnonzero(has_embedded)[usable]
     report.customers_out += len(kept)
-    rfm = _rfm(lines, as_of_day, len(starts))
     spend = _csr(rows, embedded.product, embedded.amount, n_rows, n_products)
     spend.sum_duplicates()
     return CustomerVectorChunk(
         customer_ids=customer_ids.take(pa.array(starts[kept])),
         vectors=vectors if usable.all() else vectors[usable],
-        recency_days=rfm.recency_days[kept],
-        frequency=rfm.frequency[kept],
-        monetary=rfm.monetary[kept],
         product_spend=spend if usable.all() else spend[np.flatnonzero(usable)],
     )
 
@@ -394,31 +385,6 @@ def _csr(
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
     return sp.csr_matrix((values, columns.astype(np.int32, copy=False), indptr), shape=(n_rows, n_columns))
-
-
-@dataclass(frozen=True)
-class _Rfm:
-    recency_days: np.ndarray
-    frequency: np.ndarray
-    monetary: np.ndarray
-
-
-def _rfm(lines: _Lines, as_of_day: int, n_customers: int) -> _Rfm:
-    """Recency (days since the last purchase day), frequency (distinct days), monetary (sum)."""
-    monetary = np.bincount(lines.customer, weights=lines.amount, minlength=n_customers)
-    last_day = np.full(n_customers, np.iinfo(np.int64).min, dtype=np.int64)
-    if len(lines.day):
-        group_starts = np.concatenate([[0], np.flatnonzero(np.diff(lines.customer)) + 1])
-        last_day[lines.customer[group_starts]] = np.maximum.reduceat(lines.day, group_starts)
-    # A purchase after the as-of day counts as bought on it (as the decay does).
-    recency = np.where(last_day > np.iinfo(np.int64).min, np.maximum(as_of_day - last_day, 0), 0)
-    # One key per (customer, day): customers are < 2**40 per chunk, day offsets < 2**23.
-    day_offset = lines.day - (lines.day.min() if len(lines.day) else 0)
-    keys = np.sort((lines.customer.astype(np.int64) << 23) | day_offset)
-    first_of_key = np.ones(len(keys), dtype=bool)
-    first_of_key[1:] = keys[1:] != keys[:-1]
-    frequency = np.bincount(keys[first_of_key] >> 23, minlength=n_customers)
-    return _Rfm(recency.astype(np.int32), frequency.astype(np.int32), monetary)
 
 
 def _row_norms(matrix: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from resources.model_clients import ChatModel, EmbeddingModel
 from resources.warehouse import DEFAULT_WAREHOUSE_PATH, DuckDBWarehouse
 
 
-def build_resources() -> dict[str, object]:
+def build_resources(source_names: tuple[str, ...] = ()) -> dict[str, object]:
     """Resources for the code location, chosen by environment variables (see README)."""
     resources: dict[str, object] = {
         "warehouse": DuckDBWarehouse(
@@ -21,7 +21,7 @@ def build_resources() -> dict[str, object]:
             memory_limit=os.getenv("DUCKDB_MEMORY_LIMIT", "1GB"),
         ),
     }
-    resources["landing"] = landing_zone()
+    resources["landing"] = landing_zone(source_names)
     resources["alerts"] = Alerts(
         warehouse=resources["warehouse"],
         # An unset variable means no webhook (dg.EnvVar would fail the load on a missing variable).
@@ -32,11 +32,11 @@ def build_resources() -> dict[str, object]:
     return resources
 
 
-def landing_zone() -> LandingZone:
+def landing_zone(source_names: tuple[str, ...]) -> LandingZone:
     """LANDING_DIR, and LANDING_<SOURCE>_PATTERN to point one source elsewhere (e.g. Online Retail)."""
-    patterns = {f"{source}_pattern": os.environ[f"LANDING_{source.upper()}_PATTERN"]
-                for source in ("products", "customers", "transactions") if os.getenv(f"LANDING_{source.upper()}_PATTERN")}
-    return LandingZone(root=os.getenv("LANDING_DIR", DEFAULT_LANDING_DIR), **patterns)
+    patterns = {source: os.environ[f"LANDING_{source.upper()}_PATTERN"]
+                for source in source_names if os.getenv(f"LANDING_{source.upper()}_PATTERN")}
+    return LandingZone(root=os.getenv("LANDING_DIR", DEFAULT_LANDING_DIR), patterns=patterns)
 
 
 def _openai_endpoint() -> dict[str, object]:

@@ -3,7 +3,7 @@
 The webhook is best effort: bounded retries with backoff, and a webhook that is down is recorded
 on the alert row (`webhook_status = 'failed'`), never raised into the pipeline. The webhook URL
 is a secret (chat webhooks embed their token): it comes from `dg.EnvVar` and never appears in a
-log line, an exception or the table. Details are redacted by key name and by secret env values.
+log line, an exception or the table. Title, message and details pass resources/redaction.py.
 
 The resource opens its own short warehouse connection, so call it after closing yours.
 """
@@ -14,8 +14,6 @@ import datetime as dt
 import email.utils
 import json
 import logging
-import os
-import re
 import time
 import urllib.error
 import urllib.request
@@ -26,12 +24,10 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from resources.redaction import redact, redact_text
 from resources.warehouse import DuckDBWarehouse
 
 SEVERITIES = ("INFO", "WARN", "ERROR")
-MASK = "***"
-SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|credential|authorization|bearer|token|webhook_url)", re.I)
-SECRET_ENV = re.compile(r"(key|token|secret|password|passwd|credential|auth|webhook)", re.I)
 MAX_RETRY_AFTER_SECONDS = 30.0
 
 ALERTS_DDL = """
@@ -150,27 +146,6 @@ class Alerts(dg.ConfigurableResource):
                  json.dumps(alert.details, default=str), alert.webhook_status, alert.webhook_attempts,
                  alert.webhook_error],
             )
-
-
-def redact(value: Any) -> Any:
-    """A JSON-able copy with secrets masked: values under secret-looking keys, secret env values."""
-    if isinstance(value, dict):
-        return {str(k): MASK if SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        return redact_text(value)
-    return value
-
-
-def redact_text(text: str) -> str:
-    for secret in sorted(_secret_env_values(), key=len, reverse=True):
-        text = text.replace(secret, MASK)
-    return text
-
-
-def _secret_env_values() -> list[str]:
-    return [v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 6]
 
 
 def _with_delivery(alert: AlertRecord, status: str, attempts: int, error: str | None) -> AlertRecord:

@@ -1,8 +1,10 @@
 """The landing zone: where each day's source files are, and whether they can be read.
 
 Paths come from a pattern per source, relative to `root` unless absolute, with `{date}` standing
-for the partition day (YYYY-MM-DD). So transactions can point at the Online Retail download
-(`/data/online-retail/by-day/{date}.csv`) while products and customers come from the generator.
+for the partition day (YYYY-MM-DD). The caller (ingestion, from the source registry) gives each
+source's default pattern; `patterns` overrides it per source, so transactions can point at the
+Online Retail download (`/data/online-retail/by-day/{date}.csv`) while products and customers come
+from the generator.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import dagster as dg
 from pydantic import Field
 
 DEFAULT_LANDING_DIR = "data/landing"
-SOURCES = ("products", "customers", "transactions")
 
 
 class LandingFileError(Exception):
@@ -32,23 +33,18 @@ class LandingZone(dg.ConfigurableResource):
     """Local folders of daily landing files, one pattern per source."""
 
     root: str = Field(default=DEFAULT_LANDING_DIR, description="Folder the relative patterns start from.")
-    products_pattern: str = Field(default="products/{date}.csv", description="Product catalog CSV of a day.")
-    customers_pattern: str = Field(default="customers/{date}.jsonl", description="Customer JSON Lines of a day.")
-    transactions_pattern: str = Field(
-        default="transactions/{date}.csv", description="Order lines of a day, UCI Online Retail layout."
-    )
+    patterns: dict[str, str] = Field(
+        default_factory=dict, description="Source name -> path pattern ({date} = YYYY-MM-DD), overriding its default.")
 
-    def path(self, source: str, partition_date: str | dt.date) -> Path:
+    def path(self, source: str, partition_date: str | dt.date, default_pattern: str) -> Path:
         """Where the source's file for the day should be (it may not exist)."""
-        if source not in SOURCES:
-            raise ValueError(f"unknown landing source {source!r}; expected one of {SOURCES}")
         day = partition_date if isinstance(partition_date, str) else partition_date.isoformat()
-        pattern = getattr(self, f"{source}_pattern")
+        pattern = self.patterns.get(source, default_pattern)
         return Path(self.root) / pattern.format(date=day)
 
-    def days_available(self, source: str, until: str | dt.date | None = None) -> list[str]:
+    def days_available(self, source: str, until: str | dt.date | None, default_pattern: str) -> list[str]:
         """The days (YYYY-MM-DD) that have a file for the source, up to `until` included."""
-        pattern = str(self.path(source, "{date}"))
+        pattern = str(self.path(source, "{date}", default_pattern))
         shape = re.compile(re.escape(pattern).replace(re.escape("{date}"), r"(\d{4}-\d{2}-\d{2})"))
         days = set()
         for candidate in glob.glob(glob.escape(pattern).replace(glob.escape("{date}"), "*")):
@@ -57,9 +53,9 @@ class LandingZone(dg.ConfigurableResource):
                 days.add(match.group(1))
         return sorted(days)
 
-    def require(self, source: str, partition_date: str | dt.date) -> Path:
+    def require(self, source: str, partition_date: str | dt.date, default_pattern: str) -> Path:
         """The path of a file that exists, is not empty and can be read; LandingFileError otherwise."""
-        path = self.path(source, partition_date)
+        path = self.path(source, partition_date, default_pattern)
         try:
             size = path.stat().st_size
         except FileNotFoundError:

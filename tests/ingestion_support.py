@@ -8,14 +8,17 @@ from typing import Any
 
 import dagster as dg
 
-from assets import ingestion, validation
+from assets.ingest import build_ingestion_assets
+from assets.validate import build_suite_checks
 from generator import FaultRates, GeneratorConfig, generate
 from resources.alerts import Alerts
 from resources.landing import LandingZone
 from resources.warehouse import DuckDBWarehouse, fetch_all
 
 START = dt.date(2011, 9, 1)
-RAW_ASSETS = [ingestion.raw_products, ingestion.raw_customers, ingestion.raw_transactions]
+RAW = {asset.key.to_user_string(): asset for asset in build_ingestion_assets()}
+RAW_ASSETS = list(RAW.values())
+SUITE_CHECKS = build_suite_checks()
 
 
 def generate_landing(out: Path, customers: int = 300, days: int = 2, faults: FaultRates | None = None,
@@ -41,7 +44,7 @@ def materialize(resources: dict[str, Any], partition: str, assets: list | None =
                 with_suite_checks: bool = False, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
     selected = list(assets or RAW_ASSETS)
     if with_suite_checks:
-        selected += validation.suite_checks
+        selected += SUITE_CHECKS
     run_config = None
     if force:
         run_config = {"ops": {a.key.to_user_string(): {"config": {"force": True}} for a in selected

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.partitions import daily_partitions
+from assets.common.partitions import daily_partitions
 
 # The instance's SQLite shards fsync on every run; a tmpfs keeps a test's dozens of runs quick.
 FAST_TMP = "/dev/shm" if Path("/dev/shm").is_dir() else None

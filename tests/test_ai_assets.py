@@ -12,12 +12,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from assets.embeddings import product_embeddings
-from assets.recommendations import recommendations
-from assets.segments import customer_segments
+from assets.infer.embeddings import product_embeddings
+from assets.infer.recommendations import recommendations
+from assets.infer.segments import customer_segments
 from generator import FaultRates, GeneratorConfig, generate
 from recsys.recommender import Recommender
-from resources.model_clients import ChatModel, EmbeddingModel
+from resources.model_clients import ChatModel
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 from tests.fake_openai_server import NAN, FakeOpenAIServer
 from tests.test_pipeline import pipeline_resources

@@ -8,12 +8,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from assets import ingestion
 from generator import FaultRates
 from resources.alerts import Alerts
 from resources.warehouse import fetch_all
 from tests.conftest import free_port
-from tests.ingestion_support import check_results, day, generate_landing, materialize, raw_resources
+from tests.ingestion_support import RAW, check_results, day, generate_landing, materialize, raw_resources
 
 
 class Webhook:
@@ -118,9 +117,9 @@ def test_an_ingestion_alert_reaches_the_webhook_and_a_dead_webhook_does_not_fail
                                faults=FaultRates(malformed_json=0.15), seed=9)
     with Webhook() as hook:
         alive = materialize(raw_resources(warehouse, landing, webhook_url=hook.url), day(0),
-                            assets=[ingestion.raw_products, ingestion.raw_customers])
+                            assets=[RAW["raw_products"], RAW["raw_customers"]])
     dead = materialize(raw_resources(warehouse, landing, webhook_url=closed_port_url()), day(0),
-                       assets=[ingestion.raw_products, ingestion.raw_customers], force=True)
+                       assets=[RAW["raw_products"], RAW["raw_customers"]], force=True)
     assert alive.success and dead.success
     assert not check_results(dead)[("raw_customers", "error_rate")].passed
     (posted,) = hook.received

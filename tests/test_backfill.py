@@ -6,10 +6,9 @@ import multiprocessing as mp
 import time
 from pathlib import Path
 
-from assets import ingestion
 
 from resources.warehouse import DuckDBWarehouse, fetch_all
-from tests.ingestion_support import day, generate_landing, raw_resources
+from tests.ingestion_support import RAW, day, generate_landing, raw_resources
 
 PARTITIONS = 10
 
@@ -63,13 +62,12 @@ def materialize_on_instance(dagster_home: str, warehouse_path: str, landing: str
     """One run in its own process, on the shared instance whose `duckdb` pool has one slot."""
     import dagster as dg
 
-    from assets import ingestion
-    from tests.ingestion_support import raw_resources
+    from tests.ingestion_support import RAW, raw_resources
 
     warehouse = DuckDBWarehouse(path=warehouse_path, memory_limit="256MB", threads=1)
     run_config = {"ops": {"raw_customers": {"config": {"catalog_wait_seconds": wait_seconds}}}}
     with dg.DagsterInstance.from_config(dagster_home) as instance:
-        result = dg.materialize([getattr(ingestion, asset_name)], partition_key=partition, instance=instance,
+        result = dg.materialize([RAW[asset_name]], partition_key=partition, instance=instance,
                                 resources=raw_resources(warehouse, landing), raise_on_error=False,
                                 run_config=run_config if asset_name == "raw_customers" else None)
     raise SystemExit(0 if result.success else 1)
@@ -95,7 +93,7 @@ def test_customers_waiting_for_an_earlier_catalog_leave_the_pool_slot_to_it(tmp_
     warehouse = DuckDBWarehouse(path=str(tmp_path / "warehouse.duckdb"), memory_limit="256MB", threads=1)
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         instance.event_log_storage.set_concurrency_slots("duckdb", 1)
-        assert dg.materialize([ingestion.raw_products], partition_key=day(1), instance=instance,
+        assert dg.materialize([RAW["raw_products"]], partition_key=day(1), instance=instance,
                               resources=raw_resources(warehouse, landing)).success
 
     context = mp.get_context("spawn")

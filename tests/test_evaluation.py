@@ -12,7 +12,7 @@ import pytest
 from recsys.baselines import NO_SEGMENT, MappingSegmenter, PopularityBaseline, RfmSegmenter, SegmentPopularityBaseline
 from recsys.evaluation import OURS, evaluate_split
 from recsys.metrics import RankingMetrics
-from recsys.online_retail import catalog_before, load_online_retail, purchases_source
+from assets.evaluate.online_retail import catalog_before, load_online_retail, purchases_source
 from recsys.purchases import ItemIndex, iter_customer_chunks, to_micros
 from recsys.recommender import RecommenderConfig
 from recsys.synthetic import SyntheticRetail
@@ -76,27 +76,28 @@ def write_csv(directory, rows: list[str]) -> None:
     (directory / "2011-01-05.csv").write_text("\n".join([header, *rows]) + "\n")
 
 
-def test_online_retail_cleaning_rules(tmp_path):
+def test_online_retail_is_cleaned_by_the_pipelines_own_rules(tmp_path):
+    """Ingestion's quarantine (the exact duplicate) and sql/stg_order_lines.sql (the rest)."""
     write_csv(
         tmp_path,
         [
-            "100,85123A,HEART,6,2011-01-05 08:00:00,2.55,17850.0,United Kingdom",  # kept
-            "100,85123A,HEART,6,2011-01-05 08:00:00,2.55,17850.0,United Kingdom",  # exact duplicate
-            "101,85123a ,heart,2,2011-01-05 09:00:00,2.55,17850.0,United Kingdom",  # kept, code normalized
-            "C102,22000,MUG,-1,2011-01-05 09:30:00,1.25,17850.0,United Kingdom",  # cancellation
-            "103,22001,BOWL,-3,2011-01-05 09:40:00,0,,United Kingdom",  # negative quantity
-            "104,22002,PLATE,4,2011-01-05 10:00:00,1.00,,United Kingdom",  # no customer
-            "105,22003,FREE,4,2011-01-05 10:00:00,0,12000.0,France",  # zero price
-            "106,POST,POSTAGE,1,2011-01-05 10:00:00,18.0,12000.0,France",  # non-product
-            "107,gift_0001_20,VOUCHER,1,2011-01-05 10:00:00,17.02,12000.0,France",  # gift voucher
-            "108,23166,JAR,500,2011-01-05 10:01:00,1.04,12346.0,United Kingdom",  # reversed below
-            "C109,23166,JAR,-500,2011-01-05 10:17:00,1.04,12346.0,United Kingdom",
-            "110,DCGS0004,BAG,1,2011-01-05 11:00:00,16.63,12000.0,France",  # real product, kept
+            "536100,85123A,HEART,6,2011-01-05 08:00:00,2.55,17850.0,United Kingdom",  # kept
+            "536100,85123A,HEART,6,2011-01-05 08:00:00,2.55,17850.0,United Kingdom",  # exact duplicate
+            "536101,85123a ,heart,2,2011-01-05 09:00:00,2.55,17850.0,United Kingdom",  # kept, code normalized
+            "C536102,22000,MUG,-1,2011-01-05 09:30:00,1.25,17850.0,United Kingdom",  # cancellation
+            "536103,22001,BOWL,-3,2011-01-05 09:40:00,0,,United Kingdom",  # negative quantity
+            "536104,22002,PLATE,4,2011-01-05 10:00:00,1.00,,United Kingdom",  # no customer
+            "536105,22003,FREE,4,2011-01-05 10:00:00,0,12000.0,France",  # zero price
+            "536106,POST,POSTAGE,1,2011-01-05 10:00:00,18.0,12000.0,France",  # non-product
+            "536107,gift_0001_20,VOUCHER,1,2011-01-05 10:00:00,17.02,12000.0,France",  # gift voucher
+            "536108,23166,JAR,500,2011-01-05 10:01:00,1.04,12346.0,United Kingdom",  # reversed below
+            "C536109,23166,JAR,-500,2011-01-05 10:17:00,1.04,12346.0,United Kingdom",
+            "536110,DCGS0004,BAG,1,2011-01-05 11:00:00,16.63,12000.0,France",  # real product, kept
         ],
     )
     con = duckdb.connect()
     assert load_online_retail(con, tmp_path) == 3
-    rows = con.sql("SELECT customer_id, product_id, amount FROM online_retail_purchases ORDER BY product_id, amount").fetchall()
+    rows = con.sql("SELECT customer_id, product_id, amount FROM analytics.stg_order_lines ORDER BY product_id, amount").fetchall()
     assert [row[:2] for row in rows] == [("17850", "85123A"), ("17850", "85123A"), ("12000", "DCGS0004")]
     assert [row[2] for row in rows] == pytest.approx([2 * 2.55, 6 * 2.55, 16.63])
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from assets import ingestion
 from resources.landing import LandingFileError, LandingZone
 from resources.warehouse import fetch_all, fetch_scalar
+from assets.common.sources import CUSTOMERS, PRODUCTS, TRANSACTIONS
+from assets.ingest import raw_assets
 from tests.ingestion_support import (
-    check_results, day, generate_landing, materialization, materialize, raw_resources, snapshot,
+    RAW, check_results, day, generate_landing, materialization, materialize, raw_resources, snapshot,
 )
 
 ONLINE_RETAIL_DAYS = ["2010-12-01", "2010-12-20", "2011-08-12"]
@@ -62,7 +63,7 @@ def test_a_changed_file_replaces_only_its_partition(warehouse, own_landing):
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:11]))  # the header and the first 10 order lines
 
-    result = materialize(resources, day(1), assets=[ingestion.raw_transactions])
+    result = materialize(resources, day(1), assets=[RAW["raw_transactions"]])
 
     assert materialization(result, "raw_transactions")["input_records"] == 10
     after = snapshot(warehouse)
@@ -85,8 +86,8 @@ def test_an_error_between_delete_and_insert_leaves_the_old_rows(warehouse, own_l
     def crash(*args, **kwargs):
         raise RuntimeError("disk full (injected between the delete and the insert)")
 
-    monkeypatch.setattr(ingestion, "insert_partition", crash)
-    result = materialize(resources, day(0), assets=[ingestion.raw_customers], raise_on_error=False)
+    monkeypatch.setattr(raw_assets, "insert_partition", crash)
+    result = materialize(resources, day(0), assets=[RAW["raw_customers"]], raise_on_error=False)
 
     assert not result.success
     assert snapshot(warehouse) == before
@@ -100,7 +101,7 @@ def test_a_missing_empty_or_unreadable_file_fails_naming_path_and_cause(warehous
         path.write_bytes(b"")
     if problem == "unreadable":
         path.mkdir()  # a directory where the file should be (the tests run as root: chmod would not stop a read)
-    result = materialize(raw_resources(warehouse, own_landing), day(0), assets=[ingestion.raw_transactions],
+    result = materialize(raw_resources(warehouse, own_landing), day(0), assets=[RAW["raw_transactions"]],
                          raise_on_error=False)
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
@@ -111,7 +112,7 @@ def test_a_missing_empty_or_unreadable_file_fails_naming_path_and_cause(warehous
 
 def test_customers_wait_for_earlier_catalog_days_and_follow_catalog_changes(warehouse, own_landing):
     resources = raw_resources(warehouse, own_landing)
-    early = dg.materialize([ingestion.raw_customers], partition_key=day(1), resources=resources, raise_on_error=False,
+    early = dg.materialize([RAW["raw_customers"]], partition_key=day(1), resources=resources, raise_on_error=False,
                            run_config={"ops": {"raw_customers": {"config": {"catalog_wait_seconds": 0.5}}}})
     (failure,) = [e for e in early.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
     assert "catalog" in failure.step_failure_data.error.message and day(0) in failure.step_failure_data.error.message
@@ -122,24 +123,22 @@ def test_customers_wait_for_earlier_catalog_days_and_follow_catalog_changes(ware
     first = materialize(resources, day(1))
     path = own_landing / "products" / f"{day(0)}.csv"
     path.write_text(path.read_text() + "99999,Late Lamp,\"A lamp, late\",Lighting,9.5,true\n")
-    materialize(resources, day(0), assets=[ingestion.raw_products])
-    again = materialize(resources, day(1), assets=[ingestion.raw_customers])
+    materialize(resources, day(0), assets=[RAW["raw_products"]])
+    again = materialize(resources, day(1), assets=[RAW["raw_customers"]])
     assert materialization(first, "raw_customers")["skipped"] is False
     assert materialization(again, "raw_customers")["skipped"] is False  # the catalog up to the day changed
 
 
 def test_landing_zone_patterns_and_errors(tmp_path):
-    zone = LandingZone(root=str(tmp_path), transactions_pattern="/elsewhere/by-day/{date}.csv")
-    assert zone.path("customers", "2011-09-01") == tmp_path / "customers" / "2011-09-01.jsonl"
-    assert zone.path("transactions", "2011-09-01") == Path("/elsewhere/by-day/2011-09-01.csv")
+    zone = LandingZone(root=str(tmp_path), patterns={"transactions": "/elsewhere/by-day/{date}.csv"})
+    assert zone.path("customers", "2011-09-01", CUSTOMERS.landing_pattern) == tmp_path / "customers" / "2011-09-01.jsonl"
+    assert zone.path("transactions", "2011-09-01", TRANSACTIONS.landing_pattern) == Path("/elsewhere/by-day/2011-09-01.csv")
     with pytest.raises(LandingFileError, match="missing"):
-        zone.require("products", "2011-09-01")
-    with pytest.raises(ValueError, match="unknown landing source"):
-        zone.path("orders", "2011-09-01")
+        zone.require("products", "2011-09-01", PRODUCTS.landing_pattern)
     (tmp_path / "products").mkdir()
     for name in ("2011-09-02.csv", "2011-09-01.csv", "2011-09-03.csv", "notes.csv", "2011-09-01.csv.partial"):
         (tmp_path / "products" / name).write_text("x")
-    assert zone.days_available("products", until="2011-09-02") == ["2011-09-01", "2011-09-02"]
+    assert zone.days_available("products", "2011-09-02", PRODUCTS.landing_pattern) == ["2011-09-01", "2011-09-02"]
 
 
 def test_line_numbers_count_blank_and_undecodable_lines(warehouse, tmp_path):
@@ -165,7 +164,7 @@ def test_line_numbers_count_blank_and_undecodable_lines(warehouse, tmp_path):
         b"536369,22636,MUG,1,2011-09-01 08:29:00,0.0,12346.0,France\n"
     )
     resources = raw_resources(warehouse, tmp_path)
-    materialize(resources, "2011-09-01", assets=[ingestion.raw_customers, ingestion.raw_transactions])
+    materialize(resources, "2011-09-01", assets=[RAW["raw_customers"], RAW["raw_transactions"]])
     with warehouse.connect(read_only=True) as con:
         errors = fetch_all(con, "SELECT source, line_no, rule FROM ops.schema_errors ORDER BY source, line_no, rule")
         landed = fetch_all(con, "SELECT line_no, description, customer_id FROM raw.transactions ORDER BY line_no")
@@ -181,10 +180,10 @@ def test_line_numbers_count_blank_and_undecodable_lines(warehouse, tmp_path):
 
 
 def test_online_retail_days_ingest_with_their_quirks(warehouse, online_retail_dir):
-    zone = LandingZone(root=str(online_retail_dir), transactions_pattern="{date}.csv")
+    zone = LandingZone(root=str(online_retail_dir), patterns={"transactions": "{date}.csv"})
     resources = raw_resources(warehouse, zone)
     for partition in ONLINE_RETAIL_DAYS:
-        result = materialize(resources, partition, assets=[ingestion.raw_transactions])
+        result = materialize(resources, partition, assets=[RAW["raw_transactions"]])
         checks = check_results(result)
         assert checks[("raw_transactions", "record_accounting")].passed
         meta = materialization(result, "raw_transactions")

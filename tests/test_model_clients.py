@@ -194,18 +194,6 @@ def test_bad_inputs_are_isolated_and_dead_letters_update_then_resolve(server, wa
     assert_all_stored(model, warehouse, "isolate", items)
 
 
-def test_other_steps_can_dead_letter_into_a_fresh_warehouse(warehouse):
-    from resources.model_clients.store import DeadLetter, resolve_dead_letter_keys, write_dead_letters
-
-    letters = [DeadLetter("c1", "invalid_output", "first", 1, ""), DeadLetter("c1", "invalid_output", "again", 1, "")]
-    write_dead_letters(warehouse, "recommendations", None, "ease", letters)
-    write_dead_letters(warehouse, "recommendations", None, "ease", letters[:1])
-    rows = dead_letters(warehouse, "recommendations")
-    assert rows["c1"]["attempts"] == 2 and rows["c1"]["error_message"] == "first"
-    resolve_dead_letter_keys(warehouse, "recommendations", None, ["c1"])
-    assert dead_letters(warehouse, "recommendations")["c1"]["resolved_at"] is not None
-
-
 def test_vectors_of_the_wrong_length_are_never_stored(server, warehouse):
     server.fail_all = WRONG_DIMS
     model = remote_model(server, max_attempts=2)

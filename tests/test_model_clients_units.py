@@ -19,8 +19,8 @@ from resources.model_clients.errors import (
     InvalidOutputError,
     ModelCallError,
     classify_status,
-    redact,
 )
+from resources.redaction import redact_text
 from resources.model_clients.resilience import AdaptiveThrottle, CircuitBreaker, RetryPolicy
 from resources.model_clients.texts import plan_batches, prepare_text
 
@@ -66,7 +66,7 @@ def test_which_statuses_are_retried(status, reason, retryable):
 
 def test_redact_removes_known_secrets_and_key_shaped_strings():
     message = "Incorrect API key provided: Bearer sk-live-abcdef123456 (api_key=hunter2-long) my-own-secret"
-    cleaned = redact(message, ["my-own-secret"])
+    cleaned = redact_text(message, ["my-own-secret"])
     assert "sk-live-abcdef123456" not in cleaned and "hunter2-long" not in cleaned and "my-own-secret" not in cleaned
     assert "Incorrect API key provided" in cleaned
 

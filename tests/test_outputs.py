@@ -4,8 +4,8 @@ import datetime as dt
 
 import dagster as dg
 
-from assets.outputs import output_expectation_suite, validated_recommendations
-from assets.state import write_state
+from assets.outputs.business_rules import output_expectation_suite, validated_recommendations
+from assets.common.current_state import write_state
 from resources.warehouse import fetch_all
 
 DAY = "2011-03-01"

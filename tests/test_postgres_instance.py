@@ -25,14 +25,13 @@ import dagster as dg
 import pytest
 import yaml
 
-from assets.ingestion import raw_customers, raw_products, raw_transactions
 from resources.alerts import Alerts
 from resources.warehouse import DuckDBWarehouse, fetch_all
-from sensors.check_alerts import asset_check_failure_alerts
-from sensors.freshness import build_partition_freshness_sensor
-from sensors.metrics import metric_anomaly_alerts
-from sensors.run_failures import run_failure_alerts
-from sensors.settings import MonitoringSettings
+from assets.monitor.check_alerts import asset_check_failure_alerts
+from assets.monitor.freshness import build_partition_freshness_sensor
+from assets.monitor.metrics import metric_anomaly_alerts
+from assets.monitor.run_failures import run_failure_alerts
+from assets.monitor.settings import MonitoringSettings
 from tests.conftest import ROOT
 from tests.ingestion_support import RAW_ASSETS, day, generate_landing, raw_resources
 from tests.postgres_support import PostgresServer, newest_bin_dir, postgres_fixture  # noqa: F401 (`postgres`)
@@ -48,7 +47,7 @@ MISSING_DAY = day(PARTITIONS)  # never lands: the freshness sensor must call it 
 CORRUPT_EVERY = 3  # every third customer record of the bad day
 # All three assets of every day at once: raw_customers of a day whose earlier catalog is still
 # queued gives the pool's one slot back (a step retry) instead of holding it while it waits.
-CONCURRENT_ASSETS = [raw_products, raw_customers, raw_transactions]
+CONCURRENT_ASSETS = RAW_ASSETS
 POOL = "duckdb"
 RAW_TABLES = ("products", "customers", "customer_purchases", "transactions")  # identifiers from code
 

@@ -9,20 +9,11 @@ import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 
-from recsys.segments import (
-    CustomerSample,
-    SegmentingConfig,
-    SegmentModel,
-    SegmentProfile,
-    SegmentProfiler,
-    drop_empty_segments,
-    fallback_names,
-    fit_segments,
-    id_priorities,
-    match_segment_ids,
-    naming_messages,
-    parse_segment_names,
-)
+from recsys.clustering import SegmentingConfig, fit_segments
+from recsys.customer_sample import CustomerSample, id_priorities
+from recsys.segment_ids import SegmentModel, drop_empty_segments, match_segment_ids
+from recsys.segment_names import fallback_names, naming_messages, parse_segment_names
+from recsys.segment_profiles import RfmSummary, SegmentProfile, SegmentProfiler
 
 DIMS = 48
 CONFIG = SegmentingConfig(k_min=3, k_max=9, silhouette_sample=1500)
@@ -180,12 +171,13 @@ def test_a_segment_nobody_joins_is_dropped_and_reported():
     model = SegmentModel(np.append(fitted.segment_ids, 9), centroids)
 
     profiler = SegmentProfiler(model.segment_ids, pa.array(["p"]))
-    n = len(vectors)
-    profiler.add_arrays(model.assign(vectors), np.ones(n), np.ones(n), np.ones(n))
+    labels = model.assign(vectors)
+    profiler.add(labels)
     assert profiler.sizes[9] == 0
     kept, dropped = drop_empty_segments(model, profiler.sizes)
     assert dropped == [9] and kept.segment_ids.tolist() == fitted.segment_ids.tolist()
-    assert 9 not in [p.segment_id for p in profiler.profiles()]
+    ones = np.ones(len(labels))
+    assert 9 not in [p.segment_id for p in profiler.profiles(*rfm_by_hand(labels, ones, ones, ones))]
 
     # In the fit: a previous centroid that no sampled customer is near is dropped too, not reseeded.
     config = SegmentingConfig(**{**CONFIG.__dict__, "k_min": 5, "k_max": 5, "warm_start_slack": 1.0})
@@ -274,16 +266,26 @@ def profiler_with_two_segments() -> tuple[SegmentProfiler, dict]:
     return profiler, data | {"category_of": category_of}
 
 
+def rfm_by_hand(labels, recency, frequency, monetary) -> tuple[dict[int, RfmSummary], RfmSummary]:
+    """What segments.segment_rfm reads from analytics.customer_features, computed here by hand."""
+    def summary(rows):
+        return RfmSummary(*(float(f(column[rows])) for column in (recency, frequency, monetary)
+                            for f in (np.mean, np.median)))
+    everyone = summary(np.ones(len(labels), dtype=bool))
+    return {int(label): summary(labels == label) for label in np.unique(labels)}, everyone
+
+
 def test_profiles_from_chunks_by_hand():
     profiler, d = profiler_with_two_segments()
-    profiler.add_arrays(d["labels"], d["recency"], d["frequency"], d["monetary"], d["spend"])
-    home, garden = profiler.profiles(d["category_of"])
+    profiler.add(d["labels"], d["spend"])
+    home, garden = profiler.profiles(*rfm_by_hand(d["labels"], d["recency"], d["frequency"], d["monetary"]),
+                                     d["category_of"])
     assert (home.segment_id, home.size, garden.segment_id, garden.size) == (1, 3, 4, 4)
     assert home.share == pytest.approx(3 / 7)
     assert (home.recency_days_mean, home.recency_days_median) == (pytest.approx(16 / 3), 4)
     assert (garden.recency_days_median, garden.frequency_median) == (95, 1)
-    assert home.monetary_median == pytest.approx(700, rel=5e-4)
-    assert garden.monetary_median == pytest.approx(27.5, rel=5e-4)
+    assert home.monetary_median == 700
+    assert garden.monetary_median == 27.5
     assert garden.monetary_mean == pytest.approx(27.5)
     assert home.top_products == (("p0", 3), ("p1", 1), ("p3", 1))
     assert [c for c, _ in home.top_categories] == ["Home", "uncategorized"]
@@ -296,12 +298,12 @@ def test_profiles_from_chunks_by_hand():
 
 def test_profiles_are_the_same_whatever_the_chunking():
     whole, d = profiler_with_two_segments()
-    whole.add_arrays(d["labels"], d["recency"], d["frequency"], d["monetary"], d["spend"])
+    whole.add(d["labels"], d["spend"])
     parts, _ = profiler_with_two_segments()
     for rows in (slice(0, 2), slice(2, 5), slice(5, 7)):
-        columns = [d[name][rows] for name in ("labels", "recency", "frequency", "monetary", "spend")]
-        parts.add_arrays(*columns)
-    assert whole.profiles(d["category_of"]) == parts.profiles(d["category_of"])
+        parts.add(d["labels"][rows], d["spend"][rows])
+    rfm = rfm_by_hand(d["labels"], d["recency"], d["frequency"], d["monetary"])
+    assert whole.profiles(*rfm, d["category_of"]) == parts.profiles(*rfm, d["category_of"])
 
 
 def profile(**values) -> SegmentProfile:
@@ -332,22 +334,24 @@ def test_fallback_name_rules(values, name):
 
 def test_fallback_names_are_unique_even_when_profiles_look_alike():
     profiler = SegmentProfiler([0, 1], pa.array(["p"]))
-    profiler.add_arrays(np.array([0, 1]), np.array([5, 5]), np.array([2, 2]), np.array([10.0, 10.0]),
-                        sp.csr_matrix(np.array([[1.0], [1.0]])))
-    names = [p.name for p in profiler.profiles({"p": "Toys"})]
+    labels = np.array([0, 1])
+    profiler.add(labels, sp.csr_matrix(np.array([[1.0], [1.0]])))
+    rfm = rfm_by_hand(labels, np.array([5, 5]), np.array([2, 2]), np.array([10.0, 10.0]))
+    names = [p.name for p in profiler.profiles(*rfm, {"p": "Toys"})]
     assert names == ["Toys regulars · mid value #0", "Toys regulars · mid value #1"]
 
 
 def test_profiler_refuses_labels_it_does_not_know():
     profiler = SegmentProfiler([0, 2], pa.array(["p"]))
     with pytest.raises(ValueError, match="segment labels"):
-        profiler.add_arrays(np.array([1]), np.array([1]), np.array([1]), np.array([1.0]))
+        profiler.add(np.array([1]))
 
 
 def test_naming_prompt_carries_every_segment():
     profiler, d = profiler_with_two_segments()
-    profiler.add_arrays(d["labels"], d["recency"], d["frequency"], d["monetary"], d["spend"])
-    messages = naming_messages(profiler.profiles(d["category_of"]), {"p0": "Velvet cushion"})
+    profiler.add(d["labels"], d["spend"])
+    rfm = rfm_by_hand(d["labels"], d["recency"], d["frequency"], d["monetary"])
+    messages = naming_messages(profiler.profiles(*rfm, d["category_of"]), {"p0": "Velvet cushion"})
     assert [m["role"] for m in messages] == ["system", "user"]
     facts = json.loads(messages[1]["content"].split("\n")[1])
     assert [f["segment_id"] for f in facts] == ["1", "4"]

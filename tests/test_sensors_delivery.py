@@ -10,16 +10,16 @@ import time
 import dagster as dg
 import pytest
 
-from assets.partitions import daily_partitions
+from assets.common.partitions import daily_partitions
 from resources.alerts import Alerts
 from resources.warehouse import DuckDBWarehouse, fetch_all, table_exists
-from sensors import defs as sensor_defs
-from sensors.check_alerts import asset_check_failure_alerts
-from sensors.delivery import AlertSensorState
-from sensors.freshness import build_partition_freshness_sensor
-from sensors.metrics import metric_anomaly_alerts
-from sensors.run_failures import run_failure_alerts
-from sensors.settings import MonitoringSettings
+from assets.monitor import defs as sensor_defs
+from assets.monitor.check_alerts import asset_check_failure_alerts
+from assets.monitor.delivery import AlertSensorState
+from assets.monitor.freshness import build_partition_freshness_sensor
+from assets.monitor.metrics import metric_anomaly_alerts
+from assets.monitor.run_failures import run_failure_alerts
+from assets.monitor.settings import MonitoringSettings
 from tests.sensor_support import WebhookServer, dagster_instance, emit
 
 

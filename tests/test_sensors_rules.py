@@ -6,12 +6,12 @@ import json
 import dagster as dg
 import pytest
 
-from assets.partitions import daily_partitions
-from sensors.check_alerts import failed_check_alerts
-from sensors.freshness import late_partition_alerts
-from sensors.metrics import metric_alerts
-from sensors.run_failures import run_failure_alert
-from sensors.settings import MonitoringSettings
+from assets.common.partitions import daily_partitions
+from assets.monitor.check_alerts import failed_check_alerts
+from assets.monitor.freshness import late_partition_alerts
+from assets.monitor.metrics import metric_alerts
+from assets.monitor.run_failures import run_failure_alert
+from assets.monitor.settings import MonitoringSettings
 from tests.sensor_support import dagster_instance, emit
 
 

@@ -8,7 +8,7 @@ import datetime as dt
 import dagster as dg
 import pytest
 
-from assets.sql_models import SqlModel, build_sql_assets, load_models, upstream_assets
+from assets.transform.sql_models import SqlModel, build_sql_assets, load_models, upstream_assets
 from resources.warehouse import fetch_all, fetch_scalar
 
 DAY = "2011-01-10"

@@ -84,7 +84,7 @@ def test_code_location_loads_and_shows_every_stage(deployment, browser, tmp_path
         wait_for_texts(browser, {key.to_user_string() for key in defs.resolve_asset_graph().materializable_asset_keys})
 
         # The AI stage's lineage: its assets, what feeds them and what consumes them.
-        browser.get(f"{base}/locations/definitions/asset-groups/ai")
+        browser.get(f"{base}/locations/definitions/asset-groups/infer")
         wait_for_texts(browser, {"stg_purchases", "product_embeddings", "customer_segments", "recommendations",
                                  "validated_recommendations"})
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from assets import ingestion, staging
-from assets.validation import Suite, compile_expectation, load_suite, quarantine, validate_partition
+from assets.common.sources import SOURCES
+from assets.validate.gx_checks import validate_partition
+from assets.validate.rules import Suite, compile_expectation, load_suite, quarantine
 from generator import FAULTS_BY_TABLE, FaultRates, manifest_path
 from resources.warehouse import fetch_all, fetch_scalar
 from tests.ingestion_support import START, check_results, day, generate_landing, materialization, materialize, raw_resources
@@ -27,7 +28,7 @@ EXPECTATION_OF_FAULT = {
 }
 PARSE_RULE_OF_FAULT = {"malformed_json": "malformed_json", "wrong_column_count": "wrong_column_count",
                        "bad_encoding": "bad_encoding"}
-COLUMN_OF_FIELD = {**staging.JSON_FIELDS, **staging.CSV_HEADERS["transactions"], **staging.CSV_HEADERS["products"]}
+COLUMN_OF_FIELD = {field: column for source in SOURCES for field, column in source.fields.items()}
 
 
 def expected_rule(table: str, fault: str, field: str) -> str:
@@ -105,8 +106,8 @@ def test_the_suites_pass_as_partition_checks_on_clean_data(warehouse, faulty_lan
     result = materialize(raw_resources(warehouse, faulty_landing), day(0), with_suite_checks=True)
     checks = check_results(result)
     for table in ("products", "customers", "customer_purchases", "transactions"):
-        asset = ingestion.SOURCES["customers" if table == "customer_purchases" else table].name
-        evaluation = checks[(f"raw_{asset}", f"{table}_expectation_suite")]
+        asset = next(source.asset for source in SOURCES if table in source.table_names)
+        evaluation = checks[(asset, f"{table}_expectation_suite")]
         assert evaluation.passed, evaluation.metadata
         assert evaluation.metadata["rows_validated"].value == evaluation.metadata["rows_in_partition"].value > 0
 
@@ -200,8 +201,8 @@ def test_a_suite_that_cannot_compile_is_refused(expectation, error):
 
 
 def test_the_shipped_suites_compile_against_their_tables():
-    for table, spec in ingestion.TABLES.items():
-        suite = load_suite(table)
+    for spec in (table for source in SOURCES for table in source.tables):
+        suite = load_suite(spec.name)
         rules = suite.row_rules(set(spec.columns) | {"line_no"})
         assert [r.rule for r in rules] == suite.rule_names
         assert set(suite.column_types) <= set(spec.columns)

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from resources.model_clients import store
+from resources import dead_letters
+from resources.dead_letters import DeadLetter
 from resources.model_clients.base import ChatClient, ChatResponse
 from resources.model_clients.errors import CircuitOpenError, InvalidOutputError, ModelCallError
 from resources.model_clients.metrics import CallMetrics
@@ -95,7 +96,6 @@ class ChatSession:
         partition = partition_key or ""
         metrics = self.new_metrics()
         report = ChatReport(stage, partition, metrics)
-        store.ensure_tables(warehouse)
         model_id = f"{self.client.provider}:{self.client.model}"
         with ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="chat") as executor:
             for chunk in chunked(items, chunk_size):
@@ -109,22 +109,23 @@ class ChatSession:
                         letters.append(letter)
                         metrics.record_dead_letters(letter.reason_class)
                 # Short connections between chunks, none while the model is being called.
-                store.write_dead_letters(warehouse, stage, partition, model_id, letters)
-                store.resolve_dead_letter_keys(warehouse, stage, partition, answered)
+                with warehouse.transaction() as con:
+                    dead_letters.write(con, stage, partition, model_id, letters)
+                    dead_letters.resolve_keys(con, stage, answered)
         metrics.finish()
         self.log.info(f"chat {stage}/{partition or '-'}: {len(report.results)} answers, {metrics.dlq_count} dead-lettered")
         return report
 
     def _one(
         self, item: tuple[object, Messages], validate: Callable[[dict[str, Any]], bool] | None, metrics: CallMetrics
-    ) -> tuple[str, dict[str, Any] | None, store.DeadLetter | None]:
+    ) -> tuple[str, dict[str, Any] | None, DeadLetter | None]:
         key, messages = str(item[0]), item[1]
         try:
             return key, self.complete_json(messages, validate, metrics), None
         except ModelCallError as error:
             payload_hash = hashlib.sha256(json.dumps(list(map(dict, messages)), sort_keys=True).encode()).hexdigest()
             attempts = getattr(error, "attempts", 0)
-            return key, None, store.DeadLetter(key, error.reason_class, error.message, attempts, payload_hash)
+            return key, None, DeadLetter(key, error.reason_class, error.message, attempts, payload_hash)
 
     def _checked(self, messages: Messages, validate: Callable[[dict[str, Any]], bool] | None) -> ChatResponse:
         response = self.client.complete_json(messages)

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from resources.dead_letters import DeadLetter
 from resources.model_clients import store
 from resources.model_clients.base import EmbeddingClient, EmbeddingResponse
 from resources.model_clients.errors import CLIENT_ERROR, CircuitOpenError, InvalidOutputError, ModelCallError
@@ -261,7 +262,7 @@ class _Lookup:
 class _WriteJob:
     vectors: list[tuple[str, np.ndarray]]
     item_rows: list[tuple[str, str, bool]]
-    dead_letters: list[store.DeadLetter]
+    dead_letters: list[DeadLetter]
 
 
 class _EmbedRun:
@@ -278,7 +279,7 @@ class _EmbedRun:
         self.buffered: dict[str, np.ndarray] = {}  # embedded, not yet in the cache
         self.failed: dict[str, tuple[ModelCallError, int]] = {}  # text hash -> (error, attempts)
         self.item_rows: dict[str, tuple[str, bool]] = {}  # item key -> (text hash, truncated), unflushed
-        self.dead: dict[str, store.DeadLetter] = {}  # unflushed dead letters by item key
+        self.dead: dict[str, DeadLetter] = {}  # unflushed dead letters by item key
         # Hashes handed to the database thread and not yet committed, and, for each look-up not
         # yet admitted, those committed since it was queued: it may not see them, the run must
         # still not resend them.
@@ -401,7 +402,7 @@ class _EmbedRun:
 
     def _dead_letter(self, item_key: str, payload_hash: str, error: ModelCallError, attempts: int) -> None:
         self.metrics.record_dead_letters(error.reason_class)
-        self.dead[item_key] = store.DeadLetter(item_key, error.reason_class, error.message, attempts, payload_hash)
+        self.dead[item_key] = DeadLetter(item_key, error.reason_class, error.message, attempts, payload_hash)
 
     def _maybe_flush(self) -> None:
         """Group commit: write once `write_chunk_rows` vectors (or `max_write_rows` item rows,
@@ -449,7 +450,7 @@ class _EmbedRun:
             dimensions=self.session.dimensions,
             vectors=job.vectors,
             item_rows=job.item_rows,
-            dead_letters=job.dead_letters,
+            letters=job.dead_letters,
         )
         written = {text_hash_ for text_hash_, _ in job.vectors}
         with self.writing_lock:
@@ -459,7 +460,7 @@ class _EmbedRun:
 
     def _report(self) -> EmbeddingReport:
         resolved = store.resolve_embedded_dead_letters(self.warehouse, self.stage, self.partition_key)
-        still_open = store.count_open_dead_letters(self.warehouse, self.stage, self.partition_key)
+        still_open = store.count_open_dead_letters(self.warehouse, self.stage)
         caller = self.session.caller
         self.metrics.breaker_opens = caller.breaker.opens - self._opens_before
         self.metrics.throttle_wait_seconds = caller.throttle.wait_seconds - self._throttle_wait_before

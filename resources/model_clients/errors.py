@@ -4,20 +4,17 @@ can help."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
-
-# Reason classes of ops.dead_letter.
-RATE_LIMITED = "rate_limited"
-SERVER_ERROR = "server_error"
-TIMEOUT = "timeout"
-INVALID_OUTPUT = "invalid_output"
-CLIENT_ERROR = "client_error"
-CIRCUIT_OPEN = "circuit_open"
-# Not a model call: a pipeline step's own computation failed for these items (e.g. a chunk of
-# customers the recommender could not score); they share the dead-letter queue.
-PROCESSING_ERROR = "processing_error"
-REASON_CLASSES = (RATE_LIMITED, SERVER_ERROR, TIMEOUT, INVALID_OUTPUT, CLIENT_ERROR, CIRCUIT_OPEN, PROCESSING_ERROR)
+# Reason classes of the dead-letter queue (resources/dead_letters.py), re-exported for the clients.
+from resources.dead_letters import (  # noqa: F401
+    CIRCUIT_OPEN,
+    CLIENT_ERROR,
+    INVALID_OUTPUT,
+    PROCESSING_ERROR,
+    RATE_LIMITED,
+    REASON_CLASSES,
+    SERVER_ERROR,
+    TIMEOUT,
+)
 
 # Finer causes, for `retries_by_cause` (a dropped connection is a server_error in the DLQ).
 CONNECTION_ERROR = "connection_error"
@@ -29,7 +26,7 @@ CONFIGURATION_STATUSES = frozenset({401, 403, 404})
 
 
 class ModelCallError(Exception):
-    """A failed model call. The message never carries credentials (see `redact`)."""
+    """A failed model call. The message never carries credentials (resources/redaction.py)."""
 
     def __init__(
         self,
@@ -82,20 +79,3 @@ def classify_status(status: int) -> tuple[str, bool]:
     if status == 409 or status >= 500:  # 409: a lock or conflict on the server side, transient
         return SERVER_ERROR, True
     return CLIENT_ERROR, False
-
-
-_TOKEN_PATTERNS = (
-    re.compile(r"(?i)(bearer\s+)[^\s\"',;]+"),
-    re.compile(r"(?i)(api[-_]?key[\"']?\s*[:=]\s*[\"']?)[^\s\"',;]+"),
-    re.compile(r"()\bsk-[A-Za-z0-9_\-]{6,}"),
-)
-
-
-def redact(text: str, secrets: Iterable[str | None] = (), limit: int = 500) -> str:
-    """Remove credentials from a message: the known secrets, and anything shaped like a key."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    for pattern in _TOKEN_PATTERNS:
-        text = pattern.sub(lambda m: f"{m.group(1)}***", text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

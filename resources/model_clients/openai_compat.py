@@ -32,6 +32,7 @@ from resources.model_clients.base import (
     assemble_vectors,
     parse_retry_after,
 )
+from resources.redaction import redact_text
 from resources.model_clients.errors import (
     CONNECTION_ERROR,
     SERVER_ERROR,
@@ -39,7 +40,6 @@ from resources.model_clients.errors import (
     InvalidOutputError,
     ModelCallError,
     classify_status,
-    redact,
 )
 
 T = TypeVar("T")
@@ -87,13 +87,13 @@ def translate_sdk_error(error: openai.APIError, secrets: Sequence[str | None]) -
         headers = error.response.headers
         return ModelCallError(
             reason,
-            redact(f"HTTP {error.status_code}: {error.message}", secrets),
+            redact_text(f"HTTP {error.status_code}: {error.message}", secrets, limit=500),
             status=error.status_code,
             retryable=retryable,
             retry_after=parse_retry_after(headers),
             rate_limit=RateLimitInfo.from_headers(headers),
         )
-    return ModelCallError(SERVER_ERROR, redact(f"{type(error).__name__}: {error}", secrets), retryable=False)
+    return ModelCallError(SERVER_ERROR, redact_text(f"{type(error).__name__}: {error}", secrets, limit=500), retryable=False)
 
 
 def _json_body(content: bytes) -> dict[str, Any]:

@@ -1,8 +1,8 @@
-"""The model clients' tables in DuckDB: vector cache, item map, dead-letter queue.
+"""The model clients' tables in DuckDB: vector cache and item map (failed items go to the
+dead-letter queue, resources/dead_letters.py).
 
     ops.embedding_cache  (model, dimensions, text_hash) -> vector FLOAT[]      one row per text
     ops.embedding_items  (stage, partition_key, item_key) -> text_hash          the last run's items
-    ops.dead_letter      (stage, partition_key, item_key) -> reason, attempts  items that failed
 
 Every function opens one short connection through the warehouse and closes it; none is held
 while a model is called. Data always travels as parameters or registered Arrow tables.
@@ -10,16 +10,16 @@ while a model is called. Data always travels as parameters or registered Arrow t
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
+from resources import dead_letters
+from resources.dead_letters import DeadLetter
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 
 CACHE_DDL = """
@@ -51,33 +51,7 @@ DDL = (
         PRIMARY KEY (stage, partition_key, item_key)
     )
     """,
-    """
-    CREATE TABLE IF NOT EXISTS ops.dead_letter (
-        stage          VARCHAR   NOT NULL,
-        partition_key  VARCHAR   NOT NULL,
-        item_key       VARCHAR   NOT NULL,
-        reason_class   VARCHAR   NOT NULL,  -- rate_limited, server_error, timeout, invalid_output,
-                                            -- client_error, circuit_open
-        error_message  VARCHAR,             -- redacted: never a credential
-        attempts       INTEGER   NOT NULL,  -- requests that carried the item, summed over runs
-        payload_hash   VARCHAR,             -- sha256 of what was sent (the text itself is not kept)
-        model          VARCHAR,
-        first_seen     TIMESTAMP NOT NULL,
-        last_seen      TIMESTAMP NOT NULL,
-        resolved_at    TIMESTAMP,           -- set when a later run succeeds; NULL = still open
-        PRIMARY KEY (stage, partition_key, item_key)
-    )
-    """,
 )
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    item_key: str
-    reason_class: str
-    error_message: str
-    attempts: int
-    payload_hash: str
 
 
 def utc_now() -> dt.datetime:
@@ -142,7 +116,7 @@ def write_progress(
     dimensions: int,
     vectors: Sequence[tuple[str, np.ndarray]],
     item_rows: Sequence[tuple[str, str, bool]],
-    dead_letters: Sequence[DeadLetter],
+    letters: Sequence[DeadLetter],
 ) -> None:
     """One transaction: new vectors into the cache, item map rows, dead letters."""
     now = utc_now()
@@ -173,95 +147,23 @@ def write_progress(
                 [stage, partition_key, model, dimensions, now],
             )
             con.unregister("new_items")
-        if dead_letters:
-            _upsert_dead_letters(con, stage, partition_key, model, dead_letters, now)
-
-
-def write_dead_letters(
-    warehouse: DuckDBWarehouse, stage: str, partition_key: str | None, model: str, dead_letters: Sequence[DeadLetter]
-) -> None:
-    """Dead letters of any stage (other steps use this too): one row per item, upserted."""
-    if dead_letters:
-        with warehouse.transaction() as con:
-            _create_tables(con)  # a step may fail items before anything was ever embedded
-            _upsert_dead_letters(con, stage, partition_key or "", model, dead_letters, utc_now())
-
-
-def _upsert_dead_letters(con, stage: str, partition_key: str, model: str, dead_letters: Sequence[DeadLetter], now) -> None:
-    # Re-failing an item updates its row (attempts add up, last_seen moves, it reopens). One row
-    # per item a statement: DuckDB refuses to update the same row twice in one statement.
-    latest = {letter.item_key: dataclasses.asdict(letter) for letter in dead_letters}
-    letters = pa.Table.from_pylist(list(latest.values()))
-    con.register("new_dead_letters", letters)
-    con.execute(
-        """
-        INSERT INTO ops.dead_letter
-        SELECT $stage, $partition_key, item_key, reason_class, error_message, attempts, payload_hash,
-               $model, $now, $now, NULL
-        FROM new_dead_letters
-        ON CONFLICT (stage, partition_key, item_key) DO UPDATE SET
-            reason_class = excluded.reason_class,
-            error_message = excluded.error_message,
-            attempts = ops.dead_letter.attempts + excluded.attempts,
-            payload_hash = excluded.payload_hash,
-            model = excluded.model,
-            last_seen = excluded.last_seen,
-            resolved_at = NULL
-        """,
-        {"stage": stage, "partition_key": partition_key, "model": model, "now": now},
-    )
-    con.unregister("new_dead_letters")
+        dead_letters.write(con, stage, partition_key, model, letters)
 
 
 def resolve_embedded_dead_letters(warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> int:
-    """Mark resolved the open dead letters of items that now have a vector. Returns how many."""
+    """Close the stage's open dead letters, in any partition, of items this run now has a vector for."""
     with warehouse.transaction() as con:
-        resolved = fetch_all(
-            con,
-            """
-            UPDATE ops.dead_letter SET resolved_at = $now
-            WHERE stage = $stage AND partition_key = $partition_key AND resolved_at IS NULL
-              AND item_key IN (
-                  SELECT m.item_key
-                  FROM ops.embedding_items m
-                  JOIN ops.embedding_cache c USING (model, dimensions, text_hash)
-                  WHERE m.stage = $stage AND m.partition_key = $partition_key
-              )
-            RETURNING item_key
-            """,
-            {"stage": stage, "partition_key": partition_key, "now": utc_now()},
-        )
-    return len(resolved)
-
-
-def resolve_dead_letter_keys(
-    warehouse: DuckDBWarehouse, stage: str, partition_key: str | None, keys: Sequence[str]
-) -> None:
-    """Mark resolved the open dead letters of these items (they succeeded this time)."""
-    if not keys:
-        return
-    partition_key = partition_key or ""
-    with warehouse.transaction() as con:
-        _create_tables(con)
-        con.execute(
-            """
-            UPDATE ops.dead_letter SET resolved_at = ?
-            WHERE stage = ? AND partition_key = ? AND resolved_at IS NULL
-              AND item_key IN (SELECT unnest(?::VARCHAR[]))
-            """,
-            [utc_now(), stage, partition_key, list(keys)],
+        return dead_letters.resolve(
+            con, stage,
+            """SELECT m.item_key FROM ops.embedding_items m JOIN ops.embedding_cache c USING (model, dimensions, text_hash)
+               WHERE m.stage = $stage AND m.partition_key = $partition_key""",
+            {"partition_key": partition_key},
         )
 
 
-def count_open_dead_letters(warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> int:
+def count_open_dead_letters(warehouse: DuckDBWarehouse, stage: str) -> int:
     with warehouse.connect(read_only=True) as con:
-        return int(
-            fetch_scalar(
-                con,
-                "SELECT count(*) FROM ops.dead_letter WHERE stage = ? AND partition_key = ? AND resolved_at IS NULL",
-                [stage, partition_key],
-            )
-        )
+        return dead_letters.count_open(con, stage)
 
 
 ITEM_VECTORS_SQL = """

@@ -1,0 +1,524 @@
+"""The one way a stage after ingestion keeps its table: decide, build, record, give verdicts.
+
+Stages after ingestion keep one current table each, built as of the partition's day from all
+batches up to it (recomputable state must not grow the file by gigabytes a day). Every such stage
+is a `current_state_asset`, which does for it, once and the same way:
+
+1. **Fingerprint** exactly what the build depends on: its declared inputs' content (the raw
+   batches up to the day, or the upstream build's fingerprint and version), its *semantic*
+   config, its code version and any extra the stage names (the SQL parameters). Operational
+   knobs and check thresholds (`knob(...)` fields: chunk sizes, threads, log intervals,
+   thresholds) are left out: changing one is a skip, never a rebuild.
+2. **Decide**: build on the first run, on `force`, when the fingerprint changed, or when the
+   last build was *incomplete* (it left open dead letters or failed a blocking check); skip when
+   unchanged, or when the table already holds a later day (tables only move forward unless
+   forced). A build refuses to run when one of its inputs holds a later day than the build's.
+3. **Build** through a guarded warehouse: the build may read only its declared inputs' tables
+   (and its own, and the `ops.*` machinery); any other pipeline table fails the step
+   (`UndeclaredInputError`), so declared dependencies cannot drift from what the code reads.
+4. **Record**, inside the build's final write transaction (`StateBuild.record`): the
+   fingerprint, the measurements its checks are computed from, whether it is complete, and a
+   new version (downstream fingerprints include it). A concurrent build of the same stage
+   (another run) is detected there and the step retries.
+5. **Verdicts**: checks are a pure function of the stored measurements and the config. A built
+   run and a skipped run both compute them from the measurements stored with the build, so a
+   failed check stays failed on every skipped re-run (never a fresh pass), and a changed
+   threshold applies at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import inspect
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import dagster as dg
+import duckdb
+import sqlglot
+from pydantic import Field
+from sqlglot import exp
+
+from assets.common.partitions import daily_partitions
+from assets.common.sources import SOURCES, Source
+from resources import dead_letters
+from resources.warehouse import DuckDBWarehouse, fetch_all, table_exists
+
+STATE_TABLE = "ops.asset_state"
+PIPELINE_SCHEMAS = ("raw", "analytics", "ml", "outputs")  # `ops` is machinery any stage may use
+OPERATIONAL = "operational"
+
+# Filled as assets are defined: table -> the asset that writes it; ingestion asset -> its source.
+_TABLE_OWNERS: dict[str, str] = {}
+_RAW_SOURCES: dict[str, str] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: semantic fields vs knobs
+# ---------------------------------------------------------------------------------------------
+
+def knob(default: Any, description: str, **kwargs: Any) -> Any:
+    """A config field that changes how a build runs or is judged, never what it produces (chunk
+    sizes, threads, log intervals, check thresholds): it is not part of the fingerprint."""
+    return Field(default=default, description=description, json_schema_extra={OPERATIONAL: True}, **kwargs)
+
+
+class StateConfig(dg.Config):
+    """Run config every current-state stage has."""
+
+    force: bool = knob(False, "Rebuild even when nothing changed, or rebuild as of an older day than the table holds.")
+
+
+def semantic_config(config: dg.Config) -> dict[str, Any]:
+    """The config fields that change what a build produces (everything but the knobs)."""
+    fields = type(config).model_fields
+    return {name: value for name, value in config.model_dump().items()
+            if not (fields[name].json_schema_extra or {}).get(OPERATIONAL)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The state table
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StoredState:
+    as_of: dt.date
+    fingerprint: str
+    row_count: int
+    measurements: dict[str, Any]
+    complete: bool
+    incomplete_reason: str | None
+    version: int
+
+
+def ensure_state_table(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("CREATE SCHEMA IF NOT EXISTS ops")
+    con.execute(
+        f"""CREATE TABLE IF NOT EXISTS {STATE_TABLE} (
+            asset VARCHAR PRIMARY KEY, as_of DATE, fingerprint VARCHAR, row_count BIGINT,
+            built_at TIMESTAMP, metadata JSON)"""
+    )
+    # Columns added after the first release; a row without them (NULL) counts as incomplete.
+    for column, kind in (("complete", "BOOLEAN"), ("incomplete_reason", "VARCHAR"), ("version", "BIGINT")):
+        con.execute(f"ALTER TABLE {STATE_TABLE} ADD COLUMN IF NOT EXISTS {column} {kind}")
+
+
+def read_state(con: duckdb.DuckDBPyConnection, asset: str) -> StoredState | None:
+    if not table_exists(con, STATE_TABLE):
+        return None
+    columns = {name for (name,) in fetch_all(
+        con, "SELECT column_name FROM information_schema.columns WHERE table_schema = 'ops' AND table_name = 'asset_state'")}
+    extra = ", ".join(c if c in columns else f"NULL AS {c}" for c in ("complete", "incomplete_reason", "version"))
+    rows = fetch_all(con, f"SELECT as_of, fingerprint, row_count, metadata, {extra} FROM {STATE_TABLE} WHERE asset = ?",
+                     [asset])
+    if not rows:
+        return None
+    as_of, fingerprint, row_count, metadata, complete, reason, version = rows[0]
+    return StoredState(as_of, fingerprint, row_count or 0, json.loads(metadata or "{}"), bool(complete), reason,
+                       version or 0)
+
+
+def _write_state(con: duckdb.DuckDBPyConnection, asset: str, as_of: dt.date, fingerprint: str, row_count: int,
+                 measurements: Mapping[str, Any], incomplete_reason: str | None, version: int) -> None:
+    ensure_state_table(con)
+    con.execute(
+        f"""INSERT OR REPLACE INTO {STATE_TABLE} (asset, as_of, fingerprint, row_count, built_at, metadata,
+                complete, incomplete_reason, version)
+            VALUES (?, ?, ?, ?, now()::TIMESTAMP, ?, ?, ?, ?)""",
+        [asset, as_of, fingerprint, row_count, json.dumps(measurements, default=str), incomplete_reason is None,
+         incomplete_reason, version],
+    )
+
+
+def write_state(con: duckdb.DuckDBPyConnection, asset: str, as_of: dt.date, fingerprint: str, row_count: int,
+                measurements: Mapping[str, Any] | None = None) -> None:
+    """Record a complete build made outside a current-state asset (tables seeded by hand, tests)."""
+    stored = read_state(con, asset)
+    _write_state(con, asset, as_of, fingerprint, row_count, measurements or {}, None,
+                 (stored.version if stored else 0) + 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints and the decision
+# ---------------------------------------------------------------------------------------------
+
+def fingerprint_of(*parts: Any) -> str:
+    payload = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(payload).hexdigest()[:32]
+
+
+def as_of_day(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> dt.date:
+    """The last day covered by the run's partition (range): state is built as of that day."""
+    window = context.partition_time_window
+    return (window.end - dt.timedelta(days=1)).date()
+
+
+def raw_source_of(asset: str) -> str | None:
+    """The landing source an ingestion asset reads (None for any other asset)."""
+    return _RAW_SOURCES.get(asset)
+
+
+def input_fingerprint(con: duckdb.DuckDBPyConnection, asset: str, as_of: dt.date) -> str:
+    """The content of an input as of a day: its landed batches up to the day (raw assets), or
+    its last build's fingerprint and version (a new build downstream of any rebuild)."""
+    source = raw_source_of(asset)
+    if source is not None:
+        rows = fetch_all(
+            con, "SELECT partition_date, fingerprint FROM ops.batch_fingerprints WHERE source = ? AND partition_date <= ?"
+                 " ORDER BY partition_date", [source, as_of],
+        ) if table_exists(con, "ops.batch_fingerprints") else []
+        # No batch yet is a valid state (a deployment may use only some sources): it fingerprints as empty.
+        return fingerprint_of([(str(day), fp) for day, fp in rows])
+    state = read_state(con, asset)
+    if state is None:
+        raise dg.Failure(f"input {asset!r} has not been materialized yet; materialize it first")
+    return f"{state.fingerprint}:v{state.version}"
+
+
+@dataclass(frozen=True)
+class BuildDecision:
+    build: bool
+    reason: str
+    fingerprint: str
+    stored: StoredState | None
+
+
+def decide(stored: StoredState | None, as_of: dt.date, fingerprint: str, force: bool) -> BuildDecision:
+    if force:
+        return BuildDecision(True, "forced by run config", fingerprint, stored)
+    if stored is None:
+        return BuildDecision(True, "first build", fingerprint, stored)
+    if stored.as_of > as_of:
+        return BuildDecision(False, f"the table already holds a later day ({stored.as_of}); rebuild with force to go back",
+                             fingerprint, stored)
+    if stored.fingerprint != fingerprint:
+        return BuildDecision(True, "inputs changed", fingerprint, stored)
+    if not stored.complete:
+        why = stored.incomplete_reason or "its outcome was not recorded"
+        return BuildDecision(True, f"retrying: the build as of {stored.as_of} was incomplete ({why})", fingerprint, stored)
+    return BuildDecision(False, f"inputs unchanged since the build as of {stored.as_of}", fingerprint, stored)
+
+
+def later_inputs(con: duckdb.DuckDBPyConnection, inputs: Iterable[str], as_of: dt.date) -> dict[str, str]:
+    """Inputs whose table holds a later day than `as_of` (building on them would mislabel the day)."""
+    later = {}
+    for name in inputs:
+        if raw_source_of(name) is None:
+            state = read_state(con, name)
+            if state is not None and state.as_of > as_of:
+                later[name] = str(state.as_of)
+    return later
+
+
+# ---------------------------------------------------------------------------------------------
+# Declared inputs are the only ones a build may read
+# ---------------------------------------------------------------------------------------------
+
+class UndeclaredInputError(RuntimeError):
+    """A build touched a pipeline table that is neither its own nor one of its declared inputs'."""
+
+
+def register_tables(asset: str, tables: Iterable[str], source: str | None = None) -> None:
+    """Declare the tables an asset writes (and, for an ingestion asset, the source it lands)."""
+    for table in tables:
+        _TABLE_OWNERS[table.lower()] = asset
+    if source is not None:
+        _RAW_SOURCES[asset] = source
+
+
+def register_sources(sources: Iterable[Source]) -> None:
+    """Declare the ingestion assets of a source registry and the raw tables they write."""
+    for source in sources:
+        register_tables(source.asset, [table.qualified for table in source.tables], source=source.name)
+
+
+def tables_of(asset: str) -> set[str]:
+    return {table for table, owner in _TABLE_OWNERS.items() if owner == asset}
+
+
+@lru_cache(maxsize=4096)
+def pipeline_tables_in(sql: str) -> frozenset[str]:
+    """The `schema.table` names of pipeline schemas a SQL text refers to."""
+    try:
+        statements = sqlglot.parse(sql, read="duckdb")
+        names = {f"{t.db}.{t.name}".lower() for s in statements if s is not None
+                 for t in s.find_all(exp.Table) if t.db and t.name}
+    except sqlglot.errors.SqlglotError:  # a statement sqlglot cannot parse: fall back to the names' shape
+        names = {m.lower() for m in re.findall(r"\b(?:raw|analytics|ml|outputs)\.[A-Za-z_][A-Za-z0-9_]*", sql)}
+    return frozenset(n for n in names if n.split(".", 1)[0] in PIPELINE_SCHEMAS)
+
+
+def _register_every_asset() -> None:
+    """Tables are registered as their assets are defined; a build running without the whole code
+    location imported (a test materializing one stage) learns the other owners here."""
+    import definitions  # noqa: F401, PLC0415 (defining every asset registers its tables)
+
+
+class TableGuard:
+    """Allows an asset's own tables (and side tables named after them), its inputs' tables and ops.*."""
+
+    def __init__(self, asset: str, inputs: Iterable[str]):
+        self.asset, self.inputs = asset, tuple(inputs)
+
+    def check(self, sql: str) -> None:
+        if any(table not in _TABLE_OWNERS for table in pipeline_tables_in(sql)):
+            _register_every_asset()
+        own = tables_of(self.asset)
+        allowed = own | {t for name in self.inputs for t in tables_of(name)}
+        for table in pipeline_tables_in(sql):
+            if table in allowed or any(table.startswith(f"{mine}_") for mine in own):
+                continue
+            owner = _TABLE_OWNERS.get(table, "no asset")
+            raise UndeclaredInputError(
+                f"{self.asset} reads {table} (written by {owner}), which is not among its declared inputs "
+                f"{list(self.inputs)}: declare {owner!r} as an input, or stop reading it")
+
+
+class GuardedConnection:
+    """A DuckDB connection whose SQL passes the guard first; everything else is the connection's."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, guard: TableGuard):
+        self._con, self._guard = con, guard
+
+    def execute(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        self._guard.check(sql)
+        return self._con.execute(sql, *args, **kwargs)
+
+    def executemany(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        self._guard.check(sql)
+        return self._con.executemany(sql, *args, **kwargs)
+
+    def sql(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        self._guard.check(sql)
+        return self._con.sql(sql, *args, **kwargs)
+
+    query = sql
+
+    def table(self, name: str) -> Any:
+        self._guard.check(f"SELECT * FROM {name}")
+        return self._con.table(name)
+
+    def cursor(self) -> GuardedConnection:
+        return GuardedConnection(self._con.cursor(), self._guard)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._con, name)
+
+
+class GuardedWarehouse:
+    """The warehouse as a build sees it: the same file and lock, guarded connections."""
+
+    def __init__(self, warehouse: DuckDBWarehouse, guard: TableGuard):
+        self._warehouse, self._guard = warehouse, guard
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[GuardedConnection]:
+        with self._warehouse.connect(read_only=read_only) as con:
+            yield GuardedConnection(con, self._guard)
+
+    @contextmanager
+    def transaction(self) -> Iterator[GuardedConnection]:
+        with self._warehouse.transaction() as con:
+            yield GuardedConnection(con, self._guard)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._warehouse, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The build's view, its outcome and the asset factory
+# ---------------------------------------------------------------------------------------------
+
+Verdicts = Callable[[Mapping[str, Any], Any], list[dg.AssetCheckResult]]
+
+
+class ConcurrentBuildError(RuntimeError):
+    pass
+
+
+@dataclass
+class Built:
+    """What a build returns besides its recorded state: materialization metadata."""
+
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    inputs: tuple[str, ...]
+    verdicts: Verdicts | None
+    dead_letter_stage: str | None
+    blocking_checks: frozenset[str]
+
+
+class StateBuild:
+    """What a build gets: the day, its config, resources, a guarded warehouse, and `record`."""
+
+    def __init__(self, spec: StageSpec, context: dg.AssetExecutionContext, config: Any, as_of: dt.date,
+                 decision: BuildDecision):
+        self.spec, self.context, self.config, self.as_of, self.decision = spec, context, config, as_of, decision
+        self.log = context.log
+        self.resources = context.resources
+        self.warehouse = GuardedWarehouse(context.resources.warehouse, TableGuard(spec.name, spec.inputs))
+        self.check_results: list[dg.AssetCheckResult] = []
+        self.measurements: dict[str, Any] = {}
+        self.recorded = False
+
+    @property
+    def partition_key(self) -> str:
+        return self.context.partition_key
+
+    def record(self, con: Any, row_count: int, measurements: Mapping[str, Any] | None = None) -> None:
+        """Call once, inside the transaction that publishes the table: records the fingerprint,
+        the measurements the checks are computed from, completeness and a new version."""
+        stored_now = read_state(con, self.spec.name)
+        expected = self.decision.stored.version if self.decision.stored else None
+        if (stored_now.version if stored_now else None) != expected:
+            raise ConcurrentBuildError(f"{self.spec.name} was rebuilt by another run meanwhile")
+        measured = dict(measurements or {})
+        if self.spec.dead_letter_stage:
+            measured["dlq_open"] = dead_letters.count_open(con, self.spec.dead_letter_stage)
+        checks = self.spec.verdicts(measured, self.config) if self.spec.verdicts else []
+        reason = incomplete_reason(measured, checks, self.spec.blocking_checks)
+        version = (stored_now.version if stored_now else 0) + 1
+        _write_state(con, self.spec.name, self.as_of, self.decision.fingerprint, row_count, measured, reason, version)
+        self.check_results, self.measurements, self.recorded = checks, measured, True
+
+
+def incomplete_reason(measurements: Mapping[str, Any], checks: list[dg.AssetCheckResult],
+                      blocking: frozenset[str]) -> str | None:
+    """Why a build cannot count as an unchanged success next time, or None."""
+    reasons = []
+    if measurements.get("dlq_open"):
+        reasons.append(f"{measurements['dlq_open']} open dead letters")
+    failed = [c.check_name for c in checks
+              if not c.passed and c.severity == dg.AssetCheckSeverity.ERROR and c.check_name in blocking]
+    if failed:
+        reasons.append(f"failed blocking checks {failed}")
+    return "; ".join(reasons) or None
+
+
+def current_state_asset(
+    *,
+    name: str,
+    inputs: Iterable[str],
+    tables: Iterable[str],
+    group: str,
+    config_class: type[StateConfig] = StateConfig,
+    checks: Iterable[dg.AssetCheckSpec] = (),
+    verdicts: Verdicts | None = None,
+    resources: Iterable[str] = ("warehouse",),
+    pool: str | None = "duckdb",
+    kinds: Iterable[str] = ("duckdb", "python"),
+    description: str | None = None,
+    code_version: str | None = None,
+    fingerprint_extra: Callable[[dg.AssetExecutionContext], Any] | None = None,
+    dead_letter_stage: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Callable[[Callable[[StateBuild], Built]], dg.AssetsDefinition]:
+    """Make a daily-partitioned current-state asset from a build function (see the module doc)."""
+    inputs, tables, checks = tuple(inputs), tuple(tables), tuple(checks)
+    register_tables(name, tables)
+    spec = StageSpec(name, inputs, verdicts, dead_letter_stage,
+                     frozenset(c.name for c in checks if c.blocking))
+
+    def decorate(build: Callable[[StateBuild], Built]) -> dg.AssetsDefinition:
+        def body(context: dg.AssetExecutionContext, config: Any) -> dg.MaterializeResult:
+            return _materialize(spec, build, context, config, fingerprint_extra, code_version)
+
+        body.__name__ = name
+        body.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+            inspect.Parameter("context", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=dg.AssetExecutionContext),
+            inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=config_class),
+        ])
+        return dg.asset(
+            name=name,
+            deps=list(inputs),
+            partitions_def=daily_partitions,
+            backfill_policy=dg.BackfillPolicy.single_run(),
+            group_name=group,
+            pool=pool,
+            kinds=set(kinds),
+            check_specs=list(checks),
+            required_resource_keys=set(resources),
+            description=description or inspect.getdoc(build),
+            code_version=code_version,
+            metadata={"tables": list(tables), **(metadata or {})},
+        )(body)
+
+    return decorate
+
+
+def _materialize(spec: StageSpec, build: Callable[[StateBuild], Built], context: dg.AssetExecutionContext,
+                 config: Any, fingerprint_extra, code_version: str | None) -> dg.MaterializeResult:
+    started = time.perf_counter()
+    as_of = as_of_day(context)
+    with context.resources.warehouse.connect(read_only=True) as con:
+        upstream = {name: input_fingerprint(con, name, as_of) for name in spec.inputs}
+        extra = fingerprint_extra(context) if fingerprint_extra else None
+        fingerprint = fingerprint_of(code_version, semantic_config(config), upstream, extra)
+        decision = decide(read_state(con, spec.name), as_of, fingerprint, config.force)
+        later = later_inputs(con, spec.inputs, as_of) if decision.build else {}
+    if not decision.build:
+        return _skipped(spec, context, config, as_of, decision, started)
+    if later:
+        raise dg.Failure(
+            f"{spec.name} as of {as_of}: its inputs hold later days {later}. Rebuild them as of {as_of} first "
+            "(force), or materialize the partition of their day.", metadata={"later_inputs": later})
+    state_build = StateBuild(spec, context, config, as_of, decision)
+    try:
+        built = build(state_build)
+    except ConcurrentBuildError as error:
+        context.log.warning(f"{error}: deciding again")
+        raise dg.RetryRequested(max_retries=3, seconds_to_wait=1.0) from error
+    if not state_build.recorded:
+        raise RuntimeError(f"{spec.name}: the build returned without recording its state (StateBuild.record)")
+    seconds = time.perf_counter() - started
+    context.log.info(f"{spec.name} built as of {as_of} in {seconds:.1f}s ({decision.reason})")
+    return dg.MaterializeResult(
+        metadata={
+            **built.metadata,
+            "as_of": str(as_of),
+            "build_reason": decision.reason,
+            "fingerprint": decision.fingerprint,
+            "seconds": round(seconds, 3),
+            "skipped": False,
+        },
+        check_results=state_build.check_results,
+    )
+
+
+def _skipped(spec: StageSpec, context: dg.AssetExecutionContext, config: Any, as_of: dt.date,
+             decision: BuildDecision, started: float) -> dg.MaterializeResult:
+    """The stored build stands: its checks are computed again from its stored measurements."""
+    stored = decision.stored
+    assert stored is not None
+    context.log.info(f"skipped: {decision.reason}")
+    checks = spec.verdicts(stored.measurements, config) if spec.verdicts else []
+    built_as_of = str(stored.as_of)
+    checks = [c._replace(metadata={**c.metadata, "verdict_of_build_as_of": dg.MetadataValue.text(built_as_of)})
+              for c in checks]
+    return dg.MaterializeResult(
+        metadata={
+            "skipped": True,
+            "skip_reason": decision.reason,
+            "as_of": str(as_of),
+            "built_as_of": built_as_of,
+            "fingerprint": decision.fingerprint,
+            "dagster/row_count": stored.row_count,
+            "model_calls": 0,
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+        check_results=checks,
+    )
+
+
+register_sources(SOURCES)

@@ -1,0 +1,124 @@
+"""The source registry: every landing source, declared once.
+
+Ingestion (its assets, readers and raw tables), the landing resource's default paths, the SQL
+models' table owners, the GX checks, the freshness sensor and the monitoring watch lists all derive
+from `SOURCES`. Adding a source is one `Source` entry here, plus its suite in `expectations/`
+(one per raw table) and the `sql/` models that read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RawTable:
+    """A raw table: its landed columns (after partition_date, line_no) and its record key.
+
+    `name` is also the name of its GX suite (`expectations/<name>.json`) and of
+    `ops.schema_errors.table_name`.
+    """
+
+    name: str
+    columns: dict[str, str]
+    record_key: str  # SQL over the staged columns: how a quarantined record is named
+    landed: dict[str, str] = field(default_factory=dict)  # SQL of a column as it lands, when not a plain cast
+
+    @property
+    def qualified(self) -> str:
+        return f"raw.{self.name}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One landing source: a file a day, read by `reader`, landing in `tables` (the first holds its
+    records; later ones hold parts of them, such as a customer's purchase items)."""
+
+    name: str
+    reader: str  # a reader of assets/ingest/landing_files.py: "csv" or "customer_jsonl"
+    landing_pattern: str  # default path of a day's file under the landing root; {date} = YYYY-MM-DD
+    fields: dict[str, str]  # field name in the file -> raw column
+    tables: tuple[RawTable, ...]
+    description: str
+    deps: tuple[str, ...] = ()  # assets that must land first (customers are judged against the catalog)
+
+    @property
+    def asset(self) -> str:
+        return f"raw_{self.name}"
+
+    @property
+    def table_names(self) -> tuple[str, ...]:
+        return tuple(table.name for table in self.tables)
+
+
+PRODUCTS = Source(
+    name="products",
+    reader="csv",
+    landing_pattern="products/{date}.csv",
+    fields={"product_id": "product_id", "name": "name", "description": "description", "category": "category",
+            "price": "price", "in_stock": "in_stock"},
+    tables=(RawTable(
+        "products",
+        {"product_id": "VARCHAR", "name": "VARCHAR", "description": "VARCHAR", "category": "VARCHAR",
+         "price": "DOUBLE", "in_stock": "BOOLEAN"},
+        "coalesce(product_id, 'line ' || line_no)",
+    ),),
+    description="The day's product catalog rows -> raw.products (invalid rows -> ops.schema_errors).",
+)
+
+CUSTOMERS = Source(
+    name="customers",
+    reader="customer_jsonl",
+    landing_pattern="customers/{date}.jsonl",
+    fields={"id": "customer_id", "email": "email", "createdAt": "created_at", "purchaseHistory": "purchase_count",
+            "productId": "product_id", "amount": "amount", "date": "purchased_at"},
+    tables=(
+        RawTable(
+            "customers",
+            {"customer_id": "VARCHAR", "email": "VARCHAR", "created_at": "TIMESTAMP", "purchase_count": "INTEGER"},
+            "coalesce(customer_id, 'line ' || line_no)",
+        ),
+        RawTable(
+            "customer_purchases",
+            {"item_no": "INTEGER", "customer_id": "VARCHAR", "product_id": "VARCHAR", "amount": "DOUBLE",
+             "purchased_at": "TIMESTAMP"},
+            "customer_id || '#' || item_no",
+        ),
+    ),
+    description="The day's customer records (JSON Lines) -> raw.customers and their purchase items -> "
+    "raw.customer_purchases; unknown products are checked against the catalog up to the day.",
+    deps=("raw_products",),
+)
+
+TRANSACTIONS = Source(
+    name="transactions",
+    reader="csv",
+    landing_pattern="transactions/{date}.csv",
+    fields={"InvoiceNo": "invoice_no", "StockCode": "stock_code", "Description": "description",
+            "Quantity": "quantity", "InvoiceDate": "invoice_date", "UnitPrice": "unit_price",
+            "CustomerID": "customer_id", "Country": "country"},
+    tables=(RawTable(
+        "transactions",
+        {"invoice_no": "VARCHAR", "stock_code": "VARCHAR", "description": "VARCHAR", "quantity": "INTEGER",
+         "invoice_date": "TIMESTAMP", "unit_price": "DOUBLE", "customer_id": "VARCHAR", "country": "VARCHAR"},
+        "coalesce(invoice_no, '?') || '/' || coalesce(stock_code, '?') || ' line ' || line_no",
+        # Online Retail writes CustomerID as a float ('17850.0'); it lands as the integer text.
+        landed={"customer_id": "regexp_replace(customer_id, '\\.0+$', '')"},
+    ),),
+    description="The day's order lines (UCI Online Retail layout) -> raw.transactions.",
+)
+
+SOURCES: tuple[Source, ...] = (PRODUCTS, CUSTOMERS, TRANSACTIONS)
+
+
+def by_name(sources: tuple[Source, ...] = SOURCES) -> dict[str, Source]:
+    return {source.name: source for source in sources}
+
+
+def raw_table_owners(sources: tuple[Source, ...] = SOURCES) -> dict[str, str]:
+    """raw.<table> -> the ingestion asset that writes it."""
+    return {table.qualified: source.asset for source in sources for table in source.tables}
+
+
+def ingestion_assets(sources: tuple[Source, ...] = SOURCES) -> list[str]:
+    return [source.asset for source in sources]

@@ -1,0 +1,236 @@
+"""Top-K product recommendations for every customer, with a confidence and a predicted value.
+
+The ranking is EASE (a closed-form item-item model) blended with recent popularity
+(recsys/recommender.py): on the Online Retail time split it beats global popularity where text
+embeddings alone lose to it (see the README's evaluation table). Customers are scored in chunks
+streamed from DuckDB, so the customer base never sits in memory; a chunk that fails goes to the
+dead-letter queue with its customers and the rest goes on.
+"""
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import dagster as dg
+import duckdb
+import pyarrow as pa
+from pydantic import Field
+
+from assets.common.current_state import Built, StateBuild, StateConfig, current_state_asset, knob
+from assets.infer.purchases import PURCHASES_SQL
+from recsys.purchases import iter_customer_chunks
+from recsys.recommender import Recommender, RecommenderConfig, ordered_parallel_map
+from resources import dead_letters
+from resources.dead_letters import PROCESSING_ERROR, DeadLetter
+from resources.warehouse import arrow_batches, fetch_all, fetch_scalar
+
+STAGE = "recommendations"
+RECOMMENDATIONS_TABLE = "ml.recommendations"
+SKIPPED_TABLE = "ml.recommendation_skips"
+INPUTS = ("stg_purchases", "dim_products")
+CONFIDENCE_BINS = 10
+
+
+class RecommendationsConfig(StateConfig):
+    top_k: int = Field(default=10, description="Products recommended per customer.")
+    max_items: int = Field(default=8_192, description="Products in the item-item model (memory: 3 x 4 x n^2 bytes).")
+    score_chunk_customers: int = knob(2_048, "Customers scored at once.")
+    fit_chunk_customers: int = knob(20_000, "Customers per chunk while fitting.")
+    read_batch_rows: int = knob(100_000, "Purchase rows per Arrow batch read from DuckDB.")
+    workers: int = knob(2, "Scoring threads.")
+    progress_every_seconds: float = knob(10.0, "How often progress (%, ETA) is logged.")
+    min_served_share: float = knob(0.5, "The check warns when fewer customers get a recommendation.")
+
+    def recommender(self) -> RecommenderConfig:
+        return RecommenderConfig(
+            top_k=self.top_k, max_items=self.max_items, score_chunk_customers=self.score_chunk_customers,
+            fit_chunk_customers=self.fit_chunk_customers, workers=self.workers,
+        )
+
+
+def purchases_source(con: duckdb.DuckDBPyConnection, batch_rows: int) -> Callable[[], Iterator[pa.RecordBatch]]:
+    """A re-readable purchase stream (the fit reads it several times), each pass on its own cursor."""
+    return lambda: arrow_batches(con, PURCHASES_SQL, batch_rows)
+
+
+class Progress:
+    """Logs percent done and an ETA at most every `every` seconds."""
+
+    def __init__(self, log, total: int, every: float):
+        self.log, self.total, self.every = log, max(total, 1), every
+        self.started = self.last = time.perf_counter()
+        self.done = 0
+
+    def advance(self, customers: int) -> None:
+        self.done += customers
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate else float("inf")
+            self.log.info(f"recommendations: {self.done:,}/{self.total:,} customers "
+                          f"({self.done / self.total:.0%}), {rate:,.0f}/s, ETA {eta:,.0f}s")
+
+
+def building(table: str) -> str:
+    return f"{table}_building"
+
+
+def create_building_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """Chunks land in side tables committed as they go: 20M uncommitted rows in one transaction
+    cost gigabytes of memory (measured: 4 GB RSS at 2M customers). The swap is one transaction."""
+    con.execute("CREATE SCHEMA IF NOT EXISTS ml")
+    con.execute(
+        f"""CREATE OR REPLACE TABLE {building(RECOMMENDATIONS_TABLE)} (customer_id VARCHAR, rank SMALLINT,
+            product_id VARCHAR, score DOUBLE, confidence DOUBLE, predicted_value DOUBLE, strategy VARCHAR, as_of DATE)"""
+    )
+    con.execute(f"CREATE OR REPLACE TABLE {building(SKIPPED_TABLE)} (customer_id VARCHAR, reason VARCHAR)")
+
+
+def swap_in_building_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """Replace the current tables with the finished side tables (inside the caller's transaction)."""
+    for table in (RECOMMENDATIONS_TABLE, SKIPPED_TABLE):
+        con.execute(f"DROP TABLE IF EXISTS {table}")
+        con.execute(f"ALTER TABLE {building(table)} RENAME TO {table.split('.')[1]}")
+
+
+def score_safely(model: Recommender, candidates):
+    """Score a chunk; an exception is returned (not raised) so the chunk can be dead-lettered."""
+
+    def score(chunk):
+        try:
+            return chunk, model.score_chunk(chunk, candidates), None
+        except Exception as error:  # one bad chunk must not stop the other customers
+            return chunk, None, error
+
+    return score
+
+
+def dead_letter_chunk(warehouse_writes: list, chunk, error: Exception) -> None:
+    message = f"{type(error).__name__}: {error}"[:500]
+    warehouse_writes.extend(DeadLetter(customer, PROCESSING_ERROR, message, 1, "") for customer in chunk.customer_ids.to_pylist())
+
+
+def write_chunk(con: duckdb.DuckDBPyConnection, result, as_of: dt.date) -> None:
+    con.register("chunk_recommendations", result.recommendations)
+    con.execute(f"INSERT INTO {building(RECOMMENDATIONS_TABLE)} SELECT *, ?::DATE FROM chunk_recommendations", [as_of])
+    con.register("chunk_skips", result.skipped)
+    con.execute(f"INSERT INTO {building(SKIPPED_TABLE)} SELECT * FROM chunk_skips")
+    con.unregister("chunk_recommendations")
+    con.unregister("chunk_skips")
+
+
+def confidence_summary(con: duckdb.DuckDBPyConnection) -> dict:
+    """Distribution of confidence (for the drift sensors) and of predicted value."""
+    mean, p10, p50, p90, value_mean = fetch_all(
+        con,
+        f"""SELECT avg(confidence), quantile_cont(confidence, 0.1), quantile_cont(confidence, 0.5),
+                   quantile_cont(confidence, 0.9), avg(predicted_value) FROM {RECOMMENDATIONS_TABLE}""",
+    )[0]
+    bins = dict(fetch_all(
+        con,
+        f"SELECT least(floor(confidence * {CONFIDENCE_BINS}), {CONFIDENCE_BINS - 1})::INT, count(*) "
+        f"FROM {RECOMMENDATIONS_TABLE} WHERE confidence BETWEEN 0 AND 1 GROUP BY 1",
+    ))
+    return {
+        "confidence_mean": round(mean or 0.0, 5),
+        "confidence_p10": round(p10 or 0.0, 5),
+        "confidence_p50": round(p50 or 0.0, 5),
+        "confidence_p90": round(p90 or 0.0, 5),
+        "confidence_histogram": dg.MetadataValue.json([bins.get(i, 0) for i in range(CONFIDENCE_BINS)]),
+        "predicted_value_mean": round(value_mean or 0.0, 4),
+    }
+
+
+def served_verdicts(measured: Mapping[str, Any], config: RecommendationsConfig) -> list[dg.AssetCheckResult]:
+    """A catalog with nothing in stock, or a model with no items, serves nobody: say so loudly."""
+    counts, skip_reasons = measured.get("counts", {}), measured.get("skip_reasons", {})
+    customers = counts.get("customers", 0)
+    served = customers - counts.get("skipped", 0)
+    share = served / customers if customers else 0.0
+    return [dg.AssetCheckResult(
+        check_name="customers_served",
+        passed=share >= config.min_served_share,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"customers": customers, "served": served, "share": round(share, 4), "skip_reasons": skip_reasons,
+                  "min_served_share": config.min_served_share},
+        description=f"{share:.0%} of customers got recommendations"
+        + (f"; not served because: {', '.join(skip_reasons)}" if skip_reasons else ""),
+    )]
+
+
+@current_state_asset(
+    name=STAGE,
+    inputs=INPUTS,
+    tables=[RECOMMENDATIONS_TABLE, SKIPPED_TABLE],
+    group="infer",
+    config_class=RecommendationsConfig,
+    checks=[dg.AssetCheckSpec("customers_served", asset=STAGE)],
+    verdicts=served_verdicts,
+    dead_letter_stage=STAGE,
+)
+def recommendations(build: StateBuild) -> Built:
+    """Top-K in-stock products per customer that they have not bought, with confidence and predicted value."""
+    config, as_of = build.config, build.as_of
+    dead_letters_: list[DeadLetter] = []
+    with build.warehouse.connect() as con:
+        source = purchases_source(con, config.read_batch_rows)
+        catalog = con.sql("SELECT product_id, in_stock, price FROM analytics.dim_products").to_arrow_table()
+        # Purchases on the partition day count as history: the model sees everything before the next day.
+        model = Recommender.fit(source, config.recommender(), as_of=dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time()))
+        candidates = model.candidates(catalog)
+        build.log.info(f"fitted on {model.report.customers:,} customers, {model.report.model_items:,} model items; "
+                       f"{candidates.in_stock_model_items:,} in-stock candidates")
+        create_building_tables(con)
+        counts = {"customers": 0, "collaborative": 0, "popularity": 0, "without_valid_purchases": 0, "skipped": 0,
+                  "recommendations": 0, "invalid_rows": 0}
+        progress = Progress(build.log, model.report.customers, config.progress_every_seconds)
+        chunks = iter_customer_chunks(source, config.score_chunk_customers)
+        for chunk, result, error in ordered_parallel_map(score_safely(model, candidates), chunks, config.workers):
+            if error is not None:
+                build.log.error(f"a chunk of {chunk.n_customers:,} customers failed ({error!r}); dead-lettered")
+                dead_letter_chunk(dead_letters_, chunk, error)
+            else:
+                write_chunk(con, result, as_of)
+                for key, value in result.counts().items():
+                    counts[key] += value
+            progress.advance(chunk.n_customers)
+        con.execute("BEGIN TRANSACTION")
+        swap_in_building_tables(con)
+        distribution = confidence_summary(con)
+        stored = fetch_scalar(con, f"SELECT count(*) FROM {RECOMMENDATIONS_TABLE}")
+        skip_reasons = dict(fetch_all(con, f"SELECT reason, count(*) FROM {SKIPPED_TABLE} GROUP BY reason"))
+        # Customers scored this time leave the queue, whatever partition dead-lettered them.
+        dead_letters.resolve(con, STAGE, f"SELECT DISTINCT customer_id FROM {RECOMMENDATIONS_TABLE}"
+                                         f" UNION SELECT customer_id FROM {SKIPPED_TABLE}")
+        dead_letters.supersede(con, STAGE, "SELECT DISTINCT customer_id FROM analytics.stg_purchases")
+        dead_letters.write(con, STAGE, build.partition_key, "ease", dead_letters_)
+        plain_distribution = {k: (v.value if isinstance(v, dg.JsonMetadataValue) else v) for k, v in distribution.items()}
+        build.record(con, stored, {"distribution": plain_distribution, "counts": counts, "skip_reasons": skip_reasons})
+        con.execute("COMMIT")
+    return Built(recommendations_metadata(build, model, candidates, counts, distribution, stored, dead_letters_,
+                                          skip_reasons))
+
+
+def recommendations_metadata(build, model, candidates, counts, distribution, stored, letters, skip_reasons) -> dict:
+    dlq_customers = len(letters)
+    build.log.info(f"{stored:,} recommendations for {counts['customers']:,} customers "
+                     f"({counts['popularity']:,} by popularity, {counts['skipped']:,} skipped, {dlq_customers:,} in the DLQ)")
+    return {
+        "dagster/row_count": stored,
+        "customers": counts["customers"],
+        "customers_collaborative": counts["collaborative"],
+        "customers_popularity_fallback": counts["popularity"],
+        "customers_without_valid_purchases": counts["without_valid_purchases"],
+        "customers_skipped": counts["skipped"],
+        "skip_reasons": dg.MetadataValue.json(skip_reasons),
+        "dlq_count": dlq_customers,
+        **distribution,
+        "model_items": model.report.model_items,
+        "in_stock_candidates": candidates.in_stock_model_items,
+        "catalog_products_not_in_model": candidates.catalog_products_not_in_model,
+        "fit": dg.MetadataValue.json(model.report.to_dict()),
+    }
+
+

@@ -1,0 +1,223 @@
+"""Customer segments with stable ids, their profiles and names.
+
+A customer's vector is the spend- and recency-weighted mean of the vectors of the products they
+bought (recsys/customer_vectors.py). Pooling 2M customers takes about 16 s, so the vectors are
+recomputed when needed rather than stored (3 GB at 2M customers); set `store_customer_vectors`
+to keep them in `ml.customer_embeddings`.
+
+Segments: k-means on those vectors, fit on a deterministic sample, everyone assigned chunk by
+chunk; ids stay stable from one build to the next (recsys/clustering.py, recsys/segment_ids.py).
+Profiles take their RFM from `analytics.customer_features` (the one definition of RFM). Names
+come from the chat model when one is configured, otherwise from the profile (deterministic).
+"""
+
+import datetime as dt
+import json
+from collections.abc import Iterator, Mapping
+
+import dagster as dg
+import duckdb
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from assets.common.current_state import Built, StateBuild, StateConfig, current_state_asset, knob
+from assets.infer.purchases import PURCHASES_SQL
+from recsys.clustering import SegmentingConfig, fit_segments
+from recsys.customer_sample import CustomerSample
+from recsys.customer_vectors import PoolingReport, ProductEmbeddings, iter_customer_vectors
+from recsys.segment_ids import SegmentModel, drop_empty_segments
+from recsys.segment_names import naming_messages, parse_segment_names
+from recsys.segment_profiles import RfmSummary, SegmentProfile, SegmentProfiler
+from resources import dead_letters
+from resources.dead_letters import INVALID_OUTPUT, DeadLetter
+from resources.warehouse import arrow_batches, fetch_all, table_exists
+
+STAGE = "customer_segments"
+NAMING_STAGE = "segment_names"
+ASSIGNMENTS_TABLE = "ml.customer_segments"
+CENTROIDS_TABLE = "ml.segment_centroids"
+PROFILES_TABLE = "ml.segment_profiles"
+VECTORS_TABLE = "ml.customer_embeddings"
+INPUTS = ("stg_purchases", "product_embeddings", "dim_products", "customer_features")
+
+RFM_COLUMNS = """avg(f.recency_days), median(f.recency_days), avg(f.frequency), median(f.frequency),
+                 avg(f.monetary), median(f.monetary)"""
+
+
+class SegmentsConfig(StateConfig):
+    half_life_days: float = Field(default=90.0, description="Recency half-life of a purchase's weight.")
+    sample_size: int = Field(default=20_000, description="Customers the clustering is fit on.")
+    k_min: int = Field(default=4, description="Fewest segments tried (silhouette picks k).")
+    k_max: int = Field(default=12, description="Most segments tried.")
+    seed: int = 0
+    store_customer_vectors: bool = Field(default=False, description="Also write ml.customer_embeddings (384 floats each).")
+    chunk_lines: int = knob(200_000, "Purchase lines pooled at once (memory knob).")
+    read_batch_rows: int = knob(100_000, "Rows per Arrow batch read from DuckDB.")
+
+
+def purchase_batches(con: duckdb.DuckDBPyConnection, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    return arrow_batches(con, PURCHASES_SQL, batch_rows)
+
+
+def load_products(con: duckdb.DuckDBPyConnection) -> tuple[ProductEmbeddings, dict[str, str], dict[str, str]]:
+    """Product vectors, and each product's category and name (for profiles and naming)."""
+    vectors = con.sql("SELECT product_id, vector FROM ml.product_embeddings ORDER BY product_id").to_arrow_table()
+    products = ProductEmbeddings.from_arrow(vectors, vector_column="vector")
+    described = fetch_all(con, "SELECT product_id, category, name FROM analytics.dim_products")
+    return products, {p: c for p, c, _ in described}, {p: n for p, _, n in described if n}
+
+
+def previous_model(con: duckdb.DuckDBPyConnection) -> SegmentModel | None:
+    if not table_exists(con, CENTROIDS_TABLE):
+        return None
+    table = con.sql(f"SELECT segment_id, centroid FROM {CENTROIDS_TABLE}").to_arrow_table()
+    return SegmentModel.from_arrow(table) if table.num_rows else None
+
+
+def fit(con, products, as_of, config: SegmentsConfig, previous) -> tuple:
+    """Pass 1: pool every customer, keep the deterministic sample, fit the clustering on it."""
+    sample = CustomerSample(config.sample_size, config.seed)
+    for chunk in iter_customer_vectors(purchase_batches(con, config.read_batch_rows), products, as_of=as_of,
+                                       half_life_days=config.half_life_days, chunk_lines=config.chunk_lines):
+        sample.add(chunk.customer_ids, chunk.vectors)
+    if len(sample) < config.k_min:
+        raise dg.Failure(f"only {len(sample)} customers have embeddable purchases; at least {config.k_min} are needed to segment")
+    segmenting = SegmentingConfig(k_min=config.k_min, k_max=min(config.k_max, len(sample) - 1), seed=config.seed)
+    return fit_segments(sample.vectors, previous, segmenting), len(sample)
+
+
+def assign(con, products, as_of, config: SegmentsConfig, model: SegmentModel) -> tuple[SegmentProfiler, PoolingReport]:
+    """Pass 2: pool again, label every customer, accumulate profiles, write the assignments."""
+    report = PoolingReport()
+    profiler = SegmentProfiler(model.segment_ids, products.product_ids)
+    con.execute(f"CREATE OR REPLACE TABLE {ASSIGNMENTS_TABLE} (customer_id VARCHAR, segment_id BIGINT, similarity FLOAT)")
+    if config.store_customer_vectors:
+        con.execute(f"CREATE OR REPLACE TABLE {VECTORS_TABLE} (customer_id VARCHAR, vector FLOAT[{products.dimensions}])")
+    centroids = model.centroids / np.linalg.norm(model.centroids, axis=1, keepdims=True)
+    for chunk in iter_customer_vectors(purchase_batches(con, config.read_batch_rows), products, as_of=as_of,
+                                       half_life_days=config.half_life_days, chunk_lines=config.chunk_lines, report=report):
+        labels = model.assign(chunk.vectors)
+        profiler.add(labels, chunk.product_spend)
+        rows = np.searchsorted(model.segment_ids, labels)
+        similarity = np.einsum("ij,ij->i", chunk.vectors, centroids[rows]).astype(np.float32)
+        con.register("chunk", pa.table({"customer_id": chunk.customer_ids, "segment_id": labels, "similarity": similarity}))
+        con.execute(f"INSERT INTO {ASSIGNMENTS_TABLE} SELECT * FROM chunk")
+        if config.store_customer_vectors:
+            flat = pa.FixedSizeListArray.from_arrays(pa.array(chunk.vectors.ravel()), products.dimensions)
+            con.register("chunk", pa.table({"customer_id": chunk.customer_ids, "vector": flat}))
+            con.execute(f"INSERT INTO {VECTORS_TABLE} SELECT * FROM chunk")
+        con.unregister("chunk")
+    return profiler, report
+
+
+def segment_rfm(con: duckdb.DuckDBPyConnection) -> tuple[dict[int, RfmSummary], RfmSummary]:
+    """RFM means and medians per segment and over every assigned customer, from customer_features."""
+    joined = f"FROM {ASSIGNMENTS_TABLE} AS s JOIN analytics.customer_features AS f USING (customer_id)"
+    by_segment = {int(row[0]): RfmSummary(*_floats(row[1:]))
+                  for row in fetch_all(con, f"SELECT s.segment_id, {RFM_COLUMNS} {joined} GROUP BY 1")}
+    everyone = RfmSummary(*_floats(fetch_all(con, f"SELECT {RFM_COLUMNS} {joined}")[0]))
+    return by_segment, everyone
+
+
+def _floats(values) -> list[float]:
+    return [float(v) if v is not None else float("nan") for v in values]
+
+
+def write_model_and_profiles(con, model: SegmentModel, profiles: list[SegmentProfile], as_of: dt.date) -> None:
+    con.register("centroids", model.to_arrow())
+    con.execute(f"CREATE OR REPLACE TABLE {CENTROIDS_TABLE} AS SELECT * FROM centroids")
+    con.unregister("centroids")
+    rows = [
+        (p.segment_id, p.name, p.size, p.share, p.recency_days_mean, p.recency_days_median, p.frequency_mean,
+         p.frequency_median, p.monetary_mean, p.monetary_median, json.dumps(p.top_products),
+         json.dumps(p.top_categories), as_of, "profile")
+        for p in profiles
+    ]
+    con.execute(
+        f"""CREATE OR REPLACE TABLE {PROFILES_TABLE} (segment_id BIGINT, name VARCHAR, size BIGINT, share DOUBLE,
+            recency_days_mean DOUBLE, recency_days_median DOUBLE, frequency_mean DOUBLE, frequency_median DOUBLE,
+            monetary_mean DOUBLE, monetary_median DOUBLE, top_products JSON, top_categories JSON, as_of DATE,
+            named_by VARCHAR)"""
+    )
+    if rows:
+        con.executemany(f"INSERT INTO {PROFILES_TABLE} VALUES ({', '.join(['?'] * 14)})", rows)
+
+
+def chat_names(build: StateBuild, profiles: list[SegmentProfile], product_names: Mapping[str, str]
+               ) -> tuple[dict[int, str] | None, DeadLetter | None]:
+    """Names from the chat model (no warehouse connection is open here), or the dead letter of
+    an answer that could not be used."""
+    chat_model = build.resources.chat_model
+    if chat_model.provider == "none" or not profiles:
+        return None, None
+    ids = [p.segment_id for p in profiles]
+    try:
+        with chat_model.open(build.context) as chat:
+            names = parse_segment_names(chat.complete_json(naming_messages(profiles, product_names)), ids)
+        error = "the answer was not one short, distinct name per segment id"
+    except Exception as exc:  # a failing chat model must not fail the segments
+        names, error = None, f"{type(exc).__name__}: {exc}"[:500]
+    if names is None:
+        return None, DeadLetter(NAMING_STAGE, INVALID_OUTPUT, error, 1, "")
+    return names, None
+
+
+@current_state_asset(
+    name=STAGE,
+    inputs=INPUTS,
+    tables=[ASSIGNMENTS_TABLE, CENTROIDS_TABLE, PROFILES_TABLE, VECTORS_TABLE],
+    group="infer",
+    config_class=SegmentsConfig,
+    resources=("warehouse", "chat_model"),
+    dead_letter_stage=NAMING_STAGE,
+)
+def customer_segments(build: StateBuild) -> Built:
+    """Every customer with embeddable purchases in one segment; segment profiles and names."""
+    config = build.config
+    with build.warehouse.transaction() as con:
+        con.execute("CREATE SCHEMA IF NOT EXISTS ml")
+        products, category_of, product_names = load_products(con)
+        segment_fit, sampled = fit(con, products, build.as_of, config, previous_model(con))
+        profiler, report = assign(con, products, build.as_of, config, segment_fit.model)
+        model, dropped = drop_empty_segments(segment_fit.model, profiler.sizes)
+        rfm, everyone = segment_rfm(con)
+        profiles = profiler.profiles(rfm, everyone, category_of)
+        write_model_and_profiles(con, model, profiles, build.as_of)
+    names, letter = chat_names(build, profiles, product_names)
+    sizes = {str(p.segment_id): p.size for p in profiles}
+    with build.warehouse.transaction() as con:
+        if names:
+            con.executemany(f"UPDATE {PROFILES_TABLE} SET name = ?, named_by = 'chat' WHERE segment_id = ?",
+                            [(name, segment_id) for segment_id, name in names.items()])
+            dead_letters.resolve_keys(con, NAMING_STAGE, [NAMING_STAGE])
+        dead_letters.write(con, NAMING_STAGE, build.partition_key, f"chat:{build.resources.chat_model.model}",
+                           [letter] if letter else [])
+        build.record(con, sum(sizes.values()), {"segment_sizes": sizes})
+    named_by = "chat" if names else ("profile (chat answer rejected, dead-lettered)" if letter
+                                     else "profile (no chat model configured)")
+    return segments_metadata(build, segment_fit, report, profiles, sizes, dropped, sampled, named_by)
+
+
+def segments_metadata(build, segment_fit, report, profiles, sizes, dropped, sampled, named_by) -> Built:
+    assigned = sum(sizes.values())
+    pooling = report.as_dict()
+    build.log.info(f"{assigned:,} customers in {len(sizes)} segments ({segment_fit.k_reason}); "
+                   f"skipped: {pooling['customers_skipped']}")
+    table = "\n".join(
+        ["| id | name | size | share | recency (median d) | frequency (median) | monetary (median) |", "|---|---|---|---|---|---|---|"]
+        + [f"| {p.segment_id} | {p.name} | {p.size:,} | {p.share:.1%} | {p.recency_days_median:.0f} | "
+           f"{p.frequency_median:.0f} | {p.monetary_median:,.2f} |" for p in profiles]
+    )
+    return Built({
+        "dagster/row_count": assigned,
+        "segments": len(sizes),
+        "segment_sizes": dg.MetadataValue.json(sizes),
+        "segment_profiles": dg.MetadataValue.md(table),
+        "clustering": dg.MetadataValue.json(segment_fit.summary()),
+        "dropped_empty_segments": dropped,
+        "customers_sampled": sampled,
+        "customers_skipped": dg.MetadataValue.json(pooling["customers_skipped"]),
+        "pooling": dg.MetadataValue.json(pooling),
+        "named_by": named_by,
+    })

@@ -1,0 +1,85 @@
+"""Failed asset checks, WARN or ERROR, each alerted once.
+
+Open-source Dagster shows a failed non-blocking check in the UI and nothing else; this sensor
+turns every failed evaluation into an alert. The cursor is the event-log storage id of the last
+evaluation read, so each evaluation is seen exactly once whatever the tick rate. A failed check
+that only re-reports a skipped build (inputs unchanged) is not alerted again.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from resources.alerts import Alerts
+from assets.monitor.alert import Alert
+from assets.monitor.delivery import run_alert_sensor
+from assets.monitor.event_log import check_evaluations_after, is_skipped, plain_metadata, run_partition
+from assets.monitor.settings import MonitoringSettings
+
+RULE = "asset_check_failed"
+
+
+def rechecks_a_skip(instance: dg.DagsterInstance, evaluation: dg.AssetCheckEvaluation) -> bool:
+    """True when the check re-reports a build that was skipped (metadata `skipped` = True).
+
+    A skipped build keeps the data of an earlier one, whose failed checks were alerted then; a
+    daily run over unchanged inputs must not raise the same failure again every day.
+    """
+    target = evaluation.target_materialization_data
+    if target is None:
+        return False
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=evaluation.asset_key, storage_ids=[target.storage_id]), limit=1
+    ).records
+    return bool(records) and is_skipped(records[0])
+
+
+def check_failure_alert(instance: dg.DagsterInstance, storage_id: int, entry: dg.EventLogEntry) -> Alert | None:
+    evaluation = entry.dagster_event.event_specific_data
+    if evaluation.passed or rechecks_a_skip(instance, evaluation):
+        return None
+    asset = evaluation.asset_key.to_user_string()
+    # A check declared without its own partitions reports none; the run's partition says which day.
+    partition = evaluation.partition or run_partition(instance, entry.run_id)
+    severity = evaluation.severity.value
+    return Alert.create(
+        dedup_key=f"{RULE}:{asset}:{evaluation.check_name}:{partition or '-'}:{entry.run_id}",
+        rule=RULE,
+        severity=severity,
+        message=f"{severity} check {evaluation.check_name!r} failed on {asset}" + (f" [{partition}]" if partition else ""),
+        asset=asset,
+        partition=partition,
+        details={
+            "check": evaluation.check_name,
+            "description": evaluation.description,
+            "metadata": plain_metadata(dict(evaluation.metadata)),
+            "run_id": entry.run_id,
+            "storage_id": storage_id,
+        },
+    )
+
+
+def failed_check_alerts(instance: dg.DagsterInstance, after_storage_id: int, limit: int) -> tuple[list[Alert], int]:
+    """Alerts for the failed evaluations after the cursor, and the cursor to resume from."""
+    alerts, cursor = [], after_storage_id
+    for storage_id, entry in check_evaluations_after(instance, after_storage_id, limit):
+        alert = check_failure_alert(instance, storage_id, entry)
+        if alert is not None:
+            alerts.append(alert)
+        cursor = storage_id
+    return alerts, cursor
+
+
+@dg.sensor(
+    name="asset_check_failure_alerts",
+    description="Alerts on every failed asset check evaluation (WARN or ERROR), once each.",
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+)
+def asset_check_failure_alerts(
+    context: dg.SensorEvaluationContext, monitoring: MonitoringSettings, alerts: Alerts
+) -> dg.SensorResult:
+    def find(after: int) -> tuple[list[Alert], int]:
+        return failed_check_alerts(context.instance, after, monitoring.events_per_tick)
+
+    return run_alert_sensor(context, alerts, monitoring, find, start=-1)

@@ -1,0 +1,133 @@
+"""dbt-style SQL models: each `sql/<name>.sql` is one asset `<name>` writing `analytics.<name>`.
+
+Upstream assets come from the tables the SQL reads, found with a real SQL parser (sqlglot).
+The partition's day reaches the SQL as the parameter `$as_of`; a model is rebuilt only when its
+SQL, its parameters or what it reads changed (assets/common/current_state.py).
+"""
+
+
+import hashlib
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import dagster as dg
+import sqlglot
+from sqlglot import exp
+
+from assets.common.current_state import Built, StateBuild, as_of_day, current_state_asset, register_sources
+from assets.common.metadata import table_preview, table_schema
+from assets.common.sources import SOURCES, Source, raw_table_owners
+from resources.warehouse import fetch_scalar
+
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+MODEL_SCHEMA = "analytics"
+
+
+@dataclass(frozen=True)
+class SqlModel:
+    name: str
+    sql: str
+
+    @property
+    def table(self) -> str:
+        return f"{MODEL_SCHEMA}.{self.name}"
+
+    @cached_property
+    def parsed(self) -> exp.Expression:
+        return sqlglot.parse_one(self.sql, read="duckdb")
+
+    @cached_property
+    def tables_read(self) -> tuple[str, ...]:
+        cte_names = {cte.alias_or_name for cte in self.parsed.find_all(exp.CTE)}
+        found = {
+            f"{t.db}.{t.name}" if t.db else t.name
+            for t in self.parsed.find_all(exp.Table)
+            if t.db or t.name not in cte_names
+        }
+        return tuple(sorted(found))
+
+    @cached_property
+    def parameters(self) -> tuple[str, ...]:
+        return tuple(sorted({p.name for p in self.parsed.find_all(exp.Placeholder) if p.name}))
+
+    @property
+    def description(self) -> str:
+        """The leading `--` comment block of the file."""
+        lines = []
+        for line in self.sql.splitlines():
+            if not line.startswith("--"):
+                break
+            lines.append(line[2:].strip())
+        return " ".join(lines)
+
+    @property
+    def code_version(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()[:16]
+
+
+def load_models(sql_dir: Path = SQL_DIR) -> list[SqlModel]:
+    return [SqlModel(path.stem, path.read_text()) for path in sorted(sql_dir.glob("*.sql"))]
+
+
+def upstream_assets(model: SqlModel, model_names: set[str], raw_owners: dict[str, str] | None = None) -> list[str]:
+    """Map each table the SQL reads to the asset that writes it; unknown tables are an error."""
+    raw_owners = raw_table_owners() if raw_owners is None else raw_owners
+    owners = []
+    for table in model.tables_read:
+        schema, _, name = table.rpartition(".")
+        if table in raw_owners:
+            owners.append(raw_owners[table])
+        elif schema == MODEL_SCHEMA and name in model_names:
+            owners.append(name)
+        else:
+            raise ValueError(f"sql/{model.name}.sql reads {table!r}, which no asset writes")
+    return sorted(set(owners))
+
+
+def sql_parameters(model: SqlModel, context: dg.AssetExecutionContext) -> dict[str, object]:
+    window = context.partition_time_window
+    available = {
+        "as_of": as_of_day(context),
+        "window_start": window.start.date(),
+        "window_end": window.end.date(),
+    }
+    unknown = set(model.parameters) - available.keys()
+    if unknown:
+        raise dg.Failure(f"sql/{model.name}.sql uses unknown parameters {sorted(unknown)}; available: {sorted(available)}")
+    return {name: available[name] for name in model.parameters}
+
+
+def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, str]) -> dg.AssetsDefinition:
+    @current_state_asset(
+        name=model.name,
+        inputs=upstream_assets(model, model_names, owners),
+        tables=[model.table],
+        group="transform",
+        description=model.description or None,
+        code_version=model.code_version,
+        # The day reaches the SQL as a parameter: it is part of what the model produces.
+        fingerprint_extra=lambda context: sql_parameters(model, context),
+        kinds={"duckdb", "sql"},
+        metadata={"table": model.table, "sql_file": f"sql/{model.name}.sql"},
+    )
+    def _build(build: StateBuild) -> Built:
+        params = sql_parameters(model, build.context)
+        with build.warehouse.transaction() as con:
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS {MODEL_SCHEMA}")
+            con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
+            row_count = fetch_scalar(con, f"SELECT count(*) FROM {model.table}")
+            build.record(con, row_count, {"rows": row_count})
+            preview = table_preview(con, f"SELECT * FROM {model.table}")
+            schema = table_schema(con, model.table)
+        return Built({"dagster/row_count": row_count, "dagster/column_schema": schema, "preview": preview})
+
+    return _build
+
+
+def build_sql_assets(sql_dir: Path = SQL_DIR, sources: tuple[Source, ...] = SOURCES) -> list[dg.AssetsDefinition]:
+    register_sources(sources)
+    models = load_models(sql_dir)
+    names = {m.name for m in models}
+    owners = raw_table_owners(sources)
+    return [build_sql_asset(model, names, owners) for model in models]

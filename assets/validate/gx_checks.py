@@ -1,0 +1,284 @@
+"""The suites of `expectations/` run by GX itself, as partitioned asset checks on the raw tables
+(and, from assets/outputs, on the accepted recommendations).
+
+GX validates pandas batches streamed from a Parquet export of the partition (Arrow record batches
+of `chunk_rows`), so no database lock is held while it works. A suite's result is kept per
+(table, partition, data fingerprint): re-running a check on unchanged data reports the stored
+result instead of validating millions of rows again.
+"""
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from assets.common.current_state import raw_source_of, read_state
+from assets.common.metadata import markdown_table
+from assets.common.partitions import daily_partitions
+from assets.common.sources import SOURCES, Source
+from assets.validate.rules import SUITE_PARAMETERS, Suite, load_suite
+from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, table_exists
+
+# ---------------------------------------------------------------------------------------------
+# The same suites with GX itself, as partitioned asset checks on the raw tables
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ExpectationTally:
+    """One expectation's result summed over the batches of a partition."""
+
+    rule: str
+    kind: str
+    severity: str
+    success: bool = True
+    element_count: int = 0
+    unexpected_count: int = 0
+    observed: Any = None
+    examples: list[Any] = field(default_factory=list)
+
+    def add(self, result: Any) -> None:
+        summary = result.result or {}
+        self.success = self.success and bool(result.success)
+        self.element_count += int(summary.get("element_count") or 0)
+        self.unexpected_count += int(summary.get("unexpected_count") or 0)
+        self.observed = summary.get("observed_value", self.observed)
+        if len(self.examples) < 5:
+            self.examples.extend((summary.get("partial_unexpected_list") or [])[: 5 - len(self.examples)])
+
+
+class SuiteCheckConfig(dg.Config):
+    # GX re-serializes each expectation's arguments per batch (a 20k-product value set costs ~3 s):
+    # few large batches beat many small ones.
+    chunk_rows: int = Field(default=1_000_000, description="Rows per pandas batch handed to GX.")
+    max_rows: int = Field(default=2_000_000, description="Validate a repeatable sample of this many rows (0: all rows); every row is already judged by the compiled SQL rules.")
+
+
+def gx_suite(suite: Suite) -> Any:
+    import great_expectations as gx
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    expectations = [ExpectationConfiguration(**e).to_domain_obj() for e in suite.expectations]
+    return gx.ExpectationSuite(name=suite.name, expectations=expectations)
+
+
+def validate_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, partition_date: str | None,
+                       chunk_rows: int, max_rows: int = 0) -> tuple[list[ExpectationTally], int, int]:
+    """Run the suite with GX over a partition (or, with no partition date, a whole current-state
+    table); returns (tallies, rows validated, rows in the partition or table).
+
+    The rows go to a Parquet file in one short connection, so no database lock is held while GX
+    works; batches are ordered by the uniqueness key and a key never straddles two.
+    """
+    with tempfile.TemporaryDirectory(prefix="gx-") as folder:
+        export = Path(folder) / "partition.parquet"
+        total, parameters = _export_partition(warehouse, suite, table, partition_date, export, max_rows)
+        tallies = [ExpectationTally(e.get("meta", {}).get("rule") or e["type"], e["type"],
+                                    e.get("severity", "critical")) for e in suite.expectations]
+        validated = 0
+        batch_definition = _batch_definition(suite.name)
+        gx_expectation_suite = gx_suite(suite)
+        for frame in _frames(export, chunk_rows, suite.unique_columns):
+            batch = batch_definition.get_batch(batch_parameters={"dataframe": frame})
+            result = batch.validate(gx_expectation_suite, result_format="SUMMARY", expectation_parameters=parameters)
+            for tally, expectation_result in zip(tallies, result.results):
+                tally.add(expectation_result)
+            validated += len(frame)
+    return tallies, validated, total
+
+
+def _export_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, partition_date: str | None, export: Path,
+                      max_rows: int) -> tuple[int, dict[str, list]]:
+    columns = sorted({c for e in suite.expectations for c in _expectation_columns(e)})
+    # Raw tables break ties by source line; current-state tables have no line numbers.
+    tiebreak = ["line_no"] if partition_date is not None else []
+    # Sorted only when a uniqueness key must keep its rows in one batch (sorting 20M rows costs).
+    order = "ORDER BY " + ", ".join(f'"{c}"' for c in suite.unique_columns + tiebreak) if suite.unique_columns else ""
+    select = ", ".join(f'"{c}"' for c in [*columns, *tiebreak])
+    where, params = ("WHERE partition_date = $day", {"day": partition_date}) if partition_date is not None else ("", {})
+    source = f"(SELECT * FROM {table} {where})"
+    if max_rows:
+        source = f"(SELECT * FROM {source} USING SAMPLE reservoir({int(max_rows)} ROWS) REPEATABLE (42))"
+    with warehouse.connect(read_only=True) as con:
+        if not table_exists(con, table):
+            raise dg.Failure(f"{table} does not exist yet: materialize the asset that writes it first")
+        total = fetch_scalar(con, f"SELECT count(*) FROM {table} {where}", params)
+        con.execute(f"COPY (SELECT {select} FROM {source} {order}) TO '{export}' (FORMAT parquet)", params)
+        parameters = {name: [r[0] for r in fetch_all(con, sql, {"partition_date": partition_date})]
+                      for name, sql in SUITE_PARAMETERS.items() if _suite_uses(suite, name)}
+    return int(total), parameters
+
+
+def _frames(export: Path, chunk_rows: int, key: list[str]) -> Iterator[pd.DataFrame]:
+    """Pandas frames of about `chunk_rows`, never splitting rows that share a uniqueness key."""
+    carry: pa.Table | None = None
+    for batch in pq.ParquetFile(export).iter_batches(batch_size=max(chunk_rows, 1)):
+        chunk = pa.Table.from_batches([batch]) if carry is None else pa.concat_tables([carry, pa.Table.from_batches([batch])])
+        keep = len(chunk) - _trailing_key_rows(chunk, key) if key else len(chunk)
+        carry = chunk.slice(keep)
+        if keep:
+            yield _to_pandas(chunk.slice(0, keep))
+    if carry is not None and len(carry):
+        yield _to_pandas(carry)
+
+
+def _trailing_key_rows(chunk: pa.Table, key: list[str]) -> int:
+    """How many rows at the end share the last row's key (rows are sorted by the key)."""
+    same = None
+    for name in key:
+        column = chunk[name]
+        last = column[len(column) - 1]
+        equal = pc.is_null(column) if not last.is_valid else pc.fill_null(pc.equal(column, last), False)
+        same = equal if same is None else pc.and_(same, equal)
+    return int(pc.sum(same).as_py() or 0)
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    return table.drop_columns([c for c in ("line_no",) if c in table.column_names]).to_pandas()
+
+
+@cache
+def _batch_definition(suite_name: str) -> Any:
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    asset = context.data_sources.add_pandas(f"raw_{suite_name}").add_dataframe_asset(suite_name)
+    return asset.add_batch_definition_whole_dataframe("partition_chunk")
+
+
+def _expectation_columns(expectation: dict[str, Any]) -> list[str]:
+    kwargs = expectation.get("kwargs", {})
+    return list(kwargs.get("column_list", [])) + ([kwargs["column"]] if "column" in kwargs else [])
+
+
+def _suite_uses(suite: Suite, parameter: str) -> bool:
+    return parameter in json.dumps(suite.expectations)
+
+
+def suite_check_result(suite: Suite, tallies: list[ExpectationTally], validated: int, total: int,
+                       seconds: float) -> dg.AssetCheckResult:
+    failed = [t for t in tallies if not t.success]
+    severity = dg.AssetCheckSeverity.ERROR if any(t.severity == "critical" for t in failed) else dg.AssetCheckSeverity.WARN
+    rows = [(t.rule, t.kind.removeprefix("expect_"), "pass" if t.success else "FAIL", t.unexpected_count,
+             t.observed if t.observed is not None else ", ".join(map(str, t.examples))) for t in tallies]
+    return dg.AssetCheckResult(
+        passed=not failed,
+        severity=severity,
+        description=f"{len(failed)} of {len(tallies)} expectations of suite {suite.name!r} failed" if failed
+        else f"all {len(tallies)} expectations of suite {suite.name!r} passed",
+        metadata={
+            "suite": suite.name,
+            "rows_validated": validated,
+            "rows_in_partition": total,
+            "failed_rules": [t.rule for t in failed],
+            "unexpected_by_rule": {t.rule: t.unexpected_count for t in tallies},
+            "seconds": round(seconds, 2),
+            "results": dg.MetadataValue.md(
+                markdown_table(["rule", "expectation", "result", "unexpected", "observed"], rows, max_width=80)),
+        },
+    )
+
+
+def build_suite_check(table: str, asset: str) -> dg.AssetChecksDefinition:
+    suite_name = table
+
+    @dg.asset_check(
+        asset=asset,
+        name=f"{table}_expectation_suite",
+        description=f"The GX suite expectations/{table}.json on the partition of raw.{table}.",
+        partitions_def=daily_partitions,
+        pool="duckdb",
+        blocking=False,
+    )
+    def _check(context: dg.AssetCheckExecutionContext, config: SuiteCheckConfig,
+               warehouse: DuckDBWarehouse) -> dg.AssetCheckResult:
+        return run_suite_check(warehouse, load_suite(suite_name), f"raw.{table}", context.partition_key,
+                               asset, config.chunk_rows, config.max_rows)
+
+    return _check
+
+
+# ---------------------------------------------------------------------------------------------
+# A suite's result is kept per (table, partition, data fingerprint): re-running a check on data
+# that has not changed reports the stored result instead of validating millions of rows again.
+# ---------------------------------------------------------------------------------------------
+
+SUITE_RUNS_TABLE = "ops.suite_runs"
+
+
+def run_suite_check(warehouse: DuckDBWarehouse, suite: Suite, table: str, partition_key: str, asset: str,
+                    chunk_rows: int, max_rows: int, partitioned: bool = True) -> dg.AssetCheckResult:
+    """The suite's check result on a raw partition (or, `partitioned=False`, a current-state table)."""
+    started = time.perf_counter()
+    fingerprint = _data_fingerprint(warehouse, asset, partition_key, suite, max_rows)
+    stored = _stored_suite_run(warehouse, table, partition_key, fingerprint) if fingerprint else None
+    if stored is not None:
+        tallies, validated, total = stored
+        result = suite_check_result(suite, tallies, validated, total, time.perf_counter() - started)
+        return result._replace(metadata={**result.metadata, "reused_result": True})
+    tallies, validated, total = validate_partition(
+        warehouse, suite, table, partition_key if partitioned else None, chunk_rows, max_rows)
+    if fingerprint:
+        _store_suite_run(warehouse, table, partition_key, fingerprint, tallies, validated, total)
+    return suite_check_result(suite, tallies, validated, total, time.perf_counter() - started)
+
+
+def _data_fingerprint(warehouse: DuckDBWarehouse, asset: str, partition_key: str, suite: Suite, max_rows: int) -> str | None:
+    """What the checked data was built from: the landed batch (raw assets) or the last build (others)."""
+    with warehouse.connect(read_only=True) as con:
+        source = raw_source_of(asset)
+        if source is not None:
+            if not table_exists(con, "ops.batch_fingerprints"):
+                return None
+            rows = fetch_all(con, "SELECT fingerprint FROM ops.batch_fingerprints WHERE source = ? AND partition_date = ?",
+                             [source, partition_key])
+            data = rows[0][0] if rows else None
+        else:
+            state = read_state(con, asset)
+            data = f"{state.fingerprint}:v{state.version}" if state else None
+    return hashlib.sha256(f"{data}|{suite.digest}|{max_rows}".encode()).hexdigest()[:32] if data else None
+
+
+def _stored_suite_run(warehouse: DuckDBWarehouse, table: str, partition_key: str, fingerprint: str):
+    with warehouse.connect(read_only=True) as con:
+        if not table_exists(con, SUITE_RUNS_TABLE):
+            return None
+        rows = fetch_all(con, f"SELECT tallies, validated, total FROM {SUITE_RUNS_TABLE}"
+                              " WHERE table_name = ? AND partition_key = ? AND fingerprint = ?",
+                         [table, partition_key, fingerprint])
+    if not rows:
+        return None
+    tallies, validated, total = rows[0]
+    return [ExpectationTally(**t) for t in json.loads(tallies)], validated, total
+
+
+def _store_suite_run(warehouse: DuckDBWarehouse, table: str, partition_key: str, fingerprint: str,
+                     tallies: list[ExpectationTally], validated: int, total: int) -> None:
+    payload = json.dumps([t.__dict__ for t in tallies], default=str)
+    with warehouse.transaction() as con:
+        con.execute("CREATE SCHEMA IF NOT EXISTS ops")
+        con.execute(f"""CREATE TABLE IF NOT EXISTS {SUITE_RUNS_TABLE} (table_name VARCHAR, partition_key VARCHAR,
+                        fingerprint VARCHAR, tallies JSON, validated BIGINT, total BIGINT, validated_at TIMESTAMP)""")
+        con.execute(f"DELETE FROM {SUITE_RUNS_TABLE} WHERE table_name = ? AND partition_key = ?", [table, partition_key])
+        con.execute(f"INSERT INTO {SUITE_RUNS_TABLE} VALUES (?, ?, ?, ?, ?, ?, now()::TIMESTAMP)",
+                    [table, partition_key, fingerprint, payload, validated, total])
+
+
+def build_suite_checks(sources: tuple[Source, ...] = SOURCES) -> list[dg.AssetChecksDefinition]:
+    """One GX check per raw table of the registry, on the asset that writes it."""
+    return [build_suite_check(table.name, source.asset) for source in sources for table in source.tables]

@@ -1,0 +1,231 @@
+"""Rules declared once, as GX 1.x expectation suites in `expectations/<table>.json`, compiled to
+DuckDB predicates for the row-level quarantine of ingestion.
+
+Each row-level expectation compiles to a predicate that is TRUE when a staged row breaks it, so a
+whole partition is judged in a few vectorized scans. Every failure becomes one `ops.schema_errors`
+row named by the expectation's `meta.rule`. (GX's `mostly` does not apply here: every failing row
+is quarantined.) The same suites run with GX itself as asset checks (assets/validate/gx_checks.py).
+
+Staged values are text as they arrived; `expect_column_values_to_be_of_type` says what each
+column must cast to (`float64` -> DOUBLE, `int32` -> INTEGER, `datetime64[us]` -> TIMESTAMP,
+`bool` -> BOOLEAN), and comparisons (`be_between`) use that cast. A uniqueness expectation keeps
+the first row (by line) of each value and quarantines the repeats.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+EXPECTATIONS_DIR = Path(__file__).resolve().parents[2] / "expectations"
+
+# Suite parameters (`{"$PARAMETER": name}`) and the SQL that gives their values for a partition.
+SUITE_PARAMETERS = {
+    "known_product_ids": "SELECT DISTINCT product_id FROM raw.products"
+    " WHERE partition_date <= $partition_date AND product_id IS NOT NULL",
+}
+
+# What a column must cast to, by the numpy dtype name GX checks on the landed table.
+DUCKDB_TYPES = {
+    "float64": "DOUBLE", "float32": "DOUBLE", "float": "DOUBLE",
+    "int64": "BIGINT", "int32": "INTEGER", "int": "BIGINT",
+    "bool": "BOOLEAN", "boolean": "BOOLEAN",
+    "str": "VARCHAR", "object": "VARCHAR", "string": "VARCHAR",
+}
+ROW_LEVEL_TYPES = {
+    "expect_column_values_to_not_be_null", "expect_column_values_to_be_null", "expect_column_values_to_be_unique",
+    "expect_compound_columns_to_be_unique", "expect_column_values_to_be_of_type",
+    "expect_column_values_to_match_regex", "expect_column_values_to_not_match_regex",
+    "expect_column_values_to_match_strftime_format", "expect_column_values_to_be_dateutil_parseable",
+    "expect_column_values_to_be_in_set", "expect_column_values_to_not_be_in_set",
+    "expect_column_values_to_be_between", "expect_column_value_lengths_to_be_between",
+}
+AGGREGATE_PREFIXES = ("expect_table_", "expect_column_mean", "expect_column_median", "expect_column_max",
+                      "expect_column_min", "expect_column_sum", "expect_column_stdev", "expect_column_proportion",
+                      "expect_column_distinct", "expect_column_unique_value_count", "expect_column_most_common",
+                      "expect_column_quantile", "expect_column_to_exist", "expect_column_kl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Suites and their compilation to DuckDB predicates
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RowRule:
+    """One row-level expectation as SQL over a staged relation."""
+
+    rule: str
+    column_name: str
+    fails: str  # boolean SQL: TRUE when the row breaks the rule
+    value: str  # SQL of the offending value, as text
+    params: dict[str, Any] = field(default_factory=dict)
+    window: bool = False  # judged across rows (uniqueness): goes in QUALIFY, not WHERE
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    expectations: tuple[dict[str, Any], ...]
+    digest: str  # changes when any rule changes: part of the ingestion fingerprint
+
+    @property
+    def column_types(self) -> dict[str, str]:
+        """Column -> DuckDB type, from the suite's `be_of_type` expectations."""
+        return {e["kwargs"]["column"]: duckdb_type(e["kwargs"]["type_"])
+                for e in self.expectations if e["type"] == "expect_column_values_to_be_of_type"}
+
+    @property
+    def rule_names(self) -> list[str]:
+        return [e.get("meta", {}).get("rule") for e in self.expectations if e.get("meta", {}).get("rule")]
+
+    @property
+    def unique_columns(self) -> list[str]:
+        """Columns of the first uniqueness expectation (the GX check orders its batches by them)."""
+        for e in self.expectations:
+            if e["type"] == "expect_column_values_to_be_unique":
+                return [e["kwargs"]["column"]]
+            if e["type"] == "expect_compound_columns_to_be_unique":
+                return list(e["kwargs"]["column_list"])
+        return []
+
+    def row_rules(self, columns: set[str]) -> list[RowRule]:
+        """The suite's row-level expectations compiled against a staged relation with `columns`."""
+        rules = []
+        for position, expectation in enumerate(self.expectations):
+            if expectation["type"].startswith(AGGREGATE_PREFIXES):
+                continue  # nothing to quarantine row by row; the GX check still runs it
+            rules.append(compile_expectation(expectation, f"p{position}_", columns, self.column_types))
+        return rules
+
+
+@cache
+def load_suite(name: str) -> Suite:
+    path = EXPECTATIONS_DIR / f"{name}.json"
+    text = path.read_text()
+    data = json.loads(text)
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return Suite(data["name"], tuple(data["expectations"]), digest)
+
+
+def duckdb_type(numpy_type: str) -> str:
+    if numpy_type.startswith("datetime64"):
+        return "TIMESTAMP"
+    if numpy_type not in DUCKDB_TYPES:
+        raise ValueError(f"type_ {numpy_type!r} has no DuckDB cast; known: {sorted(DUCKDB_TYPES)} and datetime64[..]")
+    return DUCKDB_TYPES[numpy_type]
+
+
+def typed(column_sql: str, duckdb_type_name: str) -> str:
+    """SQL of a staged text value cast to its type; NULL when it does not cast cleanly."""
+    if duckdb_type_name == "VARCHAR":
+        return column_sql
+    if duckdb_type_name == "DOUBLE":
+        return f"(CASE WHEN isfinite(TRY_CAST({column_sql} AS DOUBLE)) THEN TRY_CAST({column_sql} AS DOUBLE) END)"
+    if duckdb_type_name in ("INTEGER", "BIGINT"):
+        # Via DOUBLE so that '6.5' is refused instead of rounded (a plain cast would round it).
+        number = f"TRY_CAST({column_sql} AS DOUBLE)"
+        return f"(CASE WHEN {number} = trunc({number}) THEN TRY_CAST({number} AS {duckdb_type_name}) END)"
+    return f"TRY_CAST({column_sql} AS {duckdb_type_name})"
+
+
+def compile_expectation(expectation: dict[str, Any], prefix: str, columns: set[str],
+                        column_types: dict[str, str]) -> RowRule:
+    kind, kwargs = expectation["type"], expectation.get("kwargs", {})
+    rule = expectation.get("meta", {}).get("rule")
+    if not rule:
+        raise ValueError(f"{kind} on {kwargs} has no meta.rule (the quarantine reason)")
+    if kind not in ROW_LEVEL_TYPES:
+        raise ValueError(f"{kind} has no row-level DuckDB compilation; supported: {sorted(ROW_LEVEL_TYPES)}")
+    if kind == "expect_compound_columns_to_be_unique":
+        names = [_identifier(c, columns) for c in kwargs["column_list"]]
+        value = "concat_ws(',', " + ", ".join(f"CAST({n} AS VARCHAR)" for n in names) + ")"
+        fails = f"row_number() OVER (PARTITION BY {', '.join(names)} ORDER BY line_no, row_id) > 1"
+        return RowRule(rule, ",".join(kwargs["column_list"]), fails, value, window=True)
+    column = _identifier(kwargs["column"], columns)
+    as_text, value_type = f"CAST({column} AS VARCHAR)", column_types.get(kwargs["column"], "VARCHAR")
+    fails, params = _fails(kind, kwargs, column, value_type, prefix)
+    return RowRule(rule, kwargs["column"], fails, as_text, params, window=kind == "expect_column_values_to_be_unique")
+
+
+def _fails(kind: str, kwargs: dict[str, Any], column: str, value_type: str, prefix: str) -> tuple[str, dict]:
+    """The failing predicate of a single-column expectation. Like GX, nulls only fail null checks."""
+    present = f"{column} IS NOT NULL"
+    text = f"CAST({column} AS VARCHAR)"
+    p = prefix
+    if kind == "expect_column_values_to_not_be_null":
+        return f"{column} IS NULL", {}
+    if kind == "expect_column_values_to_be_null":
+        return present, {}
+    if kind == "expect_column_values_to_be_unique":
+        return f"{present} AND row_number() OVER (PARTITION BY {column} ORDER BY line_no, row_id) > 1", {}
+    if kind == "expect_column_values_to_be_of_type":
+        return f"{present} AND {typed(column, duckdb_type(kwargs['type_']))} IS NULL", {}
+    if kind == "expect_column_values_to_match_regex":
+        return f"{present} AND NOT regexp_matches({text}, ${p}regex)", {f"{p}regex": kwargs["regex"]}
+    if kind == "expect_column_values_to_not_match_regex":
+        return f"{present} AND regexp_matches({text}, ${p}regex)", {f"{p}regex": kwargs["regex"]}
+    if kind == "expect_column_values_to_match_strftime_format":
+        return f"{present} AND try_strptime({text}, ${p}fmt) IS NULL", {f"{p}fmt": kwargs["strftime_format"]}
+    if kind == "expect_column_values_to_be_dateutil_parseable":
+        return f"{present} AND TRY_CAST({text} AS TIMESTAMP) IS NULL", {}
+    if kind in ("expect_column_values_to_be_in_set", "expect_column_values_to_not_be_in_set"):
+        member = _membership(kwargs["value_set"], text, p)
+        negate = "NOT " if kind == "expect_column_values_to_be_in_set" else ""
+        return f"{present} AND {negate}({member[0]})", member[1]
+    if kind == "expect_column_values_to_be_between":
+        return _between(typed(column, value_type), value_type, kwargs, p)
+    if kind == "expect_column_value_lengths_to_be_between":
+        return _between(f"length({text})", "BIGINT", kwargs, p)
+    raise AssertionError(f"{kind} is listed in ROW_LEVEL_TYPES but not compiled")
+
+
+def _membership(value_set: Any, text: str, prefix: str) -> tuple[str, dict]:
+    if isinstance(value_set, dict) and "$PARAMETER" in value_set:
+        name = value_set["$PARAMETER"]
+        if name not in SUITE_PARAMETERS:
+            raise ValueError(f"suite parameter {name!r} is not defined; known: {sorted(SUITE_PARAMETERS)}")
+        return f"{text} IN ({SUITE_PARAMETERS[name]})", {}
+    return f"list_contains(${prefix}set::VARCHAR[], {text})", {f"{prefix}set": [str(v) for v in value_set]}
+
+
+def _between(value_sql: str, value_type: str, kwargs: dict[str, Any], prefix: str) -> tuple[str, dict]:
+    conditions, params = [], {}
+    for bound, strict_key, low in (("min_value", "strict_min", True), ("max_value", "strict_max", False)):
+        if kwargs.get(bound) is None:
+            continue
+        name = f"{prefix}{bound}"
+        operator = ("<=" if kwargs.get(strict_key) else "<") if low else (">=" if kwargs.get(strict_key) else ">")
+        conditions.append(f"{value_sql} {operator} CAST(${name} AS {value_type})")
+        params[name] = kwargs[bound]
+    if not conditions:
+        raise ValueError(f"be_between on {kwargs.get('column')} has neither min_value nor max_value")
+    return f"({' OR '.join(conditions)})", params
+
+
+def _identifier(column: str, columns: set[str]) -> str:
+    """Suite columns are checked against the staged relation's own columns before use in SQL."""
+    if column not in columns:
+        raise ValueError(f"expectation column {column!r} is not a column of the staged table {sorted(columns)}")
+    return f'"{column}"'
+
+
+def quarantine(con: duckdb.DuckDBPyConnection, suite: Suite, staged: str, columns: set[str], record_key: str,
+               failures: str, partition_date: str) -> None:
+    """Append every (row, broken rule) of the staged relation to the `failures` temp table.
+
+    `staged` and `record_key` are SQL from code; the staged relation has `row_id` and `line_no`.
+    """
+    for rule in suite.row_rules(columns):
+        where = "QUALIFY" if rule.window else "WHERE"
+        sql = (f"INSERT INTO {failures} SELECT row_id, line_no, {record_key}, $rule, $column_name, {rule.value}"
+               f" FROM {staged} {where} {rule.fails}")
+        params = {"rule": rule.rule, "column_name": rule.column_name, **rule.params}
+        if "$partition_date" in rule.fails:
+            params["partition_date"] = partition_date
+        con.execute(sql, params)
+
+

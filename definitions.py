@@ -6,6 +6,7 @@ import dagster as dg
 
 from assets import evaluate, infer, monitor, outputs
 from assets.common.partitions import daily_partitions
+from assets.infer.dead_letter_replay import replay_dead_letters
 from assets.common.sources import SOURCES, Source
 from assets.ingest import build_ingestion_assets
 from assets.transform import build_sql_assets
@@ -29,7 +30,7 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
                     *outputs.ASSETS, *evaluate.ASSETS],
             asset_checks=[*build_suite_checks(sources), *outputs.CHECKS],
             resources=build_resources(tuple(source.name for source in sources)),
-            jobs=[daily_pipeline],
+            jobs=[daily_pipeline, replay_dead_letters],
         ),
         monitor.build_monitor_defs(sources),
     )

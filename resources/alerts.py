@@ -70,7 +70,8 @@ class Alerts(dg.ConfigurableResource):
     """Raise alerts to the log, the `ops.alerts` table and an optional webhook."""
 
     warehouse: DuckDBWarehouse
-    webhook_url: str | None = Field(default=None, description="POST target for alerts; set it with dg.EnvVar.")
+    webhook_url: str | None = Field(
+        default=None, repr=False, description="POST target for alerts (a secret: chat webhooks embed a token); set it with dg.EnvVar.")
     webhook_timeout_seconds: float = Field(default=5.0, description="Timeout of one webhook request.")
     webhook_attempts: int = Field(default=3, description="Tries per alert before it is recorded as undelivered.")
     webhook_backoff_seconds: float = Field(default=0.5, description="First wait between tries; doubles each time.")

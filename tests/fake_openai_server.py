@@ -30,6 +30,7 @@ import json
 import math
 import random
 import socket
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -102,8 +103,10 @@ class ServerStats:
     max_in_flight: int = 0
     statuses: Counter = field(default_factory=Counter)
     faults: Counter = field(default_factory=Counter)
-    per_text: Counter = field(default_factory=Counter)
+    per_text: Counter = field(default_factory=Counter)  # texts requested
+    answered_per_text: Counter = field(default_factory=Counter)  # texts whose 200 answer was written out
     arrivals: list[float] = field(default_factory=list)
+    limited: list[bool] = field(default_factory=list)  # per arrival: refused by the rate limit
     authorization_headers: set[str] = field(default_factory=set)  # "Bearer ..." or "api-key ..." (Azure)
     paths: Counter = field(default_factory=Counter)  # request paths with their query strings
 
@@ -122,6 +125,8 @@ class FakeOpenAIServer:
         retry_after_headers: str = "both",  # "seconds", "ms" or "both"
         hang_seconds: float = 5.0,
         reject_base64: bool = False,
+        api_key: str | None = None,
+        models: Iterable[str] | None = None,
         seed: int = 0,
         port: int = 0,
     ) -> None:
@@ -133,6 +138,8 @@ class FakeOpenAIServer:
         self.retry_after_headers = retry_after_headers
         self.hang_seconds = hang_seconds
         self.reject_base64 = reject_base64  # like servers that only speak JSON floats
+        self.api_key = api_key  # set: any other key is refused with 401
+        self.models = set(models) if models is not None else None  # set: any other model is a 404
         self.fail_all: str | None = None
         self.poison: dict[str, str] = {}  # marker substring -> fault for any request carrying it
         self.chat_content = None  # callable(user texts) -> the assistant's content; None: an echo summary
@@ -192,6 +199,8 @@ class FakeOpenAIServer:
                 "faults": dict(stats.faults),
                 "distinct_texts": len(stats.per_text),
                 "repeated_texts": sum(1 for n in stats.per_text.values() if n > 1),
+                "arrivals": stats.arrivals[-20_000:],  # monotonic seconds, comparable across processes
+                "limited": stats.limited[-20_000:],
             }
 
     def set_rate_limit(self, rate_limit_rps: float | None, burst: float | None = None) -> None:
@@ -214,6 +223,7 @@ class FakeOpenAIServer:
             if authorization:
                 stats.authorization_headers.add(authorization)
             wait, headers = self._rate_limit_locked()
+            stats.limited.append(wait is not None)
             if wait is not None:
                 fault = RATE_LIMIT
             else:
@@ -244,10 +254,12 @@ class FakeOpenAIServer:
             return self._random.choice(self.transient_faults)
         return OK
 
-    def _leave(self, status: int | None) -> None:
+    def _leave(self, status: int | None, texts: list[str]) -> None:
         with self._lock:
             self.stats.in_flight -= 1
             self.stats.statuses[status or "dropped"] += 1
+            if status == 200:
+                self.stats.answered_per_text.update(texts)
 
     def _pause(self, seconds: float) -> None:
         if seconds > 0:
@@ -295,7 +307,7 @@ class _FakeOpenAIHandler(BaseHTTPRequestHandler):
         try:
             status = self._answer(body, texts, fault, wait, rate_headers)
         finally:
-            self.fake._leave(status)
+            self.fake._leave(status, texts)
 
     # -- answers ------------------------------------------------------------------------------
     def _answer(self, body: dict, texts: list[str], fault: str, wait: float | None, rate_headers: dict) -> int | None:
@@ -315,6 +327,13 @@ class _FakeOpenAIHandler(BaseHTTPRequestHandler):
         if self.fake.reject_base64 and body.get("encoding_format") == "base64":
             message = "encoding_format: only 'float' is supported"
             return self._send_json(400, {"error": {"message": message, "type": "invalid_request_error"}})
+        if self.fake.api_key is not None and self.headers.get("Authorization") != f"Bearer {self.fake.api_key}":
+            message = "Incorrect API key provided: sk-...redacted"
+            return self._send_json(401, {"error": {"message": message, "type": "invalid_request_error"}})
+        if self.fake.models is not None and body.get("model") not in self.fake.models:
+            message = f"The model `{body.get('model')}` does not exist or you do not have access to it."
+            return self._send_json(404, {"error": {"message": message, "type": "invalid_request_error",
+                                                   "code": "model_not_found"}})
         if fault in (UNAUTHORIZED, ECHO_AUTH):
             shown = self.headers.get("Authorization", "") if fault == ECHO_AUTH else "sk-...redacted"
             message = f"Incorrect API key provided: {shown}"
@@ -414,6 +433,9 @@ def main() -> None:
     parser.add_argument("--burst", type=float, default=None, help="token-bucket capacity (default rate/10)")
     parser.add_argument("--transient-rate", type=float, default=0.0, help="share of requests that fail")
     args = parser.parse_args()
+    # A gateway stamps arrivals as they come; here a handler thread waits for the GIL while others
+    # encode answers, up to the 5 ms switch interval: arrivals would be judged by that noise.
+    sys.setswitchinterval(0.0002)
     server = FakeOpenAIServer(
         latency_s=args.latency,
         rate_limit_rps=args.rate_limit,

@@ -13,8 +13,8 @@ from pydantic import Field
 
 from assets.common.current_state import (
     Built,
+    DeadLetterConfig,
     StateBuild,
-    StateConfig,
     current_state_asset,
     knob,
     read_state,
@@ -27,7 +27,7 @@ from resources.warehouse import fetch_scalar
 DAY = "2011-03-01"
 
 
-class ToyConfig(StateConfig):
+class ToyConfig(DeadLetterConfig):
     scale: int = Field(default=1, description="Semantic: changes what the build produces.")
     batch_rows: int = knob(100, "Operational: how the build runs.")
     max_value: float = knob(10.0, "A check threshold.")
@@ -65,7 +65,7 @@ def toy_state(build: StateBuild) -> Built:
         dead_letters.resolve_keys(con, "toy_state", ["item-0", "item-1"])
         dead_letters.write(con, "toy_state", build.partition_key, "toy",
                            [DeadLetter(f"item-{i}", "server_error", "503", 1, "") for i in range(config.fail_items)])
-        build.record(con, 1, {"value": value})
+        build.record(con, 1, {"value": value, "items": 1000})
     return Built({"value": value})
 
 

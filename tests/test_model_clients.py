@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from resources.model_clients import METRIC_KEYS, ChatModel, EmbeddingModel, ModelCallError
+from resources.model_clients.errors import ModelConfigurationError
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 from tests.fake_openai_server import (
     BAD_REQUEST,
@@ -139,12 +140,10 @@ def test_answers_in_another_order_are_put_back_by_index(server, warehouse):
 
 
 def test_permanent_faults_are_dead_lettered_by_reason_and_the_rest_is_stored(server, warehouse):
-    server.poison = {"SRV": UNAVAILABLE, "RATE": RATE_LIMIT, "HANG": HANG, "AUTH": UNAUTHORIZED}
+    server.poison = {"SRV": UNAVAILABLE, "RATE": RATE_LIMIT, "HANG": HANG}
     model = remote_model(server, max_batch_size=1, max_attempts=3, request_timeout_seconds=0.2)
     good = catalog(20)
-    bad = [
-        ("srv", "SRV down"), ("rate", "RATE limited"), ("hang", "HANG forever"), ("auth", "AUTH refused"), ("empty", "  "),
-    ]  # fmt: skip
+    bad = [("srv", "SRV down"), ("rate", "RATE limited"), ("hang", "HANG forever"), ("empty", "  ")]
     with model.open() as embedder:
         report = embedder.embed_items(warehouse, good + bad, stage="permanent")
 
@@ -154,12 +153,22 @@ def test_permanent_faults_are_dead_lettered_by_reason_and_the_rest_is_stored(ser
         "srv": ("server_error", 3),
         "rate": ("rate_limited", 3),
         "hang": ("timeout", 3),
-        "auth": ("client_error", 1),  # 401 is never retried
         "empty": ("client_error", 0),  # never sent
     }
-    assert report.dlq_count == 5 and report.dead_letters_open == 5
-    assert report.as_dict()["dlq_by_reason"] == {"client_error": 2, "rate_limited": 1, "server_error": 1, "timeout": 1}
+    assert report.dlq_count == 4 and report.dead_letters_open == 4
+    assert report.as_dict()["dlq_by_reason"] == {"client_error": 1, "rate_limited": 1, "server_error": 1, "timeout": 1}
     assert_all_stored(model, warehouse, "permanent", good)
+
+
+def test_a_refused_key_stops_the_run_keeps_what_was_embedded_and_dead_letters_nothing(server, warehouse):
+    server.poison = {"AUTH": UNAUTHORIZED}
+    model = remote_model(server, max_batch_size=1, max_concurrency=1)
+    with pytest.raises(ModelConfigurationError, match="401.*check OPENAI_API_KEY"), model.open() as embedder:
+        embedder.embed_items(warehouse, [*catalog(5), ("auth", "AUTH refused"), *catalog(5, "after")], stage="auth")
+    assert server.stats.statuses[401] == 1  # never retried
+    assert dead_letters(warehouse, "auth") == {}
+    with warehouse.connect(read_only=True) as con:
+        assert fetch_scalar(con, "SELECT count(*) FROM ops.embedding_cache") >= 5
 
 
 def test_bad_inputs_are_isolated_and_dead_letters_update_then_resolve(server, warehouse):
@@ -213,6 +222,9 @@ def test_a_server_without_base64_gets_floats(server, warehouse):
         report = embedder.embed_items(warehouse, items, stage="floats")
         assert embedder.client.encoding_format == "float"
     assert report.dlq_count == 0
+    # The refused base64 request is counted like any other, and its retry has its cause.
+    assert report.metrics.requests == server.stats.requests
+    assert report.metrics.retries["encoding_fallback"] >= 1
     assert_all_stored(model, warehouse, "floats", items)
 
 
@@ -251,32 +263,41 @@ def test_the_concurrency_bound_is_never_exceeded(server, warehouse):
     assert server.stats.requests == 40
 
 
-def test_the_breaker_opens_fails_fast_and_closes_after_the_cooldown(server, warehouse):
+def test_a_short_outage_loses_nothing_with_the_default_breaker(server, warehouse, caplog):
+    """Every request fails with 503 for 2 s: the breaker opens, requests wait for its probe
+    (visible in the log) and nothing is dead-lettered."""
+    items = catalog(400)
+    model = EmbeddingModel(provider="openai", model="fake-embed", dimensions=DIMS, base_url=server.base_url,
+                           api_key=API_KEY, max_batch_size=8)  # the resource's defaults otherwise
     server.fail_all = UNAVAILABLE
-    breaker = {"breaker_failure_threshold": 3, "breaker_cooldown_seconds": 30.0}
-    model = remote_model(server, max_batch_size=1, max_concurrency=1, max_attempts=2, **breaker)
+    threading.Timer(2.0, lambda: setattr(server, "fail_all", None)).start()
+    with caplog.at_level(logging.WARNING), model.open() as embedder:
+        started = time.monotonic()
+        report = embedder.embed_items(warehouse, items, stage="outage")
+        elapsed = time.monotonic() - started
+    assert report.dlq_count == 0 and report.metrics.breaker_opens >= 1
+    assert any("circuit open after" in r.message and "then one probes" in r.message for r in caplog.records)
+    assert any("circuit closed" in r.message for r in caplog.records)
+    assert elapsed < 30
+    assert_all_stored(model, warehouse, "outage", items)
+
+
+def test_an_outage_longer_than_max_outage_seconds_dead_letters_and_the_next_run_heals(server, warehouse):
+    server.fail_all = UNAVAILABLE
+    breaker = {"breaker_failure_threshold": 3, "breaker_cooldown_seconds": 0.2, "max_outage_seconds": 1.0}
+    model = remote_model(server, max_batch_size=1, max_concurrency=1, max_attempts=3, **breaker)
     items = catalog(20)
     with model.open() as embedder:
-        clock = embedder.caller.breaker.clock = ManualClock()  # the cool-down passes when the test says so
-        started = time.monotonic()
         down = embedder.embed_items(warehouse, items, stage="breaker")
-        assert time.monotonic() - started < 5.0  # the rest was dead-lettered at once, not retried
-        assert server.stats.requests == 3  # no hammering once open
-        assert down.as_dict()["dlq_by_reason"] == {"circuit_open": 19, "server_error": 1}
-        assert down.metrics.breaker_opens == 1
-        letters = dead_letters(warehouse, "breaker")
-        assert "circuit open after 3 consecutive failures" in letters["item-00019"]["error_message"]
-
-        server.fail_all = None
-        server.reset_stats()
-        clock.now += 29.0
-        still_open = embedder.embed_items(warehouse, items, stage="breaker")
-        assert server.stats.requests == 0 and still_open.dlq_count == 20
-
-        clock.now += 1.0
-        healed = embedder.embed_items(warehouse, items, stage="breaker")  # a probe, then all the rest
+        reasons = down.as_dict()["dlq_by_reason"]
+        assert sum(reasons.values()) == 20 and reasons.get("circuit_open", 0) >= 15
+        assert server.stats.requests < 40  # probes at the cool-down's pace, no hammering
+        assert "max_outage_seconds 1" in dead_letters(warehouse, "breaker")["item-00019"]["error_message"]
+    server.fail_all = None
+    with model.open() as embedder:  # the next run
+        healed = embedder.embed_items(warehouse, items, stage="breaker")
         assert healed.dlq_count == 0 and healed.dead_letters_resolved == 20 and healed.dead_letters_open == 0
-        assert embedder.caller.breaker.state == "closed" and server.stats.requests == 20
+        assert embedder.caller.breaker.state == "closed"
     assert_all_stored(model, warehouse, "breaker", items)
 
 
@@ -295,8 +316,7 @@ import sys
 from resources.model_clients import EmbeddingModel
 from resources.warehouse import DuckDBWarehouse
 db, url, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-model = EmbeddingModel(provider="openai", model="fake-embed", dimensions=32, base_url=url, api_key="k",
-                       max_batch_size=5, max_concurrency=2, write_chunk_rows=10, lookup_chunk_size=50)
+model = EmbeddingModel(provider="openai", model="fake-embed", dimensions=32, base_url=url, api_key="k")  # defaults
 items = [(f"item-{i:05d}", f"item text number {i}") for i in range(count)]
 with model.open() as embedder:
     embedder.embed_items(DuckDBWarehouse(path=db), items, stage="resume", partition_key="2024-01-01")
@@ -304,33 +324,49 @@ print("finished", flush=True)
 """
 
 
-def test_a_run_killed_mid_way_resumes_without_paying_twice(server, warehouse):
-    server.latency_s = 0.04
-    count = 400
+def test_a_run_killed_mid_way_pays_again_for_at_most_one_write_window(server, warehouse):
+    """kill -9 at about half way, with the resource's default settings. At half way the server
+    stops answering (new requests hang), so every answer it gave has reached the client; once
+    a write interval has passed, the kill may cost at most one write window of those answers.
+    (The old rule, a write per 2,048 vectors, lost 1,536 answered texts here.)"""
+    defaults = EmbeddingModel()
+    server.latency_s = 0.25
+    server.hang_seconds = 60.0
+    count = 12_000  # 47 requests of the default 256 texts, 8 at a time
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(warehouse.file), server.base_url, str(count)], cwd=ROOT, env=env,
         stdout=subprocess.PIPE,
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while server.stats.requests < 30 and time.monotonic() < deadline and child.poll() is None:
-        time.sleep(0.02)
+    deadline = time.monotonic() + 120
+    while sum(server.stats.answered_per_text.values()) < count // 2 and time.monotonic() < deadline:
+        assert child.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.01)
+    server.fail_all = HANG
+    answered = -1
+    while answered != sum(server.stats.answered_per_text.values()):  # the requests under way finish
+        answered = sum(server.stats.answered_per_text.values())
+        time.sleep(server.latency_s * 2)
+    time.sleep(defaults.write_interval_seconds + 0.5)
     os.kill(child.pid, signal.SIGKILL)
     child.wait(10)
     assert child.returncode == -signal.SIGKILL
+    server.fail_all = None
+    answered_before = set(server.stats.answered_per_text)
 
     with warehouse.connect(read_only=True) as con:
         cached_before = {row[0] for row in fetch_all(con, "SELECT text_hash FROM ops.embedding_cache")}
     assert 0 < len(cached_before) < count
 
     server.reset_stats()
-    model = remote_model(server, max_batch_size=5, max_concurrency=2, api_key="k")
+    model = remote_model(server, max_batch_size=256, max_concurrency=8, api_key="k")
     items = catalog(count)
     with model.open() as embedder:
         report = embedder.embed_items(warehouse, items, stage="resume", partition_key="2024-01-01")
         hashes = {text: embedder.text_hash(text) for _, text in items}
-    repeats = [text for text, h in hashes.items() if h in cached_before and server.stats.per_text[text] > 0]
-    assert repeats == []  # nothing already cached was requested again
+    assert [text for text, h in hashes.items() if h in cached_before and server.stats.per_text[text]] == []
+    paid_twice = [text for text in answered_before if server.stats.per_text[text]]
+    assert len(paid_twice) <= defaults.write_chunk_rows, f"{len(paid_twice)} answered texts were requested again"
     assert report.metrics.cache_hits == len(cached_before)
     assert report.metrics.items_embedded == count - len(cached_before)
     with warehouse.connect(read_only=True) as con:
@@ -440,8 +476,11 @@ def test_the_api_key_never_reaches_logs_metadata_database_or_exceptions(server, 
 
     @dg.asset
     def leaky_embeddings(context, embedding_model: EmbeddingModel, warehouse: DuckDBWarehouse):
+        context.log.info(f"resource as initialised: {embedding_model!r} / {embedding_model}")
         with embedding_model.open(context) as embedder:
-            report = embedder.embed_items(warehouse, [("a", "hello"), ("b", "LEAK this")], stage="leak")
+            report = embedder.embed_items(warehouse, [("a", "hello")], stage="leak")
+            context.log.info(f"session: {embedder.__dict__!r}")
+            embedder.embed_items(warehouse, [("b", "LEAK this")], stage="leak")  # a 401: the step fails
         return dg.MaterializeResult(metadata=report.to_metadata())
 
     @dg.asset
@@ -452,9 +491,9 @@ def test_the_api_key_never_reaches_logs_metadata_database_or_exceptions(server, 
     model = remote_model(server, api_key=dg.EnvVar("FAKE_OPENAI_API_KEY"))
     instance = dg.DagsterInstance.ephemeral()
     resources = {"embedding_model": model, "warehouse": warehouse}
-    ok = dg.materialize([leaky_embeddings], resources=resources, instance=instance)
+    leaky = dg.materialize([leaky_embeddings], resources=resources, instance=instance, raise_on_error=False)
     failed = dg.materialize([failing_embeddings], resources=resources, instance=instance, raise_on_error=False)
-    assert ok.success and not failed.success
+    assert not leaky.success and not failed.success
     assert f"Bearer {secret}" in server.stats.authorization_headers  # the key was really used
 
     with pytest.raises(ModelCallError) as raised:
@@ -462,10 +501,11 @@ def test_the_api_key_never_reaches_logs_metadata_database_or_exceptions(server, 
             embedder.embed_texts(["LEAK directly"])
 
     seen = [caplog.text, str(raised.value), repr(raised.value), "".join(traceback.format_exception(raised.value))]
-    for run in (ok, failed):
+    for run in (leaky, failed):
         seen += [str(record) for record in instance.all_logs(run.run_id)]
         seen.append(str(instance.get_run_by_id(run.run_id)))
-    seen.append(str(ok.asset_materializations_for_node("leaky_embeddings")))
+    seen += [repr(model), str(model), repr(remote_model(server, api_key=secret))]
+    assert any("resource as initialised: EmbeddingModel(" in text for text in seen)
     with warehouse.connect(read_only=True) as con:
         tables = fetch_all(con, "SELECT table_schema, table_name FROM information_schema.tables")
         for schema, table in tables:
@@ -569,3 +609,23 @@ def test_build_resources_runs_offline_by_default_and_reads_openai_settings_from_
     assert (embedding.provider, embedding.dimensions, embedding.base_url) == ("openai", 256, "http://127.0.0.1:9/v1")
     assert isinstance(embedding.api_key, dg.EnvVar) and embedding.api_key.env_var_name == "OPENAI_API_KEY"
     assert remote["chat_model"].enabled
+
+
+def test_a_strict_rate_limit_is_met_without_a_storm_of_429s(warehouse):
+    """A server whose bucket holds one request (burst 1): the client learns its pace from the
+    budget headers and keeps to it. (The old throttle got 35 % of requests refused and 35 % of
+    the limit; the figures of the goal, 90 % of the limit with at most 1 % refused, are the
+    client benchmark's, with the server in its own process: `python -m bench.model_clients
+    --rate-limit 50 --burst 1`. Here the server shares our process and its GIL, which makes
+    arrivals jitter more, hence the looser bounds.)"""
+    with FakeOpenAIServer(default_dimensions=DIMS, latency_s=0.02, rate_limit_rps=40, burst=1) as strict:
+        model = remote_model(strict, max_batch_size=4, max_concurrency=8, max_attempts=8)
+        items = catalog(4 * 240)
+        with model.open() as embedder:
+            started = time.monotonic()
+            report = embedder.embed_items(warehouse, items, stage="strict")
+            rate = strict.stats.requests / (time.monotonic() - started)
+        refused = strict.stats.statuses[429] / strict.stats.requests
+    assert report.dlq_count == 0
+    assert refused <= 0.08, f"{refused:.1%} of requests refused"
+    assert rate >= 0.6 * 40, f"{rate:.1f} requests/s against a limit of 40"

@@ -122,28 +122,36 @@ def test_vectors_are_put_back_in_input_order_and_checked():
     assert valid.tolist() == [True, False, False] and "NaN" in problem
 
 
-def test_breaker_opens_after_n_failures_and_a_probe_closes_it():
+def test_breaker_opens_after_n_failures_waits_out_the_outage_and_a_probe_closes_it():
     clock = FakeClock()
-    breaker = CircuitBreaker(failure_threshold=3, cooldown_s=10.0, clock=clock)
+    logged: list[str] = []
+    breaker = CircuitBreaker(failure_threshold=3, cooldown_s=10.0, max_outage_s=100.0, clock=clock, log=logged.append)
     failure = ModelCallError(SERVER_ERROR, "HTTP 503", status=503, retryable=True)
     for _ in range(3):
         breaker.before_call()
         breaker.record_failure(failure)
     assert breaker.state == CircuitBreaker.OPEN and breaker.opens == 1
-    with pytest.raises(CircuitOpenError, match="HTTP 503"):
+    assert "circuit open after 3 consecutive failures" in logged[-1] and "wait 10s" in logged[-1]
+    # A caller waits for the cool-down (here: until another thread moves the clock) and then probes.
+    threading.Timer(0.2, lambda: setattr(clock, "now", clock.now + 10.0)).start()
+    assert breaker.before_call() is True and breaker.state == CircuitBreaker.HALF_OPEN
+    assert breaker.waited_s >= 10.0
+    breaker.record_failure(failure)  # the probe failed: open again, for a doubled cool-down
+    assert breaker.state == CircuitBreaker.OPEN and breaker.opens == 2 and "wait 20s" in logged[-1]
+    for cooldown in (20.0, 40.0):  # more failed probes: 10 + 20 + 40 = 70 s of outage, cool-down now 60 s
+        clock.now += cooldown
+        assert breaker.before_call() is True
+        breaker.record_failure(failure)
+    assert breaker.cooldown_s == 60.0
+    # Past max_outage_s, callers stop waiting (their items go to the DLQ) until the next probe.
+    clock.now += 35.0
+    with pytest.raises(CircuitOpenError, match="max_outage_seconds 100"):
         breaker.before_call()
-    clock.now += 10.0
-    breaker.before_call()  # the probe
-    assert breaker.state == CircuitBreaker.HALF_OPEN
-    breaker.record_failure(failure)  # probe failed: open again, for a new cool-down
-    assert breaker.state == CircuitBreaker.OPEN and breaker.opens == 2
-    with pytest.raises(CircuitOpenError):
-        breaker.before_call()
-    clock.now += 10.0
-    breaker.before_call()
+    clock.now += 25.0
+    assert breaker.before_call() is True
     breaker.record_success()
-    assert breaker.state == CircuitBreaker.CLOSED
-    breaker.before_call()
+    assert breaker.state == CircuitBreaker.CLOSED and breaker.cooldown_s == 10.0 and "closed" in logged[-1]
+    assert breaker.before_call() is False
 
 
 def test_half_open_lets_one_probe_through_and_holds_the_others():
@@ -161,32 +169,41 @@ def test_half_open_lets_one_probe_through_and_holds_the_others():
     other.join()
 
 
-def test_throttle_halves_on_429_pauses_for_retry_after_and_grows_back():
+def timed_slots(throttle: AdaptiveThrottle, count: int) -> float:
+    started = time.monotonic()
+    for _ in range(count):
+        with throttle.slot():
+            pass
+    return time.monotonic() - started
+
+
+def test_without_budget_headers_a_429_lowers_rate_and_concurrency_and_successes_grow_them_back():
+    assert timed_slots(AdaptiveThrottle(max_concurrency=8), 50) < 0.05  # nothing learned: not paced
     throttle = AdaptiveThrottle(max_concurrency=8)
-    throttle.on_rate_limited(0.3, None)
-    assert throttle.limit == 4
-    started = time.monotonic()
-    with throttle.slot():
-        waited = time.monotonic() - started
-    assert waited >= 0.25
-    for _ in range(100):
+    for _ in range(20):  # 20 requests in ~0.1 s, then a 429
+        with throttle.slot():
+            time.sleep(0.005)
+    throttle.on_rate_limited(30.0, None)  # a long Retry-After pauses its own request, not the others
+    assert throttle.limit == 4 and 0 < throttle.rate < 200
+    assert timed_slots(throttle, 1) < throttle.rate**-1 * 2  # the others go on, at the new pace
+    rate = throttle.rate
+    for _ in range(200):
         throttle.on_success(None)
-    assert throttle.limit == 8
+    assert throttle.limit == 8 and throttle.rate > rate
 
 
-def test_throttle_paces_at_the_servers_refill_rate_when_budget_runs_low():
+def test_with_budget_headers_the_bucket_mirrors_the_server_and_a_429_empties_it():
     throttle = AdaptiveThrottle(max_concurrency=4)
-    # 0 of 10 left, full again in 100 ms: the server refills 100 requests/s.
+    # 0 of 10 left, full again in 100 ms: the server's bucket holds 10 and refills 100 requests/s.
     throttle.on_success(RateLimitInfo(limit_requests=10, remaining_requests=0, reset_requests_s=0.1))
-    started = time.monotonic()
-    for _ in range(12):
-        with throttle.slot():
-            pass
-    elapsed = time.monotonic() - started
-    assert 0.08 <= elapsed <= 0.5  # ~10 ms apart after a burst of 2
-    throttle.on_success(RateLimitInfo(limit_requests=10, remaining_requests=10, reset_requests_s=0.001))
-    started = time.monotonic()
-    for _ in range(50):
-        with throttle.slot():
-            pass
-    assert time.monotonic() - started < 0.05  # budget comfortable: no pacing
+    assert (throttle.burst, round(throttle.rate)) == (10.0, 100)
+    elapsed = timed_slots(throttle, 12)
+    assert 12 / 100 <= elapsed <= 0.5  # no burst left: ~10.5 ms apart (95 % of the refill rate)
+    time.sleep(0.15)  # the bucket refills to its capacity, no further
+    assert timed_slots(throttle, 10) < 0.03 and timed_slots(throttle, 5) >= 4 / 100
+    # A strict server (a bucket of one request): one at a time, never two at once.
+    strict = AdaptiveThrottle(max_concurrency=8)
+    strict.on_success(RateLimitInfo(limit_requests=1, remaining_requests=0, reset_requests_s=0.02))
+    assert strict.burst == 1.0 and timed_slots(strict, 6) >= 5 * 0.02
+    strict.on_rate_limited(0.02, RateLimitInfo(limit_requests=1, remaining_requests=0, reset_requests_s=0.02))
+    assert strict.limit == 8  # the rate is known: a 429 is jitter, not a reason to shrink concurrency

@@ -49,6 +49,7 @@ from sqlglot import exp
 from assets.common.partitions import daily_partitions
 from assets.common.sources import SOURCES, Source
 from resources import dead_letters
+from resources.model_clients.errors import ModelConfigurationError
 from resources.warehouse import DuckDBWarehouse, fetch_all, table_exists
 
 STATE_TABLE = "ops.asset_state"
@@ -74,6 +75,13 @@ class StateConfig(dg.Config):
     """Run config every current-state stage has."""
 
     force: bool = knob(False, "Rebuild even when nothing changed, or rebuild as of an older day than the table holds.")
+
+
+class DeadLetterConfig(StateConfig):
+    """Run config of a stage that dead-letters items (a model call or its own computation)."""
+
+    max_failed_share: float = knob(
+        0.01, "The blocking check dead_letter_share fails when more than this share of the items ends in the DLQ.")
 
 
 def semantic_config(config: dg.Config) -> dict[str, Any]:
@@ -339,6 +347,14 @@ class GuardedWarehouse:
 Verdicts = Callable[[Mapping[str, Any], Any], list[dg.AssetCheckResult]]
 
 
+def all_verdicts(spec: StageSpec, measured: Mapping[str, Any], config: Any) -> list[dg.AssetCheckResult]:
+    """The stage's own verdicts, and the dead-letter share of a stage that dead-letters."""
+    checks = spec.verdicts(measured, config) if spec.verdicts else []
+    if spec.dead_letter_stage:
+        checks.append(dead_letter_verdict(measured, config))
+    return checks
+
+
 class ConcurrentBuildError(RuntimeError):
     pass
 
@@ -385,12 +401,32 @@ class StateBuild:
             raise ConcurrentBuildError(f"{self.spec.name} was rebuilt by another run meanwhile")
         measured = dict(measurements or {})
         if self.spec.dead_letter_stage:
+            if "items" not in measured:
+                raise RuntimeError(f"{self.spec.name}: a stage that dead-letters records how many items it processed")
             measured["dlq_open"] = dead_letters.count_open(con, self.spec.dead_letter_stage)
-        checks = self.spec.verdicts(measured, self.config) if self.spec.verdicts else []
+        checks = all_verdicts(self.spec, measured, self.config)
         reason = incomplete_reason(measured, checks, self.spec.blocking_checks)
         version = (stored_now.version if stored_now else 0) + 1
         _write_state(con, self.spec.name, self.as_of, self.decision.fingerprint, row_count, measured, reason, version)
         self.check_results, self.measurements, self.recorded = checks, measured, True
+
+
+DEAD_LETTER_CHECK = "dead_letter_share"
+
+
+def dead_letter_verdict(measured: Mapping[str, Any], config: DeadLetterConfig) -> dg.AssetCheckResult:
+    """More than `max_failed_share` of the items in the DLQ means the table is not what it should be."""
+    items, still_open = measured["items"], measured["dlq_open"]
+    share = still_open / items if items else float(still_open > 0)
+    return dg.AssetCheckResult(
+        check_name=DEAD_LETTER_CHECK,
+        passed=share <= config.max_failed_share,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"dlq_open": still_open, "items": items, "dlq_share": round(share, 6),
+                  "max_failed_share": config.max_failed_share},
+        description=f"{still_open:,} of {items:,} items in the dead-letter queue ({share:.2%}; at most "
+                    f"{config.max_failed_share:.2%} may be). Open items are retried by the next run.",
+    )
 
 
 def incomplete_reason(measurements: Mapping[str, Any], checks: list[dg.AssetCheckResult],
@@ -426,6 +462,11 @@ def current_state_asset(
 ) -> Callable[[Callable[[StateBuild], Built]], dg.AssetsDefinition]:
     """Make a daily-partitioned current-state asset from a build function (see the module doc)."""
     inputs, tables, checks = tuple(inputs), tuple(tables), tuple(checks)
+    if dead_letter_stage:
+        if not issubclass(config_class, DeadLetterConfig):
+            raise TypeError(f"{name} dead-letters items: its config must be a DeadLetterConfig")
+        checks += (dg.AssetCheckSpec(DEAD_LETTER_CHECK, asset=name, blocking=True,
+                                     description="At most max_failed_share of the items end in the DLQ."),)
     register_tables(name, tables)
     spec = StageSpec(name, inputs, verdicts, dead_letter_stage,
                      frozenset(c.name for c in checks if c.blocking))
@@ -479,6 +520,8 @@ def _materialize(spec: StageSpec, build: Callable[[StateBuild], Built], context:
     except ConcurrentBuildError as error:
         context.log.warning(f"{error}: deciding again")
         raise dg.RetryRequested(max_retries=3, seconds_to_wait=1.0) from error
+    except ModelConfigurationError as error:
+        raise dg.Failure(description=str(error), metadata={"status": error.status}) from None
     if not state_build.recorded:
         raise RuntimeError(f"{spec.name}: the build returned without recording its state (StateBuild.record)")
     seconds = time.perf_counter() - started
@@ -502,7 +545,7 @@ def _skipped(spec: StageSpec, context: dg.AssetExecutionContext, config: Any, as
     stored = decision.stored
     assert stored is not None
     context.log.info(f"skipped: {decision.reason}")
-    checks = spec.verdicts(stored.measurements, config) if spec.verdicts else []
+    checks = all_verdicts(spec, stored.measurements, config)
     built_as_of = str(stored.as_of)
     checks = [c._replace(metadata={**c.metadata, "verdict_of_build_as_of": dg.MetadataValue.text(built_as_of)})
               for c in checks]

@@ -1,5 +1,5 @@
 """Evaluate: the recommender's offline quality against baselines."""
 
-from assets.evaluate.recommendation_quality import recommendation_quality
+from assets.evaluate.quality import recommendation_quality
 
 ASSETS = [recommendation_quality]

@@ -14,7 +14,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
-from assets.common.current_state import Built, StateBuild, StateConfig, current_state_asset
+from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset
 from assets.common.metadata import table_preview
 from resources import dead_letters
 from resources.warehouse import fetch_all, fetch_scalar
@@ -62,7 +62,7 @@ def store_product_vectors(build: StateBuild, reader: pa.RecordBatchReader, measu
     return rows
 
 
-def coverage_verdicts(measured: Mapping[str, Any], config: StateConfig) -> list[dg.AssetCheckResult]:
+def coverage_verdicts(measured: Mapping[str, Any], config: DeadLetterConfig) -> list[dg.AssetCheckResult]:
     embedded, with_text = measured.get("embedded", 0), measured.get("with_text", 0)
     return [dg.AssetCheckResult(
         check_name="products_embedded",
@@ -83,6 +83,7 @@ def coverage_verdicts(measured: Mapping[str, Any], config: StateConfig) -> list[
     inputs=["dim_products"],
     tables=[PRODUCT_EMBEDDINGS_TABLE],
     group="infer",
+    config_class=DeadLetterConfig,
     resources=("warehouse", "embedding_model"),
     pool=None,  # the model call holds no connection; writes take the warehouse lock briefly
     checks=[dg.AssetCheckSpec("products_embedded", asset=STAGE)],
@@ -101,7 +102,7 @@ def product_embeddings(build: StateBuild) -> Built:
     with build.resources.embedding_model.open(build.context) as embedder:
         report = embedder.embed_items(build.warehouse, items, stage=STAGE, partition_key=build.partition_key)
         reader = embedder.to_arrow_reader(build.warehouse, stage=STAGE, partition_key=build.partition_key)
-        stored = store_product_vectors(build, reader, {"with_text": len(items)})
+        stored = store_product_vectors(build, reader, {"with_text": len(items), "items": len(items)})
     with build.warehouse.connect(read_only=True) as con:
         preview = table_preview(con, f"SELECT product_id, text_hash, vector[1:3] AS vector_head FROM {PRODUCT_EMBEDDINGS_TABLE}")
     metrics = report.to_metadata()

@@ -17,7 +17,7 @@ import duckdb
 import pyarrow as pa
 from pydantic import Field
 
-from assets.common.current_state import Built, StateBuild, StateConfig, current_state_asset, knob
+from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset, knob
 from assets.infer.purchases import PURCHASES_SQL
 from recsys.purchases import iter_customer_chunks
 from recsys.recommender import Recommender, RecommenderConfig, ordered_parallel_map
@@ -32,7 +32,7 @@ INPUTS = ("stg_purchases", "dim_products")
 CONFIDENCE_BINS = 10
 
 
-class RecommendationsConfig(StateConfig):
+class RecommendationsConfig(DeadLetterConfig):
     top_k: int = Field(default=10, description="Products recommended per customer.")
     max_items: int = Field(default=8_192, description="Products in the item-item model (memory: 3 x 4 x n^2 bytes).")
     score_chunk_customers: int = knob(2_048, "Customers scored at once.")
@@ -207,7 +207,8 @@ def recommendations(build: StateBuild) -> Built:
         dead_letters.supersede(con, STAGE, "SELECT DISTINCT customer_id FROM analytics.stg_purchases")
         dead_letters.write(con, STAGE, build.partition_key, "ease", dead_letters_)
         plain_distribution = {k: (v.value if isinstance(v, dg.JsonMetadataValue) else v) for k, v in distribution.items()}
-        build.record(con, stored, {"distribution": plain_distribution, "counts": counts, "skip_reasons": skip_reasons})
+        build.record(con, stored, {"distribution": plain_distribution, "counts": counts, "skip_reasons": skip_reasons,
+                                   "items": model.report.customers})
         con.execute("COMMIT")
     return Built(recommendations_metadata(build, model, candidates, counts, distribution, stored, dead_letters_,
                                           skip_reasons))

@@ -12,6 +12,7 @@ come from the chat model when one is configured, otherwise from the profile (det
 """
 
 import datetime as dt
+import hashlib
 import json
 from collections.abc import Iterator, Mapping
 
@@ -21,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from assets.common.current_state import Built, StateBuild, StateConfig, current_state_asset, knob
+from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset, knob
 from assets.infer.purchases import PURCHASES_SQL
 from recsys.clustering import SegmentingConfig, fit_segments
 from recsys.customer_sample import CustomerSample
@@ -30,7 +31,8 @@ from recsys.segment_ids import SegmentModel, drop_empty_segments
 from recsys.segment_names import naming_messages, parse_segment_names
 from recsys.segment_profiles import RfmSummary, SegmentProfile, SegmentProfiler
 from resources import dead_letters
-from resources.dead_letters import INVALID_OUTPUT, DeadLetter
+from resources.dead_letters import DeadLetter
+from resources.model_clients.errors import ModelCallError, ModelConfigurationError
 from resources.warehouse import arrow_batches, fetch_all, table_exists
 
 STAGE = "customer_segments"
@@ -45,7 +47,7 @@ RFM_COLUMNS = """avg(f.recency_days), median(f.recency_days), avg(f.frequency), 
                  avg(f.monetary), median(f.monetary)"""
 
 
-class SegmentsConfig(StateConfig):
+class SegmentsConfig(DeadLetterConfig):
     half_life_days: float = Field(default=90.0, description="Recency half-life of a purchase's weight.")
     sample_size: int = Field(default=20_000, description="Customers the clustering is fit on.")
     k_min: int = Field(default=4, description="Fewest segments tried (silhouette picks k).")
@@ -146,21 +148,24 @@ def write_model_and_profiles(con, model: SegmentModel, profiles: list[SegmentPro
 
 def chat_names(build: StateBuild, profiles: list[SegmentProfile], product_names: Mapping[str, str]
                ) -> tuple[dict[int, str] | None, DeadLetter | None]:
-    """Names from the chat model (no warehouse connection is open here), or the dead letter of
-    an answer that could not be used."""
+    """Names from the chat model (no warehouse connection is open here), or the dead letter of a
+    request that failed for good: its reason class and the attempts it took. An answer that is
+    not one short, distinct name per segment is retried like any unusable output. A wrong key or
+    model fails the step (ModelConfigurationError)."""
     chat_model = build.resources.chat_model
     if chat_model.provider == "none" or not profiles:
         return None, None
     ids = [p.segment_id for p in profiles]
+    messages = naming_messages(profiles, product_names)
     try:
         with chat_model.open(build.context) as chat:
-            names = parse_segment_names(chat.complete_json(naming_messages(profiles, product_names)), ids)
-        error = "the answer was not one short, distinct name per segment id"
-    except Exception as exc:  # a failing chat model must not fail the segments
-        names, error = None, f"{type(exc).__name__}: {exc}"[:500]
-    if names is None:
-        return None, DeadLetter(NAMING_STAGE, INVALID_OUTPUT, error, 1, "")
-    return names, None
+            answer = chat.complete_json(messages, validate=lambda data: parse_segment_names(data, ids) is not None)
+        return parse_segment_names(answer, ids), None
+    except ModelConfigurationError:
+        raise
+    except ModelCallError as error:
+        payload = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+        return None, DeadLetter(NAMING_STAGE, error.reason_class, error.message, getattr(error, "attempts", 1), payload)
 
 
 @current_state_asset(
@@ -193,7 +198,9 @@ def customer_segments(build: StateBuild) -> Built:
             dead_letters.resolve_keys(con, NAMING_STAGE, [NAMING_STAGE])
         dead_letters.write(con, NAMING_STAGE, build.partition_key, f"chat:{build.resources.chat_model.model}",
                            [letter] if letter else [])
-        build.record(con, sum(sizes.values()), {"segment_sizes": sizes})
+        # The naming request is the stage's one model item (none when no chat model is configured).
+        naming_items = int(build.resources.chat_model.provider != "none" and bool(profiles))
+        build.record(con, sum(sizes.values()), {"segment_sizes": sizes, "items": naming_items})
     named_by = "chat" if names else ("profile (chat answer rejected, dead-lettered)" if letter
                                      else "profile (no chat model configured)")
     return segments_metadata(build, segment_fit, report, profiles, sizes, dropped, sampled, named_by)

@@ -424,7 +424,8 @@ def _alert_on_error_rate(alerts: Alerts, context: dg.AssetExecutionContext, sour
 
 def _check_specs(asset: str) -> list[dg.AssetCheckSpec]:
     return [
-        dg.AssetCheckSpec("record_accounting", asset=asset, partitions_def=daily_partitions,
+        # Blocking: records lost or counted twice mean the partition is wrong; nothing builds on it.
+        dg.AssetCheckSpec("record_accounting", asset=asset, partitions_def=daily_partitions, blocking=True,
                           description="Every input record of the partition is either valid or quarantined."),
         dg.AssetCheckSpec("error_rate", asset=asset, partitions_def=daily_partitions,
                           description="Quarantined / input stays within max_error_rate (default 5 %)."),

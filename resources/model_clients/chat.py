@@ -18,7 +18,7 @@ from typing import Any
 from resources import dead_letters
 from resources.dead_letters import DeadLetter
 from resources.model_clients.base import ChatClient, ChatResponse
-from resources.model_clients.errors import CircuitOpenError, InvalidOutputError, ModelCallError
+from resources.model_clients.errors import CircuitOpenError, InvalidOutputError, ModelCallError, ModelConfigurationError
 from resources.model_clients.metrics import CallMetrics
 from resources.model_clients.resilience import ResilientCaller
 from resources.model_clients.texts import chunked, estimate_tokens
@@ -78,6 +78,12 @@ class ChatSession:
             except CircuitOpenError:
                 raise
             except ModelCallError as error:
+                if error.blames_configuration:  # fails the step: no item is at fault
+                    raise ModelConfigurationError(error, self.client.provider, self.client.model) from None
+                if error.during_outage:  # a failed probe: the breaker paces the next try, no attempt spent
+                    metrics.record_retry(error.cause)
+                    attempt -= 1
+                    continue
                 if not self.caller.pause_before_retry(attempt, error, metrics):
                     error.attempts = attempt  # type: ignore[attr-defined]
                     raise
@@ -122,6 +128,8 @@ class ChatSession:
         key, messages = str(item[0]), item[1]
         try:
             return key, self.complete_json(messages, validate, metrics), None
+        except ModelConfigurationError:
+            raise
         except ModelCallError as error:
             payload_hash = hashlib.sha256(json.dumps(list(map(dict, messages)), sort_keys=True).encode()).hexdigest()
             attempts = getattr(error, "attempts", 0)

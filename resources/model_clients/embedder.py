@@ -15,8 +15,9 @@ Two things keep the requests busy while it works:
 
 - look-ups run one chunk ahead: the next chunk's hashes are queued while this chunk's requests
   are sent, so the pool never waits for a look-up stuck behind a write;
-- writes are group commits: one starts once `write_chunk_rows` vectors are buffered and no write
-  is running; while one runs, the next gathers up to `max_write_rows`. A write costs a connection
+- writes are group commits: one starts once `write_chunk_rows` vectors are buffered (or the
+  oldest has waited `write_interval_seconds`) and no write is running; while one runs, the next
+  gathers up to `max_write_rows`. A write costs a connection
   open and a checkpoint whatever its size (measured: 100 us a vector at 2,048 rows, 35 us at
   16,384), so bigger writes under load are what lets the database keep up with the model.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -42,7 +44,13 @@ import pyarrow as pa
 from resources.dead_letters import DeadLetter
 from resources.model_clients import store
 from resources.model_clients.base import EmbeddingClient, EmbeddingResponse
-from resources.model_clients.errors import CLIENT_ERROR, CircuitOpenError, InvalidOutputError, ModelCallError
+from resources.model_clients.errors import (
+    CLIENT_ERROR,
+    CircuitOpenError,
+    InvalidOutputError,
+    ModelCallError,
+    ModelConfigurationError,
+)
 from resources.model_clients.metrics import CallMetrics
 from resources.model_clients.resilience import ResilientCaller
 from resources.model_clients.texts import PreparedText, chunked, estimate_tokens, plan_batches, prepare_text, text_hash
@@ -58,8 +66,9 @@ class EmbeddingSettings:
     max_input_chars: int = 8_000
     max_concurrency: int = 8
     lookup_chunk_size: int = 4_096
-    write_chunk_rows: int = 2_048
-    max_write_rows: int = 16_384
+    write_chunk_rows: int = 512
+    max_write_rows: int = 4_096
+    write_interval_seconds: float = 2.0
     read_batch_rows: int = 8_192
     price_per_1k_tokens: float = 0.0
     chars_per_token: float = 4.0
@@ -216,6 +225,12 @@ class EmbeddingSession:
                 outcome.fail(todo, error, carried + attempt - 1)
                 return
             except ModelCallError as error:
+                if error.blames_configuration:  # fails the step: no item is at fault
+                    raise ModelConfigurationError(error, self.client.provider, self.client.model) from None
+                if error.during_outage:  # a failed probe: the breaker paces the next try, no attempt spent
+                    metrics.record_retry(error.cause)
+                    attempt -= 1
+                    continue
                 if error.blames_inputs and len(todo) > 1:  # halve until the rejected input is alone
                     middle = len(todo) // 2
                     self._embed_with_retries(todo[:middle], metrics, outcome, carried + attempt)
@@ -277,6 +292,7 @@ class _EmbedRun:
         self.metrics = session.new_metrics()
         self.pending: dict[str, list[str]] = {}  # text hash in flight -> item keys waiting for it
         self.buffered: dict[str, np.ndarray] = {}  # embedded, not yet in the cache
+        self.buffered_since: float | None = None  # when the oldest buffered vector arrived
         self.failed: dict[str, tuple[ModelCallError, int]] = {}  # text hash -> (error, attempts)
         self.item_rows: dict[str, tuple[str, bool]] = {}  # item key -> (text hash, truncated), unflushed
         self.dead: dict[str, DeadLetter] = {}  # unflushed dead letters by item key
@@ -383,14 +399,25 @@ class _EmbedRun:
 
     # -- completion ---------------------------------------------------------------------------
     def _drain_some(self, also: Future | None = None) -> None:
-        """Absorb the requests that finished (returning early, too, when `also` is done)."""
-        done, _ = wait(self.futures | ({also} if also else set()), return_when=FIRST_COMPLETED)
+        """Absorb the requests that finished (returning early, too, when `also` is done, when the
+        running write ends while vectors wait, or when buffered vectors are due to be written)."""
+        waiting = self.futures | ({also} if also else set())
+        if self.writes and self.buffered:
+            waiting.add(self.writes[0])
+        done, _ = wait(waiting, timeout=self._seconds_until_due(), return_when=FIRST_COMPLETED)
         for future in done & self.futures:
             self.futures.discard(future)
             self._absorb(future.result())
         self._maybe_flush()
 
+    def _seconds_until_due(self) -> float | None:
+        if self.buffered_since is None:
+            return None
+        return max(0.0, self.buffered_since + self.settings.write_interval_seconds - time.monotonic())
+
     def _absorb(self, outcome: _BatchOutcome) -> None:
+        if outcome.embedded and self.buffered_since is None:
+            self.buffered_since = time.monotonic()
         for key, vector in outcome.embedded:
             self.pending.pop(key, None)
             self.buffered[key] = vector
@@ -405,13 +432,16 @@ class _EmbedRun:
         self.dead[item_key] = DeadLetter(item_key, error.reason_class, error.message, attempts, payload_hash)
 
     def _maybe_flush(self) -> None:
-        """Group commit: write once `write_chunk_rows` vectors (or `max_write_rows` item rows,
-        when most items are cache hits) are buffered and no write is running; while one runs,
-        gather up to `max_write_rows`, then wait for it (back-pressure). Item rows need no
-        hurry: a new run rebuilds the item map, only vectors are what a resume saves."""
+        """Group commit: write once `write_chunk_rows` vectors are buffered or the oldest has
+        waited `write_interval_seconds` (or `max_write_rows` item rows, when most items are cache
+        hits) and no write is running; while one runs, gather up to `max_write_rows`, then wait
+        for it (back-pressure). So answered vectors reach the cache within a bounded time and
+        count: a killed run pays again for at most that window. Item rows need no hurry: a new
+        run rebuilds the item map, only vectors are what a resume saves."""
         self._wait_for_writes(most_waiting=len(self.writes))  # collect finished writes, raise their errors
         vectors, item_rows = len(self.buffered), len(self.item_rows)
-        if vectors < self.settings.write_chunk_rows and item_rows < self.settings.max_write_rows:
+        due = vectors and (vectors >= self.settings.write_chunk_rows or self._seconds_until_due() == 0.0)
+        if not due and item_rows < self.settings.max_write_rows:
             return
         if self.writes:
             if max(vectors, item_rows) < self.settings.max_write_rows:
@@ -431,6 +461,7 @@ class _EmbedRun:
         with self.writing_lock:
             self.writing.update(self.buffered)
         self.buffered.clear()
+        self.buffered_since = None
         self.item_rows.clear()
         self.dead.clear()
         self.writes.append(self.database.submit(self._write, job))

@@ -18,6 +18,7 @@ from resources.dead_letters import (  # noqa: F401
 
 # Finer causes, for `retries_by_cause` (a dropped connection is a server_error in the DLQ).
 CONNECTION_ERROR = "connection_error"
+ENCODING_FALLBACK = "encoding_fallback"  # a server without base64 vectors: asked again for floats
 
 # 400 and 422 blame the inputs, so a batch is split to isolate the bad one; other 4xx blame
 # the configuration (key, model, URL) and fail the whole batch at once.
@@ -47,15 +48,42 @@ class ModelCallError(Exception):
         self.retryable = retryable
         self.retry_after = retry_after
         self.rate_limit = rate_limit
+        self.during_outage = False  # set on a failed probe of an open breaker: no request's fault
 
     @property
     def blames_inputs(self) -> bool:
         return self.status in INPUT_REJECTED_STATUSES
 
     @property
+    def blames_configuration(self) -> bool:
+        """The key, the model, the deployment or the URL is wrong: no item is at fault, and no
+        retry or wait can help."""
+        return self.status in CONFIGURATION_STATUSES
+
+    @property
     def counts_against_breaker(self) -> bool:
         """Failures that say the endpoint is down or unusable, not that one input was bad."""
         return self.reason_class in (SERVER_ERROR, TIMEOUT) or self.status in CONFIGURATION_STATUSES
+
+
+CONFIGURATION_ADVICE = {
+    401: "the API key was refused: check OPENAI_API_KEY (and, on Azure, that it belongs to this resource)",
+    403: "the key may not use this model or deployment: check its permissions and the organization/project",
+    404: "no such model, deployment or URL: check EMBEDDING_MODEL / CHAT_MODEL, AZURE_OPENAI_DEPLOYMENT and "
+         "OPENAI_BASE_URL",
+}
+
+
+class ModelConfigurationError(ModelCallError):
+    """The endpoint refused the request as configured (401/403/404). The step fails with this:
+    dead-lettering the items would blame them for a wrong key or model name."""
+
+    def __init__(self, error: ModelCallError, provider: str, model: str) -> None:
+        advice = CONFIGURATION_ADVICE.get(error.status or 0, "check the model endpoint's configuration")
+        message = (f"{provider} model {model!r} refused the request as configured ({error.message}): {advice}. "
+                   "Nothing was dead-lettered; fix the configuration and re-run: a plain re-run requests "
+                   "everything that is still missing.")
+        super().__init__(error.reason_class, message, status=error.status, cause=error.cause)
 
 
 class InvalidOutputError(ModelCallError):

@@ -34,7 +34,9 @@ from resources.model_clients.base import (
 )
 from resources.redaction import redact_text
 from resources.model_clients.errors import (
+    CLIENT_ERROR,
     CONNECTION_ERROR,
+    ENCODING_FALLBACK,
     SERVER_ERROR,
     TIMEOUT,
     InvalidOutputError,
@@ -159,11 +161,11 @@ class OpenAIEmbeddingClient(EmbeddingClient):
         except ModelCallError as error:
             if not (encoding == "base64" and error.blames_inputs and not self._base64_confirmed):
                 raise
-            response = self._request(texts, "float")  # the server may not speak base64
-            with self._lock:
+            with self._lock:  # the server may not speak base64: the caller's retry (counted) asks for floats
                 self._encoding = "float"
                 self.encoding_fallbacks += 1
-            return response
+            raise ModelCallError(CLIENT_ERROR, f"base64 vectors refused ({error.message}); switching to floats",
+                                 cause=ENCODING_FALLBACK, retryable=True) from None
         if encoding == "base64":
             self._base64_confirmed = True
         return response

@@ -37,7 +37,9 @@ class _RemoteModelResource(dg.ConfigurableResource):
     base_url: str | None = Field(
         default=None, description="OpenAI-compatible base URL (ends in /v1); Azure: the resource endpoint."
     )
-    api_key: str | None = Field(default=None, description="API key; pass dg.EnvVar('OPENAI_API_KEY'), never a literal.")
+    # repr=False: the key never shows in a repr, a log line or an exception that prints the resource.
+    api_key: str | None = Field(
+        default=None, repr=False, description="API key; pass dg.EnvVar('OPENAI_API_KEY'), never a literal.")
     azure_api_version: str | None = Field(default=None, description="Set to use Azure OpenAI (e.g. 2024-10-21).")
     azure_deployment: str | None = Field(default=None, description="Azure deployment name (defaults to the model).")
     max_concurrency: int = Field(default=8, ge=1, le=256, description="Requests in flight at most.")
@@ -49,14 +51,18 @@ class _RemoteModelResource(dg.ConfigurableResource):
         default=60.0, ge=0, description="A longer Retry-After gives up (dead letter) instead of waiting."
     )
     breaker_failure_threshold: int = Field(default=5, ge=1, description="Consecutive failures that open the breaker.")
-    breaker_cooldown_seconds: float = Field(default=30.0, ge=0, description="Open breaker: no calls for this long.")
+    breaker_cooldown_seconds: float = Field(
+        default=5.0, ge=0, description="Open breaker: requests wait this long, then one probes (doubles per failed probe, up to 60 s).")
+    max_outage_seconds: float = Field(
+        default=600.0, ge=0, description="How long requests wait out an outage (open breaker) before their items are dead-lettered.")
     price_per_1k_tokens: float = Field(default=0.0, ge=0, description="USD per 1000 tokens, for cost estimates.")
 
-    def _caller(self, max_concurrency: int) -> ResilientCaller:
+    def _caller(self, max_concurrency: int, log: Any) -> ResilientCaller:
         policy = RetryPolicy(
             self.max_attempts, self.backoff_base_seconds, self.backoff_cap_seconds, self.max_retry_after_seconds
         )
-        breaker = CircuitBreaker(self.breaker_failure_threshold, self.breaker_cooldown_seconds)
+        breaker = CircuitBreaker(self.breaker_failure_threshold, self.breaker_cooldown_seconds,
+                                 max_outage_s=self.max_outage_seconds, log=log.warning)
         return ResilientCaller(policy, AdaptiveThrottle(max_concurrency), breaker)
 
     def _sdk(self):
@@ -96,10 +102,13 @@ class EmbeddingModel(_RemoteModelResource):
     max_input_chars: int = Field(default=8_000, ge=1, description="Longer texts are truncated (and counted).")
     lookup_chunk_size: int = Field(default=4_096, ge=1, description="Items read and looked up in the cache at once.")
     write_chunk_rows: int = Field(
-        default=2_048, ge=1, description="Vectors buffered before a cache write starts (when none is running)."
+        default=512, ge=1, description="Vectors buffered before a cache write starts (when none is running)."
+    )
+    write_interval_seconds: float = Field(
+        default=2.0, gt=0, description="A buffered vector is written within this long (a killed run re-pays at most this window)."
     )
     max_write_rows: int = Field(
-        default=16_384, ge=1, description="Most vectors one write gathers while the previous write runs."
+        default=4_096, ge=1, description="Most vectors one write gathers while the previous write runs."
     )
     read_batch_rows: int = Field(default=8_192, ge=1, description="Rows per page when reading vectors back.")
 
@@ -119,13 +128,15 @@ class EmbeddingModel(_RemoteModelResource):
             max_concurrency=self.max_concurrency,
             lookup_chunk_size=self.lookup_chunk_size,
             write_chunk_rows=self.write_chunk_rows,
+            write_interval_seconds=self.write_interval_seconds,
             max_write_rows=max(self.max_write_rows, self.write_chunk_rows),
             read_batch_rows=self.read_batch_rows,
             price_per_1k_tokens=self.price_per_1k_tokens,
         )
         concurrency = min(self.max_concurrency, client.max_parallel_requests or self.max_concurrency)
+        log = _step_log(context)
         try:
-            yield EmbeddingSession(client, settings, self._caller(concurrency), self.model_id, _step_log(context))
+            yield EmbeddingSession(client, settings, self._caller(concurrency, log), self.model_id, log)
         finally:
             client.close()
 
@@ -184,8 +195,9 @@ class ChatModel(_RemoteModelResource):
             raise dg.Failure("ChatModel is disabled (provider='none'); set MODEL_PROVIDER/CHAT_MODEL to enable it")
         client = self.build_client()
         try:
-            caller = self._caller(self.max_concurrency)
-            yield ChatSession(client, caller, self.max_concurrency, self.price_per_1k_tokens, _step_log(context))
+            log = _step_log(context)
+            caller = self._caller(self.max_concurrency, log)
+            yield ChatSession(client, caller, self.max_concurrency, self.price_per_1k_tokens, log)
         finally:
             client.close()
 

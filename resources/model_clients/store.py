@@ -61,6 +61,7 @@ def utc_now() -> dt.datetime:
 def ensure_tables(warehouse: DuckDBWarehouse) -> None:
     with warehouse.transaction() as con:
         _create_tables(con)
+        dead_letters.ensure_table(con)
         _drop_old_cache_key(con)
 
 

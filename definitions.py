@@ -7,6 +7,7 @@ import dagster as dg
 from assets import evaluate, infer, monitor, outputs
 from assets.common.partitions import daily_partitions
 from assets.infer.dead_letter_replay import replay_dead_letters
+from assets.ingest.retention import purge_quarantined_raw_text, purge_schedule
 from assets.common.sources import SOURCES, Source
 from assets.ingest import build_ingestion_assets
 from assets.transform import build_sql_assets
@@ -30,7 +31,8 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
                     *outputs.ASSETS, *evaluate.ASSETS],
             asset_checks=[*build_suite_checks(sources), *outputs.CHECKS],
             resources=build_resources(tuple(source.name for source in sources)),
-            jobs=[daily_pipeline, replay_dead_letters],
+            jobs=[daily_pipeline, replay_dead_letters, purge_quarantined_raw_text],
+            schedules=[purge_schedule],
         ),
         monitor.build_monitor_defs(sources),
     )

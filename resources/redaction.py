@@ -1,4 +1,9 @@
-"""One redaction rule for everything that leaves the warehouse: errors, alerts, sensor cursors, logs.
+"""One redaction rule for everything that leaves the warehouse: errors, alerts, sensor cursors,
+logs, metadata. It removes secrets and masks personal data.
+
+Personal data: an email address anywhere in a text is masked (`c***@example.com`); the columns
+the source registry declares personal are masked by name in previews (`mask_column`), an
+identifier as a stable pseudonym (`pseudonym`) so that a preview can still be joined by eye.
 
 A secret is recognised four ways: it is a value the caller knows (the API key it holds), the value
 of an environment variable with a secret-looking name, the value under a secret-looking key of a
@@ -9,6 +14,7 @@ into a config, a bearer header echoed by a server), hence the shapes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable
@@ -28,13 +34,40 @@ SECRET_SHAPES = (
 )
 
 
+# Practical, not RFC-complete: what people and generators write, with a dot in the domain.
+EMAIL = re.compile(r"(?<![\w.+'-])([\w.+'-])[\w.+'-]*@((?:[\w-]+\.)+[\w-]{2,})", re.UNICODE)
+
+
+def mask_emails(text: str) -> str:
+    """Every email address in `text` as its first character and domain: c***@example.com."""
+    return EMAIL.sub(lambda m: f"{m.group(1)}{MASK}@{m.group(2)}", text)
+
+
+def pseudonym(value: object) -> str:
+    """A stable stand-in for an identifier: the same id always gives the same pseudonym."""
+    return "id:" + hashlib.sha256(str(value).encode()).hexdigest()[:12]
+
+
+def mask_column(value: object, how: str) -> object:
+    """A value of a personal column as it may leave the warehouse ("mask" or "hash")."""
+    if value is None:
+        return None
+    if how == "hash":
+        return pseudonym(value)
+    text = str(value)
+    masked = mask_emails(text)
+    return masked if masked != text else (text[:1] + MASK if text else text)
+
+
 def redact_text(text: str, secrets: Iterable[str | None] = (), limit: int | None = None) -> str:
-    """`text` with every recognisable secret masked, cut to `limit` characters when given."""
+    """`text` with every recognisable secret and email address masked, cut to `limit` characters
+    when given."""
     known = [s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH] + _secret_env_values()
     for secret in sorted(known, key=len, reverse=True):
         text = text.replace(secret, MASK)
     for shape, replacement in SECRET_SHAPES:
         text = shape.sub(replacement, text)
+    text = mask_emails(text)
     if limit is not None and len(text) > limit:
         text = text[: limit - 3] + "..."
     return text

@@ -53,6 +53,7 @@ from resources.model_clients.errors import ModelConfigurationError
 from resources.warehouse import DuckDBWarehouse, fetch_all, table_exists
 
 STATE_TABLE = "ops.asset_state"
+PII_TAG = {"pii": "true"}  # on every asset whose table holds personal data (shown in the UI)
 PIPELINE_SCHEMAS = ("raw", "analytics", "ml", "outputs")  # `ops` is machinery any stage may use
 OPERATIONAL = "operational"
 
@@ -459,6 +460,7 @@ def current_state_asset(
     fingerprint_extra: Callable[[dg.AssetExecutionContext], Any] | None = None,
     dead_letter_stage: str | None = None,
     metadata: Mapping[str, Any] | None = None,
+    personal_data: bool = False,
 ) -> Callable[[Callable[[StateBuild], Built]], dg.AssetsDefinition]:
     """Make a daily-partitioned current-state asset from a build function (see the module doc)."""
     inputs, tables, checks = tuple(inputs), tuple(tables), tuple(checks)
@@ -493,6 +495,7 @@ def current_state_asset(
             description=description or inspect.getdoc(build),
             code_version=code_version,
             metadata={"tables": list(tables), **(metadata or {})},
+            tags=PII_TAG if personal_data else None,
         )(body)
 
     return decorate

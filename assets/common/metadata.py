@@ -1,4 +1,9 @@
-"""Materialization metadata helpers: previews and summaries a person can read in the UI."""
+"""Materialization metadata helpers: previews and summaries a person can read in the UI.
+
+Metadata is stored in the Dagster event log, which everyone with UI access reads: every table
+made here masks the personal columns of the source registry by name and any email address in
+any cell (resources/redaction.py).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,21 @@ from typing import Any
 import dagster as dg
 import duckdb
 
+from assets.common.sources import personal_columns
+from resources.redaction import mask_column, mask_emails
+
 
 def markdown_table(columns: list[str], rows: list[tuple[Any, ...]], max_width: int = 60) -> str:
-    def cell(value: Any) -> str:
-        text = "" if value is None else str(value)
+    personal = personal_columns()
+
+    def cell(value: Any, column: str) -> str:
+        value = mask_column(value, personal[column]) if column in personal else value
+        text = "" if value is None else mask_emails(str(value))
         text = text.replace("|", "\\|").replace("\n", " ")
         return text if len(text) <= max_width else text[: max_width - 1] + "…"
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(v, c) for v, c in zip(row, columns)) + " |" for row in rows]
     return "\n".join(lines)
 
 

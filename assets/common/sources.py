@@ -23,6 +23,9 @@ class RawTable:
     columns: dict[str, str]
     record_key: str  # SQL over the staged columns: how a quarantined record is named
     landed: dict[str, str] = field(default_factory=dict)  # SQL of a column as it lands, when not a plain cast
+    # Columns that hold personal data, and how they leave the warehouse (previews, check metadata,
+    # alerts, logs): "mask" (c***@example.com) or "hash" (a stable pseudonym, still a join key).
+    personal: dict[str, str] = field(default_factory=dict)
 
     @property
     def qualified(self) -> str:
@@ -77,12 +80,14 @@ CUSTOMERS = Source(
             "customers",
             {"customer_id": "VARCHAR", "email": "VARCHAR", "created_at": "TIMESTAMP", "purchase_count": "INTEGER"},
             "coalesce(customer_id, 'line ' || line_no)",
+            personal={"email": "mask", "customer_id": "hash"},
         ),
         RawTable(
             "customer_purchases",
             {"item_no": "INTEGER", "customer_id": "VARCHAR", "product_id": "VARCHAR", "amount": "DOUBLE",
              "purchased_at": "TIMESTAMP"},
             "customer_id || '#' || item_no",
+            personal={"customer_id": "hash"},
         ),
     ),
     description="The day's customer records (JSON Lines) -> raw.customers and their purchase items -> "
@@ -104,6 +109,7 @@ TRANSACTIONS = Source(
         "coalesce(invoice_no, '?') || '/' || coalesce(stock_code, '?') || ' line ' || line_no",
         # Online Retail writes CustomerID as a float ('17850.0'); it lands as the integer text.
         landed={"customer_id": "regexp_replace(customer_id, '\\.0+$', '')"},
+        personal={"customer_id": "hash"},
     ),),
     description="The day's order lines (UCI Online Retail layout) -> raw.transactions.",
 )
@@ -122,3 +128,9 @@ def raw_table_owners(sources: tuple[Source, ...] = SOURCES) -> dict[str, str]:
 
 def ingestion_assets(sources: tuple[Source, ...] = SOURCES) -> list[str]:
     return [source.asset for source in sources]
+
+
+def personal_columns(sources: tuple[Source, ...] = SOURCES) -> dict[str, str]:
+    """Column name -> how it is masked, for every personal column of the registry (the same name
+    downstream, such as customer_id in the SQL models and AI tables, is masked the same way)."""
+    return {column: how for source in sources for table in source.tables for column, how in table.personal.items()}

@@ -169,6 +169,7 @@ def served_verdicts(measured: Mapping[str, Any], config: RecommendationsConfig) 
     checks=[dg.AssetCheckSpec("customers_served", asset=STAGE)],
     verdicts=served_verdicts,
     dead_letter_stage=STAGE,
+    personal_data=True,  # customer ids
 )
 def recommendations(build: StateBuild) -> Built:
     """Top-K in-stock products per customer that they have not bought, with confidence and predicted value."""

@@ -176,6 +176,7 @@ def chat_names(build: StateBuild, profiles: list[SegmentProfile], product_names:
     config_class=SegmentsConfig,
     resources=("warehouse", "chat_model"),
     dead_letter_stage=NAMING_STAGE,
+    personal_data=True,  # customer ids
 )
 def customer_segments(build: StateBuild) -> Built:
     """Every customer with embeddable purchases in one segment; segment profiles and names."""

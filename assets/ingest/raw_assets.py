@@ -26,7 +26,7 @@ import dagster as dg
 import duckdb
 from pydantic import Field
 
-from assets.common.current_state import register_sources
+from assets.common.current_state import PII_TAG, register_sources
 from assets.common.metadata import markdown_table
 from assets.common.partitions import daily_partitions
 from assets.common.sources import SOURCES, RawTable, Source
@@ -457,6 +457,7 @@ def ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg.AssetsDef
         group_name="ingest",
         description=source.description,
         metadata={"tables": [t.qualified for t in source.tables]},
+        tags=PII_TAG if any(t.personal for t in source.tables) else None,
     )
     def _asset(context: dg.AssetExecutionContext, config: IngestionConfig, warehouse: DuckDBWarehouse,
                landing: LandingZone, alerts: Alerts) -> dg.MaterializeResult:

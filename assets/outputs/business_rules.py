@@ -122,6 +122,7 @@ def rule_verdicts(counts: Mapping[str, Any], config: OutputRulesConfig) -> list[
         dg.AssetCheckSpec("every_recommendation_accounted_for", asset=STAGE, blocking=True),
     ],
     verdicts=rule_verdicts,
+    personal_data=True,  # customer ids
 )
 def validated_recommendations(build: StateBuild) -> Built:
     """Recommendations that pass the business rules; the rest kept with the rules they broke."""

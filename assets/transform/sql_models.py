@@ -17,7 +17,7 @@ from sqlglot import exp
 
 from assets.common.current_state import Built, StateBuild, as_of_day, current_state_asset, register_sources
 from assets.common.metadata import table_preview, table_schema
-from assets.common.sources import SOURCES, Source, raw_table_owners
+from assets.common.sources import SOURCES, Source, personal_columns, raw_table_owners
 from resources.warehouse import fetch_scalar
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
@@ -98,7 +98,19 @@ def sql_parameters(model: SqlModel, context: dg.AssetExecutionContext) -> dict[s
     return {name: available[name] for name in model.parameters}
 
 
-def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, str]) -> dg.AssetsDefinition:
+def holds_personal_data(model: SqlModel, models: dict[str, SqlModel], personal: set[str]) -> bool:
+    """Whether the model's rows carry a personal column: by its output columns, or, for a
+    `SELECT *`, by what it reads."""
+    named = set(model.parsed.named_selects)
+    if "*" not in named:
+        return bool(named & personal)
+    upstream = [models[t.split(".", 1)[1]] for t in model.tables_read if t.startswith(f"{MODEL_SCHEMA}.")]
+    return any(holds_personal_data(m, models, personal) for m in upstream) or any(
+        t.startswith("raw.") for t in model.tables_read)
+
+
+def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, str],
+                    personal_data: bool = False) -> dg.AssetsDefinition:
     @current_state_asset(
         name=model.name,
         inputs=upstream_assets(model, model_names, owners),
@@ -110,6 +122,7 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
         fingerprint_extra=lambda context: sql_parameters(model, context),
         kinds={"duckdb", "sql"},
         metadata={"table": model.table, "sql_file": f"sql/{model.name}.sql"},
+        personal_data=personal_data,
     )
     def _build(build: StateBuild) -> Built:
         params = sql_parameters(model, build.context)
@@ -128,6 +141,8 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
 def build_sql_assets(sql_dir: Path = SQL_DIR, sources: tuple[Source, ...] = SOURCES) -> list[dg.AssetsDefinition]:
     register_sources(sources)
     models = load_models(sql_dir)
-    names = {m.name for m in models}
+    by_name = {m.name: m for m in models}
     owners = raw_table_owners(sources)
-    return [build_sql_asset(model, names, owners) for model in models]
+    personal = set(personal_columns(sources))
+    return [build_sql_asset(model, set(by_name), owners, holds_personal_data(model, by_name, personal))
+            for model in models]

@@ -28,8 +28,9 @@ from pydantic import Field
 from assets.common.current_state import raw_source_of, read_state
 from assets.common.metadata import markdown_table
 from assets.common.partitions import daily_partitions
-from assets.common.sources import SOURCES, Source
+from assets.common.sources import SOURCES, Source, personal_columns
 from assets.validate.rules import SUITE_PARAMETERS, Suite, load_suite
+from resources.redaction import mask_column
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, table_exists
 
 # ---------------------------------------------------------------------------------------------
@@ -43,6 +44,7 @@ class ExpectationTally:
     rule: str
     kind: str
     severity: str
+    column: str | None = None  # the column it judges (its examples are masked when personal)
     success: bool = True
     element_count: int = 0
     unexpected_count: int = 0
@@ -86,7 +88,7 @@ def validate_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, par
         export = Path(folder) / "partition.parquet"
         total, parameters = _export_partition(warehouse, suite, table, partition_date, export, max_rows)
         tallies = [ExpectationTally(e.get("meta", {}).get("rule") or e["type"], e["type"],
-                                    e.get("severity", "critical")) for e in suite.expectations]
+                                    e.get("severity", "critical"), _judged_column(e)) for e in suite.expectations]
         validated = 0
         batch_definition = _batch_definition(suite.name)
         gx_expectation_suite = gx_suite(suite)
@@ -161,6 +163,13 @@ def _batch_definition(suite_name: str) -> Any:
     return asset.add_batch_definition_whole_dataframe("partition_chunk")
 
 
+def _judged_column(expectation: dict[str, Any]) -> str | None:
+    """The column an expectation judges; of several, a personal one (its examples get masked)."""
+    columns = _expectation_columns(expectation)
+    personal = personal_columns()
+    return next((c for c in columns if c in personal), columns[0] if columns else None)
+
+
 def _expectation_columns(expectation: dict[str, Any]) -> list[str]:
     kwargs = expectation.get("kwargs", {})
     return list(kwargs.get("column_list", [])) + ([kwargs["column"]] if "column" in kwargs else [])
@@ -174,8 +183,16 @@ def suite_check_result(suite: Suite, tallies: list[ExpectationTally], validated:
                        seconds: float) -> dg.AssetCheckResult:
     failed = [t for t in tallies if not t.success]
     severity = dg.AssetCheckSeverity.ERROR if any(t.severity == "critical" for t in failed) else dg.AssetCheckSeverity.WARN
-    rows = [(t.rule, t.kind.removeprefix("expect_"), "pass" if t.success else "FAIL", t.unexpected_count,
-             t.observed if t.observed is not None else ", ".join(map(str, t.examples))) for t in tallies]
+    personal = personal_columns()
+
+    def shown(t: ExpectationTally) -> str:  # examples of a personal column leave masked
+        if t.observed is not None:
+            return str(t.observed)
+        how = personal.get(t.column or "")
+        return ", ".join(str(mask_column(x, how) if how else x) for x in t.examples)
+
+    rows = [(t.rule, t.kind.removeprefix("expect_"), "pass" if t.success else "FAIL", t.unexpected_count, shown(t))
+            for t in tallies]
     return dg.AssetCheckResult(
         passed=not failed,
         severity=severity,

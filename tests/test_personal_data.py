@@ -1,0 +1,118 @@
+"""Customer data stays in the warehouse: after the pipeline and a bad batch, no customer's email
+appears in the Dagster instance's storage (event log, runs, compute logs), in the alerts sent to a
+webhook, or in the captured logs; quarantined raw text is purged after the retention."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets.ingest.retention import purge_raw_text
+from assets.monitor.check_alerts import asset_check_failure_alerts
+from assets.monitor.metrics import metric_anomaly_alerts
+from assets.monitor.run_failures import run_failure_alerts
+from assets.monitor.settings import MonitoringSettings
+from generator import FaultRates, GeneratorConfig, generate
+from resources.alerts import Alerts
+from resources.landing import LandingZone
+from resources.model_clients import ChatModel, EmbeddingModel
+from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
+from tests.fake_openai_server import FakeOpenAIServer
+from tests.sensor_support import WebhookServer
+
+DAYS = ("2011-09-01", "2011-09-02")
+
+
+def customer_emails(landing: Path) -> set[str]:
+    """Every email the generator wrote, valid or broken, and its local part (the personal bit)."""
+    found = set()
+    for path in (landing / "customers").glob("*.jsonl"):
+        for address in re.findall(r'"email"\s*:\s*"([^"]*)"', path.read_text(errors="replace")):
+            local = re.split(r"@| at ", address)[0]
+            found |= {address, local} if len(local) >= 6 else {address}
+    return {needle for needle in found if needle}
+
+
+def texts_under(folder: Path) -> str:
+    return "\n".join(path.read_bytes().decode("utf-8", errors="replace")
+                     for path in folder.rglob("*") if path.is_file())
+
+
+@pytest.fixture
+def pipeline_and_bad_batch(tmp_path):
+    landing = tmp_path / "landing"
+    # A bad batch: a fifth of the emails broken, besides the usual faults.
+    generate(GeneratorConfig(out=landing, customers=300, days=2, seed=21, start=dt.date(2011, 9, 1),
+                             faults=FaultRates(**{**FaultRates.uniform(0.01).__dict__, "invalid_email": 0.2})))
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    warehouse = DuckDBWarehouse(path=str(tmp_path / "warehouse.duckdb"), memory_limit="512MB")
+    with FakeOpenAIServer(default_dimensions=384) as server, WebhookServer() as webhook, \
+            dg.instance_for_test(temp_dir=str(home)) as instance:
+        alerts = Alerts(warehouse=warehouse, webhook_url=webhook.url)
+        resources = {
+            "warehouse": warehouse, "landing": LandingZone(root=str(landing)), "alerts": alerts,
+            "embedding_model": EmbeddingModel(provider="openai", model="fake-embed", dimensions=384,
+                                              base_url=server.base_url, api_key="test-key"),
+            "chat_model": ChatModel(provider="none"),
+        }
+        from definitions import defs
+
+        for day in DAYS:
+            dg.materialize([*defs.assets, *defs.asset_checks], partition_key=day, resources=resources,
+                           instance=instance, raise_on_error=False,
+                           run_config={"ops": {"recommendation_quality": {"config": {"online_retail_dir": ""}}}})
+        sensor_resources = {"alerts": alerts, "monitoring": MonitoringSettings()}
+        for sensor in (asset_check_failure_alerts, metric_anomaly_alerts, run_failure_alerts):
+            with dg.build_sensor_context(instance=instance, resources=sensor_resources) as context:
+                sensor(context)
+        yield landing, home, webhook.received, warehouse
+
+
+def test_no_customer_email_leaves_the_warehouse(pipeline_and_bad_batch, capfd):
+    landing, home, webhook_bodies, warehouse = pipeline_and_bad_batch
+    needles = customer_emails(landing)
+    assert len(needles) > 300
+    captured = capfd.readouterr()
+    places = {
+        "instance storage (event log, runs, compute logs)": texts_under(home),
+        "webhook alerts": json.dumps(webhook_bodies),
+        "captured logs": captured.out + captured.err,
+    }
+    assert webhook_bodies, "the bad batch raised alerts"
+    assert any("error rate" in body.get("message", "") for body in webhook_bodies)
+    for place, text in places.items():
+        leaked = sorted(needle for needle in needles if needle in text)
+        assert not leaked, f"{len(leaked)} customer emails in {place}, e.g. {leaked[:3]}"
+    # The previews are still there, masked: a masked address and pseudonymous ids.
+    assert re.search(r"\w\*\*\*@[\w.-]+\.\w+", places["instance storage (event log, runs, compute logs)"])
+    assert "id:" in places["instance storage (event log, runs, compute logs)"]
+    with warehouse.connect(read_only=True) as con:  # the warehouse itself keeps the data
+        assert fetch_scalar(con, "SELECT count(*) FROM raw.customers WHERE email LIKE '%@%.%'") > 0
+
+
+def test_the_purge_blanks_exactly_the_raw_text_older_than_the_retention(warehouse):
+    now = dt.datetime(2026, 12, 1, 12, 0)
+    with warehouse.transaction() as con:
+        con.execute("CREATE SCHEMA ops")
+        con.execute("""CREATE TABLE ops.schema_errors (partition_date DATE, source VARCHAR, table_name VARCHAR,
+            record_key VARCHAR, line_no BIGINT, rule VARCHAR, column_name VARCHAR, value VARCHAR,
+            raw_record VARCHAR, detected_at TIMESTAMP)""")
+        rows = [(age, f"c{age}", "email_invalid", f"bob{age} at example.com", f'{{"email": "bob{age} at example.com"}}',
+                 now - dt.timedelta(days=age)) for age in (1, 89, 91, 200)]
+        rows.append((300, "c300", "email_invalid", None, None, now - dt.timedelta(days=300)))  # already purged
+        con.executemany("INSERT INTO ops.schema_errors VALUES ('2011-09-01', 'customers', 'customers', ?, ?, ?,"
+                        " 'email', ?, ?, ?)", [(key, age, rule, value, raw, at) for age, key, rule, value, raw, at in rows])
+    assert purge_raw_text(warehouse, retention_days=90, now=now) == 2
+    assert purge_raw_text(warehouse, retention_days=90, now=now) == 0  # nothing more to purge
+    with warehouse.connect(read_only=True) as con:
+        kept = fetch_all(con, "SELECT line_no, rule, value IS NOT NULL, raw_record IS NOT NULL FROM ops.schema_errors"
+                              " ORDER BY line_no")
+    assert kept == [(1, "email_invalid", True, True), (89, "email_invalid", True, True),
+                    (91, "email_invalid", False, False), (200, "email_invalid", False, False),
+                    (300, "email_invalid", False, False)]

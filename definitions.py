@@ -10,6 +10,7 @@ from assets.infer.dead_letter_replay import replay_dead_letters
 from assets.ingest.retention import purge_quarantined_raw_text, purge_schedule
 from assets.common.sources import SOURCES, Source
 from assets.ingest import build_ingestion_assets
+from assets.ingest.triggers import build_daily_schedule, build_landing_sensor
 from assets.transform import build_sql_assets
 from assets.transform.sql_models import SQL_DIR
 from assets.validate import build_suite_checks
@@ -24,15 +25,17 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
         selection=dg.AssetSelection.all(),
         partitions_def=daily_partitions,
         description="One daily batch end to end: ingestion, validation, SQL models, AI stages, output rules, checks.",
+        tags={"pipeline": "daily"},  # the instance runs one such run at a time (dagster.yaml)
     )
     return dg.Definitions.merge(
         dg.Definitions(
             assets=[*build_ingestion_assets(sources), *build_sql_assets(sql_dir, sources), *infer.ASSETS,
-                    *outputs.ASSETS, *evaluate.ASSETS],
+                    *outputs.ASSETS, *evaluate.ASSETS, monitor.INCIDENTS],
             asset_checks=[*build_suite_checks(sources), *outputs.CHECKS],
             resources=build_resources(tuple(source.name for source in sources)),
             jobs=[daily_pipeline, replay_dead_letters, purge_quarantined_raw_text],
-            schedules=[purge_schedule],
+            schedules=[build_daily_schedule(daily_pipeline), purge_schedule],
+            sensors=[build_landing_sensor(daily_pipeline, sources)],
         ),
         monitor.build_monitor_defs(sources),
     )

@@ -103,6 +103,8 @@ def main(argv: list[str]) -> int:
         ensure_browser()
         return run("-m", "pytest", *rest)
     if command == "ui":
+        # Historical data (the demo's): the partitions end on the last landed day.
+        os.environ.setdefault("PIPELINE_LAST_DAY", "landing")
         return run("-m", "dagster", "dev", "-h", "127.0.0.1", "-p", "3000", *rest)
     if command == "bench":
         return run("-m", "bench.run_pipeline", *rest)

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         warehouse.unlink(missing_ok=True)
     print(f"generating {args.customers:,} customers over {args.days} days into {landing}", flush=True)
     generate(landing, args.customers, args.days, args.seed)
+    # The partitions end on the last landed day (historical data); set before definitions load.
+    os.environ.setdefault("PIPELINE_LAST_DAY", "landing")
     print("running the daily_pipeline job (the first run loads the local model and embeds the catalog)", flush=True)
     ok = all([run_day(FIRST_DAY + dt.timedelta(days=i)) for i in range(args.days)])
     print_summary(warehouse)

@@ -26,6 +26,8 @@ def build_resources(source_names: tuple[str, ...] = ()) -> dict[str, object]:
         warehouse=resources["warehouse"],
         # An unset variable means no webhook (dg.EnvVar would fail the load on a missing variable).
         webhook_url=dg.EnvVar("ALERT_WEBHOOK_URL") if os.getenv("ALERT_WEBHOOK_URL") else None,
+        slack_token=dg.EnvVar("SLACK_BOT_TOKEN") if os.getenv("SLACK_BOT_TOKEN") else None,
+        slack_channel=os.getenv("SLACK_CHANNEL") or None,
     )
     resources["embedding_model"] = embedding_model()
     resources["chat_model"] = chat_model()

@@ -1,4 +1,5 @@
-"""Alerts: every alert goes to the log and to `ops.alerts`, and to a webhook when one is set.
+"""Alerts: every alert goes to the log and to `ops.alerts`, and to a webhook and Slack (through
+dagster-slack) when they are set.
 
 The webhook is best effort: bounded retries with backoff, and a webhook that is down is recorded
 on the alert row (`webhook_status = 'failed'`), never raised into the pipeline. The webhook URL
@@ -18,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import dagster as dg
@@ -43,6 +44,8 @@ CREATE TABLE IF NOT EXISTS ops.alerts (
     webhook_attempts INTEGER,
     webhook_error VARCHAR     -- why delivery failed (status or error class; never the URL)
 )"""
+# delivered, failed: why, or not_configured
+SLACK_COLUMN = "ALTER TABLE ops.alerts ADD COLUMN IF NOT EXISTS slack_status VARCHAR"
 
 
 @dataclass(frozen=True)
@@ -57,13 +60,18 @@ class AlertRecord:
     webhook_status: str = "not_configured"
     webhook_attempts: int = 0
     webhook_error: str | None = None
+    slack_status: str = "not_configured"
 
     def payload(self) -> dict[str, Any]:
         data = asdict(self)
         data["raised_at"] = self.raised_at.isoformat()
-        for key in ("webhook_status", "webhook_attempts", "webhook_error"):
+        for key in ("webhook_status", "webhook_attempts", "webhook_error", "slack_status"):
             data.pop(key)
         return data
+
+    def slack_text(self) -> str:
+        where = " ".join(f"{k}={self.details[k]}" for k in ("asset", "partition") if self.details.get(k))
+        return f"*{self.severity}* {self.title}\n{self.message}" + (f"\n_{where}_" if where else "")
 
 
 class Alerts(dg.ConfigurableResource):
@@ -75,6 +83,10 @@ class Alerts(dg.ConfigurableResource):
     webhook_timeout_seconds: float = Field(default=5.0, description="Timeout of one webhook request.")
     webhook_attempts: int = Field(default=3, description="Tries per alert before it is recorded as undelivered.")
     webhook_backoff_seconds: float = Field(default=0.5, description="First wait between tries; doubles each time.")
+    slack_token: str | None = Field(
+        default=None, repr=False, description="Slack bot token (dg.EnvVar('SLACK_BOT_TOKEN')); with slack_channel, alerts go to Slack too.")
+    slack_channel: str | None = Field(default=None, description="Slack channel for alerts (SLACK_CHANNEL).")
+    slack_api_url: str = Field(default="https://slack.com/api/", description="Slack Web API base URL (a proxy, or a test receiver).")
 
     def send(self, severity: str | dg.AssetCheckSeverity, source: str, title: str, message: str,
              details: dict[str, Any] | None = None, log: logging.Logger | None = None) -> AlertRecord:
@@ -99,7 +111,27 @@ class Alerts(dg.ConfigurableResource):
         logger.log(_log_level(alert.severity), f"ALERT {alert.severity} [{source}] {alert.title}: {alert.message}")
         if self.webhook_url:
             alert = self._deliver(alert, logger)
+        if self.slack_token and self.slack_channel:
+            alert = replace(alert, slack_status=self._post_to_slack(alert, logger))
         return alert
+
+    def _post_to_slack(self, alert: AlertRecord, logger: logging.Logger) -> str:
+        """Through dagster-slack's client; a Slack that refuses or is unreachable never fails the caller."""
+        from dagster_slack import SlackResource
+        from slack_sdk.errors import SlackApiError
+
+        client = SlackResource(token=self.slack_token).get_client()
+        client.base_url = self.slack_api_url
+        client.timeout = int(self.webhook_timeout_seconds)
+        try:
+            client.chat_postMessage(channel=self.slack_channel, text=alert.slack_text())
+            return "delivered"
+        except SlackApiError as failure:
+            reason = f"failed: {failure.response.get('error', 'error')}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as failure:
+            reason = f"failed: {type(failure).__name__}"  # the class only: messages may quote the token
+        logger.warning(f"alert {alert.alert_id} not delivered to Slack: {reason}")
+        return reason
 
     def _deliver(self, alert: AlertRecord, logger: logging.Logger) -> AlertRecord:
         body = json.dumps(alert.payload(), default=str).encode()
@@ -141,11 +173,14 @@ class Alerts(dg.ConfigurableResource):
         with warehouse.transaction() as con:
             con.execute("CREATE SCHEMA IF NOT EXISTS ops")
             con.execute(ALERTS_DDL)
+            con.execute(SLACK_COLUMN)
             con.execute(
-                "INSERT INTO ops.alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                """INSERT INTO ops.alerts (alert_id, raised_at, severity, source, title, message, details,
+                       webhook_status, webhook_attempts, webhook_error, slack_status)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 [alert.alert_id, alert.raised_at, alert.severity, alert.source, alert.title, alert.message,
                  json.dumps(alert.details, default=str), alert.webhook_status, alert.webhook_attempts,
-                 alert.webhook_error],
+                 alert.webhook_error, alert.slack_status],
             )
 
 

@@ -10,6 +10,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The tests use Online Retail days (from 2010-12-01) and generated ones (from 2011-09-01).
+os.environ.setdefault("PIPELINE_FIRST_DAY", "2010-12-01")
 
 from resources.warehouse import DuckDBWarehouse  # noqa: E402
 

@@ -126,3 +126,52 @@ def test_an_ingestion_alert_reaches_the_webhook_and_a_dead_webhook_does_not_fail
     assert posted["source"] == "raw_customers" and posted["details"]["by_rule"]["malformed_json"] > 0
     statuses = [row[5] for row in alert_rows(warehouse)]
     assert statuses == ["delivered", "failed"]
+
+
+class SlackReceiver:
+    """A local stand-in for the Slack Web API: records chat.postMessage calls, answers `ok` or an error."""
+
+    def __init__(self, error: str | None = None):
+        self.calls: list[tuple[str, dict]] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (the http.server API)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                owner.calls.append((self.headers.get("Authorization", ""), json.loads(body)))
+                answer = {"ok": error is None, **({"error": error} if error else {"ts": "1.0"})}
+                payload = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.api_url = f"http://127.0.0.1:{self.server.server_port}/api/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("error", [None, "channel_not_found"])
+def test_alerts_go_to_slack_through_dagster_slack(warehouse, error):
+    slack = SlackReceiver(error)
+    try:
+        alerts = Alerts(warehouse=warehouse, slack_token="xoxb-test-token-123456", slack_channel="#data-alerts",
+                        slack_api_url=slack.api_url)
+        sent = alerts.send("ERROR", "raw_customers", "schema error rate 12.0% in customers on 2011-09-01",
+                           "24 of 200 records quarantined", details={"asset": "raw_customers", "partition": "2011-09-01"})
+    finally:
+        slack.close()
+    ((authorization, body),) = slack.calls
+    assert authorization == "Bearer xoxb-test-token-123456" and body["channel"] == "#data-alerts"
+    assert "*ERROR* schema error rate 12.0%" in body["text"] and "partition=2011-09-01" in body["text"]
+    assert sent.slack_status == ("delivered" if error is None else "failed: channel_not_found")
+    with warehouse.connect(read_only=True) as con:
+        assert fetch_all(con, "SELECT slack_status FROM ops.alerts") == [(sent.slack_status,)]
+    assert "xoxb" not in repr(alerts)

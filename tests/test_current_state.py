@@ -143,10 +143,13 @@ def test_reading_an_undeclared_table_fails_the_build(warehouse):
     assert "reads ml.toy_state (written by toy_state)" in (failure.step_failure_data.error.message + message)
 
 
-def test_a_build_on_inputs_that_hold_a_later_day_is_refused(warehouse):
+def test_a_build_on_inputs_that_hold_a_later_day_is_a_skip_or_refused_when_forced(warehouse):
     run(warehouse)
     with warehouse.transaction() as con:
         write_state(con, "toy_source", __import__("datetime").date(2011, 3, 5), "later", 5)
+    plain = dg.materialize([toy_state], partition_key=DAY, resources={"warehouse": warehouse},
+                           run_config={"ops": {"toy_state": {"config": {"scale": 2}}}})
+    assert toy_metadata(plain)["skipped"] is True and "already hold a later day" in toy_metadata(plain)["skip_reason"]
     result = dg.materialize([toy_state], partition_key=DAY, resources={"warehouse": warehouse},
                             run_config={"ops": {"toy_state": {"config": {"force": True}}}}, raise_on_error=False)
     assert not result.success

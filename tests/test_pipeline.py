@@ -142,6 +142,10 @@ def test_next_day_pays_only_for_new_product_texts(first_run, model_server):
     assert embedded["cache_hits"] >= first_stats["distinct_texts"] * 0.9
     assert model_server.stats_summary()["repeated_texts"] == 0
     assert embedded["items_embedded"] < first_stats["distinct_texts"]
+    # Day 2 re-fits the segments: its stability is measured against day 1's model.
+    (stability,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "segment_stability"]
+    kept = stability.metadata["kept_share"].value
+    assert 0.0 <= kept <= 1.0 and stability.description.endswith("keep their segment (at least 80%)")
 
 
 def test_same_inputs_give_identical_outputs(tmp_path, landing, model_server, first_run):

@@ -260,8 +260,10 @@ def test_sensors_read_the_postgres_event_log_and_alert_on_the_bad_batch_and_the_
     assert raised == [
         ("sensor:asset_check_failed", "raw_customers", BAD_DAY),
         *sorted(("sensor:partition_late", asset.key.to_user_string(), MISSING_DAY) for asset in RAW_ASSETS),
-        ("sensor:schema_error_rate", "raw_customers", BAD_DAY),
     ]
     assert second_tick == []  # each problem is raised once
-    (error_rate,) = [a for a in first_tick if a["source"] == "sensor:schema_error_rate"]
-    assert error_rate["details"]["error_rate"] == round(backfill.corrupted / backfill.customers, 6)
+    # The failed error_rate check is the one incident for the bad batch (no second metric alert).
+    (error_rate,) = [a for a in first_tick if a["source"] == "sensor:asset_check_failed"]
+    assert error_rate["details"]["check"] == "error_rate"
+    assert max(error_rate["details"]["metadata"]["error_rate"].values()) == round(
+        backfill.corrupted / backfill.customers, 6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import dagster as dg
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -420,3 +421,23 @@ def test_the_benchmark_runs_at_small_scale(tmp_path):
     assert result["stages"][0]["rows"] == result["pooling_report"]["lines_in"] > 3000
     assert result["stages"][2]["rows"] == sum(s["size"] for s in result["segments"]) == 3000
     assert all(stage["peak_rss_mib"] > 0 for stage in result["stages"])
+
+
+def test_segment_checks_warn_when_one_segment_swallows_the_base_or_customers_switch():
+    from assets.infer.segments import SegmentsConfig, kept_share, segment_verdicts
+    from recsys.segment_ids import SegmentModel
+
+    vectors = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]], dtype=np.float32)
+    before = SegmentModel(np.array([1, 2]), np.array([[0.0, 0.0], [5.0, 5.0]], dtype=np.float32))
+    swapped = SegmentModel(np.array([1, 2]), np.array([[5.0, 5.0], [0.0, 0.0]], dtype=np.float32))
+    assert kept_share(None, before, vectors) is None
+    assert kept_share(before, before, vectors) == 1.0 and kept_share(before, swapped, vectors) == 0.0
+
+    config = SegmentsConfig()
+    balanced = {c.check_name: c for c in segment_verdicts({"segment_sizes": {"1": 50, "2": 50}, "kept_segment_share": 0.9}, config)}
+    assert all(c.passed for c in balanced.values())
+    skewed = {c.check_name: c for c in segment_verdicts({"segment_sizes": {"1": 70, "2": 30}, "kept_segment_share": 0.5}, config)}
+    assert not skewed["segment_size_balance"].passed and skewed["segment_size_balance"].metadata["largest_share"].value == 0.7
+    assert not skewed["segment_stability"].passed and skewed["segment_stability"].severity == dg.AssetCheckSeverity.WARN
+    first = {c.check_name: c for c in segment_verdicts({"segment_sizes": {"1": 5}}, config)}
+    assert first["segment_stability"].passed and "nothing to compare" in first["segment_stability"].description

@@ -185,3 +185,59 @@ def test_sensor_definitions_load():
     names = {sensor.name for sensor in sensor_defs.sensors}
     assert names == {"asset_check_failure_alerts", "run_failure_alerts", "partition_freshness_alerts",
                      "metric_anomaly_alerts"}
+
+
+@dg.asset(partitions_def=daily_partitions, check_specs=[dg.AssetCheckSpec("volume_ok", asset="daily_counts")],
+          config_schema={"passed": bool})
+def daily_counts(context) -> dg.MaterializeResult:
+    passed = context.op_config["passed"]
+    return dg.MaterializeResult(check_results=[dg.AssetCheckResult(
+        check_name="volume_ok", passed=passed, severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"row_count": 10.0 if passed else 1.0})])
+
+
+def run_counts(instance, passed: bool) -> None:
+    dg.materialize([daily_counts], instance=instance, partition_key="2024-05-01",
+                   run_config={"ops": {"daily_counts": {"config": {"passed": passed}}}})
+
+
+def evaluate(sensor: dg.SensorDefinition, instance, resources: dict, cursor: str | None) -> dg.SensorResult:
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        return sensor(context)
+
+
+def test_one_incident_while_the_problem_lasts_a_notice_when_it_resolves_all_visible_in_the_ui(
+        instance, resources, webhook):
+    run_counts(instance, passed=False)
+    run_counts(instance, passed=False)  # the same problem on the next run: still one incident
+    first = evaluate(asset_check_failure_alerts, instance, resources, None)
+    assert [(a["severity"], a["details"]["incident"]) for a in webhook.received] == [("ERROR", "open")]
+    # Where a user of the UI looks: an observation of the `incidents` asset (and the tick's events).
+    (opened,) = first.asset_events
+    assert opened.asset_key == dg.AssetKey("incidents") and opened.metadata["incident"].value == "open"
+    assert opened.metadata["asset"].value == "daily_counts" and opened.metadata["severity"].value == "ERROR"
+
+    run_counts(instance, passed=True)
+    resolved = evaluate(asset_check_failure_alerts, instance, resources, first.cursor)
+    assert [(a["severity"], a["details"]["incident"]) for a in webhook.received][1:] == [("INFO", "resolved")]
+    assert webhook.received[1]["title"].startswith("resolved: ")
+    assert resolved.asset_events[0].metadata["incident"].value == "resolved"
+
+    run_counts(instance, passed=True)  # passing again: nothing open, nothing sent
+    quiet = evaluate(asset_check_failure_alerts, instance, resources, resolved.cursor)
+    run_counts(instance, passed=False)  # a new failure is a new incident
+    evaluate(asset_check_failure_alerts, instance, resources, quiet.cursor)
+    assert [a["details"]["incident"] for a in webhook.received] == ["open", "resolved", "open"]
+
+
+def test_a_run_failure_incident_is_resolved_by_the_next_successful_run_of_the_day(instance, resources, webhook):
+    @dg.asset(partitions_def=daily_partitions, config_schema={"fail": bool})
+    def shaky(context) -> None:
+        if context.op_config["fail"]:
+            raise RuntimeError("boom")
+
+    for fail in (True, True, False):
+        dg.materialize([shaky], instance=instance, partition_key="2024-05-03", raise_on_error=False,
+                       run_config={"ops": {"shaky": {"config": {"fail": fail}}}})
+    evaluate(run_failure_alerts, instance, resources, None)
+    assert [(a["severity"], a["details"]["incident"]) for a in webhook.received] == [("ERROR", "open"), ("INFO", "resolved")]

@@ -4,11 +4,14 @@ import datetime as dt
 import json
 
 import dagster as dg
+import duckdb
+import numpy as np
 import pytest
 
 from assets.common.partitions import daily_partitions
-from assets.monitor.check_alerts import failed_check_alerts
-from assets.monitor.freshness import late_partition_alerts
+from assets.infer.recommendations import confidence_summary
+from assets.monitor.check_alerts import failed_check_alerts as check_alerts
+from assets.monitor.freshness import late_partition_alerts as freshness_alerts
 from assets.monitor.metrics import metric_alerts
 from assets.monitor.run_failures import run_failure_alert
 from assets.monitor.settings import MonitoringSettings
@@ -21,12 +24,26 @@ def instance():
         yield test_instance
 
 
+def opened(alerts):
+    """The alerts that open an incident (the finders also give the notices that would close one)."""
+    return [a for a in alerts if not a.resolves]
+
+
+def failed_check_alerts(instance, after, limit):
+    found, cursor = check_alerts(instance, after, limit)
+    return opened(found), cursor
+
+
+def late_partition_alerts(instance, settings, now):
+    return opened(freshness_alerts(instance, settings, now))
+
+
 def new_alerts(instance, settings, positions):
     """Metric alerts since the last call (positions is the per-asset cursor, advanced in place)."""
     found, advanced = metric_alerts(instance, settings, positions)
     positions.clear()
     positions.update(advanced)
-    return found
+    return opened(found)
 
 
 # ---- asset checks ------------------------------------------------------------------------
@@ -116,7 +133,7 @@ def test_run_failure_alert_names_the_step_and_error_without_secrets(instance, mo
 
     alert = run_failure_alert(instance, result.dagster_run, result.get_run_failure_event(), step_failures)
 
-    assert alert.dedup_key == f"run_failed:{result.run_id}"
+    assert alert.dedup_key == "run_failed:__ephemeral_asset_job__:2024-03-05"  # one incident per job and day
     assert alert.partition == "2024-03-05" and alert.severity == "ERROR"
     assert alert.details["failed_steps"][0]["step"] == "flaky_embeddings"
     assert "ValueError: endpoint refused key" in alert.details["failed_steps"][0]["error"]
@@ -159,9 +176,9 @@ def test_no_freshness_alert_when_every_due_day_landed(instance):
 
 
 def test_row_count_anomaly_against_the_trailing_median_ignoring_skips(instance):
-    settings = MonitoringSettings(row_count_min_history=3, row_count_factor=3.0)
+    settings = MonitoringSettings(row_count_min_history=3, row_count_max_change=0.3)
     positions: dict[str, int] = {}
-    for day, rows in (("2024-03-01", 1000), ("2024-03-02", 1100), ("2024-03-03", 900), ("2024-03-04", 1500)):
+    for day, rows in (("2024-03-01", 1000), ("2024-03-02", 1100), ("2024-03-03", 900), ("2024-03-04", 1200)):
         emit(instance, "raw_products", {"dagster/row_count": rows}, partition=day)
     emit(instance, "raw_products", {"skipped": True, "dagster/row_count": 1}, partition="2024-03-04")
     assert new_alerts(instance, settings, positions) == []
@@ -173,18 +190,35 @@ def test_row_count_anomaly_against_the_trailing_median_ignoring_skips(instance):
     assert new_alerts(instance, settings, positions) == []
 
 
-def test_schema_error_rate_above_five_percent(instance):
-    settings = MonitoringSettings()
-    emit(instance, "raw_customers", {"error_rate": 0.05}, partition="2024-03-01")
-    emit(instance, "raw_customers", {"error_rate": 0.08}, partition="2024-03-02")
-    emit(instance, "raw_customers", {"error_rate": 0.01, "customer_purchases.error_rate": 0.2}, partition="2024-03-03")
-    emit(instance, "recommendations", {"error_rate": 0.9})  # not an ingestion asset: rule not applicable
-    alerts = new_alerts(instance, settings, {})
-    assert [(a.rule, a.asset, a.partition, a.severity) for a in alerts] == [
-        ("schema_error_rate", "raw_customers", "2024-03-02", "ERROR"),
-        ("schema_error_rate", "raw_customers", "2024-03-03", "ERROR"),
-    ]
-    assert "customer_purchases 20.0%" in alerts[1].message
+def test_row_count_band_is_thirty_percent_of_the_trailing_median(instance):
+    positions: dict[str, int] = {}
+    for index, rows in enumerate((1000, 1000, 1000, 1290)):
+        emit(instance, "raw_products", {"dagster/row_count": rows}, partition=f"2024-03-0{index + 1}")
+    assert new_alerts(instance, MonitoringSettings(), positions) == []
+    emit(instance, "raw_products", {"dagster/row_count": 1320}, partition="2024-03-05")
+    (alert,) = new_alerts(instance, MonitoringSettings(), positions)
+    assert alert.details["change"] == 0.32
+
+
+def test_a_quiet_sunday_is_judged_against_earlier_sundays_not_against_weekdays(instance):
+    positions: dict[str, int] = {}
+    day, sunday_rows = dt.date(2024, 3, 4), iter((300, 320, 290, 310, 305))  # a Monday
+    for _ in range(5 * 7):
+        rows = next(sunday_rows) if day.weekday() == 6 else 1000
+        emit(instance, "raw_products", {"dagster/row_count": rows}, partition=day.isoformat())
+        day += dt.timedelta(days=1)
+    quiet_sundays = [a for a in new_alerts(instance, MonitoringSettings(), positions)
+                     if a.rule == "row_count_anomaly"]
+    # Only the first Sundays lack the weekday history and are judged by the band alone.
+    assert {dt.date.fromisoformat(a.partition).weekday() for a in quiet_sundays} == {6}
+    assert len(quiet_sundays) == 4
+
+    emit(instance, "raw_products", {"dagster/row_count": 300}, partition=day.isoformat())  # a Monday
+    emit(instance, "raw_products", {"dagster/row_count": 40}, partition=(day + dt.timedelta(days=6)).isoformat())
+    alerts = {a.partition: a for a in new_alerts(instance, MonitoringSettings(), positions)}
+    assert set(alerts) == {day.isoformat(), (day + dt.timedelta(days=6)).isoformat()}
+    sunday = alerts[(day + dt.timedelta(days=6)).isoformat()]
+    assert sunday.details["robust_z"] < -3.5 and "weekday" in sunday.message
 
 
 def test_dlq_alerts_on_growth_or_above_threshold(instance):
@@ -204,9 +238,10 @@ def test_dlq_alerts_on_growth_or_above_threshold(instance):
 
 def test_model_latency_thresholds(instance):
     settings = MonitoringSettings(max_latency_p95_ms=500, max_latency_p99_ms=900)
-    emit(instance, "product_embeddings", {"latency_p95_ms": 400.0, "latency_p99_ms": 800.0})
-    emit(instance, "product_embeddings", {"latency_p95_ms": 450.0, "latency_p99_ms": 1200.0})
-    emit(instance, "product_embeddings", {"latency_ms_p95": 650.0, "latency_ms_p99": 700.0})  # the clients' spelling
+    emit(instance, "product_embeddings", {"latency_p95_ms": 400.0, "latency_p99_ms": 800.0, "requests": 50})
+    emit(instance, "product_embeddings", {"latency_p95_ms": 450.0, "latency_p99_ms": 1200.0, "requests": 50})
+    emit(instance, "product_embeddings", {"latency_ms_p95": 650.0, "latency_ms_p99": 700.0, "requests": 50})  # the clients' spelling
+    emit(instance, "product_embeddings", {"latency_ms_p95": 9000.0, "latency_ms_p99": 9000.0, "requests": 2})  # a cold model's first answers
     alerts = new_alerts(instance, settings, {})
     assert [a.rule for a in alerts] == ["model_latency"] * 2
     assert "latency_p99_ms 1,200 > 900" in alerts[0].message and "latency_p95_ms 650 > 500" in alerts[1].message
@@ -237,6 +272,36 @@ def test_confidence_drop_and_drift_on_recommendations(instance):
     assert alerts["confidence_drift"].details["psi"] > 0.2
 
 
+def test_confidence_bins_follow_the_reference_deciles_so_a_small_shift_is_seen(instance):
+    """Confidences lie within a few hundredths: fixed 0-1 bins would hold them all in one bin
+    and PSI would be 0 whatever happened; bins at the reference build's deciles see a shift."""
+    rng = np.random.default_rng(7)
+
+    def summary(confidences, edges):
+        with duckdb.connect() as con:
+            con.execute("CREATE SCHEMA ml; CREATE TABLE ml.recommendations (confidence DOUBLE, predicted_value DOUBLE)")
+            con.executemany("INSERT INTO ml.recommendations VALUES (?, 1.0)", [[float(c)] for c in confidences])
+            return confidence_summary(con, edges)
+
+    reference = summary(rng.normal(0.52, 0.01, 5000), None)
+    edges = reference["confidence_edges"].value
+    assert len(edges) == 9 and 0.5 < edges[0] < edges[-1] < 0.54
+    assert sorted(reference["confidence_histogram"].value)[0] >= 450  # about a tenth in each bin
+
+    positions: dict[str, int] = {}
+    emit(instance, "recommendations", reference)
+    emit(instance, "recommendations", summary(rng.normal(0.52, 0.01, 5000), edges))
+    assert new_alerts(instance, MonitoringSettings(), positions) == []
+
+    emit(instance, "recommendations", summary(rng.normal(0.53, 0.01, 5000), edges))
+    (drift,) = [a for a in new_alerts(instance, MonitoringSettings(), positions) if a.rule == "confidence_drift"]
+    assert drift.details["psi"] > 0.2
+
+    # New reference bins (reset_confidence_bins): no comparison across different bins.
+    emit(instance, "recommendations", summary(rng.normal(0.60, 0.01, 5000), None))
+    assert [a.rule for a in new_alerts(instance, MonitoringSettings(), positions)] == []
+
+
 def test_segment_drift_by_psi_over_segment_sizes(instance):
     settings = MonitoringSettings()
     positions: dict[str, int] = {}
@@ -260,10 +325,10 @@ def test_rejection_rate_and_absent_or_malformed_keys_never_crash(instance):
 
 
 def test_a_range_run_is_judged_once(instance):
-    @dg.asset(name="raw_transactions", partitions_def=daily_partitions,
+    @dg.asset(name="validated_recommendations", partitions_def=daily_partitions,
               backfill_policy=dg.BackfillPolicy.single_run())
     def ranged() -> dg.MaterializeResult:
-        return dg.MaterializeResult(metadata={"error_rate": 0.5})
+        return dg.MaterializeResult(metadata={"rejection_rate": 0.5})
 
     dg.materialize(
         [ranged], instance=instance,
@@ -277,8 +342,8 @@ def test_a_backlog_larger_than_a_tick_is_judged_over_several_ticks_once(instance
     settings = MonitoringSettings(events_per_tick=2)
     for rate in (0.3, 0.4, 0.5):
         emit(instance, "validated_recommendations", {"rejection_rate": rate})
-    emit(instance, "raw_products", {"error_rate": 0.2}, partition="2024-03-01")
+    emit(instance, "recommendations", {"dlq_count": 500}, partition="2024-03-01")
     positions: dict[str, int] = {}
     found = [new_alerts(instance, settings, positions) for _ in range(3)]
     assert [len(tick) for tick in found] == [2, 2, 0]  # two materializations judged a tick
-    assert sorted(a.rule for tick in found for a in tick) == ["rejection_rate"] * 3 + ["schema_error_rate"]
+    assert sorted(a.rule for tick in found for a in tick) == ["dlq_growth"] + ["rejection_rate"] * 3

@@ -4,6 +4,7 @@ rebuilt only when inputs change, Online Retail quirks handled as documented."""
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -143,3 +144,25 @@ def test_catalog_rows_win_over_order_lines_and_history_repeats_count_once(wareho
         assert fetch_all(con, "SELECT price, in_stock FROM analytics.dim_products WHERE product_id = 'P1'") == [(10.0, False)]
         mix = fetch_all(con, "SELECT top_category, category_mix FROM analytics.customer_features")
     assert mix[0][0] == "kitchen" and mix[0][1] == {"kitchen": pytest.approx(0.6667), "home": pytest.approx(0.3333)}
+
+
+def test_the_dbt_style_tests_next_to_the_sql_are_blocking_checks(warehouse, tmp_path):
+    """sql/schema.yml: a model that breaks a declared test is red, with the count of rows that
+    break it, and what builds on it does not run."""
+    import shutil
+
+    models = tmp_path / "sql"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "sql", models)
+    (models / "schema.yml").write_text(
+        "models:\n  stg_order_lines:\n    not_null: [customer_id]\n    unique: [product_id]\n"
+        "    accepted_values: {description: [RED MUG]}\n")
+    seed_raw_tables(warehouse, QUIRKY_LINES)
+    assets = {a.key.to_user_string(): a for a in build_sql_assets(models)}
+    result = dg.materialize([assets["stg_order_lines"], assets["dim_products"]], partition_key=DAY,
+                            resources={"warehouse": warehouse}, raise_on_error=False)
+    assert not result.success
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["not_null__customer_id"].passed and checks["accepted_values__description"].passed
+    unique = checks["unique__product_id"]  # 85123A twice: once as '85123a ' before normalization
+    assert not unique.passed and unique.metadata["violations"].value >= 1 and "rows break" in unique.description
+    assert "dim_products" not in {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}

@@ -70,7 +70,7 @@ def write_dagster_home(home: Path) -> Path:
     """A fresh instance with the project's concurrency settings (the duckdb pool of one step)."""
     project_config = yaml.safe_load((ROOT / ".dagster_home" / "dagster.yaml").read_text())
     home.mkdir(parents=True, exist_ok=True)
-    config = {"concurrency": project_config["concurrency"], "telemetry": {"enabled": False}}
+    config = {"concurrency": project_config["concurrency"], "telemetry": {"enabled": False}}  # pools and run limits
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
     # A new instance greets its first visitor with a newsletter dialog over the page; this marks
     # it as seen, as it would be for a returning user.

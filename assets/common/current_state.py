@@ -511,12 +511,15 @@ def _materialize(spec: StageSpec, build: Callable[[StateBuild], Built], context:
         fingerprint = fingerprint_of(code_version, semantic_config(config), upstream, extra)
         decision = decide(read_state(con, spec.name), as_of, fingerprint, config.force)
         later = later_inputs(con, spec.inputs, as_of) if decision.build else {}
-    if not decision.build:
-        return _skipped(spec, context, config, as_of, decision, started)
-    if later:
+    if later and config.force:
         raise dg.Failure(
             f"{spec.name} as of {as_of}: its inputs hold later days {later}. Rebuild them as of {as_of} first "
             "(force), or materialize the partition of their day.", metadata={"later_inputs": later})
+    if later:  # a later day's run built the inputs: that run builds this table too
+        decision = BuildDecision(False, f"its inputs already hold a later day ({later}): the run of that day "
+                                        "builds this table", decision.fingerprint, decision.stored)
+    if not decision.build:
+        return _skipped(spec, context, config, as_of, decision, started)
     state_build = StateBuild(spec, context, config, as_of, decision)
     try:
         built = build(state_build)
@@ -546,8 +549,10 @@ def _skipped(spec: StageSpec, context: dg.AssetExecutionContext, config: Any, as
              decision: BuildDecision, started: float) -> dg.MaterializeResult:
     """The stored build stands: its checks are computed again from its stored measurements."""
     stored = decision.stored
-    assert stored is not None
     context.log.info(f"skipped: {decision.reason}")
+    if stored is None:  # never built here: nothing to report but the skip
+        return dg.MaterializeResult(metadata={"skipped": True, "skip_reason": decision.reason, "as_of": str(as_of),
+                                              "model_calls": 0})
     checks = all_verdicts(spec, stored.measurements, config)
     built_as_of = str(stored.as_of)
     checks = [c._replace(metadata={**c.metadata, "verdict_of_build_as_of": dg.MetadataValue.text(built_as_of)})

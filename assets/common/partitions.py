@@ -1,8 +1,40 @@
-"""One partition a day: each daily landing batch is one partition of every batch asset."""
+"""One partition a day: each daily landing batch is one partition of every batch asset.
+
+The partitions fit the data, not the calendar since 2010: the first day comes from
+`PIPELINE_FIRST_DAY` (default: the generator's first day, 2011-09-01; the Online Retail history
+starts on 2010-12-01), the last from `PIPELINE_LAST_DAY` when the data is historical: a day, or
+`landing` for the last day a file under `LANDING_DIR` is named after (the demo and `tasks.py ui`
+use that). Otherwise the last partition is the last complete day: a day's partition appears once
+the day is over.
+"""
+
+import datetime as dt
+import os
+import re
+from pathlib import Path
 
 import dagster as dg
 
-# The Online Retail data starts on 2010-12-01; generated data may use any later day.
-FIRST_DAY = "2010-12-01"
+DEFAULT_FIRST_DAY = "2011-09-01"  # generator.GeneratorConfig.start
+DAY_FILE = re.compile(r"(\d{4}-\d{2}-\d{2})\.[A-Za-z.]+$")
 
-daily_partitions = dg.DailyPartitionsDefinition(start_date=FIRST_DAY)
+
+def last_landed_day(landing_dir: str | Path) -> str | None:
+    """The latest YYYY-MM-DD a landing file under the folder is named after (None if none)."""
+    days = [m.group(1) for path in Path(landing_dir).glob("*/*") if (m := DAY_FILE.search(path.name))]
+    return max(days) if days else None
+
+
+def last_day(setting: str | None) -> str | None:
+    if setting == "landing":
+        return last_landed_day(os.getenv("LANDING_DIR", "data/landing"))
+    return setting or None
+
+
+def exclusive_end(day: str | None) -> str | None:
+    return (dt.date.fromisoformat(day) + dt.timedelta(days=1)).isoformat() if day else None
+
+
+FIRST_DAY = os.getenv("PIPELINE_FIRST_DAY") or DEFAULT_FIRST_DAY
+LAST_DAY = last_day(os.getenv("PIPELINE_LAST_DAY"))
+daily_partitions = dg.DailyPartitionsDefinition(start_date=FIRST_DAY, end_date=exclusive_end(LAST_DAY))

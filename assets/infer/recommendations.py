@@ -29,7 +29,6 @@ STAGE = "recommendations"
 RECOMMENDATIONS_TABLE = "ml.recommendations"
 SKIPPED_TABLE = "ml.recommendation_skips"
 INPUTS = ("stg_purchases", "dim_products")
-CONFIDENCE_BINS = 10
 
 
 class RecommendationsConfig(DeadLetterConfig):
@@ -41,6 +40,7 @@ class RecommendationsConfig(DeadLetterConfig):
     workers: int = knob(2, "Scoring threads.")
     progress_every_seconds: float = knob(10.0, "How often progress (%, ETA) is logged.")
     min_served_share: float = knob(0.5, "The check warns when fewer customers get a recommendation.")
+    reset_confidence_bins: bool = knob(False, "Take this build's deciles as the new reference bins of the confidence histogram.")
 
     def recommender(self) -> RecommenderConfig:
         return RecommenderConfig(
@@ -121,24 +121,34 @@ def write_chunk(con: duckdb.DuckDBPyConnection, result, as_of: dt.date) -> None:
     con.unregister("chunk_skips")
 
 
-def confidence_summary(con: duckdb.DuckDBPyConnection) -> dict:
-    """Distribution of confidence (for the drift sensors) and of predicted value."""
+def confidence_summary(con: duckdb.DuckDBPyConnection, edges: list[float] | None) -> dict:
+    """Distribution of confidence (for the drift sensors) and of predicted value.
+
+    The histogram's bins are the deciles of a reference build (the first, or the last one whose
+    edges were reset), kept with the state and reused: bins that fit the data (confidences lie
+    within a few hundredths, so fixed 0-1 bins put everything in the first) and the same bins
+    from build to build, so PSI compares like with like."""
     mean, p10, p50, p90, value_mean = fetch_all(
         con,
         f"""SELECT avg(confidence), quantile_cont(confidence, 0.1), quantile_cont(confidence, 0.5),
                    quantile_cont(confidence, 0.9), avg(predicted_value) FROM {RECOMMENDATIONS_TABLE}""",
     )[0]
-    bins = dict(fetch_all(
+    if not edges:
+        deciles = fetch_all(con, f"SELECT quantile_cont(confidence, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]) "
+                                 f"FROM {RECOMMENDATIONS_TABLE}")[0][0]
+        edges = sorted({round(float(e), 8) for e in deciles or []})
+    counts = dict(fetch_all(
         con,
-        f"SELECT least(floor(confidence * {CONFIDENCE_BINS}), {CONFIDENCE_BINS - 1})::INT, count(*) "
-        f"FROM {RECOMMENDATIONS_TABLE} WHERE confidence BETWEEN 0 AND 1 GROUP BY 1",
-    ))
+        f"SELECT list_position($edges, list_filter($edges, lambda e: e <= confidence)[-1]), count(*) "
+        f"FROM {RECOMMENDATIONS_TABLE} WHERE confidence IS NOT NULL GROUP BY 1", {"edges": edges}))
+    histogram = [int(counts.get(None, 0))] + [int(counts.get(i, 0)) for i in range(1, len(edges) + 1)]
     return {
         "confidence_mean": round(mean or 0.0, 5),
         "confidence_p10": round(p10 or 0.0, 5),
         "confidence_p50": round(p50 or 0.0, 5),
         "confidence_p90": round(p90 or 0.0, 5),
-        "confidence_histogram": dg.MetadataValue.json([bins.get(i, 0) for i in range(CONFIDENCE_BINS)]),
+        "confidence_histogram": dg.MetadataValue.json(histogram),
+        "confidence_edges": dg.MetadataValue.json(edges),
         "predicted_value_mean": round(value_mean or 0.0, 4),
     }
 
@@ -199,7 +209,8 @@ def recommendations(build: StateBuild) -> Built:
             progress.advance(chunk.n_customers)
         con.execute("BEGIN TRANSACTION")
         swap_in_building_tables(con)
-        distribution = confidence_summary(con)
+        reference = (build.decision.stored.measurements.get("distribution", {}) if build.decision.stored else {})
+        distribution = confidence_summary(con, None if config.reset_confidence_bins else reference.get("confidence_edges"))
         stored = fetch_scalar(con, f"SELECT count(*) FROM {RECOMMENDATIONS_TABLE}")
         skip_reasons = dict(fetch_all(con, f"SELECT reason, count(*) FROM {SKIPPED_TABLE} GROUP BY reason"))
         # Customers scored this time leave the queue, whatever partition dead-lettered them.

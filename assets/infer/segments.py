@@ -15,6 +15,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import dagster as dg
 import duckdb
@@ -47,6 +48,27 @@ RFM_COLUMNS = """avg(f.recency_days), median(f.recency_days), avg(f.frequency), 
                  avg(f.monetary), median(f.monetary)"""
 
 
+def segment_verdicts(measured: Mapping[str, Any], config: "SegmentsConfig") -> list[dg.AssetCheckResult]:
+    sizes = measured.get("segment_sizes", {})
+    total = sum(sizes.values())
+    largest = max(sizes.values(), default=0) / total if total else 0.0
+    kept = measured.get("kept_segment_share")
+    return [
+        dg.AssetCheckResult(
+            check_name="segment_size_balance", passed=largest <= config.max_segment_share,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"largest_share": round(largest, 4), "segments": float(len(sizes)),
+                      "max_segment_share": config.max_segment_share},
+            description=f"the largest segment holds {largest:.1%} of customers (at most {config.max_segment_share:.0%})"),
+        dg.AssetCheckResult(
+            check_name="segment_stability", passed=kept is None or kept >= config.min_kept_share,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"kept_share": round(kept, 4) if kept is not None else 1.0, "min_kept_share": config.min_kept_share},
+            description="first build: nothing to compare" if kept is None else
+            f"{kept:.1%} of sampled customers keep their segment (at least {config.min_kept_share:.0%})"),
+    ]
+
+
 class SegmentsConfig(DeadLetterConfig):
     half_life_days: float = Field(default=90.0, description="Recency half-life of a purchase's weight.")
     sample_size: int = Field(default=20_000, description="Customers the clustering is fit on.")
@@ -55,6 +77,8 @@ class SegmentsConfig(DeadLetterConfig):
     seed: int = 0
     store_customer_vectors: bool = Field(default=False, description="Also write ml.customer_embeddings (384 floats each).")
     chunk_lines: int = knob(200_000, "Purchase lines pooled at once (memory knob).")
+    max_segment_share: float = knob(0.6, "segment_size_balance warns when one segment holds more customers.")
+    min_kept_share: float = knob(0.8, "segment_stability warns when fewer sampled customers keep their segment.")
     read_batch_rows: int = knob(100_000, "Rows per Arrow batch read from DuckDB.")
 
 
@@ -86,7 +110,15 @@ def fit(con, products, as_of, config: SegmentsConfig, previous) -> tuple:
     if len(sample) < config.k_min:
         raise dg.Failure(f"only {len(sample)} customers have embeddable purchases; at least {config.k_min} are needed to segment")
     segmenting = SegmentingConfig(k_min=config.k_min, k_max=min(config.k_max, len(sample) - 1), seed=config.seed)
-    return fit_segments(sample.vectors, previous, segmenting), len(sample)
+    segment_fit = fit_segments(sample.vectors, previous, segmenting)
+    return segment_fit, len(sample), kept_share(previous, segment_fit.model, sample.vectors)
+
+
+def kept_share(previous: SegmentModel | None, model: SegmentModel, vectors: np.ndarray) -> float | None:
+    """Share of the sampled customers the new model puts in the segment (id) the previous one did."""
+    if previous is None or previous.centroids.shape[1] != vectors.shape[1] or not len(vectors):
+        return None
+    return float((previous.assign(vectors) == model.assign(vectors)).mean())
 
 
 def assign(con, products, as_of, config: SegmentsConfig, model: SegmentModel) -> tuple[SegmentProfiler, PoolingReport]:
@@ -175,6 +207,10 @@ def chat_names(build: StateBuild, profiles: list[SegmentProfile], product_names:
     group="infer",
     config_class=SegmentsConfig,
     resources=("warehouse", "chat_model"),
+    checks=[dg.AssetCheckSpec("segment_size_balance", asset=STAGE, description="No segment swallows the customer base."),
+            dg.AssetCheckSpec("segment_stability", asset=STAGE,
+                              description="Customers keep their segment from one build to the next.")],
+    verdicts=segment_verdicts,
     dead_letter_stage=NAMING_STAGE,
     personal_data=True,  # customer ids
 )
@@ -184,7 +220,7 @@ def customer_segments(build: StateBuild) -> Built:
     with build.warehouse.transaction() as con:
         con.execute("CREATE SCHEMA IF NOT EXISTS ml")
         products, category_of, product_names = load_products(con)
-        segment_fit, sampled = fit(con, products, build.as_of, config, previous_model(con))
+        segment_fit, sampled, stability = fit(con, products, build.as_of, config, previous_model(con))
         profiler, report = assign(con, products, build.as_of, config, segment_fit.model)
         model, dropped = drop_empty_segments(segment_fit.model, profiler.sizes)
         rfm, everyone = segment_rfm(con)
@@ -201,7 +237,8 @@ def customer_segments(build: StateBuild) -> Built:
                            [letter] if letter else [])
         # The naming request is the stage's one model item (none when no chat model is configured).
         naming_items = int(build.resources.chat_model.provider != "none" and bool(profiles))
-        build.record(con, sum(sizes.values()), {"segment_sizes": sizes, "items": naming_items})
+        build.record(con, sum(sizes.values()), {"segment_sizes": sizes, "items": naming_items,
+                                                "kept_segment_share": stability})
     named_by = "chat" if names else ("profile (chat answer rejected, dead-lettered)" if letter
                                      else "profile (no chat model configured)")
     return segments_metadata(build, segment_fit, report, profiles, sizes, dropped, sampled, named_by)

@@ -10,10 +10,19 @@ import dagster as dg
 
 from assets.common.sources import SOURCES, Source
 from assets.monitor.check_alerts import asset_check_failure_alerts
+from assets.monitor.delivery import INCIDENTS_ASSET
 from assets.monitor.freshness import partition_freshness_alerts
 from assets.monitor.metrics import metric_anomaly_alerts
 from assets.monitor.run_failures import run_failure_alerts
 from assets.monitor.settings import MonitoringSettings, settings_for
+
+
+# Every alert the sensors send is an observation of this asset: one place in the UI to look.
+INCIDENTS = dg.AssetSpec(
+    INCIDENTS_ASSET, group_name="monitor", kinds={"alerts"},
+    description="Incidents raised and resolved by the alerting sensors (asset, partition, cause, severity); "
+                "each open or resolve notice is an observation with its details.",
+)
 
 
 def build_monitor_defs(sources: tuple[Source, ...] = SOURCES) -> dg.Definitions:
@@ -25,4 +34,4 @@ def build_monitor_defs(sources: tuple[Source, ...] = SOURCES) -> dg.Definitions:
 
 defs = build_monitor_defs()
 
-__all__ = ["MonitoringSettings", "build_monitor_defs", "defs"]
+__all__ = ["INCIDENTS", "MonitoringSettings", "build_monitor_defs", "defs"]

@@ -24,7 +24,9 @@ def _shorten(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Alert:
-    """`dedup_key` names the problem, not the tick: the same problem always gets the same key."""
+    """`dedup_key` names the incident, the problem (cause, asset, partition), not the tick or the
+    run: while an incident is open it is raised once. An alert with `resolves` set is the notice
+    that closes it (sent only if it was open)."""
 
     dedup_key: str
     rule: str
@@ -33,6 +35,7 @@ class Alert:
     asset: str | None = None
     partition: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    resolves: bool = False
 
     @classmethod
     def create(cls, dedup_key: str, rule: str, severity: str, message: str, **kwargs: Any) -> Alert:

@@ -1,9 +1,11 @@
 """Failed asset checks, WARN or ERROR, each alerted once.
 
 Open-source Dagster shows a failed non-blocking check in the UI and nothing else; this sensor
-turns every failed evaluation into an alert. The cursor is the event-log storage id of the last
-evaluation read, so each evaluation is seen exactly once whatever the tick rate. A failed check
-that only re-reports a skipped build (inputs unchanged) is not alerted again.
+turns a failed evaluation into an incident (asset, check, partition), raised once while it stays
+open, and a later passing evaluation of the same check into the notice that closes it. The
+cursor is the event-log storage id of the last evaluation read, so each evaluation is seen
+exactly once whatever the tick rate. An evaluation that only re-reports a skipped build (inputs
+unchanged) changes nothing.
 """
 
 from __future__ import annotations
@@ -35,18 +37,22 @@ def rechecks_a_skip(instance: dg.DagsterInstance, evaluation: dg.AssetCheckEvalu
 
 
 def check_failure_alert(instance: dg.DagsterInstance, storage_id: int, entry: dg.EventLogEntry) -> Alert | None:
+    """A failed evaluation opens the incident (asset, check, partition); a passing one closes it."""
     evaluation = entry.dagster_event.event_specific_data
-    if evaluation.passed or rechecks_a_skip(instance, evaluation):
+    if rechecks_a_skip(instance, evaluation):
         return None
     asset = evaluation.asset_key.to_user_string()
     # A check declared without its own partitions reports none; the run's partition says which day.
     partition = evaluation.partition or run_partition(instance, entry.run_id)
     severity = evaluation.severity.value
+    where = f"{asset}" + (f" [{partition}]" if partition else "")
     return Alert.create(
-        dedup_key=f"{RULE}:{asset}:{evaluation.check_name}:{partition or '-'}:{entry.run_id}",
+        dedup_key=f"{RULE}:{asset}:{evaluation.check_name}:{partition or '-'}",
         rule=RULE,
         severity=severity,
-        message=f"{severity} check {evaluation.check_name!r} failed on {asset}" + (f" [{partition}]" if partition else ""),
+        resolves=evaluation.passed,
+        message=(f"check {evaluation.check_name!r} passes again on {where}" if evaluation.passed
+                 else f"{severity} check {evaluation.check_name!r} failed on {where}"),
         asset=asset,
         partition=partition,
         details={
@@ -72,7 +78,8 @@ def failed_check_alerts(instance: dg.DagsterInstance, after_storage_id: int, lim
 
 @dg.sensor(
     name="asset_check_failure_alerts",
-    description="Alerts on every failed asset check evaluation (WARN or ERROR), once each.",
+    description="Alerts on failed asset checks (WARN or ERROR), once per incident (asset, check, partition); "
+                "a later pass resolves it.",
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.STOPPED,
 )

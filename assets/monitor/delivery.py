@@ -8,8 +8,11 @@ retried on the next ticks; it is never notified twice. Choice: the cursor rather
 file, because Dagster already stores and versions cursors per sensor, and one tick's cursor is
 written atomically with its outcome.
 
-The cursor also remembers the dedup keys already raised (hashed, bounded), so a problem found
-again on a later tick (a partition still late) is not raised again.
+The cursor also keeps the open incidents (their dedup keys, hashed, bounded): a problem found
+again while its incident is open (a partition still late, the same check failing on the next
+run) is not raised again; a resolving alert of an open incident sends one notice and closes it,
+so the same problem can be raised again later. Every alert sent is also an observation of the
+`incidents` asset, so it shows in the UI (its event history, and the sensor's tick).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from resources.warehouse import WarehouseLockTimeout
 from assets.monitor.alert import Alert
 from assets.monitor.settings import MonitoringSettings
 
-MAX_REMEMBERED_KEYS = 2_000  # far more than one look-back window of late partitions
+MAX_OPEN_INCIDENTS = 2_000  # far more than one look-back window of late partitions
+INCIDENTS_ASSET = "incidents"
 MAX_UNSENT = 1_000  # alerts waiting to be notified; beyond this the sensor stops reading new events
 MAX_UNWRITTEN_ROWS = 1_000  # beyond this the oldest rows are dropped: they already reached the log and webhook
 
@@ -44,47 +48,73 @@ class AlertSensorState:
     """What a sensor's cursor holds between ticks."""
 
     position: Any = None  # where the event log was read up to (a storage id, or one per asset)
-    raised: list[str] = field(default_factory=list)  # digests of dedup keys already raised, oldest first
+    open: dict[str, str] = field(default_factory=dict)  # digest of an open incident's key -> its title, oldest first
     outbox: list[dict[str, Any]] = field(default_factory=list)  # {"alert": ...} to notify, {"row": ...} to record
 
     @classmethod
     def from_cursor(cls, cursor: str | None) -> AlertSensorState:
-        return cls(**json.loads(cursor)) if cursor else cls()
+        data = json.loads(cursor) if cursor else {}
+        data.pop("raised", None)  # cursors written before incidents: those problems may be raised once more
+        return cls(**data)
 
     def read_from(self, start: Any) -> Any:
         """The position to read from: `start` on the first tick (the whole event log is read)."""
         return start if self.position is None else self.position
 
     def to_cursor(self) -> str:
-        return json.dumps({"position": self.position, "raised": self.raised, "outbox": self.outbox})
+        return json.dumps({"position": self.position, "open": self.open, "outbox": self.outbox})
 
     def unsent(self) -> int:
         return sum("alert" in item for item in self.outbox)
 
     def queue_new(self, alerts: list[Alert]) -> int:
-        """Queue the alerts whose problem was not raised before; returns how many."""
-        known = set(self.raised)
+        """Queue the alerts that open an incident, and the notices that close an open one;
+        returns how many."""
         queued = 0
         for alert in alerts:
             digest = key_digest(alert.dedup_key)
-            if digest not in known:
-                known.add(digest)
-                self.raised.append(digest)
+            if alert.resolves == (digest in self.open):
+                if alert.resolves:
+                    del self.open[digest]
+                else:
+                    self.open[digest] = alert.message[:120]
                 self.outbox.append({"alert": alert.to_json()})
                 queued += 1
-        del self.raised[:-MAX_REMEMBERED_KEYS]
+        for digest in list(self.open)[:-MAX_OPEN_INCIDENTS]:
+            del self.open[digest]
         return queued
 
 
 def notify(alerts: Alerts, alert: Alert, log) -> AlertRecord:
     location = f"{alert.asset}" + (f" [{alert.partition}]" if alert.partition else "") if alert.asset else ""
     return alerts.notify(
-        severity=alert.severity,
+        severity="INFO" if alert.resolves else alert.severity,
         source=f"sensor:{alert.rule}",
-        title=f"{alert.rule} {location}".strip(),
+        title=("resolved: " if alert.resolves else "") + f"{alert.rule} {location}".strip(),
         message=alert.message,
-        details={"dedup_key": alert.dedup_key, "asset": alert.asset, "partition": alert.partition, **alert.details},
+        details={"dedup_key": alert.dedup_key, "asset": alert.asset, "partition": alert.partition,
+                 "incident": "resolved" if alert.resolves else "open", **alert.details},
         log=log,
+    )
+
+
+def observation(row: AlertRecord) -> dg.AssetObservation:
+    """The alert as an event of the `incidents` asset: where a user of the UI looks."""
+    details = row.details
+    return dg.AssetObservation(
+        asset_key=INCIDENTS_ASSET,
+        description=f"{row.severity}: {row.title}",
+        metadata={
+            "severity": row.severity,
+            "incident": str(details.get("incident", "open")),
+            "title": row.title,
+            "message": row.message,
+            "asset": str(details.get("asset") or ""),
+            "partition": str(details.get("partition") or ""),
+            "source": row.source,
+            "alert_id": row.alert_id,
+            **({"run_id": str(details["run_id"])} if details.get("run_id") else {}),
+        },
     )
 
 
@@ -96,14 +126,16 @@ def row_from_json(data: dict[str, Any]) -> AlertRecord:
     return AlertRecord(**{**data, "raised_at": dt.datetime.fromisoformat(data["raised_at"])})
 
 
-def work_outbox(alerts: Alerts, state: AlertSensorState, settings: MonitoringSettings, log) -> tuple[int, int]:
+def work_outbox(alerts: Alerts, state: AlertSensorState, settings: MonitoringSettings,
+                log) -> tuple[list[AlertRecord], int]:
     """Notify queued alerts and write pending rows, oldest first, within the tick's time budget.
 
-    Returns (notified, recorded). Once the lock is found busy, no more rows are tried this tick
-    (each try would wait the timeout again), but new alerts are still notified.
+    Returns (the alerts notified, rows recorded). Once the lock is found busy, no more rows are
+    tried this tick (each try would wait the timeout again), but new alerts are still notified.
     """
     deadline = time.monotonic() + settings.tick_budget_seconds
-    notified = recorded = 0
+    notified: list[AlertRecord] = []
+    recorded = 0
     lock_busy = False
     remaining = []
     for item in state.outbox:
@@ -111,8 +143,9 @@ def work_outbox(alerts: Alerts, state: AlertSensorState, settings: MonitoringSet
             remaining.append(item)
             continue
         if "alert" in item:
-            item = {"row": row_to_json(notify(alerts, Alert.from_json(item["alert"]), log))}
-            notified += 1
+            row = notify(alerts, Alert.from_json(item["alert"]), log)
+            notified.append(row)
+            item = {"row": row_to_json(row)}
         if not lock_busy:
             try:
                 alerts.record(row_from_json(item["row"]), lock_timeout_seconds=settings.alert_row_lock_timeout_seconds)
@@ -158,6 +191,8 @@ def run_alert_sensor(
         found, state.position = find(state.read_from(start))
         state.queue_new(found)
     notified, recorded = work_outbox(alerts, state, settings, context.log)
-    summary = f"{notified} alert(s) raised, {recorded} row(s) recorded, {len(state.outbox)} waiting"
-    # Alert sensors request no runs: the skip reason is the tick's summary in the UI.
+    summary = (f"{len(notified)} alert(s) sent, {recorded} row(s) recorded, {len(state.outbox)} waiting, "
+               f"{len(state.open)} incident(s) open")
+    if notified:  # the tick shows its events; the incidents asset keeps them
+        return dg.SensorResult(cursor=state.to_cursor(), asset_events=[observation(row) for row in notified])
     return dg.SensorResult(cursor=state.to_cursor(), skip_reason=summary)

@@ -175,6 +175,19 @@ def trailing_values(instance: dg.DagsterInstance, current: Materialization, key:
     return values
 
 
+def trailing_points(instance: dg.DagsterInstance, current: Materialization, key: str,
+                    count: int) -> list[tuple[str | None, float]]:
+    """(partition, `key`) of up to `count` earlier runs that reported it, newest first."""
+    points = []
+    for earlier in earlier_materializations(instance, current):
+        if len(points) >= count:
+            break
+        value = earlier.number(key)
+        if value is not None:
+            points.append((earlier.partition, value))
+    return points
+
+
 def previous_json(instance: dg.DagsterInstance, current: Materialization, key: str) -> Any:
     """The JSON value of `key` on the latest earlier run that reported it."""
     for earlier in earlier_materializations(instance, current):

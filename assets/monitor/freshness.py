@@ -3,7 +3,10 @@
 Dagster's freshness policies look at the latest materialization only, so a backfill of old days
 looks fresh while yesterday is missing. Here each day is judged alone: once a day has ended and
 `freshness_lag_hours` more have passed, a partition with no materialization is late, and alerted
-once per (asset, partition). Only the last `freshness_lookback_days` days are watched.
+once per (asset, partition). Only the last `freshness_lookback_days` days are watched, only the
+configured sources (`PIPELINE_SOURCES`), and only the days a batch is expected (weekdays and
+holidays in `MonitoringSettings`); days beyond the partitions' last day do not exist, so
+historical data raises nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ def due_partitions(
     return due
 
 
+def expected_day(partition_key: str, settings: MonitoringSettings) -> bool:
+    """A batch is expected on the configured weekdays, except holidays."""
+    day = dt.date.fromisoformat(partition_key)
+    return day.weekday() in settings.expected_weekdays and partition_key not in settings.holidays
+
+
 def late_partition_alerts(
     instance: dg.DagsterInstance,
     settings: MonitoringSettings,
@@ -49,23 +58,28 @@ def late_partition_alerts(
     partitions_def: dg.TimeWindowPartitionsDefinition = daily_partitions,
 ) -> list[Alert]:
     lag = dt.timedelta(hours=settings.freshness_lag_hours)
-    due = due_partitions(partitions_def, now, lag, dt.timedelta(days=settings.freshness_lookback_days))
+    due = {key: deadline for key, deadline in
+           due_partitions(partitions_def, now, lag, dt.timedelta(days=settings.freshness_lookback_days)).items()
+           if expected_day(key, settings)}
     alerts = []
     for asset in settings.freshness_assets:
         landed = instance.get_materialized_partitions(dg.AssetKey(asset))
         for partition, deadline in sorted(due.items()):
-            if partition not in landed:
-                alerts.append(late_partition_alert(asset, partition, deadline, now))
+            alerts.append(late_partition_alert(asset, partition, deadline, now, landed=partition in landed))
     return alerts
 
 
-def late_partition_alert(asset: str, partition: str, deadline: dt.datetime, now: dt.datetime) -> Alert:
+def late_partition_alert(asset: str, partition: str, deadline: dt.datetime, now: dt.datetime,
+                         landed: bool = False) -> Alert:
+    """Late: opens the incident (asset, partition); landed: the notice that closes it, if open."""
     hours_late = (now - deadline).total_seconds() / 3600
     return Alert.create(
         dedup_key=f"{RULE}:{asset}:{partition}",
         rule=RULE,
         severity=ERROR,
-        message=f"{asset} partition {partition} not materialized; due {deadline.isoformat()} ({hours_late:.1f} h late)",
+        resolves=landed,
+        message=f"{asset} partition {partition} has landed" if landed else
+        f"{asset} partition {partition} not materialized; due {deadline.isoformat()} ({hours_late:.1f} h late)",
         asset=asset,
         partition=partition,
         details={"deadline": deadline.isoformat(), "checked_at": now.isoformat(), "hours_late": round(hours_late, 2)},

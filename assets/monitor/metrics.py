@@ -8,6 +8,7 @@ both as the subject and in the history a baseline is taken from.
 
 from __future__ import annotations
 
+import datetime as dt
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,10 +17,17 @@ from typing import Any
 import dagster as dg
 
 from resources.alerts import Alerts
-from assets.monitor.alert import ERROR, WARN, Alert
+from assets.monitor.alert import WARN, Alert
 from assets.monitor.delivery import run_alert_sensor
 from assets.monitor.drift import psi, psi_of_categories
-from assets.monitor.event_log import Materialization, materializations_after, previous_json, run_partition, trailing_values
+from assets.monitor.event_log import (
+    Materialization,
+    materializations_after,
+    previous_json,
+    run_partition,
+    trailing_points,
+    trailing_values,
+)
 from assets.monitor.settings import EVERY_ASSET, MonitoringSettings
 
 ROW_COUNT = "dagster/row_count"
@@ -36,37 +44,48 @@ Rule = Callable[[dg.DagsterInstance, Materialization, MonitoringSettings], "Find
 
 
 def row_count_anomaly(instance: dg.DagsterInstance, m: Materialization, s: MonitoringSettings) -> Finding | None:
+    """Off by more than `row_count_max_change` of the trailing median (the seed's 30 % band), and,
+    when the same weekday has history enough, also off its robust z-score: a shop that sells
+    less on Sundays has small Sundays, and that is no anomaly."""
     count = m.number(ROW_COUNT)
     if count is None:
         return None
-    history = trailing_values(instance, m, ROW_COUNT, s.history_size)
-    if len(history) < s.row_count_min_history:
+    history = trailing_points(instance, m, ROW_COUNT, s.history_size * 4)
+    recent = [value for _, value in history[: s.history_size]]
+    if len(recent) < s.row_count_min_history:
         return None
-    baseline = statistics.median(history)
+    baseline = statistics.median(recent)
     if baseline <= 0:
         return None  # no volume to compare against
-    ratio = count / baseline
-    if 1 / s.row_count_factor <= ratio <= s.row_count_factor:
+    change = count / baseline - 1
+    if abs(change) <= s.row_count_max_change:
         return None
-    return Finding(
-        f"row count {count:,.0f} is {ratio:.2f}x the median {baseline:,.0f} of the last {len(history)} runs",
-        {"row_count": count, "median": baseline, "ratio": round(ratio, 3), "history": history,
-         "factor": s.row_count_factor},
-    )
+    details = {"row_count": count, "median": baseline, "change": round(change, 4), "history": recent,
+               "max_change": s.row_count_max_change}
+    weekday = _weekday(m.partition)
+    same_day = [value for partition, value in history if weekday is not None and _weekday(partition) == weekday]
+    if len(same_day) >= s.row_count_weekday_history:
+        z = robust_z(count, same_day)
+        details.update(weekday_history=same_day, robust_z=round(z, 2), max_z=s.row_count_max_z)
+        if abs(z) <= s.row_count_max_z:
+            return None  # usual for this weekday
+    return Finding(f"row count {count:,.0f} is {change:+.0%} off the median {baseline:,.0f} of the last "
+                   f"{len(recent)} runs" + (f" (robust z {details['robust_z']} on its weekday)" if "robust_z" in details else ""),
+                   details)
 
 
-def schema_error_rate(instance: dg.DagsterInstance, m: Materialization, s: MonitoringSettings) -> Finding | None:
-    # `error_rate` is the batch's main table; raw_customers adds `customer_purchases.error_rate`.
-    rates = {k: m.number(k) for k in m.metadata if k == "error_rate" or k.endswith(".error_rate")}
-    over = {k: rate for k, rate in rates.items() if rate is not None and rate > s.max_error_rate}
-    if not over:
+def robust_z(value: float, sample: list[float]) -> float:
+    """(value - median) / (1.4826 x MAD): a z-score that a few outliers in the history do not move."""
+    median = statistics.median(sample)
+    mad = statistics.median(abs(x - median) for x in sample) * 1.4826
+    return (value - median) / mad if mad > 0 else (0.0 if value == median else float("inf") * (value - median))
+
+
+def _weekday(partition: str | None) -> int | None:
+    try:
+        return dt.date.fromisoformat((partition or "")[:10]).weekday()
+    except ValueError:
         return None
-    text = ", ".join(f"{k.removesuffix('error_rate').rstrip('.') or 'batch'} {rate:.1%}" for k, rate in over.items())
-    return Finding(
-        f"schema error rate above {s.max_error_rate:.1%}: {text}",
-        {**over, "threshold": s.max_error_rate, "quarantined_by_rule": m.json("quarantined_by_rule")},
-        ERROR,
-    )
 
 
 def dlq_growth(instance: dg.DagsterInstance, m: Materialization, s: MonitoringSettings) -> Finding | None:
@@ -91,6 +110,9 @@ LATENCY_KEYS = {"latency_p95_ms": ("latency_p95_ms", "latency_ms_p95"), "latency
 
 
 def model_latency(instance: dg.DagsterInstance, m: Materialization, s: MonitoringSettings) -> Finding | None:
+    # A handful of requests has no tail: a cold model's first answer is not a latency problem.
+    if (m.number("requests") or 0) < s.latency_min_requests:
+        return None
     limits = {"latency_p95_ms": s.max_latency_p95_ms, "latency_p99_ms": s.max_latency_p99_ms}
     values = {name: next((v for k in LATENCY_KEYS[name] if (v := m.number(k)) is not None), None) for name in limits}
     over = {name: value for name, value in values.items() if value is not None and value > limits[name]}
@@ -117,13 +139,18 @@ def confidence_drop(instance: dg.DagsterInstance, m: Materialization, s: Monitor
     )
 
 
-def _drift(label: str, key: str, compare: Callable[[Any, Any], float | None], expected_type: type) -> Rule:
+def _drift(label: str, key: str, compare: Callable[[Any, Any], float | None], expected_type: type,
+           bins_key: str | None = None) -> Rule:
+    """PSI of a distribution against the previous materialization's; with `bins_key`, only when
+    both were counted over the same bins (other bins: no verdict)."""
     def rule(instance: dg.DagsterInstance, m: Materialization, s: MonitoringSettings) -> Finding | None:
         current = m.json(key)
         if not isinstance(current, expected_type):
             return None
         previous = previous_json(instance, m, key)
         if not isinstance(previous, expected_type):
+            return None
+        if bins_key and m.json(bins_key) != previous_json(instance, m, bins_key):
             return None
         value = _safe(compare, previous, current)
         if value is None or value <= s.max_psi:
@@ -157,11 +184,10 @@ def rejection_rate(instance: dg.DagsterInstance, m: Materialization, s: Monitori
 
 RULES: dict[str, Rule] = {
     "row_count_anomaly": row_count_anomaly,
-    "schema_error_rate": schema_error_rate,
     "dlq_growth": dlq_growth,
     "model_latency": model_latency,
     "confidence_drop": confidence_drop,
-    "confidence_drift": _drift("confidence distribution", "confidence_histogram", psi, list),
+    "confidence_drift": _drift("confidence distribution", "confidence_histogram", psi, list, "confidence_edges"),
     "segment_drift": _drift("segment sizes", "segment_sizes", psi_of_categories, dict),
     "rejection_rate": rejection_rate,
 }
@@ -182,22 +208,24 @@ def watched_assets(instance: dg.DagsterInstance, settings: MonitoringSettings) -
 
 
 def materialization_alerts(instance: dg.DagsterInstance, m: Materialization, settings: MonitoringSettings) -> list[Alert]:
+    """One incident per rule and asset: it opens on a finding and closes on the next
+    materialization the rule finds nothing in (a run over a range, or a problem that lasts for
+    days, is one incident, not thirty)."""
     alerts = []
+    partition = run_partition(instance, m.run_id) or m.partition
     for name in rules_for(m.asset, settings):
         finding = RULES[name](instance, m, settings)
-        if finding is not None:
-            partition = run_partition(instance, m.run_id) or m.partition
-            alerts.append(Alert.create(
-                # One alert per rule, asset and run: a run over a range materializes every
-                # partition with the same metadata, and that is one problem, not thirty.
-                dedup_key=f"{name}:{m.asset}:{m.run_id}",
-                rule=name,
-                severity=finding.severity,
-                message=f"{m.asset}" + (f" [{partition}]" if partition else "") + f": {finding.message}",
-                asset=m.asset,
-                partition=partition,
-                details={**finding.details, "run_id": m.run_id, "storage_id": m.storage_id},
-            ))
+        where = f"{m.asset}" + (f" [{partition}]" if partition else "")
+        alerts.append(Alert.create(
+            dedup_key=f"{name}:{m.asset}",
+            rule=name,
+            severity=finding.severity if finding else WARN,
+            resolves=finding is None,
+            message=f"{where}: {finding.message}" if finding else f"{where}: {name} back within its bounds",
+            asset=m.asset,
+            partition=partition,
+            details={**(finding.details if finding else {}), "run_id": m.run_id, "storage_id": m.storage_id},
+        ))
     return alerts
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from dataclasses import replace
+
 import dagster as dg
 
 from resources.alerts import Alerts
@@ -54,7 +56,7 @@ def run_failure_alert(
     where = ", ".join(s["step"] for s in steps if s["step"]) or "no step (run-level failure)"
     first_error = next((s["error"] for s in steps if s["error"]), run_error) or run_failure.message
     return Alert.create(
-        dedup_key=f"{RULE}:{run.run_id}",
+        dedup_key=run_incident(run.job_name, partition),
         rule=RULE,
         severity=ERROR,
         message=f"run {run.run_id[:8]} of {run.job_name} failed" + (f" [{partition}]" if partition else "")
@@ -70,6 +72,30 @@ def run_failure_alert(
     )
 
 
+def run_incident(job: str, partition: str | None) -> str:
+    """A job's failures on one partition are one incident, until a run of it succeeds."""
+    return f"{RULE}:{job}:{partition or '-'}"
+
+
+def succeeded_run_notices(instance: dg.DagsterInstance, after_storage_id: int, limit: int) -> tuple[list[Alert], int]:
+    """The notices that close the incidents of the (job, partition)s whose runs succeeded."""
+    records = instance.fetch_run_status_changes(
+        dg.RunStatusChangeRecordsFilter(dg.DagsterEventType.RUN_SUCCESS, after_storage_id=after_storage_id),
+        limit=limit, ascending=True,
+    ).records
+    notices, cursor = [], after_storage_id
+    for record in records:
+        cursor = record.storage_id
+        run = instance.get_run_by_id(record.run_id)
+        if run is not None:
+            partition = run_partition(instance, run.run_id)
+            notices.append(Alert.create(
+                dedup_key=run_incident(run.job_name, partition), rule=RULE, severity=ERROR, resolves=True,
+                message=f"run {run.run_id[:8]} of {run.job_name} succeeded" + (f" [{partition}]" if partition else ""),
+                partition=partition, details={"run_id": run.run_id, "job": run.job_name, "storage_id": cursor}))
+    return notices, cursor
+
+
 def failed_run_alerts(instance: dg.DagsterInstance, after_storage_id: int, limit: int) -> tuple[list[Alert], int]:
     """Alerts for the runs that failed after the cursor, and the cursor to resume from."""
     records = instance.fetch_run_status_changes(
@@ -83,20 +109,26 @@ def failed_run_alerts(instance: dg.DagsterInstance, after_storage_id: int, limit
         run = instance.get_run_by_id(record.run_id)
         if run is not None:  # a deleted run has nothing left to report
             event = record.event_log_entry.dagster_event
-            alerts.append(run_failure_alert(instance, run, event, step_failures(instance, run.run_id)))
+            alert = run_failure_alert(instance, run, event, step_failures(instance, run.run_id))
+            alerts.append(replace(alert, details={**alert.details, "storage_id": record.storage_id}))
     return alerts, cursor
 
 
 @dg.sensor(
     name="run_failure_alerts",
-    description="Alerts on every failed run with its failed steps and their errors (no stack, no secrets).",
+    description="Alerts on failed runs (failed steps and errors, no stack, no secrets), once per incident "
+                "(job, partition); a later successful run resolves it.",
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.STOPPED,
 )
 def run_failure_alerts(
     context: dg.SensorEvaluationContext, monitoring: MonitoringSettings, alerts: Alerts
 ) -> dg.SensorResult:
-    def find(after: int) -> tuple[list[Alert], int]:
-        return failed_run_alerts(context.instance, after, monitoring.events_per_tick)
+    def find(after: dict[str, int]) -> tuple[list[Alert], dict[str, int]]:
+        failed, failed_at = failed_run_alerts(context.instance, after["failed"], monitoring.events_per_tick)
+        succeeded, succeeded_at = succeeded_run_notices(context.instance, after["succeeded"], monitoring.events_per_tick)
+        # Failures and successes in the order they happened: a success closes only what failed before it.
+        ordered = sorted(failed + succeeded, key=lambda a: a.details["storage_id"])
+        return ordered, {"failed": failed_at, "succeeded": succeeded_at}
 
-    return run_alert_sensor(context, alerts, monitoring, find, start=-1)
+    return run_alert_sensor(context, alerts, monitoring, find, start={"failed": -1, "succeeded": -1})

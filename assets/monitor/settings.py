@@ -9,14 +9,13 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
-from assets.common.sources import SOURCES, Source, ingestion_assets
+from assets.common.sources import SOURCES, Source, configured_sources, ingestion_assets
 
-INGESTION_ASSETS = ingestion_assets()
+INGESTION_ASSETS = ingestion_assets(configured_sources())
 EVERY_ASSET = "*"
 
 METRIC_RULE_ASSETS = {
     "row_count_anomaly": [EVERY_ASSET],
-    "schema_error_rate": INGESTION_ASSETS,
     "dlq_growth": ["product_embeddings", "recommendations"],
     "model_latency": ["product_embeddings"],
     "confidence_drop": ["recommendations"],
@@ -39,6 +38,10 @@ class MonitoringSettings(dg.ConfigurableResource):
     freshness_lookback_days: int = Field(
         default=7, description="Only days this recent are watched (older gaps are a backfill matter, not an alert)."
     )
+    expected_weekdays: list[int] = Field(
+        default=[0, 1, 2, 3, 4, 5, 6],
+        description="Days of the week a batch is expected (0 = Monday); Online Retail, for one, has no Saturdays.")
+    holidays: list[str] = Field(default=[], description="Days (YYYY-MM-DD) no batch is expected.")
 
     # Which assets each metric rule watches ("*" = every asset the instance has seen)
     rule_assets: dict[str, list[str]] = Field(
@@ -48,16 +51,19 @@ class MonitoringSettings(dg.ConfigurableResource):
 
     # Row counts against the same asset's trailing median
     row_count_min_history: int = Field(default=3, description="Fewer earlier materializations than this: no verdict.")
-    row_count_factor: float = Field(
-        default=3.0, description="Alert when `dagster/row_count` is above median x factor or below median / factor."
-    )
+    row_count_max_change: float = Field(
+        default=0.3, description="Alert when `dagster/row_count` is more than this share off the trailing median.")
+    row_count_weekday_history: int = Field(
+        default=4, description="With this many earlier builds of the same weekday, the robust z-score decides.")
+    row_count_max_z: float = Field(
+        default=3.5, description="Robust z-score (median, MAD) over the same weekday above which a count is an anomaly.")
 
     # Per-materialization quality metrics
-    max_error_rate: float = Field(default=0.05, description="Schema error rate (`error_rate`) above which raw_* alert.")
     max_dlq_count: int = Field(default=100, description="`dlq_count` above which a model stage alerts.")
     alert_on_dlq_growth: bool = Field(default=True, description="Alert when `dlq_count` grows vs the previous run.")
     max_latency_p95_ms: float = Field(default=2_000.0, description="`latency_p95_ms` above which model calls alert.")
     max_latency_p99_ms: float = Field(default=5_000.0, description="`latency_p99_ms` above which model calls alert.")
+    latency_min_requests: int = Field(default=20, description="Fewer requests than this: latency is not judged.")
     max_confidence_mean_drop: float = Field(
         default=0.1, description="Alert when `confidence_mean` falls this much (absolute) below its trailing median."
     )
@@ -75,7 +81,6 @@ class MonitoringSettings(dg.ConfigurableResource):
 
 
 def settings_for(sources: tuple[Source, ...] = SOURCES) -> MonitoringSettings:
-    """The default settings, watching the ingestion assets of these sources."""
-    watched = ingestion_assets(sources)
-    return MonitoringSettings(freshness_assets=watched,
-                              rule_assets={**METRIC_RULE_ASSETS, "schema_error_rate": watched})
+    """The default settings, watching the ingestion assets of the configured sources."""
+    watched = ingestion_assets(configured_sources(sources))
+    return MonitoringSettings(freshness_assets=watched)

@@ -2,7 +2,8 @@
 
 Upstream assets come from the tables the SQL reads, found with a real SQL parser (sqlglot).
 The partition's day reaches the SQL as the parameter `$as_of`; a model is rebuilt only when its
-SQL, its parameters or what it reads changed (assets/common/current_state.py).
+SQL, its parameters or what it reads changed (assets/common/current_state.py). dbt-style tests
+declared next to the SQL (`sql/schema.yml`) are its blocking checks (model_tests.py).
 """
 
 
@@ -18,6 +19,8 @@ from sqlglot import exp
 from assets.common.current_state import Built, StateBuild, as_of_day, current_state_asset, register_sources
 from assets.common.metadata import table_preview, table_schema
 from assets.common.sources import SOURCES, Source, personal_columns, raw_table_owners
+from assets.transform import model_tests
+from assets.transform.model_tests import ModelTest
 from resources.warehouse import fetch_scalar
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
@@ -110,7 +113,9 @@ def holds_personal_data(model: SqlModel, models: dict[str, SqlModel], personal: 
 
 
 def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, str],
-                    personal_data: bool = False) -> dg.AssetsDefinition:
+                    personal_data: bool = False, tests: list[ModelTest] | None = None) -> dg.AssetsDefinition:
+    tests = tests or []
+
     @current_state_asset(
         name=model.name,
         inputs=upstream_assets(model, model_names, owners),
@@ -123,6 +128,8 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
         kinds={"duckdb", "sql"},
         metadata={"table": model.table, "sql_file": f"sql/{model.name}.sql"},
         personal_data=personal_data,
+        checks=model_tests.check_specs(model.name, tests),
+        verdicts=model_tests.verdicts(tests) if tests else None,
     )
     def _build(build: StateBuild) -> Built:
         params = sql_parameters(model, build.context)
@@ -130,7 +137,8 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {MODEL_SCHEMA}")
             con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
             row_count = fetch_scalar(con, f"SELECT count(*) FROM {model.table}")
-            build.record(con, row_count, {"rows": row_count})
+            violations = model_tests.measure(con, tests, model.table, MODEL_SCHEMA)
+            build.record(con, row_count, {"rows": row_count, "test_violations": violations})
             preview = table_preview(con, f"SELECT * FROM {model.table}")
             schema = table_schema(con, model.table)
         return Built({"dagster/row_count": row_count, "dagster/column_schema": schema, "preview": preview})
@@ -144,5 +152,9 @@ def build_sql_assets(sql_dir: Path = SQL_DIR, sources: tuple[Source, ...] = SOUR
     by_name = {m.name: m for m in models}
     owners = raw_table_owners(sources)
     personal = set(personal_columns(sources))
-    return [build_sql_asset(model, set(by_name), owners, holds_personal_data(model, by_name, personal))
-            for model in models]
+    tests = model_tests.load_tests(sql_dir)
+    unknown = set(tests) - set(by_name)
+    if unknown:
+        raise ValueError(f"sql/{model_tests.SCHEMA_FILE} tests models that do not exist: {sorted(unknown)}")
+    return [build_sql_asset(model, set(by_name), owners, holds_personal_data(model, by_name, personal),
+                            tests.get(model.name)) for model in models]

@@ -1,0 +1,101 @@
+"""The daily loop runs itself: a day whose files have all landed is run once (again when a file
+changes), an incomplete day waits; a real daemon launches the run the landing sensor asks for."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets.common.sources import SOURCES
+from assets.ingest.triggers import build_landing_sensor
+from generator import FaultRates, GeneratorConfig, generate
+from resources.landing import LandingZone
+from tests.conftest import ROOT
+from tests.fake_openai_server import FakeOpenAIServer
+from tests.ui_support import code_location_env, write_dagster_home
+
+DAYS = ("2011-09-01", "2011-09-02")
+PARTITIONS = dg.DailyPartitionsDefinition(start_date=DAYS[0], end_date="2011-09-03")
+
+
+def tick(sensor: dg.SensorDefinition, landing: Path, cursor: str | None) -> dg.SensorResult:
+    with dg.build_sensor_context(cursor=cursor, resources={"landing": LandingZone(root=str(landing))}) as context:
+        return sensor(context)
+
+
+@pytest.fixture
+def landing(tmp_path) -> Path:
+    folder = tmp_path / "landing"
+    generate(GeneratorConfig(out=folder, customers=50, days=2, seed=3, start=dt.date(2011, 9, 1),
+                             faults=FaultRates.uniform(0.0)))
+    return folder
+
+
+def test_a_complete_day_is_requested_once_and_again_when_a_file_changes(landing):
+    from definitions import defs
+
+    sensor = build_landing_sensor(defs.resolve_job_def("daily_pipeline"), SOURCES, PARTITIONS)
+    (landing / "customers" / f"{DAYS[1]}.jsonl").unlink()  # day 2 is still incomplete
+    first = tick(sensor, landing, None)
+    assert [r.partition_key for r in first.run_requests] == [DAYS[0]]
+    assert tick(sensor, landing, first.cursor).run_requests == []  # nothing new: nothing asked
+    generate(GeneratorConfig(out=landing, customers=50, days=2, seed=3, start=dt.date(2011, 9, 1),
+                             faults=FaultRates.uniform(0.0)))  # day 2 lands, day 1 is written again
+    (landing / "products" / f"{DAYS[0]}.csv").write_text((landing / "products" / f"{DAYS[0]}.csv").read_text() + "\n")
+    later = tick(sensor, landing, first.cursor)
+    assert sorted(r.partition_key for r in later.run_requests) == list(DAYS)
+    assert len({r.run_key for r in [*first.run_requests, *later.run_requests]}) == 3
+
+
+def test_only_the_configured_sources_make_a_day_complete(landing, monkeypatch):
+    from definitions import defs
+
+    for source in ("products", "customers"):
+        for path in (landing / source).glob("*"):
+            path.unlink()
+    monkeypatch.setenv("PIPELINE_SOURCES", "transactions")
+    sensor = build_landing_sensor(defs.resolve_job_def("daily_pipeline"), SOURCES, PARTITIONS)
+    assert sorted(r.partition_key for r in tick(sensor, landing, None).run_requests) == list(DAYS)
+
+
+@pytest.mark.slow
+def test_the_daemon_runs_a_landed_day_by_itself(landing, tmp_path):
+    """`dagster-daemon` with the project's workspace: the landing sensor (on by default) asks for
+    each landed day, the daemon launches the runs, and they succeed."""
+    home = write_dagster_home(tmp_path / "dagster_home")
+    with FakeOpenAIServer(default_dimensions=384) as server:
+        env = code_location_env(home, tmp_path / "warehouse.duckdb", landing)
+        env.update(MODEL_PROVIDER="openai", OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="test-key",
+                   EMBEDDING_MODEL="fake-embed", EMBEDDING_DIMENSIONS="384", PIPELINE_FIRST_DAY=DAYS[0],
+                   PIPELINE_LAST_DAY="landing", ONLINE_RETAIL_DIR="")
+        daemon = subprocess.Popen([sys.executable, "-m", "dagster._daemon", "run", "-w", str(ROOT / "workspace.yaml")],
+                                  cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            with dg.DagsterInstance.from_config(str(home)) as instance:
+                runs = wait_for_finished_runs(instance, len(DAYS), seconds=420)
+        finally:
+            os.killpg(daemon.pid, signal.SIGTERM)
+            daemon.wait(60)
+    assert sorted(run.tags.get("dagster/partition") for run in runs) == list(DAYS)
+    assert all(run.tags.get("trigger") == "landing" for run in runs)
+    assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs), [r.status for r in runs]
+
+
+def wait_for_finished_runs(instance: dg.DagsterInstance, count: int, seconds: float) -> list[dg.DagsterRun]:
+    deadline = time.monotonic() + seconds
+    finished = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+    while time.monotonic() < deadline:
+        runs = instance.get_runs()
+        if len(runs) >= count and all(run.status in finished for run in runs):
+            return runs
+        time.sleep(2)
+    raise AssertionError(f"timed out: runs {[(r.tags.get('dagster/partition'), r.status) for r in instance.get_runs()]}")

@@ -5,6 +5,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets import evaluate, infer, monitor, outputs
+from assets.common.catalog import with_catalog
 from assets.common.partitions import daily_partitions
 from assets.infer.dead_letter_replay import replay_dead_letters
 from assets.ingest.retention import purge_quarantined_raw_text, purge_schedule
@@ -29,8 +30,8 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
     )
     return dg.Definitions.merge(
         dg.Definitions(
-            assets=[*build_ingestion_assets(sources), *build_sql_assets(sql_dir, sources), *infer.ASSETS,
-                    *outputs.ASSETS, *evaluate.ASSETS, monitor.INCIDENTS],
+            assets=with_catalog([*build_ingestion_assets(sources), *build_sql_assets(sql_dir, sources), *infer.ASSETS,
+                                 *outputs.ASSETS, *evaluate.ASSETS, monitor.INCIDENTS], sources),
             asset_checks=[*build_suite_checks(sources), *outputs.CHECKS],
             resources=build_resources(tuple(source.name for source in sources)),
             jobs=[daily_pipeline, replay_dead_letters, purge_quarantined_raw_text],

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,3 +25,35 @@ def test_daily_pipeline_job_covers_every_asset():
     asset_keys = {key.to_user_string() for key in defs.resolve_asset_graph().materializable_asset_keys}
     job_keys = {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
     assert asset_keys and asset_keys <= job_keys
+
+
+def test_every_asset_is_catalogued_with_owner_domain_table_code_and_described_checks():
+    from definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node, name = graph.get(key), key.to_user_string()
+        assert node.owners and node.tags.get("domain"), name
+        assert node.metadata.get("dagster/table_name"), name
+        references = node.metadata["dagster/code_references"].code_references
+        assert references and all(Path(ref.file_path).is_file() for ref in references), name
+        assert "current_state.py" not in references[0].file_path, f"{name} points at the factory, not its code"
+    raw = graph.get(dg.AssetKey("raw_customers"))
+    columns = {c.name: c for c in raw.metadata["dagster/column_schema"].columns}
+    assert {"partition_date", "customer_id", "email"} <= set(columns) and columns["email"].tags == {"pii": "true"}
+    assert graph.get(dg.AssetKey("customer_features")).metadata["dagster/code_references"].code_references[0] \
+        .file_path.endswith("sql/customer_features.sql")
+    undescribed = [str(check) for check in graph.asset_check_keys if not graph.get_check_spec(check).description]
+    assert undescribed == []
+
+
+def test_steps_that_call_a_model_are_retried_and_configuration_errors_are_not():
+    from definitions import defs
+
+    job = defs.resolve_job_def("daily_pipeline")
+    model_steps = {node.name for node in job.graph.node_defs
+                   if {"embedding_model", "chat_model"} & set(node.required_resource_keys)}
+    assert model_steps == {"product_embeddings", "customer_segments"}
+    for step in model_steps:
+        policy = job.graph.node_named(step).definition.retry_policy
+        assert policy is not None and policy.max_retries >= 1 and policy.backoff == dg.Backoff.EXPONENTIAL

@@ -50,6 +50,8 @@ from assets.common.partitions import daily_partitions
 from assets.common.sources import SOURCES, Source
 from resources import dead_letters
 from resources.model_clients.errors import ModelConfigurationError
+from assets.common.catalog import code_references
+from assets.common.metadata import table_schema
 from resources.warehouse import DuckDBWarehouse, fetch_all, table_exists
 
 STATE_TABLE = "ops.asset_state"
@@ -187,7 +189,7 @@ def input_fingerprint(con: duckdb.DuckDBPyConnection, asset: str, as_of: dt.date
         return fingerprint_of([(str(day), fp) for day, fp in rows])
     state = read_state(con, asset)
     if state is None:
-        raise dg.Failure(f"input {asset!r} has not been materialized yet; materialize it first")
+        raise dg.Failure(f"input {asset!r} has not been materialized yet; materialize it first", allow_retries=False)
     return f"{state.fingerprint}:v{state.version}"
 
 
@@ -374,6 +376,7 @@ class StageSpec:
     verdicts: Verdicts | None
     dead_letter_stage: str | None
     blocking_checks: frozenset[str]
+    table: str | None = None  # the table the catalog shows (`dagster/table_name`): the first it writes
 
 
 class StateBuild:
@@ -461,6 +464,7 @@ def current_state_asset(
     dead_letter_stage: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     personal_data: bool = False,
+    retry_policy: dg.RetryPolicy | None = None,
 ) -> Callable[[Callable[[StateBuild], Built]], dg.AssetsDefinition]:
     """Make a daily-partitioned current-state asset from a build function (see the module doc)."""
     inputs, tables, checks = tuple(inputs), tuple(tables), tuple(checks)
@@ -471,7 +475,7 @@ def current_state_asset(
                                      description="At most max_failed_share of the items end in the DLQ."),)
     register_tables(name, tables)
     spec = StageSpec(name, inputs, verdicts, dead_letter_stage,
-                     frozenset(c.name for c in checks if c.blocking))
+                     frozenset(c.name for c in checks if c.blocking), tables[0] if tables else None)
 
     def decorate(build: Callable[[StateBuild], Built]) -> dg.AssetsDefinition:
         def body(context: dg.AssetExecutionContext, config: Any) -> dg.MaterializeResult:
@@ -494,8 +498,9 @@ def current_state_asset(
             required_resource_keys=set(resources),
             description=description or inspect.getdoc(build),
             code_version=code_version,
-            metadata={"tables": list(tables), **(metadata or {})},
+            metadata={"tables": list(tables), **code_references(build), **(metadata or {})},
             tags=PII_TAG if personal_data else None,
+            retry_policy=retry_policy,
         )(body)
 
     return decorate
@@ -514,7 +519,8 @@ def _materialize(spec: StageSpec, build: Callable[[StateBuild], Built], context:
     if later and config.force:
         raise dg.Failure(
             f"{spec.name} as of {as_of}: its inputs hold later days {later}. Rebuild them as of {as_of} first "
-            "(force), or materialize the partition of their day.", metadata={"later_inputs": later})
+            "(force), or materialize the partition of their day.", metadata={"later_inputs": later},
+            allow_retries=False)
     if later:  # a later day's run built the inputs: that run builds this table too
         decision = BuildDecision(False, f"its inputs already hold a later day ({later}): the run of that day "
                                         "builds this table", decision.fingerprint, decision.stored)
@@ -527,13 +533,14 @@ def _materialize(spec: StageSpec, build: Callable[[StateBuild], Built], context:
         context.log.warning(f"{error}: deciding again")
         raise dg.RetryRequested(max_retries=3, seconds_to_wait=1.0) from error
     except ModelConfigurationError as error:
-        raise dg.Failure(description=str(error), metadata={"status": error.status}) from None
+        raise dg.Failure(description=str(error), metadata={"status": error.status}, allow_retries=False) from None
     if not state_build.recorded:
         raise RuntimeError(f"{spec.name}: the build returned without recording its state (StateBuild.record)")
     seconds = time.perf_counter() - started
     context.log.info(f"{spec.name} built as of {as_of} in {seconds:.1f}s ({decision.reason})")
     return dg.MaterializeResult(
         metadata={
+            **_table_metadata(spec, context),
             **built.metadata,
             "as_of": str(as_of),
             "build_reason": decision.reason,
@@ -543,6 +550,16 @@ def _materialize(spec: StageSpec, build: Callable[[StateBuild], Built], context:
         },
         check_results=state_build.check_results,
     )
+
+
+def _table_metadata(spec: StageSpec, context: dg.AssetExecutionContext) -> dict[str, Any]:
+    """The table's real columns as built (the catalog's column schema), read in a short connection."""
+    if spec.table is None:
+        return {}
+    with context.resources.warehouse.connect(read_only=True) as con:
+        if not table_exists(con, spec.table):
+            return {}
+        return {"dagster/table_name": spec.table, "dagster/column_schema": table_schema(con, spec.table)}
 
 
 def _skipped(spec: StageSpec, context: dg.AssetExecutionContext, config: Any, as_of: dt.date,

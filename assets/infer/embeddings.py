@@ -14,6 +14,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
+from assets.common.catalog import NETWORK_RETRY_POLICY
 from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset
 from assets.common.metadata import table_preview
 from resources import dead_letters
@@ -74,7 +75,8 @@ def coverage_verdicts(measured: Mapping[str, Any], config: DeadLetterConfig) -> 
             "coverage": round(embedded / with_text, 4) if with_text else 1.0,
             "dlq_open": measured.get("dlq_open", 0),
         },
-        description="Every product with text has a vector (the rest are in the DLQ).",
+        description=f"{embedded:,} of {with_text:,} products with text have a vector"
+                    + (f" ({embedded / with_text:.2%}); the rest are in the DLQ" if with_text else ""),
     )]
 
 
@@ -85,8 +87,10 @@ def coverage_verdicts(measured: Mapping[str, Any], config: DeadLetterConfig) -> 
     group="infer",
     config_class=DeadLetterConfig,
     resources=("warehouse", "embedding_model"),
+    retry_policy=NETWORK_RETRY_POLICY,
     pool=None,  # the model call holds no connection; writes take the warehouse lock briefly
-    checks=[dg.AssetCheckSpec("products_embedded", asset=STAGE)],
+    checks=[dg.AssetCheckSpec("products_embedded", asset=STAGE,
+                              description="Every product with text has a vector (the rest are in the DLQ).")],
     verdicts=coverage_verdicts,
     dead_letter_stage=STAGE,
     # Vectors of another model are other vectors.

@@ -176,7 +176,8 @@ def served_verdicts(measured: Mapping[str, Any], config: RecommendationsConfig) 
     tables=[RECOMMENDATIONS_TABLE, SKIPPED_TABLE],
     group="infer",
     config_class=RecommendationsConfig,
-    checks=[dg.AssetCheckSpec("customers_served", asset=STAGE)],
+    checks=[dg.AssetCheckSpec("customers_served", asset=STAGE,
+                              description="At least min_served_share of the customers get recommendations.")],
     verdicts=served_verdicts,
     dead_letter_stage=STAGE,
     personal_data=True,  # customer ids

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from assets.common.catalog import NETWORK_RETRY_POLICY
 from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset, knob
 from assets.infer.purchases import PURCHASES_SQL
 from recsys.clustering import SegmentingConfig, fit_segments
@@ -108,7 +109,8 @@ def fit(con, products, as_of, config: SegmentsConfig, previous) -> tuple:
                                        half_life_days=config.half_life_days, chunk_lines=config.chunk_lines):
         sample.add(chunk.customer_ids, chunk.vectors)
     if len(sample) < config.k_min:
-        raise dg.Failure(f"only {len(sample)} customers have embeddable purchases; at least {config.k_min} are needed to segment")
+        raise dg.Failure(f"only {len(sample)} customers have embeddable purchases; at least {config.k_min} are needed "
+                         "to segment", allow_retries=False)
     segmenting = SegmentingConfig(k_min=config.k_min, k_max=min(config.k_max, len(sample) - 1), seed=config.seed)
     segment_fit = fit_segments(sample.vectors, previous, segmenting)
     return segment_fit, len(sample), kept_share(previous, segment_fit.model, sample.vectors)
@@ -207,6 +209,7 @@ def chat_names(build: StateBuild, profiles: list[SegmentProfile], product_names:
     group="infer",
     config_class=SegmentsConfig,
     resources=("warehouse", "chat_model"),
+    retry_policy=NETWORK_RETRY_POLICY,
     checks=[dg.AssetCheckSpec("segment_size_balance", asset=STAGE, description="No segment swallows the customer base."),
             dg.AssetCheckSpec("segment_stability", asset=STAGE,
                               description="Customers keep their segment from one build to the next.")],

@@ -6,7 +6,12 @@ whose watch lists derive from the source registry; alerts go out through the `al
 (log, `ops.alerts`, optional webhook).
 """
 
+from pathlib import Path
+
 import dagster as dg
+
+from assets.common.catalog import code_references
+from assets.monitor import delivery
 
 from assets.common.sources import SOURCES, Source
 from assets.monitor.check_alerts import asset_check_failure_alerts
@@ -20,6 +25,7 @@ from assets.monitor.settings import MonitoringSettings, settings_for
 # Every alert the sensors send is an observation of this asset: one place in the UI to look.
 INCIDENTS = dg.AssetSpec(
     INCIDENTS_ASSET, group_name="monitor", kinds={"alerts"},
+    metadata={"dagster/table_name": "ops.alerts", **code_references(Path(delivery.__file__))},
     description="Incidents raised and resolved by the alerting sensors (asset, partition, cause, severity); "
                 "each open or resolve notice is an observation with its details.",
 )

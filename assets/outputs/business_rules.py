@@ -98,14 +98,16 @@ def rule_verdicts(counts: Mapping[str, Any], config: OutputRulesConfig) -> list[
             passed=rate <= config.max_rejection_rate,
             severity=dg.AssetCheckSeverity.WARN,
             metadata={"rejection_rate": round(rate, 4), "threshold": config.max_rejection_rate},
-            description="Share of recommendations the business rules rejected.",
+            description=f"{rejected:,} of {total:,} recommendations rejected by the business rules "
+                        f"({rate:.1%}; at most {config.max_rejection_rate:.0%})",
         ),
         dg.AssetCheckResult(
             check_name="every_recommendation_accounted_for",
             passed=accepted + rejected == total,
             severity=dg.AssetCheckSeverity.ERROR,
             metadata={"input": total, "accepted": accepted, "rejected": rejected},
-            description="Every recommendation is either accepted or rejected with its reasons.",
+            description=f"{accepted:,} accepted + {rejected:,} rejected of {total:,} recommendations"
+                        + ("" if accepted + rejected == total else f": {total - accepted - rejected:,} unaccounted"),
         ),
     ]
 
@@ -118,8 +120,10 @@ def rule_verdicts(counts: Mapping[str, Any], config: OutputRulesConfig) -> list[
     config_class=OutputRulesConfig,
     kinds={"duckdb"},
     checks=[
-        dg.AssetCheckSpec("rejection_rate", asset=STAGE),
-        dg.AssetCheckSpec("every_recommendation_accounted_for", asset=STAGE, blocking=True),
+        dg.AssetCheckSpec("rejection_rate", asset=STAGE,
+                          description="The business rules reject at most max_rejection_rate of the recommendations."),
+        dg.AssetCheckSpec("every_recommendation_accounted_for", asset=STAGE, blocking=True,
+                          description="Every recommendation is either accepted or rejected with its reasons."),
     ],
     verdicts=rule_verdicts,
     personal_data=True,  # customer ids

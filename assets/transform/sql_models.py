@@ -16,6 +16,7 @@ import dagster as dg
 import sqlglot
 from sqlglot import exp
 
+from assets.common.catalog import code_references
 from assets.common.current_state import Built, StateBuild, as_of_day, current_state_asset, register_sources
 from assets.common.metadata import table_preview, table_schema
 from assets.common.sources import SOURCES, Source, personal_columns, raw_table_owners
@@ -31,6 +32,7 @@ MODEL_SCHEMA = "analytics"
 class SqlModel:
     name: str
     sql: str
+    path: Path | None = None  # its file under sql/
 
     @property
     def table(self) -> str:
@@ -70,7 +72,7 @@ class SqlModel:
 
 
 def load_models(sql_dir: Path = SQL_DIR) -> list[SqlModel]:
-    return [SqlModel(path.stem, path.read_text()) for path in sorted(sql_dir.glob("*.sql"))]
+    return [SqlModel(path.stem, path.read_text(), path) for path in sorted(sql_dir.glob("*.sql"))]
 
 
 def upstream_assets(model: SqlModel, model_names: set[str], raw_owners: dict[str, str] | None = None) -> list[str]:
@@ -97,7 +99,8 @@ def sql_parameters(model: SqlModel, context: dg.AssetExecutionContext) -> dict[s
     }
     unknown = set(model.parameters) - available.keys()
     if unknown:
-        raise dg.Failure(f"sql/{model.name}.sql uses unknown parameters {sorted(unknown)}; available: {sorted(available)}")
+        raise dg.Failure(f"sql/{model.name}.sql uses unknown parameters {sorted(unknown)}; available: {sorted(available)}",
+                         allow_retries=False)
     return {name: available[name] for name in model.parameters}
 
 
@@ -126,7 +129,7 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
         # The day reaches the SQL as a parameter: it is part of what the model produces.
         fingerprint_extra=lambda context: sql_parameters(model, context),
         kinds={"duckdb", "sql"},
-        metadata={"table": model.table, "sql_file": f"sql/{model.name}.sql"},
+        metadata={"table": model.table, "sql_file": f"sql/{model.name}.sql", **(code_references(model.path) if model.path else {})},
         personal_data=personal_data,
         checks=model_tests.check_specs(model.name, tests),
         verdicts=model_tests.verdicts(tests) if tests else None,

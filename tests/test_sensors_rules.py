@@ -13,7 +13,7 @@ from assets.infer.recommendations import confidence_summary
 from assets.monitor.check_alerts import failed_check_alerts as check_alerts
 from assets.monitor.freshness import late_partition_alerts as freshness_alerts
 from assets.monitor.metrics import metric_alerts
-from assets.monitor.run_failures import run_failure_alert
+from assets.monitor.run_failures import failed_run_alerts, run_failure_alert
 from assets.monitor.settings import MonitoringSettings
 from tests.sensor_support import dagster_instance, emit
 
@@ -139,6 +139,33 @@ def test_run_failure_alert_names_the_step_and_error_without_secrets(instance, mo
     assert "ValueError: endpoint refused key" in alert.details["failed_steps"][0]["error"]
     text = json.dumps(alert.to_json())
     assert "sk-test-secret" not in text and "abcdefghijk123" not in text
+
+
+def test_a_run_stopped_by_a_blocking_check_is_one_incident_the_checks_not_two(instance):
+    @dg.asset(partitions_def=daily_partitions, check_specs=[
+        dg.AssetCheckSpec("error_rate", asset="bad_batch", blocking=True, description="at most 5 % quarantined")])
+    def bad_batch() -> dg.MaterializeResult:
+        return dg.MaterializeResult(check_results=[dg.AssetCheckResult(
+            check_name="error_rate", passed=False, severity=dg.AssetCheckSeverity.ERROR, metadata={"error_rate": 0.2})])
+
+    @dg.asset(partitions_def=daily_partitions, deps=[bad_batch])
+    def downstream() -> None:
+        pass
+
+    result = dg.materialize([bad_batch, downstream], instance=instance, partition_key="2024-03-05", raise_on_error=False)
+    assert not result.success  # the blocking check stopped the run
+    checks, _ = failed_check_alerts(instance, -1, limit=100)
+    runs, _ = failed_run_alerts(instance, -1, limit=100)
+    assert [(a.rule, a.details["check"]) for a in checks] == [("asset_check_failed", "error_rate")]
+    assert runs == []
+
+    @dg.asset(partitions_def=daily_partitions)
+    def crashing() -> None:
+        raise RuntimeError("disk full")
+
+    dg.materialize([crashing], instance=instance, partition_key="2024-03-05", raise_on_error=False)
+    (crash,) = failed_run_alerts(instance, -1, limit=100)[0]
+    assert "disk full" in crash.message
 
 
 # ---- partition freshness -----------------------------------------------------------------

@@ -43,13 +43,16 @@ def test_a_complete_day_is_requested_once_and_again_when_a_file_changes(landing)
     from definitions import defs
 
     sensor = build_landing_sensor(defs.resolve_job_def("daily_pipeline"), SOURCES, PARTITIONS)
-    (landing / "customers" / f"{DAYS[1]}.jsonl").unlink()  # day 2 is still incomplete
-    first = tick(sensor, landing, None)
-    assert [r.partition_key for r in first.run_requests] == [DAYS[0]]
+    history = tick(sensor, landing, None)  # the first tick takes stock of what already landed
+    assert history.run_requests == [] and "2 complete day(s) already landed" in history.skip_reason.skip_message
+
+    (landing / "customers" / f"{DAYS[1]}.jsonl").unlink()
+    (landing / "products" / f"{DAYS[0]}.csv").write_text((landing / "products" / f"{DAYS[0]}.csv").read_text() + "\n")
+    first = tick(sensor, landing, history.cursor)
+    assert [r.partition_key for r in first.run_requests] == [DAYS[0]]  # changed; day 2 is incomplete
     assert tick(sensor, landing, first.cursor).run_requests == []  # nothing new: nothing asked
     generate(GeneratorConfig(out=landing, customers=50, days=2, seed=3, start=dt.date(2011, 9, 1),
-                             faults=FaultRates.uniform(0.0)))  # day 2 lands, day 1 is written again
-    (landing / "products" / f"{DAYS[0]}.csv").write_text((landing / "products" / f"{DAYS[0]}.csv").read_text() + "\n")
+                             faults=FaultRates.uniform(0.0)))  # day 2 lands again, day 1 is written again
     later = tick(sensor, landing, first.cursor)
     assert sorted(r.partition_key for r in later.run_requests) == list(DAYS)
     assert len({r.run_key for r in [*first.run_requests, *later.run_requests]}) == 3
@@ -63,24 +66,34 @@ def test_only_the_configured_sources_make_a_day_complete(landing, monkeypatch):
             path.unlink()
     monkeypatch.setenv("PIPELINE_SOURCES", "transactions")
     sensor = build_landing_sensor(defs.resolve_job_def("daily_pipeline"), SOURCES, PARTITIONS)
-    assert sorted(r.partition_key for r in tick(sensor, landing, None).run_requests) == list(DAYS)
+    assert "2 complete day(s)" in tick(sensor, landing, None).skip_reason.skip_message
+    assert sorted(r.partition_key for r in tick(sensor, landing, "{}").run_requests) == list(DAYS)
 
 
 @pytest.mark.slow
-def test_the_daemon_runs_a_landed_day_by_itself(landing, tmp_path):
-    """`dagster-daemon` with the project's workspace: the landing sensor (on by default) asks for
-    each landed day, the daemon launches the runs, and they succeed."""
+def test_the_daemon_runs_a_landed_day_by_itself(tmp_path):
+    """`dagster-daemon` with the project's workspace: the landing sensor (on by default) takes
+    stock on its first tick, then asks for each day that lands, and the daemon's runs succeed."""
+    arriving = tmp_path / "arriving"
+    generate(GeneratorConfig(out=arriving, customers=50, days=2, seed=3, start=dt.date(2011, 9, 1),
+                             faults=FaultRates.uniform(0.0)))
+    landing = tmp_path / "landing"
+    landing.mkdir()
     home = write_dagster_home(tmp_path / "dagster_home")
     with FakeOpenAIServer(default_dimensions=384) as server:
         env = code_location_env(home, tmp_path / "warehouse.duckdb", landing)
         env.update(MODEL_PROVIDER="openai", OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="test-key",
                    EMBEDDING_MODEL="fake-embed", EMBEDDING_DIMENSIONS="384", PIPELINE_FIRST_DAY=DAYS[0],
-                   PIPELINE_LAST_DAY="landing", ONLINE_RETAIL_DIR="")
+                   PIPELINE_LAST_DAY="2011-09-02", ONLINE_RETAIL_DIR="", LANDING_SENSOR_INTERVAL_SECONDS="3")
         daemon = subprocess.Popen([sys.executable, "-m", "dagster._daemon", "run", "-w", str(ROOT / "workspace.yaml")],
                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                   start_new_session=True)
         try:
             with dg.DagsterInstance.from_config(str(home)) as instance:
+                wait_for_first_tick(instance, "landing_sensor", seconds=120)
+                assert instance.get_runs() == []  # an empty landing zone: nothing to run
+                for source in arriving.iterdir():  # the files land after the sensor took stock
+                    source.rename(landing / source.name)
                 runs = wait_for_finished_runs(instance, len(DAYS), seconds=420)
         finally:
             os.killpg(daemon.pid, signal.SIGTERM)
@@ -88,6 +101,16 @@ def test_the_daemon_runs_a_landed_day_by_itself(landing, tmp_path):
     assert sorted(run.tags.get("dagster/partition") for run in runs) == list(DAYS)
     assert all(run.tags.get("trigger") == "landing" for run in runs)
     assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs), [r.status for r in runs]
+
+
+def wait_for_first_tick(instance: dg.DagsterInstance, sensor_name: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for state in instance.all_instigator_state():
+            if state.name == sensor_name and state.instigator_data and state.instigator_data.cursor is not None:
+                return
+        time.sleep(1)
+    raise AssertionError(f"{sensor_name} did not tick within {seconds}s")
 
 
 def wait_for_finished_runs(instance: dg.DagsterInstance, count: int, seconds: float) -> list[dg.DagsterRun]:

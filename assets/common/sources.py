@@ -27,6 +27,9 @@ class RawTable:
     # Columns that hold personal data, and how they leave the warehouse (previews, check metadata,
     # alerts, logs): "mask" (c***@example.com) or "hash" (a stable pseudonym, still a join key).
     personal: dict[str, str] = field(default_factory=dict)
+    # SQL of a staged column as the rules judge it and as it lands, `{value}` standing for the text
+    # as it arrived: e.g. UUIDs in lower case, so that uniqueness ignores case.
+    normalized: dict[str, str] = field(default_factory=dict)
 
     @property
     def qualified(self) -> str:
@@ -45,6 +48,11 @@ class Source:
     tables: tuple[RawTable, ...]
     description: str
     deps: tuple[str, ...] = ()  # assets that must land first (customers are judged against the catalog)
+    # Timestamps written without an offset are in this zone (IANA name); every timestamp lands in UTC.
+    naive_timezone: str = "UTC"
+    # JSON sources: accept a string holding a number ("12.5") where a number is expected. Off by
+    # default: a string amount is quarantined as `amount_not_a_number`, never silently cast.
+    numeric_strings: bool = False
 
     @property
     def asset(self) -> str:
@@ -82,6 +90,8 @@ CUSTOMERS = Source(
             {"customer_id": "VARCHAR", "email": "VARCHAR", "created_at": "TIMESTAMP", "purchase_count": "INTEGER"},
             "coalesce(customer_id, 'line ' || line_no)",
             personal={"email": "mask", "customer_id": "hash"},
+            # UUIDs are case-insensitive (RFC 9562): compared and landed in lower case.
+            normalized={"customer_id": "lower({value})"},
         ),
         RawTable(
             "customer_purchases",

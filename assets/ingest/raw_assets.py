@@ -1,42 +1,50 @@
 """Landing files -> raw.* tables: one daily partition per batch, idempotent and atomic.
 
-One asset per source of the registry (assets/common/sources.py). For each source and day:
+One asset per source of the registry (assets/common/sources.py). A run covers one day or, as a
+single-run backfill (`BackfillPolicy.single_run()`), a range of days; each day is its own batch:
 1. the file must exist, be non-empty and readable (else `dg.Failure` naming the path and cause);
 2. its fingerprint (content hash + hash of the suites + parser version) is compared with the one
    recorded in `ops.batch_fingerprints`: unchanged -> skipped, unless run config `force: true`;
-3. DuckDB reads it as text with line numbers (assets/ingest/landing_files.py): CSV through `read_csv` (all
-   VARCHAR, rejected lines kept with their error), JSON Lines line by line (`json_transform`),
-   so a bad line is quarantined and never crashes the batch;
+3. the file is read as text with line numbers (assets/ingest/landing_files.py), so a bad line is
+   quarantined and never crashes the batch;
 4. the suite's rules (assets/validate/rules.py) split staged rows into valid and quarantined;
-5. one transaction replaces the partition: delete its rows in the raw tables and in
+5. one transaction per day replaces the partition: delete its rows in the raw tables and in
    `ops.schema_errors`, insert the new ones, upsert the fingerprint. An error anywhere rolls the
-   whole partition back to its previous rows.
+   day back to its previous rows.
+A range run lands the days of the range in one connection, one transaction a day, and reports
+one materialization and one result of each check per day. A day of a range without a landing
+file has no batch: it is logged and left unmaterialized (a one-day run for it fails instead).
 """
 
 
 import hashlib
 import json
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import duckdb
+import numpy as np
 from pydantic import Field
 
 from assets.common.current_state import PII_TAG, register_sources
-from assets.common.metadata import markdown_table
 from assets.common.partitions import daily_partitions
+from assets.common.range_runs import asset_check_outputs, partition_check_evaluation
 from assets.common.sources import SOURCES, RawTable, Source
-from assets.ingest.landing_files import read_lines, stage_csv, stage_customer_purchases, stage_customers
+from assets.ingest.accounting import BatchCounts, batch_metadata, check_results, check_specs, count_partition, preview
+from assets.ingest.landing_files import Staged, line_texts, stage_csv, stage_customer_purchases, stage_customers
 from assets.validate.rules import load_suite, quarantine, typed
 from resources.alerts import Alerts
 from resources.landing import LandingFileError, LandingZone
-from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, table_exists
+from resources.warehouse import DuckDBWarehouse, fetch_all, table_exists
 
-PARSER_VERSION = "1"  # part of the fingerprint: bump it when staging reads files differently
+# Part of the fingerprint: bump it when files are read differently. 2: bytes read in Python (CR,
+# BOM, gzip), CSV columns by name, strict numbers and ISO 8601 timestamps landed in UTC.
+PARSER_VERSION = "2"
 HASH_BLOCK_BYTES = 8 << 20
 
 
@@ -53,48 +61,34 @@ CREATE TABLE IF NOT EXISTS ops.batch_fingerprints (
 
 class IngestionConfig(dg.Config):
     force: bool = Field(default=False, description="Re-ingest even when the source file is unchanged.")
-    max_error_rate: float = Field(default=0.05, description="Quarantined / input above this fails the check.")
+    max_error_rate: float = Field(default=0.05, description="Bad source records / input above this fails the check.")
     preview_rows: int = Field(default=5, description="Rows in the markdown previews.")
     catalog_wait_seconds: float = Field(
         default=300.0, description="raw_customers: how long to wait (by step retries) for earlier catalog days.")
-
-
-@dataclass
-class TableCounts:
-    input_records: int
-    valid_records: int
-    quarantined_records: int
-    by_rule: dict[str, int]
-
-    @property
-    def error_rate(self) -> float:
-        return self.quarantined_records / self.input_records if self.input_records else 0.0
-
-    @property
-    def reconciles(self) -> bool:
-        return self.input_records == self.valid_records + self.quarantined_records
 
 
 def suites_digest(source: Source) -> str:
     return "+".join(load_suite(t).digest for t in source.table_names)
 
 
-def landed_sql(table: RawTable, column: str) -> str:
+def landed_sql(table: RawTable, column: str, naive_timezone: str = "UTC") -> str:
     """SQL of a staged text column as it lands in the raw table."""
-    return table.landed.get(column) or typed(f'"{column}"', table.columns[column])
+    return table.landed.get(column) or typed(f'"{column}"', table.columns[column], naive_timezone)
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation and the partition write
 # ---------------------------------------------------------------------------------------------
 
-def validate_staged(con: duckdb.DuckDBPyConnection, table: RawTable, partition_date: str) -> None:
+def validate_staged(con: duckdb.DuckDBPyConnection, table: RawTable, partition_date: str,
+                    naive_timezone: str = "UTC") -> None:
     """Quarantine every staged row of `table` that breaks a rule of its suite into failures_<table>."""
     name = table.name
     con.execute(f"""CREATE OR REPLACE TEMP TABLE failures_{name} (
         row_id BIGINT, line_no BIGINT, record_key VARCHAR, rule VARCHAR, column_name VARCHAR, value VARCHAR)""")
     columns = set(table.columns) | {"line_no"}
-    quarantine(con, load_suite(name), f"stg_{name}", columns, table.record_key, f"failures_{name}", partition_date)
+    quarantine(con, load_suite(name), f"stg_{name}", columns, table.record_key, f"failures_{name}", partition_date,
+               naive_timezone)
 
 
 def ensure_tables(con: duckdb.DuckDBPyConnection, sources: tuple[Source, ...]) -> None:
@@ -119,7 +113,7 @@ def insert_partition(con: duckdb.DuckDBPyConnection, source: Source, partition_d
     """Valid rows into the raw tables, failures and unparseable lines into ops.schema_errors."""
     for spec in source.tables:
         table = spec.name
-        landed = ", ".join(landed_sql(spec, c) for c in spec.columns)
+        landed = ", ".join(landed_sql(spec, c, source.naive_timezone) for c in spec.columns)
         con.execute(
             f"""INSERT INTO {spec.qualified}
             SELECT $day, line_no, {landed} FROM stg_{table}
@@ -140,7 +134,7 @@ def insert_partition(con: duckdb.DuckDBPyConnection, source: Source, partition_d
         {"day": partition_date, "source": source.name, "table": source.table_names[0]},
     )
     if source.reader == "customer_jsonl":
-        _fill_customer_raw_records(con, path, partition_date)
+        _fill_customer_raw_records(con, source, path, partition_date)
 
 
 def _raw_record_sql(table: str) -> str:
@@ -151,57 +145,33 @@ def _raw_record_sql(table: str) -> str:
     return "s.raw_record"
 
 
-def _fill_customer_raw_records(con: duckdb.DuckDBPyConnection, path: Path, partition_date: str) -> None:
+def _fill_customer_raw_records(con: duckdb.DuckDBPyConnection, source: Source, path: Path, partition_date: str) -> None:
     """The original text of quarantined customer lines: the file streams through again and only
-    those lines are kept (position in the read = line number minus the undecodable lines before)."""
-    if not fetch_scalar(con, "SELECT count(*) FROM failures_customers"):
+    those lines are kept."""
+    wanted = [row[0] for row in fetch_all(con, "SELECT DISTINCT line_no FROM failures_customers ORDER BY 1")]
+    if not wanted:
         return
-    con.execute("""CREATE OR REPLACE TEMP TABLE wanted_positions AS
-        SELECT DISTINCT f.line_no - (SELECT count(*) FROM json_lines_rejects AS r WHERE r.line_no < f.line_no) AS k
-        FROM failures_customers AS f""")
-    read_lines(con, path, "quarantined_lines", keep_text="ordinality IN (SELECT k FROM wanted_positions)")
+    texts = line_texts(source, path, np.array(wanted, dtype=np.int64))
+    con.execute("CREATE OR REPLACE TEMP TABLE quarantined_lines (line_no BIGINT, line VARCHAR)")
+    con.executemany("INSERT INTO quarantined_lines VALUES (?, ?)", texts)
     con.execute(
         """UPDATE ops.schema_errors AS e SET raw_record = q.line
         FROM quarantined_lines AS q
-        WHERE e.partition_date = $day AND e.source = 'customers' AND e.table_name = 'customers'
+        WHERE e.partition_date = $day AND e.source = $source AND e.table_name = 'customers'
           AND e.raw_record IS NULL AND e.line_no = q.line_no""",
-        {"day": partition_date},
+        {"day": partition_date, "source": source.name},
     )
     con.execute("DROP TABLE quarantined_lines")
 
 
-def count_partition(con: duckdb.DuckDBPyConnection, source: Source, partition_date: str,
-                    inputs: dict[str, int]) -> dict[str, TableCounts]:
-    """Record accounting recounted from what landed: valid rows in the raw tables, distinct
-    quarantined records in ops.schema_errors, against the records read from the file."""
-    counts = {}
-    for spec in source.tables:
-        table = spec.name
-        valid = fetch_scalar(con, f"SELECT count(*) FROM {spec.qualified} WHERE partition_date = ?", [partition_date])
-        rows = fetch_all(
-            con,
-            """SELECT rule, count(DISTINCT (line_no, record_key)) FROM ops.schema_errors
-            WHERE partition_date = ? AND source = ? AND table_name = ? GROUP BY ALL ORDER BY 2 DESC, 1""",
-            [partition_date, source.name, table],
-        )
-        quarantined = fetch_scalar(
-            con,
-            """SELECT count(DISTINCT (line_no, record_key)) FROM ops.schema_errors
-            WHERE partition_date = ? AND source = ? AND table_name = ?""",
-            [partition_date, source.name, table],
-        )
-        counts[table] = TableCounts(inputs.get(table, 0), int(valid), int(quarantined), dict(rows))
-    return counts
-
-
 def record_fingerprint(con: duckdb.DuckDBPyConnection, source: Source, partition_date: str, fingerprint: str,
-                       path: Path, counts: dict[str, TableCounts], seconds: float) -> None:
-    primary = counts[source.table_names[0]]
+                       path: Path, counts: BatchCounts, seconds: float) -> None:
+    primary = counts.primary
     con.execute(
         "INSERT INTO ops.batch_fingerprints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now()::TIMESTAMP, ?)",
         [source.name, partition_date, fingerprint, str(path), path.stat().st_size, primary.input_records,
          primary.valid_records, primary.quarantined_records,
-         json.dumps({t: vars(c) for t, c in counts.items()}), json.dumps(primary.by_rule), round(seconds, 3)],
+         json.dumps({t: vars(c) for t, c in counts.tables.items()}), json.dumps(primary.by_rule), round(seconds, 3)],
     )
 
 
@@ -213,24 +183,46 @@ def file_fingerprint(path: Path, source: Source) -> str:
     return f"{digest.hexdigest()[:32]}:{suites_digest(source)}:p{PARSER_VERSION}"
 
 
+def land_file(con: duckdb.DuckDBPyConnection, source: Source, sources: tuple[Source, ...], day: str,
+              path: Path) -> tuple[BatchCounts, dict[str, Any]]:
+    """Stage, judge and write one file as the day's partition of the source, inside the caller's
+    transaction (any DuckDB connection: the evaluation lands Online Retail in a scratch one).
+    Returns the batch's counts and notes on how the file was read."""
+    ensure_tables(con, sources)
+    reader = READERS[source.reader]
+    staged = reader.stage(con, path, source)
+    validate_staged(con, source.tables[0], day, source.naive_timezone)
+    for part in source.tables[1:]:  # parts of the records that passed (a customer's purchase items)
+        staged.inputs[part.name] = reader.stage_part(con, part, source)
+        validate_staged(con, part, day, source.naive_timezone)
+    delete_partition(con, source, day)
+    insert_partition(con, source, day, path)
+    return count_partition(con, source, day, staged.inputs), staged.notes
+
+
+# ---------------------------------------------------------------------------------------------
+# The catalog a source is judged against, and what already landed
+# ---------------------------------------------------------------------------------------------
+
 CATALOG_RETRY_SECONDS = 5.0
 
 
-def wait_for_catalog(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, landing: LandingZone,
-                     catalog: Source, day: str, timeout_seconds: float) -> str:
-    """Returns a digest of the batches of `catalog` (a source this one is judged against) up to
-    `day` once every day that has a landing file has landed. In a backfill launched at once,
-    customers of day 5 must not be judged against a catalog whose day 1 is still landing in
-    another run.
+def catalog_digests(context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse, landing: LandingZone,
+                    catalog: Source, days: list[str], timeout_seconds: float) -> dict[str, str]:
+    """A digest of the batches of `catalog` (a source this one is judged against) up to each day,
+    once every day up to the last one that has a landing file has landed. In a backfill launched
+    at once, customers of day 5 must not be judged against a catalog whose day 1 is still landing.
 
     It does not sleep in the step: that would hold the `duckdb` pool's only slot, which the
     missing day's raw_products needs, and both would stall until the timeout. It asks Dagster
     for a retry instead; a step up for retry gives its slot back while it waits."""
-    expected = set(landing.days_available(catalog.name, day, catalog.landing_pattern))
-    landed = landed_batches(warehouse, catalog.name, day)
+    last = max(days)
+    expected = set(landing.days_available(catalog.name, last, catalog.landing_pattern))
+    landed = landed_batches(warehouse, catalog.name, last)
     missing = sorted(expected - set(landed))
     if not missing:
-        return hashlib.sha256(json.dumps(sorted(landed.items())).encode()).hexdigest()[:16]
+        return {day: hashlib.sha256(json.dumps(sorted((d, f) for d, f in landed.items() if d <= day)).encode())
+                .hexdigest()[:16] for day in days}
     interval = min(CATALOG_RETRY_SECONDS, max(timeout_seconds / 4, 0.05))
     shown = f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
     if context.retry_number * interval >= timeout_seconds:
@@ -253,191 +245,201 @@ def landed_batches(warehouse: DuckDBWarehouse, source: str, until: str) -> dict[
     return dict(rows)
 
 
-def stored_batch(warehouse: DuckDBWarehouse, source: Source, partition_date: str) -> dict[str, Any] | None:
+def stored_batches(warehouse: DuckDBWarehouse, source: Source, days: list[str]) -> dict[str, dict[str, Any]]:
+    """{day: fingerprint, inputs per table, landed_at} of the batches of some days, in one query."""
     with warehouse.connect(read_only=True) as con:
         if not table_exists(con, "ops.batch_fingerprints"):
-            return None
+            return {}
         rows = fetch_all(
-            con, """SELECT fingerprint, table_counts, landed_at FROM ops.batch_fingerprints
-            WHERE source = ? AND partition_date = ?""", [source.name, partition_date])
-    if not rows:
-        return None
-    fingerprint, table_counts, landed_at = rows[0]
-    return {"fingerprint": fingerprint, "inputs": {t: c["input_records"] for t, c in json.loads(table_counts).items()},
-            "landed_at": landed_at}
+            con, """SELECT partition_date::VARCHAR, fingerprint, table_counts, landed_at FROM ops.batch_fingerprints
+            WHERE source = ? AND list_contains(?, partition_date::VARCHAR)""", [source.name, days])
+    return {day: {"fingerprint": fingerprint, "landed_at": landed_at,
+                  "inputs": {t: c["input_records"] for t, c in json.loads(table_counts).items()}}
+            for day, fingerprint, table_counts, landed_at in rows}
 
 
 # ---------------------------------------------------------------------------------------------
-# The asset body shared by the three sources
+# The asset body shared by the sources: one day, or each day of a range
 # ---------------------------------------------------------------------------------------------
 
-def ingest(context: dg.AssetExecutionContext, config: IngestionConfig, source: Source, sources: tuple[Source, ...],
-           warehouse: DuckDBWarehouse, landing: LandingZone, alerts: Alerts) -> dg.MaterializeResult:
-    started = time.perf_counter()
-    day = context.partition_key
-    try:
-        path = landing.require(source.name, day, source.landing_pattern)
-    except LandingFileError as error:
-        raise dg.Failure(description=str(error), metadata={"path": str(error.path), "cause": error.cause}) from None
-    fingerprint = file_fingerprint(path, source)
+@dataclass
+class Day:
+    """One partition of a run: its file, fingerprint and stored batch, then what came of it."""
+
+    day: str
+    path: Path | None = None
+    problem: LandingFileError | None = None  # no file, or a file that cannot be read
+    fingerprint: str = ""
+    stored: dict[str, Any] | None = None
+    counts: BatchCounts | None = None
+    skipped: bool = False
+    seconds: float = 0.0
+    notes: dict[str, Any] = field(default_factory=dict)
+    preview: str | None = None
+
+    @property
+    def has_no_file(self) -> bool:
+        return self.problem is not None and self.problem.cause.startswith("missing")
+
+
+def plan_days(context: dg.AssetExecutionContext, config: IngestionConfig, source: Source,
+              sources: tuple[Source, ...], warehouse: DuckDBWarehouse, landing: LandingZone) -> list[Day]:
+    days = [Day(key) for key in context.partition_keys]
+    for day in days:
+        try:
+            day.path = landing.require(source.name, day.day, source.landing_pattern)
+        except LandingFileError as error:
+            day.problem = error
+    present = [d for d in days if d.path is not None]
     for catalog in (s for s in sources if s.asset in source.deps):
         # Records are judged against the catalog up to the day (unknown products): a new catalog means new results.
-        fingerprint += f":{catalog.name}=" + wait_for_catalog(context, warehouse, landing, catalog, day,
-                                                              config.catalog_wait_seconds)
-    stored = stored_batch(warehouse, source, day)
-    if stored and stored["fingerprint"] == fingerprint and not config.force:
-        context.log.info(f"skipped {source.name} {day}: {path} unchanged since {stored['landed_at']} ({fingerprint})")
-        return _skipped_result(context, config, source, warehouse, day, path, fingerprint, stored, started)
+        digests = catalog_digests(context, warehouse, landing, catalog, [d.day for d in days],
+                                  config.catalog_wait_seconds) if present else {}
+        for day in present:
+            day.fingerprint += f":{catalog.name}=" + digests[day.day]
+    stored = stored_batches(warehouse, source, [d.day for d in present]) if present else {}
+    for day in present:
+        day.fingerprint = file_fingerprint(day.path, source) + day.fingerprint
+        day.stored = stored.get(day.day)
+        day.skipped = bool(day.stored and day.stored["fingerprint"] == day.fingerprint and not config.force)
+    return days
+
+
+@contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    con.execute("BEGIN TRANSACTION")
     try:
-        with warehouse.transaction() as con:
-            counts, preview = _land(con, source, sources, day, path, fingerprint, config, started)
-    except LandingFileError as error:
-        raise dg.Failure(description=str(error), metadata={"path": str(error.path), "cause": error.cause}) from None
-    except duckdb.IOException as error:
-        raise dg.Failure(description=f"{source.name} file {path}: unreadable ({error})",
-                         metadata={"path": str(path), "cause": str(error)}) from None
-    seconds = time.perf_counter() - started
-    context.log.info(f"landed {source.name} {day} from {path} in {seconds:.1f}s: "
-                     + "; ".join(f"{t} {c.valid_records} valid, {c.quarantined_records} quarantined" for t, c in counts.items()))
-    checks = _check_results(source, counts, config.max_error_rate)
-    _alert_on_error_rate(alerts, context, source, day, path, counts, config.max_error_rate)
-    metadata = _metadata(source, day, path, fingerprint, counts, seconds, skipped=False)
-    metadata["preview"] = dg.MetadataValue.md(preview)
-    return dg.MaterializeResult(metadata=metadata, check_results=checks, data_version=dg.DataVersion(fingerprint))
+        yield
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
 
 
-def land_file(con: duckdb.DuckDBPyConnection, source: Source, sources: tuple[Source, ...], day: str,
-              path: Path) -> dict[str, TableCounts]:
-    """Stage, judge and write one file as the day's partition of the source, inside the caller's
-    transaction (any DuckDB connection: the evaluation lands Online Retail in a scratch one)."""
-    ensure_tables(con, sources)
-    reader = READERS[source.reader]
-    inputs = reader.stage(con, path, source)
-    validate_staged(con, source.tables[0], day)
-    for part in source.tables[1:]:  # parts of the records that passed (a customer's purchase items)
-        inputs[part.name] = reader.stage_part(con, part)
-        validate_staged(con, part, day)
-    delete_partition(con, source, day)
-    insert_partition(con, source, day, path)
-    return count_partition(con, source, day, inputs)
+def land_days(context: dg.AssetExecutionContext, config: IngestionConfig, source: Source,
+              sources: tuple[Source, ...], warehouse: DuckDBWarehouse, days: list[Day]) -> None:
+    """Each changed day in its own transaction, all in one connection (a connection open and its
+    checkpoint cost more than a small day's batch); then the skipped days' stored counts."""
+    changed = [d for d in days if d.path is not None and not d.skipped]
+    if changed:
+        with warehouse.connect() as con:
+            for day in changed:
+                started = time.perf_counter()
+                try:
+                    with _transaction(con):
+                        day.counts, day.notes = land_file(con, source, sources, day.day, day.path)
+                        day.seconds = time.perf_counter() - started
+                        record_fingerprint(con, source, day.day, day.fingerprint, day.path, day.counts, day.seconds)
+                        day.preview = preview(con, source, day.day, day.counts, config.preview_rows)
+                except (LandingFileError, OSError) as error:
+                    day.problem = error if isinstance(error, LandingFileError) else \
+                        LandingFileError(source.name, day.path, f"unreadable ({error})")
+                    continue
+                context.log.info(f"landed {source.name} {day.day} from {day.path} in {day.seconds:.1f}s: " + "; ".join(
+                    f"{t} {c.valid_records} valid, {c.quarantined_records} quarantined" for t, c in day.counts.tables.items()))
+    skipped = [d for d in days if d.skipped]
+    if skipped:
+        with warehouse.connect(read_only=True) as con:
+            for day in skipped:
+                day.counts = count_partition(con, source, day.day, day.stored["inputs"])
+                context.log.info(f"skipped {source.name} {day.day}: {day.path} unchanged since "
+                                 f"{day.stored['landed_at']} ({day.fingerprint})")
 
 
-def _land(con: duckdb.DuckDBPyConnection, source: Source, sources: tuple[Source, ...], day: str, path: Path,
-          fingerprint: str, config: IngestionConfig, started: float) -> tuple[dict[str, TableCounts], str]:
-    counts = land_file(con, source, sources, day, path)
-    record_fingerprint(con, source, day, fingerprint, path, counts, time.perf_counter() - started)
-    return counts, _preview(con, source, day, counts, config.preview_rows)
+def ingest(context: dg.AssetExecutionContext, config: IngestionConfig, source: Source, sources: tuple[Source, ...],
+           warehouse: DuckDBWarehouse, landing: LandingZone, alerts: Alerts) -> Iterator[Any]:
+    started = time.perf_counter()
+    days = plan_days(context, config, source, sources, warehouse, landing)
+    one_day = context.has_partition_key  # a one-partition run; otherwise a range (single-run backfill)
+    if one_day and days[0].problem:
+        raise _failure(days[0].problem)
+    land_days(context, config, source, sources, warehouse, days)
+    landed = [d for d in days if d.counts is not None]
+    _alert_on_error_rate(alerts, context, source, landed, config.max_error_rate)
+    if one_day:
+        if days[0].problem:
+            raise _failure(days[0].problem)
+        day = days[0]
+        metadata = _day_metadata(source, day, time.perf_counter() - started)
+        yield dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(day.fingerprint),
+                                   check_results=check_results(source, day.counts, config.max_error_rate))
+        return
+    yield from _range_events(context, config, source, days)
 
 
-def _skipped_result(context: dg.AssetExecutionContext, config: IngestionConfig, source: Source,
-                    warehouse: DuckDBWarehouse, day: str, path: Path, fingerprint: str, stored: dict[str, Any],
-                    started: float) -> dg.MaterializeResult:
-    with warehouse.connect(read_only=True) as con:
-        counts = count_partition(con, source, day, stored["inputs"])
-    metadata = _metadata(source, day, path, fingerprint, counts, time.perf_counter() - started, skipped=True)
-    metadata["skip_reason"] = f"source unchanged since {stored['landed_at']}"
-    return dg.MaterializeResult(metadata=metadata, check_results=_check_results(source, counts, config.max_error_rate),
-                                data_version=dg.DataVersion(fingerprint))
+def _failure(problem: LandingFileError) -> dg.Failure:
+    return dg.Failure(description=str(problem), metadata={"path": str(problem.path), "cause": problem.cause})
 
 
-def _metadata(source: Source, day: str, path: Path, fingerprint: str, counts: dict[str, TableCounts],
-              seconds: float, skipped: bool) -> dict[str, Any]:
-    primary = counts[source.table_names[0]]
-    metadata: dict[str, Any] = {
-        "partition_date": day,
-        "source_path": str(path),
-        "fingerprint": fingerprint,
-        "skipped": skipped,
-        "input_records": primary.input_records,
-        "valid_records": primary.valid_records,
-        "quarantined_records": primary.quarantined_records,
-        "error_rate": round(primary.error_rate, 6),
-        "quarantined_by_rule": primary.by_rule,
-        "seconds": round(seconds, 3),
-        "dagster/row_count": primary.valid_records,
-    }
-    for table, table_counts in list(counts.items())[1:]:
-        metadata[f"{table}.input_records"] = table_counts.input_records
-        metadata[f"{table}.valid_records"] = table_counts.valid_records
-        metadata[f"{table}.quarantined_records"] = table_counts.quarantined_records
-        metadata[f"{table}.error_rate"] = round(table_counts.error_rate, 6)
-        metadata[f"{table}.quarantined_by_rule"] = table_counts.by_rule
+def _day_metadata(source: Source, day: Day, seconds: float) -> dict[str, Any]:
+    metadata = batch_metadata(source, day.day, day.path, day.fingerprint, day.counts, seconds, day.skipped)
+    if day.skipped:
+        metadata["skip_reason"] = f"source unchanged since {day.stored['landed_at']}"
+    else:
+        metadata["read_as"] = {k: v for k, v in day.notes.items() if v not in (None, False, 0)}
+        metadata["preview"] = dg.MetadataValue.md(day.preview or "")
     return metadata
 
 
-def _preview(con: duckdb.DuckDBPyConnection, source: Source, day: str, counts: dict[str, TableCounts],
-             limit: int) -> str:
-    parts = []
-    for spec in source.tables:
-        table = spec.name
-        result = con.execute(
-            f"SELECT * EXCLUDE (partition_date) FROM {spec.qualified} WHERE partition_date = ? "
-            f"ORDER BY ALL LIMIT {int(limit)}", [day])  # line_no first, then item_no for purchases
-        parts.append(f"**raw.{table}** (first valid rows)\n\n"
-                     + markdown_table([d[0] for d in result.description], result.fetchall()))
-        rules = [(rule, n) for rule, n in counts[table].by_rule.items()]
-        if rules:
-            parts.append(f"**{table}: quarantined by rule**\n\n" + markdown_table(["rule", "records"], rules))
-    return "\n\n".join(parts)
+def _range_events(context: dg.AssetExecutionContext, config: IngestionConfig, source: Source,
+                  days: list[Day]) -> Iterator[Any]:
+    """One materialization and one result of each check per landed day of the range.
+
+    When every day landed, one MaterializeResult carries each day's metadata (downstream assets of
+    the run go on). When some day had no file, only the landed days are materialized, one event
+    each: a MaterializeResult would mark the whole range materialized."""
+    landed = [d for d in days if d.counts is not None]
+    unreadable = [d for d in days if d.problem is not None and not d.has_no_file]
+    without_file = [d.day for d in days if d.has_no_file]
+    if without_file:
+        context.log.warning(f"{len(without_file)} day(s) of the range have no {source.name} file and stay "
+                            f"unmaterialized: {without_file[:10]}{' ...' if len(without_file) > 10 else ''}")
+    for day in landed:
+        metadata = _day_metadata(source, day, day.seconds)
+        if without_file or unreadable:
+            yield dg.AssetMaterialization(asset_key=source.asset, partition=day.day, metadata=metadata)
+        else:
+            context.add_asset_metadata(metadata, partition_key=day.day)
+    if not (without_file or unreadable):
+        yield dg.MaterializeResult(metadata={"days_in_run": len(days),
+                                             "days_skipped": sum(d.skipped for d in days)})
+    blocking = {spec.name: spec.blocking for spec in check_specs(source.asset)}
+    for day in landed:
+        for result in check_results(source, day.counts, config.max_error_rate):
+            yield partition_check_evaluation(context.instance, result, source.asset, result.check_name, day.day,
+                                             blocking[result.check_name])
+    yield from asset_check_outputs(context)
+    if unreadable:
+        raise dg.Failure(description=f"{len(unreadable)} day(s) of the range could not be read (the other days "
+                                     f"landed): " + " | ".join(str(d.problem) for d in unreadable[:5]),
+                         metadata={"days": [d.day for d in unreadable]})
 
 
-def _check_results(source: Source, counts: dict[str, TableCounts], max_error_rate: float) -> list[dg.AssetCheckResult]:
-    asset = f"raw_{source.name}"
-    unbalanced = [t for t, c in counts.items() if not c.reconciles]
-    too_many = {t: round(c.error_rate, 6) for t, c in counts.items() if c.error_rate > max_error_rate}
-    accounting = {t: {"input": c.input_records, "valid": c.valid_records, "quarantined": c.quarantined_records}
-                  for t, c in counts.items()}
-    return [
-        dg.AssetCheckResult(
-            asset_key=asset, check_name="record_accounting", passed=not unbalanced,
-            severity=dg.AssetCheckSeverity.ERROR,
-            description="input = valid + quarantined for every table" if not unbalanced
-            else f"records lost or counted twice in {unbalanced}",
-            metadata={"accounting": accounting},
-        ),
-        dg.AssetCheckResult(
-            asset_key=asset, check_name="error_rate", passed=not too_many, severity=dg.AssetCheckSeverity.ERROR,
-            description=f"quarantined share above {max_error_rate:.1%} in {sorted(too_many)}" if too_many
-            else f"quarantined share within {max_error_rate:.1%}",
-            metadata={"error_rate": {t: round(c.error_rate, 6) for t, c in counts.items()},
-                      "max_error_rate": max_error_rate},
-        ),
-    ]
-
-
-def _alert_on_error_rate(alerts: Alerts, context: dg.AssetExecutionContext, source: Source, day: str, path: Path,
-                         counts: dict[str, TableCounts], max_error_rate: float) -> None:
-    """Called after the write transaction has closed: the alert opens its own connection."""
-    for table, table_counts in counts.items():
-        if table_counts.error_rate <= max_error_rate:
+def _alert_on_error_rate(alerts: Alerts, context: dg.AssetExecutionContext, source: Source, days: list[Day],
+                         max_error_rate: float) -> None:
+    """Called after the write connection has closed: the alert opens its own connection."""
+    for day in days:
+        counts = day.counts
+        if day.skipped or counts.error_rate <= max_error_rate:
             continue
         alerts.send(
-            "ERROR", f"raw_{source.name}",
-            f"schema error rate {table_counts.error_rate:.1%} in {table} on {day}",
-            f"{table_counts.quarantined_records} of {table_counts.input_records} {table} records were quarantined "
+            "ERROR", source.asset,
+            f"schema error rate {counts.error_rate:.1%} in {source.name} on {day.day}",
+            f"{counts.bad_records} of {counts.primary.input_records} {source.name} records had an error "
             f"(limit {max_error_rate:.1%}); see ops.schema_errors",
-            details={"partition_date": day, "table": table, "source_path": str(path),
-                     "error_rate": round(table_counts.error_rate, 6), "by_rule": table_counts.by_rule},
+            details={"partition_date": day.day, "source_path": str(day.path), **counts.rates,
+                     "bad_records": counts.bad_records, "by_rule": counts.primary.by_rule,
+                     **{f"{t}.by_rule": c.by_rule for t, c in list(counts.tables.items())[1:] if c.by_rule}},
             log=context.log,
         )
-
-
-def _check_specs(asset: str) -> list[dg.AssetCheckSpec]:
-    return [
-        # Blocking: records lost or counted twice mean the partition is wrong; nothing builds on it.
-        dg.AssetCheckSpec("record_accounting", asset=asset, partitions_def=daily_partitions, blocking=True,
-                          description="Every input record of the partition is either valid or quarantined."),
-        dg.AssetCheckSpec("error_rate", asset=asset, partitions_def=daily_partitions,
-                          description="Quarantined / input stays within max_error_rate (default 5 %)."),
-    ]
 
 
 @dataclass(frozen=True)
 class Reader:
     """How a file format is staged: its records, then the parts of the valid ones (if any)."""
 
-    stage: Callable[[duckdb.DuckDBPyConnection, Path, Source], dict[str, int]]
-    stage_part: Callable[[duckdb.DuckDBPyConnection, RawTable], int] | None = None
+    stage: Callable[[duckdb.DuckDBPyConnection, Path, Source], Staged]
+    stage_part: Callable[[duckdb.DuckDBPyConnection, RawTable, Source], int] | None = None
 
 
 READERS = {"csv": Reader(stage_csv), "customer_jsonl": Reader(stage_customers, stage_customer_purchases)}
@@ -450,9 +452,13 @@ def ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg.AssetsDef
     @dg.asset(
         name=source.asset,
         partitions_def=daily_partitions,
+        # A backfill of many days is one run per range; the body lands each day as its own batch.
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        # A range with days that have no file materializes the landed days one by one (see _range_events).
+        output_required=False,
         pool="duckdb",
         deps=list(source.deps),
-        check_specs=_check_specs(source.asset),
+        check_specs=check_specs(source.asset),
         kinds={"duckdb"},
         group_name="ingest",
         description=source.description,
@@ -460,8 +466,8 @@ def ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg.AssetsDef
         tags=PII_TAG if any(t.personal for t in source.tables) else None,
     )
     def _asset(context: dg.AssetExecutionContext, config: IngestionConfig, warehouse: DuckDBWarehouse,
-               landing: LandingZone, alerts: Alerts) -> dg.MaterializeResult:
-        return ingest(context, config, source, sources, warehouse, landing, alerts)
+               landing: LandingZone, alerts: Alerts) -> Iterator[Any]:
+        yield from ingest(context, config, source, sources, warehouse, landing, alerts)
 
     return _asset
 

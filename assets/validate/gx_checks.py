@@ -1,6 +1,11 @@
 """The suites of `expectations/` run by GX itself, as partitioned asset checks on the raw tables
 (and, from assets/outputs, on the accepted recommendations).
 
+GX validates what landed, after the quarantine took the bad records out; so that a bad batch is
+never all green, a raw table's check reports beside GX's verdict the share of the batch as it
+arrived that was quarantined (per rule too), and fails (WARN) when it is over
+`max_rejected_share` (5 %, as the `error_rate` check).
+
 GX validates pandas batches streamed from a Parquet export of the partition (Arrow record batches
 of `chunk_rows`), so no database lock is held while it works. A suite's result is kept per
 (table, partition, data fingerprint): re-running a check on unchanged data reports the stored
@@ -28,6 +33,7 @@ from pydantic import Field
 from assets.common.current_state import raw_source_of, read_state
 from assets.common.metadata import markdown_table
 from assets.common.partitions import daily_partitions
+from assets.common.range_runs import partition_check_evaluation
 from assets.common.sources import SOURCES, Source, personal_columns
 from assets.validate.rules import SUITE_PARAMETERS, Suite, load_suite
 from resources.redaction import mask_column
@@ -66,6 +72,7 @@ class SuiteCheckConfig(dg.Config):
     # few large batches beat many small ones.
     chunk_rows: int = Field(default=1_000_000, description="Rows per pandas batch handed to GX.")
     max_rows: int = Field(default=2_000_000, description="Validate a repeatable sample of this many rows (0: all rows); every row is already judged by the compiled SQL rules.")
+    max_rejected_share: float = Field(default=0.05, description="Quarantined / arrived records of the table above this fails the check (WARN), whatever GX says of the landed rows.")
 
 
 def gx_suite(suite: Suite) -> Any:
@@ -180,7 +187,7 @@ def _suite_uses(suite: Suite, parameter: str) -> bool:
 
 
 def suite_check_result(suite: Suite, tallies: list[ExpectationTally], validated: int, total: int,
-                       seconds: float) -> dg.AssetCheckResult:
+                       seconds: float, quarantined_by_rule: dict[str, int] | None = None) -> dg.AssetCheckResult:
     failed = [t for t in tallies if not t.success]
     severity = dg.AssetCheckSeverity.ERROR if any(t.severity == "critical" for t in failed) else dg.AssetCheckSeverity.WARN
     personal = personal_columns()
@@ -191,8 +198,9 @@ def suite_check_result(suite: Suite, tallies: list[ExpectationTally], validated:
         how = personal.get(t.column or "")
         return ", ".join(str(mask_column(x, how) if how else x) for x in t.examples)
 
-    rows = [(t.rule, t.kind.removeprefix("expect_"), "pass" if t.success else "FAIL", t.unexpected_count, shown(t))
-            for t in tallies]
+    quarantined = quarantined_by_rule or {}
+    rows = [(t.rule, t.kind.removeprefix("expect_"), "pass" if t.success else "FAIL", t.unexpected_count,
+             quarantined.get(t.rule, 0), shown(t)) for t in tallies]
     return dg.AssetCheckResult(
         passed=not failed,
         severity=severity,
@@ -206,7 +214,8 @@ def suite_check_result(suite: Suite, tallies: list[ExpectationTally], validated:
             "unexpected_by_rule": {t.rule: t.unexpected_count for t in tallies},
             "seconds": round(seconds, 2),
             "results": dg.MetadataValue.md(
-                markdown_table(["rule", "expectation", "result", "unexpected", "observed"], rows, max_width=80)),
+                markdown_table(["rule", "expectation", "result", "unexpected (landed)", "quarantined before landing",
+                                "observed"], rows, max_width=80)),
         },
     )
 
@@ -217,17 +226,68 @@ def build_suite_check(table: str, asset: str) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=asset,
         name=f"{table}_expectation_suite",
-        description=f"The GX suite expectations/{table}.json on the partition of raw.{table}.",
+        description=f"The GX suite expectations/{table}.json on the partition of raw.{table}, with the share of "
+                    "the batch quarantined before landing.",
         partitions_def=daily_partitions,
         pool="duckdb",
         blocking=False,
     )
     def _check(context: dg.AssetCheckExecutionContext, config: SuiteCheckConfig,
-               warehouse: DuckDBWarehouse) -> dg.AssetCheckResult:
-        return run_suite_check(warehouse, load_suite(suite_name), f"raw.{table}", context.partition_key,
-                               asset, config.chunk_rows, config.max_rows)
+               warehouse: DuckDBWarehouse) -> Iterator[Any]:
+        suite = load_suite(suite_name)
+        if context.has_partition_key:
+            yield raw_suite_check(warehouse, suite, table, context.partition_key, asset, config)
+            return
+        # A range run (single-run backfill of the asset): one evaluation per day that has a batch.
+        for day in landed_days(warehouse, asset, context.partition_keys):
+            result = raw_suite_check(warehouse, suite, table, day, asset, config)
+            yield partition_check_evaluation(context.instance, result, asset, f"{table}_expectation_suite", day,
+                                             blocking=False)
+        yield dg.Output(None, output_name=context.op_execution_context.op_def.output_defs[0].name)
 
     return _check
+
+
+def landed_days(warehouse: DuckDBWarehouse, asset: str, days: list[str]) -> list[str]:
+    """The days of a range that have a landed batch of the asset's source."""
+    with warehouse.connect(read_only=True) as con:
+        if not table_exists(con, "ops.batch_fingerprints"):
+            return []
+        rows = fetch_all(con, """SELECT partition_date::VARCHAR FROM ops.batch_fingerprints WHERE source = ?
+                                 AND list_contains(?, partition_date::VARCHAR) ORDER BY 1""", [raw_source_of(asset), days])
+    return [row[0] for row in rows]
+
+
+def raw_suite_check(warehouse: DuckDBWarehouse, suite: Suite, table: str, day: str, asset: str,
+                    config: SuiteCheckConfig) -> dg.AssetCheckResult:
+    """GX's verdict on the landed rows, with the share of the batch quarantined before landing."""
+    arrived, rejected, by_rule = batch_as_arrived(warehouse, asset, table, day)
+    result = run_suite_check(warehouse, suite, f"raw.{table}", day, asset, config.chunk_rows, config.max_rows,
+                             quarantined_by_rule=by_rule)
+    share = rejected / arrived if arrived else 0.0
+    over = share > config.max_rejected_share
+    shares = (f"{share:.1%} of the batch as it arrived ({rejected:,} of {arrived:,} records) was quarantined "
+              f"before landing ({'over' if over else 'within'} {config.max_rejected_share:.1%})")
+    return dg.AssetCheckResult(
+        passed=result.passed and not over,
+        severity=result.severity if not result.passed else dg.AssetCheckSeverity.WARN,
+        description=f"{result.description}; {shares}",
+        metadata={**result.metadata, "rejected_share": round(share, 6), "records_arrived": arrived,
+                  "records_quarantined": rejected, "max_rejected_share": float(config.max_rejected_share)},
+    )
+
+
+def batch_as_arrived(warehouse: DuckDBWarehouse, asset: str, table: str, day: str) -> tuple[int, int, dict[str, int]]:
+    """(records of the table as they arrived, records quarantined, quarantined by rule) of a batch."""
+    with warehouse.connect(read_only=True) as con:
+        if not table_exists(con, "ops.batch_fingerprints"):
+            return 0, 0, {}
+        rows = fetch_all(con, "SELECT table_counts FROM ops.batch_fingerprints WHERE source = ? AND partition_date = ?",
+                         [raw_source_of(asset), day])
+    counts = json.loads(rows[0][0]).get(table) if rows else None
+    if not counts:
+        return 0, 0, {}
+    return int(counts["input_records"]), int(counts["quarantined_records"]), dict(counts["by_rule"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,20 +299,21 @@ SUITE_RUNS_TABLE = "ops.suite_runs"
 
 
 def run_suite_check(warehouse: DuckDBWarehouse, suite: Suite, table: str, partition_key: str, asset: str,
-                    chunk_rows: int, max_rows: int, partitioned: bool = True) -> dg.AssetCheckResult:
+                    chunk_rows: int, max_rows: int, partitioned: bool = True,
+                    quarantined_by_rule: dict[str, int] | None = None) -> dg.AssetCheckResult:
     """The suite's check result on a raw partition (or, `partitioned=False`, a current-state table)."""
     started = time.perf_counter()
     fingerprint = _data_fingerprint(warehouse, asset, partition_key, suite, max_rows)
     stored = _stored_suite_run(warehouse, table, partition_key, fingerprint) if fingerprint else None
     if stored is not None:
         tallies, validated, total = stored
-        result = suite_check_result(suite, tallies, validated, total, time.perf_counter() - started)
+        result = suite_check_result(suite, tallies, validated, total, time.perf_counter() - started, quarantined_by_rule)
         return result._replace(metadata={**result.metadata, "reused_result": True})
     tallies, validated, total = validate_partition(
         warehouse, suite, table, partition_key if partitioned else None, chunk_rows, max_rows)
     if fingerprint:
         _store_suite_run(warehouse, table, partition_key, fingerprint, tallies, validated, total)
-    return suite_check_result(suite, tallies, validated, total, time.perf_counter() - started)
+    return suite_check_result(suite, tallies, validated, total, time.perf_counter() - started, quarantined_by_rule)
 
 
 def _data_fingerprint(warehouse: DuckDBWarehouse, asset: str, partition_key: str, suite: Suite, max_rows: int) -> str | None:

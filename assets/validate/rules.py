@@ -8,12 +8,20 @@ is quarantined.) The same suites run with GX itself as asset checks (assets/vali
 
 Staged values are text as they arrived; `expect_column_values_to_be_of_type` says what each
 column must cast to (`float64` -> DOUBLE, `int32` -> INTEGER, `datetime64[us]` -> TIMESTAMP,
-`bool` -> BOOLEAN), and comparisons (`be_between`) use that cast. A uniqueness expectation keeps
-the first row (by line) of each value and quarantines the repeats.
+`bool` -> BOOLEAN), and comparisons (`be_between`) use that cast. The casts are strict (`typed`):
+- numbers are decimal numbers (`12.5`, `-3`, `1e2`); a JSON string such as `"12.5"`, `true`,
+  `NaN`, `inf` or `1_000` is not one (JSON readers keep a value's token text, quotes included);
+- timestamps are ISO 8601: a date, optionally `T` or a space and hh:mm[:ss[.fraction]] with hours
+  00-23, optionally an offset (`Z`, `+05:30`, `-0800`, `+05`; at most 14 hours). A value with an
+  offset lands as that instant in UTC; one without is read in the source's `naive_timezone` and
+  lands in UTC. `T24:00:00`, `+25:00`, `" Z"` and impossible dates (`2011-02-30`) are refused.
+A uniqueness expectation keeps the first row (by line) of each value and quarantines the repeats.
 """
 
 import hashlib
 import json
+import re
+import zoneinfo
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -92,13 +100,14 @@ class Suite:
                 return list(e["kwargs"]["column_list"])
         return []
 
-    def row_rules(self, columns: set[str]) -> list[RowRule]:
+    def row_rules(self, columns: set[str], naive_timezone: str = "UTC") -> list[RowRule]:
         """The suite's row-level expectations compiled against a staged relation with `columns`."""
         rules = []
         for position, expectation in enumerate(self.expectations):
             if expectation["type"].startswith(AGGREGATE_PREFIXES):
                 continue  # nothing to quarantine row by row; the GX check still runs it
-            rules.append(compile_expectation(expectation, f"p{position}_", columns, self.column_types))
+            rules.append(compile_expectation(expectation, f"p{position}_", columns, self.column_types,
+                                             naive_timezone))
         return rules
 
 
@@ -119,21 +128,50 @@ def duckdb_type(numpy_type: str) -> str:
     return DUCKDB_TYPES[numpy_type]
 
 
-def typed(column_sql: str, duckdb_type_name: str) -> str:
-    """SQL of a staged text value cast to its type; NULL when it does not cast cleanly."""
+ISO_DATE = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+ISO_TIME = r"([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d{1,9})?)?"
+ISO_IN_UTC = ISO_DATE + "[T ]" + ISO_TIME + "Z"
+ISO_WITH_OFFSET = ISO_DATE + "[T ]" + ISO_TIME + r"[+-](0\d|1[0-4])(:?[0-5]\d)?"
+ISO_NAIVE = ISO_DATE + "([T ]" + ISO_TIME + ")?"
+TIMEZONE_NAME = re.compile(r"[A-Za-z0-9_+\-/]+")
+
+
+def typed(column_sql: str, duckdb_type_name: str, naive_timezone: str = "UTC") -> str:
+    """SQL of a staged text value cast to its type; NULL when it is not a clean value of it."""
     if duckdb_type_name == "VARCHAR":
         return column_sql
     if duckdb_type_name == "DOUBLE":
-        return f"(CASE WHEN isfinite(TRY_CAST({column_sql} AS DOUBLE)) THEN TRY_CAST({column_sql} AS DOUBLE) END)"
+        number = f"TRY_CAST({column_sql} AS DOUBLE)"
+        # DuckDB reads '1_000' as 1000; a digit separator is not a number here.
+        return f"(CASE WHEN isfinite({number}) AND NOT contains(CAST({column_sql} AS VARCHAR), '_') THEN {number} END)"
     if duckdb_type_name in ("INTEGER", "BIGINT"):
         # Via DOUBLE so that '6.5' is refused instead of rounded (a plain cast would round it).
-        number = f"TRY_CAST({column_sql} AS DOUBLE)"
+        number = typed(column_sql, "DOUBLE")
         return f"(CASE WHEN {number} = trunc({number}) THEN TRY_CAST({number} AS {duckdb_type_name}) END)"
+    if duckdb_type_name == "TIMESTAMP":
+        return _utc_timestamp(column_sql, naive_timezone)
     return f"TRY_CAST({column_sql} AS {duckdb_type_name})"
 
 
+def _utc_timestamp(column_sql: str, naive_timezone: str) -> str:
+    """An ISO 8601 text as a UTC TIMESTAMP: an offset is applied (never dropped), a naive value is
+    read in `naive_timezone`. The zone comes from the source registry (code), checked here."""
+    if not TIMEZONE_NAME.fullmatch(naive_timezone):
+        raise ValueError(f"naive_timezone {naive_timezone!r} is not a time zone name")
+    zoneinfo.ZoneInfo(naive_timezone)  # an unknown zone fails here, at definition time
+    naive = f"TRY_CAST({column_sql} AS TIMESTAMP)"
+    if naive_timezone != "UTC":
+        naive = f"(timezone('{naive_timezone}', {naive}) AT TIME ZONE 'UTC')"
+    # `Z` first and without a time zone cast: the most common form, and the cheapest (measured on
+    # 2M values: 0.21 s against 0.30 s through TIMESTAMPTZ).
+    return (f"(CASE WHEN regexp_full_match({column_sql}, '{ISO_IN_UTC}') THEN TRY_CAST({column_sql} AS TIMESTAMP)"
+            f" WHEN regexp_full_match({column_sql}, '{ISO_WITH_OFFSET}')"
+            f" THEN TRY_CAST({column_sql} AS TIMESTAMPTZ) AT TIME ZONE 'UTC'"
+            f" WHEN regexp_full_match({column_sql}, '{ISO_NAIVE}') THEN {naive} END)")
+
+
 def compile_expectation(expectation: dict[str, Any], prefix: str, columns: set[str],
-                        column_types: dict[str, str]) -> RowRule:
+                        column_types: dict[str, str], naive_timezone: str = "UTC") -> RowRule:
     kind, kwargs = expectation["type"], expectation.get("kwargs", {})
     rule = expectation.get("meta", {}).get("rule")
     if not rule:
@@ -147,11 +185,12 @@ def compile_expectation(expectation: dict[str, Any], prefix: str, columns: set[s
         return RowRule(rule, ",".join(kwargs["column_list"]), fails, value, window=True)
     column = _identifier(kwargs["column"], columns)
     as_text, value_type = f"CAST({column} AS VARCHAR)", column_types.get(kwargs["column"], "VARCHAR")
-    fails, params = _fails(kind, kwargs, column, value_type, prefix)
+    fails, params = _fails(kind, kwargs, column, value_type, prefix, naive_timezone)
     return RowRule(rule, kwargs["column"], fails, as_text, params, window=kind == "expect_column_values_to_be_unique")
 
 
-def _fails(kind: str, kwargs: dict[str, Any], column: str, value_type: str, prefix: str) -> tuple[str, dict]:
+def _fails(kind: str, kwargs: dict[str, Any], column: str, value_type: str, prefix: str,
+           naive_timezone: str = "UTC") -> tuple[str, dict]:
     """The failing predicate of a single-column expectation. Like GX, nulls only fail null checks."""
     present = f"{column} IS NOT NULL"
     text = f"CAST({column} AS VARCHAR)"
@@ -163,7 +202,7 @@ def _fails(kind: str, kwargs: dict[str, Any], column: str, value_type: str, pref
     if kind == "expect_column_values_to_be_unique":
         return f"{present} AND row_number() OVER (PARTITION BY {column} ORDER BY line_no, row_id) > 1", {}
     if kind == "expect_column_values_to_be_of_type":
-        return f"{present} AND {typed(column, duckdb_type(kwargs['type_']))} IS NULL", {}
+        return f"{present} AND {typed(column, duckdb_type(kwargs['type_']), naive_timezone)} IS NULL", {}
     if kind == "expect_column_values_to_match_regex":
         return f"{present} AND NOT regexp_matches({text}, ${p}regex)", {f"{p}regex": kwargs["regex"]}
     if kind == "expect_column_values_to_not_match_regex":
@@ -177,7 +216,7 @@ def _fails(kind: str, kwargs: dict[str, Any], column: str, value_type: str, pref
         negate = "NOT " if kind == "expect_column_values_to_be_in_set" else ""
         return f"{present} AND {negate}({member[0]})", member[1]
     if kind == "expect_column_values_to_be_between":
-        return _between(typed(column, value_type), value_type, kwargs, p)
+        return _between(typed(column, value_type, naive_timezone), value_type, kwargs, p)
     if kind == "expect_column_value_lengths_to_be_between":
         return _between(f"length({text})", "BIGINT", kwargs, p)
     raise AssertionError(f"{kind} is listed in ROW_LEVEL_TYPES but not compiled")
@@ -214,12 +253,12 @@ def _identifier(column: str, columns: set[str]) -> str:
 
 
 def quarantine(con: duckdb.DuckDBPyConnection, suite: Suite, staged: str, columns: set[str], record_key: str,
-               failures: str, partition_date: str) -> None:
+               failures: str, partition_date: str, naive_timezone: str = "UTC") -> None:
     """Append every (row, broken rule) of the staged relation to the `failures` temp table.
 
     `staged` and `record_key` are SQL from code; the staged relation has `row_id` and `line_no`.
     """
-    for rule in suite.row_rules(columns):
+    for rule in suite.row_rules(columns, naive_timezone):
         where = "QUALIFY" if rule.window else "WHERE"
         sql = (f"INSERT INTO {failures} SELECT row_id, line_no, {record_key}, $rule, $column_name, {rule.value}"
                f" FROM {staged} {where} {rule.fails}")

@@ -1,0 +1,45 @@
+"""Runs over a range of partitions (single-run backfills): one check evaluation per partition.
+
+An asset with `BackfillPolicy.single_run()` runs once for a whole range of days. Its per-day
+metadata goes on each day's materialization with `context.add_asset_metadata(..., partition_key=)`
+(Dagster's multi-partition pattern), and its checks, which are partitioned, must be reported per
+day too: `AssetCheckResult` knows only a run's single partition key, so a range run reports each
+day's result as an `AssetCheckEvaluation` with `partition=day`, aimed at that day's latest
+materialization (what Dagster does for a one-partition run), then closes the check outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import dagster as dg
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
+
+
+def latest_materialization(instance: dg.DagsterInstance, asset_key: dg.AssetKey,
+                           partition: str) -> AssetCheckEvaluationTargetMaterializationData | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1).records
+    if not records:
+        return None
+    record = records[0]
+    return AssetCheckEvaluationTargetMaterializationData(
+        run_id=record.event_log_entry.run_id, storage_id=record.storage_id, timestamp=record.timestamp)
+
+
+def partition_check_evaluation(instance: dg.DagsterInstance, result: dg.AssetCheckResult, asset_key: str,
+                               check_name: str, partition: str, blocking: bool) -> dg.AssetCheckEvaluation:
+    """A check result of one partition of a range run, as the event Dagster records for it."""
+    key = dg.AssetKey(asset_key)
+    return dg.AssetCheckEvaluation(
+        asset_key=key, check_name=check_name, passed=result.passed, metadata=result.metadata,
+        severity=result.severity, description=result.description, blocking=blocking, partition=partition,
+        target_materialization_data=latest_materialization(instance, key, partition))
+
+
+def asset_check_outputs(context: dg.AssetExecutionContext) -> Iterator[dg.Output]:
+    """The (empty) outputs of an asset's own checks, once their evaluations were reported per day."""
+    for key in context.selected_asset_check_keys:
+        yield dg.Output(None, output_name=context.assets_def.get_output_name_for_asset_check_key(key))

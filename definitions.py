@@ -37,6 +37,10 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
             jobs=[daily_pipeline, replay_dead_letters, purge_quarantined_raw_text],
             schedules=[build_daily_schedule(daily_pipeline), purge_schedule],
             sensors=[build_landing_sensor(daily_pipeline, sources)],
+            # One process a run: the definitions are imported and the model loaded once per run,
+            # not once per step (most steps wait for the one `duckdb` slot anyway); a worker that
+            # dies is retried as a run (run_retries in dagster.yaml).
+            executor=dg.in_process_executor,
         ),
         monitor.build_monitor_defs(sources),
     )

@@ -6,13 +6,16 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import dagster as dg
 import pytest
 
+from assets.monitor.check_alerts import asset_check_failure_alerts
+from assets.monitor.settings import MonitoringSettings
 from generator import FaultRates
 from resources.alerts import Alerts
 from resources.warehouse import fetch_all
 from tests.conftest import free_port
-from tests.ingestion_support import RAW, check_results, day, generate_landing, materialize, raw_resources
+from tests.ingestion_support import RAW, check_results, day, generate_landing, raw_resources
 
 
 class Webhook:
@@ -112,20 +115,30 @@ def test_unknown_severity_is_refused(warehouse):
         quick_alerts(warehouse, None).send("PANIC", "test", "t", "m")
 
 
-def test_an_ingestion_alert_reaches_the_webhook_and_a_dead_webhook_does_not_fail_the_run(warehouse, tmp_path):
+def test_a_bad_batch_alert_reaches_the_webhook_and_a_dead_webhook_fails_nothing(warehouse, tmp_path):
+    """The bad batch's failed error_rate check becomes an alert by the check-failure sensor (the
+    run raises none itself); a webhook that is down fails neither the run nor the tick."""
     landing = generate_landing(tmp_path / "landing", customers=150, days=1,
                                faults=FaultRates(malformed_json=0.15), seed=9)
-    with Webhook() as hook:
-        alive = materialize(raw_resources(warehouse, landing, webhook_url=hook.url), day(0),
-                            assets=[RAW["raw_products"], RAW["raw_customers"]])
-    dead = materialize(raw_resources(warehouse, landing, webhook_url=closed_port_url()), day(0),
-                       assets=[RAW["raw_products"], RAW["raw_customers"]], force=True)
-    assert alive.success and dead.success
-    assert not check_results(dead)[("raw_customers", "error_rate")].passed
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([RAW["raw_products"], RAW["raw_customers"]], partition_key=day(0),
+                                resources=raw_resources(warehouse, landing), instance=instance)
+        assert result.success and not check_results(result)[("raw_customers", "error_rate")].passed
+        with Webhook() as hook:
+            tick_check_alerts(instance, raw_resources(warehouse, landing, webhook_url=hook.url)["alerts"])
+        tick_check_alerts(instance, raw_resources(warehouse, landing, webhook_url=closed_port_url())["alerts"])
     (posted,) = hook.received
-    assert posted["source"] == "raw_customers" and posted["details"]["by_rule"]["malformed_json"] > 0
+    assert posted["severity"] == "ERROR" and posted["details"]["check"] == "error_rate"
+    assert posted["details"]["metadata"]["error_rate"] > 0.05
     statuses = [row[5] for row in alert_rows(warehouse)]
     assert statuses == ["delivered", "failed"]
+
+
+def tick_check_alerts(instance: dg.DagsterInstance, alerts: Alerts) -> None:
+    """A tick of a check-failure sensor starting afresh (no cursor)."""
+    with dg.build_sensor_context(instance=instance, resources={
+            "alerts": alerts, "monitoring": MonitoringSettings(events_per_tick=100)}) as context:
+        asset_check_failure_alerts(context)
 
 
 class SlackReceiver:

@@ -6,15 +6,18 @@ import csv
 import json
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pytest
 
 from assets.common.sources import SOURCES
+from assets.monitor.check_alerts import asset_check_failure_alerts
+from assets.monitor.settings import MonitoringSettings
 from assets.validate.gx_checks import validate_partition
 from assets.validate.rules import Suite, compile_expectation, load_suite, quarantine
 from generator import FAULTS_BY_TABLE, FaultRates, manifest_path
 from resources.warehouse import fetch_all, fetch_scalar
-from tests.ingestion_support import START, check_results, day, generate_landing, materialization, materialize, raw_resources
+from tests.ingestion_support import RAW_ASSETS, START, check_results, day, generate_landing, materialization, materialize, raw_resources
 
 # Which expectation catches each fault that hits one field; whole-line faults have a parse rule.
 EXPECTATION_OF_FAULT = {
@@ -88,18 +91,34 @@ def test_counts_per_rule_match_the_fault_log(warehouse, faulty_landing):
     assert materialization(result, "raw_customers")["quarantined_by_rule"] == by_rule
 
 
-def test_error_rate_over_the_limit_fails_the_check_and_raises_an_alert(warehouse, tmp_path):
+def test_error_rate_over_the_limit_is_one_incident_with_the_measured_rate(warehouse, tmp_path):
+    """The check fails as ERROR with the rate it measured; the check-failure sensor turns it into
+    one alert (the run raises none of its own), and a small batch's breach is only a WARN."""
     landing = generate_landing(tmp_path / "landing", customers=200, days=1,
                                faults=FaultRates(invalid_email=0.1), seed=5)
-    result = materialize(raw_resources(warehouse, landing), day(0))
-    evaluation = check_results(result)[("raw_customers", "error_rate")]
-    assert not evaluation.passed and evaluation.severity.value == "ERROR"
+    transactions = landing / "transactions" / f"{day(0)}.csv"
+    header, *rows = transactions.read_text().splitlines()
+    transactions.write_text("\n".join([header, *rows[:-1], rows[-1].rsplit(",", 1)[0]]) + "\n")  # 1 bad row
+    resources = raw_resources(warehouse, landing)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(RAW_ASSETS, partition_key=day(0), resources=resources, instance=instance)
+        with warehouse.connect(read_only=True) as con:  # the run itself raised no alert
+            assert not fetch_scalar(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'alerts'")
+        with dg.build_sensor_context(instance=instance, resources={
+                "alerts": resources["alerts"], "monitoring": MonitoringSettings()}) as context:
+            asset_check_failure_alerts(context)
+    customers = check_results(result)[("raw_customers", "error_rate")]
+    assert not customers.passed and customers.severity.value == "ERROR"
+    assert customers.metadata["error_rate"].value == pytest.approx(0.1, abs=0.03)
+    assert f"{customers.metadata['error_rate'].value:.1%}" in customers.description
     assert check_results(result)[("raw_products", "error_rate")].passed
+    small = check_results(result)[("raw_transactions", "error_rate")]
+    assert not small.passed and small.severity.value == "WARN"  # one bad row in a dozen
     with warehouse.connect(read_only=True) as con:
-        alerts = fetch_all(con, "SELECT severity, source, title, details FROM ops.alerts")
-    ((severity, source, title, details),) = alerts
-    assert severity == "ERROR" and source == "raw_customers" and "customers" in title
-    assert json.loads(details)["by_rule"]["email_invalid"] > 0
+        alerts = fetch_all(con, "SELECT severity, source, message, details FROM ops.alerts ORDER BY severity")
+    assert [(severity, json.loads(details)["check"]) for severity, _, _, details in alerts] == [
+        ("ERROR", "error_rate"), ("WARN", "error_rate")]
+    assert "records bad: error_rate" in alerts[0][2]
 
 
 def test_the_suites_pass_on_what_landed_and_report_what_was_quarantined_before(warehouse, faulty_landing):

@@ -394,7 +394,8 @@ class StateBuild:
 
     @property
     def partition_key(self) -> str:
-        return self.context.partition_key
+        """The day the build is as of: the run's partition, or the last day of its range."""
+        return self.as_of.isoformat()
 
     def record(self, con: Any, row_count: int, measurements: Mapping[str, Any] | None = None) -> None:
         """Call once, inside the transaction that publishes the table: records the fingerprint,

@@ -52,7 +52,8 @@ def check_failure_alert(instance: dg.DagsterInstance, storage_id: int, entry: dg
         severity=severity,
         resolves=evaluation.passed,
         message=(f"check {evaluation.check_name!r} passes again on {where}" if evaluation.passed
-                 else f"{severity} check {evaluation.check_name!r} failed on {where}"),
+                 else f"{severity} check {evaluation.check_name!r} failed on {where}"
+                 + (f": {evaluation.description}" if evaluation.description else "")),
         asset=asset,
         partition=partition,
         details={
@@ -81,7 +82,7 @@ def failed_check_alerts(instance: dg.DagsterInstance, after_storage_id: int, lim
     description="Alerts on failed asset checks (WARN or ERROR), once per incident (asset, check, partition); "
                 "a later pass resolves it.",
     minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.STOPPED,
+    default_status=dg.DefaultSensorStatus.RUNNING,  # on by default: it reads only the event log
 )
 def asset_check_failure_alerts(
     context: dg.SensorEvaluationContext, monitoring: MonitoringSettings, alerts: Alerts

@@ -130,7 +130,7 @@ def failed_run_alerts(instance: dg.DagsterInstance, after_storage_id: int, limit
     description="Alerts on failed runs (failed steps and errors, no stack, no secrets), once per incident "
                 "(job, partition); a later successful run resolves it.",
     minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.STOPPED,
+    default_status=dg.DefaultSensorStatus.RUNNING,  # on by default: it reads only the event log
 )
 def run_failure_alerts(
     context: dg.SensorEvaluationContext, monitoring: MonitoringSettings, alerts: Alerts

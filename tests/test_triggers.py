@@ -122,3 +122,14 @@ def wait_for_finished_runs(instance: dg.DagsterInstance, count: int, seconds: fl
             return runs
         time.sleep(2)
     raise AssertionError(f"timed out: runs {[(r.tags.get('dagster/partition'), r.status) for r in instance.get_runs()]}")
+
+
+def test_the_schedule_asks_for_yesterday_every_morning():
+    from definitions import defs
+
+    schedule = defs.get_schedule_def("daily_pipeline_schedule")
+    assert schedule.cron_schedule == "0 6 * * *" and schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    morning = dt.datetime(2011, 9, 3, 6, 0, tzinfo=dt.UTC)
+    with dg.build_schedule_context(scheduled_execution_time=morning) as context:
+        (request,) = schedule.evaluate_tick(context).run_requests
+    assert request.partition_key == "2011-09-02"

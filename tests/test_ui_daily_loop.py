@@ -86,8 +86,10 @@ def landing_sensor_cursor(instance: dg.DagsterInstance) -> str | None:
 
 
 def incident_observations(instance: dg.DagsterInstance) -> list[dict]:
+    """Each incident notice's metadata, with `time`: the event's timestamp as the UI's URLs give it."""
     records = instance.fetch_observations(dg.AssetKey("incidents"), limit=1000).records
-    return [{k: v.value for k, v in r.asset_observation.metadata.items()} for r in records]
+    return [{**{k: v.value for k, v in r.asset_observation.metadata.items()}, "time": str(int(r.timestamp * 1000))}
+            for r in records]
 
 
 def test_the_daily_loop_from_the_ui(tmp_path: Path):
@@ -113,7 +115,7 @@ def test_the_daily_loop_from_the_ui(tmp_path: Path):
             # 2. The user backfills the month from the job page: one run, every day materialized.
             with screenshot_on_failure(browser, tmp_path / "backfill.png"):
                 browser.get(f"{base}/locations/definitions/jobs/daily_pipeline")
-                click_button(browser, "Materialize all")
+                click_button(browser, "Materialize all…")
                 field = wait(browser).until(ec.element_to_be_clickable((By.XPATH, f"{DIALOG}//input[@type='text']")))
                 field.send_keys(Keys.CONTROL, "a")
                 field.send_keys(f"[{HISTORY[0]}...{HISTORY[-1]}]", Keys.ENTER)
@@ -141,24 +143,29 @@ def test_the_daily_loop_from_the_ui(tmp_path: Path):
             assert status == "SUCCESS", ui.log_tail()
             with screenshot_on_failure(browser, tmp_path / "landing_run.png"):
                 browser.get(f"{base}/runs/{new_run.run_id}")
-                visible_text(browser, "trigger: landing")
+                visible_text(browser, f"partition: {NEW_DAY}")
+                wait(browser).until(ec.visibility_of_element_located(
+                    (By.XPATH, "//span[starts-with(., 'Launched by')]/following-sibling::*//*[@title='landing_sensor']")), "the run does not say the sensor launched it")
 
             # 4. One incident for the bad batch, on the incidents asset where the user looks.
             def bad_batch_incidents() -> list[dict]:
                 return [o for o in incident_observations(instance)
                         if o.get("asset") == "raw_customers" and o.get("partition") == NEW_DAY]
 
-            (incident,) = wait_for(bad_batch_incidents, 150, "the bad batch's incident", poll=3)
-            assert "error_rate" in incident["title"] and f"of {bad_records} customers records bad" in incident["message"]
+            found = wait_for(bad_batch_incidents, 150, "the bad batch's incident", poll=3)
+            assert len(found) == 1, found
+            (incident,) = found
+            assert "error_rate" in incident["message"] and f"of {bad_records} customers records bad" in incident["message"]
             with screenshot_on_failure(browser, tmp_path / "incidents.png"):
-                browser.get(f"{base}/assets/incidents?view=events")
-                wait_for_texts(browser, {incident["title"]})
+                browser.get(f"{base}/assets/incidents?view=events&time={incident['time']}")
+                wait_for_texts(browser, {incident["title"], incident["alert_id"]})  # this very incident
 
             # 5. The check's page plots the measured error rate over the days.
             with screenshot_on_failure(browser, tmp_path / "check.png"):
                 browser.get(f"{base}/assets/raw_customers?view=checks&checkDetail=error_rate")
-                visible_text(browser, "Plots")
-            time.sleep(0)
+                wait(browser).until(ec.visibility_of_element_located(
+                    (By.XPATH, "//*[normalize-space()='Plots']/following::*[normalize-space()='error_rate']")),
+                    "no plot of error_rate")
 
 
 def runs_of(instance: dg.DagsterInstance, backfill_id: str) -> list[dg.DagsterRun]:

@@ -46,8 +46,12 @@ def check_failure_alert(instance: dg.DagsterInstance, storage_id: int, entry: dg
     partition = evaluation.partition or run_partition(instance, entry.run_id)
     severity = evaluation.severity.value
     where = f"{asset}" + (f" [{partition}]" if partition else "")
+    # Checks that report the same cause (a batch's quarantined share: error_rate and the suite
+    # checks) share one incident; otherwise each check is its own.
+    cause = evaluation.metadata.get("incident_cause")
+    cause = cause.value if cause is not None else evaluation.check_name
     return Alert.create(
-        dedup_key=f"{RULE}:{asset}:{evaluation.check_name}:{partition or '-'}",
+        dedup_key=f"{RULE}:{asset}:{cause}:{partition or '-'}",
         rule=RULE,
         severity=severity,
         resolves=evaluation.passed,

@@ -11,7 +11,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from assets.common.current_state import Built, StateBuild, StateConfig, current_state_asset, knob
+from assets.common.current_state import Built, as_of_day, StateBuild, StateConfig, current_state_asset, knob
 from assets.common.metadata import table_preview
 from assets.common.partitions import daily_partitions
 from assets.validate.gx_checks import run_suite_check
@@ -169,7 +169,8 @@ class OutputSuiteConfig(dg.Config):
 def output_expectation_suite(
     context: dg.AssetCheckExecutionContext, config: OutputSuiteConfig, warehouse: DuckDBWarehouse
 ) -> dg.AssetCheckResult:
-    return run_suite_check(warehouse, load_suite("recommendations"), ACCEPTED_TABLE, context.partition_key,
+    # The outputs table is current state, built as of the run's (last) day.
+    return run_suite_check(warehouse, load_suite("recommendations"), ACCEPTED_TABLE, as_of_day(context).isoformat(),
                            "validated_recommendations", config.chunk_rows, config.max_rows, partitioned=False)
 
 

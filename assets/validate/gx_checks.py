@@ -258,6 +258,9 @@ def landed_days(warehouse: DuckDBWarehouse, asset: str, days: list[str]) -> list
     return [row[0] for row in rows]
 
 
+QUARANTINED_SHARE = "quarantined_share"  # the cause both this and the error_rate check report
+
+
 def raw_suite_check(warehouse: DuckDBWarehouse, suite: Suite, table: str, day: str, asset: str,
                     config: SuiteCheckConfig) -> dg.AssetCheckResult:
     """GX's verdict on the landed rows, with the share of the batch quarantined before landing."""
@@ -273,7 +276,9 @@ def raw_suite_check(warehouse: DuckDBWarehouse, suite: Suite, table: str, day: s
         severity=result.severity if not result.passed else dg.AssetCheckSeverity.WARN,
         description=f"{result.description}; {shares}",
         metadata={**result.metadata, "rejected_share": round(share, 6), "records_arrived": arrived,
-                  "records_quarantined": rejected, "max_rejected_share": float(config.max_rejected_share)},
+                  "records_quarantined": rejected, "max_rejected_share": float(config.max_rejected_share),
+                  # Failing on the share alone is the error_rate check's incident, not a second one.
+                  **({"incident_cause": QUARANTINED_SHARE} if result.passed and over else {})},
     )
 
 

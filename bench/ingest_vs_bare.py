@@ -58,7 +58,7 @@ def customers_vs_bare(customers: int, root: Path) -> dict:
     bare = json.loads(subprocess.run(
         [sys.executable, "-m", "bench.bare_duckdb_ingest", str(landing / "customers" / f"{day}.jsonl"),
          str(landing / "products" / f"{day}.csv"), str(root / "bare.duckdb")],
-        check=True, capture_output=True, text=True).stdout)
+        check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     return {"customers": customers, "raw_customers_seconds": round(pipeline, 2), "bare_duckdb_seconds": bare["seconds"],
             "ratio_bare_over_pipeline": round(bare["seconds"] / pipeline, 2)}
 

@@ -137,7 +137,6 @@ class EmbeddingSession:
 
     def new_metrics(self) -> CallMetrics:
         metrics = CallMetrics(self.client.provider, self.client.model, self.settings.price_per_1k_tokens)
-        metrics.model_load_seconds = self.client.load_seconds  # paid once per step, reported on each report
         return metrics
 
     # -- the step's entry point ---------------------------------------------------------------
@@ -495,6 +494,8 @@ class _EmbedRun:
         caller = self.session.caller
         self.metrics.breaker_opens = caller.breaker.opens - self._opens_before
         self.metrics.throttle_wait_seconds = caller.throttle.wait_seconds - self._throttle_wait_before
+        # A local model loads on its first texts (0 when every text was cached or it was loaded already).
+        self.metrics.model_load_seconds = self.session.client.load_seconds
         self.metrics.finish()
         report = EmbeddingReport(self.stage, self.partition_key, self.metrics, still_open, resolved)
         self._log(report)

@@ -130,6 +130,33 @@ def test_the_schedule_asks_for_yesterday_every_morning():
     schedule = defs.get_schedule_def("daily_pipeline_schedule")
     assert schedule.cron_schedule == "0 6 * * *" and schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     morning = dt.datetime(2011, 9, 3, 6, 0, tzinfo=dt.UTC)
-    with dg.build_schedule_context(scheduled_execution_time=morning) as context:
+    with dg.build_schedule_context(scheduled_execution_time=morning,
+                                   repository_def=defs.get_repository_def()) as context:
         (request,) = schedule.evaluate_tick(context).run_requests
-    assert request.partition_key == "2011-09-02"
+    assert request.partition_key == "2011-09-02" and request.tags["trigger"] == "schedule"
+
+
+@pytest.mark.slow
+def test_the_daemon_runs_the_schedule_for_the_last_complete_day(tmp_path):
+    """The fallback through a real daemon (its cron set to every minute): the landing sensor took
+    stock of the landed day and asked for nothing; the schedule runs it, and the run succeeds."""
+    landing = tmp_path / "landing"
+    generate(GeneratorConfig(out=landing, customers=50, days=1, seed=3, start=dt.date(2011, 9, 2),
+                             faults=FaultRates.uniform(0.0)))
+    home = write_dagster_home(tmp_path / "dagster_home")
+    with FakeOpenAIServer(default_dimensions=384) as server:
+        env = code_location_env(home, tmp_path / "warehouse.duckdb", landing)
+        env.update(MODEL_PROVIDER="openai", OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="test-key",
+                   EMBEDDING_MODEL="fake-embed", EMBEDDING_DIMENSIONS="384", PIPELINE_FIRST_DAY="2011-09-02",
+                   PIPELINE_LAST_DAY="2011-09-02", ONLINE_RETAIL_DIR="", DAILY_SCHEDULE_CRON="* * * * *")
+        daemon = subprocess.Popen([sys.executable, "-m", "dagster._daemon", "run", "-w", str(ROOT / "workspace.yaml")],
+                                  cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            with dg.DagsterInstance.from_config(str(home)) as instance:
+                (run,) = wait_for_finished_runs(instance, 1, seconds=240)
+        finally:
+            os.killpg(daemon.pid, signal.SIGTERM)
+            daemon.wait(60)
+    assert run.tags.get("trigger") == "schedule" and run.tags.get("dagster/partition") == "2011-09-02"
+    assert run.status == dg.DagsterRunStatus.SUCCESS

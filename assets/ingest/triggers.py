@@ -83,9 +83,26 @@ def build_landing_sensor(job: Any, sources: tuple[Source, ...] = SOURCES,
     return landing_sensor
 
 
-def build_daily_schedule(job: Any) -> dg.ScheduleDefinition:
-    """Every morning at 06:00, yesterday's partition (the fallback of the landing sensor)."""
-    return dg.build_schedule_from_partitioned_job(
-        job, name="daily_pipeline_schedule", hour_of_day=6, default_status=dg.DefaultScheduleStatus.RUNNING,
+# When the fallback asks for the last complete day (cron, UTC); tests run it every minute.
+SCHEDULE_CRON = os.getenv("DAILY_SCHEDULE_CRON", "0 6 * * *")
+
+
+def build_daily_schedule(job: Any, partitions_def: dg.TimeWindowPartitionsDefinition = daily_partitions
+                         ) -> dg.ScheduleDefinition:
+    """Every morning at 06:00 UTC, the last complete day (yesterday, or the partitions' last day):
+    the fallback of the landing sensor. Asked once per day (run key): an unchanged day is a skip
+    run, a day whose file never came fails with the path (and its incident)."""
+
+    @dg.schedule(
+        name="daily_pipeline_schedule", job=job, cron_schedule=SCHEDULE_CRON, execution_timezone="UTC",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
         description="Daily fallback: yesterday's partition, for the days the landing sensor missed.",
     )
+    def daily_pipeline_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+        days = partitions_def.get_partition_keys(current_time=context.scheduled_execution_time)
+        if not days:
+            return dg.SkipReason("no complete day yet")
+        day = days[-1]
+        return dg.RunRequest(run_key=f"schedule:{day}", partition_key=day, tags={"trigger": "schedule"})
+
+    return daily_pipeline_schedule

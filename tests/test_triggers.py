@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -79,28 +81,36 @@ def test_the_daemon_runs_a_landed_day_by_itself(tmp_path):
                              faults=FaultRates.uniform(0.0)))
     landing = tmp_path / "landing"
     landing.mkdir()
+    with running_daemon(tmp_path, landing, PIPELINE_FIRST_DAY=DAYS[0], PIPELINE_LAST_DAY="2011-09-02",
+                        LANDING_SENSOR_INTERVAL_SECONDS="3") as instance:
+        wait_for_first_tick(instance, "landing_sensor", seconds=120)
+        assert instance.get_runs() == []  # an empty landing zone: nothing to run
+        for source in arriving.iterdir():  # the files land after the sensor took stock
+            source.rename(landing / source.name)
+        runs = wait_for_finished_runs(instance, len(DAYS), seconds=420)
+    assert sorted(run.tags.get("dagster/partition") for run in runs) == list(DAYS)
+    assert all(run.tags.get("trigger") == "landing" for run in runs)
+    assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs), [r.status for r in runs]
+
+
+@contextmanager
+def running_daemon(tmp_path: Path, landing: Path, **settings: str) -> Iterator[dg.DagsterInstance]:
+    """`dagster-daemon` on the project's workspace with a fresh instance, a fake model server and
+    these settings; yields the instance, and stops the daemon's process group on exit."""
     home = write_dagster_home(tmp_path / "dagster_home")
     with FakeOpenAIServer(default_dimensions=384) as server:
         env = code_location_env(home, tmp_path / "warehouse.duckdb", landing)
         env.update(MODEL_PROVIDER="openai", OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="test-key",
-                   EMBEDDING_MODEL="fake-embed", EMBEDDING_DIMENSIONS="384", PIPELINE_FIRST_DAY=DAYS[0],
-                   PIPELINE_LAST_DAY="2011-09-02", ONLINE_RETAIL_DIR="", LANDING_SENSOR_INTERVAL_SECONDS="3")
+                   EMBEDDING_MODEL="fake-embed", EMBEDDING_DIMENSIONS="384", ONLINE_RETAIL_DIR="", **settings)
         daemon = subprocess.Popen([sys.executable, "-m", "dagster._daemon", "run", "-w", str(ROOT / "workspace.yaml")],
                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                   start_new_session=True)
         try:
             with dg.DagsterInstance.from_config(str(home)) as instance:
-                wait_for_first_tick(instance, "landing_sensor", seconds=120)
-                assert instance.get_runs() == []  # an empty landing zone: nothing to run
-                for source in arriving.iterdir():  # the files land after the sensor took stock
-                    source.rename(landing / source.name)
-                runs = wait_for_finished_runs(instance, len(DAYS), seconds=420)
+                yield instance
         finally:
             os.killpg(daemon.pid, signal.SIGTERM)
             daemon.wait(60)
-    assert sorted(run.tags.get("dagster/partition") for run in runs) == list(DAYS)
-    assert all(run.tags.get("trigger") == "landing" for run in runs)
-    assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs), [r.status for r in runs]
 
 
 def wait_for_first_tick(instance: dg.DagsterInstance, sensor_name: str, seconds: float) -> None:
@@ -143,20 +153,8 @@ def test_the_daemon_runs_the_schedule_for_the_last_complete_day(tmp_path):
     landing = tmp_path / "landing"
     generate(GeneratorConfig(out=landing, customers=50, days=1, seed=3, start=dt.date(2011, 9, 2),
                              faults=FaultRates.uniform(0.0)))
-    home = write_dagster_home(tmp_path / "dagster_home")
-    with FakeOpenAIServer(default_dimensions=384) as server:
-        env = code_location_env(home, tmp_path / "warehouse.duckdb", landing)
-        env.update(MODEL_PROVIDER="openai", OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="test-key",
-                   EMBEDDING_MODEL="fake-embed", EMBEDDING_DIMENSIONS="384", PIPELINE_FIRST_DAY="2011-09-02",
-                   PIPELINE_LAST_DAY="2011-09-02", ONLINE_RETAIL_DIR="", DAILY_SCHEDULE_CRON="* * * * *")
-        daemon = subprocess.Popen([sys.executable, "-m", "dagster._daemon", "run", "-w", str(ROOT / "workspace.yaml")],
-                                  cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-        try:
-            with dg.DagsterInstance.from_config(str(home)) as instance:
-                (run,) = wait_for_finished_runs(instance, 1, seconds=240)
-        finally:
-            os.killpg(daemon.pid, signal.SIGTERM)
-            daemon.wait(60)
+    with running_daemon(tmp_path, landing, PIPELINE_FIRST_DAY="2011-09-02", PIPELINE_LAST_DAY="2011-09-02",
+                        DAILY_SCHEDULE_CRON="* * * * *") as instance:
+        (run,) = wait_for_finished_runs(instance, 1, seconds=240)
     assert run.tags.get("trigger") == "schedule" and run.tags.get("dagster/partition") == "2011-09-02"
     assert run.status == dg.DagsterRunStatus.SUCCESS

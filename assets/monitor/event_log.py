@@ -163,18 +163,6 @@ def earlier_materializations(
         before = result.records[-1].storage_id
 
 
-def trailing_values(instance: dg.DagsterInstance, current: Materialization, key: str, count: int) -> list[float]:
-    """`key` on up to `count` earlier runs that reported it, newest first."""
-    values = []
-    for earlier in earlier_materializations(instance, current):
-        if len(values) >= count:
-            break
-        value = earlier.number(key)
-        if value is not None:
-            values.append(value)
-    return values
-
-
 def trailing_points(instance: dg.DagsterInstance, current: Materialization, key: str,
                     count: int) -> list[tuple[str | None, float]]:
     """(partition, `key`) of up to `count` earlier runs that reported it, newest first."""
@@ -195,3 +183,8 @@ def previous_json(instance: dg.DagsterInstance, current: Materialization, key: s
         if value is not None:
             return value
     return None
+
+
+def trailing_values(instance: dg.DagsterInstance, current: Materialization, key: str, count: int) -> list[float]:
+    """`key` on up to `count` earlier runs that reported it, newest first."""
+    return [value for _, value in trailing_points(instance, current, key, count)]

@@ -78,11 +78,8 @@ class ChatSession:
             except CircuitOpenError:
                 raise
             except ModelCallError as error:
-                if error.blames_configuration:  # fails the step: no item is at fault
-                    raise ModelConfigurationError(error, self.client.provider, self.client.model) from None
-                if error.during_outage:  # a failed probe: the breaker paces the next try, no attempt spent
-                    metrics.record_retry(error.cause)
-                    attempt -= 1
+                if self.caller.free_retry(error, metrics, self.client.provider, self.client.model):
+                    attempt -= 1  # a failed outage probe spends no attempt
                     continue
                 if not self.caller.pause_before_retry(attempt, error, metrics):
                     error.attempts = attempt  # type: ignore[attr-defined]

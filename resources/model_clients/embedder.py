@@ -49,7 +49,6 @@ from resources.model_clients.errors import (
     CircuitOpenError,
     InvalidOutputError,
     ModelCallError,
-    ModelConfigurationError,
 )
 from resources.model_clients.metrics import CallMetrics
 from resources.model_clients.resilience import ResilientCaller
@@ -224,11 +223,8 @@ class EmbeddingSession:
                 outcome.fail(todo, error, carried + attempt - 1)
                 return
             except ModelCallError as error:
-                if error.blames_configuration:  # fails the step: no item is at fault
-                    raise ModelConfigurationError(error, self.client.provider, self.client.model) from None
-                if error.during_outage:  # a failed probe: the breaker paces the next try, no attempt spent
-                    metrics.record_retry(error.cause)
-                    attempt -= 1
+                if self.caller.free_retry(error, metrics, self.client.provider, self.client.model):
+                    attempt -= 1  # a failed outage probe spends no attempt
                     continue
                 if error.blames_inputs and len(todo) > 1:  # halve until the rejected input is alone
                     middle = len(todo) // 2

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from resources.model_clients.base import RateLimitInfo
-from resources.model_clients.errors import INVALID_OUTPUT, CircuitOpenError, ModelCallError
+from resources.model_clients.errors import INVALID_OUTPUT, CircuitOpenError, ModelCallError, ModelConfigurationError
 from resources.model_clients.metrics import CallMetrics
 
 T = TypeVar("T")
@@ -357,6 +357,17 @@ class ResilientCaller:
         finally:
             if not verdict:
                 self.breaker.release_probe()
+
+    def free_retry(self, error: ModelCallError, metrics: CallMetrics, provider: str, model: str) -> bool:
+        """What every caller does first with a failed call: a configuration error fails the step
+        (raised: no item is at fault); a failed outage probe is retried without spending an
+        attempt (True: the breaker paces it). False: the caller's own policy decides."""
+        if error.blames_configuration:
+            raise ModelConfigurationError(error, provider, model) from None
+        if error.during_outage:
+            metrics.record_retry(error.cause)
+            return True
+        return False
 
     def pause_before_retry(self, attempt: int, error: ModelCallError, metrics: CallMetrics) -> bool:
         """Sleep before the next attempt; False when the policy says give up."""

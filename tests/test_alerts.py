@@ -137,7 +137,7 @@ def test_a_bad_batch_alert_reaches_the_webhook_and_a_dead_webhook_fails_nothing(
 def tick_check_alerts(instance: dg.DagsterInstance, alerts: Alerts) -> None:
     """A tick of a check-failure sensor starting afresh (no cursor)."""
     with dg.build_sensor_context(instance=instance, resources={
-            "alerts": alerts, "monitoring": MonitoringSettings(events_per_tick=100)}) as context:
+            "alerts": alerts, "monitoring": MonitoringSettings()}) as context:
         asset_check_failure_alerts(context)
 
 

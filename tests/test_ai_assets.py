@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import dagster as dg
@@ -185,3 +186,43 @@ def test_customers_without_embedded_products_are_skipped_and_counted(resources):
     assert skipped["no_embedded_products"] == 1
     with resources["warehouse"].connect(read_only=True) as con:
         assert fetch_scalar(con, "SELECT count(*) FROM ml.customer_segments WHERE customer_id = ?", [lonely]) == 0
+
+
+@pytest.mark.parametrize("stage", ["recommendations", "customer_segments"])
+def test_an_alert_row_is_written_while_a_model_stage_computes(resources, monkeypatch, stage):
+    """The model stages compute from a snapshot: while they fit and score, no warehouse lock is
+    held, so an alert (or another partition's write) is not queued behind them."""
+    import assets.infer.segments as segments_module
+    from resources.alerts import Alerts
+
+    assert run([product_embeddings], resources).success
+    computing, written = threading.Event(), threading.Event()
+
+    def held(original):
+        def computing_until_the_alert_is_written(*args, **kwargs):
+            computing.set()
+            written.wait(timeout=120)
+            return original(*args, **kwargs)
+        return computing_until_the_alert_is_written
+
+    if stage == "recommendations":
+        monkeypatch.setattr(Recommender, "score_chunk", held(Recommender.score_chunk))
+        asset = recommendations
+    else:
+        monkeypatch.setattr(segments_module, "fit_segments", held(segments_module.fit_segments))
+        asset = customer_segments
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(run([asset], resources, raise_on_error=False)))
+    worker.start()
+    try:
+        assert computing.wait(timeout=120), f"{stage} never started computing"
+        alerts = Alerts(warehouse=resources["warehouse"])
+        alert = alerts.notify("WARN", "test", f"written while {stage} computes", "a row", log=None)
+        alerts.record(alert, lock_timeout_seconds=5.0)  # WarehouseLockTimeout if the stage holds the lock
+        assert worker.is_alive(), f"{stage} finished before the alert was written: the test proves nothing"
+    finally:
+        written.set()
+        worker.join(timeout=300)
+    assert outcome and outcome[0].success
+    with resources["warehouse"].connect(read_only=True) as con:
+        assert fetch_scalar(con, "SELECT count(*) FROM ops.alerts WHERE alert_id = ?", [alert.alert_id]) == 1

@@ -42,3 +42,24 @@ def test_nested_connection_is_refused(warehouse):
         with pytest.raises(RuntimeError, match="already open"):
             with warehouse.connect():
                 pass
+
+
+def test_a_snapshot_keeps_order_holds_no_lock_while_used_and_is_deleted_after(warehouse):
+    import duckdb
+
+    from resources.warehouse import snapshot
+
+    with warehouse.transaction() as con:
+        con.execute("CREATE SCHEMA analytics")
+        con.execute("CREATE TABLE analytics.t AS SELECT (9999 - i) AS x FROM range(10000) r(i)")  # stored descending
+    with snapshot(warehouse, {"t": ("SELECT x FROM analytics.t WHERE x >= $low", {"low": 10})},
+                  optional={"missing": "SELECT * FROM ml.not_built_yet"}) as taken:
+        with warehouse.model_copy(update={"lock_timeout_seconds": 1.0}).transaction() as con:
+            con.execute("INSERT INTO analytics.t VALUES (-1)")  # a writer goes on while the snapshot is used
+        values = [v for batch in taken.batches("t", 1000) for v in batch.column("x").to_pylist()]
+        assert values == list(range(9999, 9, -1)) and not taken.has("missing")
+        folder = taken.folder
+    assert not folder.exists()
+    with pytest.raises(duckdb.CatalogException):
+        with snapshot(warehouse, {"missing": "SELECT * FROM ml.not_built_yet"}):
+            pass

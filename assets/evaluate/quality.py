@@ -7,7 +7,6 @@ by-day CSVs. Results go to `ml.evaluation_results` (one row per as-of day, datas
 """
 
 import datetime as dt
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +19,7 @@ from pydantic import Field
 from assets.common.current_state import Built, StateBuild, StateConfig, current_state_asset
 from assets.evaluate import online_retail
 from recsys.evaluation import OURS, EvaluationReport, evaluate_split
-from resources.warehouse import arrow_batches, fetch_all, fetch_scalar, table_exists
+from resources.warehouse import snapshot
 
 RESULTS_TABLE = "ml.evaluation_results"
 STAGE = "recommendation_quality"
@@ -44,25 +43,33 @@ class EvaluationConfig(StateConfig):
     )
 
 
+# Above max_customers, a stable hash sample of about that many customers (by per mille).
+SAMPLED = """hash(customer_id) % 1000 < (SELECT least(1000, ceil(1000 * $max_customers
+             / greatest(count(DISTINCT customer_id), 1))) FROM analytics.stg_purchases)"""
+
+
 def evaluate_warehouse(warehouse, as_of: dt.date, config: EvaluationConfig) -> EvaluationReport | None:
-    """Split the warehouse's clean purchases at as-of minus test_days; segments from ml.customer_segments."""
+    """Split the warehouse's clean purchases at as-of minus test_days; segments from ml.customer_segments.
+
+    The inputs are a snapshot, so no lock is held while the evaluation refits and scores."""
     test_end = dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time())
     cutoff = test_end - dt.timedelta(days=config.test_days)
-    with warehouse.connect(read_only=True) as con:
-        if not table_exists(con, "analytics.stg_purchases"):
+    params = {"max_customers": config.max_customers}
+    # stg_purchases is stored sorted by customer, so the sample streams customer by customer; only
+    # the sampled customers' segments are read (a dict of 2M customers costs hundreds of MB).
+    optional = {
+        "purchases": (f"SELECT customer_id, product_id, amount, purchased_at FROM analytics.stg_purchases"
+                      f" WHERE {SAMPLED}", params),
+        "segments": (f"SELECT customer_id, segment_id FROM ml.customer_segments WHERE {SAMPLED}", params),
+    }
+    with snapshot(warehouse, {"catalog": "SELECT product_id, in_stock, price FROM analytics.dim_products"},
+                  optional=optional) as taken:
+        if not taken.has("purchases"):
             return None
-        customers = fetch_scalar(con, "SELECT count(DISTINCT customer_id) FROM analytics.stg_purchases")
-        per_mille = min(1000, math.ceil(1000 * config.max_customers / max(customers, 1)))
-        query = ("SELECT customer_id, product_id, amount, purchased_at FROM analytics.stg_purchases"
-                 " WHERE hash(customer_id) % 1000 < $per_mille")  # stored sorted by customer
-        params = {"per_mille": per_mille}
-        source = lambda: arrow_batches(con, query, 50_000, params)  # noqa: E731 (re-readable)
-        catalog = con.sql("SELECT product_id, in_stock, price FROM analytics.dim_products").to_arrow_table()
-        # only the sampled customers' segments: a dict of 2M customers alone costs hundreds of MB
-        segments = dict(fetch_all(con, "SELECT customer_id, segment_id FROM ml.customer_segments"
-                                       " WHERE hash(customer_id) % 1000 < $per_mille", params)) \
-            if table_exists(con, "ml.customer_segments") else None
-        return evaluate_split(source, cutoff, test_end, catalog=catalog, segments=segments, k=config.k)
+        source = lambda: taken.batches("purchases", 50_000)  # noqa: E731 (re-readable)
+        segments = (dict(zip(*taken.table("segments").to_pydict().values(), strict=True))
+                    if taken.has("segments") else None)
+        return evaluate_split(source, cutoff, test_end, catalog=taken.table("catalog"), segments=segments, k=config.k)
 
 
 def evaluate_online_retail(folder: Path, config: EvaluationConfig) -> EvaluationReport:

@@ -20,10 +20,10 @@ from pydantic import Field
 from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset, knob
 from assets.infer.purchases import PURCHASES_SQL
 from recsys.purchases import iter_customer_chunks
-from recsys.recommender import Recommender, RecommenderConfig, ordered_parallel_map
+from recsys.recommender import RECOMMENDATION_SCHEMA, SKIPPED_SCHEMA, Recommender, RecommenderConfig, ordered_parallel_map
 from resources import dead_letters
 from resources.dead_letters import PROCESSING_ERROR, DeadLetter
-from resources.warehouse import arrow_batches, fetch_all, fetch_scalar
+from resources.warehouse import Snapshot, fetch_all, fetch_scalar, snapshot
 
 STAGE = "recommendations"
 RECOMMENDATIONS_TABLE = "ml.recommendations"
@@ -49,9 +49,12 @@ class RecommendationsConfig(DeadLetterConfig):
         )
 
 
-def purchases_source(con: duckdb.DuckDBPyConnection, batch_rows: int) -> Callable[[], Iterator[pa.RecordBatch]]:
-    """A re-readable purchase stream (the fit reads it several times), each pass on its own cursor."""
-    return lambda: arrow_batches(con, PURCHASES_SQL, batch_rows)
+CATALOG_SQL = "SELECT product_id, in_stock, price FROM analytics.dim_products"
+
+
+def purchases_source(taken: Snapshot, batch_rows: int) -> Callable[[], Iterator[pa.RecordBatch]]:
+    """A re-readable purchase stream (the fit reads it several times) from the step's snapshot."""
+    return lambda: taken.batches("purchases", batch_rows)
 
 
 class Progress:
@@ -77,15 +80,34 @@ def building(table: str) -> str:
     return f"{table}_building"
 
 
-def create_building_tables(con: duckdb.DuckDBPyConnection) -> None:
-    """Chunks land in side tables committed as they go: 20M uncommitted rows in one transaction
-    cost gigabytes of memory (measured: 4 GB RSS at 2M customers). The swap is one transaction."""
-    con.execute("CREATE SCHEMA IF NOT EXISTS ml")
-    con.execute(
-        f"""CREATE OR REPLACE TABLE {building(RECOMMENDATIONS_TABLE)} (customer_id VARCHAR, rank SMALLINT,
-            product_id VARCHAR, score DOUBLE, confidence DOUBLE, predicted_value DOUBLE, strategy VARCHAR, as_of DATE)"""
-    )
-    con.execute(f"CREATE OR REPLACE TABLE {building(SKIPPED_TABLE)} (customer_id VARCHAR, reason VARCHAR)")
+class StagedOutputs:
+    """Scored chunks go to Parquet files while no lock is held; `publish` loads them in one go."""
+
+    def __init__(self, taken: Snapshot, as_of: dt.date):
+        self.taken, self.as_of = taken, as_of
+        schema = RECOMMENDATION_SCHEMA.append(pa.field("as_of", pa.date32()))
+        self.recommendations = taken.writer("staged_recommendations", schema)
+        self.skips = taken.writer("staged_skips", SKIPPED_SCHEMA)
+
+    def add(self, result) -> None:
+        batch = result.recommendations
+        as_of = pa.array([self.as_of] * batch.num_rows, type=pa.date32())
+        self.recommendations.write_batch(pa.RecordBatch.from_arrays([*batch.columns, as_of],
+                                                                    schema=self.recommendations.schema))
+        self.skips.write_batch(result.skipped)
+
+    def close(self) -> None:
+        self.recommendations.close()
+        self.skips.close()
+
+    def publish(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Load the files into side tables, committed on their own (20M uncommitted rows in the
+        publishing transaction cost gigabytes: 4 GB RSS measured at 2M customers); the caller's
+        transaction then swaps them in."""
+        con.execute("CREATE SCHEMA IF NOT EXISTS ml")
+        for table, name in ((RECOMMENDATIONS_TABLE, "staged_recommendations"), (SKIPPED_TABLE, "staged_skips")):
+            con.execute(f"CREATE OR REPLACE TABLE {building(table)} AS SELECT * FROM read_parquet(?)",
+                        [str(self.taken.path(name))])
 
 
 def swap_in_building_tables(con: duckdb.DuckDBPyConnection) -> None:
@@ -110,15 +132,6 @@ def score_safely(model: Recommender, candidates):
 def dead_letter_chunk(warehouse_writes: list, chunk, error: Exception) -> None:
     message = f"{type(error).__name__}: {error}"[:500]
     warehouse_writes.extend(DeadLetter(customer, PROCESSING_ERROR, message, 1, "") for customer in chunk.customer_ids.to_pylist())
-
-
-def write_chunk(con: duckdb.DuckDBPyConnection, result, as_of: dt.date) -> None:
-    con.register("chunk_recommendations", result.recommendations)
-    con.execute(f"INSERT INTO {building(RECOMMENDATIONS_TABLE)} SELECT *, ?::DATE FROM chunk_recommendations", [as_of])
-    con.register("chunk_skips", result.skipped)
-    con.execute(f"INSERT INTO {building(SKIPPED_TABLE)} SELECT * FROM chunk_skips")
-    con.unregister("chunk_recommendations")
-    con.unregister("chunk_skips")
 
 
 def confidence_summary(con: duckdb.DuckDBPyConnection, edges: list[float] | None) -> dict:
@@ -186,43 +199,47 @@ def recommendations(build: StateBuild) -> Built:
     """Top-K in-stock products per customer that they have not bought, with confidence and predicted value."""
     config, as_of = build.config, build.as_of
     dead_letters_: list[DeadLetter] = []
-    with build.warehouse.connect() as con:
-        source = purchases_source(con, config.read_batch_rows)
-        catalog = con.sql("SELECT product_id, in_stock, price FROM analytics.dim_products").to_arrow_table()
+    # No lock is held while fitting and scoring: the inputs are a snapshot, the outputs are staged.
+    with snapshot(build.warehouse, {"purchases": PURCHASES_SQL, "catalog": CATALOG_SQL}) as taken:
+        source = purchases_source(taken, config.read_batch_rows)
+        catalog = taken.table("catalog")
         # Purchases on the partition day count as history: the model sees everything before the next day.
         model = Recommender.fit(source, config.recommender(), as_of=dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time()))
         candidates = model.candidates(catalog)
         build.log.info(f"fitted on {model.report.customers:,} customers, {model.report.model_items:,} model items; "
                        f"{candidates.in_stock_model_items:,} in-stock candidates")
-        create_building_tables(con)
         counts = {"customers": 0, "collaborative": 0, "popularity": 0, "without_valid_purchases": 0, "skipped": 0,
                   "recommendations": 0, "invalid_rows": 0}
         progress = Progress(build.log, model.report.customers, config.progress_every_seconds)
+        staged = StagedOutputs(taken, as_of)
         chunks = iter_customer_chunks(source, config.score_chunk_customers)
         for chunk, result, error in ordered_parallel_map(score_safely(model, candidates), chunks, config.workers):
             if error is not None:
                 build.log.error(f"a chunk of {chunk.n_customers:,} customers failed ({error!r}); dead-lettered")
                 dead_letter_chunk(dead_letters_, chunk, error)
             else:
-                write_chunk(con, result, as_of)
+                staged.add(result)
                 for key, value in result.counts().items():
                     counts[key] += value
             progress.advance(chunk.n_customers)
-        con.execute("BEGIN TRANSACTION")
-        swap_in_building_tables(con)
-        reference = (build.decision.stored.measurements.get("distribution", {}) if build.decision.stored else {})
-        distribution = confidence_summary(con, None if config.reset_confidence_bins else reference.get("confidence_edges"))
-        stored = fetch_scalar(con, f"SELECT count(*) FROM {RECOMMENDATIONS_TABLE}")
-        skip_reasons = dict(fetch_all(con, f"SELECT reason, count(*) FROM {SKIPPED_TABLE} GROUP BY reason"))
-        # Customers scored this time leave the queue, whatever partition dead-lettered them.
-        dead_letters.resolve(con, STAGE, f"SELECT DISTINCT customer_id FROM {RECOMMENDATIONS_TABLE}"
-                                         f" UNION SELECT customer_id FROM {SKIPPED_TABLE}")
-        dead_letters.supersede(con, STAGE, "SELECT DISTINCT customer_id FROM analytics.stg_purchases")
-        dead_letters.write(con, STAGE, build.partition_key, "ease", dead_letters_)
-        plain_distribution = {k: (v.value if isinstance(v, dg.JsonMetadataValue) else v) for k, v in distribution.items()}
-        build.record(con, stored, {"distribution": plain_distribution, "counts": counts, "skip_reasons": skip_reasons,
-                                   "items": model.report.customers})
-        con.execute("COMMIT")
+        staged.close()
+        with build.warehouse.connect() as con:
+            staged.publish(con)
+            con.execute("BEGIN TRANSACTION")
+            swap_in_building_tables(con)
+            reference = (build.decision.stored.measurements.get("distribution", {}) if build.decision.stored else {})
+            distribution = confidence_summary(con, None if config.reset_confidence_bins else reference.get("confidence_edges"))
+            stored = fetch_scalar(con, f"SELECT count(*) FROM {RECOMMENDATIONS_TABLE}")
+            skip_reasons = dict(fetch_all(con, f"SELECT reason, count(*) FROM {SKIPPED_TABLE} GROUP BY reason"))
+            # Customers scored this time leave the queue, whatever partition dead-lettered them.
+            dead_letters.resolve(con, STAGE, f"SELECT DISTINCT customer_id FROM {RECOMMENDATIONS_TABLE}"
+                                             f" UNION SELECT customer_id FROM {SKIPPED_TABLE}")
+            dead_letters.supersede(con, STAGE, "SELECT DISTINCT customer_id FROM analytics.stg_purchases")
+            dead_letters.write(con, STAGE, build.partition_key, "ease", dead_letters_)
+            plain_distribution = {k: (v.value if isinstance(v, dg.JsonMetadataValue) else v) for k, v in distribution.items()}
+            build.record(con, stored, {"distribution": plain_distribution, "counts": counts, "skip_reasons": skip_reasons,
+                                       "items": model.report.customers})
+            con.execute("COMMIT")
     return Built(recommendations_metadata(build, model, candidates, counts, distribution, stored, dead_letters_,
                                           skip_reasons))
 

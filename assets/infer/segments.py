@@ -35,7 +35,7 @@ from recsys.segment_profiles import RfmSummary, SegmentProfile, SegmentProfiler
 from resources import dead_letters
 from resources.dead_letters import DeadLetter
 from resources.model_clients.errors import ModelCallError, ModelConfigurationError
-from resources.warehouse import arrow_batches, fetch_all, table_exists
+from resources.warehouse import Snapshot, fetch_all, snapshot
 
 STAGE = "customer_segments"
 NAMING_STAGE = "segment_names"
@@ -83,29 +83,40 @@ class SegmentsConfig(DeadLetterConfig):
     read_batch_rows: int = knob(100_000, "Rows per Arrow batch read from DuckDB.")
 
 
-def purchase_batches(con: duckdb.DuckDBPyConnection, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    return arrow_batches(con, PURCHASES_SQL, batch_rows)
+PRODUCT_VECTORS_SQL = "SELECT product_id, vector FROM ml.product_embeddings ORDER BY product_id"
+PRODUCTS_SQL = "SELECT product_id, category, name FROM analytics.dim_products"
+PREVIOUS_CENTROIDS_SQL = f"SELECT segment_id, centroid FROM {CENTROIDS_TABLE}"
 
 
-def load_products(con: duckdb.DuckDBPyConnection) -> tuple[ProductEmbeddings, dict[str, str], dict[str, str]]:
+def take_snapshot(build: StateBuild):
+    """Everything the stage computes from, copied out so that no lock is held while it computes."""
+    return snapshot(build.warehouse, {"purchases": PURCHASES_SQL, "vectors": PRODUCT_VECTORS_SQL, "products": PRODUCTS_SQL},
+                    optional={"centroids": PREVIOUS_CENTROIDS_SQL})
+
+
+def purchase_batches(taken: Snapshot, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    return taken.batches("purchases", batch_rows)
+
+
+def load_products(taken: Snapshot) -> tuple[ProductEmbeddings, dict[str, str], dict[str, str]]:
     """Product vectors, and each product's category and name (for profiles and naming)."""
-    vectors = con.sql("SELECT product_id, vector FROM ml.product_embeddings ORDER BY product_id").to_arrow_table()
-    products = ProductEmbeddings.from_arrow(vectors, vector_column="vector")
-    described = fetch_all(con, "SELECT product_id, category, name FROM analytics.dim_products")
-    return products, {p: c for p, c, _ in described}, {p: n for p, _, n in described if n}
+    products = ProductEmbeddings.from_arrow(taken.table("vectors"), vector_column="vector")
+    described = taken.table("products").to_pylist()
+    return (products, {row["product_id"]: row["category"] for row in described},
+            {row["product_id"]: row["name"] for row in described if row["name"]})
 
 
-def previous_model(con: duckdb.DuckDBPyConnection) -> SegmentModel | None:
-    if not table_exists(con, CENTROIDS_TABLE):
+def previous_model(taken: Snapshot) -> SegmentModel | None:
+    if not taken.has("centroids"):
         return None
-    table = con.sql(f"SELECT segment_id, centroid FROM {CENTROIDS_TABLE}").to_arrow_table()
+    table = taken.table("centroids")
     return SegmentModel.from_arrow(table) if table.num_rows else None
 
 
-def fit(con, products, as_of, config: SegmentsConfig, previous) -> tuple:
+def fit(taken: Snapshot, products, as_of, config: SegmentsConfig, previous) -> tuple:
     """Pass 1: pool every customer, keep the deterministic sample, fit the clustering on it."""
     sample = CustomerSample(config.sample_size, config.seed)
-    for chunk in iter_customer_vectors(purchase_batches(con, config.read_batch_rows), products, as_of=as_of,
+    for chunk in iter_customer_vectors(purchase_batches(taken, config.read_batch_rows), products, as_of=as_of,
                                        half_life_days=config.half_life_days, chunk_lines=config.chunk_lines):
         sample.add(chunk.customer_ids, chunk.vectors)
     if len(sample) < config.k_min:
@@ -123,28 +134,42 @@ def kept_share(previous: SegmentModel | None, model: SegmentModel, vectors: np.n
     return float((previous.assign(vectors) == model.assign(vectors)).mean())
 
 
-def assign(con, products, as_of, config: SegmentsConfig, model: SegmentModel) -> tuple[SegmentProfiler, PoolingReport]:
-    """Pass 2: pool again, label every customer, accumulate profiles, write the assignments."""
+def assign(taken: Snapshot, products, as_of, config: SegmentsConfig, model: SegmentModel
+           ) -> tuple[SegmentProfiler, PoolingReport]:
+    """Pass 2: pool again, label every customer, accumulate profiles, stage the assignments."""
     report = PoolingReport()
     profiler = SegmentProfiler(model.segment_ids, products.product_ids)
-    con.execute(f"CREATE OR REPLACE TABLE {ASSIGNMENTS_TABLE} (customer_id VARCHAR, segment_id BIGINT, similarity FLOAT)")
-    if config.store_customer_vectors:
-        con.execute(f"CREATE OR REPLACE TABLE {VECTORS_TABLE} (customer_id VARCHAR, vector FLOAT[{products.dimensions}])")
+    assignments = taken.writer("assignments", pa.schema([("customer_id", pa.string()), ("segment_id", pa.int64()),
+                                                         ("similarity", pa.float32())]))
+    vectors = (taken.writer("customer_vectors", pa.schema([("customer_id", pa.string()),
+                                                           ("vector", pa.list_(pa.float32(), products.dimensions))]))
+               if config.store_customer_vectors else None)
     centroids = model.centroids / np.linalg.norm(model.centroids, axis=1, keepdims=True)
-    for chunk in iter_customer_vectors(purchase_batches(con, config.read_batch_rows), products, as_of=as_of,
+    for chunk in iter_customer_vectors(purchase_batches(taken, config.read_batch_rows), products, as_of=as_of,
                                        half_life_days=config.half_life_days, chunk_lines=config.chunk_lines, report=report):
         labels = model.assign(chunk.vectors)
         profiler.add(labels, chunk.product_spend)
         rows = np.searchsorted(model.segment_ids, labels)
         similarity = np.einsum("ij,ij->i", chunk.vectors, centroids[rows]).astype(np.float32)
-        con.register("chunk", pa.table({"customer_id": chunk.customer_ids, "segment_id": labels, "similarity": similarity}))
-        con.execute(f"INSERT INTO {ASSIGNMENTS_TABLE} SELECT * FROM chunk")
-        if config.store_customer_vectors:
-            flat = pa.FixedSizeListArray.from_arrays(pa.array(chunk.vectors.ravel()), products.dimensions)
-            con.register("chunk", pa.table({"customer_id": chunk.customer_ids, "vector": flat}))
-            con.execute(f"INSERT INTO {VECTORS_TABLE} SELECT * FROM chunk")
-        con.unregister("chunk")
+        assignments.write_table(pa.table({"customer_id": pa.array(chunk.customer_ids, pa.string()),
+                                          "segment_id": pa.array(labels, pa.int64()), "similarity": similarity},
+                                         schema=assignments.schema))
+        if vectors is not None:
+            flat = pa.FixedSizeListArray.from_arrays(pa.array(chunk.vectors.ravel(), pa.float32()), products.dimensions)
+            vectors.write_table(pa.table({"customer_id": pa.array(chunk.customer_ids, pa.string()), "vector": flat},
+                                         schema=vectors.schema))
+    assignments.close()
+    if vectors is not None:
+        vectors.close()
     return profiler, report
+
+
+def publish_assignments(con, taken: Snapshot, config: SegmentsConfig) -> None:
+    con.execute(f"CREATE OR REPLACE TABLE {ASSIGNMENTS_TABLE} AS SELECT * FROM read_parquet(?)",
+                [str(taken.path("assignments"))])
+    if config.store_customer_vectors:
+        con.execute(f"CREATE OR REPLACE TABLE {VECTORS_TABLE} AS SELECT * FROM read_parquet(?)",
+                    [str(taken.path("customer_vectors"))])
 
 
 def segment_rfm(con: duckdb.DuckDBPyConnection) -> tuple[dict[int, RfmSummary], RfmSummary]:
@@ -220,15 +245,18 @@ def chat_names(build: StateBuild, profiles: list[SegmentProfile], product_names:
 def customer_segments(build: StateBuild) -> Built:
     """Every customer with embeddable purchases in one segment; segment profiles and names."""
     config = build.config
-    with build.warehouse.transaction() as con:
-        con.execute("CREATE SCHEMA IF NOT EXISTS ml")
-        products, category_of, product_names = load_products(con)
-        segment_fit, sampled, stability = fit(con, products, build.as_of, config, previous_model(con))
-        profiler, report = assign(con, products, build.as_of, config, segment_fit.model)
+    # No lock is held while pooling and clustering: the inputs are a snapshot, the outputs are staged.
+    with take_snapshot(build) as taken:
+        products, category_of, product_names = load_products(taken)
+        segment_fit, sampled, stability = fit(taken, products, build.as_of, config, previous_model(taken))
+        profiler, report = assign(taken, products, build.as_of, config, segment_fit.model)
         model, dropped = drop_empty_segments(segment_fit.model, profiler.sizes)
-        rfm, everyone = segment_rfm(con)
-        profiles = profiler.profiles(rfm, everyone, category_of)
-        write_model_and_profiles(con, model, profiles, build.as_of)
+        with build.warehouse.transaction() as con:
+            con.execute("CREATE SCHEMA IF NOT EXISTS ml")
+            publish_assignments(con, taken, config)
+            rfm, everyone = segment_rfm(con)
+            profiles = profiler.profiles(rfm, everyone, category_of)
+            write_model_and_profiles(con, model, profiles, build.as_of)
     names, letter = chat_names(build, profiles, product_names)
     sizes = {str(p.segment_id): p.size for p in profiles}
     with build.warehouse.transaction() as con:

@@ -34,7 +34,7 @@ def run_stage(asset_name: str, partition_key: str) -> dict:
     metadata = events[-1] if events else {}
     if asset_name == "all":
         metadata = {
-            "skipped": all(m.get("skipped", False) for m in events if "lift_over_popularity" not in m),
+            "skipped": all(m.get("skipped", False) for m in events if "versus_best_baseline" not in m),
             "model_calls": sum(m.get("model_calls") or 0 for m in events),
         }
     failed_checks = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]

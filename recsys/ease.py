@@ -23,6 +23,7 @@ Top-K per row avoids a full argpartition: see `top_k_stable`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,6 +71,9 @@ class GramAccumulator:
     gram_half_life_days: float | None
     activity_exponent: float
     popularity_half_life_days: float | None
+    # popularity within segments too (segment_popularity model): segment per history customer
+    segment_of: Callable[[CustomerChunk], np.ndarray] | None = None
+    segment_popularity: dict[int, np.ndarray] = field(init=False, default_factory=dict)
     gram: np.ndarray = field(init=False)
     recent_popularity: np.ndarray = field(init=False)
     vocabulary_spend: np.ndarray = field(init=False)
@@ -97,9 +101,14 @@ class GramAccumulator:
         weight = np.sqrt(decay(age_days, self.gram_half_life_days))
         weight /= np.maximum(items_per_customer[customer], 1) ** self.activity_exponent
         self._add_gram(customer, column, weight.astype(np.float32), chunk.n_customers)
-        self.recent_popularity += np.bincount(
-            column, weights=decay(age_days, self.popularity_half_life_days), minlength=len(self.recent_popularity)
-        )
+        recency = decay(age_days, self.popularity_half_life_days)
+        self.recent_popularity += np.bincount(column, weights=recency, minlength=len(self.recent_popularity))
+        if self.segment_of is not None:
+            segment = self.segment_of(chunk.rows_where(keep))[customer]
+            for value in np.unique(segment):
+                counts = self.segment_popularity.setdefault(int(value), np.zeros(len(self.recent_popularity)))
+                counts += np.bincount(column[segment == value], weights=recency[segment == value],
+                                      minlength=len(counts))
         self.pairs_in_model += len(column)
 
     def _add_spend(self, row_customer, vocabulary_position, amount, n_customers) -> np.ndarray:
@@ -124,8 +133,21 @@ class GramAccumulator:
         self.gram[co_purchases.row, co_purchases.col] += co_purchases.data
 
     def normalized_popularity(self) -> np.ndarray:
-        top = self.recent_popularity.max(initial=0.0)
-        return (self.recent_popularity / top if top > 0 else self.recent_popularity).astype(np.float32)
+        return _normalized(self.recent_popularity)
+
+    def popularity_within_segments(self) -> SegmentPopularity:
+        """Rows per segment, as ordinal-free scores: segment popularity plus a 1e-3 share of
+        everyone's, so ties within a small segment are broken by what sells overall."""
+        segments = sorted(self.segment_popularity)
+        overall = self.normalized_popularity()
+        rows = [_normalized(self.segment_popularity[s]) + np.float32(1e-3) * overall for s in segments] + [overall]
+        return SegmentPopularity(self.segment_of, {s: i for i, s in enumerate(segments)},
+                                 np.vstack(rows).astype(np.float32))
+
+
+def _normalized(values: np.ndarray) -> np.ndarray:
+    top = values.max(initial=0.0)
+    return (values / top if top > 0 else values).astype(np.float32)
 
 
 def solve_ease_in_place(gram: np.ndarray, n_items: int, l2_regularization: float) -> tuple[np.ndarray, float]:
@@ -158,6 +180,18 @@ def solve_ease_in_place(gram: np.ndarray, n_items: int, l2_regularization: float
     return gram, strength
 
 
+def item_cosine_in_place(gram: np.ndarray) -> np.ndarray:
+    """Item-kNN weights: cosine similarity of item columns, S[i, j] = G[i, j] / sqrt(G[i, i] G[j, j]),
+    diag(S) = 0, computed in G's buffer. Every neighbour is kept: scoring sums a customer's
+    items' similarities, so weak neighbours add little, and top-k pruning would be a knob more."""
+    norm = np.sqrt(np.maximum(gram.diagonal(), 0.0)).astype(np.float32)
+    inverse = np.divide(1.0, norm, out=np.zeros_like(norm), where=norm > 0)
+    gram *= inverse[:, None]
+    gram *= inverse[None, :]
+    gram.flat[:: gram.shape[0] + 1] = 0.0
+    return gram
+
+
 def _mirror_lower_to_upper(matrix: np.ndarray, block: int = 512) -> None:
     """Make a matrix symmetric from its lower triangle, in place, one block row at a time."""
     width = matrix.shape[0]
@@ -181,18 +215,36 @@ class Ranking:
 
 
 @dataclass(frozen=True)
+class SegmentPopularity:
+    """Recent popularity within segments: one row per segment, the last row is everyone's."""
+
+    segment_of: Callable[[CustomerChunk], np.ndarray]  # per customer of a history chunk
+    segment_row: dict[int, int]
+    rows: np.ndarray  # (segments + 1) x padded width, float32, max 1 per row
+
+    def scores(self, history: CustomerChunk) -> np.ndarray:
+        fallback = len(self.rows) - 1  # no history, or a segment unseen at fitting: everyone's
+        index = [self.segment_row.get(int(s), fallback) for s in self.segment_of(history)]
+        return self.rows[np.asarray(index, dtype=np.int64)]
+
+
+@dataclass(frozen=True)
 class EaseScorer:
-    """Fitted weights over the model items (columns sorted by product_id) and how to rank."""
+    """Fitted weights over the model items (columns sorted by product_id) and how to rank.
+
+    `weights` None: a popularity model (global, or within segments when `segments` is set):
+    every customer is ranked by popularity, and no customer counts as collaborative."""
 
     items: ItemIndex
-    weights: np.ndarray  # padded M x M float32
+    weights: np.ndarray | None  # padded M x M float32
     popularity: np.ndarray  # padded, max 1
     as_of_us: int
     popularity_blend: float
+    segments: SegmentPopularity | None = None
 
     @property
     def width(self) -> int:
-        return self.weights.shape[0]
+        return len(self.popularity)
 
     def history_matrix(self, chunk: CustomerChunk) -> sp.csr_matrix:
         """Binary customers x model-items matrix of purchases before as_of."""
@@ -205,20 +257,25 @@ class EaseScorer:
     def rank(self, chunk: CustomerChunk, blocked: np.ndarray, k: int, popularity_only: bool = False) -> Ranking:
         history = self.history_matrix(chunk)
         has_signal = np.diff(history.indptr) > 0
-        if popularity_only:
+        if popularity_only or self.weights is None:
             has_signal = np.zeros_like(has_signal)
         if chunk.n_customers == 0 or blocked.all():
             return _empty_ranking(has_signal)
-        scores = self._scores(history, has_signal)
+        scores = self._scores(chunk, history, has_signal)
         scores[:, blocked] = -np.inf
         bought_rows = np.repeat(np.arange(history.shape[0]), np.diff(history.indptr))
         scores[bought_rows, history.indices] = -np.inf  # never recommend what was already bought
         row, column, score, rank = top_k_stable(scores, k)
         return Ranking(row=row, column=column, score=score, rank=rank, has_signal=has_signal)
 
-    def _scores(self, history: sp.csr_matrix, has_signal: np.ndarray) -> np.ndarray:
+    def _popularity_rows(self, chunk: CustomerChunk, n: int) -> np.ndarray:
+        if self.segments is not None:
+            return self.segments.scores(chunk.before(self.as_of_us))
+        return np.repeat(self.popularity[None, :], n, axis=0)
+
+    def _scores(self, chunk: CustomerChunk, history: sp.csr_matrix, has_signal: np.ndarray) -> np.ndarray:
         if not has_signal.any():
-            return np.repeat(self.popularity[None, :], history.shape[0], axis=0)
+            return self._popularity_rows(chunk, history.shape[0])
         scores = np.asarray(history @ self.weights, dtype=np.float32)
         scale = np.maximum(scores.max(axis=1), -scores.min(axis=1))
         scale[scale <= 0] = 1.0

@@ -38,7 +38,7 @@ from recsys.metrics import RankingMetrics
 from recsys.purchases import CustomerChunk, ItemIndex, PurchaseSource, distinct_pairs, iter_customer_chunks, to_micros
 from recsys.recommender import COLLABORATIVE, Recommender, RecommenderConfig
 
-OURS = "ease (ours)"
+OURS = "ours (deployed model)"
 
 
 @dataclass
@@ -53,6 +53,7 @@ class EvaluationReport:
     calibration_check: dict = field(default_factory=dict)
     fit_report: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)  # what model selection chose at the cut-off, when it ran
 
     def row(self, method: str) -> dict:
         return next(row for row in self.table if row["method"] == method)

@@ -48,10 +48,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys.calibration import IsotonicCalibrator
+from recsys.baselines import RfmSegmenter
 from recsys.ease import (
     EaseScorer,
     GramAccumulator,
     Ranking,
+    item_cosine_in_place,
     padded_width,
     solve_ease_in_place,
 )
@@ -68,6 +70,13 @@ from recsys.purchases import (
 
 COLLABORATIVE = "collaborative"
 POPULARITY = "popularity"
+
+# The models `RecommenderConfig.model` can be (recsys/selection.py picks one on a validation window).
+EASE = "ease"  # EASE item-item weights blended with recent popularity
+ITEM_KNN = "item_knn"  # cosine item-item neighbours, blended the same way
+GLOBAL_POPULARITY = "global_popularity"  # what sells (recently, per popularity_half_life_days)
+SEGMENT_POPULARITY = "segment_popularity"  # what sells within the customer's RFM segment
+MODELS = (EASE, ITEM_KNN, GLOBAL_POPULARITY, SEGMENT_POPULARITY)
 
 RECOMMENDATION_SCHEMA = pa.schema(
     [
@@ -92,6 +101,7 @@ class RecommenderConfig:
     """Every knob, with the default and why. Tuned values: see recsys/evaluation.py."""
 
     top_k: int = 10
+    model: str = EASE  # one of MODELS
     # 8,192 items: G and B are 256 MiB float32 each; fit peaks near 3 of those. On a catalog of
     # 20,000 the top 8,192 cover most purchases (the fit report gives the share).
     max_items: int = 8_192
@@ -111,6 +121,8 @@ class RecommenderConfig:
     workers: int = 2  # scoring threads (numpy and scipy release the GIL in the heavy parts)
 
     def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, not {self.model!r}")
         if self.top_k < 1 or self.max_items < 1 or self.min_item_buyers < 1:
             raise ValueError("top_k, max_items and min_item_buyers must be at least 1")
         if self.l2_regularization <= 0:
@@ -122,6 +134,7 @@ class RecommenderConfig:
 @dataclass
 class FitReport:
     as_of: str
+    model: str = EASE
     customers: int = 0
     customers_with_history: int = 0
     valid_rows: int = 0
@@ -234,6 +247,7 @@ class Recommender:
         validation_cut_us = as_of_us - config.calibration_days * MICROS_PER_DAY if config.calibration_days else None
         cutoffs = [as_of_us] + ([validation_cut_us] if validation_cut_us is not None else [])
         full, *validation = _accumulate(purchases, cutoffs, model_items, scan.vocabulary, config)
+        report.model = config.model
         report.customers_with_history = full.customers_with_history
         report.purchase_pairs_covered_by_model = round(full.pairs_in_model / max(full.pairs_total, 1), 4)
         report.seconds["gram_pass"] = round(time.perf_counter() - clock, 3)
@@ -249,9 +263,8 @@ class Recommender:
             report.calibration = {"status": "disabled (calibration_days = 0): confidence is 0"}
 
         clock = time.perf_counter()
-        weights, strength = solve_ease_in_place(full.gram, len(model_items), config.l2_regularization)
+        scorer, strength = _scorer(full, model_items, config)
         report.l2_lambda = round(strength, 6)
-        scorer = EaseScorer(model_items, weights, full.normalized_popularity(), as_of_us, config.popularity_blend)
         spend = _spend_model(full, scan.vocabulary, config, correction)
         report.seconds["solve"] = round(time.perf_counter() - clock, 3)
         return cls(config, scorer, spend, _model_spend(spend, model_items), calibrators, report)
@@ -439,6 +452,9 @@ def _accumulate(
             gram_half_life_days=config.gram_half_life_days,
             activity_exponent=config.activity_exponent,
             popularity_half_life_days=config.popularity_half_life_days,
+            # segments as of each cut-off, from the history before it (no peeking)
+            segment_of=(RfmSegmenter.fit(purchases, cutoff, config.fit_chunk_customers)
+                        if config.model == SEGMENT_POPULARITY else None),
         )
         for cutoff in cutoffs
     ]
@@ -449,6 +465,24 @@ def _accumulate(
         for accumulator in accumulators:
             accumulator.add(chunk, vocabulary_position, model_position)
     return accumulators
+
+
+def _scorer(accumulator: GramAccumulator, model_items: ItemIndex, config: RecommenderConfig
+            ) -> tuple[EaseScorer, float]:
+    """The configured model from an accumulator (its Gram buffer becomes the weights): the
+    scorer and the EASE regularization strength (0 for the other models)."""
+    weights, strength, segments = None, 0.0, None
+    if config.model == EASE:
+        weights, strength = solve_ease_in_place(accumulator.gram, len(model_items), config.l2_regularization)
+    elif config.model == ITEM_KNN:
+        weights = item_cosine_in_place(accumulator.gram)
+    elif config.model == SEGMENT_POPULARITY:
+        segments = accumulator.popularity_within_segments()
+    if weights is None:
+        accumulator.gram = np.zeros((0, 0), dtype=np.float32)  # a popularity model needs no item-item weights
+    scorer = EaseScorer(model_items, weights, accumulator.normalized_popularity(), accumulator.cutoff_us,
+                        config.popularity_blend, segments)
+    return scorer, strength
 
 
 def _spend_model(accumulator: GramAccumulator, vocabulary: ItemIndex, config, correction: float) -> SpendModel:
@@ -466,10 +500,7 @@ def _model_spend(spend: SpendModel, model_items: ItemIndex) -> np.ndarray:
 def _calibrate(purchases, validation: GramAccumulator, model_items, scan, as_of_us, config, report):
     """Pass 3: rank a sample of customers as of the validation cut-off; learn score -> P(hit)."""
     clock = time.perf_counter()
-    weights, _ = solve_ease_in_place(validation.gram, len(model_items), config.l2_regularization)
-    scorer = EaseScorer(
-        model_items, weights, validation.normalized_popularity(), validation.cutoff_us, config.popularity_blend
-    )
+    scorer, _ = _scorer(validation, model_items, config)
     spend = _spend_model(validation, scan.vocabulary, config, 1.0)
     model_spend = _model_spend(spend, model_items)
     blocked = np.ones(scorer.width, dtype=bool)
@@ -483,7 +514,7 @@ def _calibrate(purchases, validation: GramAccumulator, model_items, scan, as_of_
         chunk = chunk.before(as_of_us).select_customers(sampled)
         for part in chunk.slices(config.score_chunk_customers):
             outcomes.add(part, scorer, spend, model_spend, blocked, config.top_k)
-    del weights, scorer
+    del scorer
     calibrators = {
         COLLABORATIVE: IsotonicCalibrator.fit(*outcomes.arrays(COLLABORATIVE)),
         POPULARITY: IsotonicCalibrator.fit(*outcomes.arrays(POPULARITY)),

@@ -226,3 +226,20 @@ def test_an_alert_row_is_written_while_a_model_stage_computes(resources, monkeyp
     assert outcome and outcome[0].success
     with resources["warehouse"].connect(read_only=True) as con:
         assert fetch_scalar(con, "SELECT count(*) FROM ops.alerts WHERE alert_id = ?", [alert.alert_id]) == 1
+
+
+def test_recommendations_deploy_the_selected_model_and_show_the_candidates(resources):
+    from recsys.selection import CANDIDATES
+
+    assert run([product_embeddings], resources).success
+    meta = metadata_of(run([recommendations], resources), "recommendations")
+    table = meta["model_selection_table"]
+    assert {row["candidate"] for row in table} == set(CANDIDATES)
+    deployed = [row["candidate"] for row in table if row["deployed"]]
+    assert deployed == [meta["deployed_model"]] and "chosen" in meta["model_selection"]
+    judged = [row["hit_rate"] for row in table if row["hit_rate"] is not None]
+    assert next(row for row in table if row["deployed"])["hit_rate"] == max(judged)
+    with resources["warehouse"].connect(read_only=True) as con:
+        strategies = {s for (s,) in fetch_all(con, "SELECT DISTINCT strategy FROM ml.recommendations")}
+    collaborative_model = CANDIDATES[meta["deployed_model"]]["model"] in ("ease", "item_knn")
+    assert ("collaborative" in strategies) == collaborative_model

@@ -70,14 +70,16 @@ def test_a_failed_evaluation_stays_failed_on_the_skipped_rerun(resources, monkey
     from assets.infer.recommendations import recommendations
 
     assert run([recommendations], resources).success
-    monkeypatch.setattr(quality_module, "lift_over_popularity", lambda report: 0.5)  # popularity wins, this once
+    losing = {"lift": 0.5, "best_baseline": "segment popularity", "ours": 0.2, "baseline": 0.4, "noise_margin": 0.05,
+              "worse_beyond_noise": True, "model": "ease"}
+    monkeypatch.setattr(quality_module, "versus_best_baseline", lambda report: losing)  # a baseline wins, this once
     first = run([recommendation_quality], resources, ONLY_WAREHOUSE_SPLIT)
-    assert not checks_of(first)["beats_global_popularity"].passed
+    assert not checks_of(first)["beats_best_baseline"].passed
     monkeypatch.undo()
     again = run([recommendation_quality], resources, ONLY_WAREHOUSE_SPLIT)
     assert metadata_of(again, "recommendation_quality")["skipped"] is True
-    check = checks_of(again)["beats_global_popularity"]
-    assert not check.passed and check.metadata["lift_over_popularity"].value == {"warehouse": 0.5}
+    check = checks_of(again)["beats_best_baseline"]
+    assert not check.passed and check.metadata["versus_best_baseline"].value == {"warehouse": losing}
 
 
 def test_an_unreconciled_batch_is_red_and_blocks_what_builds_on_it(warehouse, tmp_path, monkeypatch):

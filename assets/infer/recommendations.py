@@ -20,6 +20,7 @@ from pydantic import Field
 from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset, knob
 from assets.infer.purchases import PURCHASES_SQL
 from recsys.purchases import iter_customer_chunks
+from recsys.selection import Selection, select_model
 from recsys.recommender import RECOMMENDATION_SCHEMA, SKIPPED_SCHEMA, Recommender, RecommenderConfig, ordered_parallel_map
 from resources import dead_letters
 from resources.dead_letters import PROCESSING_ERROR, DeadLetter
@@ -41,6 +42,11 @@ class RecommendationsConfig(DeadLetterConfig):
     progress_every_seconds: float = knob(10.0, "How often progress (%, ETA) is logged.")
     min_served_share: float = knob(0.5, "The check warns when fewer customers get a recommendation.")
     reset_confidence_bins: bool = knob(False, "Take this build's deciles as the new reference bins of the confidence histogram.")
+    select_model: bool = Field(
+        default=True, description="Deploy the best of EASE, item-kNN and the popularity baselines on a validation "
+                                  "window before as-of (recsys/selection.py); false: always EASE.")
+    selection_window_days: int = Field(default=60, ge=1, description="Validation window of the model selection.")
+    selection_customers: int = knob(50_000, "Customers (a stable sample) the selection fits and judges on.")
 
     def recommender(self) -> RecommenderConfig:
         return RecommenderConfig(
@@ -204,7 +210,13 @@ def recommendations(build: StateBuild) -> Built:
         source = purchases_source(taken, config.read_batch_rows)
         catalog = taken.table("catalog")
         # Purchases on the partition day count as history: the model sees everything before the next day.
-        model = Recommender.fit(source, config.recommender(), as_of=dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time()))
+        model_as_of = dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time())
+        selection = (select_model(source, model_as_of, config.recommender(), config.selection_window_days,
+                                  config.selection_customers) if config.select_model else None)
+        if selection is not None:
+            build.log.info(f"model selection: {selection.chosen} ({selection.reason}); "
+                           f"{selection.evaluated_customers:,} validation customers, {selection.seconds:.1f}s")
+        model = Recommender.fit(source, selection.config if selection else config.recommender(), as_of=model_as_of)
         candidates = model.candidates(catalog)
         build.log.info(f"fitted on {model.report.customers:,} customers, {model.report.model_items:,} model items; "
                        f"{candidates.in_stock_model_items:,} in-stock candidates")
@@ -235,13 +247,27 @@ def recommendations(build: StateBuild) -> Built:
             dead_letters.resolve(con, STAGE, f"SELECT DISTINCT customer_id FROM {RECOMMENDATIONS_TABLE}"
                                              f" UNION SELECT customer_id FROM {SKIPPED_TABLE}")
             dead_letters.supersede(con, STAGE, "SELECT DISTINCT customer_id FROM analytics.stg_purchases")
-            dead_letters.write(con, STAGE, build.partition_key, "ease", dead_letters_)
+            dead_letters.write(con, STAGE, build.partition_key, model.config.model, dead_letters_)
             plain_distribution = {k: (v.value if isinstance(v, dg.JsonMetadataValue) else v) for k, v in distribution.items()}
             build.record(con, stored, {"distribution": plain_distribution, "counts": counts, "skip_reasons": skip_reasons,
-                                       "items": model.report.customers})
+                                       "items": model.report.customers, "deployed_model": model.config.model})
             con.execute("COMMIT")
-    return Built(recommendations_metadata(build, model, candidates, counts, distribution, stored, dead_letters_,
-                                          skip_reasons))
+    return Built({**recommendations_metadata(build, model, candidates, counts, distribution, stored, dead_letters_,
+                                             skip_reasons), **selection_metadata(selection)})
+
+
+def selection_metadata(selection: Selection | None) -> dict:
+    if selection is None:
+        return {"deployed_model": "ease (selection off)"}
+    return {
+        "deployed_model": selection.chosen,
+        "model_selection": dg.MetadataValue.md(
+            f"Validation window {selection.window[0]} .. {selection.window[1]} (exclusive), "
+            f"{selection.evaluated_customers:,} customers judged of {selection.customers_sampled:,} sampled; "
+            f"chosen: **{selection.chosen}** ({selection.reason}).\n\n{selection.to_markdown()}"),
+        "model_selection_table": dg.MetadataValue.json(selection.table),
+        "model_selection_seconds": selection.seconds,
+    }
 
 
 def recommendations_metadata(build, model, candidates, counts, distribution, stored, letters, skip_reasons) -> dict:

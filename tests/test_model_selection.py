@@ -1,0 +1,89 @@
+"""Model selection on a validation window before as-of: deterministic, blind to anything on or
+after as-of, and it deploys a baseline when a baseline is what wins."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recsys.recommender import COLLABORATIVE, GLOBAL_POPULARITY, POPULARITY, SEGMENT_POPULARITY, Recommender
+from recsys.selection import BASELINES, CANDIDATES, select_model
+from recsys.synthetic import SyntheticRetail
+
+STRUCTURED = SyntheticRetail(customers=1_500, products=300, topics=12, lines_per_customer=12, topic_affinity=0.9,
+                             seed=11, batch_customers=500)
+# no co-purchase structure at all: every customer buys from the whole catalog by popularity
+STRUCTURELESS = replace(STRUCTURED, topic_affinity=0.0, seed=12)
+
+
+def as_of(data: SyntheticRetail):
+    return data.start + timedelta(days=300)
+
+
+def test_the_same_data_gives_the_same_table_and_choice():
+    first = select_model(STRUCTURED, as_of(STRUCTURED))
+    second = select_model(STRUCTURED, as_of(STRUCTURED))
+    assert first.table == second.table and first.chosen == second.chosen
+    assert {row["candidate"] for row in first.table} == set(CANDIDATES)
+    assert first.evaluated_customers > 100 and first.window[1] == str(as_of(STRUCTURED))
+
+
+def test_nothing_on_or_after_as_of_is_looked_at():
+    """Purchases after as-of (the days the deployed model will be judged on) are rewritten at
+    random: the candidates' table and the choice stay the same."""
+    cut = as_of(STRUCTURED)
+    table = pa.Table.from_batches(list(STRUCTURED()))
+    later = pc.greater_equal(table["purchased_at"], pa.scalar(cut, table["purchased_at"].type))
+    rng = np.random.default_rng(0)
+    products = STRUCTURED.product_ids().to_pylist()
+    shuffled = pa.array(np.where(later.to_numpy(zero_copy_only=False),
+                                 rng.choice(products, table.num_rows), table["product_id"].to_numpy(zero_copy_only=False)))
+    rewritten = table.set_column(table.schema.get_field_index("product_id"), "product_id", shuffled)
+    assert not rewritten.equals(table)
+    assert select_model(table, cut).table == select_model(rewritten, cut).table
+
+
+def test_collaborative_structure_deploys_a_collaborative_model():
+    selection = select_model(STRUCTURED, as_of(STRUCTURED))
+    assert selection.chosen in ("ease", "item_knn"), selection.table
+    best_baseline = max(row["hit_rate"] for row in selection.table if row["candidate"] in BASELINES)
+    deployed = next(row for row in selection.table if row["deployed"])
+    assert deployed["hit_rate"] >= best_baseline and deployed["vs_best_baseline"] >= 1.0
+
+
+def test_where_popularity_wins_popularity_is_deployed():
+    selection = select_model(STRUCTURELESS, as_of(STRUCTURELESS))
+    assert selection.chosen in BASELINES, selection.to_markdown()
+    assert selection.config.model in (GLOBAL_POPULARITY, SEGMENT_POPULARITY)
+    model = Recommender.fit(STRUCTURELESS, selection.config, as_of=as_of(STRUCTURELESS))
+    recommendations = pa.Table.from_batches(
+        [part.recommendations for part in model.recommend(STRUCTURELESS, STRUCTURELESS.catalog())])
+    strategies = set(recommendations["strategy"].to_pylist())
+    assert strategies == {POPULARITY} and COLLABORATIVE not in strategies
+    assert model.report.model == selection.config.model
+    assert pc.min(recommendations["confidence"]).as_py() >= 0.0  # calibrated on the popularity scores
+
+
+def test_a_sample_is_stable_and_smaller_than_the_customer_base():
+    small = select_model(STRUCTURED, as_of(STRUCTURED), max_customers=400)
+    again = select_model(STRUCTURED, as_of(STRUCTURED), max_customers=400)
+    assert 250 < small.customers_sampled < 550 and small.table == again.table
+
+
+def test_a_candidate_that_fails_is_out_of_the_race_and_said_so(monkeypatch):
+    original = Recommender.fit
+
+    def item_knn_breaks(purchases, config=None, as_of=None):
+        if config is not None and config.model == "item_knn":
+            raise MemoryError("injected")
+        return original(purchases, config, as_of)
+
+    monkeypatch.setattr(Recommender, "fit", staticmethod(item_knn_breaks))
+    selection = select_model(STRUCTURED, as_of(STRUCTURED))
+    broken = next(row for row in selection.table if row["candidate"] == "item_knn")
+    assert broken["hit_rate"] is None and "MemoryError: injected" in broken["error"] and not broken["deployed"]
+    assert selection.chosen == "ease"

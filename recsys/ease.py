@@ -241,18 +241,26 @@ class EaseScorer:
     as_of_us: int
     popularity_blend: float
     segments: SegmentPopularity | None = None
+    history_half_life_days: float | None = None  # None: every bought item counts the same
 
     @property
     def width(self) -> int:
         return len(self.popularity)
 
     def history_matrix(self, chunk: CustomerChunk) -> sp.csr_matrix:
-        """Binary customers x model-items matrix of purchases before as_of."""
+        """Customers x model-items matrix of purchases before as_of: 1 per bought item, or, with
+        `history_half_life_days`, a weight that halves with the age of its last purchase."""
         history = chunk.before(self.as_of_us)
         column = self.items.positions(history.product_ids) if len(self.items) else np.full(len(history.amount), -1)
-        customer, column, _ = distinct_pairs(history.row_customer, column, max(self.width, 1))
-        ones = np.ones(len(column), dtype=np.float32)
-        return sp.csr_matrix((ones, (customer, column)), shape=(chunk.n_customers, self.width))
+        if self.history_half_life_days is None:
+            customer, column, _ = distinct_pairs(history.row_customer, column, max(self.width, 1))
+            weight = np.ones(len(column), dtype=np.float32)
+        else:
+            customer, column, last = pairs_with_last_purchase(history.row_customer, column, history.purchased_at,
+                                                              max(self.width, 1))
+            age_days = (self.as_of_us - last) / MICROS_PER_DAY
+            weight = np.maximum(decay(age_days, self.history_half_life_days), 1e-30).astype(np.float32)
+        return sp.csr_matrix((weight, (customer, column)), shape=(chunk.n_customers, self.width))
 
     def rank(self, chunk: CustomerChunk, blocked: np.ndarray, k: int, popularity_only: bool = False) -> Ranking:
         history = self.history_matrix(chunk)

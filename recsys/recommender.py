@@ -113,6 +113,9 @@ class RecommenderConfig:
     activity_exponent: float = 0.5
     popularity_blend: float = 0.2
     popularity_half_life_days: float | None = 30.0
+    # Scoring: a bought item's weight halves with the age of its last purchase (None: all count
+    # the same); what a customer bought lately says more about what they buy next.
+    history_half_life_days: float | None = None
     calibration_days: int = 90  # the horizon confidence refers to; 0 disables calibration
     calibration_customers: int = 20_000  # systematic sample size for calibration
     spend_index_bounds: tuple[float, float] = (0.25, 4.0)
@@ -481,7 +484,7 @@ def _scorer(accumulator: GramAccumulator, model_items: ItemIndex, config: Recomm
     if weights is None:
         accumulator.gram = np.zeros((0, 0), dtype=np.float32)  # a popularity model needs no item-item weights
     scorer = EaseScorer(model_items, weights, accumulator.normalized_popularity(), accumulator.cutoff_us,
-                        config.popularity_blend, segments)
+                        config.popularity_blend, segments, config.history_half_life_days)
     return scorer, strength
 
 

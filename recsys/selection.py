@@ -45,6 +45,7 @@ from recsys.recommender import (
 # name -> overrides of the deployed config; order = tie-break preference
 CANDIDATES: dict[str, dict] = {
     "ease": {"model": EASE},
+    "ease_recent_history": {"model": EASE, "history_half_life_days": 60.0},
     "item_knn": {"model": ITEM_KNN},
     "global_popularity": {"model": GLOBAL_POPULARITY, "popularity_half_life_days": None},
     "recent_popularity": {"model": GLOBAL_POPULARITY, "popularity_half_life_days": 30.0},

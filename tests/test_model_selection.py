@@ -49,7 +49,7 @@ def test_nothing_on_or_after_as_of_is_looked_at():
 
 def test_collaborative_structure_deploys_a_collaborative_model():
     selection = select_model(STRUCTURED, as_of(STRUCTURED))
-    assert selection.chosen in ("ease", "item_knn"), selection.table
+    assert CANDIDATES[selection.chosen]["model"] in ("ease", "item_knn"), selection.table
     best_baseline = max(row["hit_rate"] for row in selection.table if row["candidate"] in BASELINES)
     deployed = next(row for row in selection.table if row["deployed"])
     assert deployed["hit_rate"] >= best_baseline and deployed["vs_best_baseline"] >= 1.0
@@ -86,4 +86,5 @@ def test_a_candidate_that_fails_is_out_of_the_race_and_said_so(monkeypatch):
     selection = select_model(STRUCTURED, as_of(STRUCTURED))
     broken = next(row for row in selection.table if row["candidate"] == "item_knn")
     assert broken["hit_rate"] is None and "MemoryError: injected" in broken["error"] and not broken["deployed"]
-    assert selection.chosen == "ease"
+    judged = [row for row in selection.table if row["hit_rate"] is not None]
+    assert len(judged) == len(CANDIDATES) - 1 and selection.chosen == max(judged, key=lambda r: r["hit_rate"])["candidate"]

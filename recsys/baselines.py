@@ -139,7 +139,7 @@ class RfmSegmenter:
 
     @classmethod
     def fit(cls, purchases: PurchaseSource, as_of_us: int, chunk_customers: int, bins: int = 3) -> RfmSegmenter:
-        values = [_rfm(chunk.before(as_of_us), as_of_us) for chunk in iter_customer_chunks(purchases, chunk_customers)]
+        values = [customer_rfm(chunk.before(as_of_us), as_of_us) for chunk in iter_customer_chunks(purchases, chunk_customers)]
         rfm = np.concatenate(values) if values else np.zeros((0, 3))
         quantiles = np.linspace(0, 1, bins + 1)[1:-1]
         thresholds = np.quantile(rfm, quantiles, axis=0).T if len(rfm) else np.zeros((3, bins - 1))
@@ -148,7 +148,7 @@ class RfmSegmenter:
     def __call__(self, history: CustomerChunk) -> np.ndarray:
         segment = np.full(history.n_customers, NO_SEGMENT, dtype=np.int64)
         has_history = history.customers_with_rows()
-        rfm = _rfm(history, self.as_of_us, keep_empty=True)
+        rfm = customer_rfm(history, self.as_of_us, keep_empty=True)
         bins = self.thresholds.shape[1] + 1
         code = np.zeros(history.n_customers, dtype=np.int64)
         for dimension in range(3):
@@ -157,7 +157,7 @@ class RfmSegmenter:
         return segment
 
 
-def _rfm(history: CustomerChunk, as_of_us: int, keep_empty: bool = False) -> np.ndarray:
+def customer_rfm(history: CustomerChunk, as_of_us: int, keep_empty: bool = False) -> np.ndarray:
     """(recency days, orders, spend) per customer; only customers with history unless keep_empty."""
     n = history.n_customers
     last = np.full(n, np.iinfo(np.int64).min)

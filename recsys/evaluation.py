@@ -187,18 +187,20 @@ def _table(metrics: dict[str, RankingMetrics], k: int) -> list[dict]:
 class _CalibrationCheck:
     """Does confidence mean what it says? Over every customer with train history (the population
     confidence is calibrated on): mean confidence vs share of recommendations bought in the test
-    window, and predicted value vs spend realized on the recommended products."""
+    window, predicted value vs spend realized on the recommended products, and the reliability
+    curve: recommendations in deciles of confidence, each decile's mean confidence against the
+    share bought, and its expected calibration error (ECE, the count-weighted mean gap)."""
+
+    BINS = 10
 
     def __init__(self) -> None:
-        self.recommendations = 0
-        self.confidence_sum = 0.0
-        self.bought = 0
+        self.confidence: list[np.ndarray] = []
+        self.bought: list[np.ndarray] = []
+        self.collaborative: list[np.ndarray] = []
         self.predicted_value = 0.0
         self.realized_value = 0.0
 
     def add(self, recommendations: pa.RecordBatch, chunk: CustomerChunk, history: CustomerChunk, cutoff_us, end_us):
-        collaborative = pc.equal(recommendations["strategy"], COLLABORATIVE)
-        recommendations = recommendations.filter(collaborative)
         customer = pc.index_in(recommendations["customer_id"], value_set=chunk.customer_ids).to_numpy(zero_copy_only=False)
         test = chunk.between(cutoff_us, end_us)
         products = ItemIndex(pc.unique(test.product_ids)) if len(test.amount) else ItemIndex([])
@@ -210,21 +212,49 @@ class _CalibrationCheck:
         rec_keys = np.where(rec_item >= 0, customer * width + rec_item, -1)
         where = np.clip(np.searchsorted(unique_keys, rec_keys), 0, max(len(unique_keys) - 1, 0))
         bought = (unique_keys[where] == rec_keys) if len(unique_keys) else np.zeros(len(rec_keys), dtype=bool)
-        self.recommendations += len(rec_keys)
-        self.confidence_sum += float(pc.sum(recommendations["confidence"]).as_py() or 0.0)
-        self.bought += int(bought.sum())
-        self.predicted_value += float(pc.sum(recommendations["predicted_value"]).as_py() or 0.0)
-        self.realized_value += float(spent[where][bought].sum()) if len(unique_keys) else 0.0
+        collaborative = pc.equal(recommendations["strategy"], COLLABORATIVE).to_numpy(zero_copy_only=False)
+        self.confidence.append(recommendations["confidence"].to_numpy(zero_copy_only=False).astype(np.float32))
+        self.bought.append(bought)
+        self.collaborative.append(collaborative)
+        predicted = recommendations["predicted_value"].to_numpy(zero_copy_only=False)
+        self.predicted_value += float(predicted[collaborative].sum())
+        self.realized_value += float(spent[where][bought & collaborative].sum()) if len(unique_keys) else 0.0
 
     def summary(self) -> dict:
-        n = max(self.recommendations, 1)
+        confidence = np.concatenate(self.confidence) if self.confidence else np.zeros(0, dtype=np.float32)
+        bought = np.concatenate(self.bought) if self.bought else np.zeros(0, dtype=bool)
+        collaborative = np.concatenate(self.collaborative) if self.collaborative else np.zeros(0, dtype=bool)
+        n = max(int(collaborative.sum()), 1)
+        curve = reliability_curve(confidence, bought, self.BINS)
         return {
-            "collaborative_recommendations": self.recommendations,
-            "mean_confidence": round(self.confidence_sum / n, 5),
-            "share_bought_in_test_window": round(self.bought / n, 5),
+            "collaborative_recommendations": int(collaborative.sum()),
+            "mean_confidence": round(float(confidence[collaborative].sum()) / n, 5),
+            "share_bought_in_test_window": round(float(bought[collaborative].sum()) / n, 5),
             "predicted_value_total": round(self.predicted_value, 2),
             "realized_value_total": round(self.realized_value, 2),
+            "predicted_over_realized_value": round(self.predicted_value / self.realized_value, 3)
+            if self.realized_value else None,
+            "recommendations": len(confidence),
+            "reliability": curve,
+            "top_decile_bought": curve[-1]["share_bought"] if curve else None,
+            "bottom_decile_bought": curve[0]["share_bought"] if curve else None,
+            "ece": round(sum(b["n"] * abs(b["mean_confidence"] - b["share_bought"]) for b in curve)
+                         / max(len(confidence), 1), 5),
         }
+
+
+def reliability_curve(confidence: np.ndarray, bought: np.ndarray, bins: int) -> list[dict]:
+    """Recommendations sorted by confidence, cut into `bins` equal-count groups (ties split by
+    order, so a flat confidence still gives bins): mean confidence vs share bought per group."""
+    if len(confidence) == 0:
+        return []
+    order = np.argsort(confidence, kind="stable")
+    curve = []
+    for part in np.array_split(order, bins):
+        if len(part):
+            curve.append({"n": len(part), "mean_confidence": round(float(confidence[part].mean()), 5),
+                          "share_bought": round(float(bought[part].mean()), 5)})
+    return curve
 
 
 # ---- tuning ------------------------------------------------------------------------------------

@@ -47,8 +47,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys.calibration import IsotonicCalibrator
-from recsys.baselines import RfmSegmenter
+from recsys.calibration import GroupedCalibrator
+from recsys.baselines import RfmSegmenter, customer_rfm
 from recsys.ease import (
     EaseScorer,
     GramAccumulator,
@@ -220,7 +220,7 @@ class Recommender:
         scorer: EaseScorer,
         spend: SpendModel,
         model_spend_per_buyer: np.ndarray,
-        calibrators: dict[str, IsotonicCalibrator | None],
+        calibrators: dict[str, GroupedCalibrator | None],
         report: FitReport,
     ):
         self.config = config
@@ -319,7 +319,8 @@ class Recommender:
         ranking = self.scorer.rank(chunk, candidates.blocked, self.config.top_k)
         history = chunk.before(self.scorer.as_of_us)
         strategy = np.where(ranking.has_signal, COLLABORATIVE, POPULARITY)
-        confidence = self._confidence(ranking.score, ranking.has_signal[ranking.row])
+        activity = customer_rfm(history, self.scorer.as_of_us, keep_empty=True)[ranking.row]
+        confidence = self._confidence(ranking.score, ranking.has_signal[ranking.row], activity)
         expected_spend = self.model_spend_per_buyer[ranking.column] * self.spend.customer_index(history)[ranking.row]
         predicted_value = confidence * self.spend.correction * expected_spend
         recommendations = pa.RecordBatch.from_arrays(
@@ -345,12 +346,13 @@ class Recommender:
             invalid_rows=chunk.invalid_rows,
         )
 
-    def _confidence(self, score: np.ndarray, collaborative: np.ndarray) -> np.ndarray:
+    def _confidence(self, score: np.ndarray, collaborative: np.ndarray, activity: np.ndarray) -> np.ndarray:
+        """Per recommendation; activity: the customer's (recency days, orders, spend) at as_of."""
         confidence = np.zeros(len(score))
         for name, rows in ((COLLABORATIVE, collaborative), (POPULARITY, ~collaborative)):
             calibrator = self.calibrators.get(name)
             if calibrator is not None and rows.any():
-                confidence[rows] = calibrator(score[rows])
+                confidence[rows] = calibrator(score[rows], activity[rows, 0], activity[rows, 1])
         return confidence
 
     def _skipped(self, chunk: CustomerChunk, ranking: Ranking, candidates: Candidates) -> pa.RecordBatch:
@@ -519,8 +521,8 @@ def _calibrate(purchases, validation: GramAccumulator, model_items, scan, as_of_
             outcomes.add(part, scorer, spend, model_spend, blocked, config.top_k)
     del scorer
     calibrators = {
-        COLLABORATIVE: IsotonicCalibrator.fit(*outcomes.arrays(COLLABORATIVE)),
-        POPULARITY: IsotonicCalibrator.fit(*outcomes.arrays(POPULARITY)),
+        COLLABORATIVE: GroupedCalibrator.fit(*outcomes.arrays(COLLABORATIVE)),
+        POPULARITY: GroupedCalibrator.fit(*outcomes.arrays(POPULARITY)),
     }
     correction = outcomes.value_correction()
     summary = {
@@ -541,6 +543,7 @@ class _CalibrationOutcomes:
     def __init__(self) -> None:
         self.scores = {COLLABORATIVE: [], POPULARITY: []}
         self.hits = {COLLABORATIVE: [], POPULARITY: []}
+        self.activity = {COLLABORATIVE: [], POPULARITY: []}  # (recency days, orders) at the cut-off
         self.realized_spend = 0.0
         self.expected_spend = 0.0
         self.customers = 0
@@ -549,6 +552,7 @@ class _CalibrationOutcomes:
         history = chunk.before(scorer.as_of_us)
         existing = history.customers_with_rows()  # customers known at the cut-off
         self.customers += int(existing.sum())
+        activity = customer_rfm(history, scorer.as_of_us, keep_empty=True)[:, :2]
         future = chunk.rows_where(chunk.purchased_at >= scorer.as_of_us)
         future_column = scorer.items.positions(future.product_ids)
         for name, popularity_only in ((COLLABORATIVE, False), (POPULARITY, True)):
@@ -558,15 +562,18 @@ class _CalibrationOutcomes:
             hit, realized = _outcomes(row, column, future.row_customer, future_column, future.amount, scorer.width)
             self.scores[name].append(score)
             self.hits[name].append(hit)
+            self.activity[name].append(activity[row])
             if name == COLLABORATIVE and hit.any():
                 index = spend.customer_index(history)
                 self.realized_spend += float(realized[hit].sum())
                 self.expected_spend += float((model_spend[column] * index[row])[hit].sum())
 
-    def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(score, hit, recency days, orders) per validation recommendation."""
         scores = np.concatenate(self.scores[name]) if self.scores[name] else np.zeros(0)
         hits = np.concatenate(self.hits[name]) if self.hits[name] else np.zeros(0, dtype=bool)
-        return scores, hits
+        activity = np.concatenate(self.activity[name]) if self.activity[name] else np.zeros((0, 2))
+        return scores, hits, activity[:, 0], activity[:, 1]
 
     def value_correction(self) -> float:
         return self.realized_spend / self.expected_spend if self.expected_spend > 0 else 1.0

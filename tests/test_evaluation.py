@@ -69,6 +69,10 @@ def test_evaluation_on_synthetic_data_applies_the_rules_and_uses_given_segments(
     assert ours["hr_vs_popularity"] > 1.2, "the synthetic data has topic structure to find"
     check = report.calibration_check
     assert check["mean_confidence"] == pytest.approx(check["share_bought_in_test_window"], rel=0.5)
+    # confidence separates: the top tenth of recommendations by confidence is bought far more often
+    # than the bottom tenth, and the reliability curve stays close to the diagonal
+    assert check["top_decile_bought"] > 2 * check["bottom_decile_bought"]
+    assert len(check["reliability"]) == 10 and check["ece"] < 0.03
 
 
 def write_csv(directory, rows: list[str]) -> None:

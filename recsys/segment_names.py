@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -34,28 +35,29 @@ def fallback_names(
     medians against everyone's: "lapsed" (recency > 2x and >= 30 days), "loyalists"
     (frequency >= 1.5x), "newcomers" (one purchase day, recent), else "regulars". Value:
     monetary median >= 1.5x everyone's "high value", <= 1/1.5x "low value", else "mid value".
-    Names used twice get their segment id appended.
+    A name two segments share names their second most distinctive category too ("Kitchen & Garden
+    regulars · mid value"); one still shared gets the segment id appended.
     """
-    names = {}
-    for profile in profiles:
-        lead = _distinctive_category(profile, global_category_shares) if has_categories else None
-        lead = lead or f"Segment {profile.segment_id}"
-        persona, value = _persona(profile, global_medians), _value_tier(profile, global_medians)
-        names[profile.segment_id] = f"{lead} {persona} · {value}"
-    counts: dict[str, int] = {}
-    for name in names.values():
-        counts[name] = counts.get(name, 0) + 1
+    def name(profile: SegmentProfile, categories: int) -> str:
+        leads = _distinctive_categories(profile, global_category_shares)[:categories] if has_categories else []
+        lead = " & ".join(leads) or f"Segment {profile.segment_id}"
+        return f"{lead} {_persona(profile, global_medians)} · {_value_tier(profile, global_medians)}"
+
+    names = {profile.segment_id: name(profile, 1) for profile in profiles}
+    counts = Counter(names.values())
+    # a name two segments share: say their second most distinctive category too
+    names = {p.segment_id: (name(p, 2) if counts[names[p.segment_id]] > 1 else names[p.segment_id]) for p in profiles}
+    counts = Counter(names.values())
     return {sid: (f"{name} #{sid}" if counts[name] > 1 else name) for sid, name in names.items()}
 
 
-def _distinctive_category(profile: SegmentProfile, global_shares: Mapping[str, float]) -> str | None:
+def _distinctive_categories(profile: SegmentProfile, global_shares: Mapping[str, float]) -> list[str]:
+    """Categories with at least 5 % of the segment's spend, most over-represented first."""
     candidates = [
         (c, s) for c, s in profile.top_categories if s >= MIN_NAMING_CATEGORY_SHARE and c != UNCATEGORIZED
     ]
-    if not candidates:
-        return None
     lift = lambda item: item[1] / max(global_shares.get(item[0], 0.0), 1e-12)  # noqa: E731
-    return min(candidates, key=lambda item: (-lift(item), -item[1], item[0]))[0]
+    return [c for c, _ in sorted(candidates, key=lambda item: (-lift(item), -item[1], item[0]))]
 
 
 def _persona(profile: SegmentProfile, medians: Mapping[str, float]) -> str:

@@ -243,3 +243,20 @@ def test_recommendations_deploy_the_selected_model_and_show_the_candidates(resou
         strategies = {s for (s,) in fetch_all(con, "SELECT DISTINCT strategy FROM ml.recommendations")}
     collaborative_model = CANDIDATES[meta["deployed_model"]]["model"] in ("ease", "item_knn")
     assert ("collaborative" in strategies) == collaborative_model
+
+
+def test_without_product_categories_segments_are_named_after_topics_of_the_product_text(resources):
+    """A shop whose only source is its order lines (Online Retail) has no categories: they are
+    inferred from the product text vectors, and segment names say what the segments buy."""
+    assert run([product_embeddings], resources).success
+    with resources["warehouse"].transaction() as con:
+        con.execute("UPDATE analytics.dim_products SET category = 'uncategorized'")
+        products = fetch_scalar(con, "SELECT count(*) FROM ml.product_embeddings")
+    meta = metadata_of(run([customer_segments], resources), "customer_segments")
+    assert 0 < meta["products_with_inferred_category"] <= products
+    with resources["warehouse"].connect(read_only=True) as con:
+        names = [n for (n,) in fetch_all(con, "SELECT name FROM ml.segment_profiles")]
+        categories = [json.loads(c) for (c,) in fetch_all(con, "SELECT top_categories FROM ml.segment_profiles")]
+    assert len(names) == len(set(names)) >= 2
+    assert not any(name.startswith("Segment ") for name in names), names
+    assert not any("uncategorized" in str(c) for c in categories)

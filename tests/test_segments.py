@@ -441,3 +441,35 @@ def test_segment_checks_warn_when_one_segment_swallows_the_base_or_customers_swi
     assert not skewed["segment_stability"].passed and skewed["segment_stability"].severity == dg.AssetCheckSeverity.WARN
     first = {c.check_name: c for c in segment_verdicts({"segment_sizes": {"1": 5}}, config)}
     assert first["segment_stability"].passed and "nothing to compare" in first["segment_stability"].description
+
+
+def test_segments_sharing_a_lead_category_are_told_apart_by_their_second():
+    medians = {"recency_days": 30, "frequency": 3, "monetary": 100}
+    shares = {"Kitchen": 0.1, "Garden": 0.1, "Toys": 0.1}
+    first = profile(segment_id=1, top_categories=(("Kitchen", 0.6), ("Garden", 0.3)))
+    second = profile(segment_id=2, top_categories=(("Kitchen", 0.6), ("Toys", 0.3)))
+    assert fallback_names([first, second], medians, shares) == {
+        1: "Kitchen & Garden regulars · mid value", 2: "Kitchen & Toys regulars · mid value"}
+
+
+def test_a_catalog_without_categories_gets_topics_named_from_product_text():
+    from recsys.product_topics import infer_topics
+
+    rng = np.random.default_rng(3)
+    kinds = {"mug": "ceramic tea mug", "bag": "jumbo shopping bag", "candle": "scented wax candle"}
+    centres = {kind: rng.normal(size=16) for kind in kinds}
+    ids, vectors, names = [], [], {}
+    for kind, text in kinds.items():
+        for i in range(30):
+            pid = f"{kind}-{i:02d}"
+            ids.append(pid)
+            vectors.append(centres[kind] + 0.05 * rng.normal(size=16))
+            names[pid] = f"{text} {['red', 'blue', 'spotty', 'large'][i % 4]}"
+    topics = infer_topics(ids, np.array(vectors), names)
+    by_kind = {kind: {topics[pid] for pid in ids if pid.startswith(kind)} for kind in kinds}
+    assert all(len(labels) == 1 for labels in by_kind.values()), by_kind  # one topic per kind
+    labels = {kind: next(iter(found)) for kind, found in by_kind.items()}
+    assert len(set(labels.values())) == 3
+    for kind, text in kinds.items():
+        assert set(labels[kind].lower().split(" & ")) <= set(text.split()), labels  # named by its own words
+    assert infer_topics(ids, np.array(vectors), names) == topics  # deterministic

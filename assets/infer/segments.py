@@ -30,7 +30,8 @@ from recsys.clustering import SegmentingConfig, fit_segments
 from recsys.customer_sample import CustomerSample
 from recsys.customer_vectors import PoolingReport, ProductEmbeddings, iter_customer_vectors
 from recsys.segment_ids import SegmentModel, drop_empty_segments
-from recsys.segment_names import naming_messages, parse_segment_names
+from recsys.product_topics import infer_topics
+from recsys.segment_names import UNCATEGORIZED, naming_messages, parse_segment_names
 from recsys.segment_profiles import RfmSummary, SegmentProfile, SegmentProfiler
 from resources import dead_letters
 from resources.dead_letters import DeadLetter
@@ -98,12 +99,19 @@ def purchase_batches(taken: Snapshot, batch_rows: int) -> Iterator[pa.RecordBatc
     return taken.batches("purchases", batch_rows)
 
 
-def load_products(taken: Snapshot) -> tuple[ProductEmbeddings, dict[str, str], dict[str, str]]:
-    """Product vectors, and each product's category and name (for profiles and naming)."""
+def load_products(taken: Snapshot) -> tuple[ProductEmbeddings, dict[str, str], dict[str, str], int]:
+    """Product vectors, each product's category and name (for profiles and naming), and how many
+    categories were inferred: a product without one gets the topic of its text vector."""
     products = ProductEmbeddings.from_arrow(taken.table("vectors"), vector_column="vector")
     described = taken.table("products").to_pylist()
-    return (products, {row["product_id"]: row["category"] for row in described},
-            {row["product_id"]: row["name"] for row in described if row["name"]})
+    category_of = {row["product_id"]: row["category"] for row in described}
+    names = {row["product_id"]: row["name"] for row in described if row["name"]}
+    without = [i for i, pid in enumerate(products.product_ids.to_pylist())
+               if category_of.get(pid) in (None, "", UNCATEGORIZED)]
+    if without:
+        ids = products.product_ids.take(pa.array(without)).to_pylist()
+        category_of.update(infer_topics(ids, products.vectors[without], names))
+    return products, category_of, names, len(without)
 
 
 def previous_model(taken: Snapshot) -> SegmentModel | None:
@@ -247,7 +255,7 @@ def customer_segments(build: StateBuild) -> Built:
     config = build.config
     # No lock is held while pooling and clustering: the inputs are a snapshot, the outputs are staged.
     with take_snapshot(build) as taken:
-        products, category_of, product_names = load_products(taken)
+        products, category_of, product_names, inferred = load_products(taken)
         segment_fit, sampled, stability = fit(taken, products, build.as_of, config, previous_model(taken))
         profiler, report = assign(taken, products, build.as_of, config, segment_fit.model)
         model, dropped = drop_empty_segments(segment_fit.model, profiler.sizes)
@@ -272,7 +280,9 @@ def customer_segments(build: StateBuild) -> Built:
                                                 "kept_segment_share": stability})
     named_by = "chat" if names else ("profile (chat answer rejected, dead-lettered)" if letter
                                      else "profile (no chat model configured)")
-    return segments_metadata(build, segment_fit, report, profiles, sizes, dropped, sampled, named_by)
+    built = segments_metadata(build, segment_fit, report, profiles, sizes, dropped, sampled, named_by)
+    built.metadata["products_with_inferred_category"] = inferred  # topics of their text vectors
+    return built
 
 
 def segments_metadata(build, segment_fit, report, profiles, sizes, dropped, sampled, named_by) -> Built:

@@ -1,6 +1,6 @@
 """Offline quality of the recommender vs popularity baselines (a benchmark, not a test).
 
-    python -m bench.recsys_quality                       # Online Retail split, README table
+    python -m bench.recsys_quality                       # Online Retail split (the selected model), README table
     python -m bench.recsys_quality --tune                # + the validation grid behind the defaults
     python -m bench.recsys_quality --synthetic 200000 --max-items 1024,2048,4096,8192
 
@@ -24,6 +24,7 @@ import duckdb
 from recsys.evaluation import OURS, evaluate_split, tune_on_validation
 from assets.evaluate.online_retail import catalog_before, load_online_retail, purchases_source
 from recsys.recommender import RecommenderConfig
+from recsys.selection import select_model
 from recsys.synthetic import SyntheticRetail
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,10 @@ def online_retail(directory: Path, tune: bool) -> dict:
         print("validation grid, best first:")
         for row in grid[:10]:
             print(" ", row)
-    report = evaluate_split(source, CUTOFF, TEST_END, catalog=catalog_before(con, CUTOFF))
+    selection = select_model(source, CUTOFF)  # what the pipeline deploys at the cut-off
+    print(f"model selection before {CUTOFF:%Y-%m-%d}: {selection.chosen}\n{selection.to_markdown()}")
+    report = evaluate_split(source, CUTOFF, TEST_END, catalog=catalog_before(con, CUTOFF), config=selection.config)
+    result["selection"] = selection.to_dict()
     print(f"\nOnline Retail, train < {CUTOFF:%Y-%m-%d}, test until {TEST_END:%Y-%m-%d} (exclusive), "
           f"{report.evaluated_customers} evaluated customers, {report.candidate_products} candidate products")
     print(report.to_markdown())

@@ -1,10 +1,11 @@
 """Top-K product recommendations for every customer, with a confidence and a predicted value.
 
-The ranking is EASE (a closed-form item-item model) blended with recent popularity
-(recsys/recommender.py): on the Online Retail time split it beats global popularity where text
-embeddings alone lose to it (see the README's evaluation table). Customers are scored in chunks
-streamed from DuckDB, so the customer base never sits in memory; a chunk that fails goes to the
-dead-letter queue with its customers and the rest goes on.
+Each build picks its model on a validation window before as-of (recsys/selection.py: EASE
+blends, item-kNN and the popularity baselines; the best hit rate is deployed, with the table as
+metadata), then fits it on everything before the next day (recsys/recommender.py). Customers are
+scored in chunks read from a Parquet snapshot of the purchases, so the customer base never sits
+in memory and no warehouse lock is held meanwhile; a chunk that fails goes to the dead-letter
+queue with its customers and the rest goes on.
 """
 
 import datetime as dt

@@ -260,3 +260,19 @@ def test_without_product_categories_segments_are_named_after_topics_of_the_produ
     assert len(names) == len(set(names)) >= 2
     assert not any(name.startswith("Segment ") for name in names), names
     assert not any("uncategorized" in str(c) for c in categories)
+
+
+def test_predicted_value_carries_its_currency_and_sources_in_two_currencies_fail(resources, monkeypatch):
+    monkeypatch.setenv("PIPELINE_CURRENCY", "EUR")
+    assert run([product_embeddings], resources).success
+    meta = metadata_of(run([recommendations], resources), "recommendations")
+    with resources["warehouse"].connect(read_only=True) as con:
+        currencies = fetch_all(con, "SELECT DISTINCT currency FROM ml.recommendations")
+    assert meta["currency"] == "EUR" and currencies == [("EUR",)]
+    monkeypatch.setenv("TRANSACTIONS_CURRENCY", "USD")  # one source says otherwise: amounts cannot be summed
+    result = run([recommendations], resources, raise_on_error=False)
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.error.message
+    assert not result.success and "different currencies" in message and "transactions: USD" in message
+    with resources["warehouse"].connect(read_only=True) as con:
+        assert fetch_all(con, "SELECT DISTINCT currency FROM ml.recommendations") == [("EUR",)]  # left as it was

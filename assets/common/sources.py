@@ -9,6 +9,7 @@ from `SOURCES`. Adding a source is one `Source` entry here, plus its suite in `e
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 
@@ -36,6 +37,14 @@ class RawTable:
         return f"raw.{self.name}"
 
 
+DEFAULT_CURRENCY = "GBP"  # Online Retail's pounds sterling, and the generator's unit
+CURRENCY_CODE = re.compile(r"^[A-Z]{3}$")
+
+
+class CurrencyError(ValueError):
+    """Sources disagree on their currency, or a configured code is not ISO 4217-shaped."""
+
+
 @dataclass(frozen=True)
 class Source:
     """One landing source: a file a day, read by `reader`, landing in `tables` (the first holds its
@@ -53,6 +62,9 @@ class Source:
     # JSON sources: accept a string holding a number ("12.5") where a number is expected. Off by
     # default: a string amount is quarantined as `amount_not_a_number`, never silently cast.
     numeric_strings: bool = False
+    # The source's money amounts (prices, purchase amounts) are in this currency (ISO 4217), unless
+    # `<NAME>_CURRENCY` or `PIPELINE_CURRENCY` says otherwise; None: the source carries no money.
+    currency: str | None = DEFAULT_CURRENCY
 
     @property
     def asset(self) -> str:
@@ -153,3 +165,27 @@ def configured_sources(sources: tuple[Source, ...] = SOURCES) -> tuple[Source, .
     for nor late on customers it never receives."""
     wanted = [name.strip() for name in os.getenv("PIPELINE_SOURCES", "").split(",") if name.strip()]
     return tuple(source for source in sources if not wanted or source.name in wanted)
+
+
+def currency_of(source: Source) -> str | None:
+    """The source's currency: `<NAME>_CURRENCY`, else `PIPELINE_CURRENCY`, else its declaration."""
+    if source.currency is None:
+        return None
+    code = (os.getenv(f"{source.name.upper()}_CURRENCY") or os.getenv("PIPELINE_CURRENCY") or source.currency)
+    code = code.strip().upper()
+    if not CURRENCY_CODE.match(code):
+        raise CurrencyError(f"{source.name}: currency {code!r} is not a 3-letter ISO 4217 code "
+                            f"(set {source.name.upper()}_CURRENCY or PIPELINE_CURRENCY, e.g. GBP)")
+    return code
+
+
+def purchases_currency(sources: tuple[Source, ...] | None = None) -> str:
+    """The one currency of the purchase amounts the AI stages learn spend from. Amounts in two
+    currencies would be summed as if they were one: refuse, and say which source says what."""
+    found = {source.name: currency_of(source) for source in (sources or configured_sources())}
+    codes = {code for code in found.values() if code}
+    if len(codes) > 1:
+        listed = ", ".join(f"{name}: {code}" for name, code in sorted(found.items()) if code)
+        raise CurrencyError(f"the sources' amounts are in different currencies ({listed}); convert them to one "
+                            "before landing, or correct <SOURCE>_CURRENCY / PIPELINE_CURRENCY")
+    return codes.pop() if codes else DEFAULT_CURRENCY

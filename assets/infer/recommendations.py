@@ -19,6 +19,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset, knob
+from assets.common.sources import CurrencyError, purchases_currency
 from assets.infer.purchases import PURCHASES_SQL
 from recsys.purchases import iter_customer_chunks
 from recsys.selection import Selection, select_model
@@ -90,16 +91,18 @@ def building(table: str) -> str:
 class StagedOutputs:
     """Scored chunks go to Parquet files while no lock is held; `publish` loads them in one go."""
 
-    def __init__(self, taken: Snapshot, as_of: dt.date):
-        self.taken, self.as_of = taken, as_of
-        schema = RECOMMENDATION_SCHEMA.append(pa.field("as_of", pa.date32()))
+    def __init__(self, taken: Snapshot, as_of: dt.date, currency: str):
+        self.taken, self.as_of, self.currency = taken, as_of, currency
+        # predicted_value is money: its currency is stored with it
+        schema = RECOMMENDATION_SCHEMA.append(pa.field("as_of", pa.date32())).append(pa.field("currency", pa.string()))
         self.recommendations = taken.writer("staged_recommendations", schema)
         self.skips = taken.writer("staged_skips", SKIPPED_SCHEMA)
 
     def add(self, result) -> None:
         batch = result.recommendations
         as_of = pa.array([self.as_of] * batch.num_rows, type=pa.date32())
-        self.recommendations.write_batch(pa.RecordBatch.from_arrays([*batch.columns, as_of],
+        currency = pa.array([self.currency] * batch.num_rows, type=pa.string())
+        self.recommendations.write_batch(pa.RecordBatch.from_arrays([*batch.columns, as_of, currency],
                                                                     schema=self.recommendations.schema))
         self.skips.write_batch(result.skipped)
 
@@ -201,10 +204,12 @@ def served_verdicts(measured: Mapping[str, Any], config: RecommendationsConfig) 
     verdicts=served_verdicts,
     dead_letter_stage=STAGE,
     personal_data=True,  # customer ids
+    fingerprint_extra=lambda context: {"currency": configured_currency()},  # a new currency rebuilds
 )
 def recommendations(build: StateBuild) -> Built:
     """Top-K in-stock products per customer that they have not bought, with confidence and predicted value."""
     config, as_of = build.config, build.as_of
+    currency = configured_currency()
     dead_letters_: list[DeadLetter] = []
     # No lock is held while fitting and scoring: the inputs are a snapshot, the outputs are staged.
     with snapshot(build.warehouse, {"purchases": PURCHASES_SQL, "catalog": CATALOG_SQL}) as taken:
@@ -224,7 +229,7 @@ def recommendations(build: StateBuild) -> Built:
         counts = {"customers": 0, "collaborative": 0, "popularity": 0, "without_valid_purchases": 0, "skipped": 0,
                   "recommendations": 0, "invalid_rows": 0}
         progress = Progress(build.log, model.report.customers, config.progress_every_seconds)
-        staged = StagedOutputs(taken, as_of)
+        staged = StagedOutputs(taken, as_of, currency)
         chunks = iter_customer_chunks(source, config.score_chunk_customers)
         for chunk, result, error in ordered_parallel_map(score_safely(model, candidates), chunks, config.workers):
             if error is not None:
@@ -251,10 +256,19 @@ def recommendations(build: StateBuild) -> Built:
             dead_letters.write(con, STAGE, build.partition_key, model.config.model, dead_letters_)
             plain_distribution = {k: (v.value if isinstance(v, dg.JsonMetadataValue) else v) for k, v in distribution.items()}
             build.record(con, stored, {"distribution": plain_distribution, "counts": counts, "skip_reasons": skip_reasons,
-                                       "items": model.report.customers, "deployed_model": model.config.model})
+                                       "items": model.report.customers, "deployed_model": model.config.model,
+                                       "currency": currency})
             con.execute("COMMIT")
     return Built({**recommendations_metadata(build, model, candidates, counts, distribution, stored, dead_letters_,
-                                             skip_reasons), **selection_metadata(selection)})
+                                             skip_reasons), **selection_metadata(selection), "currency": currency})
+
+
+def configured_currency() -> str:
+    """The currency of predicted_value; sources in two currencies fail the step, naming them."""
+    try:
+        return purchases_currency()
+    except CurrencyError as error:
+        raise dg.Failure(description=str(error), allow_retries=False) from None
 
 
 def selection_metadata(selection: Selection | None) -> dict:

@@ -85,7 +85,7 @@ def evaluate_split(
     seconds["fit_recommender"] = round(time.perf_counter() - clock, 3)
 
     clock = time.perf_counter()
-    items = _candidate_items(purchases, cutoff_us, catalog, chunk_customers)
+    items = candidate_items(purchases, cutoff_us, catalog, chunk_customers)
     if segments is not None:
         segmenter = MappingSegmenter(segments)
     else:
@@ -102,7 +102,7 @@ def evaluate_split(
     for chunk in iter_customer_chunks(purchases, chunk_customers):
         chunk = chunk.before(end_us)
         scored = model.score_chunk(chunk, candidates)
-        history, truth_customer, truth_item, evaluated = _truth(chunk, items, cutoff_us, end_us)
+        history, truth_customer, truth_item, evaluated = relevant_items(chunk, items, cutoff_us, end_us)
         check.add(scored.recommendations, chunk, history, cutoff_us, end_us)
         if not evaluated.any():
             continue
@@ -110,7 +110,7 @@ def evaluate_split(
         keep_truth = evaluated[truth_customer]
         truth_customer, truth_item = renumber[truth_customer[keep_truth]], truth_item[keep_truth]
         n = int(evaluated.sum())
-        ours = _ours_as_positions(scored.recommendations, chunk, items, evaluated, renumber)
+        ours = recommendations_as_positions(scored.recommendations, chunk, items, evaluated, renumber)
         metrics[OURS].add(n, *ours, truth_customer, truth_item)
         evaluated_history = history.select_customers(evaluated)
         for baseline in baselines:
@@ -133,7 +133,7 @@ def evaluate_split(
     )
 
 
-def _candidate_items(purchases, cutoff_us, catalog, chunk_customers) -> ItemIndex:
+def candidate_items(purchases, cutoff_us, catalog, chunk_customers) -> ItemIndex:
     """Products bought before the cut-off (and in stock, when a catalog is given), sorted."""
     seen: set[str] = set()
     for chunk in iter_customer_chunks(purchases, chunk_customers):
@@ -148,7 +148,7 @@ def _all_in_stock(items: ItemIndex) -> pa.Table:
     return pa.table({"product_id": items.product_ids, "in_stock": pa.array([True] * len(items))})
 
 
-def _truth(chunk: CustomerChunk, items: ItemIndex, cutoff_us: int, end_us: int):
+def relevant_items(chunk: CustomerChunk, items: ItemIndex, cutoff_us: int, end_us: int):
     """Relevant (customer, item) pairs: bought in the test window, candidate, new to the customer."""
     history = chunk.before(cutoff_us)
     test = chunk.between(cutoff_us, end_us)
@@ -163,7 +163,7 @@ def _truth(chunk: CustomerChunk, items: ItemIndex, cutoff_us: int, end_us: int):
     return history, truth_customer, truth_item, evaluated & has_truth
 
 
-def _ours_as_positions(recommendations: pa.RecordBatch, chunk, items, evaluated, renumber):
+def recommendations_as_positions(recommendations: pa.RecordBatch, chunk, items, evaluated, renumber):
     customer = pc.index_in(recommendations["customer_id"], value_set=chunk.customer_ids).to_numpy(zero_copy_only=False)
     keep = evaluated[customer]
     item = items.positions(recommendations["product_id"])

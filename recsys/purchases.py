@@ -139,7 +139,7 @@ def iter_customer_chunks(source: PurchaseSource, max_customers: int) -> Iterator
     for batch in open_batches(source):
         if batch.num_rows == 0:
             continue
-        pending.append(_conform(batch))
+        pending.append(conform_batch(batch))
         table = pa.Table.from_batches(pending).combine_chunks()
         run_starts = _run_starts(table["customer_id"])
         complete_runs = len(run_starts) - 1  # the last customer may continue in the next batch
@@ -156,7 +156,7 @@ def iter_customer_chunks(source: PurchaseSource, max_customers: int) -> Iterator
             yield _chunk_of_runs(table, run_starts, first, min(first + max_customers, len(run_starts)))
 
 
-def _conform(batch: pa.RecordBatch) -> pa.RecordBatch:
+def conform_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
     """Select and type the four columns; timestamps become int64 microseconds (UTC)."""
     missing = [name for name in PURCHASE_COLUMNS if name not in batch.schema.names]
     if missing:

@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys.evaluation import _candidate_items, _ours_as_positions, _truth
+from recsys.evaluation import candidate_items, recommendations_as_positions, relevant_items
 from recsys.metrics import RankingMetrics
-from recsys.purchases import PurchaseSource, _conform, iter_customer_chunks, open_batches, to_micros
+from recsys.purchases import PurchaseSource, conform_batch, iter_customer_chunks, open_batches, to_micros
 from recsys.recommender import (
     EASE,
     GLOBAL_POPULARITY,
@@ -134,18 +134,18 @@ def _judge(sample: pa.Table, cutoff: datetime, end: datetime, config: Recommende
     """Hit rate of one candidate fitted before `cutoff`, on the new products bought in [cutoff, end)."""
     cutoff_us, end_us = to_micros(cutoff), to_micros(end)
     model = Recommender.fit(sample, config=config, as_of=cutoff)
-    items = _candidate_items(sample, cutoff_us, None, config.score_chunk_customers)
+    items = candidate_items(sample, cutoff_us, None, config.score_chunk_customers)
     candidates = model.candidates(pa.table({"product_id": items.product_ids,
                                             "in_stock": pa.array([True] * len(items))}))
     metrics = RankingMetrics(config.top_k, len(items))
     for chunk in iter_customer_chunks(sample, config.score_chunk_customers):
         scored = model.score_chunk(chunk, candidates)
-        _, truth_customer, truth_item, evaluated = _truth(chunk, items, cutoff_us, end_us)
+        _, truth_customer, truth_item, evaluated = relevant_items(chunk, items, cutoff_us, end_us)
         if not evaluated.any():
             continue
         renumber = np.cumsum(evaluated) - 1
         keep = evaluated[truth_customer]
-        ours = _ours_as_positions(scored.recommendations, chunk, items, evaluated, renumber)
+        ours = recommendations_as_positions(scored.recommendations, chunk, items, evaluated, renumber)
         metrics.add(int(evaluated.sum()), *ours, renumber[truth_customer[keep]], truth_item[keep])
     return metrics
 
@@ -164,7 +164,7 @@ def customer_sample(purchases: PurchaseSource, before_us: int, max_customers: in
         if share < 1.0:
             kept = [c for c in ids.to_pylist() if c is not None and zlib.crc32(c.encode()) < threshold]
             batch = batch.filter(pc.is_in(batch["customer_id"], pa.array(kept, pa.string())))
-        micros = _conform(batch).column("purchased_at")  # int64 microseconds, UTC
+        micros = conform_batch(batch).column("purchased_at")  # int64 microseconds, UTC
         parts.append(batch.filter(pc.fill_null(pc.less(micros, before_us), True)))  # null: a customer without rows
     table = pa.Table.from_batches(parts) if parts else pa.table({c: [] for c in columns})
     return table, pc.count_distinct(table["customer_id"]).as_py() if table.num_rows else 0

@@ -159,6 +159,7 @@ def quality_verdicts(measured: Mapping[str, Any], config: EvaluationConfig) -> l
     group="evaluate",
     config_class=EvaluationConfig,
     pool=None,  # reads in one short connection; the evaluation itself holds none
+    code_version="model-selection-1",  # judges the selected model now
     kinds={"python"},
     checks=[dg.AssetCheckSpec(CHECK, asset=STAGE, description="The deployed model's hit-rate is not below the best "
                               "baseline's (global or segment popularity) beyond noise.")],

@@ -205,6 +205,7 @@ def served_verdicts(measured: Mapping[str, Any], config: RecommendationsConfig) 
     dead_letter_stage=STAGE,
     personal_data=True,  # customer ids
     fingerprint_extra=lambda context: {"currency": configured_currency()},  # a new currency rebuilds
+    code_version="model-selection-1",  # selection and grouped calibration change what the same inputs give
 )
 def recommendations(build: StateBuild) -> Built:
     """Top-K in-stock products per customer that they have not bought, with confidence and predicted value."""

@@ -67,11 +67,11 @@ def evaluate_warehouse(warehouse, as_of: dt.date, config: EvaluationConfig) -> E
         "purchases": (f"SELECT customer_id, product_id, amount, purchased_at FROM analytics.stg_purchases"
                       f" WHERE {SAMPLED}", params),
         "segments": (f"SELECT customer_id, segment_id FROM ml.customer_segments WHERE {SAMPLED}", params),
+        "catalog": "SELECT product_id, in_stock, price FROM analytics.dim_products",
     }
-    with snapshot(warehouse, {"catalog": "SELECT product_id, in_stock, price FROM analytics.dim_products"},
-                  optional=optional) as taken:
-        if not taken.has("purchases"):
-            return None
+    with snapshot(warehouse, {}, optional=optional) as taken:
+        if not (taken.has("purchases") and taken.has("catalog")):
+            return None  # not built yet: nothing to evaluate
         source = lambda: taken.batches("purchases", 50_000)  # noqa: E731 (re-readable)
         segments = (dict(zip(*taken.table("segments").to_pydict().values(), strict=True))
                     if taken.has("segments") else None)

@@ -59,11 +59,14 @@ class EvaluationReport:
         return next(row for row in self.table if row["method"] == method)
 
     def to_markdown(self) -> str:
-        columns = list(self.table[0])
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        for row in self.table:
-            lines.append("| " + " | ".join(str(row[c]) for c in columns) + " |")
-        return "\n".join(lines)
+        return markdown_table(self.table, list(self.table[0]))
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """Rows as a Markdown table (materialization metadata, README figures)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def evaluate_split(

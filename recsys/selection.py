@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys.evaluation import candidate_items, recommendations_as_positions, relevant_items
+from recsys.evaluation import candidate_items, markdown_table, recommendations_as_positions, relevant_items
 from recsys.metrics import RankingMetrics
 from recsys.purchases import PurchaseSource, conform_batch, iter_customer_chunks, open_batches, to_micros
 from recsys.recommender import (
@@ -73,11 +73,7 @@ class Selection:
         return data
 
     def to_markdown(self) -> str:
-        columns = ["candidate", "hit_rate", "ndcg", "vs_best_baseline", "deployed"]
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        for row in self.table:
-            lines.append("| " + " | ".join(str(row[c]) for c in columns) + " |")
-        return "\n".join(lines)
+        return markdown_table(self.table, ["candidate", "hit_rate", "ndcg", "vs_best_baseline", "deployed"])
 
 
 def select_model(

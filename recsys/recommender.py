@@ -1,4 +1,7 @@
-"""The recommender: fit EASE on a purchases stream, then score customers chunk by chunk.
+"""The recommender: fit a model on a purchases stream, then score customers chunk by chunk.
+
+The model (`RecommenderConfig.model`): EASE (the default), item-kNN, global popularity or
+popularity within RFM segments; recsys/selection.py picks one on a validation window.
 
     model = Recommender.fit(purchases, config=RecommenderConfig(), as_of=None)
     for part in model.recommend(purchases, catalog):   # RecommendationChunk, in stream order
@@ -17,7 +20,9 @@ Fitting reads the purchases three times (never all at once):
 
 Confidence = P(the customer buys this product within the next `calibration_days` days), estimated
 by isotonic regression of the score on the validation outcomes, separately for the
-collaborative and the popularity strategy. The validation population is every sampled customer
+collaborative and the popularity strategy and, within each, for 3 x 3 groups of the customer's
+recency and frequency (recsys/calibration.py): rank separates a customer's recommendations, how
+recently and often they buy separates customers. The validation population is every sampled customer
 with history before the cut-off (churned ones included), so confidences are honest and low:
 a hit rate among customers who did come back (the evaluation's population) is higher.
 
@@ -47,8 +52,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys.calibration import GroupedCalibrator
 from recsys.baselines import RfmSegmenter, customer_rfm
+from recsys.calibration import GroupedCalibrator
 from recsys.ease import (
     EaseScorer,
     GramAccumulator,

@@ -9,8 +9,9 @@ generation never counts in the figures. This process then reads it back the way 
 does (DuckDB -> Arrow record batches, grouped by customer) and times each stage:
 
     item_scan     pass 1: vocabulary and buyers per product, choice of the top-M items
-    gram_pass     pass 2: Gram matrices (full and validation), popularity, spend
+    validation_gram_pass  pass 2: the validation window's Gram matrix, popularity, spend
     calibration   validation model solve + pass 3 on a sample of customers
+    gram_pass     pass 4: the full history's Gram matrix, popularity, spend
     solve         final EASE solve
     score         pass 4: top-K for every customer, chunk by chunk (results counted, dropped)
 

@@ -226,5 +226,6 @@ def test_benchmark_smoke_run(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["customers_scored"] == 3000
     assert figures["recommendations"] + figures["customers_skipped"] > 0
-    assert [stage["stage"] for stage in figures["stages"]] == ["item_scan", "gram_pass", "calibration", "solve", "score"]
+    assert [stage["stage"] for stage in figures["stages"]] == ["item_scan", "validation_gram_pass", "calibration", "gram_pass", "solve",
+                                                                 "score"]
     assert figures["fit_report"]["model_items"] == 256

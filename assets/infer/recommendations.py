@@ -8,7 +8,9 @@ in memory and no warehouse lock is held meanwhile; a chunk that fails goes to th
 queue with its customers and the rest goes on.
 """
 
+import ctypes
 import datetime as dt
+import gc
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -242,6 +244,11 @@ def recommendations(build: StateBuild) -> Built:
                     counts[key] += value
             progress.advance(chunk.n_customers)
         staged.close()
+        # The item-item weights and scoring buffers go before DuckDB loads the outputs (up to its
+        # memory_limit): at 2M customers the step's peak was their sum.
+        report, deployed = model.report, model.config.model
+        del model, chunks
+        release_memory()
         with build.warehouse.connect() as con:
             staged.publish(con)
             con.execute("BEGIN TRANSACTION")
@@ -254,14 +261,24 @@ def recommendations(build: StateBuild) -> Built:
             dead_letters.resolve(con, STAGE, f"SELECT DISTINCT customer_id FROM {RECOMMENDATIONS_TABLE}"
                                              f" UNION SELECT customer_id FROM {SKIPPED_TABLE}")
             dead_letters.supersede(con, STAGE, "SELECT DISTINCT customer_id FROM analytics.stg_purchases")
-            dead_letters.write(con, STAGE, build.partition_key, model.config.model, dead_letters_)
+            dead_letters.write(con, STAGE, build.partition_key, deployed, dead_letters_)
             plain_distribution = {k: (v.value if isinstance(v, dg.JsonMetadataValue) else v) for k, v in distribution.items()}
             build.record(con, stored, {"distribution": plain_distribution, "counts": counts, "skip_reasons": skip_reasons,
-                                       "items": model.report.customers, "deployed_model": model.config.model,
+                                       "items": report.customers, "deployed_model": deployed,
                                        "currency": currency})
             con.execute("COMMIT")
-    return Built({**recommendations_metadata(build, model, candidates, counts, distribution, stored, dead_letters_,
+    return Built({**recommendations_metadata(build, report, candidates, counts, distribution, stored, dead_letters_,
                                              skip_reasons), **selection_metadata(selection), "currency": currency})
+
+
+def release_memory() -> None:
+    """Give freed memory back to the system: Python's cycles, Arrow's pool, glibc's arenas."""
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def configured_currency() -> str:
@@ -286,7 +303,7 @@ def selection_metadata(selection: Selection | None) -> dict:
     }
 
 
-def recommendations_metadata(build, model, candidates, counts, distribution, stored, letters, skip_reasons) -> dict:
+def recommendations_metadata(build, report, candidates, counts, distribution, stored, letters, skip_reasons) -> dict:
     dlq_customers = len(letters)
     build.log.info(f"{stored:,} recommendations for {counts['customers']:,} customers "
                      f"({counts['popularity']:,} by popularity, {counts['skipped']:,} skipped, {dlq_customers:,} in the DLQ)")
@@ -300,10 +317,10 @@ def recommendations_metadata(build, model, candidates, counts, distribution, sto
         "skip_reasons": dg.MetadataValue.json(skip_reasons),
         "dlq_count": dlq_customers,
         **distribution,
-        "model_items": model.report.model_items,
+        "model_items": report.model_items,
         "in_stock_candidates": candidates.in_stock_model_items,
         "catalog_products_not_in_model": candidates.catalog_products_not_in_model,
-        "fit": dg.MetadataValue.json(model.report.to_dict()),
+        "fit": dg.MetadataValue.json(report.to_dict()),
     }
 
 

@@ -2,6 +2,7 @@
 
     python -m bench.recsys_quality                       # Online Retail split (the selected model), README table
     python -m bench.recsys_quality --tune                # + the validation grid behind the defaults
+    python -m bench.recsys_quality --text-neighbours     # + cold start through product text (local model)
     python -m bench.recsys_quality --synthetic 200000 --max-items 1024,2048,4096,8192
 
 Online Retail: train < 2011-06-01, test 2011-06-01 .. 2011-08-31 (data read from
@@ -20,9 +21,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from recsys.evaluation import OURS, evaluate_split, tune_on_validation
-from assets.evaluate.online_retail import catalog_before, load_online_retail, purchases_source
+from assets.evaluate.online_retail import catalog_before, load_online_retail, product_texts_before, purchases_source
 from recsys.recommender import RecommenderConfig
 from recsys.selection import select_model
 from recsys.synthetic import SyntheticRetail
@@ -30,6 +32,8 @@ from recsys.synthetic import SyntheticRetail
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ONLINE_RETAIL = ROOT.parent / "shared" / "data" / "online-retail" / "by-day"
 CUTOFF, TEST_END = datetime(2011, 6, 1), datetime(2011, 9, 1)
+VALIDATION_CUTOFF = datetime(2011, 4, 2)  # the 60 days before CUTOFF judge the cold-start threshold
+COLD_START_THRESHOLDS = [None, 0.95, 0.9, 0.85, 0.8, 0.7]
 TUNING_GRID = {
     "l2_regularization": [1, 2, 4, 8, 16, 32],
     "gram_half_life_days": [30, 45, 90],
@@ -42,13 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--online-retail", default=str(DEFAULT_ONLINE_RETAIL))
     parser.add_argument("--tune", action="store_true", help="also run the validation grid (minutes)")
+    parser.add_argument("--text-neighbours", action="store_true",
+                        help="embed product descriptions with the local model; pick the cold-start similarity "
+                             "on the validation window, report the test window with it")
     parser.add_argument("--synthetic", type=int, default=0, help="customers of a synthetic run (0: skip)")
     parser.add_argument("--max-items", default="", help="comma-separated M values for the synthetic run")
     parser.add_argument("--json-out")
     args = parser.parse_args(argv)
     results = {}
     if Path(args.online_retail).is_dir():
-        results["online_retail"] = online_retail(Path(args.online_retail), args.tune)
+        results["online_retail"] = online_retail(Path(args.online_retail), args.tune, args.text_neighbours)
     else:
         print(f"Online Retail not found at {args.online_retail}: skipped")
     if args.synthetic:
@@ -60,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def online_retail(directory: Path, tune: bool) -> dict:
+def online_retail(directory: Path, tune: bool, text_neighbours: bool = False) -> dict:
     con = duckdb.connect()
     rows = load_online_retail(con, directory)
     source = purchases_source(con)
@@ -75,7 +82,12 @@ def online_retail(directory: Path, tune: bool) -> dict:
             print(" ", row)
     selection = select_model(source, CUTOFF)  # what the pipeline deploys at the cut-off
     print(f"model selection before {CUTOFF:%Y-%m-%d}: {selection.chosen}\n{selection.to_markdown()}")
-    report = evaluate_split(source, CUTOFF, TEST_END, catalog=catalog_before(con, CUTOFF), config=selection.config)
+    vectors = None
+    if text_neighbours:
+        result["text_neighbours_validation"] = cold_start_on_validation(con, source, selection.config)
+        vectors = text_vectors(con, CUTOFF)
+    report = evaluate_split(source, CUTOFF, TEST_END, catalog=catalog_before(con, CUTOFF), config=selection.config,
+                            product_vectors=vectors)
     result["selection"] = selection.to_dict()
     print(f"\nOnline Retail, train < {CUTOFF:%Y-%m-%d}, test until {TEST_END:%Y-%m-%d} (exclusive), "
           f"{report.evaluated_customers} evaluated customers, {report.candidate_products} candidate products")
@@ -84,6 +96,37 @@ def online_retail(directory: Path, tune: bool) -> dict:
     print("calibration check:", report.calibration_check)
     result.update(table=report.table, calibration_check=report.calibration_check, fit_report=report.fit_report)
     return result
+
+
+def text_vectors(con: duckdb.DuckDBPyConnection, cutoff: datetime) -> pa.Table:
+    """Local-model vectors of each product's latest description before the cut-off."""
+    from resources.model_clients.local import LocalSentenceTransformerClient
+
+    texts = product_texts_before(con, cutoff)
+    clock = time.perf_counter()
+    response = LocalSentenceTransformerClient(torch_threads=2, encode_batch_size=64).embed(texts["text"].to_pylist())
+    print(f"embedded {texts.num_rows:,} product texts before {cutoff:%Y-%m-%d} in {time.perf_counter() - clock:.1f}s")
+    valid = pa.array(response.valid)
+    return pa.table({"product_id": texts["product_id"].filter(valid),
+                     "vector": pa.array(list(response.vectors[response.valid].astype("float32")))})
+
+
+def cold_start_on_validation(con, source, config: RecommenderConfig) -> list[dict]:
+    """The similarity threshold on the validation window before the test cut-off (no peeking):
+    hit rate, and how many cold products are recommended and bought, per threshold."""
+    vectors = text_vectors(con, VALIDATION_CUTOFF)
+    rows = []
+    for threshold in COLD_START_THRESHOLDS:
+        report = evaluate_split(source, VALIDATION_CUTOFF, CUTOFF, catalog=catalog_before(con, VALIDATION_CUTOFF),
+                                config=replace(config, text_neighbour_min_similarity=threshold),
+                                product_vectors=vectors)
+        cold = report.calibration_check["text_neighbour"]
+        rows.append({"min_similarity": threshold, "hit_rate@10": report.row(OURS)["hit_rate@10"],
+                     "cold_products_in_reach": report.fit_report["cold_start"].get("products", 0),
+                     "cold_products_recommended": cold["products"], "cold_recommendations": cold["recommendations"],
+                     "cold_share_bought": cold["share_bought_in_test_window"]})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def synthetic(customers: int, max_items: list[int]) -> list[dict]:

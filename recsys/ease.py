@@ -31,6 +31,7 @@ import scipy.sparse as sp
 from scipy.linalg import lapack
 
 from recsys.purchases import MICROS_PER_DAY, CustomerChunk, ItemIndex, distinct_pairs
+from recsys.text_neighbours import TextNeighbours
 
 # Model columns are padded to a multiple of this so the top-K pre-filter can view a score row
 # as GROUP_WIDTH x (columns / GROUP_WIDTH); padding columns are never candidates.
@@ -262,7 +263,10 @@ class EaseScorer:
             weight = np.maximum(decay(age_days, self.history_half_life_days), 1e-30).astype(np.float32)
         return sp.csr_matrix((weight, (customer, column)), shape=(chunk.n_customers, self.width))
 
-    def rank(self, chunk: CustomerChunk, blocked: np.ndarray, k: int, popularity_only: bool = False) -> Ranking:
+    def rank(self, chunk: CustomerChunk, blocked: np.ndarray, k: int, popularity_only: bool = False,
+             text_neighbours: TextNeighbours | None = None) -> Ranking:
+        """Top-k per customer over the model columns and, given `text_neighbours`, the cold
+        products scored through them (their columns follow the model's: width + position)."""
         history = self.history_matrix(chunk)
         has_signal = np.diff(history.indptr) > 0
         if popularity_only or self.weights is None:
@@ -270,10 +274,20 @@ class EaseScorer:
         if chunk.n_customers == 0 or blocked.all():
             return _empty_ranking(has_signal)
         scores = self._scores(chunk, history, has_signal)
+        cold = None
+        if text_neighbours is not None and len(text_neighbours) and has_signal.any():
+            cold = text_neighbours.scores(scores, has_signal)
+            before = chunk.before(self.as_of_us)
+            text_neighbours.block_bought(cold, before.row_customer, before.product_ids)
         scores[:, blocked] = -np.inf
         bought_rows = np.repeat(np.arange(history.shape[0]), np.diff(history.indptr))
         scores[bought_rows, history.indices] = -np.inf  # never recommend what was already bought
         row, column, score, rank = top_k_stable(scores, k)
+        if cold is not None:
+            cold_row, cold_column, cold_score, _ = top_k_stable(cold, k)
+            row, column, score, rank = _top_k_of_entries(
+                np.concatenate([row, cold_row]), np.concatenate([column, cold_column + self.width]),
+                np.concatenate([score, cold_score]), k)
         return Ranking(row=row, column=column, score=score, rank=rank, has_signal=has_signal)
 
     def _popularity_rows(self, chunk: CustomerChunk, n: int) -> np.ndarray:
@@ -320,7 +334,12 @@ def top_k_stable(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np
         row, column = np.nonzero(np.isfinite(scores))  # small matrices: look at everything
     score = scores[row, column]
     finite = np.isfinite(score)
-    row, column, score = row[finite], column[finite], score[finite]
+    return _top_k_of_entries(row[finite], column[finite], score[finite], k)
+
+
+def _top_k_of_entries(row: np.ndarray, column: np.ndarray, score: np.ndarray, k: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The k best (score descending, column ascending) entries of each row, by row then rank."""
     order = np.lexsort((column, -score, row))
     row, column, score = row[order], column[order], score[order]
     first_of_row = np.searchsorted(row, row, side="left")

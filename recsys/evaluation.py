@@ -36,7 +36,7 @@ from recsys.baselines import (
 )
 from recsys.metrics import RankingMetrics
 from recsys.purchases import CustomerChunk, ItemIndex, PurchaseSource, distinct_pairs, iter_customer_chunks, to_micros
-from recsys.recommender import COLLABORATIVE, Recommender, RecommenderConfig
+from recsys.recommender import COLLABORATIVE, TEXT_NEIGHBOUR, Recommender, RecommenderConfig
 
 OURS = "ours (deployed model)"
 
@@ -78,8 +78,11 @@ def evaluate_split(
     segments: Mapping[str, Hashable] | None = None,
     k: int = 10,
     chunk_customers: int = 2_048,
+    product_vectors: pa.Table | None = None,
 ) -> EvaluationReport:
-    """Fit everything on the purchases before `cutoff`; measure on [cutoff, test_end)."""
+    """Fit everything on the purchases before `cutoff`; measure on [cutoff, test_end).
+    `product_vectors` (product_id, vector): products outside the model may be recommended
+    through their text (recsys/text_neighbours.py), as the pipeline does."""
     config = replace(config or RecommenderConfig(), top_k=k)
     cutoff_us, end_us = to_micros(cutoff), to_micros(test_end)
     seconds = {}
@@ -99,7 +102,7 @@ def evaluate_split(
 
     clock = time.perf_counter()
     catalog_for_model = catalog if catalog is not None else _all_in_stock(items)
-    candidates = model.candidates(catalog_for_model)
+    candidates = model.candidates(catalog_for_model, product_vectors)
     metrics = {name: RankingMetrics(k, len(items)) for name in [OURS] + [b.name for b in baselines]}
     check = _CalibrationCheck()
     for chunk in iter_customer_chunks(purchases, chunk_customers):
@@ -200,6 +203,8 @@ class _CalibrationCheck:
         self.confidence: list[np.ndarray] = []
         self.bought: list[np.ndarray] = []
         self.collaborative: list[np.ndarray] = []
+        self.text_neighbour: list[np.ndarray] = []
+        self.text_neighbour_products: set[str] = set()
         self.predicted_value = 0.0
         self.realized_value = 0.0
 
@@ -219,6 +224,9 @@ class _CalibrationCheck:
         self.confidence.append(recommendations["confidence"].to_numpy(zero_copy_only=False).astype(np.float32))
         self.bought.append(bought)
         self.collaborative.append(collaborative)
+        cold = pc.equal(recommendations["strategy"], TEXT_NEIGHBOUR).to_numpy(zero_copy_only=False)
+        self.text_neighbour.append(cold)
+        self.text_neighbour_products.update(recommendations["product_id"].filter(pa.array(cold)).to_pylist())
         predicted = recommendations["predicted_value"].to_numpy(zero_copy_only=False)
         self.predicted_value += float(predicted[collaborative].sum())
         self.realized_value += float(spent[where][bought & collaborative].sum()) if len(unique_keys) else 0.0
@@ -227,6 +235,7 @@ class _CalibrationCheck:
         confidence = np.concatenate(self.confidence) if self.confidence else np.zeros(0, dtype=np.float32)
         bought = np.concatenate(self.bought) if self.bought else np.zeros(0, dtype=bool)
         collaborative = np.concatenate(self.collaborative) if self.collaborative else np.zeros(0, dtype=bool)
+        cold = np.concatenate(self.text_neighbour) if self.text_neighbour else np.zeros(0, dtype=bool)
         n = max(int(collaborative.sum()), 1)
         curve = reliability_curve(confidence, bought, self.BINS)
         return {
@@ -243,6 +252,12 @@ class _CalibrationCheck:
             "bottom_decile_bought": curve[0]["share_bought"] if curve else None,
             "ece": round(sum(b["n"] * abs(b["mean_confidence"] - b["share_bought"]) for b in curve)
                          / max(len(confidence), 1), 5),
+            "text_neighbour": {
+                "recommendations": int(cold.sum()),
+                "products": len(self.text_neighbour_products),
+                "share_bought_in_test_window": round(float(bought[cold].mean()), 5) if cold.any() else None,
+                "mean_confidence": round(float(confidence[cold].mean()), 5) if cold.any() else None,
+            },
         }
 
 

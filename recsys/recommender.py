@@ -32,11 +32,15 @@ customer's spend index (their spend on their products / what typical buyers of t
 spend, clipped to `spend_index_bounds`) x a correction factor (realized / expected spend of the
 validation hits, so the scale matches what customers really spent within the horizon).
 
+The calibration summary also holds a held-out check of predicted_value: calibrated on one half
+of the validation customers, predicted for the other half, and swapped (`held_out_value_check`).
+
 Rules (applied here and by the evaluation's baselines alike): only products in the catalog with
 in_stock true are recommended; a product the customer bought before as_of never is. Products
 outside the model (fewer than `min_item_buyers` buyers, no co-purchases, or beyond the top
-`max_items`) cannot be recommended by this model; `Candidates.catalog_products_not_in_model`
-counts them (text embeddings could cover them later).
+`max_items`) have no collaborative score; given product vectors, those whose nearest model item
+by text is at least `text_neighbour_min_similarity` alike are scored through it (strategy
+"text_neighbour", recsys/text_neighbours.py), and `Candidates` counts both.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ import pyarrow.compute as pc
 
 from recsys.baselines import RfmSegmenter, customer_rfm
 from recsys.calibration import GroupedCalibrator
+from recsys.text_neighbours import STRATEGY as TEXT_NEIGHBOUR_STRATEGY
+from recsys.text_neighbours import TextNeighbours
 from recsys.ease import (
     EaseScorer,
     GramAccumulator,
@@ -75,6 +81,7 @@ from recsys.purchases import (
 
 COLLABORATIVE = "collaborative"
 POPULARITY = "popularity"
+TEXT_NEIGHBOUR = TEXT_NEIGHBOUR_STRATEGY  # a cold product, scored through its nearest model item by text
 
 # The models `RecommenderConfig.model` can be (recsys/selection.py picks one on a validation window).
 EASE = "ease"  # EASE item-item weights blended with recent popularity
@@ -121,6 +128,9 @@ class RecommenderConfig:
     # Scoring: a bought item's weight halves with the age of its last purchase (None: all count
     # the same); what a customer bought lately says more about what they buy next.
     history_half_life_days: float | None = None
+    # Cold start (recsys/text_neighbours.py): an in-stock product outside the model is scored
+    # through its nearest model item by text when at least this alike (None: never).
+    text_neighbour_min_similarity: float | None = 0.9
     calibration_days: int = 90  # the horizon confidence refers to; 0 disables calibration
     calibration_customers: int = 20_000  # systematic sample size for calibration
     spend_index_bounds: tuple[float, float] = (0.25, 4.0)
@@ -154,6 +164,7 @@ class FitReport:
     purchase_pairs_covered_by_model: float = 0.0
     l2_lambda: float = 0.0
     validation_cutoff: str | None = None
+    cold_start: dict = field(default_factory=dict)  # the text-neighbour candidates (see candidates())
     calibration: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
 
@@ -170,6 +181,12 @@ class Candidates:
     catalog_products: int
     catalog_products_in_stock: int
     catalog_products_not_in_model: int  # in stock, but the model cannot rank them (no CF signal)
+    text_neighbours: TextNeighbours | None = None  # those of them scored through their text
+    column_product_ids: pa.Array | None = None  # product_id per ranking column (model, then cold)
+
+    @property
+    def cold_start_products(self) -> int:
+        return len(self.text_neighbours) if self.text_neighbours is not None else 0
 
 
 @dataclass(frozen=True)
@@ -181,6 +198,7 @@ class RecommendationChunk:
     popularity: int  # customers with no usable history, given popularity
     without_valid_purchases: int  # subset of popularity: no valid row at all
     invalid_rows: int
+    text_neighbour_recommendations: int = 0  # cold products recommended through their text
 
     def counts(self) -> dict:
         return {
@@ -191,6 +209,7 @@ class RecommendationChunk:
             "skipped": self.skipped.num_rows,
             "recommendations": self.recommendations.num_rows,
             "invalid_rows": self.invalid_rows,
+            "text_neighbour_recommendations": self.text_neighbour_recommendations,
         }
 
 
@@ -283,8 +302,11 @@ class Recommender:
 
     # ---- scoring -------------------------------------------------------------------------
 
-    def candidates(self, catalog: pa.Table) -> Candidates:
-        """Model columns that are in the catalog and in stock; everything else is blocked."""
+    def candidates(self, catalog: pa.Table, product_vectors: pa.Table | None = None) -> Candidates:
+        """Model columns that are in the catalog and in stock; everything else is blocked.
+
+        With `product_vectors` (product_id, vector), in-stock products outside the model whose
+        nearest model item by text is alike enough are candidates too (cold start)."""
         for name in ("product_id", "in_stock"):
             if name not in catalog.schema.names:
                 raise ValueError(f"catalog lacks column {name!r}")
@@ -297,13 +319,30 @@ class Recommender:
             not_in_model = int(np.count_nonzero(model_position < 0))
         else:
             not_in_model = len(stock_ids)
+        neighbours = self._text_neighbours(stock_ids, product_vectors)
         return Candidates(
             blocked=blocked,
             in_stock_model_items=int(np.count_nonzero(~blocked)),
             catalog_products=pc.count_distinct(catalog["product_id"]).as_py(),
             catalog_products_in_stock=len(stock_ids),
             catalog_products_not_in_model=not_in_model,
+            text_neighbours=neighbours,
+            column_product_ids=pa.concat_arrays([
+                self.scorer.items.product_ids, pa.nulls(self.scorer.width - len(self.scorer.items), pa.string()),
+                *([neighbours.products.product_ids] if neighbours is not None else [])]),
         )
+
+    def _text_neighbours(self, stock_ids: pa.Array, product_vectors: pa.Table | None) -> TextNeighbours | None:
+        """None when cold start is off, there are no vectors, or the model is a popularity model."""
+        threshold = self.config.text_neighbour_min_similarity
+        if threshold is None or product_vectors is None or self.scorer.weights is None or not len(self.scorer.items):
+            return None
+        outside = stock_ids.filter(pa.array(self.scorer.items.positions(stock_ids) < 0))
+        clock = time.perf_counter()
+        neighbours = TextNeighbours.build(self.scorer.items, product_vectors, outside, threshold)
+        self.report.seconds["text_neighbours"] = round(time.perf_counter() - clock, 3)
+        self.report.cold_start = {**neighbours.to_dict(), "in_stock_outside_model": len(outside)}
+        return neighbours
 
     def recommend(
         self,
@@ -311,6 +350,7 @@ class Recommender:
         catalog: pa.Table,
         chunk_customers: int | None = None,
         workers: int | None = None,
+        product_vectors: pa.Table | None = None,
     ) -> Iterator[RecommendationChunk]:
         """Top-K for every customer of the stream, one RecommendationChunk per customer chunk.
 
@@ -318,29 +358,38 @@ class Recommender:
         handling (dead-letter a failed chunk, continue), drive `iter_customer_chunks` and
         `score_chunk` yourself.
         """
-        candidates = self.candidates(catalog)
+        candidates = self.candidates(catalog, product_vectors)
         chunks = iter_customer_chunks(purchases, chunk_customers or self.config.score_chunk_customers)
         yield from ordered_parallel_map(
             lambda chunk: self.score_chunk(chunk, candidates), chunks, workers or self.config.workers
         )
 
     def score_chunk(self, chunk: CustomerChunk, candidates: Candidates) -> RecommendationChunk:
-        ranking = self.scorer.rank(chunk, candidates.blocked, self.config.top_k)
+        neighbours = candidates.text_neighbours
+        ranking = self.scorer.rank(chunk, candidates.blocked, self.config.top_k, text_neighbours=neighbours)
         history = chunk.before(self.scorer.as_of_us)
-        strategy = np.where(ranking.has_signal, COLLABORATIVE, POPULARITY)
+        strategy = np.where(ranking.has_signal, COLLABORATIVE, POPULARITY).astype(object)[ranking.row]
+        # a cold product: the collaborative calibration of its discounted score, its neighbour's spend
+        cold = ranking.column >= self.scorer.width
+        model_column = ranking.column.copy()
+        if cold.any():
+            model_column[cold] = neighbours.neighbour[ranking.column[cold] - self.scorer.width]
+            strategy[cold] = TEXT_NEIGHBOUR
         activity = customer_rfm(history, self.scorer.as_of_us, keep_empty=True)[ranking.row]
         confidence = self._confidence(ranking.score, ranking.has_signal[ranking.row], activity)
-        expected_spend = self.model_spend_per_buyer[ranking.column] * self.spend.customer_index(history)[ranking.row]
+        expected_spend = self.model_spend_per_buyer[model_column] * self.spend.customer_index(history)[ranking.row]
         predicted_value = confidence * self.spend.correction * expected_spend
+        product_ids = candidates.column_product_ids if candidates.column_product_ids is not None \
+            else self.scorer.items.product_ids
         recommendations = pa.RecordBatch.from_arrays(
             [
                 chunk.customer_ids.take(pa.array(ranking.row)),
                 pa.array(ranking.rank.astype(np.int16)),
-                self.scorer.items.product_ids.take(pa.array(ranking.column)),
+                product_ids.take(pa.array(ranking.column)),
                 pa.array(ranking.score.astype(np.float64)),
                 pa.array(confidence),
                 pa.array(predicted_value),
-                pa.array(strategy[ranking.row], type=pa.string()),
+                pa.array(strategy, type=pa.string()),
             ],
             schema=RECOMMENDATION_SCHEMA,
         )
@@ -353,6 +402,7 @@ class Recommender:
             popularity=int(np.count_nonzero(~ranking.has_signal)),
             without_valid_purchases=int(np.count_nonzero(~valid_customers)),
             invalid_rows=chunk.invalid_rows,
+            text_neighbour_recommendations=int(np.count_nonzero(cold)),
         )
 
     def _confidence(self, score: np.ndarray, collaborative: np.ndarray, activity: np.ndarray) -> np.ndarray:
@@ -539,6 +589,7 @@ def _calibrate(purchases, validation: GramAccumulator, model_items, scan, as_of_
         "horizon_days": config.calibration_days,
         "sampled_customers": outcomes.customers,
         "value_correction": round(correction, 4),
+        "held_out_value_check": outcomes.held_out_value_check(),
         **{name: (c.to_dict() if c else None) for name, c in calibrators.items()},
         **outcomes.hit_rates(),
     }
@@ -553,13 +604,16 @@ class _CalibrationOutcomes:
         self.scores = {COLLABORATIVE: [], POPULARITY: []}
         self.hits = {COLLABORATIVE: [], POPULARITY: []}
         self.activity = {COLLABORATIVE: [], POPULARITY: []}  # (recency days, orders) at the cut-off
-        self.realized_spend = 0.0
-        self.expected_spend = 0.0
+        # per collaborative recommendation: expected spend if bought, realized spend, customer fold
+        self.expected = []
+        self.realized = []
+        self.fold = []
         self.customers = 0
 
     def add(self, chunk: CustomerChunk, scorer: EaseScorer, spend: SpendModel, model_spend, blocked, k) -> None:
         history = chunk.before(scorer.as_of_us)
         existing = history.customers_with_rows()  # customers known at the cut-off
+        fold = (self.customers + np.cumsum(existing)) % 2  # alternate customers: two held-out halves
         self.customers += int(existing.sum())
         activity = customer_rfm(history, scorer.as_of_us, keep_empty=True)[:, :2]
         future = chunk.rows_where(chunk.purchased_at >= scorer.as_of_us)
@@ -572,10 +626,10 @@ class _CalibrationOutcomes:
             self.scores[name].append(score)
             self.hits[name].append(hit)
             self.activity[name].append(activity[row])
-            if name == COLLABORATIVE and hit.any():
-                index = spend.customer_index(history)
-                self.realized_spend += float(realized[hit].sum())
-                self.expected_spend += float((model_spend[column] * index[row])[hit].sum())
+            if name == COLLABORATIVE:
+                self.expected.append(model_spend[column] * spend.customer_index(history)[row])
+                self.realized.append(realized)
+                self.fold.append(fold[row])
 
     def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(score, hit, recency days, orders) per validation recommendation."""
@@ -584,8 +638,39 @@ class _CalibrationOutcomes:
         activity = np.concatenate(self.activity[name]) if self.activity[name] else np.zeros((0, 2))
         return scores, hits, activity[:, 0], activity[:, 1]
 
-    def value_correction(self) -> float:
-        return self.realized_spend / self.expected_spend if self.expected_spend > 0 else 1.0
+    def value_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(expected spend if bought, realized spend, customer fold) per collaborative recommendation."""
+        if not self.expected:
+            return np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64)
+        return np.concatenate(self.expected), np.concatenate(self.realized), np.concatenate(self.fold)
+
+    def value_correction(self, rows: np.ndarray | slice = slice(None)) -> float:
+        """Realized / expected spend of the hits: the scale of what customers really spent."""
+        _, hits, _, _ = self.arrays(COLLABORATIVE)
+        expected, realized, _ = self.value_arrays()
+        expected_of_hits = float(expected[rows][hits[rows]].sum())
+        return float(realized[rows][hits[rows]].sum()) / expected_of_hits if expected_of_hits > 0 else 1.0
+
+    def held_out_value_check(self) -> dict:
+        """predicted_value against realized spend on validation customers the calibration did
+        not see: fit confidence and the value correction on one half, predict the other, swap."""
+        scores, hits, recency, orders = self.arrays(COLLABORATIVE)
+        expected, realized, fold = self.value_arrays()
+        predicted_total = realized_total = 0.0
+        for held_out in (0, 1):
+            train, test = fold != held_out, fold == held_out
+            calibrator = GroupedCalibrator.fit(scores[train], hits[train], recency[train], orders[train])
+            if calibrator is None or not test.any():
+                return {"status": "too few validation customers for a held-out check"}
+            confidence = calibrator(scores[test], recency[test], orders[test])
+            predicted_total += float((confidence * self.value_correction(train) * expected[test]).sum())
+            realized_total += float(realized[test].sum())
+        return {
+            "status": "measured on held-out halves of the validation customers",
+            "predicted_value_total": round(predicted_total, 2),
+            "realized_value_total": round(realized_total, 2),
+            "predicted_over_realized_value": round(predicted_total / realized_total, 3) if realized_total else None,
+        }
 
     def hit_rates(self) -> dict:
         """Share of validation recommendations that were bought, per strategy."""

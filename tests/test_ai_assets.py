@@ -276,3 +276,32 @@ def test_predicted_value_carries_its_currency_and_sources_in_two_currencies_fail
     assert not result.success and "different currencies" in message and "transactions: USD" in message
     with resources["warehouse"].connect(read_only=True) as con:
         assert fetch_all(con, "SELECT DISTINCT currency FROM ml.recommendations") == [("EUR",)]  # left as it was
+
+
+def test_a_product_outside_the_model_is_recommended_through_its_text_twin(resources):
+    """The least bought product is outside a 20-item model, so it has no collaborative signal;
+    given the text of the most popular product (so the same vector), it reaches customers
+    through that product, and is counted."""
+    with resources["warehouse"].transaction() as con:
+        [(cold, )] = fetch_all(con, """
+            SELECT product_id FROM analytics.stg_purchases JOIN analytics.dim_products USING (product_id)
+            WHERE in_stock GROUP BY product_id ORDER BY count(DISTINCT customer_id), product_id LIMIT 1""")
+        [(popular, )] = fetch_all(con, """
+            SELECT product_id FROM analytics.stg_purchases GROUP BY product_id
+            ORDER BY count(DISTINCT customer_id) DESC, product_id LIMIT 1""")
+        con.execute("""UPDATE analytics.dim_products AS d SET name = p.name, description = p.description,
+                              category = p.category
+                       FROM analytics.dim_products AS p WHERE p.product_id = ? AND d.product_id = ?""", [popular, cold])
+    assert run([product_embeddings], resources).success
+    ease_only = {"ops": {"recommendations": {"config": {"select_model": False, "max_items": 20}}}}
+    meta = metadata_of(run([recommendations], resources, ease_only), "recommendations")
+    assert meta["cold_start_products_in_reach"] >= 1
+    with resources["warehouse"].connect(read_only=True) as con:
+        through_text = fetch_all(con, "SELECT DISTINCT product_id FROM ml.recommendations WHERE strategy = 'text_neighbour'")
+        buyer_got_it = fetch_scalar(con, """SELECT count(*) FROM ml.recommendations r JOIN analytics.stg_purchases p
+                                            USING (customer_id, product_id)""")
+        stored = fetch_scalar(con, "SELECT count(*) FROM ml.recommendations WHERE strategy = 'text_neighbour'")
+    assert (cold,) in through_text
+    assert buyer_got_it == 0, "never a product the customer bought"
+    assert meta["cold_start_recommendations"] == stored > 0
+    assert meta["cold_start_products_recommended"] == len(through_text)

@@ -73,6 +73,9 @@ def test_evaluation_on_synthetic_data_applies_the_rules_and_uses_given_segments(
     # than the bottom tenth, and the reliability curve stays close to the diagonal
     assert check["top_decile_bought"] > 2 * check["bottom_decile_bought"]
     assert len(check["reliability"]) == 10 and check["ece"] < 0.03
+    # predicted_value matches realized spend on validation customers the calibration did not see
+    value_check = report.fit_report["calibration"]["held_out_value_check"]
+    assert value_check["predicted_over_realized_value"] == pytest.approx(1.0, abs=0.2), value_check
 
 
 def write_csv(directory, rows: list[str]) -> None:

@@ -229,3 +229,50 @@ def test_benchmark_smoke_run(tmp_path):
     assert [stage["stage"] for stage in figures["stages"]] == ["item_scan", "validation_gram_pass", "calibration", "gram_pass", "solve",
                                                                  "score"]
     assert figures["fit_report"]["model_items"] == 256
+
+
+def twin_vectors(model: Recommender, purchases: pa.Table, seed: int = 0) -> tuple[pa.Table, set, set]:
+    """Random vectors for every product; half the products outside the model get a near copy of
+    a model item's vector (a "twin", cosine ~0.99), the other half stay unlike anything."""
+    rng = np.random.default_rng(seed)
+    model_ids = model.scorer.items.product_ids.to_pylist()
+    outside = sorted(set(pc.unique(purchases["product_id"]).to_pylist()) - set(model_ids))
+    vectors = {pid: rng.normal(size=64) for pid in model_ids + outside}
+    twins = set(outside[::2])
+    for index, pid in enumerate(sorted(twins)):
+        vectors[pid] = vectors[model_ids[index % len(model_ids)]] + rng.normal(scale=0.05, size=64)
+    table = pa.table({"product_id": list(vectors), "vector": [v.astype(np.float32).tolist() for v in vectors.values()]})
+    return table, twins, set(outside) - twins
+
+
+def test_products_outside_the_model_are_recommended_through_a_text_twin(purchases):
+    model = Recommender.fit(purchases, config=replace(CONFIG, max_items=150), as_of=AS_OF)
+    vectors, twins, unlike = twin_vectors(model, purchases)
+    catalog = DATA.catalog()
+    candidates = model.candidates(catalog, vectors)
+    in_stock = set(pc.filter(catalog["product_id"], catalog["in_stock"]).to_pylist())
+    assert candidates.cold_start_products == len(twins & in_stock) > 0
+    assert model.report.cold_start["in_stock_outside_model"] == candidates.catalog_products_not_in_model
+
+    table, parts = recommend_all(model, purchases, catalog, product_vectors=vectors)
+    cold = table.filter(pc.equal(table["strategy"], "text_neighbour"))
+    recommended = set(cold["product_id"].to_pylist())
+    assert recommended and recommended <= twins & in_stock, "only in-stock twins, never an unlike product"
+    assert sum(p.text_neighbour_recommendations for p in parts) == cold.num_rows
+    # never a product the customer bought, and only for customers the model ranks (not popularity)
+    bought = set(zip(*pc.filter(purchases.select(["customer_id", "product_id"]),
+                                pc.less(purchases["purchased_at"], pa.scalar(AS_OF))).to_pydict().values()))
+    assert not bought & set(zip(cold["customer_id"].to_pylist(), cold["product_id"].to_pylist()))
+    popularity_customers = set(table.filter(pc.equal(table["strategy"], POPULARITY))["customer_id"].to_pylist())
+    assert not popularity_customers & set(cold["customer_id"].to_pylist())
+    # ranks stay 1..k per customer, and confidence and value are filled in
+    assert max(table["rank"].to_pylist()) <= CONFIG.top_k
+    assert pc.min(cold["confidence"]).as_py() >= 0 and pc.min(cold["predicted_value"]).as_py() >= 0
+
+    # off: exactly what the model gives without vectors
+    off = Recommender(replace(model.config, text_neighbour_min_similarity=None), model.scorer, model.spend,
+                      model.model_spend_per_buyer, model.calibrators, model.report)
+    without, _ = recommend_all(off, purchases, catalog, product_vectors=vectors)
+    plain, _ = recommend_all(model, purchases, catalog)
+    assert without.equals(plain)
+    assert "text_neighbour" not in plain["strategy"].to_pylist()

@@ -50,3 +50,13 @@ def catalog_before(con: duckdb.DuckDBPyConnection, cutoff: dt.datetime) -> pa.Ta
             FROM {PURCHASES} WHERE purchased_at < $cutoff GROUP BY product_id ORDER BY product_id""",
         params={"cutoff": cutoff},
     ).to_arrow_table()
+
+
+def product_texts_before(con: duckdb.DuckDBPyConnection, cutoff: dt.datetime) -> pa.Table:
+    """product_id and its latest description among the order lines before the cut-off."""
+    return con.sql(
+        f"""SELECT product_id, arg_max(description, purchased_at) AS text
+            FROM {PURCHASES} WHERE purchased_at < $cutoff AND nullif(description, '') IS NOT NULL
+            GROUP BY product_id ORDER BY product_id""",
+        params={"cutoff": cutoff},
+    ).to_arrow_table()

@@ -68,6 +68,7 @@ def evaluate_warehouse(warehouse, as_of: dt.date, config: EvaluationConfig) -> E
                       f" WHERE {SAMPLED}", params),
         "segments": (f"SELECT customer_id, segment_id FROM ml.customer_segments WHERE {SAMPLED}", params),
         "catalog": "SELECT product_id, in_stock, price FROM analytics.dim_products",
+        "vectors": "SELECT product_id, vector FROM ml.product_embeddings",  # cold start, as deployed
     }
     with snapshot(warehouse, {}, optional=optional) as taken:
         if not (taken.has("purchases") and taken.has("catalog")):
@@ -75,7 +76,8 @@ def evaluate_warehouse(warehouse, as_of: dt.date, config: EvaluationConfig) -> E
         source = lambda: taken.batches("purchases", 50_000)  # noqa: E731 (re-readable)
         segments = (dict(zip(*taken.table("segments").to_pydict().values(), strict=True))
                     if taken.has("segments") else None)
-        return evaluate_deployed(source, cutoff, test_end, taken.table("catalog"), segments, config)
+        vectors = taken.table("vectors") if taken.has("vectors") else None
+        return evaluate_deployed(source, cutoff, test_end, taken.table("catalog"), segments, config, vectors)
 
 
 def evaluate_online_retail(folder: Path, config: EvaluationConfig) -> EvaluationReport:
@@ -87,12 +89,13 @@ def evaluate_online_retail(folder: Path, config: EvaluationConfig) -> Evaluation
         return evaluate_deployed(source, ONLINE_RETAIL_CUTOFF, ONLINE_RETAIL_TEST_END, catalog, None, config)
 
 
-def evaluate_deployed(source, cutoff, test_end, catalog, segments, config: EvaluationConfig) -> EvaluationReport:
+def evaluate_deployed(source, cutoff, test_end, catalog, segments, config: EvaluationConfig, product_vectors=None
+                      ) -> EvaluationReport:
     """What the pipeline would have deployed at the cut-off (model selection on the training data
     before it, as the recommendations stage does), judged on the test window."""
     selection = select_model(source, cutoff, RecommenderConfig(top_k=config.k)) if config.select_model else None
     report = evaluate_split(source, cutoff, test_end, catalog=catalog, segments=segments, k=config.k,
-                            config=selection.config if selection else None)
+                            config=selection.config if selection else None, product_vectors=product_vectors)
     report.selection = selection.to_dict() if selection else {"chosen": "ease", "reason": "selection off"}
     return report
 

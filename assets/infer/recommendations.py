@@ -25,7 +25,14 @@ from assets.common.sources import CurrencyError, purchases_currency
 from assets.infer.purchases import PURCHASES_SQL
 from recsys.purchases import iter_customer_chunks
 from recsys.selection import Selection, select_model
-from recsys.recommender import RECOMMENDATION_SCHEMA, SKIPPED_SCHEMA, Recommender, RecommenderConfig, ordered_parallel_map
+from recsys.recommender import (
+    RECOMMENDATION_SCHEMA,
+    SKIPPED_SCHEMA,
+    TEXT_NEIGHBOUR,
+    Recommender,
+    RecommenderConfig,
+    ordered_parallel_map,
+)
 from resources import dead_letters
 from resources.dead_letters import PROCESSING_ERROR, DeadLetter
 from resources.warehouse import Snapshot, fetch_all, fetch_scalar, snapshot
@@ -33,7 +40,7 @@ from resources.warehouse import Snapshot, fetch_all, fetch_scalar, snapshot
 STAGE = "recommendations"
 RECOMMENDATIONS_TABLE = "ml.recommendations"
 SKIPPED_TABLE = "ml.recommendation_skips"
-INPUTS = ("stg_purchases", "dim_products")
+INPUTS = ("stg_purchases", "dim_products", "product_embeddings")
 
 
 class RecommendationsConfig(DeadLetterConfig):
@@ -51,15 +58,21 @@ class RecommendationsConfig(DeadLetterConfig):
                                   "window before as-of (recsys/selection.py); false: always EASE.")
     selection_window_days: int = Field(default=60, ge=1, description="Validation window of the model selection.")
     selection_customers: int = knob(50_000, "Customers (a stable sample) the selection fits and judges on.")
+    text_neighbour_min_similarity: float | None = Field(
+        default=RecommenderConfig.text_neighbour_min_similarity, ge=0.0, le=1.0,
+        description="Cold start: an in-stock product outside the collaborative model is recommended through its "
+                    "nearest model item by text when at least this alike (cosine); null: never.")
 
     def recommender(self) -> RecommenderConfig:
         return RecommenderConfig(
             top_k=self.top_k, max_items=self.max_items, score_chunk_customers=self.score_chunk_customers,
             fit_chunk_customers=self.fit_chunk_customers, workers=self.workers,
+            text_neighbour_min_similarity=self.text_neighbour_min_similarity,
         )
 
 
 CATALOG_SQL = "SELECT product_id, in_stock, price FROM analytics.dim_products"
+PRODUCT_VECTORS_SQL = "SELECT product_id, vector FROM ml.product_embeddings ORDER BY product_id"
 
 
 def purchases_source(taken: Snapshot, batch_rows: int) -> Callable[[], Iterator[pa.RecordBatch]]:
@@ -215,7 +228,8 @@ def recommendations(build: StateBuild) -> Built:
     currency = configured_currency()
     dead_letters_: list[DeadLetter] = []
     # No lock is held while fitting and scoring: the inputs are a snapshot, the outputs are staged.
-    with snapshot(build.warehouse, {"purchases": PURCHASES_SQL, "catalog": CATALOG_SQL}) as taken:
+    with snapshot(build.warehouse, {"purchases": PURCHASES_SQL, "catalog": CATALOG_SQL},
+                  optional={"vectors": PRODUCT_VECTORS_SQL}) as taken:
         source = purchases_source(taken, config.read_batch_rows)
         catalog = taken.table("catalog")
         # Purchases on the partition day count as history: the model sees everything before the next day.
@@ -226,11 +240,12 @@ def recommendations(build: StateBuild) -> Built:
             build.log.info(f"model selection: {selection.chosen} ({selection.reason}); "
                            f"{selection.evaluated_customers:,} validation customers, {selection.seconds:.1f}s")
         model = Recommender.fit(source, selection.config if selection else config.recommender(), as_of=model_as_of)
-        candidates = model.candidates(catalog)
+        candidates = model.candidates(catalog, taken.table("vectors") if taken.has("vectors") else None)
         build.log.info(f"fitted on {model.report.customers:,} customers, {model.report.model_items:,} model items; "
-                       f"{candidates.in_stock_model_items:,} in-stock candidates")
+                       f"{candidates.in_stock_model_items:,} in-stock candidates, "
+                       f"{candidates.cold_start_products:,} more through their text")
         counts = {"customers": 0, "collaborative": 0, "popularity": 0, "without_valid_purchases": 0, "skipped": 0,
-                  "recommendations": 0, "invalid_rows": 0}
+                  "recommendations": 0, "invalid_rows": 0, "text_neighbour_recommendations": 0}
         progress = Progress(build.log, model.report.customers, config.progress_every_seconds)
         staged = StagedOutputs(taken, as_of, currency)
         chunks = iter_customer_chunks(source, config.score_chunk_customers)
@@ -257,6 +272,8 @@ def recommendations(build: StateBuild) -> Built:
             distribution = confidence_summary(con, None if config.reset_confidence_bins else reference.get("confidence_edges"))
             stored = fetch_scalar(con, f"SELECT count(*) FROM {RECOMMENDATIONS_TABLE}")
             skip_reasons = dict(fetch_all(con, f"SELECT reason, count(*) FROM {SKIPPED_TABLE} GROUP BY reason"))
+            counts["text_neighbour_products"] = fetch_scalar(
+                con, f"SELECT count(DISTINCT product_id) FROM {RECOMMENDATIONS_TABLE} WHERE strategy = ?", [TEXT_NEIGHBOUR])
             # Customers scored this time leave the queue, whatever partition dead-lettered them.
             dead_letters.resolve(con, STAGE, f"SELECT DISTINCT customer_id FROM {RECOMMENDATIONS_TABLE}"
                                              f" UNION SELECT customer_id FROM {SKIPPED_TABLE}")
@@ -320,6 +337,9 @@ def recommendations_metadata(build, report, candidates, counts, distribution, st
         "model_items": report.model_items,
         "in_stock_candidates": candidates.in_stock_model_items,
         "catalog_products_not_in_model": candidates.catalog_products_not_in_model,
+        "cold_start_products_in_reach": candidates.cold_start_products,
+        "cold_start_products_recommended": counts["text_neighbour_products"],
+        "cold_start_recommendations": counts["text_neighbour_recommendations"],
         "fit": dg.MetadataValue.json(report.to_dict()),
     }
 

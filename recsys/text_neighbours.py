@@ -1,0 +1,123 @@
+"""Cold-start items: products the collaborative model cannot score, scored through their text.
+
+A product outside the model (too few buyers, or beyond the top `max_items`) has no column in the
+item-item weights, so collaborative filtering can never recommend it. Its text vector can still
+say what it is like: each such in-stock product is tied to its nearest model item by cosine
+similarity of their product vectors, and a customer's score for it is
+
+    score(cold product) = similarity x score(nearest model item)
+
+the score the model gives its nearest neighbour, discounted by how alike the two are. Only
+neighbours at least `min_similarity` alike count ("relevant": a new colour of a product the
+customer's history points to, not a vaguely related one), and the discount keeps a cold product
+below its own neighbour, so it enters a top-K only when that neighbour scores high for the
+customer. Customers without history are ranked by popularity, where cold products have no place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recsys.purchases import ItemIndex
+
+STRATEGY = "text_neighbour"
+BLOCK_ROWS = 4_096  # cold products compared with every model item at once (x M float32 each)
+
+
+@dataclass(frozen=True)
+class TextNeighbours:
+    """Cold products, each with its nearest model item (a model column) and their similarity."""
+
+    products: ItemIndex  # the cold products, in product_id order
+    neighbour: np.ndarray  # int64 model column per cold product
+    similarity: np.ndarray  # float32 cosine per cold product, >= min_similarity
+
+    def __len__(self) -> int:
+        return len(self.products)
+
+    @classmethod
+    def build(
+        cls,
+        model_items: ItemIndex,
+        vectors: pa.Table,
+        cold_product_ids: pa.Array,
+        min_similarity: float,
+    ) -> TextNeighbours:
+        """`vectors`: product_id and vector (list of floats) per product; cold products without a
+        vector, or whose nearest model item is less alike than `min_similarity`, are left out."""
+        vectors = _well_formed(vectors)
+        ids = pc.cast(vectors["product_id"], pa.string()).combine_chunks()
+        matrix = _unit_rows(vectors["vector"])
+        vector_index = ItemIndex(ids)
+        model_row = vector_index.positions(model_items.product_ids)
+        model_columns = np.flatnonzero(model_row >= 0)  # model items with a vector
+        cold = pc.sort_indices(pa.table({"id": cold_product_ids}), [("id", "ascending")])
+        cold_ids = pc.take(cold_product_ids, cold)
+        cold_row = vector_index.positions(cold_ids)
+        has_vector = cold_row >= 0
+        cold_ids, cold_row = cold_ids.filter(pa.array(has_vector)), cold_row[has_vector]
+        if len(model_columns) == 0 or len(cold_row) == 0:
+            return cls.empty()
+        model_matrix = matrix[model_row[model_columns]]
+        neighbour = np.zeros(len(cold_row), dtype=np.int64)
+        similarity = np.zeros(len(cold_row), dtype=np.float32)
+        for start in range(0, len(cold_row), BLOCK_ROWS):
+            sims = matrix[cold_row[start:start + BLOCK_ROWS]] @ model_matrix.T
+            best = sims.argmax(axis=1)  # ties: the earlier model column (lower product_id)
+            neighbour[start:start + len(best)] = model_columns[best]
+            similarity[start:start + len(best)] = sims[np.arange(len(best)), best]
+        keep = similarity >= min_similarity
+        return cls(ItemIndex(cold_ids.filter(pa.array(keep))), neighbour[keep], similarity[keep])
+
+    @classmethod
+    def empty(cls) -> TextNeighbours:
+        return cls(ItemIndex(pa.array([], type=pa.string())), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+
+    def scores(self, model_scores: np.ndarray, collaborative: np.ndarray) -> np.ndarray:
+        """Customers x cold products: similarity x the neighbour's score; -inf for customers
+        ranked by popularity. `model_scores` before any blocking (a bought neighbour still
+        says what the customer likes)."""
+        scores = model_scores[:, self.neighbour] * self.similarity[None, :]
+        scores[~collaborative] = -np.inf
+        return scores
+
+    def block_bought(self, scores: np.ndarray, row_customer: np.ndarray, product_ids: pa.Array) -> None:
+        """A cold product the customer bought before is never recommended (in place)."""
+        column = self.products.positions(product_ids)
+        known = column >= 0
+        scores[row_customer[known], column[known]] = -np.inf
+
+    def to_dict(self) -> dict:
+        return {
+            "products": len(self),
+            "min_similarity": round(float(self.similarity.min()), 4) if len(self) else None,
+            "median_similarity": round(float(np.median(self.similarity)), 4) if len(self) else None,
+        }
+
+
+def _well_formed(vectors: pa.Table) -> pa.Table:
+    """Rows whose vector is non-null, finite and of the common length (garbage vectors drop out)."""
+    vectors = vectors.filter(pc.is_valid(vectors["vector"]))
+    if vectors.num_rows == 0:
+        return vectors
+    lengths = pc.list_value_length(vectors["vector"])
+    common = pc.mode(lengths)[0]["mode"].as_py()
+    vectors = vectors.filter(pc.equal(lengths, common))
+    flat = pc.list_flatten(vectors["vector"]).to_numpy(zero_copy_only=False).astype(np.float64)
+    finite = np.isfinite(flat.reshape(vectors.num_rows, -1)).all(axis=1) if common else np.ones(vectors.num_rows, bool)
+    return vectors.filter(pa.array(finite))
+
+
+def _unit_rows(vectors: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A float32 matrix of the list column with unit-length rows (zero rows stay zero)."""
+    flat = pa.chunked_array(vectors).combine_chunks() if isinstance(vectors, pa.ChunkedArray) else vectors
+    if len(flat) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    values = pc.list_flatten(flat).to_numpy(zero_copy_only=False).astype(np.float32)
+    matrix = values.reshape(len(flat), -1)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)

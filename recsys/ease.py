@@ -274,21 +274,49 @@ class EaseScorer:
         if chunk.n_customers == 0 or blocked.all():
             return _empty_ranking(has_signal)
         scores = self._scores(chunk, history, has_signal)
-        cold = None
-        if text_neighbours is not None and len(text_neighbours) and has_signal.any():
-            cold = text_neighbours.scores(scores, has_signal)
-            before = chunk.before(self.as_of_us)
-            text_neighbours.block_bought(cold, before.row_customer, before.product_ids)
-        scores[:, blocked] = -np.inf
         bought_rows = np.repeat(np.arange(history.shape[0]), np.diff(history.indptr))
+        with_text = text_neighbours is not None and len(text_neighbours) > 0 and bool(has_signal.any())
+        if with_text:  # the neighbours' scores that blocking hides: a bought neighbour still says what one likes
+            hidden = _hidden_neighbour_scores(scores, text_neighbours.is_neighbour(self.width), blocked,
+                                              bought_rows, history.indices)
+        scores[:, blocked] = -np.inf
         scores[bought_rows, history.indices] = -np.inf  # never recommend what was already bought
         row, column, score, rank = top_k_stable(scores, k)
-        if cold is not None:
-            cold_row, cold_column, cold_score, _ = top_k_stable(cold, k)
-            row, column, score, rank = _top_k_of_entries(
-                np.concatenate([row, cold_row]), np.concatenate([column, cold_column + self.width]),
-                np.concatenate([score, cold_score]), k)
+        if with_text:
+            row, column, score, rank = self._with_text_neighbours(
+                chunk, text_neighbours, hidden, has_signal, (row, column, score, rank), k)
         return Ranking(row=row, column=column, score=score, rank=rank, has_signal=has_signal)
+
+    def _with_text_neighbours(self, chunk, neighbours: TextNeighbours, hidden, has_signal, top, k):
+        """Merge cold products (columns width + position) into each row's top-k.
+
+        A cold product scores at most its neighbour's score, so it can only enter a row's top-k
+        through a neighbour scoring above the row's k-th best model score (the floor). An
+        unblocked neighbour above the floor is in the top-k already; a blocked one is in
+        `hidden`. So the top-k and `hidden` hold every neighbour that matters."""
+        row, column, score, rank = top
+        floor = np.full(chunk.n_customers, -np.inf, dtype=np.float32)
+        last = rank == k
+        floor[row[last]] = score[last]  # rows with fewer than k: any cold product may fill in
+        is_neighbour = neighbours.is_neighbour(self.width)
+        in_top = is_neighbour[column]
+        hidden_row, hidden_column, hidden_score = hidden.above(floor)
+        pair_row = np.concatenate([row[in_top], hidden_row])
+        pair_column = np.concatenate([column[in_top], hidden_column])
+        pair_score = np.concatenate([score[in_top], hidden_score])
+        keep = has_signal[pair_row] & (pair_score > floor[pair_row])
+        _, first = np.unique(pair_row[keep] * self.width + pair_column[keep], return_index=True)
+        cold_row, cold, cold_score = neighbours.entries(
+            pair_row[keep][first], pair_column[keep][first], pair_score[keep][first], floor)
+        before = chunk.before(self.as_of_us)
+        bought = neighbours.bought(before.row_customer, before.product_ids, chunk.n_customers)
+        fresh = ~np.isin(cold_row * len(neighbours) + cold, bought)
+        if not fresh.any():
+            return top
+        return _top_k_of_entries(np.concatenate([row, cold_row[fresh]]),
+                                 np.concatenate([column, cold[fresh] + self.width]),
+                                 np.concatenate([score, cold_score[fresh]]), k)
+
 
     def _popularity_rows(self, chunk: CustomerChunk, n: int) -> np.ndarray:
         if self.segments is not None:
@@ -306,6 +334,31 @@ class EaseScorer:
             scores += np.float32(self.popularity_blend) * self.popularity[None, :]
         scores[~has_signal] = self.popularity  # cold start: popularity alone, not 0 + blend
         return scores
+
+def _hidden_neighbour_scores(scores, is_neighbour, blocked, bought_rows, bought_columns) -> _HiddenScores:
+    """The neighbour entries that blocking is about to set to -inf: the blocked (out-of-stock)
+    neighbour columns, whole, and the bought neighbour entries."""
+    blocked_columns = np.flatnonzero(blocked & is_neighbour)
+    bought = is_neighbour[bought_columns]
+    return _HiddenScores(blocked_columns, scores[:, blocked_columns], bought_rows[bought], bought_columns[bought],
+                         scores[bought_rows[bought], bought_columns[bought]])
+
+
+@dataclass(frozen=True)
+class _HiddenScores:
+    blocked_columns: np.ndarray
+    blocked_values: np.ndarray  # rows x blocked_columns
+    bought_rows: np.ndarray
+    bought_columns: np.ndarray
+    bought_values: np.ndarray
+
+    def above(self, floor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, column, score) of the hidden entries above their row's floor."""
+        row, position = np.nonzero(self.blocked_values > floor[:, None])
+        bought = self.bought_values > floor[self.bought_rows]
+        return (np.concatenate([row, self.bought_rows[bought]]),
+                np.concatenate([self.blocked_columns[position], self.bought_columns[bought]]),
+                np.concatenate([self.blocked_values[row, position], self.bought_values[bought]]))
 
 
 def _empty_ranking(has_signal: np.ndarray) -> Ranking:

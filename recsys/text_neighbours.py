@@ -77,19 +77,43 @@ class TextNeighbours:
     def empty(cls) -> TextNeighbours:
         return cls(ItemIndex(pa.array([], type=pa.string())), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
 
-    def scores(self, model_scores: np.ndarray, collaborative: np.ndarray) -> np.ndarray:
-        """Customers x cold products: similarity x the neighbour's score; -inf for customers
-        ranked by popularity. `model_scores` before any blocking (a bought neighbour still
-        says what the customer likes)."""
-        scores = model_scores[:, self.neighbour] * self.similarity[None, :]
-        scores[~collaborative] = -np.inf
-        return scores
+    @property
+    def _by_neighbour(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(distinct neighbour columns, start of each one's cold products, cold products by neighbour)."""
+        cached = self.__dict__.get("_grouped")
+        if cached is None:
+            order = np.argsort(self.neighbour, kind="stable")
+            columns, starts = np.unique(self.neighbour[order], return_index=True)
+            cached = (columns, np.append(starts, len(order)), order)
+            object.__setattr__(self, "_grouped", cached)
+        return cached
 
-    def block_bought(self, scores: np.ndarray, row_customer: np.ndarray, product_ids: pa.Array) -> None:
-        """A cold product the customer bought before is never recommended (in place)."""
+    def is_neighbour(self, width: int) -> np.ndarray:
+        """Per model column (of `width`): is it some cold product's neighbour?"""
+        flags = np.zeros(width, dtype=bool)
+        flags[self._by_neighbour[0]] = True
+        return flags
+
+    def entries(self, row: np.ndarray, column: np.ndarray, score: np.ndarray, floor: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, cold product, score) of the cold products whose score beats the row's `floor`,
+        given (row, neighbour column, the model's score) entries: every cold product of that
+        neighbour scores similarity x that score. Entries must be unique (row, column) pairs."""
+        columns, starts, by_neighbour = self._by_neighbour
+        group = np.searchsorted(columns, column)
+        counts = starts[group + 1] - starts[group]
+        row = np.repeat(row, counts)
+        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        cold = by_neighbour[np.repeat(starts[group], counts) + offsets]
+        score = (np.repeat(score, counts) * self.similarity[cold]).astype(np.float32)
+        keep = score > floor[row]
+        return row[keep], cold[keep], score[keep]
+
+    def bought(self, row_customer: np.ndarray, product_ids: pa.Array, n_rows: int) -> np.ndarray:
+        """Sorted keys row x len(self) + cold product of cold products the customers bought."""
         column = self.products.positions(product_ids)
         known = column >= 0
-        scores[row_customer[known], column[known]] = -np.inf
+        return np.unique(row_customer[known] * len(self) + column[known])
 
     def to_dict(self) -> dict:
         return {

@@ -276,3 +276,30 @@ def test_products_outside_the_model_are_recommended_through_a_text_twin(purchase
     plain, _ = recommend_all(model, purchases, catalog)
     assert without.equals(plain)
     assert "text_neighbour" not in plain["strategy"].to_pylist()
+
+
+def test_text_neighbour_ranking_equals_a_brute_force_over_every_cold_product(purchases):
+    """The floor pre-filter (expand only neighbours above the k-th model score) loses nothing."""
+    model = Recommender.fit(purchases, config=replace(CONFIG, max_items=150), as_of=AS_OF)
+    vectors, _, _ = twin_vectors(model, purchases, seed=1)
+    candidates = model.candidates(DATA.catalog(), vectors)
+    neighbours, scorer, k = candidates.text_neighbours, model.scorer, CONFIG.top_k
+    cold_entries = 0
+    for chunk in iter_customer_chunks(purchases, 97):
+        fast = scorer.rank(chunk, candidates.blocked, k, text_neighbours=neighbours)
+        history = scorer.history_matrix(chunk)
+        scores = scorer._scores(chunk, history, fast.has_signal)
+        cold = scores[:, neighbours.neighbour] * neighbours.similarity[None, :]
+        cold[~fast.has_signal] = -np.inf
+        before = chunk.before(scorer.as_of_us)
+        position = neighbours.products.positions(before.product_ids)
+        cold[before.row_customer[position >= 0], position[position >= 0]] = -np.inf
+        scores[:, candidates.blocked] = -np.inf
+        rows = np.repeat(np.arange(history.shape[0]), np.diff(history.indptr))
+        scores[rows, history.indices] = -np.inf
+        both = np.hstack([scores, cold.astype(np.float32)])
+        row, column, score, rank = top_k_stable(both, k)
+        assert np.array_equal(fast.row, row) and np.array_equal(fast.column, column)
+        assert np.allclose(fast.score, score) and np.array_equal(fast.rank, rank)
+        cold_entries += int(np.count_nonzero(fast.column >= scorer.width))
+    assert cold_entries > 0

@@ -3,7 +3,9 @@
 Protocol (`evaluate_split`):
 - train = valid purchases before `cutoff`; test = purchases in [cutoff, test_end);
 - candidate products = products bought by someone before the cut-off that are in stock in the
-  catalog (no catalog: all of them, as for Online Retail, which has no stock levels);
+  catalog (no catalog: all of them, as for Online Retail, which has no stock levels), plus, with
+  product vectors, the in-stock products nobody bought yet that the recommender can reach
+  through their text (recsys/text_neighbours.py);
 - a customer is evaluated when they have train history and bought in the test window at least
   one candidate product they had not bought before the cut-off; those products are the
   relevant set (re-buys are excluded because the rules forbid recommending bought items);
@@ -92,6 +94,10 @@ def evaluate_split(
 
     clock = time.perf_counter()
     items = candidate_items(purchases, cutoff_us, catalog, chunk_customers)
+    candidates = model.candidates(catalog if catalog is not None else _all_in_stock(items), product_vectors)
+    if candidates.cold_start_products:  # in-stock products nobody bought yet can be recommended through text
+        cold_ids = candidates.text_neighbours.products.product_ids.to_pylist()
+        items = ItemIndex(sorted(set(items.product_ids.to_pylist()) | set(cold_ids)))
     if segments is not None:
         segmenter = MappingSegmenter(segments)
     else:
@@ -101,8 +107,6 @@ def evaluate_split(
     seconds["fit_baselines"] = round(time.perf_counter() - clock, 3)
 
     clock = time.perf_counter()
-    catalog_for_model = catalog if catalog is not None else _all_in_stock(items)
-    candidates = model.candidates(catalog_for_model, product_vectors)
     metrics = {name: RankingMetrics(k, len(items)) for name in [OURS] + [b.name for b in baselines]}
     check = _CalibrationCheck()
     for chunk in iter_customer_chunks(purchases, chunk_customers):

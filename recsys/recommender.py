@@ -221,6 +221,7 @@ class SpendModel:
     spend_per_buyer: np.ndarray  # per vocabulary product
     bounds: tuple[float, float]
     correction: float = 1.0
+    buyers: np.ndarray | None = None  # distinct buyers per vocabulary product
 
     def customer_index(self, history: CustomerChunk) -> np.ndarray:
         """Per chunk customer: own spend / typical spend of buyers of the same products."""
@@ -332,6 +333,13 @@ class Recommender:
                 *([neighbours.products.product_ids] if neighbours is not None else [])]),
         )
 
+    def _buyers(self, product_ids: pa.Array) -> np.ndarray:
+        """Distinct buyers before as-of per product (0 for a product nobody bought)."""
+        if self.spend.buyers is None:
+            return np.zeros(len(product_ids))
+        position = self.spend.vocabulary.positions(product_ids)
+        return np.where(position >= 0, self.spend.buyers[np.maximum(position, 0)], 0)
+
     def _text_neighbours(self, stock_ids: pa.Array, product_vectors: pa.Table | None) -> TextNeighbours | None:
         """None when cold start is off, there are no vectors, or the model is a popularity model."""
         threshold = self.config.text_neighbour_min_similarity
@@ -340,6 +348,8 @@ class Recommender:
         outside = stock_ids.filter(pa.array(self.scorer.items.positions(stock_ids) < 0))
         clock = time.perf_counter()
         neighbours = TextNeighbours.build(self.scorer.items, product_vectors, outside, threshold)
+        neighbours = neighbours.discounted_by_sales(self._buyers(neighbours.products.product_ids),
+                                                    self._buyers(self.scorer.items.product_ids)[neighbours.neighbour])
         self.report.seconds["text_neighbours"] = round(time.perf_counter() - clock, 3)
         self.report.cold_start = {**neighbours.to_dict(), "in_stock_outside_model": len(outside)}
         return neighbours
@@ -551,7 +561,8 @@ def _scorer(accumulator: GramAccumulator, model_items: ItemIndex, config: Recomm
 
 def _spend_model(accumulator: GramAccumulator, vocabulary: ItemIndex, config, correction: float) -> SpendModel:
     buyers = np.maximum(accumulator.vocabulary_buyers, 1)
-    return SpendModel(vocabulary, accumulator.vocabulary_spend / buyers, config.spend_index_bounds, correction)
+    return SpendModel(vocabulary, accumulator.vocabulary_spend / buyers, config.spend_index_bounds, correction,
+                      accumulator.vocabulary_buyers)
 
 
 def _model_spend(spend: SpendModel, model_items: ItemIndex) -> np.ndarray:

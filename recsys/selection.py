@@ -15,6 +15,11 @@ life) and popularity within RFM segments. The winner has the highest hit rate; t
 earlier candidate in that order, so the choice is deterministic for the same data. Baselines
 are candidates, so the deployed model is never worse than the best baseline on the window.
 
+Cold start (recsys/text_neighbours.py): given product vectors, a collaborative winner is judged
+once more with products outside its model scored through their text ("<winner> + text
+neighbours"); that variant is deployed only when its hit rate is strictly higher, so products are
+reached through their text only where that has paid off on the window.
+
 Scale: above `max_customers`, a stable hash sample of customers (crc32 of the id) is fitted and
 judged, held in memory as one Arrow table (50,000 customers: about 500k rows).
 """
@@ -52,6 +57,7 @@ CANDIDATES: dict[str, dict] = {
     "segment_popularity": {"model": SEGMENT_POPULARITY, "popularity_half_life_days": None},
 }
 BASELINES = ("global_popularity", "recent_popularity", "segment_popularity")
+COLLABORATIVE_MODELS = (EASE, ITEM_KNN)
 
 
 @dataclass
@@ -69,7 +75,8 @@ class Selection:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["config"] = {"model": self.config.model, "popularity_half_life_days": self.config.popularity_half_life_days}
+        data["config"] = {"model": self.config.model, "popularity_half_life_days": self.config.popularity_half_life_days,
+                          "text_neighbour_min_similarity": self.config.text_neighbour_min_similarity}
         return data
 
     def to_markdown(self) -> str:
@@ -83,6 +90,7 @@ def select_model(
     window_days: int = 60,
     max_customers: int = 50_000,
     candidates: dict[str, dict] | None = None,
+    product_vectors: pa.Table | None = None,
 ) -> Selection:
     """Judge every candidate on [as_of - window_days, as_of); return the winner's config."""
     clock = time.perf_counter()
@@ -92,17 +100,13 @@ def select_model(
     sample, sampled = customer_sample(purchases, to_micros(as_of), max_customers)
     k = base.top_k
     table, evaluated = [], 0
-    for name, overrides in candidates.items():
-        config = replace(base, **overrides, calibration_days=0)  # calibration does not change the ranking
-        try:
-            metrics = _judge(sample, cutoff, as_of, config)
-        except Exception as error:  # a candidate that cannot be judged is out of the race, said so
-            table.append({"candidate": name, "hit_rate": None, "ndcg": None,
-                          "error": f"{type(error).__name__}: {error}"[:300]})
-            continue
-        evaluated = metrics.customers
-        summary = metrics.summary()
-        table.append({"candidate": name, "hit_rate": summary[f"hit_rate@{k}"], "ndcg": summary[f"ndcg@{k}"]})
+    # calibration does not change the ranking; text neighbours are judged apart, below
+    plain = replace(base, calibration_days=0, text_neighbour_min_similarity=None)
+    configs = {name: replace(plain, **overrides) for name, overrides in candidates.items()}
+    for name, config in configs.items():
+        row = _judge_row(name, sample, cutoff, as_of, config)
+        evaluated = row.pop("customers", evaluated)
+        table.append(row)
     window = (str(cutoff), str(as_of))
     judged = [row for row in table if row["hit_rate"] is not None]
     if not judged:
@@ -113,26 +117,50 @@ def select_model(
         best = max(judged, key=lambda row: row["hit_rate"])  # max keeps the first of equals
         chosen = best["candidate"]
         reason = f"highest hit rate@{k} on the validation window ({best['hit_rate']:.4f})"
+        if (product_vectors is not None and base.text_neighbour_min_similarity is not None
+                and configs[chosen].model in COLLABORATIVE_MODELS):
+            name = f"{chosen} + text neighbours"
+            configs[name] = replace(configs[chosen], text_neighbour_min_similarity=base.text_neighbour_min_similarity)
+            row = _judge_row(name, sample, cutoff, as_of, configs[name], product_vectors)
+            row.pop("customers", None)
+            table.append(row)
+            if row["hit_rate"] is not None and row["hit_rate"] > best["hit_rate"]:
+                chosen, reason = name, (f"highest hit rate@{k} on the validation window ({row['hit_rate']:.4f}; "
+                                        f"{best['hit_rate']:.4f} without text neighbours)")
     best_baseline = max((row["hit_rate"] for row in judged if row["candidate"] in BASELINES), default=0.0)
     for row in table:
         row["vs_best_baseline"] = (round(row["hit_rate"] / best_baseline, 3)
                                    if best_baseline and row["hit_rate"] is not None else None)
         row["deployed"] = row["candidate"] == chosen
     table.sort(key=lambda row: -(row["hit_rate"] if row["hit_rate"] is not None else -1.0))
+    deployed = replace(configs[chosen], calibration_days=base.calibration_days) if chosen in configs \
+        else replace(base, text_neighbour_min_similarity=None)
     return Selection(
-        config=replace(base, **candidates[chosen]) if chosen in candidates else base,
+        config=deployed,
         chosen=chosen, reason=reason, window=window, customers_sampled=sampled, evaluated_customers=evaluated,
         table=table, seconds=round(time.perf_counter() - clock, 3),
     )
 
 
-def _judge(sample: pa.Table, cutoff: datetime, end: datetime, config: RecommenderConfig) -> RankingMetrics:
+def _judge_row(name, sample, cutoff, end, config, product_vectors=None) -> dict:
+    """A table row: the candidate's hit rate and NDCG, or the error that kept it out of the race."""
+    try:
+        metrics = _judge(sample, cutoff, end, config, product_vectors)
+    except Exception as error:  # a candidate that cannot be judged is out of the race, said so
+        return {"candidate": name, "hit_rate": None, "ndcg": None, "error": f"{type(error).__name__}: {error}"[:300]}
+    summary = metrics.summary()
+    return {"candidate": name, "hit_rate": summary[f"hit_rate@{config.top_k}"],
+            "ndcg": summary[f"ndcg@{config.top_k}"], "customers": metrics.customers}
+
+
+def _judge(sample: pa.Table, cutoff: datetime, end: datetime, config: RecommenderConfig,
+           product_vectors: pa.Table | None = None) -> RankingMetrics:
     """Hit rate of one candidate fitted before `cutoff`, on the new products bought in [cutoff, end)."""
     cutoff_us, end_us = to_micros(cutoff), to_micros(end)
     model = Recommender.fit(sample, config=config, as_of=cutoff)
     items = candidate_items(sample, cutoff_us, None, config.score_chunk_customers)
     candidates = model.candidates(pa.table({"product_id": items.product_ids,
-                                            "in_stock": pa.array([True] * len(items))}))
+                                            "in_stock": pa.array([True] * len(items))}), product_vectors)
     metrics = RankingMetrics(config.top_k, len(items))
     for chunk in iter_customer_chunks(sample, config.score_chunk_customers):
         scored = model.score_chunk(chunk, candidates)

@@ -5,13 +5,15 @@ item-item weights, so collaborative filtering can never recommend it. Its text v
 say what it is like: each such in-stock product is tied to its nearest model item by cosine
 similarity of their product vectors, and a customer's score for it is
 
-    score(cold product) = similarity x score(nearest model item)
+    score(cold product) = similarity x min(1, (buyers + 1) / (neighbour's buyers + 1)) x score(nearest model item)
 
-the score the model gives its nearest neighbour, discounted by how alike the two are. Only
-neighbours at least `min_similarity` alike count ("relevant": a new colour of a product the
-customer's history points to, not a vaguely related one), and the discount keeps a cold product
-below its own neighbour, so it enters a top-K only when that neighbour scores high for the
-customer. Customers without history are ranked by popularity, where cold products have no place.
+the score the model gives its nearest neighbour, discounted by how alike the two are and by how
+much less the cold product sells (measured: without the second factor, tail products that look
+like best sellers crowd out what customers buy; on the generated data hit rate fell from 0.244
+to 0.228). Only neighbours at least `min_similarity` alike count ("relevant": a new colour of a
+product the customer's history points to, not a vaguely related one); the discount keeps a cold
+product below its own neighbour, so it enters a top-K only when that neighbour scores high for
+the customer. Customers without history are ranked by popularity, where cold products have no place.
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ class TextNeighbours:
     products: ItemIndex  # the cold products, in product_id order
     neighbour: np.ndarray  # int64 model column per cold product
     similarity: np.ndarray  # float32 cosine per cold product, >= min_similarity
+    weight: np.ndarray | None = None  # the factor on the neighbour's score; None: the similarity
+
+    @property
+    def factor(self) -> np.ndarray:
+        return self.similarity if self.weight is None else self.weight
+
+    def discounted_by_sales(self, buyers: np.ndarray, neighbour_buyers: np.ndarray) -> TextNeighbours:
+        """The same neighbours, each score also x min(1, (buyers + 1) / (neighbour's buyers + 1))
+        (per cold product, before as-of): a product that sells less than its neighbour scores less."""
+        ratio = np.minimum(1.0, (np.asarray(buyers, dtype=np.float64) + 1) / (np.asarray(neighbour_buyers) + 1))
+        return TextNeighbours(self.products, self.neighbour, self.similarity, (self.similarity * ratio).astype(np.float32))
 
     def __len__(self) -> int:
         return len(self.products)
@@ -98,14 +111,14 @@ class TextNeighbours:
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row, cold product, score) of the cold products whose score beats the row's `floor`,
         given (row, neighbour column, the model's score) entries: every cold product of that
-        neighbour scores similarity x that score. Entries must be unique (row, column) pairs."""
+        neighbour scores its factor x that score. Entries must be unique (row, column) pairs."""
         columns, starts, by_neighbour = self._by_neighbour
         group = np.searchsorted(columns, column)
         counts = starts[group + 1] - starts[group]
         row = np.repeat(row, counts)
         offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         cold = by_neighbour[np.repeat(starts[group], counts) + offsets]
-        score = (np.repeat(score, counts) * self.similarity[cold]).astype(np.float32)
+        score = (np.repeat(score, counts) * self.factor[cold]).astype(np.float32)
         keep = score > floor[row]
         return row[keep], cold[keep], score[keep]
 

@@ -10,7 +10,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recsys.recommender import COLLABORATIVE, GLOBAL_POPULARITY, POPULARITY, SEGMENT_POPULARITY, Recommender
+from recsys.recommender import (
+    COLLABORATIVE,
+    GLOBAL_POPULARITY,
+    POPULARITY,
+    SEGMENT_POPULARITY,
+    Recommender,
+    RecommenderConfig,
+)
 from recsys.selection import BASELINES, CANDIDATES, select_model
 from recsys.synthetic import SyntheticRetail
 
@@ -88,3 +95,25 @@ def test_a_candidate_that_fails_is_out_of_the_race_and_said_so(monkeypatch):
     assert broken["hit_rate"] is None and "MemoryError: injected" in broken["error"] and not broken["deployed"]
     judged = [row for row in selection.table if row["hit_rate"] is not None]
     assert len(judged) == len(CANDIDATES) - 1 and selection.chosen == max(judged, key=lambda r: r["hit_rate"])["candidate"]
+
+
+def test_text_neighbours_are_judged_apart_and_deployed_only_when_they_win():
+    """With product vectors, the collaborative winner is judged again with products outside its
+    model reached through their text; that variant is deployed only on a strictly higher hit rate."""
+    base = replace(RecommenderConfig(), max_items=120)  # 300 products: most of the tail is outside the model
+    rng = np.random.default_rng(3)
+    products = STRUCTURED.product_ids().to_pylist()
+    vectors = {p: rng.normal(size=32) for p in products}
+    for index, product in enumerate(products[150:]):  # tail products look like a head product
+        vectors[product] = vectors[products[index % 150]] + rng.normal(scale=0.05, size=32)
+    table = pa.table({"product_id": list(vectors), "vector": [v.astype(np.float32).tolist() for v in vectors.values()]})
+
+    selection = select_model(STRUCTURED, as_of(STRUCTURED), base, product_vectors=table)
+    plain = [row for row in selection.table if row["candidate"] in CANDIDATES]
+    winner = max(plain, key=lambda row: (row["hit_rate"], -list(CANDIDATES).index(row["candidate"])))
+    variant = next(row for row in selection.table if row["candidate"] == f"{winner['candidate']} + text neighbours")
+    assert variant["hit_rate"] is not None
+    won = variant["hit_rate"] > winner["hit_rate"]
+    assert selection.chosen == (variant["candidate"] if won else winner["candidate"]), selection.to_markdown()
+    assert (selection.config.text_neighbour_min_similarity is not None) == won
+    assert select_model(STRUCTURED, as_of(STRUCTURED), base, product_vectors=table).table == selection.table

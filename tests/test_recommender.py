@@ -289,7 +289,7 @@ def test_text_neighbour_ranking_equals_a_brute_force_over_every_cold_product(pur
         fast = scorer.rank(chunk, candidates.blocked, k, text_neighbours=neighbours)
         history = scorer.history_matrix(chunk)
         scores = scorer._scores(chunk, history, fast.has_signal)
-        cold = scores[:, neighbours.neighbour] * neighbours.similarity[None, :]
+        cold = scores[:, neighbours.neighbour] * neighbours.factor[None, :]
         cold[~fast.has_signal] = -np.inf
         before = chunk.before(scorer.as_of_us)
         position = neighbours.products.positions(before.product_ids)

@@ -27,7 +27,7 @@ from resources.warehouse import snapshot
 RESULTS_TABLE = "ml.evaluation_results"
 STAGE = "recommendation_quality"
 # recommendations is not read (the recommender is refit on the split), but it is what is judged.
-INPUTS = ("recommendations", "customer_segments", "dim_products", "stg_purchases")
+INPUTS = ("recommendations", "customer_segments", "dim_products", "stg_purchases", "product_embeddings")
 ONLINE_RETAIL_CUTOFF = dt.datetime(2011, 6, 1)
 ONLINE_RETAIL_TEST_END = dt.datetime(2011, 9, 1)
 BASELINES = ("global popularity", "segment popularity")
@@ -93,7 +93,8 @@ def evaluate_deployed(source, cutoff, test_end, catalog, segments, config: Evalu
                       ) -> EvaluationReport:
     """What the pipeline would have deployed at the cut-off (model selection on the training data
     before it, as the recommendations stage does), judged on the test window."""
-    selection = select_model(source, cutoff, RecommenderConfig(top_k=config.k)) if config.select_model else None
+    selection = (select_model(source, cutoff, RecommenderConfig(top_k=config.k), product_vectors=product_vectors)
+                 if config.select_model else None)
     report = evaluate_split(source, cutoff, test_end, catalog=catalog, segments=segments, k=config.k,
                             config=selection.config if selection else None, product_vectors=product_vectors)
     report.selection = selection.to_dict() if selection else {"chosen": "ease", "reason": "selection off"}

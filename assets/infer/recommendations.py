@@ -61,7 +61,8 @@ class RecommendationsConfig(DeadLetterConfig):
     text_neighbour_min_similarity: float | None = Field(
         default=RecommenderConfig.text_neighbour_min_similarity, ge=0.0, le=1.0,
         description="Cold start: an in-stock product outside the collaborative model is recommended through its "
-                    "nearest model item by text when at least this alike (cosine); null: never.")
+                    "nearest model item by text when at least this alike (cosine), if model selection deploys it "
+                    "(it must win the validation window) or selection is off; null: never.")
 
     def recommender(self) -> RecommenderConfig:
         return RecommenderConfig(
@@ -232,15 +233,16 @@ def recommendations(build: StateBuild) -> Built:
                   optional={"vectors": PRODUCT_VECTORS_SQL}) as taken:
         source = purchases_source(taken, config.read_batch_rows)
         catalog = taken.table("catalog")
+        vectors = taken.table("vectors") if taken.has("vectors") else None
         # Purchases on the partition day count as history: the model sees everything before the next day.
         model_as_of = dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time())
         selection = (select_model(source, model_as_of, config.recommender(), config.selection_window_days,
-                                  config.selection_customers) if config.select_model else None)
+                                  config.selection_customers, product_vectors=vectors) if config.select_model else None)
         if selection is not None:
             build.log.info(f"model selection: {selection.chosen} ({selection.reason}); "
                            f"{selection.evaluated_customers:,} validation customers, {selection.seconds:.1f}s")
         model = Recommender.fit(source, selection.config if selection else config.recommender(), as_of=model_as_of)
-        candidates = model.candidates(catalog, taken.table("vectors") if taken.has("vectors") else None)
+        candidates = model.candidates(catalog, vectors)
         build.log.info(f"fitted on {model.report.customers:,} customers, {model.report.model_items:,} model items; "
                        f"{candidates.in_stock_model_items:,} in-stock candidates, "
                        f"{candidates.cold_start_products:,} more through their text")
@@ -262,7 +264,7 @@ def recommendations(build: StateBuild) -> Built:
         # The item-item weights and scoring buffers go before DuckDB loads the outputs (up to its
         # memory_limit): at 2M customers the step's peak was their sum.
         report, deployed = model.report, model.config.model
-        del model, chunks
+        del model, chunks, vectors
         release_memory()
         with build.warehouse.connect() as con:
             staged.publish(con)

@@ -80,12 +80,11 @@ def online_retail(directory: Path, tune: bool, text_neighbours: bool = False) ->
         print("validation grid, best first:")
         for row in grid[:10]:
             print(" ", row)
-    selection = select_model(source, CUTOFF)  # what the pipeline deploys at the cut-off
+    vectors = text_vectors(con, CUTOFF) if text_neighbours else None
+    selection = select_model(source, CUTOFF, product_vectors=vectors)  # what the pipeline deploys at the cut-off
     print(f"model selection before {CUTOFF:%Y-%m-%d}: {selection.chosen}\n{selection.to_markdown()}")
-    vectors = None
     if text_neighbours:
         result["text_neighbours_validation"] = cold_start_on_validation(con, source, selection.config)
-        vectors = text_vectors(con, CUTOFF)
     report = evaluate_split(source, CUTOFF, TEST_END, catalog=catalog_before(con, CUTOFF), config=selection.config,
                             product_vectors=vectors)
     result["selection"] = selection.to_dict()

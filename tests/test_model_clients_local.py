@@ -32,3 +32,19 @@ def test_the_local_model_embeds_real_text_offline_into_normalized_384_dim_vector
     assert report.metrics.provider == "local" and report.metrics.model_load_seconds > 0
     for i in range(4):
         np.testing.assert_allclose(stored[f"sku-{i}"], vectors[i], atol=1e-5)
+
+
+def test_bfloat16_gives_unit_vectors_within_cosine_0_999_of_float32():
+    """The faster precision keeps the vectors: same model, unit length, nearly the same direction."""
+    from resources.model_clients.local import LocalSentenceTransformerClient, native_bfloat16, resolved_precision
+
+    texts = ["Vintage Ceramic Cake Tin. A delightful vintage cake tin in ceramic. Category: Kitchen",
+             "Red retrospot lunch bag", "Set of 6 glass tea light holders for the garden, hand made", "a"]
+    wide = LocalSentenceTransformerClient(precision="float32").embed(texts)
+    narrow = LocalSentenceTransformerClient(precision="bfloat16").embed(texts)
+    assert wide.valid.all() and narrow.valid.all()
+    np.testing.assert_allclose(np.linalg.norm(narrow.vectors, axis=1), 1.0, atol=1e-5)
+    assert (narrow.vectors * wide.vectors).sum(axis=1).min() > 0.999
+    assert resolved_precision("auto") == ("bfloat16" if native_bfloat16() else "float32")
+    with pytest.raises(ValueError):
+        resolved_precision("int4")

@@ -118,11 +118,12 @@ class LocalSentenceTransformerClient(EmbeddingClient):
         tensor = self._loaded().encode(
             list(texts),
             batch_size=self._encode_batch_size,
-            normalize_embeddings=True,
             convert_to_tensor=True,  # numpy has no bfloat16: widen to float32 ourselves
             show_progress_bar=False,
         )
         matrix = tensor.float().numpy()
+        norms = np.linalg.norm(matrix, axis=1, keepdims=True)  # unit length in float32, not bfloat16
+        matrix = np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
         vectors, valid, problem = check_matrix(matrix, len(texts), self.dimensions)
         return EmbeddingResponse(vectors, valid, tokens=None, problem=problem)
 

@@ -309,7 +309,7 @@ class EaseScorer:
         cold_row, cold, cold_score = neighbours.entries(
             pair_row[keep][first], pair_column[keep][first], pair_score[keep][first], floor)
         before = chunk.before(self.as_of_us)
-        bought = neighbours.bought(before.row_customer, before.product_ids, chunk.n_customers)
+        bought = neighbours.bought(before.row_customer, before.product_ids)
         fresh = ~np.isin(cold_row * len(neighbours) + cold, bought)
         if not fresh.any():
             return top

@@ -58,7 +58,7 @@ import pyarrow.compute as pc
 
 from recsys.baselines import RfmSegmenter, customer_rfm
 from recsys.calibration import GroupedCalibrator
-from recsys.text_neighbours import STRATEGY as TEXT_NEIGHBOUR_STRATEGY
+from recsys.text_neighbours import STRATEGY as TEXT_NEIGHBOUR
 from recsys.text_neighbours import TextNeighbours
 from recsys.ease import (
     EaseScorer,
@@ -81,7 +81,6 @@ from recsys.purchases import (
 
 COLLABORATIVE = "collaborative"
 POPULARITY = "popularity"
-TEXT_NEIGHBOUR = TEXT_NEIGHBOUR_STRATEGY  # a cold product, scored through its nearest model item by text
 
 # The models `RecommenderConfig.model` can be (recsys/selection.py picks one on a validation window).
 EASE = "ease"  # EASE item-item weights blended with recent popularity

@@ -19,6 +19,7 @@ the customer. Customers without history are ranked by popularity, where cold pro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -90,16 +91,12 @@ class TextNeighbours:
     def empty(cls) -> TextNeighbours:
         return cls(ItemIndex(pa.array([], type=pa.string())), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
 
-    @property
+    @cached_property
     def _by_neighbour(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(distinct neighbour columns, start of each one's cold products, cold products by neighbour)."""
-        cached = self.__dict__.get("_grouped")
-        if cached is None:
-            order = np.argsort(self.neighbour, kind="stable")
-            columns, starts = np.unique(self.neighbour[order], return_index=True)
-            cached = (columns, np.append(starts, len(order)), order)
-            object.__setattr__(self, "_grouped", cached)
-        return cached
+        order = np.argsort(self.neighbour, kind="stable")
+        columns, starts = np.unique(self.neighbour[order], return_index=True)
+        return columns, np.append(starts, len(order)), order
 
     def is_neighbour(self, width: int) -> np.ndarray:
         """Per model column (of `width`): is it some cold product's neighbour?"""
@@ -122,7 +119,7 @@ class TextNeighbours:
         keep = score > floor[row]
         return row[keep], cold[keep], score[keep]
 
-    def bought(self, row_customer: np.ndarray, product_ids: pa.Array, n_rows: int) -> np.ndarray:
+    def bought(self, row_customer: np.ndarray, product_ids: pa.Array) -> np.ndarray:
         """Sorted keys row x len(self) + cold product of cold products the customers bought."""
         column = self.products.positions(product_ids)
         known = column >= 0

@@ -317,7 +317,6 @@ class EaseScorer:
                                  np.concatenate([column, cold[fresh] + self.width]),
                                  np.concatenate([score, cold_score[fresh]]), k)
 
-
     def _popularity_rows(self, chunk: CustomerChunk, n: int) -> np.ndarray:
         if self.segments is not None:
             return self.segments.scores(chunk.before(self.as_of_us))
@@ -334,6 +333,7 @@ class EaseScorer:
             scores += np.float32(self.popularity_blend) * self.popularity[None, :]
         scores[~has_signal] = self.popularity  # cold start: popularity alone, not 0 + blend
         return scores
+
 
 def _hidden_neighbour_scores(scores, is_neighbour, blocked, bought_rows, bought_columns) -> _HiddenScores:
     """The neighbour entries that blocking is about to set to -inf: the blocked (out-of-stock)

@@ -344,5 +344,3 @@ def recommendations_metadata(build, report, candidates, counts, distribution, st
         "cold_start_recommendations": counts["text_neighbour_recommendations"],
         "fit": dg.MetadataValue.json(report.to_dict()),
     }
-
-

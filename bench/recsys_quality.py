@@ -23,6 +23,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from recsys.customer_vectors import ProductEmbeddings
 from recsys.evaluation import OURS, evaluate_split, tune_on_validation
 from assets.evaluate.online_retail import catalog_before, load_online_retail, product_texts_before, purchases_source
 from recsys.recommender import RecommenderConfig
@@ -97,7 +98,7 @@ def online_retail(directory: Path, tune: bool, text_neighbours: bool = False) ->
     return result
 
 
-def text_vectors(con: duckdb.DuckDBPyConnection, cutoff: datetime) -> pa.Table:
+def text_vectors(con: duckdb.DuckDBPyConnection, cutoff: datetime) -> ProductEmbeddings:
     """Local-model vectors of each product's latest description before the cut-off."""
     from resources.model_clients.local import LocalSentenceTransformerClient
 
@@ -105,9 +106,8 @@ def text_vectors(con: duckdb.DuckDBPyConnection, cutoff: datetime) -> pa.Table:
     clock = time.perf_counter()
     response = LocalSentenceTransformerClient(torch_threads=2, encode_batch_size=64).embed(texts["text"].to_pylist())
     print(f"embedded {texts.num_rows:,} product texts before {cutoff:%Y-%m-%d} in {time.perf_counter() - clock:.1f}s")
-    valid = pa.array(response.valid)
-    return pa.table({"product_id": texts["product_id"].filter(valid),
-                     "vector": pa.array(list(response.vectors[response.valid].astype("float32")))})
+    return ProductEmbeddings.from_arrays(texts["product_id"].filter(pa.array(response.valid)),
+                                         response.vectors[response.valid])
 
 
 def cold_start_on_validation(con, source, config: RecommenderConfig) -> list[dict]:

@@ -251,7 +251,9 @@ class EaseScorer:
     def history_matrix(self, chunk: CustomerChunk) -> sp.csr_matrix:
         """Customers x model-items matrix of purchases before as_of: 1 per bought item, or, with
         `history_half_life_days`, a weight that halves with the age of its last purchase."""
-        history = chunk.before(self.as_of_us)
+        return self._history_matrix(chunk.before(self.as_of_us))
+
+    def _history_matrix(self, history: CustomerChunk) -> sp.csr_matrix:
         column = self.items.positions(history.product_ids) if len(self.items) else np.full(len(history.amount), -1)
         if self.history_half_life_days is None:
             customer, column, _ = distinct_pairs(history.row_customer, column, max(self.width, 1))
@@ -261,13 +263,14 @@ class EaseScorer:
                                                               max(self.width, 1))
             age_days = (self.as_of_us - last) / MICROS_PER_DAY
             weight = np.maximum(decay(age_days, self.history_half_life_days), 1e-30).astype(np.float32)
-        return sp.csr_matrix((weight, (customer, column)), shape=(chunk.n_customers, self.width))
+        return sp.csr_matrix((weight, (customer, column)), shape=(history.n_customers, self.width))
 
     def rank(self, chunk: CustomerChunk, blocked: np.ndarray, k: int, popularity_only: bool = False,
              text_neighbours: TextNeighbours | None = None) -> Ranking:
         """Top-k per customer over the model columns and, given `text_neighbours`, the cold
         products scored through them (their columns follow the model's: width + position)."""
-        history = self.history_matrix(chunk)
+        before = chunk.before(self.as_of_us)
+        history = self._history_matrix(before)
         has_signal = np.diff(history.indptr) > 0
         if popularity_only or self.weights is None:
             has_signal = np.zeros_like(has_signal)
@@ -284,10 +287,10 @@ class EaseScorer:
         row, column, score, rank = top_k_stable(scores, k)
         if with_text:
             row, column, score, rank = self._with_text_neighbours(
-                chunk, text_neighbours, hidden, has_signal, (row, column, score, rank), k)
+                before, text_neighbours, hidden, has_signal, (row, column, score, rank), k)
         return Ranking(row=row, column=column, score=score, rank=rank, has_signal=has_signal)
 
-    def _with_text_neighbours(self, chunk, neighbours: TextNeighbours, hidden, has_signal, top, k):
+    def _with_text_neighbours(self, before: CustomerChunk, neighbours: TextNeighbours, hidden, has_signal, top, k):
         """Merge cold products (columns width + position) into each row's top-k.
 
         A cold product scores at most its neighbour's score, so it can only enter a row's top-k
@@ -295,7 +298,7 @@ class EaseScorer:
         unblocked neighbour above the floor is in the top-k already; a blocked one is in
         `hidden`. So the top-k and `hidden` hold every neighbour that matters."""
         row, column, score, rank = top
-        floor = np.full(chunk.n_customers, -np.inf, dtype=np.float32)
+        floor = np.full(before.n_customers, -np.inf, dtype=np.float32)
         last = rank == k
         floor[row[last]] = score[last]  # rows with fewer than k: any cold product may fill in
         is_neighbour = neighbours.is_neighbour(self.width)
@@ -308,7 +311,6 @@ class EaseScorer:
         _, first = np.unique(pair_row[keep] * self.width + pair_column[keep], return_index=True)
         cold_row, cold, cold_score = neighbours.entries(
             pair_row[keep][first], pair_column[keep][first], pair_score[keep][first], floor)
-        before = chunk.before(self.as_of_us)
         bought = neighbours.bought(before.row_customer, before.product_ids)
         fresh = ~np.isin(cold_row * len(neighbours) + cold, bought)
         if not fresh.any():

@@ -38,6 +38,7 @@ from recsys.baselines import (
 )
 from recsys.metrics import RankingMetrics
 from recsys.purchases import CustomerChunk, ItemIndex, PurchaseSource, distinct_pairs, iter_customer_chunks, to_micros
+from recsys.customer_vectors import ProductEmbeddings
 from recsys.recommender import COLLABORATIVE, TEXT_NEIGHBOUR, Recommender, RecommenderConfig
 
 OURS = "ours (deployed model)"
@@ -80,10 +81,10 @@ def evaluate_split(
     segments: Mapping[str, Hashable] | None = None,
     k: int = 10,
     chunk_customers: int = 2_048,
-    product_vectors: pa.Table | None = None,
+    product_vectors: ProductEmbeddings | None = None,
 ) -> EvaluationReport:
     """Fit everything on the purchases before `cutoff`; measure on [cutoff, test_end).
-    `product_vectors` (product_id, vector): products outside the model may be recommended
+    `product_vectors`: products outside the model may be recommended
     through their text (recsys/text_neighbours.py), as the pipeline does."""
     config = replace(config or RecommenderConfig(), top_k=k)
     cutoff_us, end_us = to_micros(cutoff), to_micros(test_end)

@@ -58,6 +58,7 @@ import pyarrow.compute as pc
 
 from recsys.baselines import RfmSegmenter, customer_rfm
 from recsys.calibration import GroupedCalibrator
+from recsys.customer_vectors import ProductEmbeddings
 from recsys.text_neighbours import STRATEGY as TEXT_NEIGHBOUR
 from recsys.text_neighbours import TextNeighbours
 from recsys.ease import (
@@ -180,8 +181,8 @@ class Candidates:
     catalog_products: int
     catalog_products_in_stock: int
     catalog_products_not_in_model: int  # in stock, but the model cannot rank them (no CF signal)
-    text_neighbours: TextNeighbours | None = None  # those of them scored through their text
-    column_product_ids: pa.Array | None = None  # product_id per ranking column (model, then cold)
+    column_product_ids: pa.Array  # product_id per ranking column (model, padding, then cold products)
+    text_neighbours: TextNeighbours | None = None  # cold products scored through their text
 
     @property
     def cold_start_products(self) -> int:
@@ -302,10 +303,10 @@ class Recommender:
 
     # ---- scoring -------------------------------------------------------------------------
 
-    def candidates(self, catalog: pa.Table, product_vectors: pa.Table | None = None) -> Candidates:
+    def candidates(self, catalog: pa.Table, product_vectors: ProductEmbeddings | None = None) -> Candidates:
         """Model columns that are in the catalog and in stock; everything else is blocked.
 
-        With `product_vectors` (product_id, vector), in-stock products outside the model whose
+        With `product_vectors`, in-stock products outside the model whose
         nearest model item by text is alike enough are candidates too (cold start)."""
         for name in ("product_id", "in_stock"):
             if name not in catalog.schema.names:
@@ -339,7 +340,7 @@ class Recommender:
         position = self.spend.vocabulary.positions(product_ids)
         return np.where(position >= 0, self.spend.buyers[np.maximum(position, 0)], 0)
 
-    def _text_neighbours(self, stock_ids: pa.Array, product_vectors: pa.Table | None) -> TextNeighbours | None:
+    def _text_neighbours(self, stock_ids: pa.Array, product_vectors: ProductEmbeddings | None) -> TextNeighbours | None:
         """None when cold start is off, there are no vectors, or the model is a popularity model."""
         threshold = self.config.text_neighbour_min_similarity
         if threshold is None or product_vectors is None or self.scorer.weights is None or not len(self.scorer.items):
@@ -359,7 +360,7 @@ class Recommender:
         catalog: pa.Table,
         chunk_customers: int | None = None,
         workers: int | None = None,
-        product_vectors: pa.Table | None = None,
+        product_vectors: ProductEmbeddings | None = None,
     ) -> Iterator[RecommendationChunk]:
         """Top-K for every customer of the stream, one RecommendationChunk per customer chunk.
 
@@ -388,13 +389,11 @@ class Recommender:
         confidence = self._confidence(ranking.score, ranking.has_signal[ranking.row], activity)
         expected_spend = self.model_spend_per_buyer[model_column] * self.spend.customer_index(history)[ranking.row]
         predicted_value = confidence * self.spend.correction * expected_spend
-        product_ids = candidates.column_product_ids if candidates.column_product_ids is not None \
-            else self.scorer.items.product_ids
         recommendations = pa.RecordBatch.from_arrays(
             [
                 chunk.customer_ids.take(pa.array(ranking.row)),
                 pa.array(ranking.rank.astype(np.int16)),
-                product_ids.take(pa.array(ranking.column)),
+                candidates.column_product_ids.take(pa.array(ranking.column)),
                 pa.array(ranking.score.astype(np.float64)),
                 pa.array(confidence),
                 pa.array(predicted_value),

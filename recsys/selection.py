@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recsys.customer_vectors import ProductEmbeddings
 from recsys.evaluation import candidate_items, markdown_table, recommendations_as_positions, relevant_items
 from recsys.metrics import RankingMetrics
 from recsys.purchases import PurchaseSource, conform_batch, iter_customer_chunks, open_batches, to_micros
@@ -93,7 +94,7 @@ def select_model(
     window_days: int = 60,
     max_customers: int = 50_000,
     candidates: dict[str, dict] | None = None,
-    product_vectors: pa.Table | None = None,
+    product_vectors: ProductEmbeddings | None = None,
 ) -> Selection:
     """Judge every candidate on [as_of - window_days, as_of); return the winner's config."""
     clock = time.perf_counter()
@@ -157,7 +158,7 @@ def _judge_row(name, sample, cutoff, end, config, product_vectors=None) -> dict:
 
 
 def _judge(sample: pa.Table, cutoff: datetime, end: datetime, config: RecommenderConfig,
-           product_vectors: pa.Table | None = None) -> RankingMetrics:
+           product_vectors: ProductEmbeddings | None = None) -> RankingMetrics:
     """Hit rate of one candidate fitted before `cutoff`, on the new products bought in [cutoff, end)."""
     cutoff_us, end_us = to_micros(cutoff), to_micros(end)
     model = Recommender.fit(sample, config=config, as_of=cutoff)

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recsys.customer_vectors import ProductEmbeddings
 from recsys.purchases import ItemIndex
 
 STRATEGY = "text_neighbour"
@@ -38,17 +39,13 @@ class TextNeighbours:
     products: ItemIndex  # the cold products, in product_id order
     neighbour: np.ndarray  # int64 model column per cold product
     similarity: np.ndarray  # float32 cosine per cold product, >= min_similarity
-    weight: np.ndarray | None = None  # the factor on the neighbour's score; None: the similarity
-
-    @property
-    def factor(self) -> np.ndarray:
-        return self.similarity if self.weight is None else self.weight
+    factor: np.ndarray  # float32: what the neighbour's score is multiplied by
 
     def discounted_by_sales(self, buyers: np.ndarray, neighbour_buyers: np.ndarray) -> TextNeighbours:
         """The same neighbours, each score also x min(1, (buyers + 1) / (neighbour's buyers + 1))
         (per cold product, before as-of): a product that sells less than its neighbour scores less."""
         ratio = np.minimum(1.0, (np.asarray(buyers, dtype=np.float64) + 1) / (np.asarray(neighbour_buyers) + 1))
-        return TextNeighbours(self.products, self.neighbour, self.similarity, (self.similarity * ratio).astype(np.float32))
+        return TextNeighbours(self.products, self.neighbour, self.similarity, (self.factor * ratio).astype(np.float32))
 
     def __len__(self) -> int:
         return len(self.products)
@@ -57,16 +54,14 @@ class TextNeighbours:
     def build(
         cls,
         model_items: ItemIndex,
-        vectors: pa.Table,
+        vectors: ProductEmbeddings,
         cold_product_ids: pa.Array,
         min_similarity: float,
     ) -> TextNeighbours:
-        """`vectors`: product_id and vector (list of floats) per product; cold products without a
-        vector, or whose nearest model item is less alike than `min_similarity`, are left out."""
-        vectors = _well_formed(vectors)
-        ids = pc.cast(vectors["product_id"], pa.string()).combine_chunks()
-        matrix = _unit_rows(vectors["vector"])
-        vector_index = ItemIndex(ids)
+        """Each cold product's nearest model item, by the similarity x factor scored; cold products
+        without a vector, or whose nearest model item is less alike than `min_similarity`, are left out."""
+        matrix = vectors.vectors  # unit rows
+        vector_index = ItemIndex(vectors.product_ids)
         model_row = vector_index.positions(model_items.product_ids)
         model_columns = np.flatnonzero(model_row >= 0)  # model items with a vector
         cold = pc.sort_indices(pa.table({"id": cold_product_ids}), [("id", "ascending")])
@@ -85,11 +80,12 @@ class TextNeighbours:
             neighbour[start:start + len(best)] = model_columns[best]
             similarity[start:start + len(best)] = sims[np.arange(len(best)), best]
         keep = similarity >= min_similarity
-        return cls(ItemIndex(cold_ids.filter(pa.array(keep))), neighbour[keep], similarity[keep])
+        return cls(ItemIndex(cold_ids.filter(pa.array(keep))), neighbour[keep], similarity[keep], similarity[keep])
 
     @classmethod
     def empty(cls) -> TextNeighbours:
-        return cls(ItemIndex(pa.array([], type=pa.string())), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32))
+        nothing = np.zeros(0, dtype=np.float32)
+        return cls(ItemIndex(pa.array([], type=pa.string())), np.zeros(0, dtype=np.int64), nothing, nothing)
 
     @cached_property
     def _by_neighbour(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -131,27 +127,3 @@ class TextNeighbours:
             "min_similarity": round(float(self.similarity.min()), 4) if len(self) else None,
             "median_similarity": round(float(np.median(self.similarity)), 4) if len(self) else None,
         }
-
-
-def _well_formed(vectors: pa.Table) -> pa.Table:
-    """Rows whose vector is non-null, finite and of the common length (garbage vectors drop out)."""
-    vectors = vectors.filter(pc.is_valid(vectors["vector"]))
-    if vectors.num_rows == 0:
-        return vectors
-    lengths = pc.list_value_length(vectors["vector"])
-    common = pc.mode(lengths)[0]["mode"].as_py()
-    vectors = vectors.filter(pc.equal(lengths, common))
-    flat = pc.list_flatten(vectors["vector"]).to_numpy(zero_copy_only=False).astype(np.float64)
-    finite = np.isfinite(flat.reshape(vectors.num_rows, -1)).all(axis=1) if common else np.ones(vectors.num_rows, bool)
-    return vectors.filter(pa.array(finite))
-
-
-def _unit_rows(vectors: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A float32 matrix of the list column with unit-length rows (zero rows stay zero)."""
-    flat = pa.chunked_array(vectors).combine_chunks() if isinstance(vectors, pa.ChunkedArray) else vectors
-    if len(flat) == 0:
-        return np.zeros((0, 0), dtype=np.float32)
-    values = pc.list_flatten(flat).to_numpy(zero_copy_only=False).astype(np.float32)
-    matrix = values.reshape(len(flat), -1)
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)

@@ -19,6 +19,7 @@ from recsys.recommender import (
     RecommenderConfig,
 )
 from recsys.selection import BASELINES, CANDIDATES, select_model
+from recsys.customer_vectors import ProductEmbeddings
 from recsys.synthetic import SyntheticRetail
 
 STRUCTURED = SyntheticRetail(customers=1_500, products=300, topics=12, lines_per_customer=12, topic_affinity=0.9,
@@ -106,7 +107,7 @@ def test_text_neighbours_are_judged_apart_and_deployed_only_when_they_win():
     vectors = {p: rng.normal(size=32) for p in products}
     for index, product in enumerate(products[150:]):  # tail products look like a head product
         vectors[product] = vectors[products[index % 150]] + rng.normal(scale=0.05, size=32)
-    table = pa.table({"product_id": list(vectors), "vector": [v.astype(np.float32).tolist() for v in vectors.values()]})
+    table = ProductEmbeddings.from_arrays(list(vectors), np.vstack(list(vectors.values())))
 
     selection = select_model(STRUCTURED, as_of(STRUCTURED), base, product_vectors=table)
     plain = [row for row in selection.table if row["candidate"] in CANDIDATES]

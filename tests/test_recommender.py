@@ -22,6 +22,7 @@ from recsys.recommender import (
     Recommender,
     RecommenderConfig,
 )
+from recsys.customer_vectors import ProductEmbeddings
 from recsys.synthetic import SyntheticRetail
 
 DATA = SyntheticRetail(customers=800, products=400, topics=10, lines_per_customer=8, seed=3, batch_customers=300)
@@ -241,7 +242,7 @@ def twin_vectors(model: Recommender, purchases: pa.Table, seed: int = 0) -> tupl
     twins = set(outside[::2])
     for index, pid in enumerate(sorted(twins)):
         vectors[pid] = vectors[model_ids[index % len(model_ids)]] + rng.normal(scale=0.05, size=64)
-    table = pa.table({"product_id": list(vectors), "vector": [v.astype(np.float32).tolist() for v in vectors.values()]})
+    table = ProductEmbeddings.from_arrays(list(vectors), np.vstack(list(vectors.values())))
     return table, twins, set(outside) - twins
 
 

@@ -19,6 +19,8 @@ from pydantic import Field
 
 from assets.common.current_state import Built, StateBuild, StateConfig, current_state_asset
 from assets.evaluate import online_retail
+from assets.infer.embeddings import PRODUCT_VECTORS_SQL
+from recsys.customer_vectors import ProductEmbeddings
 from recsys.evaluation import OURS, EvaluationReport, evaluate_split
 from recsys.recommender import RecommenderConfig
 from recsys.selection import select_model
@@ -68,7 +70,7 @@ def evaluate_warehouse(warehouse, as_of: dt.date, config: EvaluationConfig) -> E
                       f" WHERE {SAMPLED}", params),
         "segments": (f"SELECT customer_id, segment_id FROM ml.customer_segments WHERE {SAMPLED}", params),
         "catalog": "SELECT product_id, in_stock, price FROM analytics.dim_products",
-        "vectors": "SELECT product_id, vector FROM ml.product_embeddings",  # cold start, as deployed
+        "vectors": PRODUCT_VECTORS_SQL,  # cold start, as deployed
     }
     with snapshot(warehouse, {}, optional=optional) as taken:
         if not (taken.has("purchases") and taken.has("catalog")):
@@ -76,7 +78,8 @@ def evaluate_warehouse(warehouse, as_of: dt.date, config: EvaluationConfig) -> E
         source = lambda: taken.batches("purchases", 50_000)  # noqa: E731 (re-readable)
         segments = (dict(zip(*taken.table("segments").to_pydict().values(), strict=True))
                     if taken.has("segments") else None)
-        vectors = taken.table("vectors") if taken.has("vectors") else None
+        vectors = (ProductEmbeddings.from_arrow(taken.table("vectors"), vector_column="vector")
+                   if taken.has("vectors") else None)
         return evaluate_deployed(source, cutoff, test_end, taken.table("catalog"), segments, config, vectors)
 
 

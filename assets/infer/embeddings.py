@@ -21,6 +21,7 @@ from resources import dead_letters
 from resources.warehouse import fetch_all, fetch_scalar
 
 PRODUCT_EMBEDDINGS_TABLE = "ml.product_embeddings"
+PRODUCT_VECTORS_SQL = f"SELECT product_id, vector FROM {PRODUCT_EMBEDDINGS_TABLE} ORDER BY product_id"
 STAGE = "product_embeddings"
 
 # Name, description and category make the text; a description equal to the name is said once.

@@ -22,7 +22,9 @@ from pydantic import Field
 
 from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset, knob
 from assets.common.sources import CurrencyError, purchases_currency
+from assets.infer.embeddings import PRODUCT_VECTORS_SQL
 from assets.infer.purchases import PURCHASES_SQL
+from recsys.customer_vectors import ProductEmbeddings
 from recsys.purchases import iter_customer_chunks
 from recsys.selection import Selection, select_model
 from recsys.recommender import (
@@ -73,7 +75,6 @@ class RecommendationsConfig(DeadLetterConfig):
 
 
 CATALOG_SQL = "SELECT product_id, in_stock, price FROM analytics.dim_products"
-PRODUCT_VECTORS_SQL = "SELECT product_id, vector FROM ml.product_embeddings ORDER BY product_id"
 
 
 def purchases_source(taken: Snapshot, batch_rows: int) -> Callable[[], Iterator[pa.RecordBatch]]:
@@ -233,7 +234,8 @@ def recommendations(build: StateBuild) -> Built:
                   optional={"vectors": PRODUCT_VECTORS_SQL}) as taken:
         source = purchases_source(taken, config.read_batch_rows)
         catalog = taken.table("catalog")
-        vectors = taken.table("vectors") if taken.has("vectors") else None
+        vectors = (ProductEmbeddings.from_arrow(taken.table("vectors"), vector_column="vector")
+                   if taken.has("vectors") else None)
         # Purchases on the partition day count as history: the model sees everything before the next day.
         model_as_of = dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time())
         selection = (select_model(source, model_as_of, config.recommender(), config.selection_window_days,

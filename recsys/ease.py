@@ -213,6 +213,11 @@ class Ranking:
     score: np.ndarray  # float32
     rank: np.ndarray  # 1-based
     has_signal: np.ndarray  # per chunk customer: history holds at least one model item
+    # With `track_hidden`: blocked (out-of-stock or uncatalogued), unbought model columns that
+    # score at least the row's k-th recommendation (any, for a row with fewer than k): the
+    # products that would enter the row's top-k if they became candidates.
+    hidden_row: np.ndarray | None = None
+    hidden_column: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -266,15 +271,16 @@ class EaseScorer:
         return sp.csr_matrix((weight, (customer, column)), shape=(history.n_customers, self.width))
 
     def rank(self, chunk: CustomerChunk, blocked: np.ndarray, k: int, popularity_only: bool = False,
-             text_neighbours: TextNeighbours | None = None) -> Ranking:
+             text_neighbours: TextNeighbours | None = None, track_hidden: bool = False) -> Ranking:
         """Top-k per customer over the model columns and, given `text_neighbours`, the cold
-        products scored through them (their columns follow the model's: width + position)."""
+        products scored through them (their columns follow the model's: width + position).
+        `track_hidden` also returns the blocked model columns that would enter a row's top-k."""
         before = chunk.before(self.as_of_us)
         history = self._history_matrix(before)
         has_signal = np.diff(history.indptr) > 0
         if popularity_only or self.weights is None:
             has_signal = np.zeros_like(has_signal)
-        if chunk.n_customers == 0 or blocked.all():
+        if chunk.n_customers == 0 or blocked.all():  # nothing to rank (hidden: not tracked, None)
             return _empty_ranking(has_signal)
         scores = self._scores(chunk, history, has_signal)
         bought_rows = np.repeat(np.arange(history.shape[0]), np.diff(history.indptr))
@@ -282,13 +288,23 @@ class EaseScorer:
         if with_text:  # the neighbours' scores that blocking hides: a bought neighbour still says what one likes
             hidden = _hidden_neighbour_scores(scores, text_neighbours.is_neighbour(self.width), blocked,
                                               bought_rows, history.indices)
+        if track_hidden:
+            blocked_items = np.flatnonzero(blocked[: len(self.items)])
+            blocked_scores = scores[:, blocked_items]
+            _hide_bought(blocked_scores, blocked_items, bought_rows, history.indices)
         scores[:, blocked] = -np.inf
         scores[bought_rows, history.indices] = -np.inf  # never recommend what was already bought
         row, column, score, rank = top_k_stable(scores, k)
         if with_text:
             row, column, score, rank = self._with_text_neighbours(
                 before, text_neighbours, hidden, has_signal, (row, column, score, rank), k)
-        return Ranking(row=row, column=column, score=score, rank=rank, has_signal=has_signal)
+        if not track_hidden:
+            return Ranking(row=row, column=column, score=score, rank=rank, has_signal=has_signal)
+        floor = np.full(before.n_customers, -np.inf, dtype=np.float32)
+        floor[row[rank == k]] = score[rank == k]  # fewer than k: any candidate would enter
+        hidden_row, position = np.nonzero(blocked_scores >= floor[:, None])  # >=: a tie may enter too
+        return Ranking(row=row, column=column, score=score, rank=rank, has_signal=has_signal,
+                       hidden_row=hidden_row, hidden_column=blocked_items[position])
 
     def _with_text_neighbours(self, before: CustomerChunk, neighbours: TextNeighbours, hidden, has_signal, top, k):
         """Merge cold products (columns width + position) into each row's top-k.
@@ -335,6 +351,15 @@ class EaseScorer:
             scores += np.float32(self.popularity_blend) * self.popularity[None, :]
         scores[~has_signal] = self.popularity  # cold start: popularity alone, not 0 + blend
         return scores
+
+
+def _hide_bought(blocked_scores: np.ndarray, blocked_items: np.ndarray, bought_rows: np.ndarray,
+                 bought_columns: np.ndarray) -> None:
+    """-inf where a row bought a blocked column (a bought product never enters the top-k)."""
+    position = np.searchsorted(blocked_items, bought_columns)
+    position = np.minimum(position, max(len(blocked_items) - 1, 0))
+    bought = (blocked_items[position] == bought_columns) if len(blocked_items) else np.zeros(len(bought_columns), bool)
+    blocked_scores[bought_rows[bought], position[bought]] = -np.inf
 
 
 def _hidden_neighbour_scores(scores, is_neighbour, blocked, bought_rows, bought_columns) -> _HiddenScores:

@@ -45,12 +45,15 @@ by text is at least `text_neighbour_min_similarity` alike are scored through it 
 
 from __future__ import annotations
 
+import os
+import pickle
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -102,6 +105,10 @@ RECOMMENDATION_SCHEMA = pa.schema(
     ]
 )
 SKIPPED_SCHEMA = pa.schema([("customer_id", pa.string()), ("reason", pa.string())])
+# Per scored customer: ranked by the model (or by popularity).
+SCORED_SCHEMA = pa.schema([("customer_id", pa.string()), ("collaborative", pa.bool_())])
+# Per customer, the blocked products that would enter their top-k as candidates (Ranking.hidden_*).
+HIDDEN_SCHEMA = pa.schema([("customer_id", pa.string()), ("product_id", pa.string())])
 
 REASON_NO_MODEL = "no model items: no valid purchases before as_of"
 REASON_NO_STOCK = "no in-stock candidate products"
@@ -199,6 +206,8 @@ class RecommendationChunk:
     without_valid_purchases: int  # subset of popularity: no valid row at all
     invalid_rows: int
     text_neighbour_recommendations: int = 0  # cold products recommended through their text
+    scored: pa.RecordBatch | None = None  # SCORED_SCHEMA
+    hidden: pa.RecordBatch | None = None  # HIDDEN_SCHEMA, when tracked; None: not tracked
 
     def counts(self) -> dict:
         return {
@@ -301,6 +310,27 @@ class Recommender:
         report.seconds["solve"] = round(time.perf_counter() - clock, 3)
         return cls(config, scorer, spend, _model_spend(spend, model_items), calibrators, report)
 
+    # ---- keeping a fitted model ------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """Write the fitted model (weights, popularity, calibration, report) to `path` atomically.
+
+        Pickle: the file is the pipeline's own artifact, written and read only by this code
+        beside the warehouse; never load one from elsewhere."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        with open(partial, "wb") as out:
+            pickle.dump(self, out, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(partial, path)
+
+    @staticmethod
+    def load(path: Path) -> Recommender:
+        with open(path, "rb") as stored:
+            model = pickle.load(stored)  # noqa: S301 (our own artifact, see save)
+        if not isinstance(model, Recommender):
+            raise TypeError(f"{path} does not hold a Recommender")
+        return model
+
     # ---- scoring -------------------------------------------------------------------------
 
     def candidates(self, catalog: pa.Table, product_vectors: ProductEmbeddings | None = None) -> Candidates:
@@ -374,9 +404,25 @@ class Recommender:
             lambda chunk: self.score_chunk(chunk, candidates), chunks, workers or self.config.workers
         )
 
-    def score_chunk(self, chunk: CustomerChunk, candidates: Candidates) -> RecommendationChunk:
+    def scoring_as_of(self, as_of: datetime) -> Recommender:
+        """The same fitted model scoring history before a later `as_of` (an incremental day):
+        new purchases count as history and are never recommended; the weights, popularity and
+        calibration stay those of the fit."""
+        scorer = replace(self.scorer, as_of_us=to_micros(as_of))
+        return Recommender(self.config, scorer, self.spend, self.model_spend_per_buyer, self.calibrators, self.report)
+
+    @property
+    def as_of(self) -> datetime:
+        """Purchases before this count as history when scoring."""
+        return from_micros(self.scorer.as_of_us)
+
+    def score_chunk(self, chunk: CustomerChunk, candidates: Candidates, track_hidden: bool = False
+                    ) -> RecommendationChunk:
+        """Top-k of a chunk's customers; `track_hidden` also lists, per customer, the blocked
+        products that would enter their top-k were they candidates (RecommendationChunk.hidden)."""
         neighbours = candidates.text_neighbours
-        ranking = self.scorer.rank(chunk, candidates.blocked, self.config.top_k, text_neighbours=neighbours)
+        ranking = self.scorer.rank(chunk, candidates.blocked, self.config.top_k, text_neighbours=neighbours,
+                                   track_hidden=track_hidden)
         history = chunk.before(self.scorer.as_of_us)
         strategy = np.where(ranking.has_signal, COLLABORATIVE, POPULARITY).astype(object)[ranking.row]
         # a cold product: the collaborative calibration of its discounted score, its neighbour's spend
@@ -411,6 +457,10 @@ class Recommender:
             without_valid_purchases=int(np.count_nonzero(~valid_customers)),
             invalid_rows=chunk.invalid_rows,
             text_neighbour_recommendations=int(np.count_nonzero(cold)),
+            scored=pa.RecordBatch.from_arrays([chunk.customer_ids, pa.array(ranking.has_signal)], schema=SCORED_SCHEMA),
+            hidden=None if ranking.hidden_row is None else pa.RecordBatch.from_arrays(
+                [chunk.customer_ids.take(pa.array(ranking.hidden_row)),
+                 self.scorer.items.product_ids.take(pa.array(ranking.hidden_column))], schema=HIDDEN_SCHEMA),
         )
 
     def _confidence(self, score: np.ndarray, collaborative: np.ndarray, activity: np.ndarray) -> np.ndarray:

@@ -163,8 +163,8 @@ class Snapshot:
 
 
 @contextmanager
-def snapshot(warehouse: Any, queries: Mapping[str, Query], optional: Mapping[str, Query] | None = None
-             ) -> Iterator[Snapshot]:
+def snapshot(warehouse: Any, queries: Mapping[str, Query], optional: Mapping[str, Query] | None = None,
+             prepare: Sequence[Query] = (), register: Mapping[str, pa.Table] | None = None) -> Iterator[Snapshot]:
     """Copy each query's result to a Parquet file under one read-only connection, then let go.
 
     The shared lock is held only while copying (20M purchase rows: about 2 s), so a step that
@@ -172,13 +172,20 @@ def snapshot(warehouse: Any, queries: Mapping[str, Query], optional: Mapping[str
     other partitions. The step writes its outputs back in a short transaction of its own; the
     state's version check catches a rebuild that happened in between. The files are deleted on
     exit. A query is SQL or (SQL, parameters); an `optional` one may read a table that does not
-    exist yet (`Snapshot.has` tells).
+    exist yet (`Snapshot.has` tells). `prepare` statements run first on the same connection (for
+    example TEMP tables the queries share, so one consistent view feeds them all), after the
+    `register`ed Arrow tables are made visible under their names.
     """
     warehouse.scratch_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="snapshot-", dir=warehouse.scratch_dir))
     taken = Snapshot(folder)
     try:
         with warehouse.connect(read_only=True) as con:
+            for name, table in (register or {}).items():
+                con.register(name, table)
+            for statement in prepare:
+                sql, params = statement if isinstance(statement, tuple) else (statement, None)
+                con.execute(sql, params or [])
             for name, query in [*queries.items(), *(optional or {}).items()]:
                 sql, params = query if isinstance(query, tuple) else (query, None)
                 try:

@@ -96,10 +96,10 @@ def test_a_failing_recommendation_chunk_is_dead_lettered_the_rest_goes_on_and_th
     assert run([product_embeddings], resources).success
     original = Recommender.score_chunk
 
-    def failing_for_one_chunk(self, chunk, candidates):
+    def failing_for_one_chunk(self, chunk, candidates, **options):
         if "cursed" in chunk.customer_ids.to_pylist():
             raise FloatingPointError("injected fault")
-        return original(self, chunk, candidates)
+        return original(self, chunk, candidates, **options)
 
     warehouse: DuckDBWarehouse = resources["warehouse"]
     with warehouse.transaction() as con:

@@ -33,12 +33,16 @@ DETERMINISTIC_TABLES = {
 CUSTOMERS = 1_500
 
 
-@pytest.fixture(scope="module")
-def landing(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("landing")
+def generate_landing(folder: Path) -> Path:
+    """Two days of generated data with faults, as the pipeline tests use them."""
     generate(GeneratorConfig(out=folder, customers=CUSTOMERS, days=2, seed=11, start=dt.date(2011, 9, 1),
                              faults=FaultRates.uniform(0.003)))
     return folder
+
+
+@pytest.fixture(scope="module")
+def landing(tmp_path_factory) -> Path:
+    return generate_landing(tmp_path_factory.mktemp("landing"))
 
 
 @pytest.fixture(scope="module")

@@ -304,3 +304,54 @@ def test_text_neighbour_ranking_equals_a_brute_force_over_every_cold_product(pur
         assert np.allclose(fast.score, score) and np.array_equal(fast.rank, rank)
         cold_entries += int(np.count_nonzero(fast.column >= scorer.width))
     assert cold_entries > 0
+
+
+def recommended_lists(parts) -> dict[str, list[str]]:
+    lists: dict[str, list[str]] = {}
+    for part in parts:
+        batch = part.recommendations
+        for customer, product in zip(batch["customer_id"].to_pylist(), batch["product_id"].to_pylist()):
+            lists.setdefault(customer, []).append(product)
+    return lists
+
+
+def test_hidden_products_name_every_customer_a_product_back_in_stock_would_reach(purchases, model):
+    """What lets an incremental day rescore only some customers: a product coming back in stock
+    changes the top-k of exactly the customers for whom it was tracked as hidden, no others."""
+    catalog = DATA.catalog()
+    candidates = model.candidates(catalog)
+    before = [model.score_chunk(chunk, candidates, track_hidden=True) for chunk in iter_customer_chunks(purchases, 64)]
+    hidden = pa.Table.from_batches([part.hidden for part in before])
+    out_of_stock = set(catalog.filter(pc.invert(catalog["in_stock"]))["product_id"].to_pylist())
+    back = sorted(out_of_stock)[: len(out_of_stock) // 2]
+    restocked = catalog.set_column(catalog.schema.get_field_index("in_stock"), "in_stock",
+                                   pc.or_(catalog["in_stock"], pc.is_in(catalog["product_id"], pa.array(back))))
+    after = [model.score_chunk(chunk, model.candidates(restocked)) for chunk in iter_customer_chunks(purchases, 64)]
+    old, new = recommended_lists(before), recommended_lists(after)
+    changed = {c for c in old.keys() | new.keys() if old.get(c) != new.get(c)}
+    reached = {c for c, p in zip(hidden["customer_id"].to_pylist(), hidden["product_id"].to_pylist()) if p in back}
+    assert changed, "the fixture must have customers a restocked product reaches"
+    assert changed <= reached
+    # the tracking is tight: most customers it names do change
+    assert len(changed) >= 0.5 * len(reached)
+
+
+def bought_before(purchases: pa.Table, moment) -> set[tuple[str, str]]:
+    history = purchases.filter(pc.less(purchases["purchased_at"], pa.scalar(moment, pa.timestamp("us"))))
+    return set(zip(history["customer_id"].to_pylist(), history["product_id"].to_pylist()))
+
+
+def test_a_kept_model_scores_a_later_day_as_the_same_model(purchases, model, tmp_path):
+    """A saved model loads to the same recommendations; scoring as of a later day counts the new
+    purchases as history (never recommended again), with the fit's weights and calibration."""
+    model.save(tmp_path / "model.pkl")
+    kept = Recommender.load(tmp_path / "model.pkl")
+    first, _ = recommend_all(model, purchases, DATA.catalog())
+    again, _ = recommend_all(kept, purchases, DATA.catalog())
+    assert first.equals(again)
+    later = AS_OF + timedelta(days=30)
+    recommended, _ = recommend_all(kept.scoring_as_of(later), purchases, DATA.catalog())
+    pairs = set(zip(recommended["customer_id"].to_pylist(), recommended["product_id"].to_pylist()))
+    assert bought_before(purchases, later) - bought_before(purchases, AS_OF), "the fixture must buy after the fit"
+    assert not pairs & bought_before(purchases, later)
+    assert kept.scoring_as_of(later).report is kept.report

@@ -1,26 +1,51 @@
 """Top-K product recommendations for every customer, with a confidence and a predicted value.
 
-Each build picks its model on a validation window before as-of (recsys/selection.py: EASE
-blends, item-kNN and the popularity baselines; the best hit rate is deployed, with the table as
-metadata), then fits it on everything before the next day (recsys/recommender.py). Customers are
-scored in chunks read from a Parquet snapshot of the purchases, so the customer base never sits
-in memory and no warehouse lock is held meanwhile; a chunk that fails goes to the dead-letter
-queue with its customers and the rest goes on.
+A build either **refits** (picks its model on a validation window before as-of with
+recsys/selection.py: EASE blends, item-kNN and the popularity baselines, the best hit rate
+deployed with the table as metadata; then fits it on everything before the next day) or keeps the
+model it fitted last (saved beside the warehouse, `models/`). It refits when the model is
+`refit_every_days` old, when the code, its semantic config or the currency changed, when the
+purchases since the fit fall outside the model's items more than `max_coverage_drop` beyond
+what it was fitted on (drift), or when asked; `build_mode_reason` records which.
+
+Between refits a day is **incremental**: only customers whose recommendations may differ from a
+rescoring of everyone with the same model are scored (new customers, changed purchases, open
+dead letters, a recommended product that stopped being a candidate, a product that would rank
+for them becoming one (tracked per customer in `ml.recommendation_hidden`), a recency group
+crossed); their rows are replaced, the others stay, and `ml.recommendation_changes` tells the
+output rules whom to recheck. tests/test_incremental_days.py compares the tables with a full
+rescore.
+
+Customers are scored in chunks read from a Parquet snapshot of the purchases, so the customer
+base never sits in memory and no warehouse lock is held meanwhile; a chunk that fails goes to
+the dead-letter queue with its customers and the rest goes on.
 """
 
 import ctypes
 import datetime as dt
 import gc
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import duckdb
+import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset, knob
+from assets.common.current_state import (
+    Built,
+    DeadLetterConfig,
+    StateBuild,
+    current_state_asset,
+    fingerprint_of,
+    knob,
+    semantic_config,
+)
 from assets.common.sources import CurrencyError, purchases_currency
 from assets.infer.embeddings import PRODUCT_VECTORS_SQL
 from assets.infer.purchases import PURCHASES_SQL
@@ -28,7 +53,9 @@ from recsys.customer_vectors import ProductEmbeddings
 from recsys.purchases import iter_customer_chunks
 from recsys.selection import Selection, select_model
 from recsys.recommender import (
+    HIDDEN_SCHEMA,
     RECOMMENDATION_SCHEMA,
+    SCORED_SCHEMA,
     SKIPPED_SCHEMA,
     TEXT_NEIGHBOUR,
     Recommender,
@@ -37,12 +64,24 @@ from recsys.recommender import (
 )
 from resources import dead_letters
 from resources.dead_letters import PROCESSING_ERROR, DeadLetter
-from resources.warehouse import Snapshot, fetch_all, fetch_scalar, snapshot
+from resources.warehouse import Snapshot, fetch_all, fetch_scalar, snapshot, table_exists
 
 STAGE = "recommendations"
 RECOMMENDATIONS_TABLE = "ml.recommendations"
 SKIPPED_TABLE = "ml.recommendation_skips"
+# What the next day needs to rescore only what changed: per customer the fingerprint of their
+# purchases, their last purchase and how they were ranked; the blocked products that would enter
+# each customer's top-k as candidates; and the customers the last build rewrote (for the outputs).
+CUSTOMERS_TABLE = "ml.recommendation_customers"
+HIDDEN_TABLE = "ml.recommendation_hidden"
+CHANGES_TABLE = "ml.recommendation_changes"
 INPUTS = ("stg_purchases", "dim_products", "product_embeddings")
+CODE_VERSION = "incremental-days-1"  # selection, grouped calibration, kept models and incremental days
+
+# How a build gets its model and whom it scores.
+REFIT = "refit"  # select and fit a model, score every customer
+RESCORE_ALL = "rescore_all"  # the kept model, every customer
+INCREMENTAL = "incremental"  # the kept model, only the customers whose recommendations may have changed
 
 
 class RecommendationsConfig(DeadLetterConfig):
@@ -60,6 +99,16 @@ class RecommendationsConfig(DeadLetterConfig):
                                   "window before as-of (recsys/selection.py); false: always EASE.")
     selection_window_days: int = Field(default=60, ge=1, description="Validation window of the model selection.")
     selection_customers: int = knob(50_000, "Customers (a stable sample) the selection fits and judges on.")
+    refit_every_days: int = knob(
+        7, "Refit (select and fit) the model when it is this many days old; between refits each day scores only "
+           "the customers whose recommendations may have changed, with the kept model.", ge=1)
+    max_coverage_drop: float = knob(
+        0.05, "Refit early when the share of purchases since the fit that the model knows (its items) is this much "
+              "below the share it was fitted on (the catalog drifted away from it).", ge=0.0, le=1.0)
+    drift_min_pairs: int = knob(1_000, "Fewer customer-product pairs bought since the fit say nothing about drift.", ge=1)
+    refit: bool = knob(False, "Refit the model in this build, whatever its age.")
+    rescore_all: bool = knob(False, "Score every customer with the kept model, not only those whose "
+                                    "recommendations may have changed (what an incremental day must equal).")
     text_neighbour_min_similarity: float | None = Field(
         default=RecommenderConfig.text_neighbour_min_similarity, ge=0.0, le=1.0,
         description="Cold start: an in-stock product outside the collaborative model is recommended through its "
@@ -75,6 +124,180 @@ class RecommendationsConfig(DeadLetterConfig):
 
 
 CATALOG_SQL = "SELECT product_id, in_stock, price FROM analytics.dim_products"
+
+# Per customer: a fingerprint of every purchase row (any added, removed or edited row changes it),
+# the rows the recommender cannot use, and the last usable purchase (recency drives confidence).
+CUSTOMER_STATE_SQL = """
+SELECT customer_id,
+       sum(hash(product_id, amount, purchased_at))::HUGEINT AS history_hash,
+       count(*) AS purchase_rows,
+       count(*) FILTER (WHERE NOT usable) AS invalid_rows,
+       max(purchased_at) FILTER (WHERE usable) AS last_purchase_at
+FROM (SELECT customer_id, product_id, amount, purchased_at,
+             coalesce(length(product_id) > 0 AND amount > 0 AND purchased_at IS NOT NULL, false) AS usable
+      FROM analytics.stg_purchases)
+GROUP BY customer_id
+"""
+
+# Whose top-k may differ from the stored one under the same model, and why (the first reason
+# in this order is kept). Everyone else's rows would come out the same: same history, same
+# model, and no change among the candidates that could enter or had entered their top-k.
+RESCORE_SQL = f"""
+CREATE TEMP TABLE rescore AS
+WITH candidates AS (
+    SELECT DISTINCT product_id FROM analytics.dim_products WHERE coalesce(in_stock, false)
+),
+reasons AS (
+    SELECT n.customer_id, 1 AS priority, 'new customer' AS reason
+    FROM now_state AS n ANTI JOIN {CUSTOMERS_TABLE} AS p USING (customer_id)
+    UNION ALL
+    SELECT n.customer_id, 2, 'purchases changed'
+    FROM now_state AS n JOIN {CUSTOMERS_TABLE} AS p USING (customer_id)
+    WHERE n.history_hash <> p.history_hash OR n.purchase_rows <> p.purchase_rows
+    UNION ALL
+    SELECT customer_id, 3, 'open dead letter' FROM open_dead_letters
+    UNION ALL
+    SELECT customer_id, 4, 'not scored last time'
+    FROM {CUSTOMERS_TABLE} WHERE collaborative IS NULL
+    UNION ALL
+    SELECT DISTINCT r.customer_id, 5, 'a recommended product is no longer a candidate'
+    FROM {RECOMMENDATIONS_TABLE} AS r ANTI JOIN candidates AS c USING (product_id)
+    UNION ALL
+    SELECT DISTINCT h.customer_id, 6, 'a product that would rank became a candidate'
+    FROM {HIDDEN_TABLE} AS h SEMI JOIN candidates AS c USING (product_id)
+    UNION ALL
+    -- confidence is calibrated by recency group: crossing an edge changes it
+    SELECT customer_id, 7, 'recency group changed'
+    FROM {CUSTOMERS_TABLE}
+    WHERE last_purchase_at IS NOT NULL AND len(list_filter($recency_edges::DOUBLE[], lambda e:
+          e > epoch_us($previous_as_of::TIMESTAMP - last_purchase_at) / 86400e6
+          AND e <= epoch_us($scoring_as_of::TIMESTAMP - last_purchase_at) / 86400e6)) > 0
+)
+SELECT customer_id, arg_min(reason, priority) AS reason
+FROM reasons SEMI JOIN now_state USING (customer_id)
+GROUP BY customer_id
+"""
+
+# The rescored customers' purchases, in the order stg_purchases keeps (same rows, same sums).
+RESCORE_PURCHASES_SQL = """
+SELECT customer_id, product_id, amount, purchased_at
+FROM analytics.stg_purchases SEMI JOIN rescore USING (customer_id)
+ORDER BY customer_id, purchased_at, product_id, amount, source
+"""
+
+
+@dataclass(frozen=True)
+class Plan:
+    mode: str  # REFIT, RESCORE_ALL or INCREMENTAL
+    reason: str
+    stored: dict | None  # the kept model's record (measurements["model"] of the last build)
+    base_version: int | None  # INCREMENTAL: the build whose tables this one updates
+
+
+def plan_build(build: StateBuild, model_fingerprint: str) -> Plan:
+    """Refit on a cadence (or when asked, or when what the model depends on changed); otherwise
+    keep the model, and score only what changed when the last build left what that needs."""
+    config, stored = build.config, build.decision.stored
+    kept = (stored.measurements.get("model") if stored else None) or None
+    refit_reason = None
+    if config.refit:
+        refit_reason = "asked by run config (refit)"
+    elif kept is None or not kept.get("file"):
+        refit_reason = "no kept model (first build)"
+    elif kept.get("fingerprint") != model_fingerprint:
+        refit_reason = "the code, the model config or the currency changed"
+    elif build.as_of < dt.date.fromisoformat(kept["fitted_on_day"]):
+        refit_reason = "the kept model was fitted on later days"
+    elif (age := (build.as_of - dt.date.fromisoformat(kept["fitted_on_day"])).days) >= config.refit_every_days:
+        refit_reason = f"the model is {age} days old (refit every {config.refit_every_days})"
+    elif not (models_dir(build) / kept["file"]).exists():
+        refit_reason = f"the kept model file {kept['file']} is missing"
+    if refit_reason:
+        return Plan(REFIT, refit_reason, None, None)
+    if config.rescore_all:
+        return Plan(RESCORE_ALL, "asked by run config (rescore_all)", kept, None)
+    if config.force:
+        return Plan(REFIT, "forced by run config", None, None)
+    if not kept.get("incremental_ready"):
+        return Plan(RESCORE_ALL, "the last build did not track what an incremental day needs "
+                                 "(text neighbours in play, or no candidates)", kept, None)
+    if not stored.complete or stored.as_of >= build.as_of:
+        return Plan(RESCORE_ALL, "the last build was incomplete or not of an earlier day", kept, None)
+    return Plan(INCREMENTAL, f"model fitted on {kept['fitted_on_day']}, "
+                             f"refit every {config.refit_every_days} days", kept, stored.version)
+
+
+def models_dir(build: StateBuild) -> Path:
+    """Kept models live beside the warehouse file."""
+    return build.warehouse.file.parent / "models"
+
+
+def remove_other_models(build: StateBuild, keep: str) -> None:
+    """After the commit: the recorded model stays, older (or abandoned) ones go."""
+    for path in models_dir(build).glob("recommendations-*.pkl"):
+        if path.name != keep:
+            path.unlink(missing_ok=True)
+
+
+def coverage_drift(build: StateBuild, kept: dict, model: Recommender) -> str | None:
+    """A refit reason when purchases since the fit lie outside the model's items far more often
+    than the purchases it was fitted on did (new products the model cannot rank are selling)."""
+    with build.warehouse.connect(read_only=True) as con:
+        pairs, covered = coverage_since_fit(con, model.scorer.items.product_ids, model.report.as_of)
+    return drift_reason(pairs, covered, float(kept.get("coverage") or 0.0), build.config)
+
+
+def coverage_since_fit(con, model_items: pa.Array, fitted_as_of: str) -> tuple[int, int]:
+    """Customer-product pairs bought since the fit, and how many of them are model items."""
+    con.register("model_items", pa.table({"product_id": model_items}))
+    return tuple(fetch_all(con, """
+        SELECT count(*), count(*) FILTER (WHERE product_id IN (SELECT product_id FROM model_items))
+        FROM (SELECT DISTINCT customer_id, product_id FROM analytics.stg_purchases
+              WHERE purchased_at >= $fitted::TIMESTAMP AND length(product_id) > 0 AND amount > 0)""",
+        {"fitted": fitted_as_of})[0])
+
+
+def drift_reason(pairs: int, covered: int, fitted_coverage: float, config: RecommendationsConfig) -> str | None:
+    if pairs < config.drift_min_pairs:
+        return None
+    recent = covered / pairs
+    if fitted_coverage - recent > config.max_coverage_drop:
+        return (f"coverage drift: the model knows {recent:.1%} of the {pairs:,} customer-product pairs bought "
+                f"since its fit, against {fitted_coverage:.1%} of those it was fitted on")
+    return None
+
+
+def recency_edges(model: Recommender) -> list[float]:
+    """Every recency threshold the confidence calibration groups customers by."""
+    edges = {float(e) for c in model.calibrators.values() if c is not None for e in c.groups.recency_edges}
+    return sorted(e for e in edges if np.isfinite(e))
+
+
+def take_snapshot(build: StateBuild, plan: Plan, model: Recommender | None):
+    """Every customer's purchases, or (incremental) the rescored customers' only, with the
+    catalog, the product vectors and the customers' current state, under one connection."""
+    queries = {"catalog": CATALOG_SQL, "customer_state": "SELECT * FROM now_state"}
+    register: dict[str, pa.Table] = {}
+    prepare: list = [f"CREATE TEMP TABLE now_state AS {CUSTOMER_STATE_SQL}"]
+    if plan.mode == INCREMENTAL:
+        stored = build.decision.stored
+        previous_as_of = dt.datetime.combine(stored.as_of + dt.timedelta(days=1), dt.time())
+        prepare.append((RESCORE_SQL, {"recency_edges": recency_edges(model), "previous_as_of": previous_as_of,
+                                      "scoring_as_of": model.as_of}))
+        register["open_dead_letters"] = open_dead_letter_customers(build)
+        queries |= {"purchases": RESCORE_PURCHASES_SQL, "rescore": "SELECT * FROM rescore"}
+    else:
+        queries["purchases"] = PURCHASES_SQL
+    return snapshot(build.warehouse, queries, optional={"vectors": PRODUCT_VECTORS_SQL}, prepare=prepare,
+                    register=register)
+
+
+def open_dead_letter_customers(build: StateBuild) -> pa.Table:
+    """Customers this stage dead-lettered and has not scored since: they are scored again."""
+    with build.warehouse.connect(read_only=True) as con:
+        keys = (fetch_all(con, f"SELECT DISTINCT item_key FROM {dead_letters.TABLE} WHERE stage = ? AND resolved_at IS NULL",
+                          [STAGE]) if table_exists(con, dead_letters.TABLE) else [])
+    return pa.table({"customer_id": pa.array([key for (key,) in keys], type=pa.string())})
 
 
 def purchases_source(taken: Snapshot, batch_rows: int) -> Callable[[], Iterator[pa.RecordBatch]]:
@@ -112,44 +335,110 @@ class StagedOutputs:
         self.taken, self.as_of, self.currency = taken, as_of, currency
         # predicted_value is money: its currency is stored with it
         schema = RECOMMENDATION_SCHEMA.append(pa.field("as_of", pa.date32())).append(pa.field("currency", pa.string()))
-        self.recommendations = taken.writer("staged_recommendations", schema)
-        self.skips = taken.writer("staged_skips", SKIPPED_SCHEMA)
+        self.files = {
+            RECOMMENDATIONS_TABLE: taken.writer("staged_recommendations", schema),
+            SKIPPED_TABLE: taken.writer("staged_skips", SKIPPED_SCHEMA),
+            "scored": taken.writer("staged_scored", SCORED_SCHEMA),
+            HIDDEN_TABLE: taken.writer("staged_hidden", HIDDEN_SCHEMA),
+        }
+        self.customers_scored = 0
 
     def add(self, result) -> None:
         batch = result.recommendations
         as_of = pa.array([self.as_of] * batch.num_rows, type=pa.date32())
         currency = pa.array([self.currency] * batch.num_rows, type=pa.string())
-        self.recommendations.write_batch(pa.RecordBatch.from_arrays([*batch.columns, as_of, currency],
-                                                                    schema=self.recommendations.schema))
-        self.skips.write_batch(result.skipped)
+        recommendations = self.files[RECOMMENDATIONS_TABLE]
+        recommendations.write_batch(pa.RecordBatch.from_arrays([*batch.columns, as_of, currency],
+                                                               schema=recommendations.schema))
+        self.files[SKIPPED_TABLE].write_batch(result.skipped)
+        self.files["scored"].write_batch(result.scored)
+        if result.hidden is not None:
+            self.files[HIDDEN_TABLE].write_batch(result.hidden)
+        self.customers_scored += result.customers
 
     def close(self) -> None:
-        self.recommendations.close()
-        self.skips.close()
+        for writer in self.files.values():
+            writer.close()
 
-    def publish(self, con: duckdb.DuckDBPyConnection) -> None:
+    def path(self, name: str) -> str:
+        return str(self.taken.path(name))
+
+    def publish(self, con: duckdb.DuckDBPyConnection, incremental: bool) -> None:
         """Load the files into side tables, committed on their own (20M uncommitted rows in the
         publishing transaction cost gigabytes: 4 GB RSS measured at 2M customers); the caller's
-        transaction then swaps them in."""
+        transaction then swaps them in (or, incremental, merges them)."""
         con.execute("CREATE SCHEMA IF NOT EXISTS ml")
-        for table, name in ((RECOMMENDATIONS_TABLE, "staged_recommendations"), (SKIPPED_TABLE, "staged_skips")):
+        for table, name in ((RECOMMENDATIONS_TABLE, "staged_recommendations"), (SKIPPED_TABLE, "staged_skips"),
+                            (HIDDEN_TABLE, "staged_hidden")):
             con.execute(f"CREATE OR REPLACE TABLE {building(table)} AS SELECT * FROM read_parquet(?)",
-                        [str(self.taken.path(name))])
+                        [self.path(name)])
+        # every customer's state now, and how they were ranked: by this build, or (not rescored) the last one
+        if incremental:
+            how_ranked = "CASE WHEN r.customer_id IS NULL THEN p.collaborative ELSE scored.collaborative END"
+            kept = (f"LEFT JOIN read_parquet($rescore) AS r ON r.customer_id = s.customer_id "
+                    f"LEFT JOIN {CUSTOMERS_TABLE} AS p ON p.customer_id = s.customer_id")
+        else:
+            how_ranked, kept = "scored.collaborative", ""
+        con.execute(
+            f"""CREATE OR REPLACE TABLE {building(CUSTOMERS_TABLE)} AS
+                SELECT s.*, {how_ranked} AS collaborative
+                FROM read_parquet($state) AS s
+                LEFT JOIN read_parquet($scored) AS scored ON scored.customer_id = s.customer_id {kept}
+                ORDER BY s.customer_id""",
+            {"state": self.path("customer_state"), "scored": self.path("staged_scored"),
+             **({"rescore": self.path("rescore")} if incremental else {})})
+        # the customers this build rewrote: rescored, and gone (no purchases left)
+        changed = (f"""SELECT customer_id FROM read_parquet($rescore)
+                       UNION SELECT customer_id FROM {CUSTOMERS_TABLE} ANTI JOIN read_parquet($state) USING (customer_id)"""
+                   if incremental else "SELECT NULL::VARCHAR AS customer_id WHERE false")
+        con.execute(f"CREATE OR REPLACE TABLE {building(CHANGES_TABLE)} AS {changed}",
+                    {"rescore": self.path("rescore"), "state": self.path("customer_state")} if incremental else {})
 
 
-def swap_in_building_tables(con: duckdb.DuckDBPyConnection) -> None:
+REWRITTEN_TABLES = (RECOMMENDATIONS_TABLE, SKIPPED_TABLE, HIDDEN_TABLE)  # rows per customer, merged on incremental days
+STATE_TABLES = (CUSTOMERS_TABLE, CHANGES_TABLE)  # replaced by every build
+
+
+def swap_in_building_tables(con: duckdb.DuckDBPyConnection, tables=(*REWRITTEN_TABLES, *STATE_TABLES)) -> None:
     """Replace the current tables with the finished side tables (inside the caller's transaction)."""
-    for table in (RECOMMENDATIONS_TABLE, SKIPPED_TABLE):
+    for table in tables:
         con.execute(f"DROP TABLE IF EXISTS {table}")
         con.execute(f"ALTER TABLE {building(table)} RENAME TO {table.split('.')[1]}")
 
 
-def score_safely(model: Recommender, candidates):
+def merge_changes(con: duckdb.DuckDBPyConnection) -> None:
+    """Incremental day: the changed customers' rows are replaced by this build's, the rest stay
+    (inside the caller's transaction)."""
+    for table in REWRITTEN_TABLES:
+        con.execute(f"DELETE FROM {table} WHERE customer_id IN (SELECT customer_id FROM {building(CHANGES_TABLE)})")
+        con.execute(f"INSERT INTO {table} SELECT * FROM {building(table)}")
+        con.execute(f"DROP TABLE {building(table)}")
+    swap_in_building_tables(con, STATE_TABLES)
+
+
+def table_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+    """The stage's counts, from its tables (an incremental day rescored only some customers)."""
+    customers, collaborative, popularity, without_valid, invalid = fetch_all(
+        con, f"""SELECT count(*) FILTER (WHERE collaborative IS NOT NULL), count(*) FILTER (WHERE collaborative),
+                        count(*) FILTER (WHERE NOT collaborative),
+                        count(*) FILTER (WHERE collaborative IS NOT NULL AND last_purchase_at IS NULL),
+                        coalesce(sum(invalid_rows) FILTER (WHERE collaborative IS NOT NULL), 0)
+                 FROM {CUSTOMERS_TABLE}""")[0]
+    recommendations, text_neighbour, text_products = fetch_all(
+        con, f"""SELECT count(*), count(*) FILTER (WHERE strategy = $s), count(DISTINCT product_id) FILTER (WHERE strategy = $s)
+                 FROM {RECOMMENDATIONS_TABLE}""", {"s": TEXT_NEIGHBOUR})[0]
+    return {"customers": customers, "collaborative": collaborative, "popularity": popularity,
+            "without_valid_purchases": without_valid, "skipped": fetch_scalar(con, f"SELECT count(*) FROM {SKIPPED_TABLE}"),
+            "recommendations": recommendations, "invalid_rows": int(invalid),
+            "text_neighbour_recommendations": text_neighbour, "text_neighbour_products": text_products}
+
+
+def score_safely(model: Recommender, candidates, track_hidden: bool):
     """Score a chunk; an exception is returned (not raised) so the chunk can be dead-lettered."""
 
     def score(chunk):
         try:
-            return chunk, model.score_chunk(chunk, candidates), None
+            return chunk, model.score_chunk(chunk, candidates, track_hidden=track_hidden), None
         except Exception as error:  # one bad chunk must not stop the other customers
             return chunk, None, error
 
@@ -213,7 +502,7 @@ def served_verdicts(measured: Mapping[str, Any], config: RecommendationsConfig) 
 @current_state_asset(
     name=STAGE,
     inputs=INPUTS,
-    tables=[RECOMMENDATIONS_TABLE, SKIPPED_TABLE],
+    tables=[RECOMMENDATIONS_TABLE, SKIPPED_TABLE, CUSTOMERS_TABLE, HIDDEN_TABLE, CHANGES_TABLE],
     group="infer",
     config_class=RecommendationsConfig,
     checks=[dg.AssetCheckSpec("customers_served", asset=STAGE,
@@ -222,74 +511,111 @@ def served_verdicts(measured: Mapping[str, Any], config: RecommendationsConfig) 
     dead_letter_stage=STAGE,
     personal_data=True,  # customer ids
     fingerprint_extra=lambda context: {"currency": configured_currency()},  # a new currency rebuilds
-    code_version="model-selection-1",  # selection and grouped calibration change what the same inputs give
+    code_version=CODE_VERSION,
 )
 def recommendations(build: StateBuild) -> Built:
     """Top-K in-stock products per customer that they have not bought, with confidence and predicted value."""
-    config, as_of = build.config, build.as_of
     currency = configured_currency()
-    dead_letters_: list[DeadLetter] = []
+    model_fingerprint = fingerprint_of(CODE_VERSION, semantic_config(build.config), currency)
+    plan = plan_build(build, model_fingerprint)
+    # Purchases on the partition day count as history: the model sees everything before the next day.
+    scoring_as_of = dt.datetime.combine(build.as_of + dt.timedelta(days=1), dt.time())
+    model = None
+    if plan.mode != REFIT:
+        model = Recommender.load(models_dir(build) / plan.stored["file"]).scoring_as_of(scoring_as_of)
+    if plan.mode == INCREMENTAL:
+        drift = coverage_drift(build, plan.stored, model)
+        if drift is not None:
+            plan, model = Plan(REFIT, drift, None, None), None
     # No lock is held while fitting and scoring: the inputs are a snapshot, the outputs are staged.
-    with snapshot(build.warehouse, {"purchases": PURCHASES_SQL, "catalog": CATALOG_SQL},
-                  optional={"vectors": PRODUCT_VECTORS_SQL}) as taken:
-        source = purchases_source(taken, config.read_batch_rows)
-        catalog = taken.table("catalog")
-        vectors = (ProductEmbeddings.from_arrow(taken.table("vectors"), vector_column="vector")
-                   if taken.has("vectors") else None)
-        # Purchases on the partition day count as history: the model sees everything before the next day.
-        model_as_of = dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time())
-        selection = (select_model(source, model_as_of, config.recommender(), config.selection_window_days,
+    with take_snapshot(build, plan, model) as taken:
+        return score_and_publish(build, plan, model_fingerprint, currency, scoring_as_of, model, taken)
+
+
+def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, currency: str,
+                      scoring_as_of: dt.datetime, model: Recommender | None, taken: Snapshot) -> Built:
+    config, as_of = build.config, build.as_of
+    source = purchases_source(taken, config.read_batch_rows)
+    catalog = taken.table("catalog")
+    vectors = (ProductEmbeddings.from_arrow(taken.table("vectors"), vector_column="vector")
+               if taken.has("vectors") else None)
+    selection = None
+    model_file = plan.stored["file"] if plan.stored and plan.mode != REFIT else None
+    if model is None:
+        selection = (select_model(source, scoring_as_of, config.recommender(), config.selection_window_days,
                                   config.selection_customers, product_vectors=vectors) if config.select_model else None)
         if selection is not None:
             build.log.info(f"model selection: {selection.chosen} ({selection.reason}); "
                            f"{selection.evaluated_customers:,} validation customers, {selection.seconds:.1f}s")
-        model = Recommender.fit(source, selection.config if selection else config.recommender(), as_of=model_as_of)
-        candidates = model.candidates(catalog, vectors)
-        build.log.info(f"fitted on {model.report.customers:,} customers, {model.report.model_items:,} model items; "
-                       f"{candidates.in_stock_model_items:,} in-stock candidates, "
-                       f"{candidates.cold_start_products:,} more through their text")
-        counts = {"customers": 0, "collaborative": 0, "popularity": 0, "without_valid_purchases": 0, "skipped": 0,
-                  "recommendations": 0, "invalid_rows": 0, "text_neighbour_recommendations": 0}
-        progress = Progress(build.log, model.report.customers, config.progress_every_seconds)
-        staged = StagedOutputs(taken, as_of, currency)
-        chunks = iter_customer_chunks(source, config.score_chunk_customers)
-        for chunk, result, error in ordered_parallel_map(score_safely(model, candidates), chunks, config.workers):
-            if error is not None:
-                build.log.error(f"a chunk of {chunk.n_customers:,} customers failed ({error!r}); dead-lettered")
-                dead_letter_chunk(dead_letters_, chunk, error)
-            else:
-                staged.add(result)
-                for key, value in result.counts().items():
-                    counts[key] += value
-            progress.advance(chunk.n_customers)
-        staged.close()
-        # The item-item weights and scoring buffers go before DuckDB loads the outputs (up to its
-        # memory_limit): at 2M customers the step's peak was their sum.
-        report, deployed = model.report, model.config.model
-        del model, chunks, vectors
-        release_memory()
-        with build.warehouse.connect() as con:
-            staged.publish(con)
-            con.execute("BEGIN TRANSACTION")
+        model = Recommender.fit(source, selection.config if selection else config.recommender(), as_of=scoring_as_of)
+        model_file = f"recommendations-{as_of}-{model_fingerprint[:12]}-{uuid.uuid4().hex[:8]}.pkl"
+        model.save(models_dir(build) / model_file)
+    build.log.info(f"{plan.mode} ({plan.reason}); model fitted as of {model.report.as_of}: "
+                   f"{model.report.model_items:,} model items")
+    candidates = model.candidates(catalog, vectors)
+    build.log.info(f"{candidates.in_stock_model_items:,} in-stock candidates, "
+                   f"{candidates.cold_start_products:,} more through their text")
+    # Incremental days need to know which blocked products would rank; cold products are not tracked.
+    track_hidden = candidates.cold_start_products == 0 and candidates.in_stock_model_items > 0
+    to_score = taken.table("rescore").num_rows if plan.mode == INCREMENTAL else model.report.customers
+    progress = Progress(build.log, to_score, config.progress_every_seconds)
+    staged = StagedOutputs(taken, as_of, currency)
+    dead_letters_: list[DeadLetter] = []
+    chunks = iter_customer_chunks(source, config.score_chunk_customers)
+    for chunk, result, error in ordered_parallel_map(score_safely(model, candidates, track_hidden), chunks,
+                                                     config.workers):
+        if error is not None:
+            build.log.error(f"a chunk of {chunk.n_customers:,} customers failed ({error!r}); dead-lettered")
+            dead_letter_chunk(dead_letters_, chunk, error)
+        else:
+            staged.add(result)
+            track_hidden = track_hidden and result.hidden is not None
+        progress.advance(chunk.n_customers)
+    staged.close()
+    # The item-item weights and scoring buffers go before DuckDB loads the outputs (up to its
+    # memory_limit): at 2M customers the step's peak was their sum.
+    report, deployed = model.report, model.config.model
+    cold_start_products, in_stock_model_items, not_in_model = (
+        candidates.cold_start_products, candidates.in_stock_model_items, candidates.catalog_products_not_in_model)
+    del model, chunks, vectors, candidates
+    release_memory()
+    model_info = {"file": model_file, "fingerprint": model_fingerprint, "fitted_on_day": str(as_of if plan.mode == REFIT else plan.stored["fitted_on_day"]),
+                  "deployed": deployed, "coverage": report.purchase_pairs_covered_by_model,
+                  "incremental_ready": track_hidden}
+    with build.warehouse.connect() as con:
+        staged.publish(con, incremental=plan.mode == INCREMENTAL)
+        con.execute("BEGIN TRANSACTION")
+        if plan.mode == INCREMENTAL:
+            merge_changes(con)
+        else:
             swap_in_building_tables(con)
-            reference = (build.decision.stored.measurements.get("distribution", {}) if build.decision.stored else {})
-            distribution = confidence_summary(con, None if config.reset_confidence_bins else reference.get("confidence_edges"))
-            stored = fetch_scalar(con, f"SELECT count(*) FROM {RECOMMENDATIONS_TABLE}")
-            skip_reasons = dict(fetch_all(con, f"SELECT reason, count(*) FROM {SKIPPED_TABLE} GROUP BY reason"))
-            counts["text_neighbour_products"] = fetch_scalar(
-                con, f"SELECT count(DISTINCT product_id) FROM {RECOMMENDATIONS_TABLE} WHERE strategy = ?", [TEXT_NEIGHBOUR])
-            # Customers scored this time leave the queue, whatever partition dead-lettered them.
-            dead_letters.resolve(con, STAGE, f"SELECT DISTINCT customer_id FROM {RECOMMENDATIONS_TABLE}"
-                                             f" UNION SELECT customer_id FROM {SKIPPED_TABLE}")
-            dead_letters.supersede(con, STAGE, "SELECT DISTINCT customer_id FROM analytics.stg_purchases")
-            dead_letters.write(con, STAGE, build.partition_key, deployed, dead_letters_)
-            plain_distribution = {k: (v.value if isinstance(v, dg.JsonMetadataValue) else v) for k, v in distribution.items()}
-            build.record(con, stored, {"distribution": plain_distribution, "counts": counts, "skip_reasons": skip_reasons,
-                                       "items": report.customers, "deployed_model": deployed,
-                                       "currency": currency})
-            con.execute("COMMIT")
-    return Built({**recommendations_metadata(build, report, candidates, counts, distribution, stored, dead_letters_,
-                                             skip_reasons), **selection_metadata(selection), "currency": currency})
+        reference = (build.decision.stored.measurements.get("distribution", {}) if build.decision.stored else {})
+        distribution = confidence_summary(con, None if config.reset_confidence_bins else reference.get("confidence_edges"))
+        stored = fetch_scalar(con, f"SELECT count(*) FROM {RECOMMENDATIONS_TABLE}")
+        skip_reasons = dict(fetch_all(con, f"SELECT reason, count(*) FROM {SKIPPED_TABLE} GROUP BY reason"))
+        counts = table_counts(con)
+        # Customers scored this time leave the queue, whatever partition dead-lettered them.
+        dead_letters.resolve(con, STAGE, f"SELECT customer_id FROM {CUSTOMERS_TABLE} WHERE collaborative IS NOT NULL")
+        dead_letters.supersede(con, STAGE, f"SELECT customer_id FROM {CUSTOMERS_TABLE}")
+        dead_letters.write(con, STAGE, build.partition_key, deployed, dead_letters_)
+        rescored = {"mode": plan.mode, "reason": plan.reason, "customers_scored": staged.customers_scored,
+                    "base_version": plan.base_version, "by_reason": rescore_reasons(taken) if plan.mode == INCREMENTAL else {}}
+        plain_distribution = {k: (v.value if isinstance(v, dg.JsonMetadataValue) else v) for k, v in distribution.items()}
+        build.record(con, stored, {"distribution": plain_distribution, "counts": counts, "skip_reasons": skip_reasons,
+                                   "items": counts["customers"] + len(dead_letters_), "deployed_model": deployed,
+                                   "currency": currency, "model": model_info, "build": rescored})
+        con.execute("COMMIT")
+    remove_other_models(build, model_file)
+    metadata = recommendations_metadata(build, report, counts, distribution, stored, dead_letters_, skip_reasons)
+    return Built({**metadata, **selection_metadata(selection, model_info), **build_metadata(rescored, model_info),
+                  "in_stock_candidates": in_stock_model_items, "catalog_products_not_in_model": not_in_model,
+                  "cold_start_products_in_reach": cold_start_products, "currency": currency})
+
+
+def rescore_reasons(taken: Snapshot) -> dict[str, int]:
+    rescore = taken.table("rescore")
+    counted = rescore.group_by("reason").aggregate([("customer_id", "count")])
+    return dict(zip(counted["reason"].to_pylist(), counted["customer_id_count"].to_pylist()))
 
 
 def release_memory() -> None:
@@ -310,9 +636,9 @@ def configured_currency() -> str:
         raise dg.Failure(description=str(error), allow_retries=False) from None
 
 
-def selection_metadata(selection: Selection | None) -> dict:
-    if selection is None:
-        return {"deployed_model": "ease (selection off)"}
+def selection_metadata(selection: Selection | None, model_info: dict) -> dict:
+    if selection is None:  # a kept model: it was selected when it was fitted
+        return {"deployed_model": model_info["deployed"]}
     return {
         "deployed_model": selection.chosen,
         "model_selection": dg.MetadataValue.md(
@@ -324,7 +650,18 @@ def selection_metadata(selection: Selection | None) -> dict:
     }
 
 
-def recommendations_metadata(build, report, candidates, counts, distribution, stored, letters, skip_reasons) -> dict:
+def build_metadata(rescored: dict, model_info: dict) -> dict:
+    """How this build got its model and whom it scored: the refit decision is recorded."""
+    return {
+        "build_mode": rescored["mode"],
+        "build_mode_reason": rescored["reason"],
+        "model_fitted_on_day": model_info["fitted_on_day"],
+        "customers_scored": rescored["customers_scored"],
+        "rescored_by_reason": dg.MetadataValue.json(rescored["by_reason"]),
+    }
+
+
+def recommendations_metadata(build, report, counts, distribution, stored, letters, skip_reasons) -> dict:
     dlq_customers = len(letters)
     build.log.info(f"{stored:,} recommendations for {counts['customers']:,} customers "
                      f"({counts['popularity']:,} by popularity, {counts['skipped']:,} skipped, {dlq_customers:,} in the DLQ)")
@@ -339,9 +676,6 @@ def recommendations_metadata(build, report, candidates, counts, distribution, st
         "dlq_count": dlq_customers,
         **distribution,
         "model_items": report.model_items,
-        "in_stock_candidates": candidates.in_stock_model_items,
-        "catalog_products_not_in_model": candidates.catalog_products_not_in_model,
-        "cold_start_products_in_reach": candidates.cold_start_products,
         "cold_start_products_recommended": counts["text_neighbour_products"],
         "cold_start_recommendations": counts["text_neighbour_recommendations"],
         "fit": dg.MetadataValue.json(report.to_dict()),

@@ -3,6 +3,11 @@
 Every recommendation ends up in exactly one of two tables: `outputs.recommendations` (passed
 every rule) or `outputs.rejected_recommendations` (with the list of rules it broke). The rules
 run as one SQL statement over the whole table, so they cost seconds even at 20M rows.
+
+When the recommendations build was incremental on exactly the version these tables were built
+from, only the customers it rewrote are checked again; every rule is also run again on a
+different sample of the other customers each day (`verified_sample_rows`), and any
+disagreement with the stored verdicts rebuilds both tables from all recommendations.
 """
 
 from collections.abc import Mapping
@@ -11,7 +16,17 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from assets.common.current_state import Built, as_of_day, StateBuild, StateConfig, current_state_asset, knob
+from assets.common.current_state import (
+    Built,
+    StateBuild,
+    StateConfig,
+    as_of_day,
+    current_state_asset,
+    fingerprint_of,
+    knob,
+    read_state,
+    semantic_config,
+)
 from assets.common.metadata import table_preview
 from assets.common.partitions import daily_partitions
 from assets.validate.gx_checks import run_suite_check
@@ -24,11 +39,13 @@ REJECTED_TABLE = "outputs.rejected_recommendations"
 INPUTS = ("recommendations", "dim_products", "stg_purchases")
 
 # One SQL expression a rule; a recommendation is rejected with the names of every rule it breaks.
+# {only} narrows the recommendations checked (an incremental day: the changed customers).
 RULES_SQL = """
 WITH recs AS (
     SELECT r.*, p.in_stock
     FROM ml.recommendations AS r
     LEFT JOIN analytics.dim_products AS p ON p.product_id = r.product_id
+    {only}
 ),
 checked AS (
     SELECT
@@ -50,6 +67,7 @@ checked AS (
 )
 SELECT * EXCLUDE (in_stock) FROM checked
 """
+CHANGED_CUSTOMERS = "SELECT customer_id FROM ml.recommendation_changes"
 
 
 class OutputRulesConfig(StateConfig):
@@ -57,17 +75,21 @@ class OutputRulesConfig(StateConfig):
     min_predicted_value: float = Field(default=0.0, description="Lowest sane predicted value (currency).")
     max_predicted_value: float = Field(default=10_000.0, description="Highest sane predicted value (currency).")
     max_rejection_rate: float = knob(0.2, "Above this share rejected, the check warns.")
+    verified_sample_rows: int = knob(
+        20_000, "An incremental day checks the changed customers' recommendations, and every rule again on about "
+                "this many of the others' (a different sample each day); any disagreement rebuilds all.", ge=1)
+
+
+def rule_params(config: OutputRulesConfig) -> dict[str, float]:
+    return {"min_confidence": config.min_confidence, "min_value": config.min_predicted_value,
+            "max_value": config.max_predicted_value}
 
 
 def apply_rules(con, config: OutputRulesConfig) -> dict[str, int]:
     """Split ml.recommendations into accepted and rejected tables; returns counts by rule."""
-    params = {
-        "min_confidence": config.min_confidence,
-        "min_value": config.min_predicted_value,
-        "max_value": config.max_predicted_value,
-    }
     con.execute("CREATE SCHEMA IF NOT EXISTS outputs")
-    con.execute(f"CREATE OR REPLACE TEMP TABLE checked_recommendations AS {RULES_SQL}", params)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE checked_recommendations AS {RULES_SQL.format(only='')}",
+                rule_params(config))
     con.execute(
         f"CREATE OR REPLACE TABLE {ACCEPTED_TABLE} AS "
         "SELECT * EXCLUDE (failed_rules) FROM checked_recommendations WHERE len(failed_rules) = 0"
@@ -76,16 +98,58 @@ def apply_rules(con, config: OutputRulesConfig) -> dict[str, int]:
         f"CREATE OR REPLACE TABLE {REJECTED_TABLE} AS "
         "SELECT *, now()::TIMESTAMP AS rejected_at FROM checked_recommendations WHERE len(failed_rules) > 0"
     )
+    con.execute("DROP TABLE checked_recommendations")
+    return rule_counts(con)
+
+
+def apply_rules_to_changes(con, config: OutputRulesConfig) -> tuple[dict[str, int], int]:
+    """An incremental day: only the customers the recommendations build rewrote are checked
+    again; their old rows leave both tables and their new rows land in one of them."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE checked_recommendations AS "
+                f"{RULES_SQL.format(only=f'WHERE r.customer_id IN ({CHANGED_CUSTOMERS})')}", rule_params(config))
+    for table in (ACCEPTED_TABLE, REJECTED_TABLE):
+        con.execute(f"DELETE FROM {table} WHERE customer_id IN ({CHANGED_CUSTOMERS})")
+    con.execute(f"INSERT INTO {ACCEPTED_TABLE} BY NAME "
+                "SELECT * EXCLUDE (failed_rules) FROM checked_recommendations WHERE len(failed_rules) = 0")
+    con.execute(f"INSERT INTO {REJECTED_TABLE} BY NAME "
+                "SELECT *, now()::TIMESTAMP AS rejected_at FROM checked_recommendations WHERE len(failed_rules) > 0")
+    rechecked = fetch_scalar(con, "SELECT count(*) FROM checked_recommendations")
+    con.execute("DROP TABLE checked_recommendations")
+    return rule_counts(con), rechecked
+
+
+def verify_sample(con, config: OutputRulesConfig, salt: str) -> dict[str, int]:
+    """Every rule again on a sample of the customers an incremental day did not recheck (a
+    different sample each day): the stored verdicts must be what the rules say now."""
+    total = fetch_scalar(con, "SELECT count(*) FROM ml.recommendations")
+    modulus = max(1, total // max(config.verified_sample_rows, 1))
+    def sampled(column: str) -> str:
+        return f"hash({column} || $salt) % {modulus} = 0 AND {column} NOT IN ({CHANGED_CUSTOMERS})"
+
+    checked, disagreeing = fetch_all(con, f"""
+        WITH now AS ({RULES_SQL.format(only=f'WHERE {sampled("r.customer_id")}')}),
+        stored AS (
+            SELECT customer_id, product_id, []::VARCHAR[] AS failed_rules FROM {ACCEPTED_TABLE}
+            WHERE {sampled("customer_id")}
+            UNION ALL
+            SELECT customer_id, product_id, failed_rules FROM {REJECTED_TABLE} WHERE {sampled("customer_id")}
+        )
+        SELECT count(now.customer_id), count(*) FILTER (WHERE now.failed_rules IS DISTINCT FROM stored.failed_rules)
+        FROM now FULL OUTER JOIN stored ON now.customer_id = stored.customer_id AND now.product_id = stored.product_id""",
+        {**rule_params(config), "salt": salt})[0]
+    return {"rows": checked, "disagreeing": disagreeing}
+
+
+def rule_counts(con) -> dict[str, int]:
     counts = dict(
         fetch_all(
             con,
             f"SELECT rule, count(*) FROM (SELECT unnest(failed_rules) AS rule FROM {REJECTED_TABLE}) GROUP BY rule",
         )
     )
-    counts["input"] = fetch_scalar(con, "SELECT count(*) FROM checked_recommendations")
+    counts["input"] = fetch_scalar(con, "SELECT count(*) FROM ml.recommendations")
     counts["accepted"] = fetch_scalar(con, f"SELECT count(*) FROM {ACCEPTED_TABLE}")
     counts["rejected"] = fetch_scalar(con, f"SELECT count(*) FROM {REJECTED_TABLE}")
-    con.execute("DROP TABLE checked_recommendations")
     return counts
 
 
@@ -130,9 +194,24 @@ def rule_verdicts(counts: Mapping[str, Any], config: OutputRulesConfig) -> list[
 )
 def validated_recommendations(build: StateBuild) -> Built:
     """Recommendations that pass the business rules; the rest kept with the rules they broke."""
+    config = build.config
+    rules = fingerprint_of(semantic_config(config))
     with build.warehouse.transaction() as con:
-        counts = apply_rules(con, build.config)
-        build.record(con, counts["accepted"], counts)
+        upstream = read_state(con, "recommendations")
+        mode, why = output_plan(build.decision.stored, upstream, rules)
+        sample, rechecked = None, None
+        if mode == "incremental":
+            counts, rechecked = apply_rules_to_changes(con, config)
+            sample = verify_sample(con, config, str(build.as_of))
+            if sample["disagreeing"]:
+                build.log.warning(f"{sample['disagreeing']:,} of {sample['rows']:,} sampled stored verdicts disagree "
+                                  "with the rules now: checking every recommendation")
+                mode, why = "full", f"the verified sample disagreed ({sample['disagreeing']:,} rows)"
+        if mode == "full":
+            counts = apply_rules(con, config)
+        build.record(con, counts["accepted"], {**counts, "build": {
+            "mode": mode, "reason": why, "rechecked": rechecked, "verified_sample": sample,
+            "recommendations_version": upstream.version if upstream else None, "rules": rules}})
         suspicious = fetch_scalar(
             con, f"SELECT count(*) FROM {REJECTED_TABLE} WHERE list_contains(failed_rules, 'predicted_value_out_of_range')"
         )
@@ -142,7 +221,8 @@ def validated_recommendations(build: StateBuild) -> Built:
     total, rejected = counts["input"], counts["rejected"]
     rate = rejected / total if total else 0.0
     by_rule = {k: v for k, v in counts.items() if k not in ("input", "accepted", "rejected")}
-    build.log.info(f"{counts['accepted']:,} accepted, {rejected:,} rejected of {total:,} ({rate:.1%}); {by_rule}")
+    build.log.info(f"{mode} ({why}): {counts['accepted']:,} accepted, {rejected:,} rejected of {total:,} "
+                   f"({rate:.1%}); {by_rule}")
     return Built({
         "dagster/row_count": counts["accepted"],
         "input_recommendations": total,
@@ -151,7 +231,31 @@ def validated_recommendations(build: StateBuild) -> Built:
         "rejection_rate": round(rate, 4),
         "rejected_by_rule": dg.MetadataValue.json(by_rule),
         "rejected_preview": preview,
+        "build_mode": mode,
+        "build_mode_reason": why,
+        "rechecked_recommendations": total if mode == "full" else rechecked,
+        **({"verified_sample_rows": sample["rows"], "verified_sample_disagreeing": sample["disagreeing"]}
+           if sample else {}),
     })
+
+
+def output_plan(stored, upstream, rules: str) -> tuple[str, str]:
+    """Recheck only the changed customers when the recommendations build was incremental on
+    exactly the version these outputs were built from, under the same rules; else everything."""
+    if upstream is None:
+        return "full", "no recommendations build recorded"
+    built = upstream.measurements.get("build") or {}
+    if built.get("mode") != "incremental":
+        return "full", f"the recommendations build was {built.get('mode') or 'a full build'}"
+    mine = (stored.measurements.get("build") or {}) if stored else {}
+    if not stored or not stored.complete:
+        return "full", "no complete earlier build of the outputs"
+    if mine.get("rules") != rules:
+        return "full", "the rules changed"
+    if mine.get("recommendations_version") != built.get("base_version"):
+        return "full", (f"the outputs were built from recommendations version {mine.get('recommendations_version')}, "
+                        f"the incremental build changed version {built.get('base_version')}")
+    return "incremental", f"{built.get('customers_scored', 0):,} customers rescored by the recommendations build"
 
 
 class OutputSuiteConfig(dg.Config):

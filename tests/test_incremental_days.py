@@ -1,0 +1,148 @@
+"""Incremental days: between refits a day rescores only the customers whose recommendations may
+have changed, and the outputs recheck only those, yet the tables equal a full rescore with the
+same model; the refit cadence and drift are decided and recorded.
+
+Real Dagster runs of the whole pipeline on generated data (two days), a fake OpenAI-compatible
+server for the embeddings, DuckDB files in tmp dirs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from definitions import defs
+import pyarrow as pa
+
+from assets.infer.recommendations import RecommendationsConfig, coverage_since_fit, drift_reason
+from resources.warehouse import DuckDBWarehouse, fetch_all
+from tests.fake_openai_server import FakeOpenAIServer
+from tests.test_pipeline import DAY1, DAY2, generate_landing, materializations, pipeline_resources, run_day
+
+# as_of is the day a row was scored; rejected_at when it was rejected: both differ by design
+COMPARED = {
+    "ml.recommendations": "SELECT * EXCLUDE (as_of) FROM ml.recommendations ORDER BY ALL",
+    "ml.recommendation_skips": "SELECT * FROM ml.recommendation_skips ORDER BY ALL",
+    "outputs.recommendations": "SELECT * EXCLUDE (as_of) FROM outputs.recommendations ORDER BY ALL",
+    "outputs.rejected_recommendations":
+        "SELECT * EXCLUDE (as_of, rejected_at) FROM outputs.rejected_recommendations ORDER BY ALL",
+}
+
+
+def copy_warehouse(source: Path, target_dir: Path) -> Path:
+    """The DuckDB file and the kept models beside it."""
+    target_dir.mkdir(parents=True)
+    shutil.copy(source, target_dir / source.name)
+    shutil.copytree(source.parent / "models", target_dir / "models")
+    return target_dir / source.name
+
+
+def rows(resources: dict, sql: str) -> list[tuple]:
+    with resources["warehouse"].connect(read_only=True) as con:
+        return fetch_all(con, sql)
+
+
+def run_day_with(resources: dict, day: str, recommendations: dict, selection=None) -> dg.ExecuteInProcessResult:
+    ops = {"recommendation_quality": {"config": {"online_retail_dir": ""}},
+           "recommendations": {"config": recommendations}}
+    if selection:
+        ops = {name: ops[name] for name in ops if name in selection} | {
+            name: {"config": {"force": True}} for name in selection if name not in ops}
+    return dg.materialize([*defs.assets, *defs.asset_checks], partition_key=day, resources=resources,
+                          run_config={"ops": ops}, selection=selection)
+
+
+@pytest.fixture(scope="module")
+def landing(tmp_path_factory) -> Path:
+    return generate_landing(tmp_path_factory.mktemp("landing"))
+
+
+@pytest.fixture(scope="module")
+def model_server():
+    with FakeOpenAIServer(default_dimensions=384) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def after_day_one(tmp_path_factory, landing, model_server) -> Path:
+    path = tmp_path_factory.mktemp("day1") / "warehouse.duckdb"
+    assert run_day(pipeline_resources(path, landing, model_server), DAY1).success
+    return path
+
+
+@pytest.fixture(scope="module")
+def incremental_day(tmp_path_factory, after_day_one, landing, model_server):
+    path = copy_warehouse(after_day_one, tmp_path_factory.mktemp("incremental") / "w")
+    resources = pipeline_resources(path, landing, model_server)
+    result = run_day(resources, DAY2)
+    assert result.success
+    return resources, materializations(result)
+
+
+def test_a_day_between_refits_rescores_only_changed_customers(incremental_day):
+    _, done = incremental_day
+    built = done["recommendations"]
+    assert built["build_mode"] == "incremental"
+    assert 0 < built["customers_scored"] < built["customers"]
+    reasons = built["rescored_by_reason"]
+    assert reasons.get("new customer", 0) + reasons.get("purchases changed", 0) > 0
+    assert sum(reasons.values()) == built["customers_scored"]
+    outputs = done["validated_recommendations"]
+    assert outputs["build_mode"] == "incremental"
+    assert outputs["rechecked_recommendations"] < outputs["input_recommendations"]
+    assert outputs["verified_sample_rows"] > 0 and outputs["verified_sample_disagreeing"] == 0
+
+
+def test_an_incremental_day_equals_a_full_rescore_with_the_same_model(tmp_path, incremental_day, landing,
+                                                                      model_server):
+    incremental, _ = incremental_day
+    full = pipeline_resources(copy_warehouse(Path(incremental["warehouse"].path), tmp_path / "full"), landing,
+                              model_server)
+    result = run_day_with(full, DAY2, {"force": True, "rescore_all": True},
+                          selection=["recommendations", "validated_recommendations"])
+    assert result.success
+    done = materializations(result)
+    assert done["recommendations"]["build_mode"] == "rescore_all"
+    assert done["recommendations"]["customers_scored"] == done["recommendations"]["customers"]
+    assert done["validated_recommendations"]["build_mode"] == "full"
+    for table, sql in COMPARED.items():
+        assert rows(incremental, sql) == rows(full, sql), table
+    assert rows(full, "SELECT count(*) FROM outputs.recommendations")[0][0] > 0
+
+
+def test_the_model_is_refit_on_its_cadence_and_the_reason_recorded(tmp_path, after_day_one, landing, model_server):
+    resources = pipeline_resources(copy_warehouse(after_day_one, tmp_path / "cadence"), landing, model_server)
+    result = run_day_with(resources, DAY2, {"refit_every_days": 1})
+    assert result.success
+    built = materializations(result)["recommendations"]
+    assert built["build_mode"] == "refit"
+    assert built["build_mode_reason"] == "the model is 1 days old (refit every 1)"
+    assert built["model_fitted_on_day"] == DAY2
+    assert "model_selection" in built
+    assert materializations(result)["validated_recommendations"]["build_mode"] == "full"
+    models = list((Path(resources["warehouse"].path).parent / "models").glob("recommendations-*.pkl"))
+    assert len(models) == 1 and DAY2 in models[0].name  # the replaced model is removed
+
+
+def test_coverage_drift_is_measured_on_purchases_since_the_fit(tmp_path):
+    """Refit early when what sells since the fit lies outside the model's items far more often
+    than what it was fitted on; too few purchases since say nothing."""
+    warehouse = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"))
+    with warehouse.connect() as con:
+        con.execute("CREATE SCHEMA analytics")
+        con.execute("CREATE TABLE analytics.stg_purchases (customer_id VARCHAR, product_id VARCHAR, amount DOUBLE,"
+                    " purchased_at TIMESTAMP)")
+        # before the fit: ignored; since: 10 pairs, 6 of them model items (one line repeats a pair)
+        con.executemany("INSERT INTO analytics.stg_purchases VALUES (?, ?, 1.0, ?)",
+                        [["c0", "new", "2011-08-30 10:00"]]
+                        + [[f"c{i}", "known" if i < 6 else "new", "2011-09-02 10:00"] for i in range(10)]
+                        + [["c1", "known", "2011-09-02 11:00"]])
+        pairs, covered = coverage_since_fit(con, pa.array(["known", "other"]), "2011-09-02 00:00:00")
+    assert (pairs, covered) == (10, 6)
+    config = RecommendationsConfig(max_coverage_drop=0.05, drift_min_pairs=5)
+    assert drift_reason(pairs, covered, 0.95, config).startswith("coverage drift: the model knows 60.0% of the 10")
+    assert drift_reason(pairs, covered, 0.64, config) is None  # within the tolerated drop
+    assert drift_reason(pairs, covered, 0.95, RecommendationsConfig(drift_min_pairs=11)) is None

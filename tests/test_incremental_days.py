@@ -77,13 +77,16 @@ def after_day_one(tmp_path_factory, landing, model_server) -> Path:
 def incremental_day(tmp_path_factory, after_day_one, landing, model_server):
     path = copy_warehouse(after_day_one, tmp_path_factory.mktemp("incremental") / "w")
     resources = pipeline_resources(path, landing, model_server)
-    result = run_day(resources, DAY2)
+    # a sample smaller than the table, so that validating "changed + sample" is not everything
+    result = dg.materialize([*defs.assets, *defs.asset_checks], partition_key=DAY2, resources=resources, run_config={
+        "ops": {"recommendation_quality": {"config": {"online_retail_dir": ""}},
+                "validated_recommendations_output_expectation_suite": {"config": {"incremental_sample_rows": 1_000}}}})
     assert result.success
-    return resources, materializations(result)
+    return resources, materializations(result), result
 
 
 def test_a_day_between_refits_rescores_only_changed_customers(incremental_day):
-    _, done = incremental_day
+    _, done, _ = incremental_day
     built = done["recommendations"]
     assert built["build_mode"] == "incremental"
     assert 0 < built["customers_scored"] < built["customers"]
@@ -96,9 +99,27 @@ def test_a_day_between_refits_rescores_only_changed_customers(incremental_day):
     assert outputs["verified_sample_rows"] > 0 and outputs["verified_sample_disagreeing"] == 0
 
 
+def test_the_output_suite_validates_the_changed_customers_and_a_sample(incremental_day):
+    _, _, result = incremental_day
+    (suite,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "output_expectation_suite"]
+    assert suite.passed
+    validated, total = suite.metadata["rows_validated"].value, suite.metadata["rows_in_partition"].value
+    assert 0 < validated < total
+    assert "rows_validated_of" in suite.metadata
+
+
+def test_the_evaluation_stands_between_its_days_and_says_of_which_day(incremental_day):
+    _, done, result = incremental_day
+    quality = done["recommendation_quality"]
+    assert quality["skipped"] is False and quality["evaluated_on_day"] == DAY1
+    assert quality["evaluation"] == f"carried forward from {DAY1}"
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "beats_best_baseline"]
+    assert check.description.endswith(f"(evaluated as of {DAY1})")
+
+
 def test_an_incremental_day_equals_a_full_rescore_with_the_same_model(tmp_path, incremental_day, landing,
                                                                       model_server):
-    incremental, _ = incremental_day
+    incremental, _, _ = incremental_day
     full = pipeline_resources(copy_warehouse(Path(incremental["warehouse"].path), tmp_path / "full"), landing,
                               model_server)
     result = run_day_with(full, DAY2, {"force": True, "rescore_all": True},

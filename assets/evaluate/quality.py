@@ -17,14 +17,22 @@ import dagster as dg
 import duckdb
 from pydantic import Field
 
-from assets.common.current_state import Built, StateBuild, StateConfig, current_state_asset
+from assets.common.current_state import (
+    Built,
+    StateBuild,
+    StateConfig,
+    current_state_asset,
+    fingerprint_of,
+    knob,
+    semantic_config,
+)
 from assets.evaluate import online_retail
 from assets.infer.embeddings import PRODUCT_VECTORS_SQL
 from recsys.customer_vectors import ProductEmbeddings
 from recsys.evaluation import OURS, EvaluationReport, evaluate_split
 from recsys.recommender import RecommenderConfig
 from recsys.selection import select_model
-from resources.warehouse import snapshot
+from resources.warehouse import fetch_scalar, snapshot
 
 RESULTS_TABLE = "ml.evaluation_results"
 STAGE = "recommendation_quality"
@@ -34,6 +42,7 @@ ONLINE_RETAIL_CUTOFF = dt.datetime(2011, 6, 1)
 ONLINE_RETAIL_TEST_END = dt.datetime(2011, 9, 1)
 BASELINES = ("global popularity", "segment popularity")
 CHECK = "beats_best_baseline"
+CODE_VERSION = "model-selection-1"  # judges the selected model now
 
 
 class EvaluationConfig(StateConfig):
@@ -45,6 +54,9 @@ class EvaluationConfig(StateConfig):
     )
     select_model: bool = Field(default=True, description="Evaluate what model selection deploys (as the "
                                "recommendations stage does); false: always EASE.")
+    evaluate_every_days: int = knob(
+        7, "Evaluate again when the last evaluation is this many days old (or the code or config changed); "
+           "in between, its results and verdict stand, dated.", ge=1)
     online_retail_dir: str = Field(
         default_factory=lambda: os.getenv("ONLINE_RETAIL_DIR", ""),
         description="Folder of the Online Retail by-day CSVs; empty: that evaluation is skipped.",
@@ -104,7 +116,33 @@ def evaluate_deployed(source, cutoff, test_end, catalog, segments, config: Evalu
     return report
 
 
-def store_results(build: StateBuild, reports: dict[str, EvaluationReport], versus: dict) -> None:
+def recent_evaluation(build: StateBuild, evaluation: str) -> dict | None:
+    """The stored evaluation when it is younger than evaluate_every_days, of the same code and
+    config, complete and of an earlier day (a model selection per dataset costs about a minute
+    at 2M customers; what it measures does not move in a day)."""
+    stored = build.decision.stored
+    if stored is None or not stored.complete or build.config.force:
+        return None
+    measured = stored.measurements
+    day = measured.get("evaluated_on_day")
+    if measured.get("evaluation") != evaluation or day is None:
+        return None
+    age = (build.as_of - dt.date.fromisoformat(day)).days
+    return measured if 0 <= age < build.config.evaluate_every_days else None
+
+
+def carry_forward(build: StateBuild, measured: dict) -> Built:
+    """Record the recent evaluation again for this day: same results, same verdict, dated."""
+    day = measured["evaluated_on_day"]
+    with build.warehouse.transaction() as con:
+        rows = fetch_scalar(con, f"SELECT count(*) FROM {RESULTS_TABLE} WHERE as_of = ?", [dt.date.fromisoformat(day)])
+        build.record(con, rows, measured)
+    build.log.info(f"the evaluation as of {day} stands (evaluated every {build.config.evaluate_every_days} days)")
+    return Built({"evaluated_on_day": day, "evaluation": f"carried forward from {day}",
+                  "versus_best_baseline": dg.MetadataValue.json(measured.get("versus_best_baseline", {}))})
+
+
+def store_results(build: StateBuild, reports: dict[str, EvaluationReport], versus: dict, evaluation: str) -> None:
     rows = [
         (build.as_of, dataset, report.cutoff, report.test_end, report.evaluated_customers, row["method"],
          row.get(f"hit_rate@{report.k}"), row.get(f"precision@{report.k}"), row.get(f"recall@{report.k}"),
@@ -121,7 +159,8 @@ def store_results(build: StateBuild, reports: dict[str, EvaluationReport], versu
         con.execute(f"DELETE FROM {RESULTS_TABLE} WHERE as_of = ?", [build.as_of])
         if rows:
             con.executemany(f"INSERT INTO {RESULTS_TABLE} VALUES ({', '.join(['?'] * 11)})", rows)
-        build.record(con, len(rows), {"versus_best_baseline": versus})
+        build.record(con, len(rows), {"versus_best_baseline": versus, "evaluation": evaluation,
+                                      "evaluated_on_day": str(build.as_of)})
 
 
 def versus_best_baseline(report: EvaluationReport) -> dict | None:
@@ -144,10 +183,11 @@ def quality_verdicts(measured: Mapping[str, Any], config: EvaluationConfig) -> l
     complete = bool(measured_lifts) and len(measured_lifts) == len(versus)
     weakest = min(measured_lifts.items(), key=lambda item: item[1]["lift"]) if complete else None
     losing = sorted(name for name, v in measured_lifts.items() if v["worse_beyond_noise"])
+    dated = f" (evaluated as of {measured['evaluated_on_day']})" if measured.get("evaluated_on_day") else ""
     description = "no dataset could be evaluated against the baselines" if weakest is None else (
         f"our hit-rate is {weakest[1]['lift']:.2f}x that of the best baseline ({weakest[1]['best_baseline']}) on "
         f"{weakest[0]} (weakest of {len(versus)} dataset(s)); "
-        + (f"worse beyond noise on {', '.join(losing)}" if losing else "not worse beyond noise anywhere"))
+        + (f"worse beyond noise on {', '.join(losing)}" if losing else "not worse beyond noise anywhere") + dated)
     return [dg.AssetCheckResult(
         check_name=CHECK,
         passed=weakest is not None and not losing,
@@ -166,7 +206,7 @@ def quality_verdicts(measured: Mapping[str, Any], config: EvaluationConfig) -> l
     group="evaluate",
     config_class=EvaluationConfig,
     pool=None,  # reads in one short connection; the evaluation itself holds none
-    code_version="model-selection-1",  # judges the selected model now
+    code_version=CODE_VERSION,
     kinds={"python"},
     checks=[dg.AssetCheckSpec(CHECK, asset=STAGE, description="The deployed model's hit-rate is not below the best "
                               "baseline's (global or segment popularity) beyond noise.")],
@@ -175,6 +215,10 @@ def quality_verdicts(measured: Mapping[str, Any], config: EvaluationConfig) -> l
 def recommendation_quality(build: StateBuild) -> Built:
     """Hit-rate, precision, recall, NDCG @K and coverage: ours vs global and segment popularity."""
     config = build.config
+    evaluation = fingerprint_of(CODE_VERSION, semantic_config(config))
+    recent = recent_evaluation(build, evaluation)
+    if recent is not None:
+        return carry_forward(build, recent)
     reports: dict[str, EvaluationReport] = {}
     warehouse_report = evaluate_warehouse(build.warehouse, build.as_of, config)
     if warehouse_report is not None and warehouse_report.evaluated_customers:
@@ -187,8 +231,9 @@ def recommendation_quality(build: StateBuild) -> Built:
     elif folder:
         build.log.warning(f"ONLINE_RETAIL_DIR {folder} is not a folder; the Online Retail evaluation is skipped")
     versus = {name: versus_best_baseline(report) for name, report in reports.items()}
-    store_results(build, reports, versus)
-    metadata: dict = {"versus_best_baseline": dg.MetadataValue.json(versus)}
+    store_results(build, reports, versus, evaluation)
+    metadata: dict = {"versus_best_baseline": dg.MetadataValue.json(versus), "evaluated_on_day": str(build.as_of),
+                      "evaluation": "evaluated in this build"}
     for name, report in reports.items():
         metadata[f"{name}_table"] = dg.MetadataValue.md(report.to_markdown())
         metadata[f"{name}_evaluated_customers"] = report.evaluated_customers

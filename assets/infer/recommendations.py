@@ -219,10 +219,10 @@ def plan_build(build: StateBuild, model_fingerprint: str) -> Plan:
     if config.force:
         return Plan(REFIT, "forced by run config", None, None)
     if not kept.get("incremental_ready"):
-        return Plan(RESCORE_ALL, "the last build did not track what an incremental day needs "
-                                 "(text neighbours in play, or no candidates)", kept, None)
-    if not stored.complete or stored.as_of >= build.as_of:
-        return Plan(RESCORE_ALL, "the last build was incomplete or not of an earlier day", kept, None)
+        return Plan(RESCORE_ALL, "the kept model recommends through product texts, or the last build had no "
+                                 "candidates: what an incremental day needs was not tracked", kept, None)
+    if stored.as_of > build.as_of:
+        return Plan(RESCORE_ALL, "the tables hold a later day", kept, None)
     return Plan(INCREMENTAL, f"model fitted on {kept['fitted_on_day']}, "
                              f"refit every {config.refit_every_days} days", kept, stored.version)
 
@@ -418,8 +418,8 @@ def merge_changes(con: duckdb.DuckDBPyConnection) -> None:
 
 def table_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     """The stage's counts, from its tables (an incremental day rescored only some customers)."""
-    customers, collaborative, popularity, without_valid, invalid = fetch_all(
-        con, f"""SELECT count(*) FILTER (WHERE collaborative IS NOT NULL), count(*) FILTER (WHERE collaborative),
+    everyone, customers, collaborative, popularity, without_valid, invalid = fetch_all(
+        con, f"""SELECT count(*), count(*) FILTER (WHERE collaborative IS NOT NULL), count(*) FILTER (WHERE collaborative),
                         count(*) FILTER (WHERE NOT collaborative),
                         count(*) FILTER (WHERE collaborative IS NOT NULL AND last_purchase_at IS NULL),
                         coalesce(sum(invalid_rows) FILTER (WHERE collaborative IS NOT NULL), 0)
@@ -427,7 +427,7 @@ def table_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     recommendations, text_neighbour, text_products = fetch_all(
         con, f"""SELECT count(*), count(*) FILTER (WHERE strategy = $s), count(DISTINCT product_id) FILTER (WHERE strategy = $s)
                  FROM {RECOMMENDATIONS_TABLE}""", {"s": TEXT_NEIGHBOUR})[0]
-    return {"customers": customers, "collaborative": collaborative, "popularity": popularity,
+    return {"customers_in_input": everyone, "customers": customers, "collaborative": collaborative, "popularity": popularity,
             "without_valid_purchases": without_valid, "skipped": fetch_scalar(con, f"SELECT count(*) FROM {SKIPPED_TABLE}"),
             "recommendations": recommendations, "invalid_rows": int(invalid),
             "text_neighbour_recommendations": text_neighbour, "text_neighbour_products": text_products}
@@ -523,7 +523,7 @@ def recommendations(build: StateBuild) -> Built:
     model = None
     if plan.mode != REFIT:
         model = Recommender.load(models_dir(build) / plan.stored["file"]).scoring_as_of(scoring_as_of)
-    if plan.mode == INCREMENTAL:
+    if plan.mode != REFIT and not build.config.rescore_all:
         drift = coverage_drift(build, plan.stored, model)
         if drift is not None:
             plan, model = Plan(REFIT, drift, None, None), None
@@ -555,8 +555,11 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
     candidates = model.candidates(catalog, vectors)
     build.log.info(f"{candidates.in_stock_model_items:,} in-stock candidates, "
                    f"{candidates.cold_start_products:,} more through their text")
-    # Incremental days need to know which blocked products would rank; cold products are not tracked.
-    track_hidden = candidates.cold_start_products == 0 and candidates.in_stock_model_items > 0
+    # Incremental days need to know which blocked products would rank. A model that recommends
+    # cold products through their text is not continued incrementally: which cold products are in
+    # reach follows the catalog and is not tracked per customer.
+    cold_start = model.config.text_neighbour_min_similarity is not None
+    track_hidden = not cold_start and candidates.in_stock_model_items > 0
     to_score = taken.table("rescore").num_rows if plan.mode == INCREMENTAL else model.report.customers
     progress = Progress(build.log, to_score, config.progress_every_seconds)
     staged = StagedOutputs(taken, as_of, currency)
@@ -579,7 +582,8 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
         candidates.cold_start_products, candidates.in_stock_model_items, candidates.catalog_products_not_in_model)
     del model, chunks, vectors, candidates
     release_memory()
-    model_info = {"file": model_file, "fingerprint": model_fingerprint, "fitted_on_day": str(as_of if plan.mode == REFIT else plan.stored["fitted_on_day"]),
+    fitted_on_day = str(as_of) if plan.mode == REFIT else plan.stored["fitted_on_day"]
+    model_info = {"file": model_file, "fingerprint": model_fingerprint, "fitted_on_day": fitted_on_day,
                   "deployed": deployed, "coverage": report.purchase_pairs_covered_by_model,
                   "incremental_ready": track_hidden}
     with build.warehouse.connect() as con:
@@ -594,6 +598,7 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
         stored = fetch_scalar(con, f"SELECT count(*) FROM {RECOMMENDATIONS_TABLE}")
         skip_reasons = dict(fetch_all(con, f"SELECT reason, count(*) FROM {SKIPPED_TABLE} GROUP BY reason"))
         counts = table_counts(con)
+        items = counts.pop("customers_in_input")  # the dead-letter share's denominator
         # Customers scored this time leave the queue, whatever partition dead-lettered them.
         dead_letters.resolve(con, STAGE, f"SELECT customer_id FROM {CUSTOMERS_TABLE} WHERE collaborative IS NOT NULL")
         dead_letters.supersede(con, STAGE, f"SELECT customer_id FROM {CUSTOMERS_TABLE}")
@@ -602,7 +607,7 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
                     "base_version": plan.base_version, "by_reason": rescore_reasons(taken) if plan.mode == INCREMENTAL else {}}
         plain_distribution = {k: (v.value if isinstance(v, dg.JsonMetadataValue) else v) for k, v in distribution.items()}
         build.record(con, stored, {"distribution": plain_distribution, "counts": counts, "skip_reasons": skip_reasons,
-                                   "items": counts["customers"] + len(dead_letters_), "deployed_model": deployed,
+                                   "items": items, "deployed_model": deployed,
                                    "currency": currency, "model": model_info, "build": rescored})
         con.execute("COMMIT")
     remove_other_models(build, model_file)

@@ -8,6 +8,7 @@ server for the embeddings, DuckDB files in tmp dirs.
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from definitions import defs
 import pyarrow as pa
 
+from assets.common.current_state import write_state
 from assets.infer.recommendations import RecommendationsConfig, coverage_since_fit, drift_reason
 from resources.warehouse import DuckDBWarehouse, fetch_all
 from tests.fake_openai_server import FakeOpenAIServer
@@ -29,6 +31,7 @@ COMPARED = {
     "outputs.recommendations": "SELECT * EXCLUDE (as_of) FROM outputs.recommendations ORDER BY ALL",
     "outputs.rejected_recommendations":
         "SELECT * EXCLUDE (as_of, rejected_at) FROM outputs.rejected_recommendations ORDER BY ALL",
+    "ml.customer_segments": "SELECT customer_id, segment_id, round(similarity, 5) FROM ml.customer_segments ORDER BY ALL",
 }
 
 
@@ -40,19 +43,16 @@ def copy_warehouse(source: Path, target_dir: Path) -> Path:
     return target_dir / source.name
 
 
-def rows(resources: dict, sql: str) -> list[tuple]:
+def rows_of(resources: dict, sql: str) -> list[tuple]:
     with resources["warehouse"].connect(read_only=True) as con:
         return fetch_all(con, sql)
 
 
-def run_day_with(resources: dict, day: str, recommendations: dict, selection=None) -> dg.ExecuteInProcessResult:
+def run_day_with(resources: dict, day: str, recommendations: dict) -> dg.ExecuteInProcessResult:
     ops = {"recommendation_quality": {"config": {"online_retail_dir": ""}},
            "recommendations": {"config": recommendations}}
-    if selection:
-        ops = {name: ops[name] for name in ops if name in selection} | {
-            name: {"config": {"force": True}} for name in selection if name not in ops}
     return dg.materialize([*defs.assets, *defs.asset_checks], partition_key=day, resources=resources,
-                          run_config={"ops": ops}, selection=selection)
+                          run_config={"ops": ops})
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +93,9 @@ def test_a_day_between_refits_rescores_only_changed_customers(incremental_day):
     reasons = built["rescored_by_reason"]
     assert reasons.get("new customer", 0) + reasons.get("purchases changed", 0) > 0
     assert sum(reasons.values()) == built["customers_scored"]
+    segments = done["customer_segments"]
+    assert segments["build_mode"] == "incremental"
+    assert 0 < segments["customers_assigned"] < segments["dagster/row_count"]
     outputs = done["validated_recommendations"]
     assert outputs["build_mode"] == "incremental"
     assert outputs["rechecked_recommendations"] < outputs["input_recommendations"]
@@ -122,16 +125,21 @@ def test_an_incremental_day_equals_a_full_rescore_with_the_same_model(tmp_path, 
     incremental, _, _ = incremental_day
     full = pipeline_resources(copy_warehouse(Path(incremental["warehouse"].path), tmp_path / "full"), landing,
                               model_server)
-    result = run_day_with(full, DAY2, {"force": True, "rescore_all": True},
-                          selection=["recommendations", "validated_recommendations"])
+    result = dg.materialize(
+        [*defs.assets, *defs.asset_checks], partition_key=DAY2, resources=full,
+        selection=["customer_segments", "recommendations", "validated_recommendations"],
+        run_config={"ops": {"recommendations": {"config": {"force": True, "rescore_all": True}},
+                            "customer_segments": {"config": {"force": True, "reassign_all": True}},
+                            "validated_recommendations": {"config": {"force": True}}}})
     assert result.success
     done = materializations(result)
+    assert done["customer_segments"]["build_mode"] == "reassign_all"
     assert done["recommendations"]["build_mode"] == "rescore_all"
     assert done["recommendations"]["customers_scored"] == done["recommendations"]["customers"]
     assert done["validated_recommendations"]["build_mode"] == "full"
     for table, sql in COMPARED.items():
-        assert rows(incremental, sql) == rows(full, sql), table
-    assert rows(full, "SELECT count(*) FROM outputs.recommendations")[0][0] > 0
+        assert rows_of(incremental, sql) == rows_of(full, sql), table
+    assert rows_of(full, "SELECT count(*) FROM outputs.recommendations")[0][0] > 0
 
 
 def test_the_model_is_refit_on_its_cadence_and_the_reason_recorded(tmp_path, after_day_one, landing, model_server):
@@ -167,3 +175,40 @@ def test_coverage_drift_is_measured_on_purchases_since_the_fit(tmp_path):
     assert drift_reason(pairs, covered, 0.95, config).startswith("coverage drift: the model knows 60.0% of the 10")
     assert drift_reason(pairs, covered, 0.64, config) is None  # within the tolerated drop
     assert drift_reason(pairs, covered, 0.95, RecommendationsConfig(drift_min_pairs=11)) is None
+
+
+def test_stock_changes_rescore_exactly_the_customers_they_reach(tmp_path, incremental_day, landing, model_server):
+    """The most recommended product goes out of stock and the product that would rank for the
+    most customers comes back: an incremental build rescores the customers each reaches, and its
+    tables equal a full rescore of the same inputs."""
+    incremental, _, _ = incremental_day
+    flipped = pipeline_resources(copy_warehouse(Path(incremental["warehouse"].path), tmp_path / "flipped"), landing,
+                                 model_server)
+    with flipped["warehouse"].connect() as con:
+        (gone,) = fetch_all(con, "SELECT product_id FROM ml.recommendations GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1")[0]
+        (back,) = fetch_all(con, """SELECT h.product_id FROM ml.recommendation_hidden AS h
+                                    JOIN analytics.dim_products AS p USING (product_id) WHERE NOT p.in_stock
+                                    GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1""")[0]
+        con.execute("UPDATE analytics.dim_products SET in_stock = (product_id = ?) WHERE product_id IN (?, ?)",
+                    [back, gone, back])
+        rows = fetch_all(con, "SELECT count(*) FROM analytics.dim_products")[0][0]
+        write_state(con, "dim_products", dt.date.fromisoformat(DAY2), "stock changed by the test", rows)
+    full = pipeline_resources(copy_warehouse(Path(flipped["warehouse"].path), tmp_path / "full"), landing, model_server)
+    selection = ["recommendations", "validated_recommendations"]
+    result = dg.materialize([*defs.assets, *defs.asset_checks], partition_key=DAY2, resources=flipped,
+                            selection=selection)
+    assert result.success
+    built = materializations(result)["recommendations"]
+    assert built["build_mode"] == "incremental"
+    reasons = built["rescored_by_reason"]
+    assert reasons["a recommended product is no longer a candidate"] > 0
+    assert reasons["a product that would rank became a candidate"] > 0
+    assert materializations(result)["validated_recommendations"]["build_mode"] == "incremental"
+    assert dg.materialize(
+        [*defs.assets, *defs.asset_checks], partition_key=DAY2, resources=full, selection=selection,
+        run_config={"ops": {"recommendations": {"config": {"force": True, "rescore_all": True}},
+                            "validated_recommendations": {"config": {"force": True}}}}).success
+    for table, sql in COMPARED.items():
+        assert rows_of(flipped, sql) == rows_of(full, sql), table
+    assert rows_of(flipped, f"SELECT count(*) FROM ml.recommendations WHERE product_id = '{gone}'") == [(0,)]
+    assert rows_of(flipped, f"SELECT count(*) FROM ml.recommendations WHERE product_id = '{back}'")[0][0] > 0

@@ -6,3 +6,26 @@ interleaves customers.
 """
 
 PURCHASES_SQL = "SELECT customer_id, product_id, amount, purchased_at FROM analytics.stg_purchases"
+
+# Per customer: a fingerprint of every purchase row (any added, removed or edited row changes it),
+# the rows the recsys stages cannot use, and the last usable purchase. What an incremental day
+# compares with the last build's to find the customers whose purchases changed.
+CUSTOMER_STATE_SQL = """
+SELECT customer_id,
+       sum(hash(product_id, amount, purchased_at))::HUGEINT AS history_hash,
+       count(*) AS purchase_rows,
+       count(*) FILTER (WHERE NOT usable) AS invalid_rows,
+       max(purchased_at) FILTER (WHERE usable) AS last_purchase_at
+FROM (SELECT customer_id, product_id, amount, purchased_at,
+             coalesce(length(product_id) > 0 AND amount > 0 AND purchased_at IS NOT NULL, false) AS usable
+      FROM analytics.stg_purchases)
+GROUP BY customer_id
+"""
+
+
+def purchases_of(customers: str) -> str:
+    """PURCHASES_SQL for the customers of a table (a TEMP table of the same connection), in the
+    order stg_purchases keeps: the same rows in the same order as a full read gives them."""
+    return f"""SELECT customer_id, product_id, amount, purchased_at
+               FROM analytics.stg_purchases SEMI JOIN {customers} USING (customer_id)
+               ORDER BY customer_id, purchased_at, product_id, amount, source"""

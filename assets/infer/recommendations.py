@@ -48,7 +48,7 @@ from assets.common.current_state import (
 )
 from assets.common.sources import CurrencyError, purchases_currency
 from assets.infer.embeddings import PRODUCT_VECTORS_SQL
-from assets.infer.purchases import PURCHASES_SQL
+from assets.infer.purchases import CUSTOMER_STATE_SQL, PURCHASES_SQL, purchases_of
 from recsys.customer_vectors import ProductEmbeddings
 from recsys.purchases import iter_customer_chunks
 from recsys.selection import Selection, select_model
@@ -125,20 +125,6 @@ class RecommendationsConfig(DeadLetterConfig):
 
 CATALOG_SQL = "SELECT product_id, in_stock, price FROM analytics.dim_products"
 
-# Per customer: a fingerprint of every purchase row (any added, removed or edited row changes it),
-# the rows the recommender cannot use, and the last usable purchase (recency drives confidence).
-CUSTOMER_STATE_SQL = """
-SELECT customer_id,
-       sum(hash(product_id, amount, purchased_at))::HUGEINT AS history_hash,
-       count(*) AS purchase_rows,
-       count(*) FILTER (WHERE NOT usable) AS invalid_rows,
-       max(purchased_at) FILTER (WHERE usable) AS last_purchase_at
-FROM (SELECT customer_id, product_id, amount, purchased_at,
-             coalesce(length(product_id) > 0 AND amount > 0 AND purchased_at IS NOT NULL, false) AS usable
-      FROM analytics.stg_purchases)
-GROUP BY customer_id
-"""
-
 # Whose top-k may differ from the stored one under the same model, and why (the first reason
 # in this order is kept). Everyone else's rows would come out the same: same history, same
 # model, and no change among the candidates that could enter or had entered their top-k.
@@ -177,14 +163,6 @@ SELECT customer_id, arg_min(reason, priority) AS reason
 FROM reasons SEMI JOIN now_state USING (customer_id)
 GROUP BY customer_id
 """
-
-# The rescored customers' purchases, in the order stg_purchases keeps (same rows, same sums).
-RESCORE_PURCHASES_SQL = """
-SELECT customer_id, product_id, amount, purchased_at
-FROM analytics.stg_purchases SEMI JOIN rescore USING (customer_id)
-ORDER BY customer_id, purchased_at, product_id, amount, source
-"""
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -285,7 +263,7 @@ def take_snapshot(build: StateBuild, plan: Plan, model: Recommender | None):
         prepare.append((RESCORE_SQL, {"recency_edges": recency_edges(model), "previous_as_of": previous_as_of,
                                       "scoring_as_of": model.as_of}))
         register["open_dead_letters"] = open_dead_letter_customers(build)
-        queries |= {"purchases": RESCORE_PURCHASES_SQL, "rescore": "SELECT * FROM rescore"}
+        queries |= {"purchases": purchases_of("rescore"), "rescore": "SELECT * FROM rescore"}
     else:
         queries["purchases"] = PURCHASES_SQL
     return snapshot(build.warehouse, queries, optional={"vectors": PRODUCT_VECTORS_SQL}, prepare=prepare,

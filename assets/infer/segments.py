@@ -15,6 +15,7 @@ import datetime as dt
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -24,9 +25,17 @@ import pyarrow as pa
 from pydantic import Field
 
 from assets.common.catalog import NETWORK_RETRY_POLICY
-from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset, knob
+from assets.common.current_state import (
+    Built,
+    DeadLetterConfig,
+    StateBuild,
+    current_state_asset,
+    fingerprint_of,
+    knob,
+    semantic_config,
+)
 from assets.infer.embeddings import PRODUCT_VECTORS_SQL
-from assets.infer.purchases import PURCHASES_SQL
+from assets.infer.purchases import CUSTOMER_STATE_SQL, PURCHASES_SQL, purchases_of
 from recsys.clustering import SegmentingConfig, fit_segments
 from recsys.customer_sample import CustomerSample
 from recsys.customer_vectors import PoolingReport, ProductEmbeddings, iter_customer_vectors
@@ -83,16 +92,89 @@ class SegmentsConfig(DeadLetterConfig):
     max_segment_share: float = knob(0.6, "segment_size_balance warns when one segment holds more customers.")
     min_kept_share: float = knob(0.8, "segment_stability warns when fewer sampled customers keep their segment.")
     read_batch_rows: int = knob(100_000, "Rows per Arrow batch read from DuckDB.")
+    refit_every_days: int = knob(
+        7, "Refit the clustering (and name the segments) when it is this many days old; between refits a day "
+           "assigns only the customers whose vector may have changed to the kept centroids.", ge=1)
+    reassign_all: bool = knob(False, "Assign every customer to the kept centroids (what an incremental day must equal).")
 
 
 PRODUCTS_SQL = "SELECT product_id, category, name FROM analytics.dim_products"
 PREVIOUS_CENTROIDS_SQL = f"SELECT segment_id, centroid FROM {CENTROIDS_TABLE}"
 
+# What an incremental day compares with: each customer's purchases and each product vector, as
+# the last build saw them (fingerprints).
+SEGMENT_CUSTOMERS_TABLE = "ml.segment_customers"
+SEGMENT_PRODUCTS_TABLE = "ml.segment_product_vectors"
+CODE_VERSION = "incremental-days-1"
+REFIT, REASSIGN_ALL, INCREMENTAL = "refit", "reassign_all", "incremental"
+PRODUCT_VECTOR_STATE_SQL = f"SELECT product_id, hash(vector) AS vector_hash FROM ({PRODUCT_VECTORS_SQL})"
 
-def take_snapshot(build: StateBuild):
-    """Everything the stage computes from, copied out so that no lock is held while it computes."""
-    return snapshot(build.warehouse, {"purchases": PURCHASES_SQL, "vectors": PRODUCT_VECTORS_SQL, "products": PRODUCTS_SQL},
-                    optional={"centroids": PREVIOUS_CENTROIDS_SQL})
+# A customer's vector is a normalized, recency-weighted mean of the vectors of what they bought
+# (weights relative to their own latest purchase, so the day itself cancels): it changes only
+# with their purchases or those products' vectors.
+REASSIGN_SQL = f"""
+CREATE TEMP TABLE reassign AS
+WITH changed_products AS (
+    SELECT coalesce(n.product_id, p.product_id) AS product_id
+    FROM now_vectors AS n FULL OUTER JOIN {SEGMENT_PRODUCTS_TABLE} AS p ON n.product_id = p.product_id
+    WHERE n.vector_hash IS DISTINCT FROM p.vector_hash
+),
+reasons AS (
+    SELECT n.customer_id, 1 AS priority, 'new customer' AS reason
+    FROM now_state AS n ANTI JOIN {SEGMENT_CUSTOMERS_TABLE} AS p USING (customer_id)
+    UNION ALL
+    SELECT n.customer_id, 2, 'purchases changed'
+    FROM now_state AS n JOIN {SEGMENT_CUSTOMERS_TABLE} AS p USING (customer_id)
+    WHERE n.history_hash <> p.history_hash OR n.purchase_rows <> p.purchase_rows
+    UNION ALL
+    SELECT DISTINCT customer_id, 3, 'a product they bought has a new text vector'
+    FROM analytics.stg_purchases SEMI JOIN changed_products USING (product_id)
+)
+SELECT customer_id, arg_min(reason, priority) AS reason
+FROM reasons SEMI JOIN now_state USING (customer_id)
+GROUP BY customer_id
+"""
+
+
+@dataclass(frozen=True)
+class SegmentsPlan:
+    mode: str  # REFIT, REASSIGN_ALL or INCREMENTAL
+    reason: str
+
+
+def plan_segments(build: StateBuild, fingerprint: str) -> SegmentsPlan:
+    """Refit on a cadence (or when the code or config changed, or when asked); in between keep the
+    centroids and assign only the customers whose vector may have changed."""
+    config, stored = build.config, build.decision.stored
+    kept = (stored.measurements.get("model") if stored else None) or {}
+    if not kept or kept.get("fingerprint") != fingerprint:
+        return SegmentsPlan(REFIT, "no kept clustering of this code and config")
+    age = (build.as_of - dt.date.fromisoformat(kept["fitted_on_day"])).days
+    if age < 0 or age >= config.refit_every_days:
+        return SegmentsPlan(REFIT, f"the clustering is {age} days old (refit every {config.refit_every_days})")
+    if config.reassign_all:
+        return SegmentsPlan(REASSIGN_ALL, "asked by run config (reassign_all)")
+    if config.force:
+        return SegmentsPlan(REFIT, "forced by run config")
+    if config.store_customer_vectors or stored.as_of > build.as_of:
+        return SegmentsPlan(REASSIGN_ALL, "customer vectors are stored, or the table holds a later day")
+    return SegmentsPlan(INCREMENTAL, f"clustering fitted on {kept['fitted_on_day']}, "
+                                     f"refit every {config.refit_every_days} days")
+
+
+def take_snapshot(build: StateBuild, mode: str = REFIT):
+    """Everything the stage computes from, copied out so that no lock is held while it computes
+    (incremental: only the purchases of the customers to assign)."""
+    queries = {"vectors": PRODUCT_VECTORS_SQL, "products": PRODUCTS_SQL, "customer_state": "SELECT * FROM now_state",
+               "product_vector_state": "SELECT * FROM now_vectors"}
+    prepare = [f"CREATE TEMP TABLE now_state AS {CUSTOMER_STATE_SQL}",
+               f"CREATE TEMP TABLE now_vectors AS {PRODUCT_VECTOR_STATE_SQL}"]
+    if mode == INCREMENTAL:
+        prepare.append(REASSIGN_SQL)
+        queries |= {"purchases": purchases_of("reassign"), "reassign": "SELECT * FROM reassign"}
+    else:
+        queries["purchases"] = PURCHASES_SQL
+    return snapshot(build.warehouse, queries, optional={"centroids": PREVIOUS_CENTROIDS_SQL}, prepare=prepare)
 
 
 def purchase_batches(taken: Snapshot, batch_rows: int) -> Iterator[pa.RecordBatch]:
@@ -178,6 +260,50 @@ def publish_assignments(con, taken: Snapshot, config: SegmentsConfig) -> None:
     if config.store_customer_vectors:
         con.execute(f"CREATE OR REPLACE TABLE {VECTORS_TABLE} AS SELECT * FROM read_parquet(?)",
                     [str(taken.path("customer_vectors"))])
+    publish_fingerprints(con, taken)
+
+
+def publish_fingerprints(con, taken: Snapshot) -> None:
+    """What the next incremental day compares with."""
+    for table, name in ((SEGMENT_CUSTOMERS_TABLE, "customer_state"), (SEGMENT_PRODUCTS_TABLE, "product_vector_state")):
+        con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM read_parquet(?)", [str(taken.path(name))])
+
+
+def merge_assignments(con, taken: Snapshot) -> int:
+    """Incremental day: the reassigned customers' rows (and those of customers gone) are replaced;
+    returns how many of the customers assigned before moved to another segment or left."""
+    changed = f"""SELECT customer_id FROM read_parquet($reassign)
+                  UNION SELECT customer_id FROM {ASSIGNMENTS_TABLE} ANTI JOIN read_parquet($state) USING (customer_id)"""
+    files = {"reassign": str(taken.path("reassign")), "state": str(taken.path("customer_state")),
+             "assignments": str(taken.path("assignments"))}
+    moved = fetch_all(con, f"""
+        SELECT count(*) FROM {ASSIGNMENTS_TABLE} AS old
+        LEFT JOIN read_parquet($assignments) AS new ON new.customer_id = old.customer_id
+        WHERE old.customer_id IN ({changed}) AND new.segment_id IS DISTINCT FROM old.segment_id""", files)[0][0]
+    con.execute(f"DELETE FROM {ASSIGNMENTS_TABLE} WHERE customer_id IN ({changed})",
+                {k: files[k] for k in ("reassign", "state")})
+    con.execute(f"INSERT INTO {ASSIGNMENTS_TABLE} SELECT * FROM read_parquet(?)", [files["assignments"]])
+    publish_fingerprints(con, taken)
+    return int(moved)
+
+
+def refresh_profiles(con, as_of: dt.date) -> dict[str, int]:
+    """Incremental day: sizes, shares and RFM of the kept segments from today's assignments; their
+    top products, categories and names stay those measured at the last refit."""
+    sizes = {int(k): int(v) for k, v in fetch_all(
+        con, f"SELECT segment_id, count(*) FROM {ASSIGNMENTS_TABLE} GROUP BY 1")}
+    total = sum(sizes.values())
+    rfm, _ = segment_rfm(con)
+    rows = []
+    for (segment_id,) in fetch_all(con, f"SELECT segment_id FROM {PROFILES_TABLE} ORDER BY 1"):
+        r = rfm.get(int(segment_id), RfmSummary(*[float("nan")] * 6))
+        size = sizes.get(int(segment_id), 0)
+        rows.append((size, size / total if total else 0.0, r.recency_days_mean, r.recency_days_median,
+                     r.frequency_mean, r.frequency_median, r.monetary_mean, r.monetary_median, as_of, segment_id))
+    con.executemany(f"""UPDATE {PROFILES_TABLE} SET size = ?, share = ?, recency_days_mean = ?, recency_days_median = ?,
+                        frequency_mean = ?, frequency_median = ?, monetary_mean = ?, monetary_median = ?, as_of = ?
+                        WHERE segment_id = ?""", rows)
+    return {str(k): v for k, v in sorted(sizes.items())}
 
 
 def segment_rfm(con: duckdb.DuckDBPyConnection) -> tuple[dict[int, RfmSummary], RfmSummary]:
@@ -238,7 +364,8 @@ def chat_names(build: StateBuild, profiles: list[SegmentProfile], product_names:
 @current_state_asset(
     name=STAGE,
     inputs=INPUTS,
-    tables=[ASSIGNMENTS_TABLE, CENTROIDS_TABLE, PROFILES_TABLE, VECTORS_TABLE],
+    tables=[ASSIGNMENTS_TABLE, CENTROIDS_TABLE, PROFILES_TABLE, VECTORS_TABLE, SEGMENT_CUSTOMERS_TABLE,
+            SEGMENT_PRODUCTS_TABLE],
     group="infer",
     config_class=SegmentsConfig,
     resources=("warehouse", "chat_model"),
@@ -253,14 +380,25 @@ def chat_names(build: StateBuild, profiles: list[SegmentProfile], product_names:
 def customer_segments(build: StateBuild) -> Built:
     """Every customer with embeddable purchases in one segment; segment profiles and names."""
     config = build.config
+    fingerprint = fingerprint_of(CODE_VERSION, semantic_config(config))
+    plan = plan_segments(build, fingerprint)
+    if plan.mode == INCREMENTAL:
+        return assign_changed_customers(build, plan, fingerprint)
     # No lock is held while pooling and clustering: the inputs are a snapshot, the outputs are staged.
     with take_snapshot(build) as taken:
         products, category_of, product_names, inferred = load_products(taken)
-        segment_fit, sampled, stability = fit(taken, products, build.as_of, config, previous_model(taken))
-        profiler, report = assign(taken, products, build.as_of, config, segment_fit.model)
-        model, dropped = drop_empty_segments(segment_fit.model, profiler.sizes)
+        if plan.mode == REFIT:
+            segment_fit, sampled, stability = fit(taken, products, build.as_of, config, previous_model(taken))
+            fitted, fitted_on = segment_fit.model, str(build.as_of)
+        else:  # the kept centroids, everyone assigned again
+            segment_fit, sampled, stability = None, 0, None
+            fitted, fitted_on = previous_model(taken), build.decision.stored.measurements["model"]["fitted_on_day"]
+        profiler, report = assign(taken, products, build.as_of, config, fitted)
+        model, dropped = drop_empty_segments(fitted, profiler.sizes)
         with build.warehouse.transaction() as con:
             con.execute("CREATE SCHEMA IF NOT EXISTS ml")
+            if plan.mode == REASSIGN_ALL:
+                stability = 1.0 - moved_share(con, taken)
             publish_assignments(con, taken, config)
             rfm, everyone = segment_rfm(con)
             profiles = profiler.profiles(rfm, everyone, category_of)
@@ -276,19 +414,68 @@ def customer_segments(build: StateBuild) -> Built:
                            [letter] if letter else [])
         # The naming request is the stage's one model item (none when no chat model is configured).
         naming_items = int(build.resources.chat_model.provider != "none" and bool(profiles))
-        build.record(con, sum(sizes.values()), {"segment_sizes": sizes, "items": naming_items,
-                                                "kept_segment_share": stability})
+        build.record(con, sum(sizes.values()), {
+            "segment_sizes": sizes, "items": naming_items, "kept_segment_share": stability,
+            "model": {"fingerprint": fingerprint, "fitted_on_day": fitted_on},
+            "build": {"mode": plan.mode, "reason": plan.reason, "customers_assigned": report.customers_out}})
     named_by = "chat" if names else ("profile (chat answer rejected, dead-lettered)" if letter
                                      else "profile (no chat model configured)")
     built = segments_metadata(build, segment_fit, report, profiles, sizes, dropped, sampled, named_by)
-    built.metadata["products_with_inferred_category"] = inferred  # topics of their text vectors
+    built.metadata.update({"products_with_inferred_category": inferred,  # topics of their text vectors
+                           "build_mode": plan.mode, "build_mode_reason": plan.reason, "clustering_fitted_on_day": fitted_on,
+                           "customers_assigned": report.customers_out})
     return built
+
+
+def assign_changed_customers(build: StateBuild, plan: SegmentsPlan, fingerprint: str) -> Built:
+    """An incremental day: the customers whose vector may have changed are assigned to the kept
+    centroids; everyone else keeps their row. Profiles get today's sizes and RFM."""
+    config, kept = build.config, build.decision.stored.measurements["model"]
+    with take_snapshot(build, INCREMENTAL) as taken:
+        products, _, _, _ = load_products(taken)
+        model = previous_model(taken)
+        _, report = assign(taken, products, build.as_of, config, model)
+        reasons = taken.table("reassign").group_by("reason").aggregate([("customer_id", "count")])
+        by_reason = dict(zip(reasons["reason"].to_pylist(), reasons["customer_id_count"].to_pylist()))
+        with build.warehouse.transaction() as con:
+            before = fetch_all(con, f"SELECT count(*) FROM {ASSIGNMENTS_TABLE}")[0][0]
+            moved = merge_assignments(con, taken)
+            sizes = refresh_profiles(con, build.as_of)
+            stability = 1.0 - moved / before if before else None
+            build.record(con, sum(sizes.values()), {
+                "segment_sizes": sizes, "items": 0, "kept_segment_share": stability,
+                "model": kept, "build": {"mode": plan.mode, "reason": plan.reason,
+                                         "customers_assigned": report.customers_out, "by_reason": by_reason}})
+    build.log.info(f"{plan.mode} ({plan.reason}): {report.customers_out:,} customers assigned again "
+                   f"({by_reason}); {moved:,} of {before:,} moved")
+    return Built({
+        "dagster/row_count": sum(sizes.values()),
+        "segments": len(sizes),
+        "segment_sizes": dg.MetadataValue.json(sizes),
+        "build_mode": plan.mode,
+        "build_mode_reason": plan.reason,
+        "clustering_fitted_on_day": kept["fitted_on_day"],
+        "customers_assigned": report.customers_out,
+        "reassigned_by_reason": dg.MetadataValue.json(by_reason),
+        "customers_moved": moved,
+        "pooling": dg.MetadataValue.json(report.as_dict()),
+    })
+
+
+def moved_share(con, taken: Snapshot) -> float:
+    """Share of the customers assigned before whose segment differs in the staged assignments."""
+    before, moved = fetch_all(con, f"""
+        SELECT count(*), count(*) FILTER (WHERE new.segment_id IS DISTINCT FROM old.segment_id)
+        FROM {ASSIGNMENTS_TABLE} AS old LEFT JOIN read_parquet(?) AS new ON new.customer_id = old.customer_id""",
+        [str(taken.path("assignments"))])[0]
+    return moved / before if before else 0.0
 
 
 def segments_metadata(build, segment_fit, report, profiles, sizes, dropped, sampled, named_by) -> Built:
     assigned = sum(sizes.values())
     pooling = report.as_dict()
-    build.log.info(f"{assigned:,} customers in {len(sizes)} segments ({segment_fit.k_reason}); "
+    how = segment_fit.k_reason if segment_fit else "the kept centroids"
+    build.log.info(f"{assigned:,} customers in {len(sizes)} segments ({how}); "
                    f"skipped: {pooling['customers_skipped']}")
     table = "\n".join(
         ["| id | name | size | share | recency (median d) | frequency (median) | monetary (median) |", "|---|---|---|---|---|---|---|"]
@@ -300,7 +487,7 @@ def segments_metadata(build, segment_fit, report, profiles, sizes, dropped, samp
         "segments": len(sizes),
         "segment_sizes": dg.MetadataValue.json(sizes),
         "segment_profiles": dg.MetadataValue.md(table),
-        "clustering": dg.MetadataValue.json(segment_fit.summary()),
+        "clustering": dg.MetadataValue.json(segment_fit.summary() if segment_fit else {"k": len(sizes), "fit": "kept"}),
         "dropped_empty_segments": dropped,
         "customers_sampled": sampled,
         "customers_skipped": dg.MetadataValue.json(pooling["customers_skipped"]),

@@ -38,6 +38,8 @@ def run_stage(asset_name: str, partition_key: str) -> dict:
             "model_calls": sum(m.get("model_calls") or 0 for m in events),
         }
     failed_checks = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
+    errors = [f"{e.step_key}: {_root_cause(e.event_specific_data.error)[:1500]}"
+              for e in result.all_events if e.is_step_failure]
     return {
         "stage": asset_name,
         "partition": partition_key,
@@ -48,7 +50,15 @@ def run_stage(asset_name: str, partition_key: str) -> dict:
         "rows": metadata.get("dagster/row_count"),
         "model_calls": metadata.get("model_calls", metadata.get("requests")),
         "failed_checks": failed_checks,
+        **({"error": "\n".join(errors)} if errors else {}),
     }
+
+
+def _root_cause(error) -> str:
+    """The innermost error of a step failure (the outer ones are Dagster's wrappers)."""
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
 
 
 def _plain(value):

@@ -32,7 +32,10 @@ COMPARED = {
     "outputs.rejected_recommendations":
         "SELECT * EXCLUDE (as_of, rejected_at) FROM outputs.rejected_recommendations ORDER BY ALL",
     "ml.customer_segments": "SELECT customer_id, segment_id, round(similarity, 5) FROM ml.customer_segments ORDER BY ALL",
+    "analytics.stg_customer_history": "SELECT * FROM analytics.stg_customer_history ORDER BY ALL",
+    "analytics.customer_features": "SELECT * FROM analytics.customer_features ORDER BY ALL",
 }
+INCREMENTAL_SQL_MODELS = ("stg_customer_history", "customer_features")
 
 
 def copy_warehouse(source: Path, target_dir: Path) -> Path:
@@ -93,6 +96,9 @@ def test_a_day_between_refits_rescores_only_changed_customers(incremental_day):
     reasons = built["rescored_by_reason"]
     assert reasons.get("new customer", 0) + reasons.get("purchases changed", 0) > 0
     assert sum(reasons.values()) == built["customers_scored"]
+    for model in INCREMENTAL_SQL_MODELS:
+        assert done[model]["build_mode"] == "incremental", model
+        assert 0 < done[model]["keys_rebuilt"] < done["customer_features"]["dagster/row_count"], model
     segments = done["customer_segments"]
     assert segments["build_mode"] == "incremental"
     assert 0 < segments["customers_assigned"] < segments["dagster/row_count"]
@@ -127,13 +133,15 @@ def test_an_incremental_day_equals_a_full_rescore_with_the_same_model(tmp_path, 
                               model_server)
     result = dg.materialize(
         [*defs.assets, *defs.asset_checks], partition_key=DAY2, resources=full,
-        selection=["customer_segments", "recommendations", "validated_recommendations"],
+        selection=[*INCREMENTAL_SQL_MODELS, "customer_segments", "recommendations", "validated_recommendations"],
         run_config={"ops": {"recommendations": {"config": {"force": True, "rescore_all": True}},
                             "customer_segments": {"config": {"force": True, "reassign_all": True}},
-                            "validated_recommendations": {"config": {"force": True}}}})
+                            "validated_recommendations": {"config": {"force": True}},
+                            **{model: {"config": {"force": True}} for model in INCREMENTAL_SQL_MODELS}}})
     assert result.success
     done = materializations(result)
     assert done["customer_segments"]["build_mode"] == "reassign_all"
+    assert {done[model]["build_mode"] for model in INCREMENTAL_SQL_MODELS} == {"full"}
     assert done["recommendations"]["build_mode"] == "rescore_all"
     assert done["recommendations"]["customers_scored"] == done["recommendations"]["customers"]
     assert done["validated_recommendations"]["build_mode"] == "full"

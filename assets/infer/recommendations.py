@@ -394,20 +394,30 @@ def merge_changes(con: duckdb.DuckDBPyConnection) -> None:
     swap_in_building_tables(con, STATE_TABLES)
 
 
-def table_counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+def next_relation(table: str, incremental: bool) -> str:
+    """A table as this build is about to publish it, readable before the publishing transaction
+    (measuring 20M rows inside it, next to 3M uncommitted ones, ran out of DuckDB's 1 GB)."""
+    if not incremental:
+        return building(table)
+    return (f"(SELECT * FROM {table} WHERE customer_id NOT IN (SELECT customer_id FROM {building(CHANGES_TABLE)}) "
+            f"UNION ALL SELECT * FROM {building(table)})")
+
+
+def table_counts(con: duckdb.DuckDBPyConnection, recommendations: str = RECOMMENDATIONS_TABLE,
+                 skips: str = SKIPPED_TABLE, customers: str = CUSTOMERS_TABLE) -> dict[str, int]:
     """The stage's counts, from its tables (an incremental day rescored only some customers)."""
-    everyone, customers, collaborative, popularity, without_valid, invalid = fetch_all(
+    everyone, scored, collaborative, popularity, without_valid, invalid = fetch_all(
         con, f"""SELECT count(*), count(*) FILTER (WHERE collaborative IS NOT NULL), count(*) FILTER (WHERE collaborative),
                         count(*) FILTER (WHERE NOT collaborative),
                         count(*) FILTER (WHERE collaborative IS NOT NULL AND last_purchase_at IS NULL),
                         coalesce(sum(invalid_rows) FILTER (WHERE collaborative IS NOT NULL), 0)
-                 FROM {CUSTOMERS_TABLE}""")[0]
-    recommendations, text_neighbour, text_products = fetch_all(
+                 FROM {customers}""")[0]
+    stored, text_neighbour, text_products = fetch_all(
         con, f"""SELECT count(*), count(*) FILTER (WHERE strategy = $s), count(DISTINCT product_id) FILTER (WHERE strategy = $s)
-                 FROM {RECOMMENDATIONS_TABLE}""", {"s": TEXT_NEIGHBOUR})[0]
-    return {"customers_in_input": everyone, "customers": customers, "collaborative": collaborative, "popularity": popularity,
-            "without_valid_purchases": without_valid, "skipped": fetch_scalar(con, f"SELECT count(*) FROM {SKIPPED_TABLE}"),
-            "recommendations": recommendations, "invalid_rows": int(invalid),
+                 FROM {recommendations}""", {"s": TEXT_NEIGHBOUR})[0]
+    return {"customers_in_input": everyone, "customers": scored, "collaborative": collaborative, "popularity": popularity,
+            "without_valid_purchases": without_valid, "skipped": fetch_scalar(con, f"SELECT count(*) FROM {skips}"),
+            "recommendations": stored, "invalid_rows": int(invalid),
             "text_neighbour_recommendations": text_neighbour, "text_neighbour_products": text_products}
 
 
@@ -428,7 +438,8 @@ def dead_letter_chunk(warehouse_writes: list, chunk, error: Exception) -> None:
     warehouse_writes.extend(DeadLetter(customer, PROCESSING_ERROR, message, 1, "") for customer in chunk.customer_ids.to_pylist())
 
 
-def confidence_summary(con: duckdb.DuckDBPyConnection, edges: list[float] | None) -> dict:
+def confidence_summary(con: duckdb.DuckDBPyConnection, edges: list[float] | None,
+                       source: str = RECOMMENDATIONS_TABLE) -> dict:
     """Distribution of confidence (for the drift sensors) and of predicted value.
 
     The histogram's bins are the deciles of a reference build (the first, or the last one whose
@@ -438,16 +449,16 @@ def confidence_summary(con: duckdb.DuckDBPyConnection, edges: list[float] | None
     mean, p10, p50, p90, value_mean = fetch_all(
         con,
         f"""SELECT avg(confidence), quantile_cont(confidence, 0.1), quantile_cont(confidence, 0.5),
-                   quantile_cont(confidence, 0.9), avg(predicted_value) FROM {RECOMMENDATIONS_TABLE}""",
+                   quantile_cont(confidence, 0.9), avg(predicted_value) FROM {source}""",
     )[0]
     if not edges:
         deciles = fetch_all(con, f"SELECT quantile_cont(confidence, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]) "
-                                 f"FROM {RECOMMENDATIONS_TABLE}")[0][0]
+                                 f"FROM {source}")[0][0]
         edges = sorted({round(float(e), 8) for e in deciles or []})
     counts = dict(fetch_all(
         con,
         f"SELECT list_position($edges, list_filter($edges, lambda e: e <= confidence)[-1]), count(*) "
-        f"FROM {RECOMMENDATIONS_TABLE} WHERE confidence IS NOT NULL GROUP BY 1", {"edges": edges}))
+        f"FROM {source} WHERE confidence IS NOT NULL GROUP BY 1", {"edges": edges}))
     histogram = [int(counts.get(None, 0))] + [int(counts.get(i, 0)) for i in range(1, len(edges) + 1)]
     return {
         "confidence_mean": round(mean or 0.0, 5),
@@ -564,19 +575,21 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
     model_info = {"file": model_file, "fingerprint": model_fingerprint, "fitted_on_day": fitted_on_day,
                   "deployed": deployed, "coverage": report.purchase_pairs_covered_by_model,
                   "incremental_ready": track_hidden}
+    incremental = plan.mode == INCREMENTAL
     with build.warehouse.connect() as con:
-        staged.publish(con, incremental=plan.mode == INCREMENTAL)
+        staged.publish(con, incremental=incremental)
+        recommended, skipped = (next_relation(t, incremental) for t in (RECOMMENDATIONS_TABLE, SKIPPED_TABLE))
+        reference = (build.decision.stored.measurements.get("distribution", {}) if build.decision.stored else {})
+        distribution = confidence_summary(con, None if config.reset_confidence_bins else reference.get("confidence_edges"),
+                                          recommended)
+        skip_reasons = dict(fetch_all(con, f"SELECT reason, count(*) FROM {skipped} GROUP BY reason"))
+        counts = table_counts(con, recommended, skipped, building(CUSTOMERS_TABLE))
+        stored, items = counts["recommendations"], counts.pop("customers_in_input")  # items: the DLQ share's denominator
         con.execute("BEGIN TRANSACTION")
-        if plan.mode == INCREMENTAL:
+        if incremental:
             merge_changes(con)
         else:
             swap_in_building_tables(con)
-        reference = (build.decision.stored.measurements.get("distribution", {}) if build.decision.stored else {})
-        distribution = confidence_summary(con, None if config.reset_confidence_bins else reference.get("confidence_edges"))
-        stored = fetch_scalar(con, f"SELECT count(*) FROM {RECOMMENDATIONS_TABLE}")
-        skip_reasons = dict(fetch_all(con, f"SELECT reason, count(*) FROM {SKIPPED_TABLE} GROUP BY reason"))
-        counts = table_counts(con)
-        items = counts.pop("customers_in_input")  # the dead-letter share's denominator
         # Customers scored this time leave the queue, whatever partition dead-lettered them.
         dead_letters.resolve(con, STAGE, f"SELECT customer_id FROM {CUSTOMERS_TABLE} WHERE collaborative IS NOT NULL")
         dead_letters.supersede(con, STAGE, f"SELECT customer_id FROM {CUSTOMERS_TABLE}")

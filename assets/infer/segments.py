@@ -156,6 +156,8 @@ def plan_segments(build: StateBuild, fingerprint: str) -> SegmentsPlan:
         return SegmentsPlan(REASSIGN_ALL, "asked by run config (reassign_all)")
     if config.force:
         return SegmentsPlan(REFIT, "forced by run config")
+    if not stored.complete:  # the naming request failed: the full pass names the segments again
+        return SegmentsPlan(REASSIGN_ALL, f"retrying an incomplete build ({stored.incomplete_reason})")
     if config.store_customer_vectors or stored.as_of > build.as_of:
         return SegmentsPlan(REASSIGN_ALL, "customer vectors are stored, or the table holds a later day")
     return SegmentsPlan(INCREMENTAL, f"clustering fitted on {kept['fitted_on_day']}, "

@@ -20,7 +20,7 @@ from assets.common.catalog import code_references
 from assets.common.current_state import Built, StateBuild, as_of_day, current_state_asset, register_sources
 from assets.common.metadata import table_preview, table_schema
 from assets.common.sources import SOURCES, Source, personal_columns, raw_table_owners
-from assets.transform import model_tests
+from assets.transform import incremental, model_tests
 from assets.transform.model_tests import ModelTest
 from resources.warehouse import fetch_scalar
 
@@ -116,7 +116,8 @@ def holds_personal_data(model: SqlModel, models: dict[str, SqlModel], personal: 
 
 
 def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, str],
-                    personal_data: bool = False, tests: list[ModelTest] | None = None) -> dg.AssetsDefinition:
+                    personal_data: bool = False, tests: list[ModelTest] | None = None,
+                    keyed: incremental.Incremental | None = None) -> dg.AssetsDefinition:
     tests = tests or []
 
     @current_state_asset(
@@ -138,15 +139,60 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
         params = sql_parameters(model, build.context)
         with build.warehouse.transaction() as con:
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {MODEL_SCHEMA}")
-            con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
+            mode, why, keys = build_table(con, build, model, params, keyed)
             row_count = fetch_scalar(con, f"SELECT count(*) FROM {model.table}")
             violations = model_tests.measure(con, tests, model.table, MODEL_SCHEMA)
-            build.record(con, row_count, {"rows": row_count, "test_violations": violations})
+            build.record(con, row_count, {"rows": row_count, "test_violations": violations,
+                                          "build": {"mode": mode, "reason": why, "keys_rebuilt": keys,
+                                                    "code": model.code_version}})
             preview = table_preview(con, f"SELECT * FROM {model.table}")
             schema = table_schema(con, model.table)
-        return Built({"dagster/row_count": row_count, "dagster/column_schema": schema, "preview": preview})
+        build.log.info(f"{model.table}: {mode} ({why})")
+        return Built({"dagster/row_count": row_count, "dagster/column_schema": schema, "preview": preview,
+                      "build_mode": mode, "build_mode_reason": why,
+                      **({"keys_rebuilt": keys} if keys is not None else {})})
 
     return _build
+
+
+def build_table(con, build: StateBuild, model: SqlModel, params: dict, spec: incremental.Incremental | None
+                ) -> tuple[str, str, int | None]:
+    """Rebuild the table, or (an incremental model continuing its last build) only its changed keys."""
+    if spec is None:
+        con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
+        return "full", "not an incremental model", None
+    spec = spec.bind(con, model.tables_read)
+    incremental.fingerprint_now(con, spec, params.get("as_of"))
+    reason = continue_reason(con, build, spec, model)
+    if reason is None:
+        con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
+        incremental.remember(con, spec)
+        return "full", full_reason(build), None
+    keys = incremental.changed_keys(con, spec)
+    incremental.update(con, spec, model.table, model.sql, params)
+    incremental.remember(con, spec)
+    return "incremental", reason, keys
+
+
+def continue_reason(con, build: StateBuild, spec: incremental.Incremental, model: SqlModel) -> str | None:
+    """Why this build may update the last one by key, or None (a full rebuild)."""
+    stored = build.decision.stored
+    if stored is None or not stored.complete or build.config.force or stored.as_of > build.as_of:
+        return None
+    if (stored.measurements.get("build") or {}).get("code") != model.code_version:  # new SQL: every key
+        return None
+    if set(model.parameters) - {"as_of"} or not incremental.has_fingerprints(con, spec):
+        return None
+    return f"keys whose inputs changed since the build as of {stored.as_of}"
+
+
+def full_reason(build: StateBuild) -> str:
+    stored = build.decision.stored
+    if stored is None:
+        return "first build"
+    if build.config.force:
+        return "forced by run config"
+    return "no complete earlier build with key fingerprints to continue"
 
 
 def build_sql_assets(sql_dir: Path = SQL_DIR, sources: tuple[Source, ...] = SOURCES) -> list[dg.AssetsDefinition]:
@@ -159,5 +205,9 @@ def build_sql_assets(sql_dir: Path = SQL_DIR, sources: tuple[Source, ...] = SOUR
     unknown = set(tests) - set(by_name)
     if unknown:
         raise ValueError(f"sql/{model_tests.SCHEMA_FILE} tests models that do not exist: {sorted(unknown)}")
+    increments = incremental.load_incremental(sql_dir)
+    unknown = set(increments) - set(by_name)
+    if unknown:
+        raise ValueError(f"sql/{model_tests.SCHEMA_FILE} declares incremental models that do not exist: {sorted(unknown)}")
     return [build_sql_asset(model, set(by_name), owners, holds_personal_data(model, by_name, personal),
-                            tests.get(model.name)) for model in models]
+                            tests.get(model.name), increments.get(model.name)) for model in models]

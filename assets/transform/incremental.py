@@ -1,0 +1,149 @@
+"""Incremental SQL models: on a later day, rebuild only the keys whose input rows changed.
+
+A model declared under `incremental:` in `sql/schema.yml` (dbt's `unique_key` materialization)
+promises that each key's output rows depend only on
+
+- the rows with that key in its *keyed inputs* (the tables it reads that have the key column;
+  a table with a `partition_date` column counts up to the day, as every model reads raw tables),
+- the rows of its `lookups` it joins on (their `key`), through the listed `columns`,
+- and `$as_of`, only through the `refresh` columns, which are recomputed for every row from
+  their expression in the model's final SELECT.
+
+Every build stores a fingerprint per key and input (and per lookup row) in
+`ops.sql_model_keys`. A later build of the same SQL compares: the changed keys are those whose
+keyed rows differ, appeared or vanished, and those whose rows reference a changed lookup row.
+Their rows are deleted and computed again by the model's own SQL filtered to them, the refresh
+columns are recomputed, and the result equals a full rebuild (tests/test_sql_models.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlglot
+import yaml
+from sqlglot import exp
+
+from resources.warehouse import fetch_all, fetch_scalar, table_exists
+
+KEYS_TABLE = "ops.sql_model_keys"
+SCHEMA_FILE = "schema.yml"
+
+
+@dataclass(frozen=True)
+class Lookup:
+    table: str
+    on: str
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Incremental:
+    model: str
+    unique_key: str
+    lookups: tuple[Lookup, ...] = ()
+    refresh: tuple[str, ...] = ()
+    keyed_inputs: tuple[str, ...] = field(default=(), compare=False)  # set by `bind`
+
+    def bind(self, con: Any, tables_read: tuple[str, ...]) -> Incremental:
+        """The inputs that carry the key (the others must be lookups)."""
+        keyed = tuple(t for t in tables_read if self.unique_key in columns_of(con, t))
+        unkeyed = set(tables_read) - set(keyed) - {lookup.table for lookup in self.lookups}
+        if unkeyed:
+            raise ValueError(f"{self.model}: inputs {sorted(unkeyed)} have no {self.unique_key} and are no declared "
+                             "lookup: the model cannot be kept up to date by key")
+        return Incremental(self.model, self.unique_key, self.lookups, self.refresh, keyed)
+
+
+def load_incremental(sql_dir: Path) -> dict[str, Incremental]:
+    path = sql_dir / SCHEMA_FILE
+    declared = (yaml.safe_load(path.read_text()).get("incremental", {}) or {}) if path.exists() else {}
+    return {
+        model: Incremental(
+            model, spec["unique_key"],
+            tuple(Lookup(table, lookup["key"], tuple(lookup["columns"])) for table, lookup in (spec.get("lookups") or {}).items()),
+            tuple(spec.get("refresh") or ()))
+        for model, spec in declared.items()
+    }
+
+
+def columns_of(con: Any, table: str) -> set[str]:
+    schema, name = table.split(".", 1)
+    return {c for (c,) in fetch_all(con, "SELECT column_name FROM information_schema.columns "
+                                         "WHERE table_schema = ? AND table_name = ?", [schema, name])}
+
+
+def _partition_filter(con: Any, table: str) -> str:
+    return "WHERE partition_date <= $as_of" if "partition_date" in columns_of(con, table) else ""
+
+
+def fingerprint_now(con: Any, spec: Incremental, as_of: Any) -> None:
+    """TEMP table `keys_now` (input, key, fingerprint) of what the model reads today."""
+    parts = [f"""SELECT '{table}' AS input, {spec.unique_key}::VARCHAR AS key, sum(hash(t))::HUGEINT AS fingerprint
+                 FROM (SELECT * FROM {table} {_partition_filter(con, table)}) AS t GROUP BY ALL"""
+             for table in spec.keyed_inputs]
+    parts += [f"""SELECT '{lookup.table}', {lookup.on}::VARCHAR,
+                         sum(hash({', '.join([lookup.on, *lookup.columns])}))::HUGEINT
+                  FROM {lookup.table} GROUP BY ALL""" for lookup in spec.lookups]
+    uses_as_of = any(_partition_filter(con, t) for t in spec.keyed_inputs)
+    con.execute(f"CREATE OR REPLACE TEMP TABLE keys_now AS {' UNION ALL '.join(parts)}",
+                {"as_of": as_of} if uses_as_of else {})
+
+
+def changed_keys(con: Any, spec: Incremental) -> int:
+    """TEMP table `changed_keys` (key) against the stored fingerprints; returns its size."""
+    differ = f"""SELECT coalesce(n.input, s.input) AS input, coalesce(n.key, s.key) AS key
+                 FROM keys_now AS n FULL OUTER JOIN (SELECT * FROM {KEYS_TABLE} WHERE model = $model) AS s
+                   ON n.input = s.input AND n.key = s.key
+                 WHERE n.fingerprint IS DISTINCT FROM s.fingerprint"""
+    through_lookups = [f"""SELECT DISTINCT t.{spec.unique_key}::VARCHAR FROM {table} AS t
+                           WHERE t.{lookup.on}::VARCHAR IN (SELECT key FROM differ WHERE input = '{lookup.table}')"""
+                       for lookup in spec.lookups for table in spec.keyed_inputs if lookup.on in columns_of(con, table)]
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE changed_keys AS
+                    WITH differ AS ({differ})
+                    SELECT key FROM differ WHERE input IN ({', '.join(f"'{t}'" for t in spec.keyed_inputs)})
+                    {''.join(f' UNION {q}' for q in through_lookups)}""", {"model": spec.model})
+    return int(fetch_scalar(con, "SELECT count(*) FROM changed_keys"))
+
+
+def update(con: Any, spec: Incremental, table: str, sql: str, params: dict) -> None:
+    """Replace the changed keys' rows with what the model's SQL gives for them; refresh columns."""
+    key = spec.unique_key
+    con.execute(f"DELETE FROM {table} WHERE {key}::VARCHAR IN (SELECT key FROM changed_keys)")
+    con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM ({sql}) WHERE {key}::VARCHAR IN (SELECT key FROM changed_keys)",
+                params)
+    for column, expression in refresh_expressions(sql, spec.refresh).items():
+        con.execute(f"UPDATE {table} SET {column} = {expression}", {k: v for k, v in params.items()
+                                                                    if f"${k}" in expression})
+
+
+def remember(con: Any, spec: Incremental) -> None:
+    """Store today's fingerprints for the next build (inside the build's transaction)."""
+    con.execute("CREATE SCHEMA IF NOT EXISTS ops")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {KEYS_TABLE} (model VARCHAR, input VARCHAR, key VARCHAR, fingerprint HUGEINT)")
+    con.execute(f"DELETE FROM {KEYS_TABLE} WHERE model = ?", [spec.model])
+    con.execute(f"INSERT INTO {KEYS_TABLE} SELECT ?, input, key, fingerprint FROM keys_now", [spec.model])
+
+
+def has_fingerprints(con: Any, spec: Incremental) -> bool:
+    return table_exists(con, KEYS_TABLE) and bool(
+        fetch_scalar(con, f"SELECT count(*) > 0 FROM {KEYS_TABLE} WHERE model = ?", [spec.model]))
+
+
+def refresh_expressions(sql: str, columns: tuple[str, ...]) -> dict[str, str]:
+    """Each refresh column's expression in the final SELECT, with table qualifiers dropped, so it
+    reads the model's own output columns (which must carry what it uses under the same names)."""
+    final = sqlglot.parse_one(sql, read="duckdb")
+    found = {}
+    for projection in final.expressions:
+        if projection.alias_or_name in columns:
+            expression = projection.this.copy() if isinstance(projection, exp.Alias) else projection.copy()
+            for column in expression.find_all(exp.Column):
+                column.set("table", None)
+            found[projection.alias_or_name] = expression.sql(dialect="duckdb")
+    missing = set(columns) - found.keys()
+    if missing:
+        raise ValueError(f"refresh columns {sorted(missing)} are not in the model's final SELECT")
+    return found

@@ -164,6 +164,7 @@ FROM reasons SEMI JOIN now_state USING (customer_id)
 GROUP BY customer_id
 """
 
+
 @dataclass(frozen=True)
 class Plan:
     mode: str  # REFIT, RESCORE_ALL or INCREMENTAL

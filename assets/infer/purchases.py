@@ -29,3 +29,24 @@ def purchases_of(customers: str) -> str:
     return f"""SELECT customer_id, product_id, amount, purchased_at
                FROM analytics.stg_purchases SEMI JOIN {customers} USING (customer_id)
                ORDER BY customer_id, purchased_at, product_id, amount, source"""
+
+
+def changed_customers_sql(previous: str) -> str:
+    """UNION ALL parts (customer_id, priority, reason) of the customers of TEMP `now_state` who
+    are new, or whose purchases differ, against the fingerprints a stage kept in `previous`."""
+    return f"""SELECT n.customer_id, 1 AS priority, 'new customer' AS reason
+    FROM now_state AS n ANTI JOIN {previous} AS p USING (customer_id)
+    UNION ALL
+    SELECT n.customer_id, 2, 'purchases changed'
+    FROM now_state AS n JOIN {previous} AS p USING (customer_id)
+    WHERE n.history_hash <> p.history_hash OR n.purchase_rows <> p.purchase_rows"""
+
+
+def customers_to_redo(table: str, ctes: str) -> str:
+    """CREATE TEMP `table` (customer_id, reason): the customers of `now_state` among the CTE
+    `reasons` (customer_id, priority, reason), each once with their first reason."""
+    return f"""CREATE TEMP TABLE {table} AS
+WITH {ctes.strip()}
+SELECT customer_id, arg_min(reason, priority) AS reason
+FROM reasons SEMI JOIN now_state USING (customer_id)
+GROUP BY customer_id"""

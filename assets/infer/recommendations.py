@@ -48,7 +48,7 @@ from assets.common.current_state import (
 )
 from assets.common.sources import CurrencyError, purchases_currency
 from assets.infer.embeddings import PRODUCT_VECTORS_SQL
-from assets.infer.purchases import CUSTOMER_STATE_SQL, PURCHASES_SQL, purchases_of
+from assets.infer.purchases import CUSTOMER_STATE_SQL, PURCHASES_SQL, changed_customers_sql, customers_to_redo, purchases_of
 from recsys.customer_vectors import ProductEmbeddings
 from recsys.purchases import iter_customer_chunks
 from recsys.selection import Selection, select_model
@@ -128,18 +128,12 @@ CATALOG_SQL = "SELECT product_id, in_stock, price FROM analytics.dim_products"
 # Whose top-k may differ from the stored one under the same model, and why (the first reason
 # in this order is kept). Everyone else's rows would come out the same: same history, same
 # model, and no change among the candidates that could enter or had entered their top-k.
-RESCORE_SQL = f"""
-CREATE TEMP TABLE rescore AS
-WITH candidates AS (
+RESCORE_SQL = customers_to_redo("rescore", f"""
+candidates AS (
     SELECT DISTINCT product_id FROM analytics.dim_products WHERE coalesce(in_stock, false)
 ),
 reasons AS (
-    SELECT n.customer_id, 1 AS priority, 'new customer' AS reason
-    FROM now_state AS n ANTI JOIN {CUSTOMERS_TABLE} AS p USING (customer_id)
-    UNION ALL
-    SELECT n.customer_id, 2, 'purchases changed'
-    FROM now_state AS n JOIN {CUSTOMERS_TABLE} AS p USING (customer_id)
-    WHERE n.history_hash <> p.history_hash OR n.purchase_rows <> p.purchase_rows
+    {changed_customers_sql(CUSTOMERS_TABLE)}
     UNION ALL
     SELECT customer_id, 3, 'open dead letter' FROM open_dead_letters
     UNION ALL
@@ -158,11 +152,7 @@ reasons AS (
     WHERE last_purchase_at IS NOT NULL AND len(list_filter($recency_edges::DOUBLE[], lambda e:
           e > epoch_us($previous_as_of::TIMESTAMP - last_purchase_at) / 86400e6
           AND e <= epoch_us($scoring_as_of::TIMESTAMP - last_purchase_at) / 86400e6)) > 0
-)
-SELECT customer_id, arg_min(reason, priority) AS reason
-FROM reasons SEMI JOIN now_state USING (customer_id)
-GROUP BY customer_id
-"""
+)""")
 
 
 @dataclass(frozen=True)

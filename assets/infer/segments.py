@@ -35,7 +35,7 @@ from assets.common.current_state import (
     semantic_config,
 )
 from assets.infer.embeddings import PRODUCT_VECTORS_SQL
-from assets.infer.purchases import CUSTOMER_STATE_SQL, PURCHASES_SQL, purchases_of
+from assets.infer.purchases import CUSTOMER_STATE_SQL, PURCHASES_SQL, changed_customers_sql, customers_to_redo, purchases_of
 from recsys.clustering import SegmentingConfig, fit_segments
 from recsys.customer_sample import CustomerSample
 from recsys.customer_vectors import PoolingReport, ProductEmbeddings, iter_customer_vectors
@@ -112,28 +112,18 @@ PRODUCT_VECTOR_STATE_SQL = f"SELECT product_id, hash(vector) AS vector_hash FROM
 # A customer's vector is a normalized, recency-weighted mean of the vectors of what they bought
 # (weights relative to their own latest purchase, so the day itself cancels): it changes only
 # with their purchases or those products' vectors.
-REASSIGN_SQL = f"""
-CREATE TEMP TABLE reassign AS
-WITH changed_products AS (
+REASSIGN_SQL = customers_to_redo("reassign", f"""
+changed_products AS (
     SELECT coalesce(n.product_id, p.product_id) AS product_id
     FROM now_vectors AS n FULL OUTER JOIN {SEGMENT_PRODUCTS_TABLE} AS p ON n.product_id = p.product_id
     WHERE n.vector_hash IS DISTINCT FROM p.vector_hash
 ),
 reasons AS (
-    SELECT n.customer_id, 1 AS priority, 'new customer' AS reason
-    FROM now_state AS n ANTI JOIN {SEGMENT_CUSTOMERS_TABLE} AS p USING (customer_id)
-    UNION ALL
-    SELECT n.customer_id, 2, 'purchases changed'
-    FROM now_state AS n JOIN {SEGMENT_CUSTOMERS_TABLE} AS p USING (customer_id)
-    WHERE n.history_hash <> p.history_hash OR n.purchase_rows <> p.purchase_rows
+    {changed_customers_sql(SEGMENT_CUSTOMERS_TABLE)}
     UNION ALL
     SELECT DISTINCT customer_id, 3, 'a product they bought has a new text vector'
     FROM analytics.stg_purchases SEMI JOIN changed_products USING (product_id)
-)
-SELECT customer_id, arg_min(reason, priority) AS reason
-FROM reasons SEMI JOIN now_state USING (customer_id)
-GROUP BY customer_id
-"""
+)""")
 
 
 @dataclass(frozen=True)

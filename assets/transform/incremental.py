@@ -13,7 +13,7 @@ Every build stores a fingerprint per key and input (and per lookup row) in
 `ops.sql_model_keys`. A later build of the same SQL compares: the changed keys are those whose
 keyed rows differ, appeared or vanished, and those whose rows reference a changed lookup row.
 Their rows are deleted and computed again by the model's own SQL filtered to them, the refresh
-columns are recomputed, and the result equals a full rebuild (tests/test_sql_models.py).
+columns are recomputed, and the result equals a full rebuild (tests/test_incremental_days.py).
 """
 
 from __future__ import annotations

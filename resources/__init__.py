@@ -55,7 +55,7 @@ def _openai_endpoint() -> dict[str, object]:
 def embedding_model() -> EmbeddingModel:
     """MODEL_PROVIDER=local (default: offline all-MiniLM-L6-v2, no key) or openai (any
     OpenAI-compatible endpoint); EMBEDDING_MODEL, EMBEDDING_DIMENSIONS, EMBEDDING_BATCH_SIZE,
-    EMBEDDING_PRICE_PER_1K_TOKENS, AZURE_OPENAI_DEPLOYMENT."""
+    EMBEDDING_PRICE_PER_1K_TOKENS, AZURE_OPENAI_DEPLOYMENT, EMBEDDING_BATCH_API_MIN_TEXTS (0: off)."""
     if os.getenv("MODEL_PROVIDER", "local") != "openai":
         return EmbeddingModel(provider="local")
     return EmbeddingModel(
@@ -65,6 +65,7 @@ def embedding_model() -> EmbeddingModel:
         azure_deployment=os.getenv("AZURE_OPENAI_DEPLOYMENT") or None,
         max_batch_size=int(os.getenv("EMBEDDING_BATCH_SIZE", "256")),
         price_per_1k_tokens=float(os.getenv("EMBEDDING_PRICE_PER_1K_TOKENS", "0")),
+        batch_api_min_texts=int(os.getenv("EMBEDDING_BATCH_API_MIN_TEXTS", "0")),
         **_openai_endpoint(),
     )
 

@@ -112,6 +112,8 @@ class ServerStats:
 
 
 class FakeOpenAIServer:
+    handler_class: type = None  # type: ignore[assignment]  # set below: _FakeOpenAIHandler; subclasses add routes
+
     def __init__(
         self,
         *,
@@ -267,7 +269,7 @@ class FakeOpenAIServer:
 
 
 def _handler_for(server: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(_FakeOpenAIHandler):
+    class Handler(server.handler_class):  # type: ignore[name-defined]
         fake = server
 
     return Handler
@@ -415,6 +417,9 @@ class _FakeOpenAIHandler(BaseHTTPRequestHandler):
         except OSError:
             pass
         return None
+
+
+FakeOpenAIServer.handler_class = _FakeOpenAIHandler
 
 
 def _as_list(value: object) -> list[str]:

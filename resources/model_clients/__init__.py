@@ -9,6 +9,9 @@ Resources (registered by `resources.build_resources()`):
                    breaker_failure_threshold, breaker_cooldown_seconds, price_per_1k_tokens, ...)
     ChatModel(provider="none" | "openai", model, ... the same endpoint and resilience knobs)
 
+`EmbeddingModel(batch_api_min_texts=N)` sends a run's uncached texts through the OpenAI Batch
+API first when there are at least N of them (batch_api.py); `embed_items` does the rest as usual.
+
 In a step, open the model once:
 
     with embedding_model.open(context) as embedder:                 # EmbeddingSession

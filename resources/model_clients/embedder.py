@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +54,9 @@ from resources.model_clients.metrics import CallMetrics
 from resources.model_clients.resilience import ResilientCaller
 from resources.model_clients.texts import PreparedText, chunked, estimate_tokens, plan_batches, prepare_text, text_hash
 from resources.warehouse import DuckDBWarehouse
+
+if TYPE_CHECKING:  # the Batch API module imports the openai SDK: only when it is configured
+    from resources.model_clients.batch_api import BatchEmbedder, BatchOutcome
 
 Pair = tuple[str, str]  # (text_hash, text)
 
@@ -80,6 +83,7 @@ class EmbeddingReport:
     metrics: CallMetrics
     dead_letters_open: int = 0
     dead_letters_resolved: int = 0
+    bulk: BatchOutcome | None = None  # what the Batch API did first, if it was used
 
     @property
     def dlq_count(self) -> int:
@@ -94,6 +98,7 @@ class EmbeddingReport:
             **self.metrics.to_metadata(),
             "dlq_open": self.dead_letters_open,
             "dlq_resolved": self.dead_letters_resolved,
+            **(self.bulk.to_metadata() if self.bulk else {}),
         }
 
 
@@ -114,12 +119,16 @@ class EmbeddingSession:
         caller: ResilientCaller,
         model_id: str,
         log: logging.Logger | Any | None = None,
+        bulk: BatchEmbedder | None = None,
+        bulk_min_texts: int = 0,
     ) -> None:
         self.client = client
         self.settings = settings
         self.caller = caller
         self.model_id = model_id
         self.log = log or logging.getLogger(__name__)
+        self.bulk = bulk  # the Batch API, for runs with at least `bulk_min_texts` uncached texts
+        self.bulk_min_texts = bulk_min_texts
 
     @property
     def dimensions(self) -> int:
@@ -147,8 +156,29 @@ class EmbeddingSession:
         stage: str,
         partition_key: str | None = None,
     ) -> EmbeddingReport:
-        """Embed every (item_key, text) not yet cached; failures go to ops.dead_letter."""
-        return _EmbedRun(self, warehouse, stage, partition_key or "").run(items)
+        """Embed every (item_key, text) not yet cached; failures go to ops.dead_letter.
+
+        With a Batch API configured, the uncached texts go there first when there are enough of
+        them (batch_api.py); this run then finds them cached and dead-letters the batch's
+        failures with their reason."""
+        bulk: BatchOutcome | None = None
+        if self.bulk is not None:
+            items = list(items)
+            bulk = self._embed_in_bulk(warehouse, items, stage)
+        known_failures = bulk.failed if bulk else {}
+        report = _EmbedRun(self, warehouse, stage, partition_key or "").run(items, known_failures)
+        report.bulk = bulk
+        return report
+
+    def _embed_in_bulk(self, warehouse: DuckDBWarehouse, items: list[tuple[object, object]], stage: str) -> BatchOutcome | None:
+        unique: dict[str, str] = {}
+        for key, text in items:
+            prepared = prepare_text(key, text, self.settings.max_input_chars)
+            if prepared.text:
+                unique.setdefault(prepared.text_hash, prepared.text)
+        store.ensure_tables(warehouse)
+        assert self.bulk is not None
+        return self.bulk.embed(warehouse, stage, list(unique.items()), self.bulk_min_texts)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Vectors for a few ad-hoc texts (no cache, no DLQ); raises the first failure."""
@@ -304,9 +334,12 @@ class _EmbedRun:
         breaker, throttle = session.caller.breaker, session.caller.throttle
         self._opens_before, self._throttle_wait_before = breaker.opens, throttle.wait_seconds
 
-    def run(self, items: Iterable[tuple[object, object]]) -> EmbeddingReport:
+    def run(self, items: Iterable[tuple[object, object]],
+            known_failures: dict[str, ModelCallError] | None = None) -> EmbeddingReport:
+        """`known_failures`: texts that failed just before (in a batch): dead-lettered, not sent."""
         store.ensure_tables(self.warehouse)
         store.forget_items(self.warehouse, self.stage, self.partition_key)
+        self.failed.update({key: (error, 1) for key, error in (known_failures or {}).items()})
         try:
             with ThreadPoolExecutor(self.session.concurrency, thread_name_prefix="embed") as executor:
                 self.submit = lambda batch: executor.submit(self.session.embed_batch, batch, self.metrics)

@@ -29,6 +29,7 @@ from resources.model_clients.resilience import AdaptiveThrottle, CircuitBreaker,
 from resources.warehouse import DuckDBWarehouse
 
 MAX_INPUTS_PER_REQUEST = 2048  # the OpenAI embeddings API limit
+BATCH_FILE_TIMEOUT_SECONDS = 600.0  # Batch API files are up to 200 MB each way
 
 
 class _RemoteModelResource(dg.ConfigurableResource):
@@ -65,13 +66,13 @@ class _RemoteModelResource(dg.ConfigurableResource):
                                  max_outage_s=self.max_outage_seconds, log=log.warning)
         return ResilientCaller(policy, AdaptiveThrottle(max_concurrency), breaker)
 
-    def _sdk(self):
+    def _sdk(self, timeout_s: float | None = None):
         from resources.model_clients.openai_compat import build_sdk_client
 
         return build_sdk_client(
             base_url=self.base_url,
             api_key=self.api_key,
-            timeout_s=self.request_timeout_seconds,
+            timeout_s=timeout_s or self.request_timeout_seconds,
             azure_api_version=self.azure_api_version,
             azure_deployment=self.azure_deployment,
         )
@@ -116,6 +117,17 @@ class EmbeddingModel(_RemoteModelResource):
         default=4_096, ge=1, description="Most vectors one write gathers while the previous write runs."
     )
     read_batch_rows: int = Field(default=8_192, ge=1, description="Rows per page when reading vectors back.")
+    batch_api_min_texts: int = Field(
+        default=0, ge=0, description="openai only: when a run finds at least this many texts missing from the "
+                                     "cache (a first catalog, a new model), they go through the Batch API (half "
+                                     "price, answered within the completion window); fewer use the synchronous "
+                                     "client. 0: never use the Batch API.")
+    batch_completion_window: str = Field(default="24h", description="Batch API completion window.")
+    batch_poll_seconds: float = Field(default=30.0, gt=0, description="Seconds between two looks at a batch.")
+    batch_max_wait_seconds: float = Field(
+        default=26 * 3600.0, ge=0, description="A step waits this long for its batches; one still running is "
+                                               "dead-lettered for now and collected by the next run.")
+    batch_max_requests: int = Field(default=50_000, ge=1, le=50_000, description="Texts per batch (API limit 50,000).")
 
     @property
     def model_id(self) -> str:
@@ -140,10 +152,43 @@ class EmbeddingModel(_RemoteModelResource):
         )
         concurrency = min(self.max_concurrency, client.max_parallel_requests or self.max_concurrency)
         log = _step_log(context)
+        bulk = self.build_batch_embedder(log)
         try:
-            yield EmbeddingSession(client, settings, self._caller(concurrency, log), self.model_id, log)
+            yield EmbeddingSession(client, settings, self._caller(concurrency, log), self.model_id, log,
+                                   bulk=bulk, bulk_min_texts=self.batch_api_min_texts)
         finally:
             client.close()
+            if bulk is not None:
+                bulk.close()
+
+    def build_batch_embedder(self, log: Any = None):
+        """The Batch API path, when configured (openai provider, batch_api_min_texts > 0)."""
+        if self.provider != "openai" or self.batch_api_min_texts <= 0:
+            return None
+        from resources.model_clients.batch_api import BatchEmbedder, BatchSettings
+
+        settings = BatchSettings(
+            completion_window=self.batch_completion_window,
+            poll_interval_seconds=self.batch_poll_seconds,
+            max_wait_seconds=self.batch_max_wait_seconds,
+            max_requests_per_batch=self.batch_max_requests,
+        )
+        return BatchEmbedder(
+            self._sdk(timeout_s=max(self.request_timeout_seconds, BATCH_FILE_TIMEOUT_SECONDS)),
+            model=self.model,
+            cache_model=self.model_id,
+            dimensions=self.dimensions,
+            send_dimensions=self._sends_dimensions(),
+            encoding_format=self.encoding_format,
+            settings=settings,
+            secrets=[self.api_key],
+            log=log,
+        )
+
+    def _sends_dimensions(self) -> bool:
+        if self.send_dimensions is None:
+            return self.model.startswith("text-embedding-3")
+        return self.send_dimensions
 
     def build_client(self) -> EmbeddingClient:
         if self.provider == "local":
@@ -159,14 +204,11 @@ class EmbeddingModel(_RemoteModelResource):
             )
         from resources.model_clients.openai_compat import OpenAIEmbeddingClient
 
-        send_dimensions = self.send_dimensions
-        if send_dimensions is None:
-            send_dimensions = self.model.startswith("text-embedding-3")
         return OpenAIEmbeddingClient(
             self._sdk(),
             model=self.model,
             dimensions=self.dimensions,
-            send_dimensions=send_dimensions,
+            send_dimensions=self._sends_dimensions(),
             encoding_format=self.encoding_format,
             secrets=[self.api_key],
         )

@@ -1,0 +1,191 @@
+"""The bulk path: a whole catalog through the OpenAI Batch API (a fake one on 127.0.0.1), daily
+deltas through the synchronous client, and every text accounted for: stored, or in the DLQ with
+the batch's reason."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from assets.infer.embeddings import PRODUCT_TEXT_SQL, product_embeddings
+from generator import FaultRates, GeneratorConfig, generate
+from resources.model_clients import EmbeddingModel
+from resources.model_clients.texts import prepare_text
+from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
+from tests.fake_batch_api import FakeBatchAPIServer
+from tests.fake_openai_server import expected_vector
+from tests.test_pipeline import pipeline_resources
+
+DAY = "2011-09-01"
+DIMS = 384
+
+
+@pytest.fixture(scope="module")
+def catalog_warehouse(tmp_path_factory) -> tuple[Path, Path]:
+    """A landed and modelled product catalog (dim_products), nothing embedded yet."""
+    from definitions import defs
+
+    folder = tmp_path_factory.mktemp("batch")
+    landing = folder / "landing"
+    generate(GeneratorConfig(out=landing, customers=50, days=1, seed=11, start=dt.date(2011, 9, 1),
+                             faults=FaultRates.uniform(0.0)))
+    with FakeBatchAPIServer() as unused:
+        resources = pipeline_resources(folder / "base.duckdb", landing, unused)
+        assets = [a for a in defs.assets if a.key.to_user_string() in ("raw_products", "raw_customers", "raw_transactions", "stg_order_lines", "dim_products")]
+        assert dg.materialize(assets, partition_key=DAY, resources=resources).success
+    return folder / "base.duckdb", landing
+
+
+@pytest.fixture
+def server():
+    with FakeBatchAPIServer(default_dimensions=DIMS) as fake:
+        yield fake
+
+
+def resources_for(tmp_path: Path, catalog_warehouse, server: FakeBatchAPIServer, **batch_options) -> dict:
+    path = tmp_path / "warehouse.duckdb"
+    shutil.copy(catalog_warehouse[0], path)
+    resources = pipeline_resources(path, catalog_warehouse[1], server)
+    options = {"batch_api_min_texts": 10, "batch_poll_seconds": 0.01, **batch_options}
+    resources["embedding_model"] = EmbeddingModel(provider="openai", model="fake-embed", dimensions=DIMS,
+                                                  base_url=server.base_url, api_key="test-key", **options)
+    return resources
+
+
+def embed(resources: dict, force: bool = False) -> dg.ExecuteInProcessResult:
+    """One run of product_embeddings; red when the blocking dead_letter_share check fails (over 1 %)."""
+    run_config = {"ops": {"product_embeddings": {"config": {"force": True}}}} if force else None
+    return dg.materialize([product_embeddings], partition_key=DAY, resources=resources, run_config=run_config,
+                          raise_on_error=False)
+
+
+def metadata(result) -> dict:
+    event = result.get_asset_materialization_events()[0]
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def coverage_check(result):
+    return next(c for c in result.get_asset_check_evaluations() if c.check_name == "products_embedded")
+
+
+def product_texts(warehouse: DuckDBWarehouse) -> dict[str, str]:
+    with warehouse.connect(read_only=True) as con:
+        return {pid: prepare_text(pid, text, 8_000).text for pid, text in fetch_all(con, PRODUCT_TEXT_SQL) if text}
+
+
+def stored_vectors(warehouse: DuckDBWarehouse) -> dict[str, np.ndarray]:
+    with warehouse.connect(read_only=True) as con:
+        rows = fetch_all(con, "SELECT product_id, vector FROM ml.product_embeddings")
+    return {pid: np.asarray(vector, dtype=np.float32) for pid, vector in rows}
+
+
+def open_dead_letters(warehouse: DuckDBWarehouse) -> dict[str, tuple[str, str]]:
+    with warehouse.connect(read_only=True) as con:
+        rows = fetch_all(con, "SELECT item_key, reason_class, error_message FROM ops.dead_letter "
+                              "WHERE stage = 'product_embeddings' AND resolved_at IS NULL")
+    return {key: (reason, message) for key, reason, message in rows}
+
+
+def test_a_whole_catalog_goes_through_one_batch_and_a_daily_delta_through_the_synchronous_client(
+        tmp_path, catalog_warehouse, server):
+    resources = resources_for(tmp_path, catalog_warehouse, server)
+    warehouse = resources["warehouse"]
+    texts = product_texts(warehouse)
+    result = embed(resources)
+    meta = metadata(result)
+    assert result.success and meta["batch_api_batches"] == 1 and meta["batch_api_embedded"] == len(set(texts.values()))
+    assert meta["batch_api_failed"] == 0 and meta["dlq_count"] == 0 and coverage_check(result).passed
+    assert server.stats.requests == 0, "no text went through the synchronous endpoint"
+    assert server.batch_calls.count("create") == 1
+    vectors = stored_vectors(warehouse)
+    assert set(vectors) == set(texts)
+    for product_id, text in texts.items():  # every vector is its own text's, as the synchronous path gives it
+        np.testing.assert_allclose(vectors[product_id], expected_vector(text, DIMS), atol=1e-6)
+
+    # Later one product is renamed (edited in place, so the build is forced): one uncached text
+    # is below the threshold.
+    renamed = sorted(texts)[0]
+    with warehouse.transaction() as con:
+        con.execute("UPDATE analytics.dim_products SET name = name || ' (new)' WHERE product_id = ?", [renamed])
+    result = embed(resources, force=True)
+    meta = metadata(result)
+    assert "batch_api_batches" not in meta and meta["requests"] == 1 and meta["items_embedded"] == 1
+    assert server.batch_calls.count("create") == 1 and server.stats.requests == 1
+    new_text = product_texts(warehouse)[renamed]
+    np.testing.assert_allclose(stored_vectors(warehouse)[renamed], expected_vector(new_text, DIMS), atol=1e-6)
+
+
+def test_failed_requests_of_a_batch_go_to_the_dlq_with_their_reason_and_the_rest_is_stored(
+        tmp_path, catalog_warehouse, server):
+    resources = resources_for(tmp_path, catalog_warehouse, server)
+    warehouse = resources["warehouse"]
+    texts = product_texts(warehouse)
+    victim = sorted(texts)[3]
+    server.fail_markers = {texts[victim]: 400}
+    result = embed(resources)
+    assert result.success and not coverage_check(result).passed  # WARN: the step's outputs stand
+    dead = open_dead_letters(warehouse)
+    assert set(dead) == {victim} and dead[victim][0] == "client_error" and "HTTP 400" in dead[victim][1]
+    assert set(stored_vectors(warehouse)) == set(texts) - {victim}  # every text: stored or dead-lettered
+    assert server.stats.requests == 0, "a text the batch failed is not sent again in the same run"
+
+
+def test_an_expired_batch_keeps_what_was_done_and_dead_letters_the_rest_as_timeouts(
+        tmp_path, catalog_warehouse, server):
+    resources = resources_for(tmp_path, catalog_warehouse, server)
+    warehouse = resources["warehouse"]
+    texts = product_texts(warehouse)
+    server.expire_after = 5
+    result = embed(resources)
+    meta = metadata(result)
+    assert not result.success, "most of the catalog in the DLQ is a red run"
+    assert meta["batch_api_embedded"] == 5
+    dead = open_dead_letters(warehouse)
+    assert len(stored_vectors(warehouse)) + len(dead) == len(texts)
+    assert {reason for reason, _ in dead.values()} == {"timeout"}
+    assert all("completion window expired" in message for _, message in dead.values())
+
+
+def test_a_batch_still_running_when_the_step_stops_waiting_is_collected_by_the_next_run_not_paid_twice(
+        tmp_path, catalog_warehouse, server):
+    resources = resources_for(tmp_path, catalog_warehouse, server, batch_max_wait_seconds=0.05)
+    warehouse = resources["warehouse"]
+    texts = product_texts(warehouse)
+    server.polls_until_done = 10_000
+    result = embed(resources)
+    dead = open_dead_letters(warehouse)
+    assert set(dead) == set(texts) and {reason for reason, _ in dead.values()} == {"timeout"}
+    assert all("the next run collects it" in message for _, message in dead.values())
+    assert not result.success and not coverage_check(result).passed
+    with warehouse.connect(read_only=True) as con:
+        assert fetch_scalar(con, "SELECT count(*) FROM ops.embedding_batches WHERE collected_at IS NULL") == 1
+
+    (batch,) = server.created_batches()
+    batch["_settings"] = (0, *batch["_settings"][1:])  # the provider finishes it meanwhile
+    result = embed(resources)  # open dead letters make the next run build again
+    assert result.success and server.batch_calls.count("create") == 1 and server.stats.requests == 0
+    assert metadata(result)["dlq_resolved"] == len(texts) and open_dead_letters(warehouse) == {}
+    assert set(stored_vectors(warehouse)) == set(texts) and coverage_check(result).passed
+    with warehouse.connect(read_only=True) as con:
+        assert fetch_all(con, "SELECT status, embedded, failed FROM ops.embedding_batches WHERE collected_at IS NOT NULL") \
+            == [("completed", len(set(texts.values())), 0)]
+
+
+def test_a_rejected_batch_dead_letters_every_text_and_polling_rides_out_a_server_error(
+        tmp_path, catalog_warehouse, server):
+    resources = resources_for(tmp_path, catalog_warehouse, server)
+    warehouse = resources["warehouse"]
+    texts = product_texts(warehouse)
+    server.reject_input, server.poll_failures = True, 2
+    result = embed(resources)
+    dead = open_dead_letters(warehouse)
+    assert set(dead) == set(texts) and not result.success and not coverage_check(result).passed
+    assert all(reason == "client_error" and "input file is not valid" in message for reason, message in dead.values())
+    assert server.batch_calls.count("retrieve") >= 3  # two 503s, then the final status
+    with warehouse.connect(read_only=True) as con:  # the key reaches neither the DLQ nor the batch table
+        assert not fetch_scalar(con, "SELECT count(*) FROM ops.dead_letter WHERE error_message LIKE '%test-key%'")

@@ -38,6 +38,7 @@ def main() -> None:
     from definitions import defs
     from generator import FaultRates, GeneratorConfig, generate
     from resources.alerts import Alerts
+    from resources.compute_engine import ComputeEngine
     from resources.landing import LandingZone
     from resources.model_clients import ChatModel, EmbeddingModel
     from resources.warehouse import DuckDBWarehouse
@@ -59,7 +60,7 @@ def main() -> None:
             embedding = EmbeddingModel(provider="local")
         resources = {"warehouse": warehouse, "landing": LandingZone(root=str(root / "landing")),
                      "alerts": Alerts(warehouse=warehouse), "embedding_model": embedding,
-                     "chat_model": ChatModel(provider="none")}
+                     "chat_model": ChatModel(provider="none"), "compute_engine": ComputeEngine()}
         tags = {"dagster/asset_partition_range_start": START.isoformat(),
                 "dagster/asset_partition_range_end": last.isoformat()}
         config = {"ops": {"recommendation_quality": {"config": {"online_retail_dir": ""}}}}

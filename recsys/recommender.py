@@ -754,6 +754,18 @@ def _outcomes(row, column, future_customer, future_column, future_amount, width)
     return hit, realized
 
 
+def score_chunk_safely(shared: tuple[Recommender, Candidates, bool], chunk: CustomerChunk
+                       ) -> tuple[RecommendationChunk | None, Exception | None]:
+    """(result, None) or (None, error) for one chunk, so that a bad chunk is dead-lettered and the
+    others go on. `shared` = (model, candidates, track_hidden): what a compute engine sends to
+    each worker once (recsys/engines.py)."""
+    model, candidates, track_hidden = shared
+    try:
+        return model.score_chunk(chunk, candidates, track_hidden=track_hidden), None
+    except Exception as error:  # noqa: BLE001 - returned, logged and dead-lettered by the caller
+        return None, error
+
+
 # ---- ordered parallel map --------------------------------------------------------------------
 
 

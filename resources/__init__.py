@@ -8,6 +8,7 @@ import os
 import dagster as dg
 
 from resources.alerts import Alerts
+from resources.compute_engine import ComputeEngine
 from resources.landing import DEFAULT_LANDING_DIR, LandingZone
 from resources.model_clients import ChatModel, EmbeddingModel
 from resources.warehouse import DEFAULT_WAREHOUSE_PATH, DuckDBWarehouse
@@ -31,7 +32,15 @@ def build_resources(source_names: tuple[str, ...] = ()) -> dict[str, object]:
     )
     resources["embedding_model"] = embedding_model()
     resources["chat_model"] = chat_model()
+    resources["compute_engine"] = compute_engine()
     return resources
+
+
+def compute_engine() -> ComputeEngine:
+    """COMPUTE_ENGINE=threads (default: in the step's process) or ray; RAY_ADDRESS (unset: a
+    private local Ray for the step), RAY_WORKERS (2)."""
+    return ComputeEngine(kind=os.getenv("COMPUTE_ENGINE", "threads"), address=os.getenv("RAY_ADDRESS") or None,
+                         workers=int(os.getenv("RAY_WORKERS", "2")))
 
 
 def landing_zone(source_names: tuple[str, ...]) -> LandingZone:

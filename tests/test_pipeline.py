@@ -19,6 +19,7 @@ from definitions import defs
 from generator import FaultRates, GeneratorConfig, generate
 from resources.alerts import Alerts
 from resources.landing import LandingZone
+from resources.compute_engine import ComputeEngine
 from resources.model_clients import ChatModel, EmbeddingModel
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 from tests.fake_openai_server import FakeOpenAIServer
@@ -60,6 +61,7 @@ def pipeline_resources(warehouse_path: Path, landing: Path, server: FakeOpenAISe
         "embedding_model": EmbeddingModel(provider="openai", model="fake-embed", dimensions=384,
                                           base_url=server.base_url, api_key="test-key", max_concurrency=2),
         "chat_model": ChatModel(provider="none"),
+        "compute_engine": ComputeEngine(),
     }
 
 

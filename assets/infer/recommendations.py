@@ -60,7 +60,7 @@ from recsys.recommender import (
     TEXT_NEIGHBOUR,
     Recommender,
     RecommenderConfig,
-    ordered_parallel_map,
+    score_chunk_safely,
 )
 from resources import dead_letters
 from resources.dead_letters import PROCESSING_ERROR, DeadLetter
@@ -412,18 +412,6 @@ def table_counts(con: duckdb.DuckDBPyConnection, recommendations: str = RECOMMEN
             "text_neighbour_recommendations": text_neighbour, "text_neighbour_products": text_products}
 
 
-def score_safely(model: Recommender, candidates, track_hidden: bool):
-    """Score a chunk; an exception is returned (not raised) so the chunk can be dead-lettered."""
-
-    def score(chunk):
-        try:
-            return chunk, model.score_chunk(chunk, candidates, track_hidden=track_hidden), None
-        except Exception as error:  # one bad chunk must not stop the other customers
-            return chunk, None, error
-
-    return score
-
-
 def dead_letter_chunk(warehouse_writes: list, chunk, error: Exception) -> None:
     message = f"{type(error).__name__}: {error}"[:500]
     warehouse_writes.extend(DeadLetter(customer, PROCESSING_ERROR, message, 1, "") for customer in chunk.customer_ids.to_pylist())
@@ -490,6 +478,7 @@ def served_verdicts(measured: Mapping[str, Any], config: RecommendationsConfig) 
     verdicts=served_verdicts,
     dead_letter_stage=STAGE,
     personal_data=True,  # customer ids
+    resources=("warehouse", "compute_engine"),
     fingerprint_extra=lambda context: {"currency": configured_currency()},  # a new currency rebuilds
     code_version=CODE_VERSION,
 )
@@ -545,8 +534,9 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
     staged = StagedOutputs(taken, as_of, currency)
     dead_letters_: list[DeadLetter] = []
     chunks = iter_customer_chunks(source, config.score_chunk_customers)
-    for chunk, result, error in ordered_parallel_map(score_safely(model, candidates, track_hidden), chunks,
-                                                     config.workers):
+    engine = build.resources.compute_engine  # threads here, or the workers of a Ray cluster
+    for chunk, (result, error) in engine.ordered_map(score_chunk_safely, chunks, threads=config.workers,
+                                                     shared=(model, candidates, track_hidden)):
         if error is not None:
             build.log.error(f"a chunk of {chunk.n_customers:,} customers failed ({error!r}); dead-lettered")
             dead_letter_chunk(dead_letters_, chunk, error)
@@ -595,6 +585,7 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
     remove_other_models(build, model_file)
     metadata = recommendations_metadata(build, report, counts, distribution, stored, dead_letters_, skip_reasons)
     return Built({**metadata, **selection_metadata(selection, model_info), **build_metadata(rescored, model_info),
+                  **engine.describe(),
                   "in_stock_candidates": in_stock_model_items, "catalog_products_not_in_model": not_in_model,
                   "cold_start_products_in_reach": cold_start_products, "currency": currency})
 

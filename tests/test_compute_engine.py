@@ -1,0 +1,120 @@
+"""Scoring on a Ray cluster: a real two-node local cluster (two raylets, one CPU each) gives what
+scoring in the step's own process gives, chunk for chunk and table for table."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets.infer.recommendations import recommendations
+from generator import FaultRates, GeneratorConfig, generate
+from recsys.engines import ordered_threads_map, ray_ordered_map
+from recsys.purchases import iter_customer_chunks
+from recsys.recommender import Recommender, RecommenderConfig, score_chunk_safely
+from recsys.synthetic import SyntheticRetail
+from resources.compute_engine import ComputeEngine
+from tests.fake_openai_server import FakeOpenAIServer
+from tests.test_pipeline import pipeline_resources, table_digest
+
+DAY = "2011-09-01"
+UPSTREAM = ["raw_products", "raw_customers", "raw_transactions", "stg_order_lines", "stg_customer_history",
+            "stg_purchases", "dim_products", "customer_features", "product_embeddings"]
+OUTPUT_TABLES = {
+    "ml.recommendations": "SELECT * FROM ml.recommendations ORDER BY customer_id, rank",
+    "ml.recommendation_skips": "SELECT * FROM ml.recommendation_skips ORDER BY ALL",
+    "ml.recommendation_hidden": "SELECT * FROM ml.recommendation_hidden ORDER BY ALL",
+}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two Ray nodes on this machine, as a cluster of two hosts would be (no dashboard)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def test_scoring_chunks_on_two_ray_nodes_equals_scoring_them_in_one_process(ray_cluster):
+    data = SyntheticRetail(customers=3_000, products=400, seed=3)
+    model = Recommender.fit(data, RecommenderConfig(), as_of=data.end)
+    shared = (model, model.candidates(data.catalog()), True)
+    local = list(ordered_threads_map(score_chunk_safely, iter_customer_chunks(data, 400), shared, 2))
+    remote = list(ray_ordered_map(score_chunk_safely, iter_customer_chunks(data, 400), shared, ray_cluster.address, 2))
+    assert len(local) == len(remote) == 8
+    for (chunk, (mine, error)), (their_chunk, (theirs, their_error)) in zip(local, remote, strict=True):
+        assert error is None and their_error is None
+        assert chunk.customer_ids.equals(their_chunk.customer_ids)  # results come back in input order
+        assert mine.recommendations.equals(theirs.recommendations)
+        assert mine.skipped.equals(theirs.skipped) and mine.hidden.equals(theirs.hidden)
+        assert mine.counts() == theirs.counts()
+
+
+@pytest.fixture(scope="module")
+def before_recommendations(tmp_path_factory) -> tuple[Path, Path]:
+    """A warehouse with everything recommendations reads (600 customers)."""
+    from definitions import defs
+
+    folder = tmp_path_factory.mktemp("engine")
+    landing = folder / "landing"
+    generate(GeneratorConfig(out=landing, customers=600, days=1, seed=9, start=dt.date(2011, 9, 1),
+                             faults=FaultRates.uniform(0.0)))
+    with FakeOpenAIServer(default_dimensions=384) as server:
+        resources = pipeline_resources(folder / "base.duckdb", landing, server)
+        assets = [a for a in defs.assets if a.key.to_user_string() in UPSTREAM]
+        assert dg.materialize(assets, partition_key=DAY, resources=resources).success
+    return folder / "base.duckdb", landing
+
+
+def recommend(folder: Path, before, engine: ComputeEngine) -> tuple[dict, dict]:
+    folder.mkdir()
+    path = folder / "warehouse.duckdb"
+    shutil.copy(before[0], path)
+    with FakeOpenAIServer(default_dimensions=384) as server:
+        resources = {**pipeline_resources(path, before[1], server), "compute_engine": engine}
+        config = {"ops": {"recommendations": {"config": {"score_chunk_customers": 100}}}}  # six chunks
+        result = dg.materialize([recommendations], partition_key=DAY, resources=resources, run_config=config)
+    assert result.success
+    (event,) = result.get_asset_materialization_events()
+    metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+    digests = {table: table_digest(resources["warehouse"], sql) for table, sql in OUTPUT_TABLES.items()}
+    return metadata, digests
+
+
+def test_the_recommendations_step_on_a_ray_cluster_writes_what_the_threads_engine_writes(
+        tmp_path, before_recommendations, ray_cluster):
+    in_process, in_process_tables = recommend(tmp_path / "threads", before_recommendations, ComputeEngine())
+    on_ray, on_ray_tables = recommend(tmp_path / "ray", before_recommendations,
+                                      ComputeEngine(kind="ray", address=ray_cluster.address, workers=2))
+    assert in_process["engine"] == "threads" and on_ray["engine"] == "ray" and on_ray["engine_workers"] == 2
+    assert on_ray_tables == in_process_tables
+    assert on_ray["dagster/row_count"] == in_process["dagster/row_count"] > 0
+    assert on_ray["dlq_count"] == 0
+
+
+def test_a_chunk_that_fails_on_a_worker_is_returned_as_its_error_and_the_others_are_scored(ray_cluster):
+    data = SyntheticRetail(customers=1_000, products=200, seed=4)
+    model = Recommender.fit(data, RecommenderConfig(), as_of=data.end)
+    broken = (model, None, False)  # no candidates: every chunk fails inside score_chunk, on the worker
+    results = list(ray_ordered_map(score_chunk_safely, iter_customer_chunks(data, 500), broken, ray_cluster.address, 2))
+    assert len(results) == 2 and all(result is None and isinstance(error, AttributeError)
+                                     for _, (result, error) in results)
+
+
+def test_the_engine_is_chosen_by_environment(monkeypatch):
+    from resources import build_resources
+
+    assert build_resources()["compute_engine"].kind == "threads"
+    monkeypatch.setenv("COMPUTE_ENGINE", "ray")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    engine = build_resources()["compute_engine"]
+    assert (engine.kind, engine.address, engine.workers) == ("ray", "ray://head:10001", 2)
+    with pytest.raises(Exception, match="kind"):
+        ComputeEngine(kind="spark")

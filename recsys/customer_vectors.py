@@ -36,8 +36,9 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -120,6 +121,16 @@ class PoolingReport:
     lines_after_as_of: int = 0
     customers_skipped: Counter = field(default_factory=lambda: _zero_counts(CUSTOMER_SKIP_REASONS))
 
+    def add(self, part: PoolingReport) -> None:
+        """Add the counts of a chunk pooled elsewhere (lines_in and null customers are counted
+        where the chunks are cut, so they are not in `part`)."""
+        self.lines_in += part.lines_in
+        self.customers_in += part.customers_in
+        self.customers_out += part.customers_out
+        self.lines_after_as_of += part.lines_after_as_of
+        self.lines_ignored.update(part.lines_ignored)
+        self.customers_skipped.update(part.customers_skipped)
+
     def as_dict(self) -> dict:
         return {
             "lines_in": self.lines_in,
@@ -144,6 +155,8 @@ class CustomerVectorChunk:
     customer_ids: pa.StringArray
     vectors: np.ndarray
     product_spend: sp.csr_matrix
+    labels: np.ndarray | None = None  # segment ids, when pooled with a segment model (pool_chunk)
+    similarity: np.ndarray | None = None  # cosine to the customer's centroid, likewise
 
     def __len__(self) -> int:
         return len(self.customer_ids)
@@ -157,8 +170,14 @@ def iter_customer_vectors(
     half_life_days: float = DEFAULT_HALF_LIFE_DAYS,
     chunk_lines: int = DEFAULT_CHUNK_LINES,
     report: PoolingReport | None = None,
+    mapper: Callable | None = None,
+    label_with: Any = None,
 ) -> Iterator[CustomerVectorChunk]:
     """Yield one CustomerVectorChunk per ~`chunk_lines` purchase lines, whole customers only.
+
+    `mapper(function, tables, shared)` -> (table, result) in order runs the pooling elsewhere (a
+    compute engine's `ordered_map`); by default it runs here. `label_with` (a SegmentModel) also
+    labels each chunk where it is pooled (`chunk.labels`, `chunk.similarity`).
 
     `purchase_batches` need the columns customer_id (str), product_id (str), amount (float),
     purchased_at (timestamp or date), sorted by customer_id. `report` is updated in place.
@@ -169,13 +188,36 @@ def iter_customer_vectors(
         raise ValueError("chunk_lines must be >= 1")
     report = report if report is not None else PoolingReport()
     as_of_day = _day_number(as_of)
-    previous_last_id: str | None = None
-    for table in _whole_customer_tables(purchase_batches, chunk_lines, report):
-        previous_last_id = _check_sorted(table.column("customer_id"), previous_last_id)
-        chunk = _pool_table(table, products, as_of_day, half_life_days, report)
+    tables = _sorted_tables(_whole_customer_tables(purchase_batches, chunk_lines, report))
+    shared = (products, as_of_day, half_life_days, label_with)
+    for _, (chunk, part) in (mapper or _in_process)(pool_chunk, tables, shared):
+        report.add(part)
         report.chunks += 1
         if len(chunk):
             yield chunk
+
+
+def pool_chunk(shared: tuple, table: pa.Table) -> tuple[CustomerVectorChunk, PoolingReport]:
+    """Pool one whole-customer table (and label it when a segment model is shared): what a
+    compute engine's worker runs (recsys/engines.py). Returns the chunk and its own report."""
+    products, as_of_day, half_life_days, label_with = shared
+    part = PoolingReport()
+    chunk = _pool_table(table, products, as_of_day, half_life_days, part)
+    if label_with is not None and len(chunk):
+        labels, similarity = label_with.label(chunk.vectors)
+        chunk = replace(chunk, labels=labels, similarity=similarity)
+    return chunk, part
+
+
+def _in_process(function, items, shared):
+    return ((item, function(shared, item)) for item in items)
+
+
+def _sorted_tables(tables: Iterable[pa.Table]) -> Iterator[pa.Table]:
+    previous_last_id: str | None = None
+    for table in tables:
+        previous_last_id = _check_sorted(table.column("customer_id"), previous_last_id)
+        yield table
 
 
 def _day_number(as_of: dt.date | dt.datetime) -> int:

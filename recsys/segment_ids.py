@@ -46,6 +46,13 @@ class SegmentModel:
             raise ValueError(f"vectors must be (n x {self.centroids.shape[1]}), got {vectors.shape}")
         return self.segment_ids[nearest_centroid(vectors, self.centroids)]
 
+    def label(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(segment ids, cosine of each row to its segment's centroid)."""
+        labels = self.assign(vectors)
+        centroids = self.centroids / np.linalg.norm(self.centroids, axis=1, keepdims=True)
+        rows = np.searchsorted(self.segment_ids, labels)
+        return labels, np.einsum("ij,ij->i", vectors, centroids[rows]).astype(np.float32)
+
     def to_arrow(self) -> pa.Table:
         """segment_id (int64), centroid (fixed-size list of float32): what to save for the next run."""
         flat = pa.array(self.centroids.astype(np.float32).ravel(), type=pa.float32())

@@ -1,5 +1,5 @@
-"""Scoring on a Ray cluster: a real two-node local cluster (two raylets, one CPU each) gives what
-scoring in the step's own process gives, chunk for chunk and table for table."""
+"""Scoring and segment assignment on a Ray cluster: a real two-node local cluster (two raylets,
+one CPU each) gives what the step's own process gives, chunk for chunk and table for table."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import dagster as dg
 import pytest
 
 from assets.infer.recommendations import recommendations
+from assets.infer.segments import customer_segments
 from generator import FaultRates, GeneratorConfig, generate
 from recsys.engines import ordered_threads_map, ray_ordered_map
 from recsys.purchases import iter_customer_chunks
@@ -27,6 +28,9 @@ OUTPUT_TABLES = {
     "ml.recommendations": "SELECT * FROM ml.recommendations ORDER BY customer_id, rank",
     "ml.recommendation_skips": "SELECT * FROM ml.recommendation_skips ORDER BY ALL",
     "ml.recommendation_hidden": "SELECT * FROM ml.recommendation_hidden ORDER BY ALL",
+    "ml.customer_segments": "SELECT * FROM ml.customer_segments ORDER BY customer_id",
+    "ml.segment_centroids": "SELECT * FROM ml.segment_centroids ORDER BY segment_id",
+    "ml.segment_profiles": "SELECT * FROM ml.segment_profiles ORDER BY segment_id",
 }
 
 
@@ -73,30 +77,37 @@ def before_recommendations(tmp_path_factory) -> tuple[Path, Path]:
     return folder / "base.duckdb", landing
 
 
-def recommend(folder: Path, before, engine: ComputeEngine) -> tuple[dict, dict]:
+def build_on(folder: Path, before, engine: ComputeEngine) -> tuple[dict, dict]:
+    """recommendations and customer_segments on a copy of the warehouse, in small chunks."""
     folder.mkdir()
     path = folder / "warehouse.duckdb"
     shutil.copy(before[0], path)
     with FakeOpenAIServer(default_dimensions=384) as server:
         resources = {**pipeline_resources(path, before[1], server), "compute_engine": engine}
-        config = {"ops": {"recommendations": {"config": {"score_chunk_customers": 100}}}}  # six chunks
-        result = dg.materialize([recommendations], partition_key=DAY, resources=resources, run_config=config)
+        config = {"ops": {"recommendations": {"config": {"score_chunk_customers": 100}},  # six chunks
+                          "customer_segments": {"config": {"chunk_lines": 1_000}}}}
+        result = dg.materialize([recommendations, customer_segments], partition_key=DAY, resources=resources,
+                                run_config=config)
     assert result.success
-    (event,) = result.get_asset_materialization_events()
-    metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+    metadata = {e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
+                for e in result.get_asset_materialization_events()}
     digests = {table: table_digest(resources["warehouse"], sql) for table, sql in OUTPUT_TABLES.items()}
     return metadata, digests
 
 
-def test_the_recommendations_step_on_a_ray_cluster_writes_what_the_threads_engine_writes(
+def test_scoring_and_segment_assignment_on_a_ray_cluster_write_what_the_threads_engine_writes(
         tmp_path, before_recommendations, ray_cluster):
-    in_process, in_process_tables = recommend(tmp_path / "threads", before_recommendations, ComputeEngine())
-    on_ray, on_ray_tables = recommend(tmp_path / "ray", before_recommendations,
-                                      ComputeEngine(kind="ray", address=ray_cluster.address, workers=2))
-    assert in_process["engine"] == "threads" and on_ray["engine"] == "ray" and on_ray["engine_workers"] == 2
+    in_process, in_process_tables = build_on(tmp_path / "threads", before_recommendations, ComputeEngine())
+    on_ray, on_ray_tables = build_on(tmp_path / "ray", before_recommendations,
+                                     ComputeEngine(kind="ray", address=ray_cluster.address, workers=2))
+    for stage in ("recommendations", "customer_segments"):
+        assert in_process[stage]["engine"] == "threads", stage
+        assert on_ray[stage]["engine"] == "ray" and on_ray[stage]["engine_workers"] == 2, stage
+        assert on_ray[stage]["dagster/row_count"] == in_process[stage]["dagster/row_count"] > 0, stage
     assert on_ray_tables == in_process_tables
-    assert on_ray["dagster/row_count"] == in_process["dagster/row_count"] > 0
-    assert on_ray["dlq_count"] == 0
+    assert on_ray["recommendations"]["dlq_count"] == 0
+    assert on_ray["customer_segments"]["pooling"] == in_process["customer_segments"]["pooling"]
+    assert on_ray["customer_segments"]["pooling"]["chunks"] > 3
 
 
 def test_a_chunk_that_fails_on_a_worker_is_returned_as_its_error_and_the_others_are_scored(ray_cluster):

@@ -195,11 +195,12 @@ def previous_model(taken: Snapshot) -> SegmentModel | None:
     return SegmentModel.from_arrow(table) if table.num_rows else None
 
 
-def fit(taken: Snapshot, products, as_of, config: SegmentsConfig, previous) -> tuple:
+def fit(taken: Snapshot, products, as_of, config: SegmentsConfig, previous, mapper=None) -> tuple:
     """Pass 1: pool every customer, keep the deterministic sample, fit the clustering on it."""
     sample = CustomerSample(config.sample_size, config.seed)
     for chunk in iter_customer_vectors(purchase_batches(taken, config.read_batch_rows), products, as_of=as_of,
-                                       half_life_days=config.half_life_days, chunk_lines=config.chunk_lines):
+                                       half_life_days=config.half_life_days, chunk_lines=config.chunk_lines,
+                                       mapper=mapper):
         sample.add(chunk.customer_ids, chunk.vectors)
     if len(sample) < config.k_min:
         raise dg.Failure(f"only {len(sample)} customers have embeddable purchases; at least {config.k_min} are needed "
@@ -216,9 +217,10 @@ def kept_share(previous: SegmentModel | None, model: SegmentModel, vectors: np.n
     return float((previous.assign(vectors) == model.assign(vectors)).mean())
 
 
-def assign(taken: Snapshot, products, as_of, config: SegmentsConfig, model: SegmentModel
+def assign(taken: Snapshot, products, as_of, config: SegmentsConfig, model: SegmentModel, mapper=None
            ) -> tuple[SegmentProfiler, PoolingReport]:
-    """Pass 2: pool again, label every customer, accumulate profiles, stage the assignments."""
+    """Pass 2: pool again and label every customer (where `mapper` runs it: the compute engine),
+    accumulate profiles, stage the assignments."""
     report = PoolingReport()
     profiler = SegmentProfiler(model.segment_ids, products.product_ids)
     assignments = taken.writer("assignments", pa.schema([("customer_id", pa.string()), ("segment_id", pa.int64()),
@@ -226,13 +228,11 @@ def assign(taken: Snapshot, products, as_of, config: SegmentsConfig, model: Segm
     vectors = (taken.writer("customer_vectors", pa.schema([("customer_id", pa.string()),
                                                            ("vector", pa.list_(pa.float32(), products.dimensions))]))
                if config.store_customer_vectors else None)
-    centroids = model.centroids / np.linalg.norm(model.centroids, axis=1, keepdims=True)
     for chunk in iter_customer_vectors(purchase_batches(taken, config.read_batch_rows), products, as_of=as_of,
-                                       half_life_days=config.half_life_days, chunk_lines=config.chunk_lines, report=report):
-        labels = model.assign(chunk.vectors)
+                                       half_life_days=config.half_life_days, chunk_lines=config.chunk_lines,
+                                       report=report, mapper=mapper, label_with=model):
+        labels, similarity = chunk.labels, chunk.similarity
         profiler.add(labels, chunk.product_spend)
-        rows = np.searchsorted(model.segment_ids, labels)
-        similarity = np.einsum("ij,ij->i", chunk.vectors, centroids[rows]).astype(np.float32)
         assignments.write_table(pa.table({"customer_id": pa.array(chunk.customer_ids, pa.string()),
                                           "segment_id": pa.array(labels, pa.int64()), "similarity": similarity},
                                          schema=assignments.schema))
@@ -360,7 +360,7 @@ def chat_names(build: StateBuild, profiles: list[SegmentProfile], product_names:
             SEGMENT_PRODUCTS_TABLE],
     group="infer",
     config_class=SegmentsConfig,
-    resources=("warehouse", "chat_model"),
+    resources=("warehouse", "chat_model", "compute_engine"),
     retry_policy=NETWORK_RETRY_POLICY,
     checks=[dg.AssetCheckSpec("segment_size_balance", asset=STAGE, description="No segment swallows the customer base."),
             dg.AssetCheckSpec("segment_stability", asset=STAGE,
@@ -379,13 +379,14 @@ def customer_segments(build: StateBuild) -> Built:
     # No lock is held while pooling and clustering: the inputs are a snapshot, the outputs are staged.
     with take_snapshot(build) as taken:
         products, category_of, product_names, inferred = load_products(taken)
+        mapper = engine_mapper(build)
         if plan.mode == REFIT:
-            segment_fit, sampled, stability = fit(taken, products, build.as_of, config, previous_model(taken))
+            segment_fit, sampled, stability = fit(taken, products, build.as_of, config, previous_model(taken), mapper)
             fitted, fitted_on = segment_fit.model, str(build.as_of)
         else:  # the kept centroids, everyone assigned again
             segment_fit, sampled, stability = None, 0, None
             fitted, fitted_on = previous_model(taken), build.decision.stored.measurements["model"]["fitted_on_day"]
-        profiler, report = assign(taken, products, build.as_of, config, fitted)
+        profiler, report = assign(taken, products, build.as_of, config, fitted, mapper)
         model, dropped = drop_empty_segments(fitted, profiler.sizes)
         with build.warehouse.transaction() as con:
             con.execute("CREATE SCHEMA IF NOT EXISTS ml")
@@ -415,8 +416,15 @@ def customer_segments(build: StateBuild) -> Built:
     built = segments_metadata(build, segment_fit, report, profiles, sizes, dropped, sampled, named_by)
     built.metadata.update({"products_with_inferred_category": inferred,  # topics of their text vectors
                            "build_mode": plan.mode, "build_mode_reason": plan.reason, "clustering_fitted_on_day": fitted_on,
-                           "customers_assigned": report.customers_out})
+                           "customers_assigned": report.customers_out, **build.resources.compute_engine.describe()})
     return built
+
+
+def engine_mapper(build: StateBuild):
+    """Pooling and labelling run where the compute engine says: in this process (one chunk at a
+    time, as always) or on the workers of a Ray cluster."""
+    engine = build.resources.compute_engine
+    return lambda function, items, shared: engine.ordered_map(function, items, shared=shared, threads=1)
 
 
 def assign_changed_customers(build: StateBuild, plan: SegmentsPlan, fingerprint: str) -> Built:
@@ -426,7 +434,7 @@ def assign_changed_customers(build: StateBuild, plan: SegmentsPlan, fingerprint:
     with take_snapshot(build, INCREMENTAL) as taken:
         products, _, _, _ = load_products(taken)
         model = previous_model(taken)
-        _, report = assign(taken, products, build.as_of, config, model)
+        _, report = assign(taken, products, build.as_of, config, model, engine_mapper(build))
         reasons = taken.table("reassign").group_by("reason").aggregate([("customer_id", "count")])
         by_reason = dict(zip(reasons["reason"].to_pylist(), reasons["customer_id_count"].to_pylist()))
         with build.warehouse.transaction() as con:
@@ -451,6 +459,7 @@ def assign_changed_customers(build: StateBuild, plan: SegmentsPlan, fingerprint:
         "reassigned_by_reason": dg.MetadataValue.json(by_reason),
         "customers_moved": moved,
         "pooling": dg.MetadataValue.json(report.as_dict()),
+        **build.resources.compute_engine.describe(),
     })
 
 

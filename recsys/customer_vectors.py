@@ -172,12 +172,14 @@ def iter_customer_vectors(
     report: PoolingReport | None = None,
     mapper: Callable | None = None,
     label_with: Any = None,
+    keep_vectors: bool = True,
 ) -> Iterator[CustomerVectorChunk]:
     """Yield one CustomerVectorChunk per ~`chunk_lines` purchase lines, whole customers only.
 
     `mapper(function, tables, shared)` -> (table, result) in order runs the pooling elsewhere (a
     compute engine's `ordered_map`); by default it runs here. `label_with` (a SegmentModel) also
-    labels each chunk where it is pooled (`chunk.labels`, `chunk.similarity`).
+    labels each chunk where it is pooled (`chunk.labels`, `chunk.similarity`); then
+    `keep_vectors=False` leaves the vectors out of the chunks (n x 0).
 
     `purchase_batches` need the columns customer_id (str), product_id (str), amount (float),
     purchased_at (timestamp or date), sorted by customer_id. `report` is updated in place.
@@ -189,7 +191,7 @@ def iter_customer_vectors(
     report = report if report is not None else PoolingReport()
     as_of_day = _day_number(as_of)
     tables = _sorted_tables(_whole_customer_tables(purchase_batches, chunk_lines, report))
-    shared = (products, as_of_day, half_life_days, label_with)
+    shared = (products, as_of_day, half_life_days, label_with, keep_vectors)
     for _, (chunk, part) in (mapper or _in_process)(pool_chunk, tables, shared):
         report.add(part)
         report.chunks += 1
@@ -200,12 +202,14 @@ def iter_customer_vectors(
 def pool_chunk(shared: tuple, table: pa.Table) -> tuple[CustomerVectorChunk, PoolingReport]:
     """Pool one whole-customer table (and label it when a segment model is shared): what a
     compute engine's worker runs (recsys/engines.py). Returns the chunk and its own report."""
-    products, as_of_day, half_life_days, label_with = shared
+    products, as_of_day, half_life_days, label_with, keep_vectors = shared
     part = PoolingReport()
     chunk = _pool_table(table, products, as_of_day, half_life_days, part)
     if label_with is not None and len(chunk):
         labels, similarity = label_with.label(chunk.vectors)
         chunk = replace(chunk, labels=labels, similarity=similarity)
+    if not keep_vectors:  # labelled: the vectors need not travel back
+        chunk = replace(chunk, vectors=np.zeros((len(chunk), 0), np.float32))
     return chunk, part
 
 

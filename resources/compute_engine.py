@@ -18,13 +18,14 @@ cluster needs only the same Python packages, not this repository.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
 
-from recsys.engines import RAY, THREADS, ordered_threads_map, ray_ordered_map
+from recsys.engines import RAY, THREADS, ordered_threads_map, ray_ordered_map, ray_session
 
 
 class ComputeEngine(dg.ConfigurableResource):
@@ -44,6 +45,12 @@ class ComputeEngine(dg.ConfigurableResource):
         if self.kind == THREADS:
             return {"engine": THREADS}
         return {"engine": RAY, "engine_workers": self.workers, "engine_address": self.address or "local"}
+
+    def session(self) -> contextlib.AbstractContextManager:
+        """Hold one Ray connection (or private local Ray) across several maps of a step."""
+        if self.kind == THREADS:
+            return contextlib.nullcontext()
+        return ray_session(self.address, self.workers)
 
     def ordered_map(self, function: Callable[[Any, Any], Any], items: Iterable[Any], *, shared: Any,
                     threads: int = 2) -> Iterator[tuple[Any, Any]]:

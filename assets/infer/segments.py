@@ -230,7 +230,8 @@ def assign(taken: Snapshot, products, as_of, config: SegmentsConfig, model: Segm
                if config.store_customer_vectors else None)
     for chunk in iter_customer_vectors(purchase_batches(taken, config.read_batch_rows), products, as_of=as_of,
                                        half_life_days=config.half_life_days, chunk_lines=config.chunk_lines,
-                                       report=report, mapper=mapper, label_with=model):
+                                       report=report, mapper=mapper, label_with=model,
+                                       keep_vectors=config.store_customer_vectors):
         labels, similarity = chunk.labels, chunk.similarity
         profiler.add(labels, chunk.product_spend)
         assignments.write_table(pa.table({"customer_id": pa.array(chunk.customer_ids, pa.string()),
@@ -377,7 +378,7 @@ def customer_segments(build: StateBuild) -> Built:
     if plan.mode == INCREMENTAL:
         return assign_changed_customers(build, plan, fingerprint)
     # No lock is held while pooling and clustering: the inputs are a snapshot, the outputs are staged.
-    with take_snapshot(build) as taken:
+    with take_snapshot(build) as taken, build.resources.compute_engine.session():
         products, category_of, product_names, inferred = load_products(taken)
         mapper = engine_mapper(build)
         if plan.mode == REFIT:

@@ -222,3 +222,28 @@ def test_stock_changes_rescore_exactly_the_customers_they_reach(tmp_path, increm
         assert rows_of(flipped, sql) == rows_of(full, sql), table
     assert rows_of(flipped, f"SELECT count(*) FROM ml.recommendations WHERE product_id = '{gone}'") == [(0,)]
     assert rows_of(flipped, f"SELECT count(*) FROM ml.recommendations WHERE product_id = '{back}'")[0][0] > 0
+
+
+def test_a_verified_sample_that_disagrees_rebuilds_the_outputs_and_fails_its_check(
+        tmp_path, after_day_one, incremental_day, landing, model_server):
+    """Stored verdicts that no longer match the rules (here: tampered with) are found by the
+    verified sample: the outputs are rebuilt from every recommendation, and the WARN check says so."""
+    resources = pipeline_resources(copy_warehouse(after_day_one, tmp_path / "tampered"), landing, model_server)
+    with resources["warehouse"].transaction() as con:
+        con.execute("""INSERT INTO outputs.rejected_recommendations BY NAME
+                       SELECT *, ['tampered']::VARCHAR[] AS failed_rules, now()::TIMESTAMP AS rejected_at
+                       FROM outputs.recommendations""")
+        con.execute("DELETE FROM outputs.recommendations")
+    result = run_day_with(resources, DAY2, {})
+    assert result.success  # repaired, so the outputs stand; the check is a WARN
+    built = materializations(result)["validated_recommendations"]
+    assert built["build_mode"] == "full" and built["build_mode_reason"].startswith("the verified sample disagreed")
+    assert built["verified_sample_disagreeing"] > 0
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "incremental_verdicts_verified"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert check.metadata["disagreeing"].value == built["verified_sample_disagreeing"]
+    reference, _, clean = incremental_day
+    (clean_check,) = [c for c in clean.get_asset_check_evaluations() if c.check_name == "incremental_verdicts_verified"]
+    assert clean_check.passed and clean_check.metadata["sampled_rows"].value > 0
+    for table in ("outputs.recommendations", "outputs.rejected_recommendations"):
+        assert rows_of(resources, COMPARED[table]) == rows_of(reference, COMPARED[table]), table

@@ -72,6 +72,7 @@ def test_rerun_with_unchanged_inputs_is_a_skip_that_still_reports_checks(warehou
     assert {c.check_name for c in again.get_asset_check_evaluations()} == {
         "rejection_rate",
         "every_recommendation_accounted_for",
+        "incremental_verdicts_verified",
     }
 
 

@@ -181,7 +181,32 @@ def rule_verdicts(counts: Mapping[str, Any], config: OutputRulesConfig) -> list[
             description=f"{accepted:,} accepted + {rejected:,} rejected of {total:,} recommendations"
                         + ("" if accepted + rejected == total else f": {total - accepted - rejected:,} unaccounted"),
         ),
+        sample_verdict(counts.get("build") or {}),
     ]
+
+
+def sample_verdict(build: Mapping[str, Any]) -> dg.AssetCheckResult:
+    """An incremental day's verified sample must agree with the stored verdicts. A disagreement
+    was repaired (every recommendation was checked again), but it means the incremental logic
+    missed a change: a WARN so that someone looks, not a silent rebuild."""
+    sample = build.get("verified_sample")
+    if not sample:
+        return dg.AssetCheckResult(
+            check_name="incremental_verdicts_verified", passed=True, severity=dg.AssetCheckSeverity.WARN,
+            metadata={"build_mode": build.get("mode", "full")},
+            description="every recommendation was checked by every rule (no incremental day to verify)")
+    disagreeing, rows = sample["disagreeing"], sample["rows"]
+    return dg.AssetCheckResult(
+        check_name="incremental_verdicts_verified",
+        passed=disagreeing == 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"sampled_rows": rows, "disagreeing": disagreeing, "build_mode": build.get("mode"),
+                  "build_mode_reason": build.get("reason")},
+        description=(f"the stored verdicts of {rows:,} sampled rows of unchanged customers agree with the rules"
+                     if not disagreeing else
+                     f"{disagreeing:,} of {rows:,} sampled stored verdicts disagreed with the rules: the incremental "
+                     "day missed a change; every recommendation was checked again"),
+    )
 
 
 @current_state_asset(
@@ -196,6 +221,9 @@ def rule_verdicts(counts: Mapping[str, Any], config: OutputRulesConfig) -> list[
                           description="The business rules reject at most max_rejection_rate of the recommendations."),
         dg.AssetCheckSpec("every_recommendation_accounted_for", asset=STAGE, blocking=True,
                           description="Every recommendation is either accepted or rejected with its reasons."),
+        dg.AssetCheckSpec("incremental_verdicts_verified", asset=STAGE,
+                          description="On an incremental day, the rules run again on a sample of the unchanged "
+                                      "customers agree with their stored verdicts."),
     ],
     verdicts=rule_verdicts,
     personal_data=True,  # customer ids

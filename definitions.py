@@ -15,7 +15,8 @@ from assets.ingest.triggers import build_daily_schedule, build_landing_sensor
 from assets.transform import build_sql_assets
 from assets.transform.sql_models import SQL_DIR
 from assets.validate import build_suite_checks
-from resources import build_resources
+from assets.outputs.publish import published_recommendations
+from resources import build_resources, lakehouse_configured
 
 
 def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL_DIR) -> dg.Definitions:
@@ -31,7 +32,9 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
     return dg.Definitions.merge(
         dg.Definitions(
             assets=with_catalog([*build_ingestion_assets(sources), *build_sql_assets(sql_dir, sources), *infer.ASSETS,
-                                 *outputs.ASSETS, *evaluate.ASSETS, monitor.INCIDENTS], sources),
+                                 *outputs.ASSETS, *evaluate.ASSETS, monitor.INCIDENTS,
+                                 # the day's outputs to shared Iceberg tables, when a lakehouse is configured
+                                 *([published_recommendations] if lakehouse_configured() else [])], sources),
             asset_checks=[*build_suite_checks(sources), *outputs.CHECKS],
             resources=build_resources(tuple(source.name for source in sources)),
             jobs=[daily_pipeline, replay_dead_letters, purge_quarantined_raw_text],

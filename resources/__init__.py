@@ -9,6 +9,7 @@ import dagster as dg
 
 from resources.alerts import Alerts
 from resources.compute_engine import ComputeEngine
+from resources.lakehouse import Lakehouse
 from resources.landing import DEFAULT_LANDING_DIR, LandingZone
 from resources.model_clients import ChatModel, EmbeddingModel
 from resources.warehouse import DEFAULT_WAREHOUSE_PATH, DuckDBWarehouse
@@ -33,7 +34,23 @@ def build_resources(source_names: tuple[str, ...] = ()) -> dict[str, object]:
     resources["embedding_model"] = embedding_model()
     resources["chat_model"] = chat_model()
     resources["compute_engine"] = compute_engine()
+    if lakehouse_configured():
+        resources["lakehouse"] = lakehouse()
     return resources
+
+
+def lakehouse_configured() -> bool:
+    return bool(os.getenv("LAKEHOUSE_CATALOG_URI") or os.getenv("LAKEHOUSE_REST_URI"))
+
+
+def lakehouse() -> Lakehouse:
+    """LAKEHOUSE_CATALOG_URI (a SQLAlchemy URL of the SQL catalog, read through dg.EnvVar: it may
+    hold a password) or LAKEHOUSE_REST_URI; LAKEHOUSE_LOCATION (a path or s3://bucket/prefix)."""
+    return Lakehouse(
+        catalog_uri=dg.EnvVar("LAKEHOUSE_CATALOG_URI") if os.getenv("LAKEHOUSE_CATALOG_URI") else None,
+        rest_uri=os.getenv("LAKEHOUSE_REST_URI") or None,
+        location=os.getenv("LAKEHOUSE_LOCATION", "data/lakehouse"),
+    )
 
 
 def compute_engine() -> ComputeEngine:

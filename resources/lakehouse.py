@@ -1,0 +1,158 @@
+"""Iceberg tables through pyiceberg: table storage that many processes and machines share.
+
+    lakehouse.write_day("outputs.recommendations", day, arrow_table, fingerprint)  -> Written
+    lakehouse.day_fingerprint("outputs.recommendations", day)                       -> str | None
+    lakehouse.read_day("outputs.recommendations", day)                              -> pa.Table
+
+Catalog: `catalog_uri` (SQLAlchemy URL) makes a pyiceberg SQL catalog, PostgreSQL in tests and
+in a small production; a REST catalog (`rest_uri`) is what a managed lakehouse offers (Polaris,
+Nessie, Glue's REST endpoint, Databricks Unity). Data files go to `location`: a local path, or
+`s3://bucket/prefix` with the `s3.*` options in `storage_options`.
+
+A day is written as one idempotent partition overwrite: a single Iceberg commit deletes the day's
+rows, adds the new files and sets the table property `fingerprint.<day>`, the commit marker.
+Readers see the day's rows and its fingerprint together or not at all, and a write whose
+fingerprint is already stored is skipped. No lock is taken: writers of other days race only on
+the catalog's pointer swap, and a writer that loses it reloads the table and commits again
+(`commit_attempts`), which is safe because each writer replaces only its own day.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+from pydantic import Field
+
+PARTITION_COLUMN = "partition_day"
+FINGERPRINT_PROPERTY = "fingerprint."  # + the day: the commit marker of that day's last write
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Written:
+    table: str
+    day: str
+    rows: int
+    skipped: bool  # the same fingerprint was stored: nothing was written
+    attempts: int  # commits tried (more than one: another writer won the race first)
+
+
+class Lakehouse(dg.ConfigurableResource):
+    """Iceberg tables (pyiceberg) on a SQL or REST catalog, data on a path or S3."""
+
+    catalog_name: str = Field(default="pipeline", description="Catalog name (a label for pyiceberg).")
+    catalog_uri: str | None = Field(
+        default=None, repr=False, description="SQL catalog: a SQLAlchemy URL (postgresql+psycopg2://...); may hold a "
+                                              "password, so pass it through dg.EnvVar.")
+    rest_uri: str | None = Field(default=None, description="REST catalog endpoint, instead of catalog_uri.")
+    location: str = Field(description="Where data files go: a path or s3://bucket/prefix.")
+    storage_options: dict[str, str] = Field(default_factory=dict, description="pyiceberg FileIO options (s3.*).")
+    commit_attempts: int = Field(default=8, ge=1, description="Commits tried when other writers win the race.")
+
+    def catalog(self):
+        from pyiceberg.catalog import load_catalog
+
+        location = self.location if "://" in self.location else Path(self.location).resolve().as_uri()
+        options: dict[str, Any] = {"warehouse": location, **self.storage_options}
+        if self.rest_uri:
+            options.update(type="rest", uri=self.rest_uri)
+        elif self.catalog_uri:
+            options.update(type="sql", uri=self.catalog_uri)
+        else:
+            raise ValueError("Lakehouse needs catalog_uri (SQL catalog) or rest_uri (REST catalog)")
+        return load_catalog(self.catalog_name, **options)
+
+    def write_day(self, table: str, day: str | dt.date, data: pa.Table | Callable[[], Iterable[pa.Table]],
+                  fingerprint: str, schema: pa.Schema | None = None) -> Written:
+        """Replace `day` of `table` with `data` in one commit, unless `fingerprint` is stored.
+
+        `data` is a table, or a callable giving the rows as a stream of tables (then `schema` is
+        needed): each becomes its own data files, all committed at once, so memory holds one."""
+        from pyiceberg.exceptions import CommitFailedException
+
+        day = str(day)
+        chunks = (lambda: [data]) if isinstance(data, pa.Table) else data
+        schema = _day_schema(schema or data.schema)
+        catalog = self.catalog()
+        iceberg = _table_for(catalog, table, schema)
+        for attempt in range(1, self.commit_attempts + 1):
+            if iceberg.properties.get(FINGERPRINT_PROPERTY + day) == fingerprint:
+                return Written(table, day, 0, True, attempt - 1)
+            try:
+                rows = _replace_day(iceberg, day, chunks(), schema, fingerprint)
+                return Written(table, day, rows, False, attempt)
+            except CommitFailedException:
+                if attempt == self.commit_attempts:
+                    raise
+                time.sleep(random.uniform(0, 0.05 * 2 ** attempt))  # the others commit meanwhile
+                iceberg = catalog.load_table(table)
+        raise AssertionError("unreachable")
+
+    def day_fingerprint(self, table: str, day: str | dt.date) -> str | None:
+        catalog = self.catalog()
+        if not catalog.table_exists(table):
+            return None
+        return catalog.load_table(table).properties.get(FINGERPRINT_PROPERTY + str(day))
+
+    def read_day(self, table: str, day: str | dt.date) -> pa.Table:
+        from pyiceberg.expressions import EqualTo
+
+        return self.catalog().load_table(table).scan(row_filter=EqualTo(PARTITION_COLUMN, str(day))).to_arrow()
+
+
+def _replace_day(iceberg, day: str, chunks: Iterable[pa.Table], schema: pa.Schema, fingerprint: str) -> int:
+    """One transaction: the day's rows deleted, every chunk added, the marker set; one commit."""
+    from pyiceberg.expressions import EqualTo
+
+    rows = 0
+    with iceberg.transaction() as tx:
+        tx.delete(EqualTo(PARTITION_COLUMN, day))
+        for chunk in chunks:
+            if chunk.num_rows:
+                tx.append(_with_day(chunk, day).cast(schema))
+                rows += chunk.num_rows
+        tx.set_properties({FINGERPRINT_PROPERTY + day: fingerprint})
+    return rows
+
+
+def _day_schema(schema: pa.Schema) -> pa.Schema:
+    if PARTITION_COLUMN in schema.names:
+        schema = schema.remove(schema.get_field_index(PARTITION_COLUMN))
+    return schema.append(pa.field(PARTITION_COLUMN, pa.string()))
+
+
+def _with_day(data: pa.Table, day: str) -> pa.Table:
+    if PARTITION_COLUMN in data.column_names:
+        data = data.drop_columns([PARTITION_COLUMN])
+    return data.append_column(PARTITION_COLUMN, pa.array([day] * data.num_rows, pa.string()))
+
+
+def _table_for(catalog, name: str, schema: pa.Schema):
+    """The table, created on first use: identity-partitioned by day (string, yyyy-mm-dd)."""
+    from pyiceberg.exceptions import NamespaceAlreadyExistsError, TableAlreadyExistsError
+    from pyiceberg.transforms import IdentityTransform
+
+    if catalog.table_exists(name):
+        return catalog.load_table(name)
+    namespace = name.rsplit(".", 1)[0]
+    try:
+        catalog.create_namespace(namespace)
+    except NamespaceAlreadyExistsError:
+        pass
+    try:
+        with catalog.create_table_transaction(name, schema=schema) as create:  # created with its spec, at once
+            with create.update_spec() as spec:
+                spec.add_field(PARTITION_COLUMN, IdentityTransform(), PARTITION_COLUMN)
+    except TableAlreadyExistsError:  # another writer created it first
+        pass
+    return catalog.load_table(name)

@@ -1,0 +1,123 @@
+"""The lakehouse (Iceberg through pyiceberg, SQL catalog on a real PostgreSQL): a day is written
+as one idempotent partition overwrite with its fingerprint as the commit marker, by as many
+processes at once as there are days, without a lock; and the day's validated recommendations are
+published there."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+import pytest
+
+from assets.outputs.business_rules import validated_recommendations
+from assets.outputs.publish import PUBLISHED_TABLE, published_recommendations
+from resources.lakehouse import PARTITION_COLUMN, Lakehouse
+from resources.warehouse import fetch_all
+from tests.postgres_support import PostgresServer, postgres_fixture  # noqa: F401 (`postgres`)
+from tests.test_outputs import DAY, seed
+
+pytestmark = pytest.mark.slow  # a PostgreSQL server
+
+DAYS = [f"2011-09-{day:02d}" for day in range(1, 11)]
+ROWS_PER_DAY = 2_000
+
+
+def catalog_url(server: PostgresServer) -> str:
+    return (f"postgresql+psycopg2://{server.user}:{server.password}@{server.host}:{server.port}/{server.db_name}")
+
+
+def lakehouse_for(server: PostgresServer, folder: Path) -> Lakehouse:
+    return Lakehouse(catalog_uri=catalog_url(server), location=str(folder / "lake"))
+
+
+def rows_of_day(day: str) -> pa.Table:
+    number = int(day[-2:])
+    return pa.table({"customer_id": [f"c{number:02d}-{i:05d}" for i in range(ROWS_PER_DAY)],
+                     "score": pa.array([number + i / ROWS_PER_DAY for i in range(ROWS_PER_DAY)], pa.float64())})
+
+
+def write_one_day(arguments: tuple[str, str, str]) -> tuple[str, int, bool, int]:
+    """In its own process: write one day (twice: the second write must be a skip)."""
+    catalog, location, day = arguments
+    lakehouse = Lakehouse(catalog_uri=catalog, location=location)
+    first = lakehouse.write_day("raw.scores", day, rows_of_day(day), f"batch-{day}")
+    again = lakehouse.write_day("raw.scores", day, rows_of_day(day), f"batch-{day}")
+    assert again.skipped and again.rows == 0
+    return day, first.rows, first.skipped, first.attempts
+
+
+def test_ten_processes_write_ten_days_at_once_without_a_lock_and_every_row_lands_once(postgres, tmp_path):
+    lakehouse = lakehouse_for(postgres, tmp_path)
+    lakehouse.write_day("raw.scores", "2011-08-31", rows_of_day("2011-08-31"), "first")  # the table exists
+    jobs = [(catalog_url(postgres), lakehouse.location, day) for day in DAYS]
+    with multiprocessing.get_context("spawn").Pool(len(DAYS)) as pool:
+        written = pool.map(write_one_day, jobs)
+    assert sorted(day for day, rows, skipped, _ in written if rows == ROWS_PER_DAY and not skipped) == DAYS
+    table = lakehouse.catalog().load_table("raw.scores").scan().to_arrow()
+    assert table.num_rows == ROWS_PER_DAY * (len(DAYS) + 1)
+    assert len(set(table.column("customer_id").to_pylist())) == table.num_rows  # every row once
+    for day in DAYS:
+        assert lakehouse.day_fingerprint("raw.scores", day) == f"batch-{day}"
+        assert lakehouse.read_day("raw.scores", day).num_rows == ROWS_PER_DAY
+    print("commit attempts per writer:", sorted(attempts for *_, attempts in written))
+
+
+def test_a_changed_day_is_replaced_exactly_and_the_other_days_are_untouched(postgres, tmp_path):
+    lakehouse = lakehouse_for(postgres, tmp_path)
+    for day in DAYS[:3]:
+        lakehouse.write_day("raw.replaced", day, rows_of_day(day), f"v1-{day}")
+    smaller = rows_of_day(DAYS[1]).slice(0, 10)
+    written = lakehouse.write_day("raw.replaced", DAYS[1], smaller, f"v2-{DAYS[1]}")
+    assert written.rows == 10 and not written.skipped
+    assert lakehouse.read_day("raw.replaced", DAYS[1]).drop_columns([PARTITION_COLUMN]).equals(smaller)
+    assert [lakehouse.read_day("raw.replaced", day).num_rows for day in (DAYS[0], DAYS[2])] == [ROWS_PER_DAY] * 2
+    streamed = lakehouse.write_day("raw.replaced", DAYS[2], lambda: iter([smaller, smaller]), "v2-stream",
+                                   schema=smaller.schema)
+    assert streamed.rows == 20 and lakehouse.read_day("raw.replaced", DAYS[2]).num_rows == 20
+    emptied = lakehouse.write_day("raw.replaced", DAYS[0], smaller.slice(0, 0), "v2-empty")
+    assert emptied.rows == 0 and lakehouse.read_day("raw.replaced", DAYS[0]).num_rows == 0
+    assert lakehouse.day_fingerprint("raw.replaced", DAYS[0]) == "v2-empty"
+
+
+def test_the_days_validated_recommendations_are_published_and_a_rerun_is_a_skip(postgres, tmp_path, warehouse):
+    seed(warehouse)
+    assert dg.materialize([validated_recommendations], partition_key=DAY, resources={"warehouse": warehouse}).success
+    resources = {"warehouse": warehouse, "lakehouse": lakehouse_for(postgres, tmp_path)}
+
+    def publish() -> dict:
+        result = dg.materialize([published_recommendations], partition_key=DAY, resources=resources)
+        assert result.success
+        return {k: v.value for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()}
+
+    def published() -> list[tuple]:
+        table = resources["lakehouse"].read_day(PUBLISHED_TABLE, DAY)
+        return sorted(zip(table.column("customer_id").to_pylist(), table.column("product_id").to_pylist(), strict=True))
+
+    def accepted() -> list[tuple]:
+        with warehouse.connect(read_only=True) as con:
+            return sorted(fetch_all(con, "SELECT customer_id, product_id FROM outputs.recommendations"))
+
+    first = publish()
+    assert not first["skipped"] and first["dagster/row_count"] == len(accepted()) == 1
+    assert published() == accepted()
+    assert publish()["skipped"]  # same outputs version: nothing written
+    # The outputs are rebuilt with a lower confidence threshold: the day is replaced, exactly.
+    config = {"ops": {"validated_recommendations": {"config": {"min_confidence": 0.0001, "force": True}}}}
+    assert dg.materialize([validated_recommendations], partition_key=DAY, resources={"warehouse": warehouse},
+                          run_config=config).success
+    again = publish()
+    assert not again["skipped"] and again["dagster/row_count"] == len(accepted()) == 2
+    assert published() == accepted()
+
+
+def test_a_day_the_outputs_do_not_hold_is_refused_with_a_clear_error(postgres, tmp_path, warehouse):
+    seed(warehouse)
+    assert dg.materialize([validated_recommendations], partition_key=DAY, resources={"warehouse": warehouse}).success
+    result = dg.materialize([published_recommendations], partition_key="2011-03-02", raise_on_error=False,
+                            resources={"warehouse": warehouse, "lakehouse": lakehouse_for(postgres, tmp_path)})
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert "holds day 2011-03-01, not 2011-03-02" in str(failure.event_specific_data.error)

@@ -121,3 +121,19 @@ def test_a_day_the_outputs_do_not_hold_is_refused_with_a_clear_error(postgres, t
     assert not result.success
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     assert "holds day 2011-03-01, not 2011-03-02" in str(failure.event_specific_data.error)
+
+
+def test_publishing_is_defined_only_when_a_lakehouse_is_configured(monkeypatch, tmp_path):
+    from definitions import build_definitions
+
+    def asset_names(defs: dg.Definitions) -> set[str]:
+        return {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+
+    monkeypatch.delenv("LAKEHOUSE_CATALOG_URI", raising=False)
+    monkeypatch.delenv("LAKEHOUSE_REST_URI", raising=False)
+    assert "published_recommendations" not in asset_names(build_definitions())
+    monkeypatch.setenv("LAKEHOUSE_CATALOG_URI", f"sqlite:///{tmp_path}/catalog.db")
+    configured = build_definitions()
+    assert "published_recommendations" in asset_names(configured)
+    assert "published_recommendations" in {
+        key.to_user_string() for key in configured.resolve_job_def("daily_pipeline").asset_layer.asset_graph.get_all_asset_keys()}

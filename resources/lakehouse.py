@@ -56,7 +56,9 @@ class Lakehouse(dg.ConfigurableResource):
                                               "password, so pass it through dg.EnvVar.")
     rest_uri: str | None = Field(default=None, description="REST catalog endpoint, instead of catalog_uri.")
     location: str = Field(description="Where data files go: a path or s3://bucket/prefix.")
-    storage_options: dict[str, str] = Field(default_factory=dict, description="pyiceberg FileIO options (s3.*).")
+    # repr=False: s3.secret-access-key lives here (pass it through dg.EnvVar).
+    storage_options: dict[str, str] = Field(default_factory=dict, repr=False,
+                                            description="pyiceberg FileIO options (s3.endpoint, s3.access-key-id, ...).")
     commit_attempts: int = Field(default=8, ge=1, description="Commits tried when other writers win the race.")
 
     def catalog(self):

@@ -137,3 +137,31 @@ def test_publishing_is_defined_only_when_a_lakehouse_is_configured(monkeypatch, 
     assert "published_recommendations" in asset_names(configured)
     assert "published_recommendations" in {
         key.to_user_string() for key in configured.resolve_job_def("daily_pipeline").asset_layer.asset_graph.get_all_asset_keys()}
+
+
+def test_days_on_s3_are_written_replaced_and_read_through_a_local_s3_endpoint(postgres, tmp_path):
+    """moto's S3 server on 127.0.0.1 stands in for S3: data and metadata files go there."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        keys = {"aws_access_key_id": "test-key-id", "aws_secret_access_key": "test-secret"}
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
+        s3.create_bucket(Bucket="lake")
+        lakehouse = Lakehouse(catalog_uri=catalog_url(postgres), location="s3://lake/warehouse", storage_options={
+            "s3.endpoint": endpoint, "s3.region": "us-east-1", "s3.access-key-id": keys["aws_access_key_id"],
+            "s3.secret-access-key": keys["aws_secret_access_key"]})
+        assert "test-secret" not in repr(lakehouse)
+        for day in DAYS[:2]:
+            lakehouse.write_day("raw.on_s3", day, rows_of_day(day), f"v1-{day}")
+        lakehouse.write_day("raw.on_s3", DAYS[0], rows_of_day(DAYS[0]).slice(0, 5), "v2")
+        assert [lakehouse.read_day("raw.on_s3", day).num_rows for day in DAYS[:2]] == [5, ROWS_PER_DAY]
+        stored = [o["Key"] for o in s3.list_objects_v2(Bucket="lake", Prefix="warehouse/raw/on_s3/")["Contents"]]
+        assert any(key.endswith(".parquet") and f"{PARTITION_COLUMN}={DAYS[1]}" in key for key in stored)
+        assert any(key.endswith(".metadata.json") for key in stored)
+    finally:
+        server.stop()

@@ -84,3 +84,29 @@ def ray_ordered_map(function, items, shared, address: str | None, workers: int) 
             for actor in actors:
                 ray.kill(actor)
             del shared_ref
+
+
+def run_sql_shard(shared: tuple[str, dict, dict[str, tuple[str, bool]], str, str], shard: int) -> int:
+    """One shard of a keyed SQL model, in an in-memory DuckDB: each input table is a view over its
+    files (the shard's files of a keyed input, every file of a lookup), the model's own SELECT runs
+    as written, its rows go to `<out_dir>/shard-<n>.parquet`. Returns the rows written.
+
+    `inputs` maps a table to (folder, keyed): `<folder>/shards/shard=<n>/*.parquet` for keyed
+    inputs, `<folder>/all.parquet` for lookups; `<folder>/empty.parquet` always exists (the
+    schema, no rows), so a shard without rows is an empty table, not an error."""
+    import glob
+
+    import duckdb
+
+    sql, params, inputs, out_dir, memory_limit = shared
+    with duckdb.connect(config={"threads": 1, "memory_limit": memory_limit}) as con:
+        for table, (folder, keyed) in inputs.items():
+            pattern = f"{folder}/shards/shard={shard}/*.parquet" if keyed else f"{folder}/all.parquet"
+            files = sorted(glob.glob(pattern)) or [f"{folder}/empty.parquet"]
+            schema, _, name = table.rpartition(".")
+            con.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            listed = ", ".join("'" + path.replace("'", "''") + "'" for path in files)  # our own paths
+            con.execute(f'CREATE VIEW "{schema}"."{name}" AS SELECT * FROM read_parquet([{listed}])')
+        out = f"{out_dir}/shard-{shard}.parquet".replace("'", "''")
+        con.execute(f"COPY ({sql}) TO '{out}' (FORMAT parquet)", params)
+        return int(con.execute(f"SELECT count(*) FROM read_parquet('{out}')").fetchone()[0])

@@ -57,7 +57,7 @@ def compute_engine() -> ComputeEngine:
     """COMPUTE_ENGINE=threads (default: in the step's process) or ray; RAY_ADDRESS (unset: a
     private local Ray for the step), RAY_WORKERS (2)."""
     return ComputeEngine(kind=os.getenv("COMPUTE_ENGINE", "threads"), address=os.getenv("RAY_ADDRESS") or None,
-                         workers=int(os.getenv("RAY_WORKERS", "2")))
+                         workers=int(os.getenv("RAY_WORKERS", "2")), sql_shards=int(os.getenv("RAY_SQL_SHARDS", "0")))
 
 
 def landing_zone(source_names: tuple[str, ...]) -> LandingZone:

@@ -35,6 +35,8 @@ class ComputeEngine(dg.ConfigurableResource):
     address: str | None = Field(
         default=None, description="ray: the cluster (ray://host:10001, auto); unset: a private local Ray.")
     workers: int = Field(default=2, ge=1, description="ray: worker processes (actors), one CPU each.")
+    sql_shards: int = Field(default=0, ge=0, description="ray: hash shards of a keyed SQL model's full build "
+                                                        "(0: two per worker); more shards, less memory each.")
 
     @property
     def distributed(self) -> bool:

@@ -129,3 +129,32 @@ def test_the_engine_is_chosen_by_environment(monkeypatch):
     assert (engine.kind, engine.address, engine.workers) == ("ray", "ray://head:10001", 2)
     with pytest.raises(Exception, match="kind"):
         ComputeEngine(kind="spark")
+
+
+KEYED_MODELS = {  # doubles summed by different threads or shards may differ in the last bits
+    "stg_customer_history": "SELECT * FROM analytics.stg_customer_history ORDER BY ALL",
+    "customer_features": "SELECT * REPLACE (round(monetary, 9) AS monetary, round(top_category_share, 9) AS "
+                         "top_category_share) FROM analytics.customer_features ORDER BY ALL",
+}
+
+
+def test_keyed_sql_models_built_in_shards_on_ray_equal_the_warehouse_build(tmp_path, before_recommendations, ray_cluster):
+    """The model's own DuckDB SQL, run per hash shard of its key on the Ray workers."""
+    from definitions import defs
+
+    path = tmp_path / "warehouse.duckdb"
+    shutil.copy(before_recommendations[0], path)
+    with FakeOpenAIServer(default_dimensions=384) as server:
+        resources = {**pipeline_resources(path, before_recommendations[1], server),
+                     "compute_engine": ComputeEngine(kind="ray", address=ray_cluster.address, workers=2)}
+        reference = {name: table_digest(resources["warehouse"], sql) for name, sql in KEYED_MODELS.items()}
+        assets = [defs.get_assets_def(dg.AssetKey(name)) for name in KEYED_MODELS]
+        config = {"ops": {name: {"config": {"force": True}} for name in KEYED_MODELS}}
+        result = dg.materialize(assets, partition_key=DAY, resources=resources, run_config=config)
+    assert result.success
+    built = {e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
+             for e in result.get_asset_materialization_events()}
+    for name in KEYED_MODELS:
+        assert built[name]["engine"] == "ray" and built[name]["engine_shards"] == 4, name
+        assert built[name]["build_mode"] == "full", name
+    assert {name: table_digest(resources["warehouse"], sql) for name, sql in KEYED_MODELS.items()} == reference

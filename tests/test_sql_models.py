@@ -10,6 +10,7 @@ import dagster as dg
 import pytest
 
 from assets.transform.sql_models import SqlModel, build_sql_assets, load_models, upstream_assets
+from resources.compute_engine import ComputeEngine
 from resources.warehouse import fetch_all, fetch_scalar
 
 DAY = "2011-01-10"
@@ -64,7 +65,8 @@ QUIRKY_LINES = [
 def materialize_models(warehouse, day=DAY, force=False):
     assets = build_sql_assets()
     config = {"ops": {a.key.to_user_string(): {"config": {"force": force}} for a in assets}} if force else None
-    return dg.materialize(assets, partition_key=day, resources={"warehouse": warehouse}, run_config=config)
+    return dg.materialize(assets, partition_key=day, resources={"warehouse": warehouse, "compute_engine": ComputeEngine()},
+                          run_config=config)
 
 
 def test_dependencies_come_from_the_sql():

@@ -8,6 +8,7 @@ declared next to the SQL (`sql/schema.yml`) are its blocking checks (model_tests
 
 
 import hashlib
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,9 +21,9 @@ from assets.common.catalog import code_references
 from assets.common.current_state import Built, StateBuild, as_of_day, current_state_asset, register_sources
 from assets.common.metadata import table_preview, table_schema
 from assets.common.sources import SOURCES, Source, personal_columns, raw_table_owners
-from assets.transform import incremental, model_tests
+from assets.transform import incremental, model_tests, sharded
 from assets.transform.model_tests import ModelTest
-from resources.warehouse import fetch_scalar
+from resources.warehouse import fetch_all, fetch_scalar
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 MODEL_SCHEMA = "analytics"
@@ -132,32 +133,41 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
         kinds={"duckdb", "sql"},
         metadata={"table": model.table, "sql_file": f"sql/{model.name}.sql", **(code_references(model.path) if model.path else {})},
         personal_data=personal_data,
+        # A keyed model's full build can run sharded on the compute engine (sharded.py).
+        resources=("warehouse", "compute_engine") if keyed is not None else ("warehouse",),
         checks=model_tests.check_specs(model.name, tests),
         verdicts=model_tests.verdicts(tests) if tests else None,
     )
     def _build(build: StateBuild) -> Built:
         params = sql_parameters(model, build.context)
-        with build.warehouse.transaction() as con:
-            con.execute(f"CREATE SCHEMA IF NOT EXISTS {MODEL_SCHEMA}")
-            mode, why, keys = build_table(con, build, model, params, keyed)
-            row_count = fetch_scalar(con, f"SELECT count(*) FROM {model.table}")
-            violations = model_tests.measure(con, tests, model.table, MODEL_SCHEMA)
-            build.record(con, row_count, {"rows": row_count, "test_violations": violations,
-                                          "build": {"mode": mode, "reason": why, "keys_rebuilt": keys,
-                                                    "code": model.code_version}})
-            preview = table_preview(con, f"SELECT * FROM {model.table}")
-            schema = table_schema(con, model.table)
+        with ExitStack() as stack:
+            computed, where = None, {}
+            engine = build.resources.compute_engine if keyed is not None else None
+            if engine is not None and engine.distributed and rebuilds_fully(build, model, keyed):
+                computed = stack.enter_context(sharded.computed_on_engine(build, model, keyed, params, engine))
+                where = {**engine.describe(), "engine_shards": computed[2]}
+            with build.warehouse.transaction() as con:
+                con.execute(f"CREATE SCHEMA IF NOT EXISTS {MODEL_SCHEMA}")
+                mode, why, keys = build_table(con, build, model, params, keyed, computed[0] if computed else None)
+                row_count = fetch_scalar(con, f"SELECT count(*) FROM {model.table}")
+                violations = model_tests.measure(con, tests, model.table, MODEL_SCHEMA)
+                build.record(con, row_count, {"rows": row_count, "test_violations": violations,
+                                              "build": {"mode": mode, "reason": why, "keys_rebuilt": keys,
+                                                        "code": model.code_version}})
+                preview = table_preview(con, f"SELECT * FROM {model.table}")
+                schema = table_schema(con, model.table)
         build.log.info(f"{model.table}: {mode} ({why})")
         return Built({"dagster/row_count": row_count, "dagster/column_schema": schema, "preview": preview,
-                      "build_mode": mode, "build_mode_reason": why,
+                      "build_mode": mode, "build_mode_reason": why, **where,
                       **({"keys_rebuilt": keys} if keys is not None else {})})
 
     return _build
 
 
-def build_table(con, build: StateBuild, model: SqlModel, params: dict, spec: incremental.Incremental | None
-                ) -> tuple[str, str, int | None]:
-    """Rebuild the table, or (an incremental model continuing its last build) only its changed keys."""
+def build_table(con, build: StateBuild, model: SqlModel, params: dict, spec: incremental.Incremental | None,
+                computed: Path | None = None) -> tuple[str, str, int | None]:
+    """Rebuild the table, or (an incremental model continuing its last build) only its changed keys.
+    `computed`: the full build's rows, already computed on the compute engine (sharded.py)."""
     if spec is None:
         con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
         return "full", "not an incremental model", None
@@ -165,13 +175,34 @@ def build_table(con, build: StateBuild, model: SqlModel, params: dict, spec: inc
     incremental.fingerprint_now(con, spec, params.get("as_of"))
     reason = continue_reason(con, build, spec, model)
     if reason is None:
-        con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
+        if computed is not None:
+            load_computed(con, model, params, computed)
+        else:
+            con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
         incremental.remember(con, spec)
         return "full", full_reason(build), None
     keys = incremental.changed_keys(con, spec)
     incremental.update(con, spec, model.table, model.sql, params)
     incremental.remember(con, spec)
     return "incremental", reason, keys
+
+
+def load_computed(con, model: SqlModel, params: dict, computed: Path) -> None:
+    """The shards' rows into the model's table, with the column types the SQL gives here
+    (Parquet has no HUGEINT: a sum of integers comes back as DOUBLE and is cast back)."""
+    columns = fetch_all(con, f"DESCRIBE {model.sql}", params)  # binds the query, runs nothing
+    con.execute(f"CREATE OR REPLACE TABLE {model.table} ({', '.join(f'{quote(name)} {kind}' for name, kind, *_ in columns)})")
+    con.execute(f"INSERT INTO {model.table} BY NAME SELECT * FROM read_parquet(?)", [str(computed / "*.parquet")])
+
+
+def quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def rebuilds_fully(build: StateBuild, model: SqlModel, spec: incremental.Incremental) -> bool:
+    """Whether this build will be a full one (decided again in the write transaction)."""
+    with build.warehouse.connect(read_only=True) as con:
+        return continue_reason(con, build, spec, model) is None
 
 
 def continue_reason(con, build: StateBuild, spec: incremental.Incremental, model: SqlModel) -> str | None:

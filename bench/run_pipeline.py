@@ -86,6 +86,7 @@ def format_row(r: dict) -> str:
     return (
         f"{r['stage']:<28}{flag:>7}{rows if rows is not None else '-':>12}{r.get('seconds', 0):>9.1f}s"
         f"{rate:>12}/s{r.get('peak_rss_mb', 0):>9.0f} MB  calls={r.get('model_calls') or 0}"
+        + (f"  workers<={r['worker_peak_rss_mb']:.0f} MB" if r.get("worker_peak_rss_mb") else "")
     )
 
 

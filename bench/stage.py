@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import resource
 import sys
+import threading
 import time
 
 import dagster as dg
+import psutil
 
 
 def run_stage(asset_name: str, partition_key: str) -> dict:
@@ -22,12 +24,13 @@ def run_stage(asset_name: str, partition_key: str) -> dict:
 
     started = time.perf_counter()
     job = defs.resolve_job_def("daily_pipeline")
-    result = job.execute_in_process(
-        partition_key=partition_key,
-        asset_selection=None if asset_name == "all" else [dg.AssetKey(asset_name)],
-        instance=dg.DagsterInstance.ephemeral(),
-        raise_on_error=False,
-    )
+    with EngineWorkers() as workers:  # Ray workers are other processes: their memory is counted apart
+        result = job.execute_in_process(
+            partition_key=partition_key,
+            asset_selection=None if asset_name == "all" else [dg.AssetKey(asset_name)],
+            instance=dg.DagsterInstance.ephemeral(),
+            raise_on_error=False,
+        )
     seconds = time.perf_counter() - started
     events = [{k: _plain(v.value) for k, v in e.materialization.metadata.items()}
               for e in result.get_asset_materialization_events()]
@@ -50,8 +53,34 @@ def run_stage(asset_name: str, partition_key: str) -> dict:
         "rows": metadata.get("dagster/row_count"),
         "model_calls": metadata.get("model_calls", metadata.get("requests")),
         "failed_checks": failed_checks,
+        **({"worker_peak_rss_mb": workers.peak_mb} if workers.peak_mb else {}),
         **({"error": "\n".join(errors)} if errors else {}),
     }
+
+
+class EngineWorkers:
+    """Samples the RSS of compute-engine worker processes (Ray actors, `ray::` in their title)
+    every half second while the stage runs: the highest single worker is reported."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.interval_s, self.peak_mb = interval_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "EngineWorkers":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            for process in psutil.process_iter(["name", "cmdline", "memory_info"]):
+                title = " ".join(process.info.get("cmdline") or []) or (process.info.get("name") or "")
+                if title.startswith("ray::") and process.info.get("memory_info"):
+                    self.peak_mb = max(self.peak_mb, round(process.info["memory_info"].rss / 2**20, 1))
 
 
 def _root_cause(error) -> str:

@@ -2,8 +2,8 @@
 choice (README, Scaling out). Prints figures; not a test.
 
     python -m bench.engines --customers 200000                      # threads and Ray
-    pip install --target /tmp/pyspark pyspark==4.3.0
-    PYTHONPATH=/tmp/pyspark python -m bench.engines --customers 200000 --spark
+    pip install --target <dir> pyspark==4.3.0        # Spark is not a project dependency
+    PYTHONPATH=<dir> python -m bench.engines --customers 200000 --spark
 
 Synthetic purchases (recsys/synthetic.py) are written to one Parquet file; one model is fitted
 once. Each engine scores every customer with the same function (`score_chunk_safely`) and its

@@ -10,6 +10,7 @@ does, so the peak RSS it reports is that of the step's own process.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import threading
@@ -24,7 +25,8 @@ def run_stage(asset_name: str, partition_key: str) -> dict:
 
     started = time.perf_counter()
     job = defs.resolve_job_def("daily_pipeline")
-    with EngineWorkers() as workers:  # Ray workers are other processes: their memory is counted apart
+    # Ray workers are other processes: their memory is sampled apart, and only when they exist.
+    with EngineWorkers(enabled=os.getenv("COMPUTE_ENGINE") == "ray") as workers:
         result = job.execute_in_process(
             partition_key=partition_key,
             asset_selection=None if asset_name == "all" else [dg.AssetKey(asset_name)],
@@ -62,18 +64,20 @@ class EngineWorkers:
     """Samples the RSS of compute-engine worker processes (Ray actors, `ray::` in their title)
     every half second while the stage runs: the highest single worker is reported."""
 
-    def __init__(self, interval_s: float = 0.5):
-        self.interval_s, self.peak_mb = interval_s, 0.0
+    def __init__(self, enabled: bool, interval_s: float = 0.5):
+        self.enabled, self.interval_s, self.peak_mb = enabled, interval_s, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def __enter__(self) -> "EngineWorkers":
-        self._thread.start()
+        if self.enabled:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
 
     def _sample(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -83,8 +83,13 @@ class Lakehouse(dg.ConfigurableResource):
         from pyiceberg.exceptions import CommitFailedException
 
         day = str(day)
-        chunks = (lambda: [data]) if isinstance(data, pa.Table) else data
-        schema = _day_schema(schema or data.schema)
+        if isinstance(data, pa.Table):
+            chunks, schema = (lambda: [data]), schema or data.schema
+        elif schema is None:
+            raise ValueError("write_day: a stream of tables needs its schema")
+        else:
+            chunks = data
+        schema = _day_schema(schema)
         catalog = self.catalog()
         iceberg = _table_for(catalog, table, schema)
         for attempt in range(1, self.commit_attempts + 1):

@@ -117,7 +117,8 @@ def product_embeddings(build: StateBuild) -> Built:
         "dagster/row_count": stored,
         "products": len(items) + len(without_text),
         "products_without_text": len(without_text),
-        "model_calls": metrics.get("requests", 0),
+        # batches of the Batch API are model calls too (one per batch, whatever its requests)
+        "model_calls": metrics.get("requests", 0) + metrics.get("batch_api_batches", 0),
         "seconds_embedding": round(time.perf_counter() - started, 3),
         "preview": preview,
     })

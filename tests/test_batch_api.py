@@ -4,7 +4,6 @@ the batch's reason."""
 
 from __future__ import annotations
 
-import datetime as dt
 import shutil
 from pathlib import Path
 
@@ -13,13 +12,12 @@ import numpy as np
 import pytest
 
 from assets.infer.embeddings import PRODUCT_TEXT_SQL, product_embeddings
-from generator import FaultRates, GeneratorConfig, generate
 from resources.model_clients import EmbeddingModel
 from resources.model_clients.texts import prepare_text
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 from tests.fake_batch_api import FakeBatchAPIServer
 from tests.fake_openai_server import expected_vector
-from tests.test_pipeline import pipeline_resources
+from tests.test_pipeline import modelled_warehouse, pipeline_resources
 
 DAY = "2011-09-01"
 DIMS = 384
@@ -28,17 +26,8 @@ DIMS = 384
 @pytest.fixture(scope="module")
 def catalog_warehouse(tmp_path_factory) -> tuple[Path, Path]:
     """A landed and modelled product catalog (dim_products), nothing embedded yet."""
-    from definitions import defs
-
-    folder = tmp_path_factory.mktemp("batch")
-    landing = folder / "landing"
-    generate(GeneratorConfig(out=landing, customers=50, days=1, seed=11, start=dt.date(2011, 9, 1),
-                             faults=FaultRates.uniform(0.0)))
-    with FakeBatchAPIServer() as unused:
-        resources = pipeline_resources(folder / "base.duckdb", landing, unused)
-        assets = [a for a in defs.assets if a.key.to_user_string() in ("raw_products", "raw_customers", "raw_transactions", "stg_order_lines", "dim_products")]
-        assert dg.materialize(assets, partition_key=DAY, resources=resources).success
-    return folder / "base.duckdb", landing
+    return modelled_warehouse(tmp_path_factory.mktemp("batch"), 50, 11, (
+        "raw_products", "raw_customers", "raw_transactions", "stg_order_lines", "dim_products"))
 
 
 @pytest.fixture

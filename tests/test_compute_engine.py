@@ -3,7 +3,6 @@ one CPU each) gives what the step's own process gives, chunk for chunk and table
 
 from __future__ import annotations
 
-import datetime as dt
 import shutil
 from pathlib import Path
 
@@ -12,14 +11,13 @@ import pytest
 
 from assets.infer.recommendations import recommendations
 from assets.infer.segments import customer_segments
-from generator import FaultRates, GeneratorConfig, generate
 from recsys.engines import ordered_threads_map, ray_ordered_map
 from recsys.purchases import iter_customer_chunks
 from recsys.recommender import Recommender, RecommenderConfig, score_chunk_safely
 from recsys.synthetic import SyntheticRetail
 from resources.compute_engine import ComputeEngine
 from tests.fake_openai_server import FakeOpenAIServer
-from tests.test_pipeline import pipeline_resources, table_digest
+from tests.test_pipeline import modelled_warehouse, pipeline_resources, table_digest
 
 DAY = "2011-09-01"
 UPSTREAM = ["raw_products", "raw_customers", "raw_transactions", "stg_order_lines", "stg_customer_history",
@@ -64,17 +62,7 @@ def test_scoring_chunks_on_two_ray_nodes_equals_scoring_them_in_one_process(ray_
 @pytest.fixture(scope="module")
 def before_recommendations(tmp_path_factory) -> tuple[Path, Path]:
     """A warehouse with everything recommendations reads (600 customers)."""
-    from definitions import defs
-
-    folder = tmp_path_factory.mktemp("engine")
-    landing = folder / "landing"
-    generate(GeneratorConfig(out=landing, customers=600, days=1, seed=9, start=dt.date(2011, 9, 1),
-                             faults=FaultRates.uniform(0.0)))
-    with FakeOpenAIServer(default_dimensions=384) as server:
-        resources = pipeline_resources(folder / "base.duckdb", landing, server)
-        assets = [a for a in defs.assets if a.key.to_user_string() in UPSTREAM]
-        assert dg.materialize(assets, partition_key=DAY, resources=resources).success
-    return folder / "base.duckdb", landing
+    return modelled_warehouse(tmp_path_factory.mktemp("engine"), 600, 9, tuple(UPSTREAM))
 
 
 def build_on(folder: Path, before, engine: ComputeEngine) -> tuple[dict, dict]:

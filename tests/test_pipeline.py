@@ -41,6 +41,18 @@ def generate_landing(folder: Path) -> Path:
     return folder
 
 
+def modelled_warehouse(folder: Path, customers: int, seed: int, assets: tuple[str, ...]) -> tuple[Path, Path]:
+    """One clean generated day (2011-09-01) landed and built up to `assets`: (warehouse, landing)."""
+    landing = folder / "landing"
+    generate(GeneratorConfig(out=landing, customers=customers, days=1, seed=seed, start=dt.date(2011, 9, 1),
+                             faults=FaultRates.uniform(0.0)))
+    with FakeOpenAIServer(default_dimensions=384) as server:
+        resources = pipeline_resources(folder / "base.duckdb", landing, server)
+        selected = [a for a in defs.assets if a.key.to_user_string() in assets]
+        assert dg.materialize(selected, partition_key="2011-09-01", resources=resources).success
+    return folder / "base.duckdb", landing
+
+
 @pytest.fixture(scope="module")
 def landing(tmp_path_factory) -> Path:
     return generate_landing(tmp_path_factory.mktemp("landing"))

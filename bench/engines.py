@@ -44,7 +44,9 @@ def purchases_file(customers: int, products: int, folder: Path):
 
 
 def file_source(path: Path):
-    return lambda: pq.ParquetFile(path).iter_batches(batch_size=65_536)
+    from resources.warehouse import parquet_batches
+
+    return lambda: parquet_batches(path, 65_536)
 
 
 def top_rows(results) -> set[tuple]:

@@ -142,7 +142,7 @@ class RecommenderConfig:
     calibration_customers: int = 20_000  # systematic sample size for calibration
     spend_index_bounds: tuple[float, float] = (0.25, 4.0)
     fit_chunk_customers: int = 20_000
-    score_chunk_customers: int = 2_048
+    score_chunk_customers: int = 1_024
     workers: int = 2  # scoring threads (numpy and scipy release the GIL in the heavy parts)
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ from recsys.customer_vectors import ProductEmbeddings
 from recsys.purchases import ItemIndex
 
 STRATEGY = "text_neighbour"
-BLOCK_ROWS = 4_096  # cold products compared with every model item at once (x M float32 each)
+BLOCK_ROWS = 1_024  # cold products compared with every model item at once (x M float32: 32 MiB at M = 8,192)
 
 
 @dataclass(frozen=True)

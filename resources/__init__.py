@@ -12,7 +12,7 @@ from resources.compute_engine import ComputeEngine
 from resources.lakehouse import Lakehouse
 from resources.landing import DEFAULT_LANDING_DIR, LandingZone
 from resources.model_clients import ChatModel, EmbeddingModel
-from resources.warehouse import DEFAULT_WAREHOUSE_PATH, DuckDBWarehouse
+from resources.warehouse import DEFAULT_STEP_MEMORY_BUDGET, DEFAULT_WAREHOUSE_PATH, DuckDBWarehouse
 
 
 def build_resources(source_names: tuple[str, ...] = ()) -> dict[str, object]:
@@ -21,6 +21,7 @@ def build_resources(source_names: tuple[str, ...] = ()) -> dict[str, object]:
         "warehouse": DuckDBWarehouse(
             path=os.getenv("WAREHOUSE_PATH", DEFAULT_WAREHOUSE_PATH),
             memory_limit=os.getenv("DUCKDB_MEMORY_LIMIT", "1GB"),
+            step_memory_budget=step_memory_budget(),
         ),
     }
     resources["landing"] = landing_zone(source_names)
@@ -37,6 +38,12 @@ def build_resources(source_names: tuple[str, ...] = ()) -> dict[str, object]:
     if lakehouse_configured():
         resources["lakehouse"] = lakehouse()
     return resources
+
+
+def step_memory_budget() -> str | None:
+    """STEP_MEMORY_BUDGET (default 1GiB; `none` turns it off: every connection gets DUCKDB_MEMORY_LIMIT)."""
+    value = os.getenv("STEP_MEMORY_BUDGET", DEFAULT_STEP_MEMORY_BUDGET).strip()
+    return None if value.lower() in ("", "none", "off") else value
 
 
 def lakehouse_configured() -> bool:

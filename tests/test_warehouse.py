@@ -63,3 +63,66 @@ def test_a_snapshot_keeps_order_holds_no_lock_while_used_and_is_deleted_after(wa
     with pytest.raises(duckdb.CatalogException):
         with snapshot(warehouse, {"missing": "SELECT * FROM ml.not_built_yet"}):
             pass
+
+
+def test_exact_quantiles_equal_duckdb_quantile_cont_without_holding_every_value():
+    import duckdb
+
+    from resources.warehouse import exact_quantiles
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE steps AS SELECT (i % 97) / 7.0 AS x FROM range(100001) r(i)")  # few distinct values
+    con.execute("INSERT INTO steps VALUES (NULL), (NULL)")
+    con.execute("CREATE TABLE spread AS SELECT hash(i) / 1e19 AS x FROM range(1001) r(i)")  # every value distinct
+    con.execute("CREATE TABLE empty (x DOUBLE)")
+    quantiles = [0.0, 0.1, 0.25, 0.5, 0.9, 0.999, 1.0]
+    for table in ("steps", "spread", "empty"):
+        expected = [fetch_scalar(con, f"SELECT quantile_cont(x, {q}) FROM {table}") for q in quantiles]
+        assert exact_quantiles(con, table, "x", quantiles) == expected, table
+    # quantile_cont keeps every value and cannot spill; the counted form fits in a small limit
+    con.execute("SET memory_limit = '64MiB'")
+    con.execute("CREATE TABLE many AS SELECT (i % 5000) / 5000.0 AS x FROM range(30000000) r(i)")
+    with pytest.raises(duckdb.OutOfMemoryException):
+        fetch_scalar(con, "SELECT quantile_cont(x, 0.5) FROM many")
+    assert exact_quantiles(con, "many", "x", [0.5]) == [pytest.approx(0.49990, abs=1e-4)]
+
+
+def test_a_step_memory_budget_gives_duckdb_what_the_process_leaves(tmp_path, monkeypatch):
+    import numpy as np
+
+    from resources import build_resources
+    from resources.memory import budgeted_memory_limit, parse_size, process_rss
+
+    assert parse_size("1GB") == 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1.5GiB") == 3 * 2**29
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("lots")
+    assert budgeted_memory_limit("1GB", None, "256MiB") == "1GB"  # no budget: the cap
+    before = parse_size(budgeted_memory_limit("8GB", "4GiB", "64MiB"))
+    held = np.ones(300 * 2**20, dtype=np.uint8)  # 300 MiB, touched: resident
+    after = parse_size(budgeted_memory_limit("8GB", "4GiB", "64MiB"))
+    assert 250 * 2**20 < before - after < 350 * 2**20
+    del held
+    assert budgeted_memory_limit("8GB", "1MiB", "64MiB") == "64MiB"  # never below the floor
+    assert parse_size(budgeted_memory_limit("100MB", "64GiB", "64MiB")) <= 100 * 10**6  # never above the cap
+    wh = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"), memory_limit="8GB", step_memory_budget="1GiB")
+    with wh.connect() as con:
+        limit = fetch_scalar(con, "SELECT current_setting('memory_limit')")
+    expected_mib = (2**30 - process_rss() - 256 * 2**20) / 2**20
+    assert limit.endswith("MiB") and abs(float(limit.split()[0]) - expected_mib) < 64
+    monkeypatch.setenv("STEP_MEMORY_BUDGET", "none")
+    assert build_resources()["warehouse"].step_memory_budget is None
+    monkeypatch.setenv("STEP_MEMORY_BUDGET", "2GiB")
+    assert build_resources()["warehouse"].step_memory_budget == "2GiB"
+
+
+def test_parquet_batches_stream_every_row_group_in_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from resources.warehouse import parquet_batches
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"x": list(range(10_000))}), path, row_group_size=3_000)
+    batches = list(parquet_batches(path, 1_000))
+    assert pq.ParquetFile(path).num_row_groups == 4 and all(b.num_rows <= 1_000 for b in batches)
+    assert [v for b in batches for v in b.column("x").to_pylist()] == list(range(10_000))

@@ -27,7 +27,6 @@ import dagster as dg
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from assets.common.current_state import raw_source_of, read_state
@@ -37,7 +36,7 @@ from assets.common.range_runs import partition_check_evaluation
 from assets.common.sources import SOURCES, Source, personal_columns
 from assets.validate.rules import SUITE_PARAMETERS, Suite, load_suite
 from resources.redaction import mask_column
-from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, table_exists
+from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, parquet_batches, table_exists
 
 # ---------------------------------------------------------------------------------------------
 # The same suites with GX itself, as partitioned asset checks on the raw tables
@@ -135,7 +134,7 @@ def _export_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, part
 def _frames(export: Path, chunk_rows: int, key: list[str]) -> Iterator[pd.DataFrame]:
     """Pandas frames of about `chunk_rows`, never splitting rows that share a uniqueness key."""
     carry: pa.Table | None = None
-    for batch in pq.ParquetFile(export).iter_batches(batch_size=max(chunk_rows, 1)):
+    for batch in parquet_batches(export, max(chunk_rows, 1)):
         chunk = pa.Table.from_batches([batch]) if carry is None else pa.concat_tables([carry, pa.Table.from_batches([batch])])
         keep = len(chunk) - _trailing_key_rows(chunk, key) if key else len(chunk)
         carry = chunk.slice(keep)

@@ -11,6 +11,7 @@ import ctypes
 import gc
 import os
 import re
+import time
 
 import pyarrow as pa
 
@@ -57,3 +58,16 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
+
+
+_last_release = 0.0
+
+
+def release_memory_at_most_every(seconds: float) -> None:
+    """`release_memory`, unless this process did it less than `seconds` ago (a full collection
+    costs tens of milliseconds in a large process; a step connects a few times, a test suite
+    thousands)."""
+    global _last_release
+    if time.monotonic() - _last_release >= seconds:
+        release_memory()
+        _last_release = time.monotonic()

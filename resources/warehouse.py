@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from resources.memory import budgeted_memory_limit, parse_size, process_rss, release_memory
+from resources.memory import budgeted_memory_limit, parse_size, process_rss, release_memory_at_most_every
 
 DEFAULT_WAREHOUSE_PATH = "data/warehouse.duckdb"
 DEFAULT_STEP_MEMORY_BUDGET = "1GiB"
@@ -103,7 +103,7 @@ class DuckDBWarehouse(dg.ConfigurableResource):
     def connection_memory_limit(self) -> str:
         """DuckDB's memory_limit for a connection opened now in this process."""
         if self.step_memory_budget and process_rss() > parse_size(self.step_memory_budget) // 2:
-            release_memory()  # what the step freed (a model, scoring buffers) is DuckDB's to use
+            release_memory_at_most_every(10.0)  # what the step freed (a model, scoring buffers) is DuckDB's
         limit = budgeted_memory_limit(self.memory_limit, self.step_memory_budget, self.min_memory_limit)
         log.debug(f"DuckDB memory_limit {limit} (process at {process_rss() // 2**20} MiB, budget {self.step_memory_budget})")
         return limit

@@ -235,3 +235,18 @@ def test_the_shipped_suites_compile_against_their_tables():
         rules = suite.row_rules(set(spec.columns) | {"line_no"})
         assert [r.rule for r in rules] == suite.rule_names
         assert set(suite.column_types) <= set(spec.columns)
+
+
+def test_a_large_partition_is_validated_on_a_repeatable_sample_of_about_max_rows(warehouse, faulty_landing):
+    """Beyond max_rows the suite sees a sample chosen by a hash of each row: the same rows every
+    time, about max_rows of them, streamed (a reservoir sample held its rows in DuckDB's memory)."""
+    materialize(raw_resources(warehouse, faulty_landing), day(0))
+    suite = load_suite("customer_purchases")
+    _, everything, total = validate_partition(warehouse, suite, "raw.customer_purchases", day(0), chunk_rows=500)
+    assert everything == total > 1_000
+    wanted = total // 4
+    runs = [validate_partition(warehouse, suite, "raw.customer_purchases", day(0), chunk_rows=500, max_rows=wanted)
+            for _ in range(2)]
+    (_, first, first_total), (_, second, _) = runs
+    assert first_total == total and first == second and 0.6 * wanted < first < 1.4 * wanted
+    assert [t.unexpected_count for t in runs[0][0]] == [t.unexpected_count for t in runs[1][0]]

@@ -295,7 +295,7 @@ def output_plan(stored, upstream, rules: str) -> tuple[str, str]:
 
 
 class OutputSuiteConfig(dg.Config):
-    chunk_rows: int = Field(default=1_000_000, description="Rows per pandas batch handed to GX.")
+    chunk_rows: int = Field(default=250_000, description="Rows per pandas batch handed to GX (this suite has no large value set: 2M rows took 5.2 s in 123k-row batches, 5.1 s in 1M-row ones, 240 MiB more).")
     max_rows: int = Field(default=2_000_000, description="Above this, validate a repeatable sample of this many rows.")
     incremental_sample_rows: int = Field(
         default=100_000, ge=1, description="After an incremental build: the changed customers' rows are validated, "

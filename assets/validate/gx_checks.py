@@ -69,7 +69,7 @@ class ExpectationTally:
 class SuiteCheckConfig(dg.Config):
     # GX re-serializes each expectation's arguments per batch (a 20k-product value set costs ~3 s):
     # few large batches beat many small ones.
-    chunk_rows: int = Field(default=1_000_000, description="Rows per pandas batch handed to GX.")
+    chunk_rows: int = Field(default=500_000, description="Rows per pandas batch handed to GX (1,000,000: 4 s faster on 2M purchase rows, 180 MiB more).")
     max_rows: int = Field(default=2_000_000, description="Validate a repeatable sample of about this many rows (0: all rows); every row is already judged by the compiled SQL rules.")
     max_rejected_share: float = Field(default=0.05, description="Quarantined / arrived records of the table above this fails the check (WARN), whatever GX says of the landed rows.")
 
@@ -142,6 +142,9 @@ def _frames(export: Path, chunk_rows: int, key: list[str]) -> Iterator[pd.DataFr
     carry: pa.Table | None = None
     for batch in parquet_batches(export, max(chunk_rows, 1)):
         chunk = pa.Table.from_batches([batch]) if carry is None else pa.concat_tables([carry, pa.Table.from_batches([batch])])
+        if len(chunk) < chunk_rows:  # batches end with row groups: gather them up to chunk_rows
+            carry = chunk
+            continue
         keep = len(chunk) - _trailing_key_rows(chunk, key) if key else len(chunk)
         carry = chunk.slice(keep)
         if keep:

@@ -250,3 +250,18 @@ def test_a_large_partition_is_validated_on_a_repeatable_sample_of_about_max_rows
     (_, first, first_total), (_, second, _) = runs
     assert first_total == total and first == second and 0.6 * wanted < first < 1.4 * wanted
     assert [t.unexpected_count for t in runs[0][0]] == [t.unexpected_count for t in runs[1][0]]
+
+
+def test_a_stored_raw_suite_verdict_is_reused_only_for_the_same_sample(warehouse, faulty_landing):
+    """The verdict is kept per landed batch, suite and sample; another max_rows validates again
+    (the batch's fingerprint once overwrote the sample's part of the key)."""
+    from assets.validate.gx_checks import run_suite_check
+
+    materialize(raw_resources(warehouse, faulty_landing), day(0))
+    suite = load_suite("customer_purchases")
+    check = lambda max_rows: run_suite_check(  # noqa: E731
+        warehouse, suite, "raw.customer_purchases", day(0), "raw_customers", 500, max_rows)
+    first = check(0)  # the materialization already judged the default sample: another one is new work
+    again, other = check(0), check(100)
+    assert not first.metadata.get("reused_result") and again.metadata.get("reused_result")
+    assert not other.metadata.get("reused_result")

@@ -112,6 +112,8 @@ def test_a_step_memory_budget_gives_duckdb_what_the_process_leaves(tmp_path, mon
     with wh.connect() as con:
         limit = fetch_scalar(con, "SELECT current_setting('memory_limit')")
     assert limit.endswith("MiB") and abs(float(limit.split()[0]) - (1024 - 256)) < 64  # less the 256 MiB reserve
+    monkeypatch.delenv("STEP_MEMORY_BUDGET", raising=False)
+    assert build_resources()["warehouse"].step_memory_budget == "1GiB"  # the default
     monkeypatch.setenv("STEP_MEMORY_BUDGET", "none")
     assert build_resources()["warehouse"].step_memory_budget is None
     monkeypatch.setenv("STEP_MEMORY_BUDGET", "2GiB")

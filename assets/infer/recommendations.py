@@ -86,7 +86,7 @@ INCREMENTAL = "incremental"  # the kept model, only the customers whose recommen
 class RecommendationsConfig(DeadLetterConfig):
     top_k: int = Field(default=10, description="Products recommended per customer.")
     max_items: int = Field(default=8_192, description="Products in the item-item model (memory: 3 x 4 x n^2 bytes).")
-    score_chunk_customers: int = knob(1_024, "Customers scored at once (memory: 2 workers x this x 4 bytes x model items; 1,024 at M = 8,192: 64 MiB, 9 s slower at 2M than 2,048).")
+    score_chunk_customers: int = knob(RecommenderConfig.score_chunk_customers, "Customers scored at once (memory: 2 workers x this x 4 bytes x model items; 1,024 at M = 8,192: 64 MiB, 9 s slower at 2M than 2,048).")
     fit_chunk_customers: int = knob(20_000, "Customers per chunk while fitting.")
     read_batch_rows: int = knob(100_000, "Purchase rows per Arrow batch read from DuckDB.")
     workers: int = knob(2, "Scoring threads.")

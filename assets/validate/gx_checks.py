@@ -110,6 +110,7 @@ def validate_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, par
 
 
 SAMPLE_BUCKETS = 1_000_003
+SAMPLE_METHOD = f"hash%{SAMPLE_BUCKETS}"
 
 
 def _export_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, partition_date: str | None, export: Path,
@@ -320,7 +321,9 @@ def run_suite_check(warehouse: DuckDBWarehouse, suite: Suite, table: str, partit
     """The suite's check result on a raw partition (or, `partitioned=False`, a current-state
     table; `only`: the rows of it to validate, see validate_partition)."""
     started = time.perf_counter()
-    fingerprint = _data_fingerprint(warehouse, asset, partition_key, suite, f"{max_rows}" + (f"|{only}" if only else ""))
+    # the rows judged: how many, how sampled, which (a verdict on another sample is not reused)
+    fingerprint = _data_fingerprint(warehouse, asset, partition_key, suite,
+                                    f"{max_rows}|{SAMPLE_METHOD}" + (f"|{only}" if only else ""))
     stored = _stored_suite_run(warehouse, table, partition_key, fingerprint) if fingerprint else None
     if stored is not None:
         tallies, validated, total = stored
@@ -340,9 +343,9 @@ def _data_fingerprint(warehouse: DuckDBWarehouse, asset: str, partition_key: str
         if source is not None:
             if not table_exists(con, "ops.batch_fingerprints"):
                 return None
-            rows = fetch_all(con, "SELECT fingerprint FROM ops.batch_fingerprints WHERE source = ? AND partition_date = ?",
-                             [source, partition_key])
-            data = rows[0][0] if rows else None
+            landed = fetch_all(con, "SELECT fingerprint FROM ops.batch_fingerprints WHERE source = ? AND partition_date = ?",
+                               [source, partition_key])
+            data = landed[0][0] if landed else None
         else:
             state = read_state(con, asset)
             data = f"{state.fingerprint}:v{state.version}" if state else None

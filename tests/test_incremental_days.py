@@ -33,11 +33,12 @@ COMPARED = {
         "SELECT * EXCLUDE (as_of, rejected_at) FROM outputs.rejected_recommendations ORDER BY ALL",
     "ml.customer_segments": "SELECT customer_id, segment_id, round(similarity, 5) FROM ml.customer_segments ORDER BY ALL",
     "analytics.stg_customer_history": "SELECT * FROM analytics.stg_customer_history ORDER BY ALL",
+    "analytics.stg_purchases": "SELECT * FROM analytics.stg_purchases ORDER BY ALL",
     # sums of doubles depend on the order DuckDB's threads add them in: compared to 9 decimals
     "analytics.customer_features": "SELECT * REPLACE (round(monetary, 9) AS monetary, round(top_category_share, 9)"
                                    " AS top_category_share) FROM analytics.customer_features ORDER BY ALL",
 }
-INCREMENTAL_SQL_MODELS = ("stg_customer_history", "customer_features")
+INCREMENTAL_SQL_MODELS = ("stg_customer_history", "stg_purchases", "customer_features")
 
 
 def copy_warehouse(source: Path, target_dir: Path) -> Path:
@@ -150,6 +151,38 @@ def test_an_incremental_day_equals_a_full_rescore_with_the_same_model(tmp_path, 
     for table, sql in COMPARED.items():
         assert rows_of(incremental, sql) == rows_of(full, sql), table
     assert rows_of(full, "SELECT count(*) FROM outputs.recommendations")[0][0] > 0
+
+
+def test_purchases_updated_in_place_keep_each_customer_one_run_and_full_readers_sort(tmp_path, incremental_day,
+                                                                                     landing, model_server):
+    """An incremental stg_purchases deletes the changed customers' rows and appends theirs in the
+    model's order: each customer is one run, sorted within, but the customers are no longer in
+    order. The table says so, and a full read (rescore everyone, reassign everyone) sorts."""
+    incremental, done, _ = incremental_day
+    assert done["stg_purchases"]["build_mode"] == "incremental"
+    assert 0 < done["stg_purchases"]["keys_rebuilt"] < done["customer_features"]["dagster/row_count"]
+    stored = rows_of(incremental, "SELECT customer_id, purchased_at, product_id, amount, source FROM analytics.stg_purchases")
+    runs = [stored[0][0]] + [row[0] for before, row in zip(stored, stored[1:]) if row[0] != before[0]]
+    assert len(runs) == len(set(runs))  # each customer one run
+    assert runs != sorted(runs)  # appended after the others
+    by_customer: dict[str, list] = {}
+    for row in stored:
+        by_customer.setdefault(row[0], []).append(tuple(row[1:]))
+    assert all(rows == sorted(rows, key=lambda r: (r[0], r[1], r[2], r[3])) for rows in by_customer.values())
+    state = rows_of(incremental, "SELECT metadata FROM ops.asset_state WHERE asset = 'stg_purchases'")[0][0]
+    assert '"in_order": false' in state
+
+    again = pipeline_resources(copy_warehouse(Path(incremental["warehouse"].path), tmp_path / "again"), landing,
+                               model_server)
+    result = dg.materialize(
+        [*defs.assets, *defs.asset_checks], partition_key=DAY2, resources=again,
+        selection=["customer_segments", "recommendations"],
+        run_config={"ops": {"recommendations": {"config": {"force": True, "rescore_all": True}},
+                            "customer_segments": {"config": {"force": True, "reassign_all": True}}}})
+    assert result.success
+    assert {m["build_mode"] for m in materializations(result).values()} == {"rescore_all", "reassign_all"}
+    for table in ("ml.recommendations", "ml.customer_segments"):
+        assert rows_of(again, COMPARED[table]) == rows_of(incremental, COMPARED[table]), table
 
 
 def test_the_model_is_refit_on_its_cadence_and_the_reason_recorded(tmp_path, after_day_one, landing, model_server):

@@ -28,6 +28,7 @@ from assets.common.current_state import (
 )
 from assets.evaluate import online_retail
 from assets.infer.embeddings import PRODUCT_VECTORS_SQL
+from assets.infer.purchases import all_purchases_sql
 from recsys.customer_vectors import ProductEmbeddings
 from recsys.evaluation import OURS, EvaluationReport, evaluate_split
 from recsys.recommender import RecommenderConfig
@@ -75,11 +76,10 @@ def evaluate_warehouse(warehouse, as_of: dt.date, config: EvaluationConfig) -> E
     test_end = dt.datetime.combine(as_of + dt.timedelta(days=1), dt.time())
     cutoff = test_end - dt.timedelta(days=config.test_days)
     params = {"max_customers": config.max_customers}
-    # stg_purchases is stored sorted by customer, so the sample streams customer by customer; only
-    # the sampled customers' segments are read (a dict of 2M customers costs hundreds of MB).
+    # the sample streams customer by customer (all_purchases_sql); only the sampled customers'
+    # segments are read (a dict of 2M customers costs hundreds of MB).
     optional = {
-        "purchases": (f"SELECT customer_id, product_id, amount, purchased_at FROM analytics.stg_purchases"
-                      f" WHERE {SAMPLED}", params),
+        "purchases": (all_purchases_sql(warehouse, f"WHERE {SAMPLED}"), params),
         "segments": (f"SELECT customer_id, segment_id FROM ml.customer_segments WHERE {SAMPLED}", params),
         "catalog": "SELECT product_id, in_stock, price FROM analytics.dim_products",
         "vectors": PRODUCT_VECTORS_SQL,  # cold start, as deployed

@@ -1,11 +1,29 @@
 """The purchase stream the AI stages read: every clean purchase, customer by customer.
 
-`analytics.stg_purchases` is stored sorted by customer (sql/stg_purchases.sql) and DuckDB keeps
-insertion order on plain scans, so no pass sorts 20M rows again; recsys raises if the stream ever
-interleaves customers.
+A full build of `analytics.stg_purchases` stores it sorted by customer (sql/stg_purchases.sql)
+and DuckDB keeps insertion order on plain scans, so no pass sorts 20M rows again. An incremental
+day replaces only the changed customers' rows (deleted, then appended in order): each customer is
+still one run, but the customers are no longer in order, so until the next full build a full read
+sorts (`all_purchases_sql`). recsys raises if the stream ever interleaves customers.
 """
 
+from assets.common.current_state import read_state
+
 PURCHASES_SQL = "SELECT customer_id, product_id, amount, purchased_at FROM analytics.stg_purchases"
+PURCHASES_ORDER = "ORDER BY customer_id, purchased_at, product_id, amount, source"  # sql/stg_purchases.sql's
+
+
+def stored_in_order(warehouse) -> bool:
+    """Whether stg_purchases is stored in its model's order (its last build says so)."""
+    with warehouse.connect(read_only=True) as con:
+        stored = read_state(con, "stg_purchases")
+    return stored is None or (stored.measurements.get("build") or {}).get("in_order", True)
+
+
+def all_purchases_sql(warehouse, where: str = "") -> str:
+    """PURCHASES_SQL (optionally filtered), customer by customer: sorted by the query only when
+    the table is not stored in order (about 7 s at 2M customers; a plain read: 2.7 s)."""
+    return f"{PURCHASES_SQL} {where} {'' if stored_in_order(warehouse) else PURCHASES_ORDER}".strip()
 
 # Per customer: a fingerprint of every purchase row (any added, removed or edited row changes it),
 # the rows the recsys stages cannot use, and the last usable purchase. What an incremental day
@@ -28,7 +46,7 @@ def purchases_of(customers: str) -> str:
     order stg_purchases keeps: the same rows in the same order as a full read gives them."""
     return f"""SELECT customer_id, product_id, amount, purchased_at
                FROM analytics.stg_purchases SEMI JOIN {customers} USING (customer_id)
-               ORDER BY customer_id, purchased_at, product_id, amount, source"""
+               {PURCHASES_ORDER}"""
 
 
 def changed_customers_sql(previous: str) -> str:

@@ -46,7 +46,7 @@ from assets.common.current_state import (
 )
 from assets.common.sources import CurrencyError, purchases_currency
 from assets.infer.embeddings import PRODUCT_VECTORS_SQL
-from assets.infer.purchases import CUSTOMER_STATE_SQL, PURCHASES_SQL, changed_customers_sql, customers_to_redo, purchases_of
+from assets.infer.purchases import CUSTOMER_STATE_SQL, all_purchases_sql, changed_customers_sql, customers_to_redo, purchases_of
 from recsys.customer_vectors import ProductEmbeddings
 from recsys.purchases import iter_customer_chunks
 from recsys.selection import Selection, select_model
@@ -255,7 +255,7 @@ def take_snapshot(build: StateBuild, plan: Plan, model: Recommender | None):
         register["open_dead_letters"] = open_dead_letter_customers(build)
         queries |= {"purchases": purchases_of("rescore"), "rescore": "SELECT * FROM rescore"}
     else:
-        queries["purchases"] = PURCHASES_SQL
+        queries["purchases"] = all_purchases_sql(build.warehouse)
     return snapshot(build.warehouse, queries, optional={"vectors": PRODUCT_VECTORS_SQL}, prepare=prepare,
                     register=register)
 

@@ -35,7 +35,7 @@ from assets.common.current_state import (
     semantic_config,
 )
 from assets.infer.embeddings import PRODUCT_VECTORS_SQL
-from assets.infer.purchases import CUSTOMER_STATE_SQL, PURCHASES_SQL, changed_customers_sql, customers_to_redo, purchases_of
+from assets.infer.purchases import CUSTOMER_STATE_SQL, all_purchases_sql, changed_customers_sql, customers_to_redo, purchases_of
 from recsys.clustering import SegmentingConfig, fit_segments
 from recsys.customer_sample import CustomerSample
 from recsys.customer_vectors import PoolingReport, ProductEmbeddings, iter_customer_vectors
@@ -165,7 +165,7 @@ def take_snapshot(build: StateBuild, mode: str = REFIT):
         prepare.append(REASSIGN_SQL)
         queries |= {"purchases": purchases_of("reassign"), "reassign": "SELECT * FROM reassign"}
     else:
-        queries["purchases"] = PURCHASES_SQL
+        queries["purchases"] = all_purchases_sql(build.warehouse)
     return snapshot(build.warehouse, queries, optional={"centroids": PREVIOUS_CENTROIDS_SQL}, prepare=prepare)
 
 

@@ -108,12 +108,13 @@ def changed_keys(con: Any, spec: Incremental) -> int:
     return int(fetch_scalar(con, "SELECT count(*) FROM changed_keys"))
 
 
-def update(con: Any, spec: Incremental, table: str, sql: str, params: dict) -> None:
-    """Replace the changed keys' rows with what the model's SQL gives for them; refresh columns."""
+def update(con: Any, spec: Incremental, table: str, sql: str, params: dict, order_by: str = "") -> None:
+    """Replace the changed keys' rows with what the model's SQL gives for them (appended in the
+    model's `order_by`, so each key's rows stay one run in that order); refresh columns."""
     key = spec.unique_key
     con.execute(f"DELETE FROM {table} WHERE {key}::VARCHAR IN (SELECT key FROM changed_keys)")
     con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM ({restricted_to_changed_keys(sql, spec)}) "
-                f"WHERE {key}::VARCHAR IN (SELECT key FROM changed_keys)", params)
+                f"WHERE {key}::VARCHAR IN (SELECT key FROM changed_keys) {order_by}", params)
     for column, expression in refresh_expressions(sql, spec.refresh).items():
         con.execute(f"UPDATE {table} SET {column} = {expression}", {k: v for k, v in params.items()
                                                                     if f"${k}" in expression})

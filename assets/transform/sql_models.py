@@ -57,6 +57,14 @@ class SqlModel:
     def parameters(self) -> tuple[str, ...]:
         return tuple(sorted({p.name for p in self.parsed.find_all(exp.Placeholder) if p.name}))
 
+    @cached_property
+    def order_by(self) -> str:
+        """The final SELECT's ORDER BY over output columns (the order a full build stores), or ''."""
+        order = self.parsed.args.get("order")
+        if order is None or not all(isinstance(o.this, exp.Column) for o in order.expressions):
+            return ""
+        return order.sql(dialect="duckdb")
+
     @property
     def description(self) -> str:
         """The leading `--` comment block of the file."""
@@ -153,7 +161,8 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
                 violations = model_tests.measure(con, tests, model.table, MODEL_SCHEMA)
                 build.record(con, row_count, {"rows": row_count, "test_violations": violations,
                                               "build": {"mode": mode, "reason": why, "keys_rebuilt": keys,
-                                                        "code": model.code_version}})
+                                                        "code": model.code_version,
+                                                        **stored_order(build, model, mode, keys)}})
                 preview = table_preview(con, f"SELECT * FROM {model.table}")
                 schema = table_schema(con, model.table)
         build.log.info(f"{model.table}: {mode} ({why})")
@@ -182,7 +191,7 @@ def build_table(con, build: StateBuild, model: SqlModel, params: dict, spec: inc
         incremental.remember(con, spec)
         return "full", full_reason(build), None
     keys = incremental.changed_keys(con, spec)
-    incremental.update(con, spec, model.table, model.sql, params)
+    incremental.update(con, spec, model.table, model.sql, params, model.order_by)
     incremental.remember(con, spec)
     return "incremental", reason, keys
 
@@ -192,7 +201,19 @@ def load_computed(con, model: SqlModel, params: dict, computed: Path) -> None:
     (Parquet has no HUGEINT: a sum of integers comes back as DOUBLE and is cast back)."""
     columns = fetch_all(con, f"DESCRIBE {model.sql}", params)  # binds the query, runs nothing
     con.execute(f"CREATE OR REPLACE TABLE {model.table} ({', '.join(f'{quote(name)} {kind}' for name, kind, *_ in columns)})")
-    con.execute(f"INSERT INTO {model.table} BY NAME SELECT * FROM read_parquet(?)", [str(computed / "*.parquet")])
+    con.execute(f"INSERT INTO {model.table} BY NAME SELECT * FROM read_parquet(?) {model.order_by}",
+                [str(computed / "*.parquet")])
+
+
+def stored_order(build: StateBuild, model: SqlModel, mode: str, keys: int | None) -> dict:
+    """For a model with an ORDER BY: whether its table is stored in that order. A full build is;
+    an incremental one appends the changed keys' rows (each key still one run, in order), so the
+    table stays in order only if no key changed (readers sort meanwhile: assets/infer/purchases.py)."""
+    if not model.order_by:
+        return {}
+    stored = build.decision.stored
+    was_in_order = stored is not None and (stored.measurements.get("build") or {}).get("in_order", True)
+    return {"in_order": mode == "full" or (keys == 0 and was_in_order)}
 
 
 def quote(identifier: str) -> str:

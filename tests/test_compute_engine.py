@@ -121,6 +121,7 @@ def test_the_engine_is_chosen_by_environment(monkeypatch):
 
 KEYED_MODELS = {  # doubles summed by different threads or shards may differ in the last bits
     "stg_customer_history": "SELECT * FROM analytics.stg_customer_history ORDER BY ALL",
+    "stg_purchases": "SELECT * FROM analytics.stg_purchases ORDER BY ALL",
     "customer_features": "SELECT * REPLACE (round(monetary, 9) AS monetary, round(top_category_share, 9) AS "
                          "top_category_share) FROM analytics.customer_features ORDER BY ALL",
 }
@@ -146,3 +147,6 @@ def test_keyed_sql_models_built_in_shards_on_ray_equal_the_warehouse_build(tmp_p
         assert built[name]["engine"] == "ray" and built[name]["engine_shards"] == 4, name
         assert built[name]["build_mode"] == "full", name
     assert {name: table_digest(resources["warehouse"], sql) for name, sql in KEYED_MODELS.items()} == reference
+    with resources["warehouse"].connect(read_only=True) as con:  # the shards are loaded in the model's order
+        stored = [row[0] for row in con.execute("SELECT customer_id FROM analytics.stg_purchases").fetchall()]
+    assert stored == sorted(stored)

@@ -185,6 +185,32 @@ def test_purchases_updated_in_place_keep_each_customer_one_run_and_full_readers_
         assert rows_of(again, COMPARED[table]) == rows_of(incremental, COMPARED[table]), table
 
 
+def test_the_kept_model_is_freed_before_the_outputs_are_published(tmp_path, after_day_one, landing, model_server,
+                                                                  monkeypatch):
+    """The item-item weights (256 MiB at 8,192 items) are not held while DuckDB loads the outputs:
+    on an incremental day the step loads the kept model and must let go of every reference."""
+    import gc
+
+    from assets.infer.recommendations import StagedOutputs
+    from recsys.ease import EaseScorer
+    from recsys.recommender import Recommender
+
+    alive = []
+    publish = StagedOutputs.publish
+
+    def counting_publish(self, con, incremental):
+        gc.collect()
+        alive.append(sum(isinstance(o, (Recommender, EaseScorer)) for o in gc.get_objects()))
+        return publish(self, con, incremental)
+
+    monkeypatch.setattr(StagedOutputs, "publish", counting_publish)
+    result = run_day_with(pipeline_resources(copy_warehouse(after_day_one, tmp_path / "w"), landing, model_server),
+                          DAY2, {})
+    assert result.success
+    assert materializations(result)["recommendations"]["build_mode"] == "incremental"
+    assert alive == [0]
+
+
 def test_the_model_is_refit_on_its_cadence_and_the_reason_recorded(tmp_path, after_day_one, landing, model_server):
     resources = pipeline_resources(copy_warehouse(after_day_one, tmp_path / "cadence"), landing, model_server)
     result = run_day_with(resources, DAY2, {"refit_every_days": 1})

@@ -496,12 +496,15 @@ def recommendations(build: StateBuild) -> Built:
             plan, model = Plan(REFIT, drift, None, None), None
     # No lock is held while fitting and scoring: the inputs are a snapshot, the outputs are staged.
     with take_snapshot(build, plan, model) as taken:
-        return score_and_publish(build, plan, model_fingerprint, currency, scoring_as_of, model, taken)
+        handed_over = [model]  # score_and_publish holds the only reference, and drops it before publishing
+        del model
+        return score_and_publish(build, plan, model_fingerprint, currency, scoring_as_of, handed_over, taken)
 
 
 def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, currency: str,
-                      scoring_as_of: dt.datetime, model: Recommender | None, taken: Snapshot) -> Built:
+                      scoring_as_of: dt.datetime, handed_over: list[Recommender | None], taken: Snapshot) -> Built:
     config, as_of = build.config, build.as_of
+    model = handed_over.pop()
     source = purchases_source(taken, config.read_batch_rows)
     catalog = taken.table("catalog")
     vectors = (ProductEmbeddings.from_arrow(taken.table("vectors"), vector_column="vector")
@@ -546,7 +549,8 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
         progress.advance(chunk.n_customers)
     staged.close()
     # The item-item weights and scoring buffers go before DuckDB loads the outputs (up to its
-    # memory_limit): at 2M customers the step's peak was their sum.
+    # memory_limit): at 2M customers the step's peak was their sum. The caller handed the model
+    # over (a reference kept there held 256 MiB through publishing on incremental days).
     report, deployed = model.report, model.config.model
     cold_start_products, in_stock_model_items, not_in_model = (
         candidates.cold_start_products, candidates.in_stock_model_items, candidates.catalog_products_not_in_model)

@@ -78,6 +78,14 @@ def test_dependencies_come_from_the_sql():
     assert upstream_assets(models["stg_order_lines"], names) == ["raw_transactions"]
 
 
+def test_the_purchase_readers_sort_in_the_order_a_full_build_stores():
+    from assets.infer.purchases import PURCHASES_ORDER
+
+    models = {m.name: m for m in load_models()}
+    assert models["stg_purchases"].order_by == PURCHASES_ORDER
+    assert models["customer_features"].order_by == ""
+
+
 def test_a_table_that_no_asset_writes_is_an_error():
     model = SqlModel("bad", "WITH x AS (SELECT 1) SELECT * FROM x JOIN somewhere.else_table USING (a)")
     with pytest.raises(ValueError, match="somewhere.else_table"):

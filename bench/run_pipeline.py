@@ -61,6 +61,10 @@ def run_stage(stage: str, day: dt.date, env: dict[str, str]) -> dict:
         [sys.executable, "-m", "bench.stage", stage, day.isoformat()],
         cwd=ROOT, env=env, capture_output=True, text=True,
     )
+    # each stage's own log beside the warehouse: an outlier can be read afterwards, phase by phase
+    logs = Path(env["WAREHOUSE_PATH"]).parent / "logs"
+    logs.mkdir(exist_ok=True)
+    (logs / f"{day.isoformat()}-{stage}.log").write_text(proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"stage": stage, "success": False, "error": proc.stderr[-2000:], "seconds": 0, "peak_rss_mb": 0}

@@ -10,7 +10,9 @@ server for the embeddings, DuckDB files in tmp dirs.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -34,6 +36,8 @@ COMPARED = {
     "ml.customer_segments": "SELECT customer_id, segment_id, round(similarity, 5) FROM ml.customer_segments ORDER BY ALL",
     "analytics.stg_customer_history": "SELECT * FROM analytics.stg_customer_history ORDER BY ALL",
     "analytics.stg_purchases": "SELECT * FROM analytics.stg_purchases ORDER BY ALL",
+    # what the next day compares with: an incremental build replaces only the fingerprints that differ
+    "ops.sql_model_keys": "SELECT * FROM ops.sql_model_keys ORDER BY ALL",
     # sums of doubles depend on the order DuckDB's threads add them in: compared to 9 decimals
     "analytics.customer_features": "SELECT * REPLACE (round(monetary, 9) AS monetary, round(top_category_share, 9)"
                                    " AS top_category_share) FROM analytics.customer_features ORDER BY ALL",
@@ -79,14 +83,39 @@ def after_day_one(tmp_path_factory, landing, model_server) -> Path:
     return path
 
 
+MODELS_ALIVE_AT_PUBLISH: list[int] = []  # recommender objects alive when the incremental day published
+
+
+@contextmanager
+def counting_models_at_publish(counts: list[int]):
+    """Count the recommender objects still alive when the recommendations step publishes."""
+    from assets.infer.recommendations import StagedOutputs
+    from recsys.ease import EaseScorer
+    from recsys.recommender import Recommender
+
+    publish = StagedOutputs.publish
+
+    def counting_publish(self, con, incremental):
+        gc.collect()
+        counts.append(sum(isinstance(o, (Recommender, EaseScorer)) for o in gc.get_objects()))
+        return publish(self, con, incremental)
+
+    StagedOutputs.publish = counting_publish
+    try:
+        yield
+    finally:
+        StagedOutputs.publish = publish
+
+
 @pytest.fixture(scope="module")
 def incremental_day(tmp_path_factory, after_day_one, landing, model_server):
     path = copy_warehouse(after_day_one, tmp_path_factory.mktemp("incremental") / "w")
     resources = pipeline_resources(path, landing, model_server)
     # a sample smaller than the table, so that validating "changed + sample" is not everything
-    result = dg.materialize([*defs.assets, *defs.asset_checks], partition_key=DAY2, resources=resources, run_config={
-        "ops": {"recommendation_quality": {"config": {"online_retail_dir": ""}},
-                "validated_recommendations_output_expectation_suite": {"config": {"incremental_sample_rows": 1_000}}}})
+    with counting_models_at_publish(MODELS_ALIVE_AT_PUBLISH):
+        result = dg.materialize([*defs.assets, *defs.asset_checks], partition_key=DAY2, resources=resources, run_config={
+            "ops": {"recommendation_quality": {"config": {"online_retail_dir": ""}},
+                    "validated_recommendations_output_expectation_suite": {"config": {"incremental_sample_rows": 1_000}}}})
     assert result.success
     return resources, materializations(result), result
 
@@ -185,30 +214,12 @@ def test_purchases_updated_in_place_keep_each_customer_one_run_and_full_readers_
         assert rows_of(again, COMPARED[table]) == rows_of(incremental, COMPARED[table]), table
 
 
-def test_the_kept_model_is_freed_before_the_outputs_are_published(tmp_path, after_day_one, landing, model_server,
-                                                                  monkeypatch):
+def test_the_kept_model_is_freed_before_the_outputs_are_published(incremental_day):
     """The item-item weights (256 MiB at 8,192 items) are not held while DuckDB loads the outputs:
     on an incremental day the step loads the kept model and must let go of every reference."""
-    import gc
-
-    from assets.infer.recommendations import StagedOutputs
-    from recsys.ease import EaseScorer
-    from recsys.recommender import Recommender
-
-    alive = []
-    publish = StagedOutputs.publish
-
-    def counting_publish(self, con, incremental):
-        gc.collect()
-        alive.append(sum(isinstance(o, (Recommender, EaseScorer)) for o in gc.get_objects()))
-        return publish(self, con, incremental)
-
-    monkeypatch.setattr(StagedOutputs, "publish", counting_publish)
-    result = run_day_with(pipeline_resources(copy_warehouse(after_day_one, tmp_path / "w"), landing, model_server),
-                          DAY2, {})
-    assert result.success
-    assert materializations(result)["recommendations"]["build_mode"] == "incremental"
-    assert alive == [0]
+    _, done, _ = incremental_day
+    assert done["recommendations"]["build_mode"] == "incremental"
+    assert MODELS_ALIVE_AT_PUBLISH == [0]
 
 
 def test_the_model_is_refit_on_its_cadence_and_the_reason_recorded(tmp_path, after_day_one, landing, model_server):

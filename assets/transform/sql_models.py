@@ -192,7 +192,7 @@ def build_table(con, build: StateBuild, model: SqlModel, params: dict, spec: inc
         return "full", full_reason(build), None
     keys = incremental.changed_keys(con, spec)
     incremental.update(con, spec, model.table, model.sql, params, model.order_by)
-    incremental.remember(con, spec)
+    incremental.remember(con, spec, only_differing=True)
     return "incremental", reason, keys
 
 

@@ -22,7 +22,7 @@ def stored_in_order(warehouse) -> bool:
 
 def all_purchases_sql(warehouse, where: str = "") -> str:
     """PURCHASES_SQL (optionally filtered), customer by customer: sorted by the query only when
-    the table is not stored in order (about 7 s at 2M customers; a plain read: 2.7 s)."""
+    the table is not stored in order (to Parquet at 2M customers: 10.2 s sorted, 2.7 s plain)."""
     return f"{PURCHASES_SQL} {where} {'' if stored_in_order(warehouse) else PURCHASES_ORDER}".strip()
 
 # Per customer: a fingerprint of every purchase row (any added, removed or edited row changes it),

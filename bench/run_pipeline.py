@@ -4,12 +4,14 @@
     python3 tasks.py bench --customers 20000 --quick       # the CI smoke run
     python3 tasks.py bench --compare a.json b.json         # memory flatness between two scales
 
-Each stage runs in its own process (as Dagster's multiprocess executor runs steps), so the
-peak RSS reported is that stage's process. Three passes:
+Each day runs as the daemon runs it: one run of the daily job with its own executor, a forked
+process per step (definitions.py), so a day's seconds are the run's wall time and each step's
+peak RSS is its own process's. `--stage-by-stage` runs each asset with its checks in a process of
+its own instead (the tables before 2026-12-05 were measured so; handy to profile one stage).
+Three passes:
   1. day 1 from scratch (the first embedding of the catalog and the model load are reported
      apart from the pipeline's wall time, as one-time costs);
-  2. day 1 again, unchanged, as one run of the whole job in one process (how a re-run happens):
-     everything should skip, with zero model calls;
+  2. day 1 again, unchanged, as one run: everything should skip, with zero model calls;
   3. day 2 with new customers (5 % of N by default): what an ordinary next day costs.
 It prints a table per pass and the totals, and writes all of it as JSON.
 """
@@ -20,6 +22,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,7 +59,7 @@ def generate_landing(landing: Path, customers: int, days: int, seed: int, new_sh
     return {"seconds": round(time.perf_counter() - started, 1), "summary": str(summary)[:500]}
 
 
-def run_stage(stage: str, day: dt.date, env: dict[str, str]) -> dict:
+def run_stage(stage: str, day: dt.date, env: dict[str, str], log_name: str | None = None) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.stage", stage, day.isoformat()],
         cwd=ROOT, env=env, capture_output=True, text=True,
@@ -64,7 +67,7 @@ def run_stage(stage: str, day: dt.date, env: dict[str, str]) -> dict:
     # each stage's own log beside the warehouse: an outlier can be read afterwards, phase by phase
     logs = Path(env["WAREHOUSE_PATH"]).parent / "logs"
     logs.mkdir(exist_ok=True)
-    (logs / f"{day.isoformat()}-{stage}.log").write_text(proc.stderr)
+    (logs / f"{day.isoformat()}-{log_name or stage}.log").write_text(proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"stage": stage, "success": False, "error": proc.stderr[-2000:], "seconds": 0, "peak_rss_mb": 0}
@@ -72,6 +75,7 @@ def run_stage(stage: str, day: dt.date, env: dict[str, str]) -> dict:
 
 
 def run_pass(name: str, stages: list[str], day: dt.date, env: dict[str, str]) -> dict:
+    """Each stage in its own process (`--stage-by-stage`); the pass costs the sum of the stages."""
     print(f"\n== {name} ({day})", flush=True)
     results = []
     started = time.perf_counter()
@@ -82,7 +86,27 @@ def run_pass(name: str, stages: list[str], day: dt.date, env: dict[str, str]) ->
         if not result["success"]:
             print(result.get("error", ""), file=sys.stderr)
             break
-    return {"name": name, "day": day.isoformat(), "seconds": round(time.perf_counter() - started, 1), "stages": results}
+    return {"name": name, "day": day.isoformat(), "seconds": round(time.perf_counter() - started, 1),
+            "pipeline_seconds": round(sum(r.get("seconds", 0) for r in results), 1),
+            "success": all(r["success"] for r in results), "stages": results}
+
+
+def run_day(name: str, day: dt.date, env: dict[str, str]) -> dict:
+    """The day as one run of the daily job with its own executor; the pass costs the run's wall
+    time, and its rows are the run's steps (assets and checks) in the order they ran."""
+    print(f"\n== {name} ({day}, one run)", flush=True)
+    run = run_stage("run", day, env, log_name=re.sub(r"\W+", "-", name).strip("-"))
+    steps = run.get("steps") or []
+    for step in steps:
+        print(format_row(step), flush=True)
+    print(f"{'the run, wall time':<28}{'ok' if run['success'] else 'FAILED':>7}{'':>12}{run['seconds']:>9.1f}s", flush=True)
+    for step in steps:
+        if step.get("error"):
+            print(f"{step['stage']}: {step['error']}", file=sys.stderr)
+    if not run["success"] and not steps:
+        print(run.get("error", ""), file=sys.stderr)
+    return {"name": name, "day": day.isoformat(), "seconds": run["seconds"], "pipeline_seconds": run["seconds"],
+            "success": run["success"], "stages": steps}
 
 
 def format_row(r: dict) -> str:
@@ -98,12 +122,15 @@ def format_row(r: dict) -> str:
 
 def totals(first: dict, rerun: dict, next_day: dict | None, customers: int, warehouse: Path) -> dict:
     def stage_seconds(p, names=None):
-        return sum(s.get("seconds", 0) for s in p["stages"] if names is None or s["stage"] in names)
+        if names is None:
+            return p["pipeline_seconds"]
+        return sum(s.get("seconds", 0) for s in p["stages"] if s["stage"] in names)
 
     model_first = stage_seconds(first, MODEL_STAGES)
     out = {
         "customers": customers,
-        "all_stages_succeeded": all(s["success"] for p in (first, rerun, next_day) if p for s in p["stages"]),
+        "all_stages_succeeded": all(p["success"] and all(s["success"] for s in p["stages"])
+                                    for p in (first, rerun, next_day) if p),
         "first_run_seconds": round(stage_seconds(first), 1),
         "first_run_seconds_without_one_time_model_work": round(stage_seconds(first) - model_first, 1),
         "one_time_model_load_and_catalog_embedding_seconds": round(model_first, 1),
@@ -159,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="default: data/bench/<customers>")
     parser.add_argument("--json", type=Path, default=None, help="where to write the figures")
     parser.add_argument("--quick", action="store_true", help="skip the day-2 pass (CI smoke run)")
+    parser.add_argument("--stage-by-stage", action="store_true",
+                        help="each asset with its checks in its own process, not one run a day")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("SMALL.json", "LARGE.json"))
     args = parser.parse_args(argv)
     if args.compare:
@@ -174,12 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"generated in {generation['seconds']}s", flush=True)
 
     env = {**os.environ, "WAREHOUSE_PATH": str(warehouse), "LANDING_DIR": str(landing), "PYTHONWARNINGS": "ignore"}
-    stages = pipeline_stages()
-    first = run_pass("day 1, first run", stages, FIRST_DAY, env)
-    rerun = run_pass("day 1 again, unchanged (one run)", ["all"], FIRST_DAY, env)
-    next_day = None if args.quick else run_pass("day 2, new customers", stages, FIRST_DAY + dt.timedelta(days=1), env)
+    if args.stage_by_stage:
+        stages = pipeline_stages()
+        first = run_pass("day 1, first run", stages, FIRST_DAY, env)
+        rerun = run_pass("day 1 again, unchanged (one run in one process)", ["all"], FIRST_DAY, env)
+        next_day = None if args.quick else run_pass("day 2, new customers", stages, FIRST_DAY + dt.timedelta(days=1), env)
+    else:
+        first = run_day("day 1, first run", FIRST_DAY, env)
+        rerun = run_day("day 1 again, unchanged", FIRST_DAY, env)
+        next_day = None if args.quick else run_day("day 2, new customers", FIRST_DAY + dt.timedelta(days=1), env)
     figures = {
         "machine": machine(),
+        "mode": "stage by stage" if args.stage_by_stage else "one run a day, a process per step",
         "generation": generation,
         "passes": [p for p in (first, rerun, next_day) if p],
         "totals": totals(first, rerun, next_day, args.customers, warehouse),

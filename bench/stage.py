@@ -5,6 +5,9 @@ does, so the peak RSS it reports is that of the step's own process.
 
     python -m bench.stage ASSET PARTITION_KEY  ->  one JSON line on stdout
     python -m bench.stage all PARTITION_KEY    ->  the whole job as one run (one process)
+    python -m bench.stage run PARTITION_KEY    ->  the whole job as the daemon runs it: its own
+                                                   executor (a process per step), each step's
+                                                   seconds and peak RSS
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import dagster as dg
 import psutil
@@ -60,6 +65,82 @@ def run_stage(asset_name: str, partition_key: str) -> dict:
     }
 
 
+def run_job(partition_key: str) -> dict:
+    """The daily job launched as the daemon launches it: from the code location's module, with the
+    job's own executor (a forked process per step) on a local instance. Each step's seconds come
+    from the event log; its peak RSS is its process's high-water mark (VmHWM), read while it runs."""
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    job = ReconstructableRepository.for_module("definitions", "defs", str(Path(__file__).resolve().parents[1])
+                                               ).get_reconstructable_job("daily_pipeline")
+    with tempfile.TemporaryDirectory(prefix="bench-instance-") as home, \
+            dg.DagsterInstance.local_temp(home) as instance, StepProcesses() as processes:
+        started = time.perf_counter()
+        result = dg.execute_job(job, instance=instance, tags={"dagster/partition": partition_key}, raise_on_error=False)
+        seconds = time.perf_counter() - started
+        records = instance.all_logs(result.run_id)
+    steps: dict[str, dict] = {}
+    for record in records:
+        event = record.dagster_event
+        if event is None or not event.step_key:
+            continue
+        step = steps.setdefault(event.step_key, {"stage": event.step_key})
+        if event.event_type == dg.DagsterEventType.STEP_START:
+            step["started"], step["pid"] = record.timestamp, event.pid
+        elif event.event_type in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
+            step["seconds"] = round(record.timestamp - step.get("started", record.timestamp), 3)
+            step["success"] = event.event_type == dg.DagsterEventType.STEP_SUCCESS
+            if not step["success"]:
+                step["error"] = _root_cause(event.event_specific_data.error)[:1500]
+        elif event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
+            metadata = {k: _plain(v.value) for k, v in event.materialization.metadata.items()}
+            step.update(rows=metadata.get("dagster/row_count"), skipped=bool(metadata.get("skipped", False)),
+                        model_calls=metadata.get("model_calls", metadata.get("requests")))
+    for step in steps.values():
+        step["peak_rss_mb"] = round(processes.peak_kib.get(step.pop("pid", None), 0) / 1024, 1)
+        step.pop("started", None)
+        step.setdefault("success", False)
+    return {
+        "stage": "run",
+        "partition": partition_key,
+        "success": result.success,
+        "seconds": round(seconds, 3),
+        "peak_rss_mb": max((s["peak_rss_mb"] for s in steps.values()), default=0.0),
+        "skipped": all(s.get("skipped", True) for s in steps.values() if "rows" in s),
+        "model_calls": sum(s.get("model_calls") or 0 for s in steps.values()),
+        "steps": list(steps.values()),
+    }
+
+
+class StepProcesses:
+    """The peak RSS (VmHWM, KiB) of every process below this one, by pid, read every 0.2 s."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.interval_s, self.peak_kib = interval_s, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "StepProcesses":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(self.interval_s):
+            for child in me.children(recursive=True):
+                try:
+                    status = Path(f"/proc/{child.pid}/status").read_text()
+                except OSError:
+                    continue  # it ended between the listing and the read
+                for line in status.splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.peak_kib[child.pid] = max(self.peak_kib.get(child.pid, 0), int(line.split()[1]))
+
+
 class EngineWorkers:
     """Samples the RSS of compute-engine worker processes (Ray actors, `ray::` in their title)
     every half second while the stage runs: the highest single worker is reported."""
@@ -99,4 +180,4 @@ def _plain(value):
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_stage(sys.argv[1], sys.argv[2])))
+    print(json.dumps(run_job(sys.argv[2]) if sys.argv[1] == "run" else run_stage(sys.argv[1], sys.argv[2])))

@@ -473,3 +473,36 @@ def test_a_catalog_without_categories_gets_topics_named_from_product_text():
     for kind, text in kinds.items():
         assert set(labels[kind].lower().split(" & ")) <= set(text.split()), labels  # named by its own words
     assert infer_topics(ids, np.array(vectors), names) == topics  # deterministic
+
+
+def test_segment_rfm_fits_a_small_memory_limit_and_equals_sql(tmp_path):
+    """The per-segment medians are taken in numpy: DuckDB's median holds a group's values in
+    memory and cannot spill (2M customers ran out of a 272 MiB limit in the daily run)."""
+    import duckdb
+
+    from assets.infer.segments import ASSIGNMENTS_TABLE, segment_rfm
+
+    path = str(tmp_path / "rfm.duckdb")
+    with duckdb.connect(path) as con:
+        con.execute("CREATE SCHEMA ml; CREATE SCHEMA analytics")
+        con.execute(f"""CREATE TABLE {ASSIGNMENTS_TABLE} AS SELECT 'c' || i AS customer_id, i % 12 AS segment_id
+                        FROM range(1000000) t(i)""")
+        con.execute("""CREATE TABLE analytics.customer_features AS SELECT 'c' || i AS customer_id,
+                          (hash(i) % 365)::BIGINT AS recency_days,
+                          CASE WHEN i % 97 = 0 THEN NULL ELSE (hash(i + 1) % 40)::BIGINT + 1 END AS frequency,
+                          (hash(i + 2) % 100000) / 100.0 AS monetary
+                       FROM range(1000000) t(i)""")
+        sql_columns = ("avg(recency_days), median(recency_days), avg(frequency), median(frequency), "
+                       "avg(monetary), median(monetary)")
+        joined = f"FROM {ASSIGNMENTS_TABLE} JOIN analytics.customer_features USING (customer_id)"
+        expected = {int(row[0]): RfmSummary(*row[1:])
+                    for row in con.execute(f"SELECT segment_id, {sql_columns} {joined} GROUP BY 1").fetchall()}
+        expected_everyone = RfmSummary(*con.execute(f"SELECT {sql_columns} {joined}").fetchone())
+    with duckdb.connect(path, read_only=True, config={"memory_limit": "32MiB", "threads": 2}) as tight:
+        with pytest.raises(duckdb.OutOfMemoryException):  # what the step ran before
+            tight.execute(f"SELECT segment_id, {sql_columns} {joined} GROUP BY 1").fetchall()
+        by_segment, everyone = segment_rfm(tight)
+    assert by_segment.keys() == expected.keys()
+    for segment_id, summary in expected.items():
+        assert list(vars(by_segment[segment_id]).values()) == pytest.approx(list(vars(summary).values()), rel=1e-12)
+    assert list(vars(everyone).values()) == pytest.approx(list(vars(expected_everyone).values()), rel=1e-12)

@@ -7,7 +7,7 @@
 Each day runs as the daemon runs it: one run of the daily job with its own executor, a forked
 process per step (definitions.py), so a day's seconds are the run's wall time and each step's
 peak RSS is its own process's. `--stage-by-stage` runs each asset with its checks in a process of
-its own instead (the tables before 2026-12-05 were measured so; handy to profile one stage).
+its own instead (the tables before commit c144324 were measured so; handy to profile one stage).
 Three passes:
   1. day 1 from scratch (the first embedding of the catalog and the model load are reported
      apart from the pipeline's wall time, as one-time costs);
@@ -99,7 +99,7 @@ def run_day(name: str, day: dt.date, env: dict[str, str]) -> dict:
     steps = run.get("steps") or []
     for step in steps:
         print(format_row(step), flush=True)
-    print(f"{'the run, wall time':<28}{'ok' if run['success'] else 'FAILED':>7}{'':>12}{run['seconds']:>9.1f}s", flush=True)
+    print(f"{'the run, wall time':<52}{'ok' if run['success'] else 'FAILED':>7}{'':>12}{run['seconds']:>9.1f}s", flush=True)
     for step in steps:
         if step.get("error"):
             print(f"{step['stage']}: {step['error']}", file=sys.stderr)
@@ -114,7 +114,7 @@ def format_row(r: dict) -> str:
     rate = f"{rows / r['seconds']:,.0f}" if rows and r.get("seconds") else "-"
     flag = "skip" if r.get("skipped") else ("ok" if r.get("success") else "FAILED")
     return (
-        f"{r['stage']:<28}{flag:>7}{rows if rows is not None else '-':>12}{r.get('seconds', 0):>9.1f}s"
+        f"{r['stage']:<52}{flag:>7}{rows if rows is not None else '-':>12}{r.get('seconds', 0):>9.1f}s"
         f"{rate:>12}/s{r.get('peak_rss_mb', 0):>9.0f} MB  calls={r.get('model_calls') or 0}"
         + (f"  workers<={r['worker_peak_rss_mb']:.0f} MB" if r.get("worker_peak_rss_mb") else "")
     )

@@ -96,6 +96,7 @@ def run_job(partition_key: str) -> dict:
             metadata = {k: _plain(v.value) for k, v in event.materialization.metadata.items()}
             step.update(rows=metadata.get("dagster/row_count"), skipped=bool(metadata.get("skipped", False)),
                         model_calls=metadata.get("model_calls", metadata.get("requests")))
+    steps = dict(sorted(steps.items(), key=lambda item: item[1].get("started", float("inf"))))  # as they ran
     for step in steps.values():
         step["peak_rss_mb"] = round(processes.peak_kib.get(step.pop("pid", None), 0) / 1024, 1)
         step.pop("started", None)

@@ -201,3 +201,26 @@ def test_a_failed_blocking_check_is_red_blocks_downstream_and_is_rebuilt_next_ti
 def _isolated_builds():
     builds.clear()
     yield
+
+
+attempts: list[int] = []
+
+
+@current_state_asset(name="toy_hungry", inputs=["toy_source"], tables=["ml.toy_hungry"], group="test",
+                     retry_policy=dg.RetryPolicy(max_retries=2))
+def toy_hungry(build: StateBuild) -> Built:
+    attempts.append(1)
+    with build.warehouse.connect(read_only=True) as con:
+        con.execute("SET memory_limit = '1MiB'")
+        # median holds a group's values in memory and cannot spill
+        con.execute("SELECT median(i) FROM range(3000000) t(i)").fetchall()
+    return Built()
+
+
+def test_running_out_of_duckdb_memory_fails_once_with_what_to_do_and_is_not_retried(warehouse):
+    attempts.clear()
+    result = run(warehouse, assets=(toy_source, toy_hungry), raise_on_error=False)
+    assert not result.success and len(attempts) == 1  # the retry policy would retry any other error
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    message = failure.event_specific_data.error.message
+    assert "toy_hungry ran out of DuckDB memory; not retried" in message and "STEP_MEMORY_BUDGET" in message

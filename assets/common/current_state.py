@@ -535,6 +535,15 @@ def _materialize(spec: StageSpec, build: Callable[[StateBuild], Built], context:
         raise dg.RetryRequested(max_retries=3, seconds_to_wait=1.0) from error
     except ModelConfigurationError as error:
         raise dg.Failure(description=str(error), metadata={"status": error.status}, allow_retries=False) from None
+    except duckdb.OutOfMemoryException as error:
+        # The limit comes from the step memory budget and what the process holds, the same in a
+        # fresh process: a retry fails the same way after its backoff (three attempts, 3.5 min at 2M).
+        raise dg.Failure(
+            description=f"{spec.name} ran out of DuckDB memory; not retried, the same data fails the same way. "
+                        "Raise STEP_MEMORY_BUDGET (or DUCKDB_MEMORY_LIMIT), and report the query: it should "
+                        f"spill. DuckDB: {str(error).splitlines()[0]}",
+            metadata={"memory_limit": context.resources.warehouse.connection_memory_limit()},
+            allow_retries=False) from error
     if not state_build.recorded:
         raise RuntimeError(f"{spec.name}: the build returned without recording its state (StateBuild.record)")
     seconds = time.perf_counter() - started

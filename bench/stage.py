@@ -65,14 +65,20 @@ def run_stage(asset_name: str, partition_key: str) -> dict:
     }
 
 
+def daily_pipeline_job():
+    """The daily job as the code location's module names it, so `dg.execute_job` runs it with its
+    own executor (a forked process per step; `execute_in_process` would run it in this one)."""
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    return ReconstructableRepository.for_module("definitions", "defs", str(Path(__file__).resolve().parents[1])
+                                                ).get_reconstructable_job("daily_pipeline")
+
+
 def run_job(partition_key: str) -> dict:
     """The daily job launched as the daemon launches it: from the code location's module, with the
     job's own executor (a forked process per step) on a local instance. Each step's seconds come
     from the event log; its peak RSS is its process's high-water mark (VmHWM), read while it runs."""
-    from dagster._core.definitions.reconstruct import ReconstructableRepository
-
-    job = ReconstructableRepository.for_module("definitions", "defs", str(Path(__file__).resolve().parents[1])
-                                               ).get_reconstructable_job("daily_pipeline")
+    job = daily_pipeline_job()
     with tempfile.TemporaryDirectory(prefix="bench-instance-") as home, \
             dg.DagsterInstance.local_temp(home) as instance, StepProcesses() as processes:
         started = time.perf_counter()

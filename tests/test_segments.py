@@ -476,8 +476,8 @@ def test_a_catalog_without_categories_gets_topics_named_from_product_text():
 
 
 def test_segment_rfm_fits_a_small_memory_limit_and_equals_sql(tmp_path):
-    """The per-segment medians are taken in numpy: DuckDB's median holds a group's values in
-    memory and cannot spill (2M customers ran out of a 272 MiB limit in the daily run)."""
+    """The per-segment medians are the middle of sorted values (a window, which spills): DuckDB's
+    median holds a group's values in memory and cannot (2M customers ran out of a 272 MiB limit)."""
     import duckdb
 
     from assets.infer.segments import ASSIGNMENTS_TABLE, segment_rfm
@@ -498,7 +498,8 @@ def test_segment_rfm_fits_a_small_memory_limit_and_equals_sql(tmp_path):
         expected = {int(row[0]): RfmSummary(*row[1:])
                     for row in con.execute(f"SELECT segment_id, {sql_columns} {joined} GROUP BY 1").fetchall()}
         expected_everyone = RfmSummary(*con.execute(f"SELECT {sql_columns} {joined}").fetchone())
-    with duckdb.connect(path, read_only=True, config={"memory_limit": "32MiB", "threads": 2}) as tight:
+    with duckdb.connect(path, read_only=True, config={"memory_limit": "32MiB", "threads": 2,
+                                                  "temp_directory": str(tmp_path / "spill")}) as tight:
         with pytest.raises(duckdb.OutOfMemoryException):  # what the step ran before
             tight.execute(f"SELECT segment_id, {sql_columns} {joined} GROUP BY 1").fetchall()
         by_segment, everyone = segment_rfm(tight)

@@ -503,6 +503,7 @@ def test_segment_rfm_fits_a_small_memory_limit_and_equals_sql(tmp_path):
         with pytest.raises(duckdb.OutOfMemoryException):  # what the step ran before
             tight.execute(f"SELECT segment_id, {sql_columns} {joined} GROUP BY 1").fetchall()
         by_segment, everyone = segment_rfm(tight)
+        assert segment_rfm(tight, everyone=False) == (by_segment, None)
     assert by_segment.keys() == expected.keys()
     for segment_id, summary in expected.items():
         assert list(vars(by_segment[segment_id]).values()) == pytest.approx(list(vars(summary).values()), rel=1e-12)

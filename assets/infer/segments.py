@@ -284,7 +284,7 @@ def refresh_profiles(con, as_of: dt.date) -> dict[str, int]:
     sizes = {int(k): int(v) for k, v in fetch_all(
         con, f"SELECT segment_id, count(*) FROM {ASSIGNMENTS_TABLE} GROUP BY 1")}
     total = sum(sizes.values())
-    rfm, _ = segment_rfm(con)
+    rfm, _ = segment_rfm(con, everyone=False)
     rows = []
     for (segment_id,) in fetch_all(con, f"SELECT segment_id FROM {PROFILES_TABLE} ORDER BY 1"):
         r = rfm.get(int(segment_id), RfmSummary(*[float("nan")] * 6))
@@ -297,15 +297,18 @@ def refresh_profiles(con, as_of: dt.date) -> dict[str, int]:
     return {str(k): v for k, v in sorted(sizes.items())}
 
 
-def segment_rfm(con: duckdb.DuckDBPyConnection) -> tuple[dict[int, RfmSummary], RfmSummary]:
-    """RFM means and medians per segment and over every assigned customer, from customer_features.
+def segment_rfm(con: duckdb.DuckDBPyConnection, everyone: bool = True
+                ) -> tuple[dict[int, RfmSummary], RfmSummary | None]:
+    """RFM means and medians per segment and (unless `everyone` is False: an incremental day
+    keeps the names measured at the refit) over every assigned customer, from customer_features.
 
     DuckDB's `median` holds every value of a group in memory and cannot spill: at 2M customers it
     ran out of a 272 MiB limit. Here a median is the middle of each group's sorted values (a window,
     which spills), the same numbers; in numpy the step's peak went over 1 GiB."""
-    nothing = RfmSummary(*[float("nan")] * 6)
-    by_segment = _rfm_by(con, "s.segment_id")
-    return {int(k): v for k, v in by_segment.items()}, _rfm_by(con, "0").get(0, nothing)
+    by_segment = {int(k): v for k, v in _rfm_by(con, "s.segment_id").items()}
+    if not everyone:
+        return by_segment, None
+    return by_segment, _rfm_by(con, "0").get(0, RfmSummary(*[float("nan")] * 6))
 
 
 def _rfm_by(con: duckdb.DuckDBPyConnection, group: str) -> dict[Any, RfmSummary]:

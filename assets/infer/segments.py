@@ -57,7 +57,6 @@ VECTORS_TABLE = "ml.customer_embeddings"
 INPUTS = ("stg_purchases", "product_embeddings", "dim_products", "customer_features")
 
 
-
 def segment_verdicts(measured: Mapping[str, Any], config: "SegmentsConfig") -> list[dg.AssetCheckResult]:
     sizes = measured.get("segment_sizes", {})
     total = sum(sizes.values())

@@ -115,10 +115,7 @@ def running_daemon(tmp_path: Path, landing: Path, **settings: str) -> Iterator[d
         env = code_location_env(home, tmp_path / "warehouse.duckdb", landing)
         env.update(MODEL_PROVIDER="openai", OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="test-key",
                    EMBEDDING_MODEL="fake-embed", EMBEDDING_DIMENSIONS="384", ONLINE_RETAIL_DIR="", **settings)
-        with dg.DagsterInstance.from_config(str(home)) as instance:
-            # The instance's SQLite files are created before the daemon starts: two processes
-            # creating the schedule storage at once left it with two alembic heads (seen once).
-            instance.get_runs(), instance.all_instigator_state(), instance.get_run_records(limit=1)
+        with dg.DagsterInstance.from_config(str(home)) as instance:  # its files exist (write_dagster_home)
             # The daemon's own log goes to a file: a test that times out shows its tail.
             log = (tmp_path / "daemon.log").open("wb")
             daemon = subprocess.Popen([sys.executable, "-m", "dagster._daemon", "run", "-w", str(ROOT / "workspace.yaml")],

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import dagster as dg
 import yaml
 from selenium import webdriver
 from selenium.common.exceptions import (
@@ -76,6 +77,10 @@ def write_dagster_home(home: Path) -> Path:
     # it as seen, as it would be for a returning user.
     (home / ".nux").mkdir(exist_ok=True)
     (home / ".nux" / "nux.yaml").write_text("seen: 1\n")
+    # Its SQLite files are made here, before any process starts: two processes creating the
+    # schedule storage at once left it with two alembic heads (seen once, in a daemon test).
+    with dg.DagsterInstance.from_config(str(home)):
+        pass
     return home
 
 

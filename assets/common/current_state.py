@@ -542,7 +542,7 @@ def _materialize(spec: StageSpec, build: Callable[[StateBuild], Built], context:
             description=f"{spec.name} ran out of DuckDB memory; not retried, the same data fails the same way. "
                         "Raise STEP_MEMORY_BUDGET (or DUCKDB_MEMORY_LIMIT), and report the query: it should "
                         f"spill. DuckDB: {str(error).splitlines()[0]}",
-            metadata={"memory_limit": context.resources.warehouse.connection_memory_limit()},
+            metadata={"step_memory_budget": str(context.resources.warehouse.step_memory_budget)},
             allow_retries=False) from error
     if not state_build.recorded:
         raise RuntimeError(f"{spec.name}: the build returned without recording its state (StateBuild.record)")

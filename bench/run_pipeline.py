@@ -103,10 +103,12 @@ def run_day(name: str, day: dt.date, env: dict[str, str]) -> dict:
     for step in steps:
         if step.get("error"):
             print(f"{step['stage']}: {step['error']}", file=sys.stderr)
+    if run.get("failed_checks"):
+        print(f"failed checks: {', '.join(run['failed_checks'])}", flush=True)
     if not run["success"] and not steps:
         print(run.get("error", ""), file=sys.stderr)
     return {"name": name, "day": day.isoformat(), "seconds": run["seconds"], "pipeline_seconds": run["seconds"],
-            "success": run["success"], "stages": steps}
+            "success": run["success"], "failed_checks": run.get("failed_checks", []), "stages": steps}
 
 
 def format_row(r: dict) -> str:

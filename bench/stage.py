@@ -98,6 +98,8 @@ def run_job(partition_key: str) -> dict:
             step["success"] = event.event_type == dg.DagsterEventType.STEP_SUCCESS
             if not step["success"]:
                 step["error"] = _root_cause(event.event_specific_data.error)[:1500]
+        elif event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION and not event.event_specific_data.passed:
+            step.setdefault("failed_checks", []).append(event.event_specific_data.check_name)
         elif event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
             metadata = {k: _plain(v.value) for k, v in event.materialization.metadata.items()}
             step.update(rows=metadata.get("dagster/row_count"), skipped=bool(metadata.get("skipped", False)),
@@ -115,49 +117,20 @@ def run_job(partition_key: str) -> dict:
         "peak_rss_mb": max((s["peak_rss_mb"] for s in steps.values()), default=0.0),
         "skipped": all(s.get("skipped", True) for s in steps.values() if "rows" in s),
         "model_calls": sum(s.get("model_calls") or 0 for s in steps.values()),
+        "failed_checks": [c for s in steps.values() for c in s.get("failed_checks", [])],
         "steps": list(steps.values()),
     }
 
 
-class StepProcesses:
-    """The peak RSS (VmHWM, KiB) of every process below this one, by pid, read every 0.2 s."""
+class ProcessSampler:
+    """A thread that calls `sample()` every `interval_s` while the `with` block runs (when enabled)."""
 
-    def __init__(self, interval_s: float = 0.2):
-        self.interval_s, self.peak_kib = interval_s, {}
+    def __init__(self, interval_s: float, enabled: bool = True):
+        self.interval_s, self.enabled = interval_s, enabled
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> "StepProcesses":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        me = psutil.Process()
-        while not self._stop.wait(self.interval_s):
-            for child in me.children(recursive=True):
-                try:
-                    status = Path(f"/proc/{child.pid}/status").read_text()
-                except OSError:
-                    continue  # it ended between the listing and the read
-                for line in status.splitlines():
-                    if line.startswith("VmHWM:"):
-                        self.peak_kib[child.pid] = max(self.peak_kib.get(child.pid, 0), int(line.split()[1]))
-
-
-class EngineWorkers:
-    """Samples the RSS of compute-engine worker processes (Ray actors, `ray::` in their title)
-    every half second while the stage runs: the highest single worker is reported."""
-
-    def __init__(self, enabled: bool, interval_s: float = 0.5):
-        self.enabled, self.interval_s, self.peak_mb = enabled, interval_s, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> "EngineWorkers":
+    def __enter__(self):
         if self.enabled:
             self._thread.start()
         return self
@@ -167,12 +140,45 @@ class EngineWorkers:
             self._stop.set()
             self._thread.join()
 
-    def _sample(self) -> None:
+    def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            for process in psutil.process_iter(["name", "cmdline", "memory_info"]):
-                title = " ".join(process.info.get("cmdline") or []) or (process.info.get("name") or "")
-                if title.startswith("ray::") and process.info.get("memory_info"):
-                    self.peak_mb = max(self.peak_mb, round(process.info["memory_info"].rss / 2**20, 1))
+            self.sample()
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+
+class StepProcesses(ProcessSampler):
+    """The peak RSS (VmHWM, KiB) of every process below this one, by pid, read every 0.2 s."""
+
+    def __init__(self, interval_s: float = 0.2):
+        super().__init__(interval_s)
+        self.peak_kib: dict[int, int] = {}
+
+    def sample(self) -> None:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                status = Path(f"/proc/{child.pid}/status").read_text()
+            except OSError:
+                continue  # it ended between the listing and the read
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_kib[child.pid] = max(self.peak_kib.get(child.pid, 0), int(line.split()[1]))
+
+
+class EngineWorkers(ProcessSampler):
+    """Samples the RSS of compute-engine worker processes (Ray actors, `ray::` in their title)
+    every half second while the stage runs: the highest single worker is reported."""
+
+    def __init__(self, enabled: bool, interval_s: float = 0.5):
+        super().__init__(interval_s, enabled)
+        self.peak_mb = 0.0
+
+    def sample(self) -> None:
+        for process in psutil.process_iter(["name", "cmdline", "memory_info"]):
+            title = " ".join(process.info.get("cmdline") or []) or (process.info.get("name") or "")
+            if title.startswith("ray::") and process.info.get("memory_info"):
+                self.peak_mb = max(self.peak_mb, round(process.info["memory_info"].rss / 2**20, 1))
 
 
 def _root_cause(error) -> str:

@@ -30,6 +30,8 @@ def test_the_benchmark_runs_every_stage_and_a_rerun_makes_no_model_call(tmp_path
     # a day is one run with a process per step (as the daemon runs it), each step measured apart
     steps = json.loads(figures.read_text())["passes"][0]["stages"]
     assert len({s["stage"] for s in steps}) == len(steps) and all(s["peak_rss_mb"] > 0 for s in steps)
+    # the checks' verdicts come with the run (the generated faults fail error_rate), not only step success
+    assert "error_rate" in json.loads(figures.read_text())["passes"][0]["failed_checks"]
     # each run's log is kept beside the warehouse, so an outlier can be read afterwards
     log = tmp_path / "bench" / "logs" / "2011-09-01-day-1-first-run.log"
     assert "recommendations - STEP_SUCCESS" in log.read_text()

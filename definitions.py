@@ -17,18 +17,23 @@ from assets.transform.sql_models import SQL_DIR
 from assets.validate import build_suite_checks
 from assets.outputs.publish import published_recommendations
 from resources import build_resources, lakehouse_configured
+from resources.warehouse import WAREHOUSE_STEP_TAGS
 
 
-# One process a step, one step at a time. A step's memory goes back to the system when it ends,
+# One process a step, two steps at a time. A step's memory goes back to the system when it ends,
 # so every step has the whole memory budget: in one process for the whole run, day 2 at 2M
 # customers ran out of DuckDB memory in its fourth step (RSS 916 MB held from the steps before).
 # Steps are forked from a server that imported these definitions and the instance's storage
-# modules once (each step importing them cost about 3 s). One at a time: the warehouse steps share
-# the one `duckdb` slot anyway. A worker that dies is retried as a run (run_retries in dagster.yaml).
+# modules once (each step importing them cost about 3 s). The warehouse writers share the one
+# `duckdb` pool slot (dagster.yaml), so the second place runs what holds no slot: the GX suites,
+# the model calls, the evaluation, each under short warehouse connections. A worker that dies is
+# retried as a run (run_retries in dagster.yaml).
 STEP_PRELOAD = ["definitions", "dagster._core.storage.runs", "dagster._core.storage.event_log",
                 "dagster._core.storage.schedules"]  # a module that is not there is skipped
-STEP_PROCESSES = dg.multiprocess_executor.configured(
-    {"max_concurrent": 1, "start_method": {"forkserver": {"preload_modules": STEP_PRELOAD}}}, name="step_processes")
+STEP_EXECUTOR_CONFIG = {
+    "max_concurrent": 2, "start_method": {"forkserver": {"preload_modules": STEP_PRELOAD}},
+    "tag_concurrency_limits": [{"key": key, "value": value, "limit": 1} for key, value in WAREHOUSE_STEP_TAGS.items()]}
+STEP_PROCESSES = dg.multiprocess_executor.configured(STEP_EXECUTOR_CONFIG, name="step_processes")
 
 
 def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL_DIR) -> dg.Definitions:

@@ -74,14 +74,25 @@ def daily_pipeline_job():
                                                 ).get_reconstructable_job("daily_pipeline")
 
 
+def project_concurrency() -> dict:
+    """The pools of the project's instance (.dagster_home/dagster.yaml): the warehouse writers
+    share one slot there, and the executor runs two steps at a time."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / ".dagster_home" / "dagster.yaml").read_text())
+    return {"pools": config["concurrency"]["pools"]}
+
+
 def run_job(partition_key: str) -> dict:
     """The daily job launched as the daemon launches it: from the code location's module, with the
-    job's own executor (a forked process per step) on a local instance. Each step's seconds come
-    from the event log; its peak RSS is its process's high-water mark (VmHWM), read while it runs."""
+    job's own executor (a forked process per step) on a local instance with the project's pools.
+    Each step's seconds come from the event log (and when it started and ended, from the run's
+    start: steps may overlap); its peak RSS is its process's high-water mark (VmHWM)."""
     job = daily_pipeline_job()
     with tempfile.TemporaryDirectory(prefix="bench-instance-") as home, \
-            dg.DagsterInstance.local_temp(home) as instance, StepProcesses() as processes:
-        started = time.perf_counter()
+            dg.DagsterInstance.local_temp(home, overrides={"concurrency": project_concurrency()}) as instance, \
+            StepProcesses() as processes:
+        started, wall_started = time.perf_counter(), time.time()
         result = dg.execute_job(job, instance=instance, tags={"dagster/partition": partition_key}, raise_on_error=False)
         seconds = time.perf_counter() - started
         records = instance.all_logs(result.run_id)
@@ -95,6 +106,8 @@ def run_job(partition_key: str) -> dict:
             step["started"], step["pid"] = record.timestamp, event.pid
         elif event.event_type in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
             step["seconds"] = round(record.timestamp - step.get("started", record.timestamp), 3)
+            step["interval"] = [round(step.get("started", record.timestamp) - wall_started, 3),
+                                round(record.timestamp - wall_started, 3)]
             step["success"] = event.event_type == dg.DagsterEventType.STEP_SUCCESS
             if not step["success"]:
                 step["error"] = _root_cause(event.event_specific_data.error)[:1500]

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,12 @@ from resources.memory import budgeted_memory_limit, parse_size, process_rss, rel
 DEFAULT_WAREHOUSE_PATH = "data/warehouse.duckdb"
 DEFAULT_STEP_MEMORY_BUDGET = "1GiB"
 
+# The steps that write the warehouse share this pool (one slot: dagster.yaml), across runs. The
+# op tag says the same to a run's own executor, which then launches its writers one at a time
+# (definitions.py) instead of having them poll the pool with a back-off that grows to 15 s.
+WAREHOUSE_POOL = "duckdb"
+WAREHOUSE_STEP_TAGS = {"warehouse_pool": WAREHOUSE_POOL}
+
 # Flock locks belong to an open file description, so a second lock taken by the same process
 # would wait on itself forever. Refuse nesting instead.
 _held = threading.local()
@@ -40,6 +46,31 @@ log = logging.getLogger(__name__)
 
 class WarehouseLockTimeout(RuntimeError):
     pass
+
+
+# DuckDB refuses a second connection to a file that one of this process's connections has open
+# with another configuration, and the memory_limit follows the process's RSS: readers in two
+# threads at once (shared locks) take the configuration of the one already open.
+_open_configs: dict[str, tuple[int, dict[str, Any]]] = {}
+_open_configs_lock = threading.Lock()
+
+
+@contextmanager
+def _shared_config(file: Path, make: Callable[[], dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    key = str(file.resolve())
+    with _open_configs_lock:
+        count, config = _open_configs.get(key, (0, None))
+        config = config if count else make()
+        _open_configs[key] = (count + 1, config)
+    try:
+        yield config
+    finally:
+        with _open_configs_lock:
+            count, config = _open_configs[key]
+            if count > 1:
+                _open_configs[key] = (count - 1, config)
+            else:
+                del _open_configs[key]
 
 
 class DuckDBWarehouse(dg.ConfigurableResource):
@@ -79,8 +110,8 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         self.file.parent.mkdir(parents=True, exist_ok=True)
         if read_only and not self.file.exists():
             read_only = False  # nothing to read yet: create the file so readers see empty tables
-        with self._file_lock(exclusive=not read_only):
-            con = duckdb.connect(str(self.file), read_only=read_only, config=self._config())
+        with self._file_lock(exclusive=not read_only), _shared_config(self.file, self._config) as config:
+            con = duckdb.connect(str(self.file), read_only=read_only, config=config)
             _held.depth = 1
             try:
                 yield con

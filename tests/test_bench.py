@@ -11,6 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def daily_pipeline_nodes():
+    import definitions
+
+    return definitions.defs.get_job_def("daily_pipeline").graph.node_defs
+
+
 @pytest.mark.slow
 def test_the_benchmark_runs_every_stage_and_a_rerun_makes_no_model_call(tmp_path):
     figures = tmp_path / "figures.json"
@@ -30,8 +36,27 @@ def test_the_benchmark_runs_every_stage_and_a_rerun_makes_no_model_call(tmp_path
     # a day is one run with a process per step (as the daemon runs it), each step measured apart
     steps = json.loads(figures.read_text())["passes"][0]["stages"]
     assert len({s["stage"] for s in steps}) == len(steps) and all(s["peak_rss_mb"] > 0 for s in steps)
+    # two steps at a time: the warehouse writers one after another (one `duckdb` pool slot), a GX
+    # suite beside them
+    pools = {node.name: node.pool for node in daily_pipeline_nodes()}
+    writers = sorted((s["interval"] for s in steps if pools[s["stage"]] == "duckdb"))
+    assert all(earlier[1] <= later[0] for earlier, later in zip(writers, writers[1:]))
+    suites = [s["interval"] for s in steps if s["stage"].endswith("_expectation_suite")]
+    assert any(a[0] < b[1] and b[0] < a[1] for a in suites for b in writers)
     # the checks' verdicts come with the run (the generated faults fail error_rate), not only step success
     assert "error_rate" in json.loads(figures.read_text())["passes"][0]["failed_checks"]
     # each run's log is kept beside the warehouse, so an outlier can be read afterwards
     log = tmp_path / "bench" / "logs" / "2011-09-01-day-1-first-run.log"
     assert "recommendations - STEP_SUCCESS" in log.read_text()
+
+
+def test_model_work_is_left_out_of_a_day_only_where_nothing_else_ran():
+    from bench.run_pipeline import seconds_alone
+
+    model = ("product_embeddings",)
+    serial = [{"stage": "a", "seconds": 3.0}, {"stage": "product_embeddings", "seconds": 5.0}]
+    assert seconds_alone(serial, model) == 5.0  # stage by stage: its own seconds
+    overlapping = [{"stage": "a", "interval": [0.0, 4.0]}, {"stage": "product_embeddings", "interval": [2.0, 9.0]},
+                   {"stage": "b_check", "interval": [6.0, 7.0]}]
+    assert seconds_alone(overlapping, model) == pytest.approx(4.0)  # 4-6 and 7-9 alone
+    assert seconds_alone(overlapping, ("a",)) == pytest.approx(2.0)

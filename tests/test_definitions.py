@@ -27,6 +27,22 @@ def test_daily_pipeline_job_covers_every_asset():
     assert asset_keys and asset_keys <= job_keys
 
 
+def test_a_run_launches_its_warehouse_writers_one_at_a_time_and_its_other_steps_beside_them():
+    from definitions import STEP_EXECUTOR_CONFIG as config
+    from definitions import defs
+    from resources.warehouse import WAREHOUSE_POOL, WAREHOUSE_STEP_TAGS
+
+    assert config["max_concurrent"] == 2
+    assert config["tag_concurrency_limits"] == [{"key": "warehouse_pool", "value": WAREHOUSE_POOL, "limit": 1}]
+    nodes = defs.resolve_job_def("daily_pipeline").graph.node_defs
+    # every writer carries the tag the executor counts (a writer without it would poll the pool)
+    assert all(WAREHOUSE_STEP_TAGS.items() <= node.tags.items() for node in nodes if node.pool == WAREHOUSE_POOL)
+    assert all(node.pool == WAREHOUSE_POOL for node in nodes if WAREHOUSE_STEP_TAGS.items() <= node.tags.items())
+    # the GX suites validate holding no connection: they take no slot
+    suites = [node for node in nodes if node.name.endswith("_expectation_suite")]
+    assert len(suites) >= 5 and all(node.pool is None for node in suites)
+
+
 def test_every_asset_is_catalogued_with_owner_domain_table_code_and_described_checks():
     from definitions import defs
 

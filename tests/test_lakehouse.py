@@ -53,8 +53,12 @@ def test_ten_processes_write_ten_days_at_once_without_a_lock_and_every_row_lands
     lakehouse = lakehouse_for(postgres, tmp_path)
     lakehouse.write_day("raw.scores", "2011-08-31", rows_of_day("2011-08-31"), "first")  # the table exists
     jobs = [(catalog_url(postgres), lakehouse.location, day) for day in DAYS]
-    with multiprocessing.get_context("spawn").Pool(len(DAYS)) as pool:
+    pool = multiprocessing.get_context("spawn").Pool(len(DAYS))
+    try:
         written = pool.map(write_one_day, jobs)
+    finally:  # close and join: the `with` block's terminate() hung once on a worker blocked on the queue's lock
+        pool.close()
+        pool.join()
     assert sorted(day for day, rows, skipped, _ in written if rows == ROWS_PER_DAY and not skipped) == DAYS
     table = lakehouse.catalog().load_table("raw.scores").scan().to_arrow()
     assert table.num_rows == ROWS_PER_DAY * (len(DAYS) + 1)

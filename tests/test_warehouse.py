@@ -44,6 +44,37 @@ def test_nested_connection_is_refused(warehouse):
                 pass
 
 
+def test_readers_in_two_threads_at_once_share_one_configuration(warehouse, monkeypatch):
+    # The memory_limit follows the process's RSS, and DuckDB refuses a second connection with
+    # another configuration ("Can't open a connection to same database file with a different
+    # configuration"): a reader that opened while another thread read failed (seen in CI).
+    import threading
+    import time
+
+    with warehouse.transaction() as con:
+        con.execute("CREATE TABLE t AS SELECT 1 AS x")
+    limits = iter(["300MiB", "310MiB", "320MiB"])
+    monkeypatch.setattr(DuckDBWarehouse, "connection_memory_limit", lambda self: next(limits))
+    errors, seen = [], []
+
+    def read(hold_s: float) -> None:
+        try:
+            with warehouse.connect(read_only=True) as con:
+                time.sleep(hold_s)
+                seen.append(fetch_scalar(con, "SELECT current_setting('memory_limit')"))
+        except Exception as error:  # noqa: BLE001 - the assertion below shows it
+            errors.append(error)
+
+    first = threading.Thread(target=read, args=(0.6,))
+    first.start()
+    time.sleep(0.2)
+    read(0.0)
+    first.join()
+    assert errors == [] and len(seen) == 2 and seen[0] == seen[1]
+    with warehouse.connect(read_only=True) as con:  # alone again: its own configuration
+        assert fetch_scalar(con, "SELECT current_setting('memory_limit')") != seen[0]
+
+
 def test_a_snapshot_keeps_order_holds_no_lock_while_used_and_is_deleted_after(warehouse):
     import duckdb
 

@@ -52,7 +52,7 @@ from resources import dead_letters
 from resources.model_clients.errors import ModelConfigurationError
 from assets.common.catalog import code_references
 from assets.common.metadata import table_schema
-from resources.warehouse import DuckDBWarehouse, fetch_all, table_exists
+from resources.warehouse import WAREHOUSE_POOL, WAREHOUSE_STEP_TAGS, DuckDBWarehouse, fetch_all, table_exists
 
 STATE_TABLE = "ops.asset_state"
 PII_TAG = {"pii": "true"}  # on every asset whose table holds personal data (shown in the UI)
@@ -457,7 +457,7 @@ def current_state_asset(
     checks: Iterable[dg.AssetCheckSpec] = (),
     verdicts: Verdicts | None = None,
     resources: Iterable[str] = ("warehouse",),
-    pool: str | None = "duckdb",
+    pool: str | None = WAREHOUSE_POOL,
     kinds: Iterable[str] = ("duckdb", "python"),
     description: str | None = None,
     code_version: str | None = None,
@@ -494,6 +494,7 @@ def current_state_asset(
             backfill_policy=dg.BackfillPolicy.single_run(),
             group_name=group,
             pool=pool,
+            op_tags=WAREHOUSE_STEP_TAGS if pool == WAREHOUSE_POOL else None,
             kinds=set(kinds),
             check_specs=list(checks),
             required_resource_keys=set(resources),

@@ -378,6 +378,7 @@ def chat_names(build: StateBuild, profiles: list[SegmentProfile], product_names:
     config_class=SegmentsConfig,
     resources=("warehouse", "chat_model", "compute_engine"),
     retry_policy=NETWORK_RETRY_POLICY,
+    pool=None,  # reads a snapshot and publishes in short connections; clusters and names holding none
     checks=[dg.AssetCheckSpec("segment_size_balance", asset=STAGE, description="No segment swallows the customer base."),
             dg.AssetCheckSpec("segment_stability", asset=STAGE,
                               description="Customers keep their segment from one build to the next.")],

@@ -40,12 +40,13 @@ def process_rss() -> int:
         return 0
 
 
-def budgeted_memory_limit(cap: str, budget: str | None, floor: str) -> str:
+def budgeted_memory_limit(cap: str, budget: str | None, floor: str, held: int | None = None) -> str:
     """The DuckDB memory_limit that keeps this process near `budget`: what the budget leaves
-    after the process's memory now and DuckDB's overshoot, between `floor` and `cap`."""
+    after the process's memory now (or `held` bytes: what it holds besides an open connection's
+    buffers) and DuckDB's overshoot, between `floor` and `cap`."""
     if not budget:
         return cap
-    room = parse_size(budget) - process_rss() - DUCKDB_OVERSHOOT_RESERVE
+    room = parse_size(budget) - (process_rss() if held is None else held) - DUCKDB_OVERSHOOT_RESERVE
     limit = max(min(parse_size(cap), room), parse_size(floor))
     return f"{limit // 2**20}MiB"
 

@@ -2,6 +2,7 @@ import multiprocessing as mp
 
 import pytest
 
+from resources.memory import process_rss
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 
 
@@ -162,3 +163,29 @@ def test_parquet_batches_stream_every_row_group_in_order(tmp_path):
     batches = list(parquet_batches(path, 1_000))
     assert pq.ParquetFile(path).num_row_groups == 4 and all(b.num_rows <= 1_000 for b in batches)
     assert [v for b in batches for v in b.column("x").to_pylist()] == list(range(10_000))
+
+
+def test_an_open_connection_is_budgeted_again_from_what_the_process_holds_now(tmp_path):
+    import numpy as np
+
+    from resources.memory import parse_size, release_memory
+    from resources.warehouse import rebudget
+
+    release_memory()
+    budget = f"{(process_rss() + 2**30) // 2**20}MiB"  # 1 GiB above what this process holds now
+    wh = DuckDBWarehouse(path=str(tmp_path / "w.duckdb"), memory_limit="8GB", step_memory_budget=budget)
+    with wh.connect() as con:
+        at_connect = parse_size(fetch_scalar(con, "SELECT current_setting('memory_limit')").replace(" ", ""))
+        held = np.ones(300 * 2**20, dtype=np.uint8)  # the step's Python side grows by 300 MiB
+        limit = rebudget(con)
+        now = parse_size(fetch_scalar(con, "SELECT current_setting('memory_limit')").replace(" ", ""))
+        del held
+    assert parse_size(limit) == now and 250 * 2**20 < at_connect - now < 350 * 2**20
+    with duckdb_scratch() as scratch:  # a connection no warehouse opened is left alone
+        assert rebudget(scratch) is None
+
+
+def duckdb_scratch():
+    import duckdb
+
+    return duckdb.connect()

@@ -39,7 +39,7 @@ from assets.ingest.accounting import BatchCounts, batch_metadata, check_results,
 from assets.ingest.landing_files import Staged, line_texts, stage_csv, stage_customer_purchases, stage_customers
 from assets.validate.rules import load_suite, quarantine, typed
 from resources.landing import LandingFileError, LandingZone
-from resources.warehouse import WAREHOUSE_POOL, WAREHOUSE_STEP_TAGS, DuckDBWarehouse, fetch_all, table_exists
+from resources.warehouse import WAREHOUSE_POOL, WAREHOUSE_STEP_TAGS, DuckDBWarehouse, fetch_all, rebudget, table_exists
 
 # Part of the fingerprint: bump it when files are read differently. 2: bytes read in Python (CR,
 # BOM, gzip), CSV columns by name, strict numbers and ISO 8601 timestamps landed in UTC.
@@ -197,6 +197,7 @@ def land_file(con: duckdb.DuckDBPyConnection, source: Source, sources: tuple[Sou
     for part in source.tables[1:]:  # parts of the records that passed (a customer's purchase items)
         staged.inputs[part.name] = reader.stage_part(con, part, source)
         validate_staged(con, part, day, source.naive_timezone)
+    rebudget(con)  # the reader's Python side grew since the connection opened: DuckDB gets what is left
     delete_partition(con, source, day)
     insert_partition(con, source, day, path)
     return count_partition(con, source, day, staged.inputs), staged.notes

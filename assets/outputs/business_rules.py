@@ -29,7 +29,7 @@ from assets.common.current_state import (
 )
 from assets.common.metadata import table_preview
 from assets.common.partitions import daily_partitions
-from assets.validate.gx_checks import run_suite_check
+from assets.validate.gx_checks import SUITE_STEP_TAGS, run_suite_check
 from assets.validate.rules import load_suite
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 
@@ -307,6 +307,7 @@ class OutputSuiteConfig(dg.Config):
     name="output_expectation_suite",
     description="The GX suite expectations/recommendations.json on outputs.recommendations.",
     partitions_def=daily_partitions,
+    op_tags=SUITE_STEP_TAGS,
     blocking=False,
 )
 def output_expectation_suite(

@@ -26,8 +26,8 @@ from resources.warehouse import WAREHOUSE_STEP_TAGS
 # Steps are forked from a server that imported these definitions and the instance's storage
 # modules once (each step importing them cost about 3 s). The warehouse writers share the one
 # `duckdb` pool slot (dagster.yaml), so the second place runs what holds no slot: the GX suites,
-# the model calls, the evaluation, each under short warehouse connections. A worker that dies is
-# retried as a run (run_retries in dagster.yaml).
+# the model calls, segments, recommendations and the evaluation, each under short warehouse
+# connections. A worker that dies is retried as a run (run_retries in dagster.yaml).
 STEP_PRELOAD = ["definitions", "dagster._core.storage.runs", "dagster._core.storage.event_log",
                 "dagster._core.storage.schedules"]  # a module that is not there is skipped
 STEP_EXECUTOR_CONFIG = {

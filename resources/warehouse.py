@@ -56,27 +56,6 @@ _open_configs: dict[str, tuple[int, dict[str, Any]]] = {}
 _open_configs_lock = threading.Lock()
 
 
-_budgeted: dict[int, DuckDBWarehouse] = {}  # id of an open connection -> the warehouse that opened it
-
-
-def rebudget(con: duckdb.DuckDBPyConnection) -> str | None:
-    """Set an open connection's memory_limit again from what the process holds now besides its
-    buffers: a step that parsed a file in Python since it connected holds more than it did then
-    (landing 2M JSON lines: 387 MiB besides DuckDB's against 333 MiB at connect, and the step's
-    peak passed 1 GiB). Returns the new limit; a connection no budgeted warehouse opened is left
-    as it is (None)."""
-    warehouse = _budgeted.get(id(con))
-    if warehouse is None or not warehouse.step_memory_budget:
-        return None
-    release_memory()
-    buffers = int(fetch_scalar(con, "SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory()"))
-    limit = budgeted_memory_limit(warehouse.memory_limit, warehouse.step_memory_budget, warehouse.min_memory_limit,
-                                  held=max(process_rss() - buffers, 0))
-    con.execute(f"SET memory_limit = '{limit}'")
-    log.debug(f"DuckDB memory_limit {limit} again (process at {process_rss() // 2**20} MiB, buffers {buffers // 2**20} MiB)")
-    return limit
-
-
 @contextmanager
 def _shared_config(file: Path, make: Callable[[], dict[str, Any]]) -> Iterator[dict[str, Any]]:
     key = str(file.resolve())
@@ -93,6 +72,28 @@ def _shared_config(file: Path, make: Callable[[], dict[str, Any]]) -> Iterator[d
                 _open_configs[key] = (count - 1, config)
             else:
                 del _open_configs[key]
+
+
+_budgeted: dict[int, DuckDBWarehouse] = {}  # id of an open connection -> the warehouse that opened it
+
+
+def rebudget(con: duckdb.DuckDBPyConnection) -> str | None:
+    """Set an open connection's memory_limit again from what the process holds now besides its
+    buffers: a step that parsed a file in Python since it connected holds more than it did then
+    (landing 2M JSON lines: 387 MiB besides DuckDB's against 333 MiB at connect, and the step's
+    peak passed 1 GiB). Returns the new limit; a connection no budgeted warehouse opened is left
+    as it is (None). For a writer's connection: the limit is the database's, which readers of
+    other threads would share."""
+    warehouse = _budgeted.get(id(con))
+    if warehouse is None or not warehouse.step_memory_budget:
+        return None
+    release_memory()
+    buffers = int(fetch_scalar(con, "SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory()"))
+    limit = budgeted_memory_limit(warehouse.memory_limit, warehouse.step_memory_budget, warehouse.min_memory_limit,
+                                  held=max(process_rss() - buffers, 0))
+    con.execute(f"SET memory_limit = '{limit}'")
+    log.debug(f"DuckDB memory_limit {limit} again (process at {process_rss() // 2**20} MiB, buffers {buffers // 2**20} MiB)")
+    return limit
 
 
 class DuckDBWarehouse(dg.ConfigurableResource):

@@ -52,7 +52,7 @@ from resources import dead_letters
 from resources.model_clients.errors import ModelConfigurationError
 from assets.common.catalog import code_references
 from assets.common.metadata import table_schema
-from resources.warehouse import WAREHOUSE_POOL, WAREHOUSE_STEP_TAGS, DuckDBWarehouse, fetch_all, table_exists
+from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, fetch_all, step_pool, table_exists
 
 STATE_TABLE = "ops.asset_state"
 PII_TAG = {"pii": "true"}  # on every asset whose table holds personal data (shown in the UI)
@@ -493,8 +493,7 @@ def current_state_asset(
             partitions_def=daily_partitions,
             backfill_policy=dg.BackfillPolicy.single_run(),
             group_name=group,
-            pool=pool,
-            op_tags=WAREHOUSE_STEP_TAGS if pool == WAREHOUSE_POOL else None,
+            **step_pool(pool),
             kinds=set(kinds),
             check_specs=list(checks),
             required_resource_keys=set(resources),

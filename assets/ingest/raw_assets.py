@@ -39,7 +39,7 @@ from assets.ingest.accounting import BatchCounts, batch_metadata, check_results,
 from assets.ingest.landing_files import Staged, line_texts, stage_csv, stage_customer_purchases, stage_customers
 from assets.validate.rules import load_suite, quarantine, typed
 from resources.landing import LandingFileError, LandingZone
-from resources.warehouse import WAREHOUSE_POOL, WAREHOUSE_STEP_TAGS, DuckDBWarehouse, fetch_all, rebudget, table_exists
+from resources.warehouse import DuckDBWarehouse, fetch_all, rebudget, step_pool, table_exists
 
 # Part of the fingerprint: bump it when files are read differently. 2: bytes read in Python (CR,
 # BOM, gzip), CSV columns by name, strict numbers and ISO 8601 timestamps landed in UTC.
@@ -441,8 +441,7 @@ def ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg.AssetsDef
         backfill_policy=dg.BackfillPolicy.single_run(),
         # A range with days that have no file materializes the landed days one by one (see _range_events).
         output_required=False,
-        pool=WAREHOUSE_POOL,
-        op_tags=WAREHOUSE_STEP_TAGS,
+        **step_pool(),
         deps=list(source.deps),
         check_specs=check_specs(source.asset),
         kinds={"duckdb"},

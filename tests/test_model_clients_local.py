@@ -48,3 +48,24 @@ def test_bfloat16_gives_unit_vectors_within_cosine_0_999_of_float32():
     assert resolved_precision("auto") == ("bfloat16" if native_bfloat16() else "float32")
     with pytest.raises(ValueError):
         resolved_precision("int4")
+
+
+def test_warm_up_imports_the_local_model_libraries_in_a_thread_and_a_remote_provider_nothing():
+    """The catalog embedding starts these imports before it waits for the warehouse (a fresh
+    process, as a step's, has none of them yet)."""
+    import subprocess
+    import sys
+
+    probe = """
+import sys
+from resources.model_clients import EmbeddingModel
+assert EmbeddingModel(provider="openai", api_key="k").warm_up() is None
+assert "sentence_transformers" not in sys.modules and "torch" not in sys.modules
+thread = EmbeddingModel().warm_up()
+assert thread.daemon and thread.name == "import torch, sentence_transformers"
+thread.join(120)
+assert "sentence_transformers" in sys.modules and "torch" in sys.modules
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=180)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from assets.common.catalog import NETWORK_RETRY_POLICY
 from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset
+from assets.common.scheduling import ON_THE_WAY_TO_THE_MODEL
 from assets.common.metadata import table_preview
 from resources import dead_letters
 from resources.warehouse import fetch_all, fetch_scalar
@@ -89,6 +90,8 @@ def coverage_verdicts(measured: Mapping[str, Any], config: DeadLetterConfig) -> 
     config_class=DeadLetterConfig,
     resources=("warehouse", "embedding_model"),
     retry_policy=NETWORK_RETRY_POLICY,
+    priority=ON_THE_WAY_TO_THE_MODEL,
+    beside_writers=True,  # one at a time with the GX suites, beside the writer chain (scheduling.py)
     pool=None,  # the model call holds no connection; writes take the warehouse lock briefly
     checks=[dg.AssetCheckSpec("products_embedded", asset=STAGE,
                               description="Every product with text has a vector (the rest are in the DLQ).")],
@@ -99,6 +102,7 @@ def coverage_verdicts(measured: Mapping[str, Any], config: DeadLetterConfig) -> 
 )
 def product_embeddings(build: StateBuild) -> Built:
     """One vector per product (name, description, category) from the embedding model; cached by text."""
+    build.resources.embedding_model.warm_up()  # this step runs because the catalog changed: new texts are likely
     items, without_text = read_product_texts(build.warehouse)
     if without_text:
         build.log.warning(f"{len(without_text):,} products have no text and get no vector: {without_text[:5]}")

@@ -13,11 +13,9 @@ result instead of validating millions of rows again.
 """
 
 import hashlib
-import importlib
 import json
 import logging
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,9 +32,11 @@ from pydantic import Field
 from assets.common.current_state import raw_source_of, read_state
 from assets.common.metadata import markdown_table
 from assets.common.partitions import daily_partitions
+from assets.common.scheduling import SUITE, step_tags
 from assets.common.range_runs import partition_check_evaluation
 from assets.common.sources import SOURCES, Source, personal_columns
 from assets.validate.rules import SUITE_PARAMETERS, Suite, load_suite
+from resources.background import import_in_background
 from resources.redaction import mask_column
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, parquet_batches, table_exists
 
@@ -94,9 +94,7 @@ def validate_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, par
     works; batches are ordered by the uniqueness key and a key never straddles two. `only` (SQL
     from code, never from data) narrows the rows validated; the total still counts them all.
     """
-    # GX takes about 1.6 s to import in a step's fresh process: a thread imports it while DuckDB
-    # exports the rows (the import lock makes gx_suite wait for it).
-    threading.Thread(target=importlib.import_module, args=("great_expectations",), daemon=True).start()
+    import_in_background("great_expectations")  # while DuckDB exports the rows
     with tempfile.TemporaryDirectory(prefix="gx-") as folder:
         export = Path(folder) / "partition.parquet"
         total, parameters = _export_partition(warehouse, suite, table, partition_date, export, max_rows, only)
@@ -236,10 +234,7 @@ def suite_check_result(suite: Suite, tallies: list[ExpectationTally], validated:
     )
 
 
-# A run launches the steps that build the day before a GX suite that is ready at the same time:
-# at 2M customers the suites of raw_customers took both places of a run for 12 s while
-# stg_customer_history, on the way to everything else, waited.
-SUITE_STEP_TAGS = {"dagster/priority": "-1"}
+SUITE_STEP_TAGS = step_tags(SUITE, beside_writers=True)
 
 
 def build_suite_check(table: str, asset: str) -> dg.AssetChecksDefinition:

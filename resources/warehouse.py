@@ -301,22 +301,24 @@ def fetch_scalar(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any]
     return rows[0][0] if rows else None
 
 
-def exact_quantiles(con: duckdb.DuckDBPyConnection, source: str, column: str, quantiles: Sequence[float]
-                    ) -> list[float | None]:
+def exact_quantiles(con: duckdb.DuckDBPyConnection, source: str, column: str, quantiles: Sequence[float],
+                    weight: str | None = None) -> list[float | None]:
     """`quantile_cont(column, q)` for each q, computed from the column's distinct values and their
     counts (`source` and `column` are SQL from code).
 
     quantile_cont holds every value in memory and cannot spill: over 20M recommendations it ran
     out of a 256 MiB memory_limit. A calibrated confidence takes a few thousand distinct values
     (16,765 over 20M rows measured), so grouping first costs little and gives the same numbers
-    (the same interpolation between the two values around (n - 1) x q)."""
-    total = int(fetch_scalar(con, f"SELECT count({column}) FROM {source}") or 0)
+    (the same interpolation between the two values around (n - 1) x q). With `weight`, each row
+    of `source` stands for that many values (a table already counted by value)."""
+    n = f"sum({weight})" if weight else "count(*)"
+    total = int(fetch_scalar(con, f"SELECT {n} FILTER (WHERE {column} IS NOT NULL) FROM {source}") or 0)
     if total == 0:
         return [None] * len(quantiles)
     positions = [(total - 1) * q for q in quantiles]
     ranks = sorted({int(math.floor(h)) for h in positions} | {int(math.ceil(h)) for h in positions})
     value_at = dict(fetch_all(con, f"""
-        WITH counted AS (SELECT {column} AS x, count(*) AS n FROM {source} WHERE {column} IS NOT NULL GROUP BY 1),
+        WITH counted AS (SELECT {column} AS x, {n} AS n FROM {source} WHERE {column} IS NOT NULL GROUP BY 1),
              ranked AS (SELECT x, sum(n) OVER (ORDER BY x) AS below_next FROM counted)
         SELECT r.rank, (SELECT min(x) FROM ranked WHERE below_next > r.rank)
         FROM unnest($ranks::BIGINT[]) AS r(rank)""", {"ranks": ranks}))

@@ -329,6 +329,27 @@ def test_confidence_bins_follow_the_reference_deciles_so_a_small_shift_is_seen(i
     assert [a.rule for a in new_alerts(instance, MonitoringSettings(), positions)] == []
 
 
+def test_the_confidence_summary_from_counts_by_value_equals_the_figures_over_every_row():
+    rng = np.random.default_rng(11)
+    confidences = np.round(rng.beta(2, 30, 20000), 4)  # calibrated: few distinct values
+    with duckdb.connect() as con:
+        con.execute("CREATE SCHEMA ml; CREATE TABLE ml.recommendations (confidence DOUBLE, predicted_value DOUBLE)")
+        con.executemany("INSERT INTO ml.recommendations VALUES (?, ?)",
+                        [[float(c), float(i % 17)] for i, c in enumerate(confidences)] + [[None, 3.0], [0.5, None]])
+        summary = confidence_summary(con, None)
+        expected = con.execute("""SELECT avg(confidence), quantile_cont(confidence, [0.1, 0.5, 0.9]), avg(predicted_value)
+                                  FROM ml.recommendations""").fetchone()
+        assert not con.execute("SELECT * FROM duckdb_tables() WHERE table_name = 'confidence_counts'").fetchall()
+    mean, (p10, p50, p90), value_mean = expected
+    assert summary["confidence_mean"] == round(mean, 5) and summary["predicted_value_mean"] == round(value_mean, 4)
+    assert (summary["confidence_p10"], summary["confidence_p50"], summary["confidence_p90"]) == (
+        round(p10, 5), round(p50, 5), round(p90, 5))
+    edges = summary["confidence_edges"].value
+    with_last = np.append(confidences, 0.5)
+    expected_histogram = np.bincount(np.searchsorted(edges, with_last, side="right"), minlength=len(edges) + 1)
+    assert summary["confidence_histogram"].value == expected_histogram.tolist()
+
+
 def test_segment_drift_by_psi_over_segment_sizes(instance):
     settings = MonitoringSettings()
     positions: dict[str, int] = {}

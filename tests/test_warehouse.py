@@ -189,3 +189,16 @@ def duckdb_scratch():
     import duckdb
 
     return duckdb.connect()
+
+
+def test_exact_quantiles_over_a_table_counted_by_value_equal_those_over_its_rows():
+    import duckdb
+
+    from resources.warehouse import exact_quantiles
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE rows AS SELECT CASE WHEN i % 101 = 0 THEN NULL ELSE (i * i % 89) / 13.0 END AS x "
+                "FROM range(50000) r(i)")
+    con.execute("CREATE TABLE counted AS SELECT x, count(*) AS n FROM rows GROUP BY x")
+    quantiles = [0.0, 0.1, 0.5, 0.9, 0.999, 1.0]
+    assert exact_quantiles(con, "counted", "x", quantiles, weight="n") == exact_quantiles(con, "rows", "x", quantiles)

@@ -426,16 +426,25 @@ def confidence_summary(con: duckdb.DuckDBPyConnection, edges: list[float] | None
     The histogram's bins are the deciles of a reference build (the first, or the last one whose
     edges were reset), kept with the state and reused: bins that fit the data (confidences lie
     within a few hundredths, so fixed 0-1 bins put everything in the first) and the same bins
-    from build to build, so PSI compares like with like."""
-    mean, value_mean = fetch_all(con, f"SELECT avg(confidence), avg(predicted_value) FROM {source}")[0]
-    deciles = exact_quantiles(con, source, "confidence", DECILES)
+    from build to build, so PSI compares like with like.
+
+    One pass over the recommendations counts them by confidence (a calibrated confidence takes a
+    few thousand values); every figure comes from those counts. Four passes over 22M rows, each
+    through an incremental day's merge, cost 2.3 s at 2M customers."""
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE confidence_counts AS
+                    SELECT confidence, count(*) AS n, sum(predicted_value) AS value_sum, count(predicted_value) AS value_count
+                    FROM {source} GROUP BY confidence""")
+    mean, value_mean = fetch_all(con, """SELECT sum(confidence * n) / sum(n) FILTER (WHERE confidence IS NOT NULL),
+                                             sum(value_sum) / sum(value_count) FROM confidence_counts""")[0]
+    deciles = exact_quantiles(con, "confidence_counts", "confidence", DECILES, weight="n")
     p10, p50, p90 = deciles[0], deciles[4], deciles[8]
     if not edges:
         edges = sorted({round(float(e), 8) for e in deciles if e is not None})
     counts = dict(fetch_all(
         con,
-        f"SELECT list_position($edges, list_filter($edges, lambda e: e <= confidence)[-1]), count(*) "
-        f"FROM {source} WHERE confidence IS NOT NULL GROUP BY 1", {"edges": edges}))
+        "SELECT list_position($edges, list_filter($edges, lambda e: e <= confidence)[-1]), sum(n) "
+        "FROM confidence_counts WHERE confidence IS NOT NULL GROUP BY 1", {"edges": edges}))
+    con.execute("DROP TABLE confidence_counts")
     histogram = [int(counts.get(None, 0))] + [int(counts.get(i, 0)) for i in range(1, len(edges) + 1)]
     return {
         "confidence_mean": round(mean or 0.0, 5),

@@ -6,7 +6,6 @@ import dagster as dg
 
 from assets import evaluate, infer, monitor, outputs
 from assets.common.catalog import with_catalog
-from assets.common.scheduling import BESIDE_WRITERS_TAGS
 from assets.common.partitions import daily_partitions
 from assets.infer.dead_letter_replay import replay_dead_letters
 from assets.ingest.retention import purge_quarantined_raw_text, purge_schedule
@@ -28,14 +27,12 @@ from resources.warehouse import WAREHOUSE_STEP_TAGS
 # modules once (each step importing them cost about 3 s). The warehouse writers share the one
 # `duckdb` pool slot (dagster.yaml), so the second place runs what holds no slot: the GX suites,
 # the model calls, segments, recommendations and the evaluation, each under short warehouse
-# connections; the GX suites and the catalog embedding take it one at a time, so that the next
-# writer always finds a place (assets/common/scheduling.py). A worker that dies is retried as a run (run_retries in dagster.yaml).
+# connections. A worker that dies is retried as a run (run_retries in dagster.yaml).
 STEP_PRELOAD = ["definitions", "dagster._core.storage.runs", "dagster._core.storage.event_log",
                 "dagster._core.storage.schedules"]  # a module that is not there is skipped
 STEP_EXECUTOR_CONFIG = {
     "max_concurrent": 2, "start_method": {"forkserver": {"preload_modules": STEP_PRELOAD}},
-    "tag_concurrency_limits": [{"key": key, "value": value, "limit": 1}
-                               for key, value in {**WAREHOUSE_STEP_TAGS, **BESIDE_WRITERS_TAGS}.items()]}
+    "tag_concurrency_limits": [{"key": key, "value": value, "limit": 1} for key, value in WAREHOUSE_STEP_TAGS.items()]}
 STEP_PROCESSES = dg.multiprocess_executor.configured(STEP_EXECUTOR_CONFIG, name="step_processes")
 
 

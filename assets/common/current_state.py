@@ -47,7 +47,6 @@ from pydantic import Field
 from sqlglot import exp
 
 from assets.common.partitions import daily_partitions
-from assets.common.scheduling import step_tags
 from assets.common.sources import SOURCES, Source
 from resources import dead_letters
 from resources.model_clients.errors import ModelConfigurationError
@@ -467,8 +466,6 @@ def current_state_asset(
     metadata: Mapping[str, Any] | None = None,
     personal_data: bool = False,
     retry_policy: dg.RetryPolicy | None = None,
-    priority: int = 0,
-    beside_writers: bool = False,
 ) -> Callable[[Callable[[StateBuild], Built]], dg.AssetsDefinition]:
     """Make a daily-partitioned current-state asset from a build function (see the module doc)."""
     inputs, tables, checks = tuple(inputs), tuple(tables), tuple(checks)
@@ -480,9 +477,6 @@ def current_state_asset(
     register_tables(name, tables)
     spec = StageSpec(name, inputs, verdicts, dead_letter_stage,
                      frozenset(c.name for c in checks if c.blocking), tables[0] if tables else None)
-    placement = step_pool(pool)
-    if priority or beside_writers:  # which ready step a run launches first (scheduling.py)
-        placement["op_tags"] = {**(placement["op_tags"] or {}), **step_tags(priority, beside_writers)}
 
     def decorate(build: Callable[[StateBuild], Built]) -> dg.AssetsDefinition:
         def body(context: dg.AssetExecutionContext, config: Any) -> dg.MaterializeResult:
@@ -499,7 +493,7 @@ def current_state_asset(
             partitions_def=daily_partitions,
             backfill_policy=dg.BackfillPolicy.single_run(),
             group_name=group,
-            **placement,
+            **step_pool(pool),
             kinds=set(kinds),
             check_specs=list(checks),
             required_resource_keys=set(resources),

@@ -16,7 +16,6 @@ import pyarrow as pa
 
 from assets.common.catalog import NETWORK_RETRY_POLICY
 from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset
-from assets.common.scheduling import ON_THE_WAY_TO_THE_MODEL
 from assets.common.metadata import table_preview
 from resources import dead_letters
 from resources.warehouse import fetch_all, fetch_scalar
@@ -90,8 +89,6 @@ def coverage_verdicts(measured: Mapping[str, Any], config: DeadLetterConfig) -> 
     config_class=DeadLetterConfig,
     resources=("warehouse", "embedding_model"),
     retry_policy=NETWORK_RETRY_POLICY,
-    priority=ON_THE_WAY_TO_THE_MODEL,
-    beside_writers=True,  # one at a time with the GX suites, beside the writer chain (scheduling.py)
     pool=None,  # the model call holds no connection; writes take the warehouse lock briefly
     checks=[dg.AssetCheckSpec("products_embedded", asset=STAGE,
                               description="Every product with text has a vector (the rest are in the DLQ).")],

@@ -20,7 +20,6 @@ from sqlglot import exp
 from assets.common.catalog import code_references
 from assets.common.current_state import Built, StateBuild, as_of_day, current_state_asset, register_sources
 from assets.common.metadata import table_preview, table_schema
-from assets.common.scheduling import ON_THE_WAY_TO_THE_MODEL
 from assets.common.sources import SOURCES, Source, personal_columns, raw_table_owners
 from assets.transform import incremental, model_tests, sharded
 from assets.transform.model_tests import ModelTest
@@ -28,8 +27,6 @@ from resources.warehouse import fetch_all, fetch_scalar
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 MODEL_SCHEMA = "analytics"
-# dim_products feeds the catalog embedding (scheduling.py): it goes first among ready writers.
-PRIORITY = {"dim_products": ON_THE_WAY_TO_THE_MODEL}
 
 
 @dataclass(frozen=True)
@@ -148,7 +145,6 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
         resources=("warehouse", "compute_engine") if keyed is not None else ("warehouse",),
         checks=model_tests.check_specs(model.name, tests),
         verdicts=model_tests.verdicts(tests) if tests else None,
-        priority=PRIORITY.get(model.name, 0),
     )
     def _build(build: StateBuild) -> Built:
         params = sql_parameters(model, build.context)

@@ -36,6 +36,18 @@ def _install_fingerprint() -> str:
     return digest.hexdigest()
 
 
+VENV_DISK_BYTES = 4 * 10**9  # .venv is about 2.6 GB (torch, pyspark, ray), pip unpacks beside it
+
+
+def warn_if_disk_is_short(needed: int) -> None:
+    """Say so before pip fails half-way with "[Errno 28] No space left on device"."""
+    free = shutil.disk_usage(ROOT).free
+    if free < needed:
+        print(f"warning: {free / 1e9:.1f} GB free on the disk of {ROOT}; installing needs about "
+              f"{needed / 1e9:.0f} GB (benchmark workdirs under data/bench take 5.5 GB each at 2M customers)",
+              file=sys.stderr, flush=True)
+
+
 def ensure_venv() -> None:
     """Create .venv and install the project, once per change of its dependency files."""
     if STAMP.exists() and STAMP.read_text() == _install_fingerprint():
@@ -47,6 +59,7 @@ def ensure_venv() -> None:
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
     constraints = ["-c", str(ROOT / "constraints.txt")] if (ROOT / "constraints.txt").exists() else []
     print("installing dependencies (first run takes a minute or two)", flush=True)
+    warn_if_disk_is_short(VENV_DISK_BYTES)
     subprocess.run([*pip, *constraints, "-e", f"{ROOT}[dev]"], check=True)
     STAMP.write_text(_install_fingerprint())
 

@@ -194,6 +194,10 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
 
 
+def disk_use(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--customers", type=int, default=200_000)
@@ -239,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.json or workdir / "figures.json"
     out.write_text(json.dumps(figures, indent=2))
     print(f"figures written to {out}")
+    # At 2M customers a workdir holds about 5.5 GB: several kept ones once filled the disk.
+    print(f"{workdir} holds {disk_use(workdir) / 1e9:.2f} GB (warehouse, landing files, logs); "
+          f"the next run into it replaces it; delete it when done: rm -r {workdir}")
     return 0 if figures["totals"]["all_stages_succeeded"] else 1
 
 

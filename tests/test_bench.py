@@ -48,6 +48,8 @@ def test_the_benchmark_runs_every_stage_and_a_rerun_makes_no_model_call(tmp_path
     # each run's log is kept beside the warehouse, so an outlier can be read afterwards
     log = tmp_path / "bench" / "logs" / "2011-09-01-day-1-first-run.log"
     assert "recommendations - STEP_SUCCESS" in log.read_text()
+    # and the run says how much disk its workdir holds, and how to free it
+    assert f"{tmp_path / 'bench'} holds " in proc.stdout and f"rm -r {tmp_path / 'bench'}" in proc.stdout
 
 
 def test_model_work_is_left_out_of_a_day_only_where_nothing_else_ran():

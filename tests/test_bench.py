@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def daily_pipeline_nodes():
     import definitions
 
-    return definitions.defs.get_job_def("daily_pipeline").graph.node_defs
+    return definitions.defs.resolve_job_def("daily_pipeline").graph.node_defs
 
 
 @pytest.mark.slow

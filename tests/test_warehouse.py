@@ -166,6 +166,7 @@ def test_parquet_batches_stream_every_row_group_in_order(tmp_path):
 
 
 def test_an_open_connection_is_budgeted_again_from_what_the_process_holds_now(tmp_path):
+    import duckdb
     import numpy as np
 
     from resources.memory import parse_size, release_memory
@@ -181,14 +182,8 @@ def test_an_open_connection_is_budgeted_again_from_what_the_process_holds_now(tm
         now = parse_size(fetch_scalar(con, "SELECT current_setting('memory_limit')").replace(" ", ""))
         del held
     assert parse_size(limit) == now and 250 * 2**20 < at_connect - now < 350 * 2**20
-    with duckdb_scratch() as scratch:  # a connection no warehouse opened is left alone
+    with duckdb.connect() as scratch:  # a connection no warehouse opened is left alone
         assert rebudget(scratch) is None
-
-
-def duckdb_scratch():
-    import duckdb
-
-    return duckdb.connect()
 
 
 def test_exact_quantiles_over_a_table_counted_by_value_equal_those_over_its_rows():

@@ -265,3 +265,52 @@ def test_a_stored_raw_suite_verdict_is_reused_only_for_the_same_sample(warehouse
     again, other = check(0), check(100)
     assert not first.metadata.get("reused_result") and again.metadata.get("reused_result")
     assert not other.metadata.get("reused_result")
+
+
+def _outputs_with_planted_breaks(warehouse) -> None:
+    """A typed recommendations table (as the pipeline writes it): customers c0..c49 are clean,
+    c50..c52 each break rules of expectations/recommendations.json."""
+    with warehouse.transaction() as con:
+        con.execute("CREATE SCHEMA outputs")
+        con.execute("""CREATE TABLE outputs.recommendations AS
+                       SELECT 'c' || (i // 5) AS customer_id, (i % 5 + 1)::SMALLINT AS rank, 'p' || (i % 5) AS product_id,
+                              0.5::DOUBLE AS confidence, 20.0::DOUBLE AS predicted_value, 'collaborative' AS strategy
+                       FROM range(250) AS t(i)""")
+        con.execute("""INSERT INTO outputs.recommendations VALUES
+            ('c50', 1, 'p1', 'NaN'::DOUBLE, 'inf'::DOUBLE, 'collaborative'),  -- confidence missing (NaN), value out of range
+            ('c50', 0, 'p1', 1.5, NULL, 'collaborative'),                      -- a repeated pair, rank 0, confidence > 1, value missing
+            ('c51', 2, NULL, 0.2, 'NaN'::DOUBLE, 'guess'),                     -- product missing, value missing (NaN), unknown strategy
+            ('c52', 3, 'p3', NULL, -1.0, 'popularity')                         -- confidence missing, value below 0""")
+
+
+def test_sql_counts_the_suite_rules_on_typed_tables_as_gx_does(warehouse):
+    """count_rule_breaks reads a suite like GX (NaN is missing, nulls fail only null checks, a
+    repeated key counts each of its rows): over the same rows, the same count for every rule."""
+    _outputs_with_planted_breaks(warehouse)
+    suite = load_suite("recommendations")
+    tallies, validated, total = validate_partition(warehouse, suite, "outputs.recommendations", None, chunk_rows=1_000,
+                                                   every_row_in_sql=True)
+    assert validated == total == 254
+    by_rule = {t.rule: (t.unexpected_count, t.rows_breaking_in_sql) for t in tallies}
+    assert {rule: gx for rule, (gx, _) in by_rule.items()} == {rule: sql for rule, (_, sql) in by_rule.items()}
+    assert by_rule == {
+        "customer_id_missing": (0, 0), "product_id_missing": (1, 1), "product_recommended_twice": (2, 2),
+        "rank_out_of_range": (1, 1), "confidence_missing": (2, 2), "confidence_outside_0_1": (1, 1),
+        "predicted_value_missing": (2, 2), "predicted_value_outside_range": (2, 2), "strategy_unknown": (1, 1)}
+
+
+def test_every_row_in_scope_is_judged_in_sql_when_gx_sees_a_sample(warehouse):
+    """A break GX's sample misses still fails its rule: SQL counted every row in scope. Rows out
+    of scope (`only`) are not judged, and without breaks in scope every rule passes."""
+    _outputs_with_planted_breaks(warehouse)
+    suite = load_suite("recommendations")
+    tallies, validated, _ = validate_partition(warehouse, suite, "outputs.recommendations", None, chunk_rows=1_000,
+                                               max_rows=1, every_row_in_sql=True)
+    assert validated < 10
+    failed = {t.rule for t in tallies if not t.success}
+    assert failed == {"product_id_missing", "product_recommended_twice", "rank_out_of_range", "confidence_missing",
+                      "confidence_outside_0_1", "predicted_value_missing", "predicted_value_outside_range",
+                      "strategy_unknown"}
+    clean, _, _ = validate_partition(warehouse, suite, "outputs.recommendations", None, chunk_rows=1_000, max_rows=1,
+                                     only="customer_id NOT IN ('c50', 'c51', 'c52')", every_row_in_sql=True)
+    assert all(t.success and t.rows_breaking_in_sql == 0 for t in clean)

@@ -300,6 +300,10 @@ class OutputSuiteConfig(dg.Config):
     incremental_sample_rows: int = Field(
         default=100_000, ge=1, description="After an incremental build: the changed customers' rows are validated, "
                                            "and about this many of the others' (whole customers, a new sample each day).")
+    incremental_gx_rows: int = Field(
+        default=200_000, ge=1, description="After an incremental build every row in scope is counted against the "
+                                           "suite's row-level rules in SQL, and GX validates a repeatable sample of "
+                                           "about this many of them (GX took 4 s on the 1.9M rows of a 2M-customer day).")
 
 
 @dg.asset_check(
@@ -317,10 +321,12 @@ def output_expectation_suite(
     day = as_of_day(context).isoformat()
     only, max_rows = changed_and_sampled_customers(warehouse, day, config), config.max_rows
     result = run_suite_check(warehouse, load_suite("recommendations"), ACCEPTED_TABLE, day, STAGE, config.chunk_rows,
-                             0 if only else max_rows, partitioned=False, only=only)
+                             config.incremental_gx_rows if only else max_rows, partitioned=False, only=only,
+                             every_row_in_sql=only is not None)
     if only:
         result = result._replace(metadata={**result.metadata, "rows_validated_of": dg.MetadataValue.text(
-            "the customers the incremental build rechecked, and a sample of the others")})
+            "in SQL: every row of the customers the incremental build rechecked and of a sample of the others; "
+            "in GX: a sample of those rows")})
     return result
 
 
@@ -333,7 +339,8 @@ def changed_and_sampled_customers(warehouse: DuckDBWarehouse, day: str, config: 
             return None
         total = fetch_scalar(con, f"SELECT count(*) FROM {ACCEPTED_TABLE}")
     modulus = max(1, int(total) // config.incremental_sample_rows)
-    salt = day.replace("-", "")  # digits only: it is part of SQL text
-    return (f"(customer_id IN ({CHANGED_CUSTOMERS}) OR hash(customer_id || '{salt}') % {modulus} = 0)")
+    salt = int(day.replace("-", ""))  # a number: it is part of SQL text
+    # hash(id, salt), not hash(id || salt): no string per row (1.9M of 16M rows in 0.8 s, not 1.6 s)
+    return f"(customer_id IN ({CHANGED_CUSTOMERS}) OR hash(customer_id, {salt}) % {modulus} = 0)"
 
 

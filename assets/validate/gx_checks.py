@@ -34,7 +34,7 @@ from assets.common.metadata import markdown_table
 from assets.common.partitions import daily_partitions
 from assets.common.range_runs import partition_check_evaluation
 from assets.common.sources import SOURCES, Source, personal_columns
-from assets.validate.rules import SUITE_PARAMETERS, Suite, load_suite
+from assets.validate.rules import SUITE_PARAMETERS, Suite, count_rule_breaks, load_suite
 from resources.background import import_in_background
 from resources.redaction import mask_column
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, parquet_batches, table_exists
@@ -56,6 +56,8 @@ class ExpectationTally:
     unexpected_count: int = 0
     observed: Any = None
     examples: list[Any] = field(default_factory=list)
+    # Counted in SQL over every row in scope (None: GX's sample only, see validate_partition).
+    rows_breaking_in_sql: int | None = None
 
     def add(self, result: Any) -> None:
         summary = result.result or {}
@@ -84,7 +86,7 @@ def gx_suite(suite: Suite) -> Any:
 
 
 def validate_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, partition_date: str | None,
-                       chunk_rows: int, max_rows: int = 0, only: str | None = None
+                       chunk_rows: int, max_rows: int = 0, only: str | None = None, every_row_in_sql: bool = False
                        ) -> tuple[list[ExpectationTally], int, int]:
     """Run the suite with GX over a partition (or, with no partition date, a whole current-state
     table); returns (tallies, rows validated, rows in the partition or table).
@@ -92,11 +94,15 @@ def validate_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, par
     The rows go to a Parquet file in one short connection, so no database lock is held while GX
     works; batches are ordered by the uniqueness key and a key never straddles two. `only` (SQL
     from code, never from data) narrows the rows validated; the total still counts them all.
+    `every_row_in_sql`: the suite's row-level expectations are also counted in SQL over every row
+    in scope (`count_rule_breaks`), so GX's sample of them (`max_rows`) can be small; a rule
+    fails when either finds a break.
     """
     import_in_background("great_expectations")  # while DuckDB exports the rows
     with tempfile.TemporaryDirectory(prefix="gx-") as folder:
         export = Path(folder) / "partition.parquet"
-        total, parameters = _export_partition(warehouse, suite, table, partition_date, export, max_rows, only)
+        total, parameters, breaks = _export_partition(warehouse, suite, table, partition_date, export, max_rows, only,
+                                                      every_row_in_sql)
         tallies = [ExpectationTally(e.get("meta", {}).get("rule") or e["type"], e["type"],
                                     e.get("severity", "critical"), _judged_column(e)) for e in suite.expectations]
         validated = 0
@@ -108,6 +114,10 @@ def validate_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, par
             for tally, expectation_result in zip(tallies, result.results):
                 tally.add(expectation_result)
             validated += len(frame)
+    for tally in tallies:
+        if tally.rule in breaks:
+            tally.rows_breaking_in_sql = breaks[tally.rule]
+            tally.success = tally.success and not breaks[tally.rule]
     return tallies, validated, total
 
 
@@ -116,7 +126,8 @@ SAMPLE_METHOD = f"hash%{SAMPLE_BUCKETS}"
 
 
 def _export_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, partition_date: str | None, export: Path,
-                      max_rows: int, only: str | None = None) -> tuple[int, dict[str, list]]:
+                      max_rows: int, only: str | None = None, every_row_in_sql: bool = False
+                      ) -> tuple[int, dict[str, list], dict[str, int]]:
     columns = sorted({c for e in suite.expectations for c in _expectation_columns(e)})
     # Raw tables break ties by source line; current-state tables have no line numbers.
     tiebreak = ["line_no"] if partition_date is not None else []
@@ -124,12 +135,18 @@ def _export_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, part
     order = "ORDER BY " + ", ".join(f'"{c}"' for c in suite.unique_columns + tiebreak) if suite.unique_columns else ""
     select = ", ".join(f'"{c}"' for c in [*columns, *tiebreak])
     where, params = ("WHERE partition_date = $day", {"day": partition_date}) if partition_date is not None else ("", {})
-    source = f"(SELECT * FROM {table} {where} {('AND ' if where else 'WHERE ') + only if only else ''})"
+    scope = f"SELECT * FROM {table} {where} {('AND ' if where else 'WHERE ') + only if only else ''}"
+    source = f"({scope})"
     with warehouse.connect(read_only=True) as con:
         if not table_exists(con, table):
             raise dg.Failure(f"{table} does not exist yet: materialize the asset that writes it first")
         total = fetch_scalar(con, f"SELECT count(*) FROM {table} {where}", params)
-        rows = fetch_scalar(con, f"SELECT count(*) FROM {source}", params) if only else total
+        breaks = {}
+        if every_row_in_sql:  # the rows in scope once (`only` costs a semi-join), then SQL counts and GX's sample
+            con.execute(f"CREATE OR REPLACE TEMP TABLE rows_in_scope AS {scope}", params)
+            source, params = "rows_in_scope", {}
+            breaks = count_rule_breaks(con, suite, source)
+        rows = fetch_scalar(con, f"SELECT count(*) FROM {source}", params) if only or every_row_in_sql else total
         # A repeatable sample by a hash of the row streams through (and the sort can spill); a
         # reservoir sample holds its rows in memory: 2M customer rows ran out of a 289 MiB limit.
         sampled = (f"WHERE hash({select}) % {SAMPLE_BUCKETS} < {max(1, SAMPLE_BUCKETS * max_rows // rows)}"
@@ -137,7 +154,7 @@ def _export_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, part
         con.execute(f"COPY (SELECT {select} FROM {source} {sampled} {order}) TO '{export}' (FORMAT parquet)", params)
         parameters = {name: [r[0] for r in fetch_all(con, sql, {"partition_date": partition_date})]
                       for name, sql in SUITE_PARAMETERS.items() if _suite_uses(suite, name)}
-    return int(total), parameters
+    return int(total), parameters, breaks
 
 
 def _frames(export: Path, chunk_rows: int, key: list[str]) -> Iterator[pd.DataFrame]:
@@ -212,8 +229,9 @@ def suite_check_result(suite: Suite, tallies: list[ExpectationTally], validated:
         return ", ".join(str(mask_column(x, how) if how else x) for x in t.examples)
 
     quarantined = quarantined_by_rule or {}
+    in_sql = {t.rule: t.rows_breaking_in_sql for t in tallies if t.rows_breaking_in_sql is not None}
     rows = [(t.rule, t.kind.removeprefix("expect_"), "pass" if t.success else "FAIL", t.unexpected_count,
-             quarantined.get(t.rule, 0), shown(t)) for t in tallies]
+             *([in_sql.get(t.rule, "")] if in_sql else []), quarantined.get(t.rule, 0), shown(t)) for t in tallies]
     return dg.AssetCheckResult(
         passed=not failed,
         severity=severity,
@@ -225,9 +243,11 @@ def suite_check_result(suite: Suite, tallies: list[ExpectationTally], validated:
             "rows_in_partition": total,
             "failed_rules": [t.rule for t in failed],
             "unexpected_by_rule": {t.rule: t.unexpected_count for t in tallies},
+            **({"breaking_in_sql_by_rule": in_sql} if in_sql else {}),
             "seconds": round(seconds, 2),
             "results": dg.MetadataValue.md(
-                markdown_table(["rule", "expectation", "result", "unexpected (landed)", "quarantined before landing",
+                markdown_table(["rule", "expectation", "result", "unexpected (landed)",
+                                *(["breaking, every row in SQL"] if in_sql else []), "quarantined before landing",
                                 "observed"], rows, max_width=80)),
         },
     )
@@ -325,21 +345,22 @@ SUITE_RUNS_TABLE = "ops.suite_runs"
 
 def run_suite_check(warehouse: DuckDBWarehouse, suite: Suite, table: str, partition_key: str, asset: str,
                     chunk_rows: int, max_rows: int, partitioned: bool = True,
-                    quarantined_by_rule: dict[str, int] | None = None, only: str | None = None
-                    ) -> dg.AssetCheckResult:
+                    quarantined_by_rule: dict[str, int] | None = None, only: str | None = None,
+                    every_row_in_sql: bool = False) -> dg.AssetCheckResult:
     """The suite's check result on a raw partition (or, `partitioned=False`, a current-state
-    table; `only`: the rows of it to validate, see validate_partition)."""
+    table; `only`, `every_row_in_sql`: the rows of it to validate and how, see validate_partition)."""
     started = time.perf_counter()
     # the rows judged: how many, how sampled, which (a verdict on another sample is not reused)
     fingerprint = _data_fingerprint(warehouse, asset, partition_key, suite,
-                                    f"{max_rows}|{SAMPLE_METHOD}" + (f"|{only}" if only else ""))
+                                    f"{max_rows}|{SAMPLE_METHOD}" + (f"|{only}" if only else "")
+                                    + ("|every row in SQL" if every_row_in_sql else ""))
     stored = _stored_suite_run(warehouse, table, partition_key, fingerprint) if fingerprint else None
     if stored is not None:
         tallies, validated, total = stored
         result = suite_check_result(suite, tallies, validated, total, time.perf_counter() - started, quarantined_by_rule)
         return result._replace(metadata={**result.metadata, "reused_result": True})
     tallies, validated, total = validate_partition(
-        warehouse, suite, table, partition_key if partitioned else None, chunk_rows, max_rows, only)
+        warehouse, suite, table, partition_key if partitioned else None, chunk_rows, max_rows, only, every_row_in_sql)
     if fingerprint:
         _store_suite_run(warehouse, table, partition_key, fingerprint, tallies, validated, total)
     return suite_check_result(suite, tallies, validated, total, time.perf_counter() - started, quarantined_by_rule)

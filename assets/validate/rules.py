@@ -222,6 +222,47 @@ def _fails(kind: str, kwargs: dict[str, Any], column: str, value_type: str, pref
     raise AssertionError(f"{kind} is listed in ROW_LEVEL_TYPES but not compiled")
 
 
+NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
+                 "UBIGINT", "FLOAT", "REAL", "DOUBLE", "DECIMAL")
+UNIQUENESS_TYPES = ("expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique")
+
+
+def count_rule_breaks(con: duckdb.DuckDBPyConnection, suite: Suite, relation: str) -> dict[str, int]:
+    """Rows of a typed relation breaking each of the suite's row-level expectations, counted in
+    SQL over every row (GX's reading: NaN is a missing value, nulls fail only null checks, a
+    uniqueness break counts every row of a repeated key). `relation` is SQL from code."""
+    types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE {relation})").fetchall())
+    counts, conditions, params = {}, {}, {}
+    for position, expectation in enumerate(suite.expectations):
+        kind, kwargs = expectation["type"], expectation.get("kwargs", {})
+        rule = expectation.get("meta", {}).get("rule") or kind
+        if kind not in ROW_LEVEL_TYPES:
+            continue  # aggregate expectations: GX judges them
+        if kind in UNIQUENESS_TYPES:
+            names = [_identifier(c, set(types)) for c in kwargs.get("column_list") or [kwargs["column"]]]
+            any_present = " OR ".join(f"{n} IS NOT NULL" for n in names)
+            counts[rule] = int(con.execute(
+                f"SELECT coalesce(sum(n), 0) FROM (SELECT count(*) AS n FROM {relation} WHERE {any_present} "
+                f"GROUP BY {', '.join(names)} HAVING count(*) > 1)").fetchone()[0])
+            continue
+        column = _identifier(kwargs["column"], set(types))
+        column_type = types[kwargs["column"]].split("(")[0]
+        if column_type in NUMERIC_TYPES:
+            value = f"nullif(CAST({column} AS DOUBLE), 'NaN'::DOUBLE)"
+            fails, rule_params = (_between(value, "DOUBLE", kwargs, f"p{position}_")
+                                  if kind == "expect_column_values_to_be_between"
+                                  else _fails(kind, kwargs, value, "VARCHAR", f"p{position}_"))
+        else:
+            fails, rule_params = _fails(kind, kwargs, column, column_type, f"p{position}_")
+        conditions[rule] = fails
+        params.update(rule_params)
+    if conditions:
+        row = con.execute(f"SELECT {', '.join(f'count_if({c})' for c in conditions.values())} FROM {relation}",
+                          params).fetchone()
+        counts.update({rule: int(n) for rule, n in zip(conditions, row)})
+    return counts
+
+
 def _membership(value_set: Any, text: str, prefix: str) -> tuple[str, dict]:
     if isinstance(value_set, dict) and "$PARAMETER" in value_set:
         name = value_set["$PARAMETER"]

@@ -210,3 +210,19 @@ def test_an_incremental_update_reads_only_the_changed_keys_rows_and_gives_their_
     # a reference it cannot place (quoted): none (the caller filters the whole model's output)
     quoted = model.sql.replace("analytics.stg_purchases AS p", '"analytics"."stg_purchases" AS p')
     assert restricted_to_changed_keys(quoted, spec) is None
+
+
+def test_a_relationships_test_counts_orphans_even_when_the_other_model_has_a_null():
+    """dbt's relationships: every non-null value is among the other model's values. A NULL on
+    the other side must not hide the orphans (NOT IN with a NULL is never true)."""
+    import duckdb
+
+    from assets.transform.model_tests import ModelTest
+
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA analytics")
+    con.execute("CREATE TABLE analytics.parent AS SELECT * FROM (VALUES ('a'), ('b'), (NULL)) AS t(customer_id)")
+    con.execute("CREATE TABLE analytics.child AS SELECT * FROM (VALUES ('a'), ('a'), ('x'), ('y'), (NULL)) AS t(customer_id)")
+    test = ModelTest("relationships", "customer_id", "parent.customer_id")
+    sql, params = test.violations_sql("analytics.child", "analytics")
+    assert con.execute(sql, params).fetchone()[0] == 2  # 'x' and 'y'; the child's NULL is not_null's business

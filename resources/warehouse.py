@@ -48,6 +48,9 @@ def step_pool(pool: str | None = WAREHOUSE_POOL) -> dict[str, Any]:
 # would wait on itself forever. Refuse nesting instead.
 _held = threading.local()
 log = logging.getLogger(__name__)
+# A waiter polls the lock at least this often: polling every 0.5 s, a step that waited for another's
+# lock went on 0.25 s after it was free, on average (a poll costs one syscall).
+LOCK_POLL_MAX_SECONDS = 0.05
 
 
 class WarehouseLockTimeout(RuntimeError):
@@ -183,7 +186,8 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            deadline = time.monotonic() + self.lock_timeout_seconds
+            started = time.monotonic()
+            deadline = started + self.lock_timeout_seconds
             delay = 0.01
             while True:
                 try:
@@ -195,7 +199,10 @@ class DuckDBWarehouse(dg.ConfigurableResource):
                             f"waited {self.lock_timeout_seconds:.0f}s for the warehouse lock {self.lock_file}"
                         ) from None
                     time.sleep(delay)
-                    delay = min(delay * 2, 0.5)
+                    delay = min(delay * 2, LOCK_POLL_MAX_SECONDS)
+            waited = time.monotonic() - started
+            if waited > 0.1:
+                log.debug(f"waited {waited:.2f}s for the {'exclusive' if exclusive else 'shared'} warehouse lock")
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock

@@ -314,3 +314,18 @@ def test_every_row_in_scope_is_judged_in_sql_when_gx_sees_a_sample(warehouse):
     clean, _, _ = validate_partition(warehouse, suite, "outputs.recommendations", None, chunk_rows=1_000, max_rows=1,
                                      only="customer_id NOT IN ('c50', 'c51', 'c52')", every_row_in_sql=True)
     assert all(t.success and t.rows_breaking_in_sql == 0 for t in clean)
+
+
+def test_sql_compares_numeric_columns_as_numbers_as_gx_does(warehouse):
+    """A value set on a numeric column holds numbers: 1.0 is in [1, 2], whatever its text."""
+    from assets.validate.rules import Suite
+
+    _outputs_with_planted_breaks(warehouse)
+    suite = Suite("ranks", ({"type": "expect_column_values_to_be_in_set", "kwargs": {"column": "rank", "value_set": [1, 2, 3, 4, 5]},
+                             "meta": {"rule": "rank_unknown"}},
+                            {"type": "expect_column_values_to_not_be_in_set", "kwargs": {"column": "confidence", "value_set": [1.5]},
+                             "meta": {"rule": "confidence_forbidden"}}), "test")
+    tallies, _, _ = validate_partition(warehouse, suite, "outputs.recommendations", None, chunk_rows=1_000,
+                                       every_row_in_sql=True)
+    assert {t.rule: (t.unexpected_count, t.rows_breaking_in_sql) for t in tallies} == {
+        "rank_unknown": (1, 1), "confidence_forbidden": (1, 1)}

@@ -247,11 +247,16 @@ def count_rule_breaks(con: duckdb.DuckDBPyConnection, suite: Suite, relation: st
             continue
         column = _identifier(kwargs["column"], set(types))
         column_type = types[kwargs["column"]].split("(")[0]
-        if column_type in NUMERIC_TYPES:
-            value = f"nullif(CAST({column} AS DOUBLE), 'NaN'::DOUBLE)"
-            fails, rule_params = (_between(value, "DOUBLE", kwargs, f"p{position}_")
-                                  if kind == "expect_column_values_to_be_between"
-                                  else _fails(kind, kwargs, value, "VARCHAR", f"p{position}_"))
+        if column_type in NUMERIC_TYPES:  # compared as numbers, as GX compares them (not as text)
+            value, p = f"nullif(CAST({column} AS DOUBLE), 'NaN'::DOUBLE)", f"p{position}_"
+            if kind == "expect_column_values_to_be_between":
+                fails, rule_params = _between(value, "DOUBLE", kwargs, p)
+            elif kind in ("expect_column_values_to_be_in_set", "expect_column_values_to_not_be_in_set"):
+                negate = "NOT " if kind == "expect_column_values_to_be_in_set" else ""
+                fails = f"{value} IS NOT NULL AND {negate}list_contains(${p}set::DOUBLE[], {value})"
+                rule_params = {f"{p}set": [float(v) for v in kwargs["value_set"]]}
+            else:
+                fails, rule_params = _fails(kind, kwargs, value, "VARCHAR", p)
         else:
             fails, rule_params = _fails(kind, kwargs, column, column_type, f"p{position}_")
         conditions[rule] = fails

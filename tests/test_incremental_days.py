@@ -131,6 +131,10 @@ def test_a_day_between_refits_rescores_only_changed_customers(incremental_day):
     for model in INCREMENTAL_SQL_MODELS:
         assert done[model]["build_mode"] == "incremental", model
         assert 0 < done[model]["keys_rebuilt"] < done["customer_features"]["dagster/row_count"], model
+    # their upstream incremental models' stored key fingerprints stood for those models' rows
+    assert done["stg_purchases"]["key_fingerprints_kept_from"] == ["stg_customer_history"]
+    assert done["customer_features"]["key_fingerprints_kept_from"] == ["stg_purchases"]
+    assert "key_fingerprints_kept_from" not in done["stg_customer_history"]
     segments = done["customer_segments"]
     assert segments["build_mode"] == "incremental"
     assert 0 < segments["customers_assigned"] < segments["dagster/row_count"]

@@ -226,3 +226,36 @@ def test_a_relationships_test_counts_orphans_even_when_the_other_model_has_a_nul
     test = ModelTest("relationships", "customer_id", "parent.customer_id")
     sql, params = test.violations_sql("analytics.child", "analytics")
     assert con.execute(sql, params).fetchone()[0] == 2  # 'x' and 'y'; the child's NULL is not_null's business
+
+
+def test_an_upstream_incremental_model_s_kept_fingerprints_stand_for_its_rows():
+    """stg_purchases reads stg_customer_history by the same key: the fingerprints the upstream
+    stored with its table (and the code version that table was built by) stand for its rows,
+    so a key changes exactly when the upstream's inputs for it or its SQL changed."""
+    import duckdb
+
+    from assets.transform.incremental import KEYS_TABLE, Incremental, Lookup, fingerprint_now, kept_upstream
+
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA ops; CREATE SCHEMA analytics")
+    con.execute(f"CREATE TABLE {KEYS_TABLE} (model VARCHAR, input VARCHAR, key VARCHAR, fingerprint HUGEINT)")
+    con.execute(f"INSERT INTO {KEYS_TABLE} VALUES ('up', 'raw.a', 'c1', 10), ('up', 'raw.b', 'c1', 5), ('up', 'raw.a', 'c2', 20)")
+    con.execute("CREATE TABLE analytics.up AS SELECT 'c1' AS customer_id UNION ALL SELECT 'c2'")
+    up = Incremental("up", "customer_id")
+    spec = Incremental("down", "customer_id").bind(con, ("analytics.up",))
+
+    def keys(code: str) -> dict[str, int]:
+        fingerprint_now(con, spec, None, kept_upstream(con, spec, {"analytics.up": up}, {"up": code}))
+        return dict(con.execute("SELECT key, fingerprint FROM keys_now").fetchall())
+
+    before = keys("v1")
+    assert set(before) == {"c1", "c2"} and keys("v1") == before
+    con.execute(f"UPDATE {KEYS_TABLE} SET fingerprint = 11 WHERE key = 'c1' AND input = 'raw.a'")
+    after = keys("v1")
+    assert after["c1"] != before["c1"] and after["c2"] == before["c2"]
+    assert all(keys("v2")[k] != after[k] for k in after)  # the upstream's SQL changed: every key
+    # not kept: no recorded code, another key, or rows that depend on more than the keyed inputs
+    for model, built_with in ((up, {}), (Incremental("up", "product_id"), {"up": "v1"}),
+                              (Incremental("up", "customer_id", refresh=("recency_days",)), {"up": "v1"}),
+                              (Incremental("up", "customer_id", (Lookup("analytics.p", "product_id", ("c",)),)), {"up": "v1"})):
+        assert kept_upstream(con, spec, {"analytics.up": model}, built_with) == {}

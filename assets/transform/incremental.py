@@ -18,6 +18,7 @@ columns are recomputed, and the result equals a full rebuild (tests/test_increme
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,17 +80,47 @@ def _partition_filter(con: Any, table: str) -> str:
     return "WHERE partition_date <= $as_of" if "partition_date" in columns_of(con, table) else ""
 
 
-def fingerprint_now(con: Any, spec: Incremental, as_of: Any) -> None:
-    """TEMP table `keys_now` (input, key, fingerprint) of what the model reads today."""
-    parts = [f"""SELECT '{table}' AS input, {spec.unique_key}::VARCHAR AS key, sum(hash(t))::HUGEINT AS fingerprint
-                 FROM (SELECT * FROM {table} {_partition_filter(con, table)}) AS t GROUP BY ALL"""
-             for table in spec.keyed_inputs]
+def fingerprint_now(con: Any, spec: Incremental, as_of: Any, kept: Mapping[str, tuple[str, str]] | None = None) -> None:
+    """TEMP table `keys_now` (input, key, fingerprint) of what the model reads today.
+
+    `kept`: keyed inputs that are themselves incremental models by the same key (see
+    `kept_upstream`), as input table -> (model, code version its table was built by). Their rows
+    per key are a function of that model's input rows per key and its SQL, so the fingerprints
+    it stored with its table stand for them, with the code version folded in: no hash of every
+    row again (stg_purchases over stg_customer_history's 20M rows at 2M customers: 2.0 s)."""
+    kept = kept or {}
+    parts, params = [], {}
+    for position, table in enumerate(spec.keyed_inputs):
+        if table in kept:
+            model, code = kept[table]
+            parts.append(f"""SELECT '{table}' AS input, key, (sum(fingerprint) + hash($code{position}))::HUGEINT AS fingerprint
+                             FROM {KEYS_TABLE} WHERE model = $model{position} GROUP BY key""")
+            params |= {f"code{position}": code, f"model{position}": model}
+            continue
+        parts.append(f"""SELECT '{table}' AS input, {spec.unique_key}::VARCHAR AS key, sum(hash(t))::HUGEINT AS fingerprint
+                         FROM (SELECT * FROM {table} {_partition_filter(con, table)}) AS t GROUP BY ALL""")
+        if _partition_filter(con, table):
+            params["as_of"] = as_of
     parts += [f"""SELECT '{lookup.table}', {lookup.on}::VARCHAR,
                          sum(hash({', '.join([lookup.on, *lookup.columns])}))::HUGEINT
                   FROM {lookup.table} GROUP BY ALL""" for lookup in spec.lookups]
-    uses_as_of = any(_partition_filter(con, t) for t in spec.keyed_inputs)
-    con.execute(f"CREATE OR REPLACE TEMP TABLE keys_now AS {' UNION ALL '.join(parts)}",
-                {"as_of": as_of} if uses_as_of else {})
+    con.execute(f"CREATE OR REPLACE TEMP TABLE keys_now AS {' UNION ALL '.join(parts)}", params)
+
+
+def kept_upstream(con: Any, spec: Incremental, upstream: Mapping[str, Incremental],
+                  built_with: Mapping[str, str | None]) -> dict[str, tuple[str, str]]:
+    """The keyed inputs whose stored fingerprints can stand for their rows (`fingerprint_now`):
+    incremental models by the same key, without lookups or refresh columns (their rows depend on
+    more than their keyed input rows), that stored fingerprints with a known code version.
+    `upstream`: input table -> its model's spec; `built_with`: model -> the code version its
+    table was last built by (its stored state: not the code now, which may not have run yet)."""
+    kept = {}
+    for table, model in upstream.items():
+        code = built_with.get(model.model)
+        if (table in spec.keyed_inputs and model.unique_key == spec.unique_key and not model.lookups
+                and not model.refresh and code and has_fingerprints(con, model)):
+            kept[table] = (model.model, code)
+    return kept
 
 
 def changed_keys(con: Any, spec: Incremental) -> int:

@@ -18,7 +18,7 @@ import sqlglot
 from sqlglot import exp
 
 from assets.common.catalog import code_references
-from assets.common.current_state import Built, StateBuild, as_of_day, current_state_asset, register_sources
+from assets.common.current_state import Built, StateBuild, as_of_day, current_state_asset, read_state, register_sources
 from assets.common.metadata import table_preview, table_schema
 from assets.common.sources import SOURCES, Source, personal_columns, raw_table_owners
 from assets.transform import incremental, model_tests, sharded
@@ -126,7 +126,9 @@ def holds_personal_data(model: SqlModel, models: dict[str, SqlModel], personal: 
 
 def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, str],
                     personal_data: bool = False, tests: list[ModelTest] | None = None,
-                    keyed: incremental.Incremental | None = None) -> dg.AssetsDefinition:
+                    keyed: incremental.Incremental | None = None,
+                    upstream: dict[str, incremental.Incremental] | None = None) -> dg.AssetsDefinition:
+    """`upstream`: the incremental models among its inputs, by table (see incremental.kept_upstream)."""
     tests = tests or []
 
     @current_state_asset(
@@ -156,7 +158,8 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
                 where = {**engine.describe(), "engine_shards": computed[2]}
             with build.warehouse.transaction() as con:
                 con.execute(f"CREATE SCHEMA IF NOT EXISTS {MODEL_SCHEMA}")
-                mode, why, keys = build_table(con, build, model, params, keyed, computed[0] if computed else None)
+                mode, why, keys, kept = build_table(con, build, model, params, keyed,
+                                                    computed[0] if computed else None, upstream or {})
                 row_count = fetch_scalar(con, f"SELECT count(*) FROM {model.table}")
                 violations = model_tests.measure(con, tests, model.table, MODEL_SCHEMA)
                 build.record(con, row_count, {"rows": row_count, "test_violations": violations,
@@ -168,20 +171,26 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
         build.log.info(f"{model.table}: {mode} ({why})")
         return Built({"dagster/row_count": row_count, "dagster/column_schema": schema, "preview": preview,
                       "build_mode": mode, "build_mode_reason": why, **where,
-                      **({"keys_rebuilt": keys} if keys is not None else {})})
+                      **({"keys_rebuilt": keys} if keys is not None else {}),
+                      **({"key_fingerprints_kept_from": kept} if kept else {})})
 
     return _build
 
 
 def build_table(con, build: StateBuild, model: SqlModel, params: dict, spec: incremental.Incremental | None,
-                computed: Path | None = None) -> tuple[str, str, int | None]:
+                computed: Path | None = None, upstream: dict[str, incremental.Incremental] | None = None
+                ) -> tuple[str, str, int | None, list[str]]:
     """Rebuild the table, or (an incremental model continuing its last build) only its changed keys.
-    `computed`: the full build's rows, already computed on the compute engine (sharded.py)."""
+    `computed`: the full build's rows, already computed on the compute engine (sharded.py).
+    Returns (mode, reason, keys rebuilt, the upstream models whose key fingerprints it took)."""
     if spec is None:
         con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
-        return "full", "not an incremental model", None
+        return "full", "not an incremental model", None, []
     spec = spec.bind(con, model.tables_read)
-    incremental.fingerprint_now(con, spec, params.get("as_of"))
+    built_with = {u.model: _built_with(con, u.model) for u in (upstream or {}).values()}
+    kept = incremental.kept_upstream(con, spec, upstream or {}, built_with)
+    incremental.fingerprint_now(con, spec, params.get("as_of"), kept)
+    kept_from = sorted(model_name for model_name, _ in kept.values())
     reason = continue_reason(con, build, spec, model)
     if reason is None:
         if computed is not None:
@@ -189,11 +198,17 @@ def build_table(con, build: StateBuild, model: SqlModel, params: dict, spec: inc
         else:
             con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
         incremental.remember(con, spec)
-        return "full", full_reason(build), None
+        return "full", full_reason(build), None, kept_from
     keys = incremental.changed_keys(con, spec)
     incremental.update(con, spec, model.table, model.sql, params, model.order_by)
     incremental.remember(con, spec, only_differing=True)
-    return "incremental", reason, keys
+    return "incremental", reason, keys, kept_from
+
+
+def _built_with(con, model_name: str) -> str | None:
+    """The code version a model's table was last built by (None: no build recorded)."""
+    state = read_state(con, model_name)
+    return (state.measurements.get("build") or {}).get("code") if state else None
 
 
 def load_computed(con, model: SqlModel, params: dict, computed: Path) -> None:
@@ -261,5 +276,7 @@ def build_sql_assets(sql_dir: Path = SQL_DIR, sources: tuple[Source, ...] = SOUR
     unknown = set(increments) - set(by_name)
     if unknown:
         raise ValueError(f"sql/{model_tests.SCHEMA_FILE} declares incremental models that do not exist: {sorted(unknown)}")
+    by_table = {by_name[name].table: spec for name, spec in increments.items()}
     return [build_sql_asset(model, set(by_name), owners, holds_personal_data(model, by_name, personal),
-                            tests.get(model.name), increments.get(model.name)) for model in models]
+                            tests.get(model.name), increments.get(model.name),
+                            {t: by_table[t] for t in model.tables_read if t in by_table}) for model in models]

@@ -276,7 +276,10 @@ def build_sql_assets(sql_dir: Path = SQL_DIR, sources: tuple[Source, ...] = SOUR
     unknown = set(increments) - set(by_name)
     if unknown:
         raise ValueError(f"sql/{model_tests.SCHEMA_FILE} declares incremental models that do not exist: {sorted(unknown)}")
-    by_table = {by_name[name].table: spec for name, spec in increments.items()}
+    # Only models whose rows follow from their inputs and SQL alone: another parameter (config)
+    # could change the rows without changing the fingerprints.
+    by_table = {by_name[name].table: spec for name, spec in increments.items()
+                if set(by_name[name].parameters) <= {"as_of"}}
     return [build_sql_asset(model, set(by_name), owners, holds_personal_data(model, by_name, personal),
                             tests.get(model.name), increments.get(model.name),
                             {t: by_table[t] for t in model.tables_read if t in by_table}) for model in models]

@@ -97,9 +97,10 @@ def fingerprint_now(con: Any, spec: Incremental, as_of: Any, kept: Mapping[str, 
                              FROM {KEYS_TABLE} WHERE model = $model{position} GROUP BY key""")
             params |= {f"code{position}": code, f"model{position}": model}
             continue
+        partition_filter = _partition_filter(con, table)
         parts.append(f"""SELECT '{table}' AS input, {spec.unique_key}::VARCHAR AS key, sum(hash(t))::HUGEINT AS fingerprint
-                         FROM (SELECT * FROM {table} {_partition_filter(con, table)}) AS t GROUP BY ALL""")
-        if _partition_filter(con, table):
+                         FROM (SELECT * FROM {table} {partition_filter}) AS t GROUP BY ALL""")
+        if partition_filter:
             params["as_of"] = as_of
     parts += [f"""SELECT '{lookup.table}', {lookup.on}::VARCHAR,
                          sum(hash({', '.join([lookup.on, *lookup.columns])}))::HUGEINT

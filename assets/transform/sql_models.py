@@ -187,7 +187,7 @@ def build_table(con, build: StateBuild, model: SqlModel, params: dict, spec: inc
         con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
         return "full", "not an incremental model", None, []
     spec = spec.bind(con, model.tables_read)
-    built_with = {u.model: _built_with(con, u.model) for u in (upstream or {}).values()}
+    built_with = {u.model: built_code(read_state(con, u.model)) for u in (upstream or {}).values()}
     kept = incremental.kept_upstream(con, spec, upstream or {}, built_with)
     incremental.fingerprint_now(con, spec, params.get("as_of"), kept)
     kept_from = sorted(model_name for model_name, _ in kept.values())
@@ -205,9 +205,8 @@ def build_table(con, build: StateBuild, model: SqlModel, params: dict, spec: inc
     return "incremental", reason, keys, kept_from
 
 
-def _built_with(con, model_name: str) -> str | None:
-    """The code version a model's table was last built by (None: no build recorded)."""
-    state = read_state(con, model_name)
+def built_code(state) -> str | None:
+    """The code version a model's stored build ran (None: no build recorded)."""
     return (state.measurements.get("build") or {}).get("code") if state else None
 
 
@@ -246,7 +245,7 @@ def continue_reason(con, build: StateBuild, spec: incremental.Incremental, model
     stored = build.decision.stored
     if stored is None or not stored.complete or build.config.force or stored.as_of > build.as_of:
         return None
-    if (stored.measurements.get("build") or {}).get("code") != model.code_version:  # new SQL: every key
+    if built_code(stored) != model.code_version:  # new SQL: every key
         return None
     if set(model.parameters) - {"as_of"} or not incremental.has_fingerprints(con, spec):
         return None

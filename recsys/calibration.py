@@ -13,31 +13,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
 
 
 @dataclass(frozen=True)
 class IsotonicCalibrator:
-    """A monotone map from score to hit probability, fitted on (score, hit) samples."""
+    """A monotone map from score to hit probability, fitted on (score, hit) samples.
 
-    model: IsotonicRegression
+    It keeps only the fitted knots and interpolates them as IsotonicRegression.predict does
+    (linear, clipped at the ends): a stored model loads without scikit-learn, whose import
+    (0.6 s) every process of a run paid at start."""
+
+    x: np.ndarray  # knots: scores, ascending
+    y: np.ndarray  # and their probabilities, non-decreasing
     samples: int
 
     @classmethod
     def fit(cls, scores: np.ndarray, hits: np.ndarray) -> IsotonicCalibrator | None:
         """None when there is nothing to learn from (no samples)."""
+        from sklearn.isotonic import IsotonicRegression  # only fitting needs it
+
         scores = np.asarray(scores, dtype=np.float64)
         if scores.size == 0:
             return None
         model = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
         model.fit(scores, np.asarray(hits, dtype=np.float64))
-        return cls(model=model, samples=int(scores.size))
+        return cls(x=model.X_thresholds_, y=model.y_thresholds_, samples=int(scores.size))
 
     def __call__(self, scores: np.ndarray) -> np.ndarray:
-        return np.clip(self.model.predict(np.asarray(scores, dtype=np.float64)), 0.0, 1.0)
+        return np.clip(np.interp(np.asarray(scores, dtype=np.float64), self.x, self.y), 0.0, 1.0)
 
     def to_dict(self) -> dict:
-        knots = self.model.y_thresholds_
+        knots = self.y
         return {
             "samples": self.samples,
             "knots": len(knots),
@@ -108,5 +114,5 @@ class GroupedCalibrator:
         return {**self.overall.to_dict(), "groups_with_own_calibrator": len(self.by_group),
                 "recency_edges_days": [round(float(e), 2) for e in self.groups.recency_edges],
                 "frequency_edges_orders": [round(float(e), 2) for e in self.groups.frequency_edges],
-                "max_probability_by_group": {g: round(float(c.model.y_thresholds_[-1]), 5)
+                "max_probability_by_group": {g: round(float(c.y[-1]), 5)
                                              for g, c in sorted(self.by_group.items())}}

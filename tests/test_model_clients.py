@@ -535,6 +535,32 @@ def test_twenty_thousand_items_stream_through_and_read_back_in_pages(server, war
         np.testing.assert_allclose(vector, expected_vector(f"product {int(key[1:]) % 15_000} description", DIMS), atol=1e-6)
 
 
+def test_a_day_with_a_few_new_texts_takes_the_warehouse_lock_four_times(server, warehouse, monkeypatch):
+    """The catalog step runs beside the warehouse writers, and each trip to the lock can wait for
+    a whole writer step: a mostly cached catalog (20,000 products, 100 new) costs one setup write,
+    one look-up, one write of the new vectors and the item map, one resolve of its dead letters.
+    (It took ten: a setup and a forget, five look-ups and item-map writes of 4,096, a resolve and
+    a count.)"""
+    model = remote_model(server, max_batch_size=256, write_chunk_rows=512, lookup_chunk_size=32_768)
+    items = catalog(20_000, "product")
+    with model.open() as embedder:
+        embedder.embed_items(warehouse, items[:19_900], stage="catalog")
+    trips = []
+    connect = DuckDBWarehouse.connect
+
+    def counted(self, read_only: bool = False):
+        trips.append("read" if read_only else "write")
+        return connect(self, read_only=read_only)
+
+    monkeypatch.setattr(DuckDBWarehouse, "connect", counted)
+    with model.open() as embedder:
+        report = embedder.embed_items(warehouse, items, stage="catalog")
+    monkeypatch.undo()
+    assert report.metrics.cache_hits == 19_900 and report.metrics.items_embedded == 100 and report.dlq_count == 0
+    assert trips == ["write", "read", "write", "write"], trips
+    assert_all_stored(model, warehouse, "catalog", items)
+
+
 def test_the_reader_can_be_registered_inside_the_callers_own_transaction(server, warehouse):
     model = remote_model(server)
     items = catalog(120)

@@ -108,7 +108,8 @@ class EmbeddingModel(_RemoteModelResource):
     max_batch_size: int = Field(default=256, ge=1, le=MAX_INPUTS_PER_REQUEST, description="Inputs per request.")
     max_batch_chars: int = Field(default=100_000, ge=1, description="Characters per request (~4 a token).")
     max_input_chars: int = Field(default=8_000, ge=1, description="Longer texts are truncated (and counted).")
-    lookup_chunk_size: int = Field(default=4_096, ge=1, description="Items read and looked up in the cache at once.")
+    lookup_chunk_size: int = Field(default=32_768, ge=1, description="Items read and looked up in the cache at once "
+                                                                      "(each look-up is a trip to the warehouse lock).")
     write_chunk_rows: int = Field(
         default=512, ge=1, description="Vectors buffered before a cache write starts (when none is running)."
     )

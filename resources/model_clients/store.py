@@ -60,9 +60,13 @@ def utc_now() -> dt.datetime:
 
 def ensure_tables(warehouse: DuckDBWarehouse) -> None:
     with warehouse.transaction() as con:
-        _create_tables(con)
-        dead_letters.ensure_table(con)
-        _drop_old_cache_key(con)
+        _ensure_tables(con)
+
+
+def _ensure_tables(con) -> None:
+    _create_tables(con)
+    dead_letters.ensure_table(con)
+    _drop_old_cache_key(con)
 
 
 def _drop_old_cache_key(con) -> None:
@@ -87,9 +91,11 @@ def _create_tables(con) -> None:
         con.execute(statement)
 
 
-def forget_items(warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> None:
-    """A new run of a stage/partition starts a fresh item map (the cache stays)."""
+def start_run(warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> None:
+    """The tables exist, and a new run of a stage/partition starts a fresh item map (the cache
+    stays): one transaction, so a run beside the warehouse writers waits for the lock once."""
     with warehouse.transaction() as con:
+        _ensure_tables(con)
         con.execute("DELETE FROM ops.embedding_items WHERE stage = ? AND partition_key = ?", [stage, partition_key])
 
 
@@ -151,20 +157,17 @@ def write_progress(
         dead_letters.write(con, stage, partition_key, model, letters)
 
 
-def resolve_embedded_dead_letters(warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> int:
-    """Close the stage's open dead letters, in any partition, of items this run now has a vector for."""
+def resolve_embedded_dead_letters(warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> tuple[int, int]:
+    """Close the stage's open dead letters, in any partition, of items this run now has a vector
+    for; returns (closed, still open), counted in the same transaction."""
     with warehouse.transaction() as con:
-        return dead_letters.resolve(
+        resolved = dead_letters.resolve(
             con, stage,
             """SELECT m.item_key FROM ops.embedding_items m JOIN ops.embedding_cache c USING (model, dimensions, text_hash)
                WHERE m.stage = $stage AND m.partition_key = $partition_key""",
             {"partition_key": partition_key},
         )
-
-
-def count_open_dead_letters(warehouse: DuckDBWarehouse, stage: str) -> int:
-    with warehouse.connect(read_only=True) as con:
-        return dead_letters.count_open(con, stage)
+        return resolved, dead_letters.count_open(con, stage)
 
 
 ITEM_VECTORS_SQL = """

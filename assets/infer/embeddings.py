@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import dagster as dg
-import pyarrow as pa
 
 from assets.common.catalog import NETWORK_RETRY_POLICY
 from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset
@@ -47,21 +46,22 @@ def read_product_texts(warehouse) -> tuple[list[tuple[str, str]], list[str]]:
     return with_text, without_text
 
 
-def store_product_vectors(build: StateBuild, reader: pa.RecordBatchReader, measurements: dict) -> int:
+def store_product_vectors(build: StateBuild, item_vectors: tuple[str, dict], measurements: dict
+                          ) -> tuple[int, dg.MarkdownMetadataValue]:
     """Replace ml.product_embeddings with the vectors just embedded (or found in the cache), and
-    close the dead letters of products no longer in the catalog, in the same transaction."""
+    close the dead letters of products no longer in the catalog, in the same transaction (one
+    trip to the warehouse lock: this step runs beside the writer steps). Returns the rows and a
+    preview."""
+    sql, params = item_vectors
     with build.warehouse.transaction() as con:
         con.execute("CREATE SCHEMA IF NOT EXISTS ml")
-        con.register("embedded_products", reader)
-        con.execute(
-            f"CREATE OR REPLACE TABLE {PRODUCT_EMBEDDINGS_TABLE} AS "
-            "SELECT item_key AS product_id, text_hash, vector FROM embedded_products ORDER BY product_id"
-        )
-        con.unregister("embedded_products")
+        con.execute(f"CREATE OR REPLACE TABLE {PRODUCT_EMBEDDINGS_TABLE} AS "
+                    f"SELECT item_key AS product_id, text_hash, vector FROM ({sql}) ORDER BY product_id", params)
         rows = fetch_scalar(con, f"SELECT count(*) FROM {PRODUCT_EMBEDDINGS_TABLE}")
         dead_letters.supersede(con, STAGE, "SELECT product_id FROM analytics.dim_products")
         build.record(con, rows, {**measurements, "embedded": rows})
-    return rows
+        preview = table_preview(con, f"SELECT product_id, text_hash, vector[1:3] AS vector_head FROM {PRODUCT_EMBEDDINGS_TABLE}")
+    return rows, preview
 
 
 def coverage_verdicts(measured: Mapping[str, Any], config: DeadLetterConfig) -> list[dg.AssetCheckResult]:
@@ -107,10 +107,8 @@ def product_embeddings(build: StateBuild) -> Built:
     # No warehouse connection is open here: embed_items takes short ones around each model call.
     with build.resources.embedding_model.open(build.context) as embedder:
         report = embedder.embed_items(build.warehouse, items, stage=STAGE, partition_key=build.partition_key)
-        reader = embedder.to_arrow_reader(build.warehouse, stage=STAGE, partition_key=build.partition_key)
-        stored = store_product_vectors(build, reader, {"with_text": len(items), "items": len(items)})
-    with build.warehouse.connect(read_only=True) as con:
-        preview = table_preview(con, f"SELECT product_id, text_hash, vector[1:3] AS vector_head FROM {PRODUCT_EMBEDDINGS_TABLE}")
+        item_vectors = embedder.item_vectors_sql(stage=STAGE, partition_key=build.partition_key)
+        stored, preview = store_product_vectors(build, item_vectors, {"with_text": len(items), "items": len(items)})
     metrics = report.to_metadata()
     build.log.info(f"{stored:,} product vectors stored; {report.dlq_count:,} in the DLQ; {metrics.get('requests')} requests")
     return Built({

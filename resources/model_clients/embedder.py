@@ -208,6 +208,12 @@ class EmbeddingSession:
             warehouse, stage, partition_key or "", self.dimensions, batch_rows or self.settings.read_batch_rows
         )
 
+    def item_vectors_sql(self, *, stage: str, partition_key: str | None = None) -> tuple[str, dict[str, str]]:
+        """(SQL, parameters) of the stage/partition's stored items as (item_key, text_hash,
+        vector FLOAT[dimensions]), to read inside the caller's own warehouse connection (no
+        trip to the lock of its own)."""
+        return store.item_vectors_sql(self.dimensions), {"stage": stage, "partition_key": partition_key or ""}
+
     def to_arrow_reader(
         self, warehouse: DuckDBWarehouse, *, stage: str, partition_key: str | None = None, batch_rows: int | None = None
     ) -> pa.RecordBatchReader:

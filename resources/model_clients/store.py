@@ -179,6 +179,13 @@ ITEM_VECTORS_SQL = """
 """
 
 
+def item_vectors_sql(dimensions: int) -> str:
+    """ITEM_VECTORS_SQL without paging, vectors typed as fixed-size arrays (as the readers give them)."""
+    return f"""SELECT m.item_key, m.text_hash, c.vector::FLOAT[{int(dimensions)}] AS vector
+               FROM ops.embedding_items m JOIN ops.embedding_cache c USING (model, dimensions, text_hash)
+               WHERE m.stage = $stage AND m.partition_key = $partition_key"""
+
+
 def iter_item_vectors(
     warehouse: DuckDBWarehouse, stage: str, partition_key: str, dimensions: int, batch_rows: int
 ) -> Iterator[pa.RecordBatch]:

@@ -23,6 +23,8 @@ In a step, open the model once:
         con.execute("CREATE OR REPLACE TABLE ml.product_embeddings AS SELECT * FROM vectors")
     return dg.MaterializeResult(metadata=report.to_metadata())
 
+    sql, params = embedder.item_vectors_sql(stage=..., partition_key=...)  # the same rows, read inside
+                                                    # your own connection: no trip to the lock of its own
     embedder.iter_numpy(warehouse, stage=..., partition_key=...)    # (keys, float32 matrix) pages
     embedder.iter_vector_batches(...)                               # Arrow pages, a connection each
     embedder.embed_texts(["a query"]) -> np.ndarray                 # ad hoc, uncached

@@ -163,27 +163,26 @@ def resolve_embedded_dead_letters(warehouse: DuckDBWarehouse, stage: str, partit
     with warehouse.transaction() as con:
         resolved = dead_letters.resolve(
             con, stage,
-            """SELECT m.item_key FROM ops.embedding_items m JOIN ops.embedding_cache c USING (model, dimensions, text_hash)
-               WHERE m.stage = $stage AND m.partition_key = $partition_key""",
+            f"SELECT m.item_key {ITEM_VECTORS_FROM}",
             {"partition_key": partition_key},
         )
         return resolved, dead_letters.count_open(con, stage)
 
 
-ITEM_VECTORS_SQL = """
-    SELECT m.item_key, m.text_hash, c.vector
+# A stage/partition's items with their cached vectors: the one join every reader of them uses.
+ITEM_VECTORS_FROM = """
     FROM ops.embedding_items m
     JOIN ops.embedding_cache c USING (model, dimensions, text_hash)
-    WHERE m.stage = $stage AND m.partition_key = $partition_key AND m.item_key > $after
+    WHERE m.stage = $stage AND m.partition_key = $partition_key"""
+ITEM_VECTORS_SQL = f"""
+    SELECT m.item_key, m.text_hash, c.vector {ITEM_VECTORS_FROM} AND m.item_key > $after
     ORDER BY m.item_key
 """
 
 
 def item_vectors_sql(dimensions: int) -> str:
-    """ITEM_VECTORS_SQL without paging, vectors typed as fixed-size arrays (as the readers give them)."""
-    return f"""SELECT m.item_key, m.text_hash, c.vector::FLOAT[{int(dimensions)}] AS vector
-               FROM ops.embedding_items m JOIN ops.embedding_cache c USING (model, dimensions, text_hash)
-               WHERE m.stage = $stage AND m.partition_key = $partition_key"""
+    """The items without paging, vectors typed as fixed-size arrays (as the readers give them)."""
+    return f"SELECT m.item_key, m.text_hash, c.vector::FLOAT[{int(dimensions)}] AS vector {ITEM_VECTORS_FROM}"
 
 
 def iter_item_vectors(

@@ -541,7 +541,10 @@ def test_a_day_with_a_few_new_texts_takes_the_warehouse_lock_four_times(server, 
     one look-up, one write of the new vectors and the item map, one resolve of its dead letters.
     (It took ten: a setup and a forget, five look-ups and item-map writes of 4,096, a resolve and
     a count.)"""
-    model = remote_model(server, max_batch_size=256, write_chunk_rows=512, lookup_chunk_size=32_768)
+    # the resource's own batching and look-up defaults (remote_model shrinks them for other tests)
+    defaults = {name: EmbeddingModel.model_fields[name].default
+                for name in ("max_batch_size", "write_chunk_rows", "lookup_chunk_size", "max_write_rows")}
+    model = remote_model(server, **defaults)
     items = catalog(20_000, "product")
     with model.open() as embedder:
         embedder.embed_items(warehouse, items[:19_900], stage="catalog")

@@ -110,6 +110,11 @@ def test_online_retail_quirks_are_handled_as_documented(warehouse):
 def test_unchanged_inputs_skip_and_changed_inputs_rebuild(warehouse):
     seed_raw_tables(warehouse, QUIRKY_LINES)
     first = materialize_models(warehouse)
+    for event in first.get_asset_materialization_events():  # the catalog's table name and columns, as built
+        metadata = event.materialization.metadata
+        assert metadata["dagster/table_name"].value == f"analytics.{event.asset_key.path[-1]}"
+        assert "customer_id" in {c.name for c in metadata["dagster/column_schema"].schema.columns} or \
+            event.asset_key.path[-1] == "dim_products"
     second = materialize_models(warehouse)
     skipped = [e.materialization.metadata["skipped"].value for e in second.get_asset_materialization_events()]
     assert first.success and second.success and all(skipped) and len(skipped) == 5

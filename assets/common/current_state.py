@@ -550,7 +550,7 @@ def _materialize(spec: StageSpec, build: Callable[[StateBuild], Built], context:
     context.log.info(f"{spec.name} built as of {as_of} in {seconds:.1f}s ({decision.reason})")
     return dg.MaterializeResult(
         metadata={
-            **_table_metadata(spec, context),
+            **_table_metadata(spec, context, described="dagster/column_schema" in built.metadata),
             **built.metadata,
             "as_of": str(as_of),
             "build_reason": decision.reason,
@@ -562,10 +562,13 @@ def _materialize(spec: StageSpec, build: Callable[[StateBuild], Built], context:
     )
 
 
-def _table_metadata(spec: StageSpec, context: dg.AssetExecutionContext) -> dict[str, Any]:
-    """The table's real columns as built (the catalog's column schema), read in a short connection."""
+def _table_metadata(spec: StageSpec, context: dg.AssetExecutionContext, described: bool = False) -> dict[str, Any]:
+    """The table's real columns as built (the catalog's column schema), read in a short connection;
+    `described`: the build returned them, read inside its own transaction (no trip to the lock)."""
     if spec.table is None:
         return {}
+    if described:
+        return {"dagster/table_name": spec.table}
     with context.resources.warehouse.connect(read_only=True) as con:
         if not table_exists(con, spec.table):
             return {}

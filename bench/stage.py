@@ -12,6 +12,7 @@ does, so the peak RSS it reports is that of the step's own process.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import resource
@@ -83,6 +84,19 @@ def project_concurrency() -> dict:
     return {"pools": config["concurrency"]["pools"]}
 
 
+def write_event_log(records) -> None:
+    """The run's whole event log to stderr, which the benchmark keeps as the run's log. The
+    steps' own console lines reach stderr through Dagster's compute-log mirror, which can drop a
+    step's last lines when its process ends under load (a run's log once lacked three
+    STEP_SUCCESS lines); the event log has every event."""
+    print("== the run's event log", file=sys.stderr)
+    for record in records:
+        event = record.dagster_event
+        kind = event.event_type_value if event else "LOG"
+        when = dt.datetime.fromtimestamp(record.timestamp, dt.UTC).strftime("%H:%M:%S.%f")[:-3]
+        print(f"{when} - {record.step_key or 'run'} - {kind} - {record.user_message}", file=sys.stderr)
+
+
 def run_job(partition_key: str) -> dict:
     """The daily job launched as the daemon launches it: from the code location's module, with the
     job's own executor (a forked process per step) on a local instance with the project's pools.
@@ -96,6 +110,7 @@ def run_job(partition_key: str) -> dict:
         result = dg.execute_job(job, instance=instance, tags={"dagster/partition": partition_key}, raise_on_error=False)
         seconds = time.perf_counter() - started
         records = instance.all_logs(result.run_id)
+    write_event_log(records)
     steps: dict[str, dict] = {}
     for record in records:
         event = record.dagster_event

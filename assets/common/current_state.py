@@ -52,7 +52,6 @@ from resources import dead_letters
 from resources.model_clients.errors import ModelConfigurationError
 from assets.common.catalog import code_references
 from assets.common.metadata import table_schema
-from resources.cpu_priority import BACKGROUND_TAGS, yield_cores_if_background
 from resources.warehouse import WAREHOUSE_POOL, DuckDBWarehouse, fetch_all, step_pool, table_exists
 
 STATE_TABLE = "ops.asset_state"
@@ -467,11 +466,8 @@ def current_state_asset(
     metadata: Mapping[str, Any] | None = None,
     personal_data: bool = False,
     retry_policy: dg.RetryPolicy | None = None,
-    background: bool = False,
 ) -> Callable[[Callable[[StateBuild], Built]], dg.AssetsDefinition]:
-    """Make a daily-partitioned current-state asset from a build function (see the module doc).
-    `background`: no step on the way to the day's outputs waits for it; it runs at a lower CPU
-    priority (resources/cpu_priority.py)."""
+    """Make a daily-partitioned current-state asset from a build function (see the module doc)."""
     inputs, tables, checks = tuple(inputs), tuple(tables), tuple(checks)
     if dead_letter_stage:
         if not issubclass(config_class, DeadLetterConfig):
@@ -491,15 +487,13 @@ def current_state_asset(
             inspect.Parameter("context", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=dg.AssetExecutionContext),
             inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=config_class),
         ])
-        placement = step_pool(pool)
         return dg.asset(
             name=name,
             deps=list(inputs),
             partitions_def=daily_partitions,
             backfill_policy=dg.BackfillPolicy.single_run(),
             group_name=group,
-            pool=placement["pool"],
-            op_tags={**(placement["op_tags"] or {}), **(BACKGROUND_TAGS if background else {})} or None,
+            **step_pool(pool),
             kinds=set(kinds),
             check_specs=list(checks),
             required_resource_keys=set(resources),
@@ -516,7 +510,6 @@ def current_state_asset(
 def _materialize(spec: StageSpec, build: Callable[[StateBuild], Built], context: dg.AssetExecutionContext,
                  config: Any, fingerprint_extra, code_version: str | None) -> dg.MaterializeResult:
     started = time.perf_counter()
-    yield_cores_if_background(context)
     as_of = as_of_day(context)
     with context.resources.warehouse.connect(read_only=True) as con:
         upstream = {name: input_fingerprint(con, name, as_of) for name in spec.inputs}

@@ -211,7 +211,6 @@ def quality_verdicts(measured: Mapping[str, Any], config: EvaluationConfig) -> l
     checks=[dg.AssetCheckSpec(CHECK, asset=STAGE, description="The deployed model's hit-rate is not below the best "
                               "baseline's (global or segment popularity) beyond noise.")],
     verdicts=quality_verdicts,
-    background=True,  # nothing waits for the evaluation: it yields the cores to the output rules
 )
 def recommendation_quality(build: StateBuild) -> Built:
     """Hit-rate, precision, recall, NDCG @K and coverage: ours vs global and segment popularity."""

@@ -385,7 +385,6 @@ def chat_names(build: StateBuild, profiles: list[SegmentProfile], product_names:
     verdicts=segment_verdicts,
     dead_letter_stage=NAMING_STAGE,
     personal_data=True,  # customer ids
-    background=True,  # beside recommendations, on the day's longest path: it yields the cores
 )
 def customer_segments(build: StateBuild) -> Built:
     """Every customer with embeddable purchases in one segment; segment profiles and names."""

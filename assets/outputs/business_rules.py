@@ -31,7 +31,6 @@ from assets.common.metadata import table_preview
 from assets.common.partitions import daily_partitions
 from assets.validate.gx_checks import SUITE_STEP_TAGS, run_suite_check
 from assets.validate.rules import load_suite
-from resources.cpu_priority import yield_cores_if_background
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 
 STAGE = "validated_recommendations"
@@ -318,7 +317,6 @@ class OutputSuiteConfig(dg.Config):
 def output_expectation_suite(
     context: dg.AssetCheckExecutionContext, config: OutputSuiteConfig, warehouse: DuckDBWarehouse
 ) -> dg.AssetCheckResult:
-    yield_cores_if_background(context)
     # The outputs table is current state, built as of the run's (last) day.
     day = as_of_day(context).isoformat()
     only, max_rows = changed_and_sampled_customers(warehouse, day, config), config.max_rows

@@ -36,7 +36,6 @@ from assets.common.range_runs import partition_check_evaluation
 from assets.common.sources import SOURCES, Source, personal_columns
 from assets.validate.rules import SUITE_PARAMETERS, Suite, count_rule_breaks, load_suite
 from resources.background import import_in_background
-from resources.cpu_priority import BACKGROUND_TAGS, yield_cores_if_background
 from resources.redaction import mask_column
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, parquet_batches, table_exists
 
@@ -256,9 +255,8 @@ def suite_check_result(suite: Suite, tallies: list[ExpectationTally], validated:
 
 # A run launches the steps that build the day before a GX suite that is ready at the same time:
 # at 2M customers the suites of raw_customers took both places of a run for 12 s while
-# stg_customer_history, on the way to everything else, waited. Nothing waits for a suite, so
-# once started it runs at a lower CPU priority (resources/cpu_priority.py).
-SUITE_STEP_TAGS = {"dagster/priority": "-1", **BACKGROUND_TAGS}
+# stg_customer_history, on the way to everything else, waited.
+SUITE_STEP_TAGS = {"dagster/priority": "-1"}
 
 
 def build_suite_check(table: str, asset: str) -> dg.AssetChecksDefinition:
@@ -276,7 +274,6 @@ def build_suite_check(table: str, asset: str) -> dg.AssetChecksDefinition:
     )
     def _check(context: dg.AssetCheckExecutionContext, config: SuiteCheckConfig,
                warehouse: DuckDBWarehouse) -> Iterator[Any]:
-        yield_cores_if_background(context)
         suite = load_suite(suite_name)
         if context.has_partition_key:
             yield raw_suite_check(warehouse, suite, table, context.partition_key, asset, config)

@@ -416,13 +416,15 @@ class Recommender:
         """Purchases before this count as history when scoring."""
         return from_micros(self.scorer.as_of_us)
 
-    def score_chunk(self, chunk: CustomerChunk, candidates: Candidates, track_hidden: bool = False
-                    ) -> RecommendationChunk:
+    def score_chunk(self, chunk: CustomerChunk, candidates: Candidates, track_hidden: bool = False,
+                    kept: Ranking | None = None) -> RecommendationChunk:
         """Top-k of a chunk's customers; `track_hidden` also lists, per customer, the blocked
-        products that would enter their top-k were they candidates (RecommendationChunk.hidden)."""
+        products that would enter their top-k were they candidates (RecommendationChunk.hidden).
+        `kept`: the ranking these customers already have (KeptTopK): only confidence and
+        predicted value are computed again."""
         neighbours = candidates.text_neighbours
-        ranking = self.scorer.rank(chunk, candidates.blocked, self.config.top_k, text_neighbours=neighbours,
-                                   track_hidden=track_hidden)
+        ranking = kept if kept is not None else self.scorer.rank(
+            chunk, candidates.blocked, self.config.top_k, text_neighbours=neighbours, track_hidden=track_hidden)
         history = chunk.before(self.scorer.as_of_us)
         strategy = np.where(ranking.has_signal, COLLABORATIVE, POPULARITY).astype(object)[ranking.row]
         # a cold product: the collaborative calibration of its discounted score, its neighbour's spend
@@ -754,13 +756,98 @@ def _outcomes(row, column, future_customer, future_column, future_amount, width)
     return hit, realized
 
 
-def score_chunk_safely(shared: tuple[Recommender, Candidates, bool], chunk: CustomerChunk
+@dataclass(frozen=True)
+class KeptChunk:
+    """Customers whose kept top-k stands (KeptTopK), with the ranking it holds."""
+
+    chunk: CustomerChunk
+    ranking: Ranking
+
+    @property
+    def customer_ids(self) -> pa.Array:
+        return self.chunk.customer_ids
+
+    @property
+    def n_customers(self) -> int:
+        return self.chunk.n_customers
+
+
+class KeptTopK:
+    """The stored top-k of customers an incremental day recalibrates only: their history, the
+    model and the candidates that could enter their top-k are those it was ranked with, but their
+    recency crossed a calibration edge, which changes confidence and predicted value and nothing
+    else. Ranking them again would give this ranking back (the matrix product is most of the
+    scoring time), so chunks of their purchases get it from the stored rows instead.
+
+    `recommended` (customer_id, rank, product_id, score) sorted by customer and rank, `hidden`
+    (customer_id, product_id): their rows of the stage's tables; `collaborative` (customer_id,
+    collaborative): whether the model ranked them (the ranking's `has_signal`)."""
+
+    def __init__(self, model: Recommender, recommended: pa.Table, hidden: pa.Table, collaborative: pa.Table):
+        items = model.scorer.items
+        column = items.positions(recommended["product_id"].combine_chunks()).astype(np.int64)
+        hidden_column = items.positions(hidden["product_id"].combine_chunks()).astype(np.int64)
+        if (column < 0).any() or (hidden_column < 0).any():
+            raise ValueError("a kept product is not a model item: these customers need ranking again")
+        rank = recommended["rank"].to_numpy().astype(np.int64)
+        # customer by customer; within one, by rank (recommended) or by column (hidden), as ranked
+        order = np.lexsort((rank, _codes(recommended["customer_id"])))
+        self.column, self.rank = column[order], rank[order]
+        self.score = recommended["score"].to_numpy()[order].astype(np.float32)  # stored float64 of a float32: exact
+        self.recommended = _runs_by_customer(recommended["customer_id"].take(pa.array(order)))
+        order = np.lexsort((hidden_column, _codes(hidden["customer_id"])))
+        self.hidden_column = hidden_column[order]
+        self.hidden = _runs_by_customer(hidden["customer_id"].take(pa.array(order)))
+        self.collaborative = dict(zip(collaborative["customer_id"].to_pylist(), collaborative["collaborative"].to_pylist()))
+
+    def ranking(self, chunk: CustomerChunk) -> Ranking:
+        """The kept ranking of a chunk's customers, in the order `EaseScorer.rank` gives it."""
+        ids = chunk.customer_ids.to_pylist()
+        row, take = _gather(ids, self.recommended)
+        hidden_row, hidden_take = _gather(ids, self.hidden)
+        return Ranking(row=row, column=self.column[take], score=self.score[take], rank=self.rank[take],
+                       has_signal=np.array([bool(self.collaborative.get(i)) for i in ids], dtype=bool),
+                       hidden_row=hidden_row, hidden_column=self.hidden_column[hidden_take])
+
+
+def _codes(customer_ids: pa.ChunkedArray) -> np.ndarray:
+    """An integer per customer (equal ids, equal codes): sorting by it groups each customer's rows."""
+    return customer_ids.combine_chunks().dictionary_encode().indices.to_numpy()
+
+
+def _runs_by_customer(customer_ids: pa.ChunkedArray | pa.Array) -> dict[str, tuple[int, int]]:
+    """customer -> (start, stop) of their run in rows grouped by customer."""
+    ids = customer_ids.combine_chunks() if isinstance(customer_ids, pa.ChunkedArray) else customer_ids
+    if len(ids) == 0:
+        return {}
+    change = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.flatnonzero(change) + 1])
+    stops = np.append(starts[1:], len(ids))
+    return dict(zip(ids.take(pa.array(starts)).to_pylist(), zip(starts.tolist(), stops.tolist())))
+
+
+def _gather(customer_ids: list[str], runs: dict[str, tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(chunk row, stored row) of the stored rows of each chunk customer, customer by customer."""
+    rows, takes = [], []
+    for row, customer in enumerate(customer_ids):
+        if customer in runs:
+            start, stop = runs[customer]
+            rows.append(np.full(stop - start, row, dtype=np.int64))
+            takes.append(np.arange(start, stop, dtype=np.int64))
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(rows), np.concatenate(takes)
+
+
+def score_chunk_safely(shared: tuple[Recommender, Candidates, bool], chunk: CustomerChunk | KeptChunk
                        ) -> tuple[RecommendationChunk | None, Exception | None]:
     """(result, None) or (None, error) for one chunk, so that a bad chunk is dead-lettered and the
     others go on. `shared` = (model, candidates, track_hidden): what a compute engine sends to
-    each worker once (recsys/engines.py)."""
+    each worker once (recsys/engines.py). A KeptChunk keeps its ranking."""
     model, candidates, track_hidden = shared
     try:
+        if isinstance(chunk, KeptChunk):
+            return model.score_chunk(chunk.chunk, candidates, track_hidden=track_hidden, kept=chunk.ranking), None
         return model.score_chunk(chunk, candidates, track_hidden=track_hidden), None
     except Exception as error:  # noqa: BLE001 - returned, logged and dead-lettered by the caller
         return None, error

@@ -128,6 +128,8 @@ def test_a_day_between_refits_rescores_only_changed_customers(incremental_day):
     reasons = built["rescored_by_reason"]
     assert reasons.get("new customer", 0) + reasons.get("purchases changed", 0) > 0
     assert sum(reasons.values()) == built["customers_scored"]
+    # those who only crossed a recency group keep their ranking: recalibrated, not ranked again
+    assert built["customers_with_kept_ranking"] == reasons.get("recency group changed", 0) > 0
     for model in INCREMENTAL_SQL_MODELS:
         assert done[model]["build_mode"] == "incremental", model
         assert 0 < done[model]["keys_rebuilt"] < done["customer_features"]["dagster/row_count"], model

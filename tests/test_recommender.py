@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from recsys.calibration import IsotonicCalibrator
+from recsys.calibration import GroupedCalibrator, IsotonicCalibrator
 from recsys.ease import GROUP_WIDTH, solve_ease_in_place, top_k_stable
 from recsys.purchases import PurchasesNotGrouped, iter_customer_chunks
 from recsys.recommender import (
@@ -23,8 +23,11 @@ from recsys.recommender import (
     POPULARITY,
     REASON_NO_MODEL,
     REASON_NO_STOCK,
+    KeptChunk,
+    KeptTopK,
     Recommender,
     RecommenderConfig,
+    score_chunk_safely,
 )
 from recsys.customer_vectors import ProductEmbeddings
 from recsys.synthetic import SyntheticRetail
@@ -387,3 +390,45 @@ def test_a_kept_model_scores_a_later_day_as_the_same_model(purchases, model, tmp
     assert bought_before(purchases, later) - bought_before(purchases, AS_OF), "the fixture must buy after the fit"
     assert not pairs & bought_before(purchases, later)
     assert kept.scoring_as_of(later).report is kept.report
+
+
+def test_a_kept_ranking_recalibrated_later_equals_ranking_again(purchases, model):
+    """What lets an incremental day skip ranking the customers who only crossed a recency group:
+    with the same history, model and candidates, ranking them again later gives back the ranking
+    they have, and recalibrating the stored ranking gives the same rows, confidences, predicted
+    values, hidden products and skips as scoring them again."""
+    model = with_recency_calibration(model)
+    candidates = model.candidates(DATA.catalog())
+    chunks = [chunk.before(model.scorer.as_of_us) for chunk in iter_customer_chunks(purchases, 64)]
+    before = [model.score_chunk(chunk, candidates, track_hidden=True) for chunk in chunks]
+    stored = {name: pa.Table.from_batches([getattr(part, name) for part in before])
+              for name in ("recommendations", "hidden", "scored")}
+    # stored in another order than ranked: the kept ranking does not rely on it
+    shuffled = stored["recommendations"].take(np.random.default_rng(0).permutation(stored["recommendations"].num_rows))
+    kept = KeptTopK(model, shuffled.select(["customer_id", "rank", "product_id", "score"]),
+                    stored["hidden"].take(np.arange(stored["hidden"].num_rows)[::-1]), stored["scored"])
+    later = model.scoring_as_of(model.as_of + timedelta(days=45))
+    shared = (later, candidates, True)
+    for chunk, old in zip(chunks, before):
+        again = later.score_chunk(chunk, candidates, track_hidden=True)
+        recalibrated, error = score_chunk_safely(shared, KeptChunk(chunk, kept.ranking(chunk)))
+        assert error is None
+        for name in ("recommendations", "hidden", "scored", "skipped"):
+            assert getattr(recalibrated, name).equals(getattr(again, name)), name
+        assert again.recommendations["product_id"].equals(old.recommendations["product_id"])
+    moved = sum(pc.sum(pc.not_equal(later.score_chunk(chunk, candidates).recommendations["confidence"],
+                                    old.recommendations["confidence"])).as_py() for chunk, old in zip(chunks, before))
+    assert moved > 0, "45 days later some customers must have crossed a recency group"
+    assert stored["hidden"].num_rows > 0
+
+
+def with_recency_calibration(model: Recommender) -> Recommender:
+    """The model with a confidence calibration whose recency groups have calibrators of their own
+    (the fixture's few validation customers share one)."""
+    rng = np.random.default_rng(1)
+    scores, recency, orders = rng.random(40_000), rng.uniform(0, 400, 40_000), rng.integers(1, 10, 40_000)
+    hits = rng.random(40_000) < scores * np.where(recency < 60, 0.5, 0.05)
+    calibrator = GroupedCalibrator.fit(scores, hits, recency, orders)
+    assert calibrator.to_dict()["groups_with_own_calibrator"] > 1
+    return Recommender(model.config, model.scorer, model.spend, model.model_spend_per_buyer,
+                       {COLLABORATIVE: calibrator, POPULARITY: calibrator}, model.report)

@@ -12,7 +12,8 @@ Between refits a day is **incremental**: only customers whose recommendations ma
 rescoring of everyone with the same model are scored (new customers, changed purchases, open
 dead letters, a recommended product that stopped being a candidate, a product that would rank
 for them becoming one (tracked per customer in `ml.recommendation_hidden`), a recency group
-crossed); their rows are replaced, the others stay, and `ml.recommendation_changes` tells the
+crossed: those keep their ranking, only their confidence and predicted value are computed
+again); their rows are replaced, the others stay, and `ml.recommendation_changes` tells the
 output rules whom to recheck. tests/test_incremental_days.py compares the tables with a full
 rescore.
 
@@ -26,6 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,8 @@ from recsys.purchases import iter_customer_chunks
 from recsys.selection import Selection, select_model
 from recsys.recommender import (
     HIDDEN_SCHEMA,
+    KeptChunk,
+    KeptTopK,
     RECOMMENDATION_SCHEMA,
     SCORED_SCHEMA,
     SKIPPED_SCHEMA,
@@ -123,6 +127,8 @@ class RecommendationsConfig(DeadLetterConfig):
 
 
 CATALOG_SQL = "SELECT product_id, in_stock, price FROM analytics.dim_products"
+# The last reason: such a customer keeps their ranking, only confidence and predicted value change (KeptTopK).
+RECENCY_GROUP_CHANGED = "recency group changed"
 
 # Whose top-k may differ from the stored one under the same model, and why (the first reason
 # in this order is kept). Everyone else's rows would come out the same: same history, same
@@ -145,8 +151,8 @@ reasons AS (
     SELECT DISTINCT h.customer_id, 6, 'a product that would rank became a candidate'
     FROM {HIDDEN_TABLE} AS h SEMI JOIN candidates AS c USING (product_id)
     UNION ALL
-    -- confidence is calibrated by recency group: crossing an edge changes it
-    SELECT customer_id, 7, 'recency group changed'
+    -- confidence is calibrated by recency group: crossing an edge changes it (and nothing else)
+    SELECT customer_id, 7, '{RECENCY_GROUP_CHANGED}'
     FROM {CUSTOMERS_TABLE}
     WHERE last_purchase_at IS NOT NULL AND len(list_filter($recency_edges::DOUBLE[], lambda e:
           e > epoch_us($previous_as_of::TIMESTAMP - last_purchase_at) / 86400e6
@@ -253,7 +259,17 @@ def take_snapshot(build: StateBuild, plan: Plan, model: Recommender | None):
         prepare.append((RESCORE_SQL, {"recency_edges": recency_edges(model), "previous_as_of": previous_as_of,
                                       "scoring_as_of": model.as_of}))
         register["open_dead_letters"] = open_dead_letter_customers(build)
-        queries |= {"purchases": purchases_of("rescore"), "rescore": "SELECT * FROM rescore"}
+        recalibrate = f"(SELECT customer_id FROM rescore WHERE reason = '{RECENCY_GROUP_CHANGED}')"
+        prepare += [f"CREATE TEMP TABLE rank_again AS SELECT customer_id FROM rescore ANTI JOIN {recalibrate} USING (customer_id)",
+                    f"CREATE TEMP TABLE recalibrate AS {recalibrate}"]
+        queries |= {"purchases": purchases_of("rank_again"), "rescore": "SELECT * FROM rescore",
+                    # the customers who only crossed a recency group: their purchases and what they keep
+                    "recalibrate_purchases": purchases_of("recalibrate"),
+                    "kept_recommendations": f"SELECT customer_id, rank, product_id, score FROM {RECOMMENDATIONS_TABLE} "
+                                            "SEMI JOIN recalibrate USING (customer_id)",
+                    "kept_hidden": f"SELECT customer_id, product_id FROM {HIDDEN_TABLE} SEMI JOIN recalibrate USING (customer_id)",
+                    "kept_customers": f"SELECT customer_id, collaborative FROM {CUSTOMERS_TABLE} "
+                                      "SEMI JOIN recalibrate USING (customer_id)"}
     else:
         queries["purchases"] = all_purchases_sql(build.warehouse)
     return snapshot(build.warehouse, queries, optional={"vectors": PRODUCT_VECTORS_SQL}, prepare=prepare,
@@ -268,9 +284,18 @@ def open_dead_letter_customers(build: StateBuild) -> pa.Table:
     return pa.table({"customer_id": pa.array([key for (key,) in keys], type=pa.string())})
 
 
-def purchases_source(taken: Snapshot, batch_rows: int) -> Callable[[], Iterator[pa.RecordBatch]]:
+def purchases_source(taken: Snapshot, batch_rows: int, name: str = "purchases") -> Callable[[], Iterator[pa.RecordBatch]]:
     """A re-readable purchase stream (the fit reads it several times) from the step's snapshot."""
-    return lambda: taken.batches("purchases", batch_rows)
+    return lambda: taken.batches(name, batch_rows)
+
+
+def kept_chunks(taken: Snapshot, model: Recommender, config: RecommendationsConfig) -> Iterator[KeptChunk]:
+    """An incremental day's customers who only crossed a recency group, chunk by chunk, with the
+    ranking they keep: their purchases still give their recency, orders and spend index."""
+    kept = KeptTopK(model, taken.table("kept_recommendations"), taken.table("kept_hidden"), taken.table("kept_customers"))
+    for chunk in iter_customer_chunks(purchases_source(taken, config.read_batch_rows, "recalibrate_purchases"),
+                                      config.score_chunk_customers):
+        yield KeptChunk(chunk, kept.ranking(chunk))
 
 
 class Progress:
@@ -547,9 +572,13 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
     staged = StagedOutputs(taken, as_of, currency)
     dead_letters_: list[DeadLetter] = []
     chunks = iter_customer_chunks(source, config.score_chunk_customers)
+    if plan.mode == INCREMENTAL:  # then those who keep their ranking and are recalibrated only
+        chunks = chain(chunks, kept_chunks(taken, model, config))
     engine = build.resources.compute_engine  # threads here, or the workers of a Ray cluster
+    ranking_kept = 0
     for chunk, (result, error) in engine.ordered_map(score_chunk_safely, chunks, threads=config.workers,
                                                      shared=(model, candidates, track_hidden)):
+        ranking_kept += chunk.n_customers if isinstance(chunk, KeptChunk) else 0
         if error is not None:
             build.log.error(f"a chunk of {chunk.n_customers:,} customers failed ({error!r}); dead-lettered")
             dead_letter_chunk(dead_letters_, chunk, error)
@@ -590,6 +619,7 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
         dead_letters.supersede(con, STAGE, f"SELECT customer_id FROM {CUSTOMERS_TABLE}")
         dead_letters.write(con, STAGE, build.partition_key, deployed, dead_letters_)
         rescored = {"mode": plan.mode, "reason": plan.reason, "customers_scored": staged.customers_scored,
+                    "customers_with_kept_ranking": ranking_kept,
                     "base_version": plan.base_version, "by_reason": rescore_reasons(taken) if plan.mode == INCREMENTAL else {}}
         plain_distribution = {k: (v.value if isinstance(v, dg.JsonMetadataValue) else v) for k, v in distribution.items()}
         build.record(con, stored, {"distribution": plain_distribution, "counts": counts, "skip_reasons": skip_reasons,
@@ -639,6 +669,8 @@ def build_metadata(rescored: dict, model_info: dict) -> dict:
         "build_mode_reason": rescored["reason"],
         "model_fitted_on_day": model_info["fitted_on_day"],
         "customers_scored": rescored["customers_scored"],
+        # of them, recalibrated on the ranking they kept (they only crossed a recency group)
+        "customers_with_kept_ranking": rescored["customers_with_kept_ranking"],
         "rescored_by_reason": dg.MetadataValue.json(rescored["by_reason"]),
     }
 

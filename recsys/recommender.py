@@ -792,11 +792,11 @@ class KeptTopK:
         rank = recommended["rank"].to_numpy().astype(np.int64)
         # customer by customer; within one, by rank (recommended) or by column (hidden), as ranked
         order = np.lexsort((rank, _codes(recommended["customer_id"])))
-        self.column, self.rank = column[order], rank[order]
+        self.column, self.rank = column[order].astype(np.int32), rank[order].astype(np.int32)
         self.score = recommended["score"].to_numpy()[order].astype(np.float32)  # stored float64 of a float32: exact
         self.recommended = _runs_by_customer(recommended["customer_id"].take(pa.array(order)))
         order = np.lexsort((hidden_column, _codes(hidden["customer_id"])))
-        self.hidden_column = hidden_column[order]
+        self.hidden_column = hidden_column[order].astype(np.int32)
         self.hidden = _runs_by_customer(hidden["customer_id"].take(pa.array(order)))
         self.collaborative = dict(zip(collaborative["customer_id"].to_pylist(), collaborative["collaborative"].to_pylist()))
 
@@ -805,9 +805,10 @@ class KeptTopK:
         ids = chunk.customer_ids.to_pylist()
         row, take = _gather(ids, self.recommended)
         hidden_row, hidden_take = _gather(ids, self.hidden)
-        return Ranking(row=row, column=self.column[take], score=self.score[take], rank=self.rank[take],
+        return Ranking(row=row, column=self.column[take].astype(np.int64), score=self.score[take],
+                       rank=self.rank[take].astype(np.int64),
                        has_signal=np.array([bool(self.collaborative.get(i)) for i in ids], dtype=bool),
-                       hidden_row=hidden_row, hidden_column=self.hidden_column[hidden_take])
+                       hidden_row=hidden_row, hidden_column=self.hidden_column[hidden_take].astype(np.int64))
 
 
 def _codes(customer_ids: pa.ChunkedArray) -> np.ndarray:

@@ -291,11 +291,12 @@ def purchases_source(taken: Snapshot, batch_rows: int, name: str = "purchases") 
 
 def kept_chunks(taken: Snapshot, model: Recommender, config: RecommendationsConfig) -> Iterator[KeptChunk]:
     """An incremental day's customers who only crossed a recency group, chunk by chunk, with the
-    ranking they keep: their purchases still give their recency, orders and spend index."""
+    ranking they keep: their purchases still give their recency, orders and spend index. The
+    stored rows are indexed now, before any scoring buffer exists (peak memory)."""
     kept = KeptTopK(model, taken.table("kept_recommendations"), taken.table("kept_hidden"), taken.table("kept_customers"))
-    for chunk in iter_customer_chunks(purchases_source(taken, config.read_batch_rows, "recalibrate_purchases"),
-                                      config.score_chunk_customers):
-        yield KeptChunk(chunk, kept.ranking(chunk))
+    chunks = iter_customer_chunks(purchases_source(taken, config.read_batch_rows, "recalibrate_purchases"),
+                                  config.score_chunk_customers)
+    return (KeptChunk(chunk, kept.ranking(chunk)) for chunk in chunks)
 
 
 class Progress:
@@ -574,6 +575,7 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
     chunks = iter_customer_chunks(source, config.score_chunk_customers)
     if plan.mode == INCREMENTAL:  # then those who keep their ranking and are recalibrated only
         chunks = chain(chunks, kept_chunks(taken, model, config))
+        release_memory()  # the index's temporaries, before the scoring buffers
     engine = build.resources.compute_engine  # threads here, or the workers of a Ray cluster
     ranking_kept = 0
     for chunk, (result, error) in engine.ordered_map(score_chunk_safely, chunks, threads=config.workers,

@@ -30,6 +30,9 @@ from tests.test_pipeline import DAY1, DAY2, generate_landing, materializations, 
 COMPARED = {
     "ml.recommendations": "SELECT * EXCLUDE (as_of) FROM ml.recommendations ORDER BY ALL",
     "ml.recommendation_skips": "SELECT * FROM ml.recommendation_skips ORDER BY ALL",
+    # what the next day compares with: each customer's purchase state, how they were ranked, hidden products
+    "ml.recommendation_customers": "SELECT * FROM ml.recommendation_customers ORDER BY ALL",
+    "ml.recommendation_hidden": "SELECT * FROM ml.recommendation_hidden ORDER BY ALL",
     "outputs.recommendations": "SELECT * EXCLUDE (as_of) FROM outputs.recommendations ORDER BY ALL",
     "outputs.rejected_recommendations":
         "SELECT * EXCLUDE (as_of, rejected_at) FROM outputs.rejected_recommendations ORDER BY ALL",

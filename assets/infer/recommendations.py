@@ -263,6 +263,9 @@ def take_snapshot(build: StateBuild, plan: Plan, model: Recommender | None):
         prepare += [f"CREATE TEMP TABLE rank_again AS SELECT customer_id FROM rescore ANTI JOIN {recalibrate} USING (customer_id)",
                     f"CREATE TEMP TABLE recalibrate AS {recalibrate}"]
         queries |= {"purchases": purchases_of("rank_again"), "rescore": "SELECT * FROM rescore",
+                    # the state rows that change: the rescored customers' and the customers gone
+                    "customer_state": "SELECT * FROM now_state SEMI JOIN rescore USING (customer_id)",
+                    "gone": f"SELECT customer_id FROM {CUSTOMERS_TABLE} ANTI JOIN now_state USING (customer_id)",
                     # the customers who only crossed a recency group: their purchases and what they keep
                     "recalibrate_purchases": purchases_of("recalibrate"),
                     "kept_recommendations": f"SELECT customer_id, rank, product_id, score FROM {RECOMMENDATIONS_TABLE} "
@@ -366,27 +369,23 @@ class StagedOutputs:
                             (HIDDEN_TABLE, "staged_hidden")):
             con.execute(f"CREATE OR REPLACE TABLE {building(table)} AS SELECT * FROM read_parquet(?)",
                         [self.path(name)])
-        # every customer's state now, and how they were ranked: by this build, or (not rescored) the last one
-        if incremental:
-            how_ranked = "CASE WHEN r.customer_id IS NULL THEN p.collaborative ELSE scored.collaborative END"
-            kept = (f"LEFT JOIN read_parquet($rescore) AS r ON r.customer_id = s.customer_id "
-                    f"LEFT JOIN {CUSTOMERS_TABLE} AS p ON p.customer_id = s.customer_id")
-        else:
-            how_ranked, kept = "scored.collaborative", ""
-        con.execute(
-            f"""CREATE OR REPLACE TABLE {building(CUSTOMERS_TABLE)} AS
-                SELECT s.*, {how_ranked} AS collaborative
-                FROM read_parquet($state) AS s
-                LEFT JOIN read_parquet($scored) AS scored ON scored.customer_id = s.customer_id {kept}
-                ORDER BY s.customer_id""",
-            {"state": self.path("customer_state"), "scored": self.path("staged_scored"),
-             **({"rescore": self.path("rescore")} if incremental else {})})
         # the customers this build rewrote: rescored, and gone (no purchases left)
-        changed = (f"""SELECT customer_id FROM read_parquet($rescore)
-                       UNION SELECT customer_id FROM {CUSTOMERS_TABLE} ANTI JOIN read_parquet($state) USING (customer_id)"""
+        changed = ("SELECT customer_id FROM read_parquet($rescore) UNION SELECT customer_id FROM read_parquet($gone)"
                    if incremental else "SELECT NULL::VARCHAR AS customer_id WHERE false")
         con.execute(f"CREATE OR REPLACE TABLE {building(CHANGES_TABLE)} AS {changed}",
-                    {"rescore": self.path("rescore"), "state": self.path("customer_state")} if incremental else {})
+                    {"rescore": self.path("rescore"), "gone": self.path("gone")} if incremental else {})
+        # every customer's state now, and how they were ranked. Incremental: a customer not rewritten
+        # has the same purchases (else rescored), so the same state row and ranking as last time.
+        kept = (f"""SELECT * FROM {CUSTOMERS_TABLE}
+                    WHERE customer_id NOT IN (SELECT customer_id FROM {building(CHANGES_TABLE)}) UNION ALL"""
+                if incremental else "")
+        con.execute(
+            f"""CREATE OR REPLACE TABLE {building(CUSTOMERS_TABLE)} AS
+                SELECT * FROM ({kept}
+                               SELECT s.*, scored.collaborative FROM read_parquet($state) AS s
+                               LEFT JOIN read_parquet($scored) AS scored ON scored.customer_id = s.customer_id)
+                ORDER BY customer_id""",
+            {"state": self.path("customer_state"), "scored": self.path("staged_scored")})
 
 
 REWRITTEN_TABLES = (RECOMMENDATIONS_TABLE, SKIPPED_TABLE, HIDDEN_TABLE)  # rows per customer, merged on incremental days

@@ -423,6 +423,8 @@ class Recommender:
         `kept`: the ranking these customers already have (KeptTopK): only confidence and
         predicted value are computed again."""
         neighbours = candidates.text_neighbours
+        if kept is not None and not track_hidden:  # hidden products as ranking would give them: none
+            kept = replace(kept, hidden_row=None, hidden_column=None)
         ranking = kept if kept is not None else self.scorer.rank(
             chunk, candidates.blocked, self.config.top_k, text_neighbours=neighbours, track_hidden=track_hidden)
         history = chunk.before(self.scorer.as_of_us)
@@ -779,9 +781,9 @@ class KeptTopK:
     else. Ranking them again would give this ranking back (the matrix product is most of the
     scoring time), so chunks of their purchases get it from the stored rows instead.
 
-    `recommended` (customer_id, rank, product_id, score) sorted by customer and rank, `hidden`
-    (customer_id, product_id): their rows of the stage's tables; `collaborative` (customer_id,
-    collaborative): whether the model ranked them (the ranking's `has_signal`)."""
+    `recommended` (customer_id, rank, product_id, score) and `hidden` (customer_id, product_id):
+    their rows of the stage's tables, in any order; `collaborative` (customer_id, collaborative):
+    whether the model ranked them (the ranking's `has_signal`)."""
 
     def __init__(self, model: Recommender, recommended: pa.Table, hidden: pa.Table, collaborative: pa.Table):
         items = model.scorer.items

@@ -416,6 +416,9 @@ def test_a_kept_ranking_recalibrated_later_equals_ranking_again(purchases, model
         for name in ("recommendations", "hidden", "scored", "skipped"):
             assert getattr(recalibrated, name).equals(getattr(again, name)), name
         assert again.recommendations["product_id"].equals(old.recommendations["product_id"])
+        # untracked hidden products stay untracked, as ranking gives them
+        untracked, _ = score_chunk_safely((later, candidates, False), KeptChunk(chunk, kept.ranking(chunk)))
+        assert untracked.hidden is None and untracked.recommendations.equals(again.recommendations)
     moved = sum(pc.sum(pc.not_equal(later.score_chunk(chunk, candidates).recommendations["confidence"],
                                     old.recommendations["confidence"])).as_py() for chunk, old in zip(chunks, before))
     assert moved > 0, "45 days later some customers must have crossed a recency group"

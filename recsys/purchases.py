@@ -141,7 +141,7 @@ def iter_customer_chunks(source: PurchaseSource, max_customers: int) -> Iterator
             continue
         pending.append(conform_batch(batch))
         table = pa.Table.from_batches(pending).combine_chunks()
-        run_starts = _run_starts(table["customer_id"])
+        run_starts = customer_run_starts(table["customer_id"])
         complete_runs = len(run_starts) - 1  # the last customer may continue in the next batch
         emitted_runs = 0
         while complete_runs - emitted_runs >= max_customers:
@@ -151,7 +151,7 @@ def iter_customer_chunks(source: PurchaseSource, max_customers: int) -> Iterator
         pending = rest.to_batches()
     if pending:
         table = pa.Table.from_batches(pending).combine_chunks()
-        run_starts = _run_starts(table["customer_id"])
+        run_starts = customer_run_starts(table["customer_id"])
         for first in range(0, len(run_starts), max_customers):
             yield _chunk_of_runs(table, run_starts, first, min(first + max_customers, len(run_starts)))
 
@@ -181,7 +181,7 @@ def conform_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
     )
 
 
-def _run_starts(customer_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+def customer_run_starts(customer_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Row offsets where a new customer begins; checks that each customer is one run."""
     if isinstance(customer_ids, pa.ChunkedArray):
         customer_ids = customer_ids.combine_chunks()

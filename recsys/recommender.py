@@ -77,6 +77,7 @@ from recsys.purchases import (
     CustomerChunk,
     ItemIndex,
     PurchaseSource,
+    customer_run_starts,
     distinct_pairs,
     from_micros,
     iter_customer_chunks,
@@ -820,13 +821,9 @@ def _codes(customer_ids: pa.ChunkedArray) -> np.ndarray:
 
 def _runs_by_customer(customer_ids: pa.ChunkedArray | pa.Array) -> dict[str, tuple[int, int]]:
     """customer -> (start, stop) of their run in rows grouped by customer."""
-    ids = customer_ids.combine_chunks() if isinstance(customer_ids, pa.ChunkedArray) else customer_ids
-    if len(ids) == 0:
-        return {}
-    change = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1)).to_numpy(zero_copy_only=False)
-    starts = np.concatenate([[0], np.flatnonzero(change) + 1])
-    stops = np.append(starts[1:], len(ids))
-    return dict(zip(ids.take(pa.array(starts)).to_pylist(), zip(starts.tolist(), stops.tolist())))
+    starts = customer_run_starts(customer_ids)
+    stops = np.append(starts[1:], len(customer_ids))
+    return dict(zip(customer_ids.take(pa.array(starts)).to_pylist(), zip(starts.tolist(), stops.tolist())))
 
 
 def _gather(customer_ids: list[str], runs: dict[str, tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -45,6 +45,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
+from recsys.purchases import run_starts  # lines of a customer are contiguous (_check_sorted)
+
 PURCHASE_COLUMNS = ("customer_id", "product_id", "amount", "purchased_at")
 MICROSECONDS_PER_DAY = 86_400_000_000
 DEFAULT_HALF_LIFE_DAYS = 90.0
@@ -290,7 +292,7 @@ def _whole_customer_tables(
 
 def _split_before_last_customer(table: pa.Table, chunk_lines: int) -> tuple[list[pa.Table], pa.Table]:
     """Cut whole-customer slices of about chunk_lines; the last customer may go on in the next batch."""
-    starts = _run_starts(table.column("customer_id").chunk(0))
+    starts = run_starts(table.column("customer_id").chunk(0))
     last_start = int(starts[-1])
     ready, position = [], 0
     while last_start - position >= chunk_lines:
@@ -303,14 +305,6 @@ def _split_before_last_customer(table: pa.Table, chunk_lines: int) -> tuple[list
         ready.append(table.slice(position, cut - position))
         position = cut
     return ready, table.slice(position)
-
-
-def _run_starts(customer_ids: pa.Array) -> np.ndarray:
-    """Positions where a new customer begins (lines of a customer are contiguous)."""
-    if len(customer_ids) == 0:
-        return np.zeros(0, dtype=np.int64)
-    changed = pc.not_equal(customer_ids[1:], customer_ids[:-1]).to_numpy(zero_copy_only=False)
-    return np.concatenate([[0], np.flatnonzero(changed) + 1]).astype(np.int64)
 
 
 def _check_sorted(customer_ids: pa.ChunkedArray, previous_last_id: str | None) -> str:
@@ -326,7 +320,7 @@ def _pool_table(
     table: pa.Table, products: ProductEmbeddings, as_of_day: int, half_life_days: float, report: PoolingReport
 ) -> CustomerVectorChunk:
     customer_ids = table.column("customer_id").combine_chunks()
-    starts = _run_starts(customer_ids)
+    starts = run_starts(customer_ids)
     report.customers_in += len(starts)
     lines = _valid_lines(table, products, _customer_of_line(starts, len(customer_ids)), report)
     report.lines_after_as_of += int((lines.day > as_of_day).sum())

@@ -181,14 +181,19 @@ def conform_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
     )
 
 
+def run_starts(customer_ids: pa.Array) -> np.ndarray:
+    """Row offsets where the customer id differs from the row before (a new run begins)."""
+    if len(customer_ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    changed = pc.not_equal(customer_ids.slice(1), customer_ids.slice(0, len(customer_ids) - 1))
+    return np.concatenate([[0], np.flatnonzero(changed.to_numpy(zero_copy_only=False)) + 1]).astype(np.int64)
+
+
 def customer_run_starts(customer_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Row offsets where a new customer begins; checks that each customer is one run."""
     if isinstance(customer_ids, pa.ChunkedArray):
         customer_ids = customer_ids.combine_chunks()
-    if len(customer_ids) == 0:
-        return np.zeros(0, dtype=np.int64)
-    changed = pc.not_equal(customer_ids.slice(1), customer_ids.slice(0, len(customer_ids) - 1))
-    starts = np.concatenate([[0], np.flatnonzero(changed.to_numpy(zero_copy_only=False)) + 1])
+    starts = run_starts(customer_ids)
     if len(starts) != pc.count_distinct(customer_ids).as_py():
         raise PurchasesNotGrouped("purchases must be grouped by customer_id (ORDER BY customer_id)")
     return starts

@@ -19,7 +19,8 @@ import dagster as dg
 import pyarrow as pa
 import pytest
 
-from assets.common.current_state import write_state
+from assets.common.current_state import STATE_TABLE, write_state
+from assets.infer.purchases import CUSTOMER_STATE_SQL
 from assets.infer.recommendations import RecommendationsConfig, coverage_since_fit, drift_reason
 from definitions import defs
 from resources.warehouse import DuckDBWarehouse, fetch_all
@@ -243,6 +244,45 @@ def test_the_model_is_refit_on_its_cadence_and_the_reason_recorded(tmp_path, aft
     assert materializations(result)["validated_recommendations"]["build_mode"] == "full"
     models = list((Path(resources["warehouse"].path).parent / "models").glob("recommendations-*.pkl"))
     assert len(models) == 1 and DAY2 in models[0].name  # the replaced model is removed
+
+
+FINGERPRINTED = {"recommendations": "ml.recommendation_customers", "customer_segments": "ml.segment_customers"}
+
+
+def test_the_stored_purchase_fingerprints_are_exact(after_day_one):
+    """What an incremental day compares with passes through Parquet snapshots: each customer's
+    fingerprint comes back with every bit (a DOUBLE would round away changes below its step)."""
+    warehouse = DuckDBWarehouse(path=str(after_day_one))
+    with warehouse.connect(read_only=True) as con:
+        for table in FINGERPRINTED.values():
+            types = dict(fetch_all(con, f"SELECT column_name, column_type FROM (DESCRIBE {table})"))
+            assert types["history_hash"] == "UBIGINT", table
+            differing, customers = fetch_all(con, f"""
+                SELECT count(*) FILTER (WHERE s.history_hash IS DISTINCT FROM n.history_hash), count(*)
+                FROM {table} AS s FULL JOIN ({CUSTOMER_STATE_SQL}) AS n USING (customer_id)""")[0]
+            assert differing == 0 and customers > 0, table
+
+
+def test_a_stored_purchase_state_of_an_older_format_is_rebuilt_for_everyone(tmp_path, after_day_one, landing,
+                                                                           model_server):
+    """A build that stored its fingerprints as DOUBLE (before they were exact): the next day does
+    not compare with them (every customer would differ), it rescores and reassigns everyone once."""
+    resources = pipeline_resources(copy_warehouse(after_day_one, tmp_path / "older"), landing, model_server)
+    with resources["warehouse"].transaction() as con:
+        for asset, table in FINGERPRINTED.items():
+            con.execute(f"ALTER TABLE {table} ALTER history_hash TYPE DOUBLE")
+            con.execute(f"""UPDATE {STATE_TABLE} SET metadata = json_remove(metadata, '$.model.purchase_state')
+                            WHERE asset = ?""", [asset])
+    result = run_day_with(resources, DAY2, {})
+    assert result.success
+    built = materializations(result)
+    assert built["recommendations"]["build_mode"] == "rescore_all"
+    assert built["customer_segments"]["build_mode"] == "reassign_all"
+    for asset in FINGERPRINTED:
+        assert built[asset]["build_mode_reason"] == "the stored purchase fingerprints are of an older format"
+    with resources["warehouse"].connect(read_only=True) as con:
+        for table in FINGERPRINTED.values():
+            assert fetch_all(con, f"SELECT DISTINCT typeof(history_hash) FROM {table}") == [("UBIGINT",)], table
 
 
 def test_coverage_drift_is_measured_on_purchases_since_the_fit(tmp_path):

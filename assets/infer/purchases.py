@@ -27,10 +27,12 @@ def all_purchases_sql(warehouse, where: str = "") -> str:
 
 # Per customer: a fingerprint of every purchase row (any added, removed or edited row changes it),
 # the rows the recsys stages cannot use, and the last usable purchase. What an incremental day
-# compares with the last build's to find the customers whose purchases changed.
+# compares with the last build's to find the customers whose purchases changed. The fingerprint
+# is the rows' 64-bit hashes summed modulo 2^64: a UBIGINT, which the stages' Parquet snapshots
+# keep exactly (a HUGEINT sum came back as DOUBLE, which rounds away differences below its step).
 CUSTOMER_STATE_SQL = """
 SELECT customer_id,
-       sum(hash(product_id, amount, purchased_at))::HUGEINT AS history_hash,
+       (sum(hash(product_id, amount, purchased_at)) % 18446744073709551616::HUGEINT)::UBIGINT AS history_hash,
        count(*) AS purchase_rows,
        count(*) FILTER (WHERE NOT usable) AS invalid_rows,
        max(purchased_at) FILTER (WHERE usable) AS last_purchase_at
@@ -39,6 +41,11 @@ FROM (SELECT customer_id, product_id, amount, purchased_at,
       FROM analytics.stg_purchases)
 GROUP BY customer_id
 """
+
+
+# Recorded with a build's model; a stored state of another format is not compared with (the
+# stage rebuilds every customer's state once instead).
+PURCHASE_STATE_FORMAT = "history-hash-ubigint-1"
 
 
 def purchases_of(customers: str) -> str:

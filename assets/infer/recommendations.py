@@ -48,7 +48,8 @@ from assets.common.current_state import (
 )
 from assets.common.sources import CurrencyError, purchases_currency
 from assets.infer.embeddings import PRODUCT_VECTORS_SQL
-from assets.infer.purchases import CUSTOMER_STATE_SQL, all_purchases_sql, changed_customers_sql, customers_to_redo, purchases_of
+from assets.infer.purchases import (CUSTOMER_STATE_SQL, PURCHASE_STATE_FORMAT, all_purchases_sql,
+                                    changed_customers_sql, customers_to_redo, purchases_of)
 from recsys.customer_vectors import ProductEmbeddings
 from recsys.purchases import iter_customer_chunks
 from recsys.selection import Selection, select_model
@@ -192,6 +193,8 @@ def plan_build(build: StateBuild, model_fingerprint: str) -> Plan:
         return Plan(RESCORE_ALL, "asked by run config (rescore_all)", kept, None)
     if config.force:
         return Plan(REFIT, "forced by run config", None, None)
+    if kept.get("purchase_state") != PURCHASE_STATE_FORMAT:
+        return Plan(RESCORE_ALL, "the stored purchase fingerprints are of an older format", kept, None)
     if not kept.get("incremental_ready"):
         return Plan(RESCORE_ALL, "the kept model recommends through product texts, or the last build had no "
                                  "candidates: what an incremental day needs was not tracked", kept, None)
@@ -599,7 +602,7 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
     fitted_on_day = str(as_of) if plan.mode == REFIT else plan.stored["fitted_on_day"]
     model_info = {"file": model_file, "fingerprint": model_fingerprint, "fitted_on_day": fitted_on_day,
                   "deployed": deployed, "coverage": report.purchase_pairs_covered_by_model,
-                  "incremental_ready": track_hidden}
+                  "incremental_ready": track_hidden, "purchase_state": PURCHASE_STATE_FORMAT}
     incremental = plan.mode == INCREMENTAL
     with build.warehouse.connect() as con:
         staged.publish(con, incremental=incremental)

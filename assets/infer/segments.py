@@ -35,7 +35,8 @@ from assets.common.current_state import (
     semantic_config,
 )
 from assets.infer.embeddings import PRODUCT_VECTORS_SQL
-from assets.infer.purchases import CUSTOMER_STATE_SQL, all_purchases_sql, changed_customers_sql, customers_to_redo, purchases_of
+from assets.infer.purchases import (CUSTOMER_STATE_SQL, PURCHASE_STATE_FORMAT, all_purchases_sql,
+                                    changed_customers_sql, customers_to_redo, purchases_of)
 from recsys.clustering import SegmentingConfig, fit_segments
 from recsys.customer_sample import CustomerSample
 from recsys.customer_vectors import PoolingReport, ProductEmbeddings, iter_customer_vectors
@@ -145,6 +146,8 @@ def plan_segments(build: StateBuild, fingerprint: str) -> SegmentsPlan:
         return SegmentsPlan(REFIT, "forced by run config")
     if not stored.complete:  # the naming request failed: the full pass names the segments again
         return SegmentsPlan(REASSIGN_ALL, f"retrying an incomplete build ({stored.incomplete_reason})")
+    if kept.get("purchase_state") != PURCHASE_STATE_FORMAT:
+        return SegmentsPlan(REASSIGN_ALL, "the stored purchase fingerprints are of an older format")
     if config.store_customer_vectors or stored.as_of > build.as_of:
         return SegmentsPlan(REASSIGN_ALL, "customer vectors are stored, or the table holds a later day")
     return SegmentsPlan(INCREMENTAL, f"clustering fitted on {kept['fitted_on_day']}, "
@@ -426,7 +429,8 @@ def customer_segments(build: StateBuild) -> Built:
         naming_items = int(build.resources.chat_model.provider != "none" and bool(profiles))
         build.record(con, sum(sizes.values()), {
             "segment_sizes": sizes, "items": naming_items, "kept_segment_share": stability,
-            "model": {"fingerprint": fingerprint, "fitted_on_day": fitted_on},
+            "model": {"fingerprint": fingerprint, "fitted_on_day": fitted_on,
+                      "purchase_state": PURCHASE_STATE_FORMAT},
             "build": {"mode": plan.mode, "reason": plan.reason, "customers_assigned": report.customers_out}})
     named_by = "chat" if names else ("profile (chat answer rejected, dead-lettered)" if letter
                                      else "profile (no chat model configured)")

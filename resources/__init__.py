@@ -52,10 +52,12 @@ def lakehouse_configured() -> bool:
 
 def lakehouse() -> Lakehouse:
     """LAKEHOUSE_CATALOG_URI (a SQLAlchemy URL of the SQL catalog, read through dg.EnvVar: it may
-    hold a password) or LAKEHOUSE_REST_URI; LAKEHOUSE_LOCATION (a path or s3://bucket/prefix)."""
+    hold a password) or LAKEHOUSE_REST_URI with LAKEHOUSE_REST_TOKEN (a bearer token, through
+    dg.EnvVar); LAKEHOUSE_LOCATION (a path or s3://bucket/prefix)."""
     return Lakehouse(
         catalog_uri=dg.EnvVar("LAKEHOUSE_CATALOG_URI") if os.getenv("LAKEHOUSE_CATALOG_URI") else None,
         rest_uri=os.getenv("LAKEHOUSE_REST_URI") or None,
+        rest_token=dg.EnvVar("LAKEHOUSE_REST_TOKEN") if os.getenv("LAKEHOUSE_REST_TOKEN") else None,
         location=os.getenv("LAKEHOUSE_LOCATION", "data/lakehouse"),
     )
 

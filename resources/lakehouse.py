@@ -14,7 +14,9 @@ rows, adds the new files and sets the table property `fingerprint.<day>`, the co
 Readers see the day's rows and its fingerprint together or not at all, and a write whose
 fingerprint is already stored is skipped. No lock is taken: writers of other days race only on
 the catalog's pointer swap, and a writer that loses it reloads the table and commits again
-(`commit_attempts`), which is safe because each writer replaces only its own day.
+(`commit_attempts`), which is safe because each writer replaces only its own day. A commit whose
+outcome is unknown (a REST catalog's 503/504) is settled the same way: after a reload the day's
+marker says whether it landed, so it is committed again only if it did not.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class Lakehouse(dg.ConfigurableResource):
         default=None, repr=False, description="SQL catalog: a SQLAlchemy URL (postgresql+psycopg2://...); may hold a "
                                               "password, so pass it through dg.EnvVar.")
     rest_uri: str | None = Field(default=None, description="REST catalog endpoint, instead of catalog_uri.")
+    rest_token: str | None = Field(default=None, repr=False,
+                                   description="REST catalog: a bearer token (pass it through dg.EnvVar).")
     location: str = Field(description="Where data files go: a path or s3://bucket/prefix.")
     # repr=False: s3.secret-access-key lives here (pass it through dg.EnvVar).
     storage_options: dict[str, str] = Field(default_factory=dict, repr=False,
@@ -67,7 +71,7 @@ class Lakehouse(dg.ConfigurableResource):
         location = self.location if "://" in self.location else Path(self.location).resolve().as_uri()
         options: dict[str, Any] = {"warehouse": location, **self.storage_options}
         if self.rest_uri:
-            options.update(type="rest", uri=self.rest_uri)
+            options.update(type="rest", uri=self.rest_uri, **({"token": self.rest_token} if self.rest_token else {}))
         elif self.catalog_uri:
             options.update(type="sql", uri=self.catalog_uri)
         else:
@@ -80,7 +84,7 @@ class Lakehouse(dg.ConfigurableResource):
 
         `data` is a table, or a callable giving the rows as a stream of tables (then `schema` is
         needed): each becomes its own data files, all committed at once, so memory holds one."""
-        from pyiceberg.exceptions import CommitFailedException
+        from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownException, ServiceUnavailableError
 
         day = str(day)
         if isinstance(data, pa.Table):
@@ -92,15 +96,23 @@ class Lakehouse(dg.ConfigurableResource):
         schema = _day_schema(schema)
         catalog = self.catalog()
         iceberg = _table_for(catalog, table, schema)
+        unconfirmed = None  # rows of a commit whose answer was lost (it may have landed)
         for attempt in range(1, self.commit_attempts + 1):
             if iceberg.properties.get(FINGERPRINT_PROPERTY + day) == fingerprint:
-                return Written(table, day, 0, True, attempt - 1)
+                # the marker is stored: by an earlier write (a skip), or by our unconfirmed commit
+                return Written(table, day, unconfirmed or 0, unconfirmed is None, attempt - 1)
+            counted = [0]
             try:
-                rows = _replace_day(iceberg, day, chunks(), schema, fingerprint)
-                return Written(table, day, rows, False, attempt)
-            except CommitFailedException:
+                _replace_day(iceberg, day, chunks(), schema, fingerprint, counted)
+                return Written(table, day, counted[0], False, attempt)
+            except (CommitFailedException, CommitStateUnknownException, ServiceUnavailableError) as exc:
+                # lost the race, or a REST catalog's commit whose outcome is unknown (5xx): reload
+                # and look for the marker; the overwrite of our own day is safe to commit again
                 if attempt == self.commit_attempts:
                     raise
+                if not isinstance(exc, CommitFailedException):
+                    unconfirmed = counted[0]
+                    log.warning(f"{table} {day}: commit answered {type(exc).__name__}; reloading to see whether it landed")
                 time.sleep(random.uniform(0, 0.05 * 2 ** attempt))  # the others commit meanwhile
                 iceberg = catalog.load_table(table)
         raise AssertionError("unreachable")
@@ -117,19 +129,19 @@ class Lakehouse(dg.ConfigurableResource):
         return self.catalog().load_table(table).scan(row_filter=EqualTo(PARTITION_COLUMN, str(day))).to_arrow()
 
 
-def _replace_day(iceberg, day: str, chunks: Iterable[pa.Table], schema: pa.Schema, fingerprint: str) -> int:
-    """One transaction: the day's rows deleted, every chunk added, the marker set; one commit."""
+def _replace_day(iceberg, day: str, chunks: Iterable[pa.Table], schema: pa.Schema, fingerprint: str,
+                 counted: list[int]) -> None:
+    """One transaction: the day's rows deleted, every chunk added, the marker set; one commit.
+    `counted[0]`: the rows added (known even when the commit then fails)."""
     from pyiceberg.expressions import EqualTo
 
-    rows = 0
     with iceberg.transaction() as tx:
         tx.delete(EqualTo(PARTITION_COLUMN, day))
         for chunk in chunks:
             if chunk.num_rows:
                 tx.append(_with_day(chunk, day).cast(schema))
-                rows += chunk.num_rows
+                counted[0] += chunk.num_rows
         tx.set_properties({FINGERPRINT_PROPERTY + day: fingerprint})
-    return rows
 
 
 def _day_schema(schema: pa.Schema) -> pa.Schema:
@@ -146,7 +158,7 @@ def _with_day(data: pa.Table, day: str) -> pa.Table:
 
 def _table_for(catalog, name: str, schema: pa.Schema):
     """The table, created on first use: identity-partitioned by day (string, yyyy-mm-dd)."""
-    from pyiceberg.exceptions import NamespaceAlreadyExistsError, TableAlreadyExistsError
+    from pyiceberg.exceptions import CommitFailedException, NamespaceAlreadyExistsError, TableAlreadyExistsError
     from pyiceberg.transforms import IdentityTransform
 
     if catalog.table_exists(name):
@@ -160,6 +172,6 @@ def _table_for(catalog, name: str, schema: pa.Schema):
         with catalog.create_table_transaction(name, schema=schema) as create:  # created with its spec, at once
             with create.update_spec() as spec:
                 spec.add_field(PARTITION_COLUMN, IdentityTransform(), PARTITION_COLUMN)
-    except TableAlreadyExistsError:  # another writer created it first
-        pass
+    except (TableAlreadyExistsError, CommitFailedException):  # another writer created it first (a REST
+        pass                                                    # catalog says so as a failed commit, 409)
     return catalog.load_table(name)

@@ -1,11 +1,12 @@
-"""The lakehouse (Iceberg through pyiceberg, SQL catalog on a real PostgreSQL): a day is written
-as one idempotent partition overwrite with its fingerprint as the commit marker, by as many
-processes at once as there are days, without a lock; and the day's validated recommendations are
-published there."""
+"""The lakehouse (Iceberg through pyiceberg, SQL catalog on a real PostgreSQL, and the same catalog
+behind a REST catalog server on 127.0.0.1): a day is written as one idempotent partition overwrite
+with its fingerprint as the commit marker, by as many processes at once as there are days, without
+a lock; and the day's validated recommendations are published there."""
 
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -14,8 +15,10 @@ import pytest
 
 from assets.outputs.business_rules import validated_recommendations
 from assets.outputs.publish import PUBLISHED_TABLE, published_recommendations
+from resources import lakehouse as lakehouse_from_environment
 from resources.lakehouse import PARTITION_COLUMN, Lakehouse
 from resources.warehouse import fetch_all
+from tests.iceberg_rest_server import IcebergRestServer
 from tests.postgres_support import PostgresServer, postgres_fixture  # noqa: F401 (`postgres`)
 from tests.test_outputs import DAY, seed
 
@@ -33,26 +36,41 @@ def lakehouse_for(server: PostgresServer, folder: Path) -> Lakehouse:
     return Lakehouse(catalog_uri=catalog_url(server), location=str(folder / "lake"))
 
 
+@pytest.fixture(params=["sql", "rest"])
+def lake_options(request, postgres, tmp_path) -> Iterator[dict]:
+    """Lakehouse options: the SQL catalog, or the same kind of catalog served through the REST protocol."""
+    location = tmp_path / "lake"
+    if request.param == "sql":
+        yield {"catalog_uri": catalog_url(postgres), "location": str(location)}
+        return
+    with rest_catalog(postgres, location) as server:
+        yield {"rest_uri": server.uri, "location": str(location)}
+
+
+def rest_catalog(postgres: PostgresServer, location: Path, token: str | None = None) -> IcebergRestServer:
+    return IcebergRestServer({"uri": catalog_url(postgres), "warehouse": location.resolve().as_uri()}, token=token)
+
+
 def rows_of_day(day: str) -> pa.Table:
     number = int(day[-2:])
     return pa.table({"customer_id": [f"c{number:02d}-{i:05d}" for i in range(ROWS_PER_DAY)],
                      "score": pa.array([number + i / ROWS_PER_DAY for i in range(ROWS_PER_DAY)], pa.float64())})
 
 
-def write_one_day(arguments: tuple[str, str, str]) -> tuple[str, int, bool, int]:
+def write_one_day(arguments: tuple[dict, str]) -> tuple[str, int, bool, int]:
     """In its own process: write one day (twice: the second write must be a skip)."""
-    catalog, location, day = arguments
-    lakehouse = Lakehouse(catalog_uri=catalog, location=location)
+    options, day = arguments
+    lakehouse = Lakehouse(**options)
     first = lakehouse.write_day("raw.scores", day, rows_of_day(day), f"batch-{day}")
     again = lakehouse.write_day("raw.scores", day, rows_of_day(day), f"batch-{day}")
     assert again.skipped and again.rows == 0
     return day, first.rows, first.skipped, first.attempts
 
 
-def test_ten_processes_write_ten_days_at_once_without_a_lock_and_every_row_lands_once(postgres, tmp_path):
-    lakehouse = lakehouse_for(postgres, tmp_path)
+def test_ten_processes_write_ten_days_at_once_without_a_lock_and_every_row_lands_once(lake_options):
+    lakehouse = Lakehouse(**lake_options)
     lakehouse.write_day("raw.scores", "2011-08-31", rows_of_day("2011-08-31"), "first")  # the table exists
-    jobs = [(catalog_url(postgres), lakehouse.location, day) for day in DAYS]
+    jobs = [(lake_options, day) for day in DAYS]
     pool = multiprocessing.get_context("spawn").Pool(len(DAYS))
     try:
         written = pool.map(write_one_day, jobs)
@@ -69,8 +87,8 @@ def test_ten_processes_write_ten_days_at_once_without_a_lock_and_every_row_lands
     print("commit attempts per writer:", sorted(attempts for *_, attempts in written))
 
 
-def test_a_changed_day_is_replaced_exactly_and_the_other_days_are_untouched(postgres, tmp_path):
-    lakehouse = lakehouse_for(postgres, tmp_path)
+def test_a_changed_day_is_replaced_exactly_and_the_other_days_are_untouched(lake_options):
+    lakehouse = Lakehouse(**lake_options)
     for day in DAYS[:3]:
         lakehouse.write_day("raw.replaced", day, rows_of_day(day), f"v1-{day}")
     smaller = rows_of_day(DAYS[1]).slice(0, 10)
@@ -169,3 +187,32 @@ def test_days_on_s3_are_written_replaced_and_read_through_a_local_s3_endpoint(po
         assert any(key.endswith(".metadata.json") for key in stored)
     finally:
         server.stop()
+
+
+def test_a_rest_catalog_gets_its_token_and_a_commit_whose_answer_is_lost_is_reported_once(
+        postgres, tmp_path, monkeypatch):
+    """The REST catalog asks for a bearer token (configured through dg.EnvVar, never shown). A commit
+    refused with 503 is committed again; a commit that landed but whose answer was lost (504) is
+    found by its marker on reload: reported as written once, not written twice, not a skip."""
+    from pyiceberg.exceptions import UnauthorizedError
+
+    location = tmp_path / "lake"
+    with rest_catalog(postgres, location, token="rest-secret-token") as server:
+        with pytest.raises(UnauthorizedError):
+            Lakehouse(rest_uri=server.uri, location=str(location)).write_day("raw.rest", DAYS[0], rows_of_day(DAYS[0]), "v1")
+        monkeypatch.delenv("LAKEHOUSE_CATALOG_URI", raising=False)
+        monkeypatch.setenv("LAKEHOUSE_REST_URI", server.uri)
+        monkeypatch.setenv("LAKEHOUSE_REST_TOKEN", "rest-secret-token")
+        monkeypatch.setenv("LAKEHOUSE_LOCATION", str(location))
+        lakehouse = lakehouse_from_environment().process_config_and_initialize()  # as a run resolves dg.EnvVar
+        assert "rest-secret-token" not in repr(lakehouse)
+        assert not lakehouse.write_day("raw.rest", DAYS[0], rows_of_day(DAYS[0]), "v1").skipped
+        server.commit_faults = ["refuse", "lose_answer"]
+        smaller = rows_of_day(DAYS[0]).slice(0, 10)
+        written = lakehouse.write_day("raw.rest", DAYS[0], smaller, "v2")
+        assert (written.rows, written.skipped, written.attempts) == (10, False, 2)
+        assert server.commit_faults == []
+        assert lakehouse.read_day("raw.rest", DAYS[0]).drop_columns([PARTITION_COLUMN]).equals(smaller)
+        assert lakehouse.day_fingerprint("raw.rest", DAYS[0]) == "v2"
+        assert lakehouse.write_day("raw.rest", DAYS[0], smaller, "v2").skipped
+        assert ("POST", "/v1/namespaces/raw/tables/rest") in server.requests  # the commits went through REST

@@ -76,7 +76,20 @@ class Lakehouse(dg.ConfigurableResource):
             options.update(type="sql", uri=self.catalog_uri)
         else:
             raise ValueError("Lakehouse needs catalog_uri (SQL catalog) or rest_uri (REST catalog)")
-        return load_catalog(self.catalog_name, **options)
+        if options["type"] == "rest":
+            return load_catalog(self.catalog_name, **options)
+        from sqlalchemy.exc import DBAPIError
+
+        for attempt in range(1, 4):
+            try:
+                return load_catalog(self.catalog_name, **options)
+            except DBAPIError:
+                # a new SQL catalog creates its tables if missing (check, then create): writers that
+                # start at once on a fresh database race there (seen with ten); the loser finds them
+                if attempt == 3:
+                    raise
+                time.sleep(0.1 * attempt)
+        raise AssertionError("unreachable")
 
     def write_day(self, table: str, day: str | dt.date, data: pa.Table | Callable[[], Iterable[pa.Table]],
                   fingerprint: str, schema: pa.Schema | None = None) -> Written:
@@ -168,6 +181,11 @@ def _table_for(catalog, name: str, schema: pa.Schema):
         catalog.create_namespace(namespace)
     except NamespaceAlreadyExistsError:
         pass
+    except Exception:
+        # the SQL catalog checks, then inserts: a writer that loses that race gets the database's
+        # unique violation (seen with ten writers of a new table); the namespace is there then
+        if not catalog.namespace_exists(namespace):
+            raise
     try:
         with catalog.create_table_transaction(name, schema=schema) as create:  # created with its spec, at once
             with create.update_spec() as spec:

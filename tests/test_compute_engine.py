@@ -127,8 +127,15 @@ KEYED_MODELS = {  # doubles summed by different threads or shards may differ in 
 }
 
 
-def test_keyed_sql_models_built_in_shards_on_ray_equal_the_warehouse_build(tmp_path, before_recommendations, ray_cluster):
-    """The model's own DuckDB SQL, run per hash shard of its key on the Ray workers."""
+UNKEYED_MODELS = {
+    "stg_order_lines": "SELECT * FROM analytics.stg_order_lines ORDER BY ALL",
+    "dim_products": "SELECT * FROM analytics.dim_products ORDER BY ALL",
+}
+
+
+def test_sql_models_built_on_ray_equal_the_warehouse_build(tmp_path, before_recommendations, ray_cluster):
+    """The model's own DuckDB SQL on the Ray workers: per hash shard of its key, or whole on one
+    worker for a model without a key."""
     from definitions import defs
 
     path = tmp_path / "warehouse.duckdb"
@@ -136,17 +143,19 @@ def test_keyed_sql_models_built_in_shards_on_ray_equal_the_warehouse_build(tmp_p
     with FakeOpenAIServer(default_dimensions=384) as server:
         resources = {**pipeline_resources(path, before_recommendations[1], server),
                      "compute_engine": ComputeEngine(kind="ray", address=ray_cluster.address, workers=2)}
-        reference = {name: table_digest(resources["warehouse"], sql) for name, sql in KEYED_MODELS.items()}
-        assets = [defs.get_assets_def(dg.AssetKey(name)) for name in KEYED_MODELS]
-        config = {"ops": {name: {"config": {"force": True}} for name in KEYED_MODELS}}
+        models = {**UNKEYED_MODELS, **KEYED_MODELS}
+        reference = {name: table_digest(resources["warehouse"], sql) for name, sql in models.items()}
+        assets = [defs.get_assets_def(dg.AssetKey(name)) for name in models]
+        config = {"ops": {name: {"config": {"force": True}} for name in models}}
         result = dg.materialize(assets, partition_key=DAY, resources=resources, run_config=config)
     assert result.success
     built = {e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
              for e in result.get_asset_materialization_events()}
-    for name in KEYED_MODELS:
-        assert built[name]["engine"] == "ray" and built[name]["engine_shards"] == 4, name
+    for name in models:
+        assert built[name]["engine"] == "ray", name
+        assert built[name]["engine_shards"] == (4 if name in KEYED_MODELS else 1), name
         assert built[name]["build_mode"] == "full", name
-    assert {name: table_digest(resources["warehouse"], sql) for name, sql in KEYED_MODELS.items()} == reference
+    assert {name: table_digest(resources["warehouse"], sql) for name, sql in models.items()} == reference
     with resources["warehouse"].connect(read_only=True) as con:  # the shards are loaded in the model's order
         stored = [row[0] for row in con.execute("SELECT customer_id FROM analytics.stg_purchases").fetchall()]
     assert stored == sorted(stored)

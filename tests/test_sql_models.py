@@ -174,7 +174,7 @@ def test_the_dbt_style_tests_next_to_the_sql_are_blocking_checks(warehouse, tmp_
     seed_raw_tables(warehouse, QUIRKY_LINES)
     assets = {a.key.to_user_string(): a for a in build_sql_assets(models)}
     result = dg.materialize([assets["stg_order_lines"], assets["dim_products"]], partition_key=DAY,
-                            resources={"warehouse": warehouse}, raise_on_error=False)
+                            resources={"warehouse": warehouse, "compute_engine": ComputeEngine()}, raise_on_error=False)
     assert not result.success
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["not_null__customer_id"].passed and checks["accepted_values__description"].passed

@@ -1,4 +1,4 @@
-"""Keyed SQL models on the compute engine: the model's own DuckDB SQL, run shard by shard on the
+"""SQL models on the compute engine: the model's own DuckDB SQL, run shard by shard on the
 engine's workers (Ray), with no translation to another dialect.
 
 A model declared `incremental:` in sql/schema.yml has a unique key, and a key's rows depend only
@@ -7,7 +7,9 @@ short read connection each keyed input is copied to Parquet partitioned by `hash
 each lookup whole; each worker runs the SELECT in an in-memory DuckDB over its shard
 (recsys.engines.run_sql_shard); the step then loads the shards' rows in its write transaction.
 No lock is held while the workers compute. Incremental days stay in the warehouse: they touch
-a few keys, which is cheaper than shipping the inputs.
+a few keys, which is cheaper than shipping the inputs. A model without a key cannot be cut: it
+runs whole as one shard on one worker (every input whole), which moves its work off the step's
+machine but does not spread it.
 """
 
 import shutil
@@ -24,10 +26,11 @@ SHARDS_PER_WORKER = 2
 
 
 @contextmanager
-def computed_on_engine(build: StateBuild, model, spec: Incremental, params: dict, engine
+def computed_on_engine(build: StateBuild, model, spec: Incremental | None, params: dict, engine
                        ) -> Iterator[tuple[Path, int, int]]:
-    """(folder of the rows as Parquet files, rows, shards); the scratch files go on exit."""
-    shards = engine.sql_shards or engine.workers * SHARDS_PER_WORKER
+    """(folder of the rows as Parquet files, rows, shards); the scratch files go on exit.
+    `spec` None: the model has no key, one shard."""
+    shards = 1 if spec is None else engine.sql_shards or engine.workers * SHARDS_PER_WORKER
     build.warehouse.scratch_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f"sharded-{model.name}-", dir=build.warehouse.scratch_dir))
     try:
@@ -41,15 +44,17 @@ def computed_on_engine(build: StateBuild, model, spec: Incremental, params: dict
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def copy_inputs(build: StateBuild, model, spec: Incremental, shards: int, folder: Path) -> dict[str, tuple[str, bool]]:
-    """Each input as Parquet: keyed ones split by hash of the key, lookups whole (one read lock)."""
+def copy_inputs(build: StateBuild, model, spec: Incremental | None, shards: int, folder: Path
+                ) -> dict[str, tuple[str, bool]]:
+    """Each input as Parquet: keyed ones split by hash of the key, lookups (and every input of a
+    model without a key) whole; under one read lock."""
     inputs = {}
     with build.warehouse.connect(read_only=True) as con:
-        bound = spec.bind(con, model.tables_read)
+        bound = spec.bind(con, model.tables_read) if spec is not None else None
         for table in model.tables_read:
             target = folder / table
             target.mkdir(parents=True)
-            keyed = table in bound.keyed_inputs
+            keyed = bound is not None and table in bound.keyed_inputs
             con.execute(f"COPY (SELECT * FROM {table} LIMIT 0) TO '{quoted(target / 'empty.parquet')}' (FORMAT parquet)")
             if keyed:
                 con.execute(f"""COPY (SELECT *, hash({bound.unique_key}) % {shards} AS shard FROM {table})

@@ -143,8 +143,8 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
         kinds={"duckdb", "sql"},
         metadata={"table": model.table, "sql_file": f"sql/{model.name}.sql", **(code_references(model.path) if model.path else {})},
         personal_data=personal_data,
-        # A keyed model's full build can run sharded on the compute engine (sharded.py).
-        resources=("warehouse", "compute_engine") if keyed is not None else ("warehouse",),
+        # A full build can run on the compute engine: a keyed model's in shards (sharded.py).
+        resources=("warehouse", "compute_engine"),
         checks=model_tests.check_specs(model.name, tests),
         verdicts=model_tests.verdicts(tests) if tests else None,
     )
@@ -152,8 +152,8 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
         params = sql_parameters(model, build.context)
         with ExitStack() as stack:
             computed, where = None, {}
-            engine = build.resources.compute_engine if keyed is not None else None
-            if engine is not None and engine.distributed and rebuilds_fully(build, model, keyed):
+            engine = build.resources.compute_engine
+            if engine.distributed and (keyed is None or rebuilds_fully(build, model, keyed)):
                 computed = stack.enter_context(sharded.computed_on_engine(build, model, keyed, params, engine))
                 where = {**engine.describe(), "engine_shards": computed[2]}
             with build.warehouse.transaction() as con:
@@ -184,7 +184,10 @@ def build_table(con, build: StateBuild, model: SqlModel, params: dict, spec: inc
     `computed`: the full build's rows, already computed on the compute engine (sharded.py).
     Returns (mode, reason, keys rebuilt, the upstream models whose key fingerprints it took)."""
     if spec is None:
-        con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
+        if computed is not None:
+            load_computed(con, model, params, computed)
+        else:
+            con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
         return "full", "not an incremental model", None, []
     spec = spec.bind(con, model.tables_read)
     built_with = {u.model: built_code(read_state(con, u.model)) for u in (upstream or {}).values()}

@@ -104,10 +104,10 @@ def test_a_changed_day_is_replaced_exactly_and_the_other_days_are_untouched(lake
     assert lakehouse.day_fingerprint("raw.replaced", DAYS[0]) == "v2-empty"
 
 
-def test_the_days_validated_recommendations_are_published_and_a_rerun_is_a_skip(postgres, tmp_path, warehouse):
+def test_the_days_validated_recommendations_are_published_and_a_rerun_is_a_skip(lake_options, warehouse):
     seed(warehouse)
     assert dg.materialize([validated_recommendations], partition_key=DAY, resources={"warehouse": warehouse}).success
-    resources = {"warehouse": warehouse, "lakehouse": lakehouse_for(postgres, tmp_path)}
+    resources = {"warehouse": warehouse, "lakehouse": Lakehouse(**lake_options)}
 
     def publish() -> dict:
         result = dg.materialize([published_recommendations], partition_key=DAY, resources=resources)

@@ -99,7 +99,9 @@ def run_sql_shard(shared: tuple[str, dict, dict[str, tuple[str, bool]], str, str
     import duckdb
 
     sql, params, inputs, out_dir, memory_limit = shared
-    with duckdb.connect(config={"threads": 1, "memory_limit": memory_limit}) as con:
+    # spills beside its output (an in-memory DuckDB would spill to .tmp in the working directory)
+    config = {"threads": 1, "memory_limit": memory_limit, "temp_directory": f"{out_dir}/.spill-{shard}"}
+    with duckdb.connect(config=config) as con:
         for table, (folder, keyed) in inputs.items():
             pattern = f"{folder}/shards/shard={shard}/*.parquet" if keyed else f"{folder}/all.parquet"
             files = sorted(glob.glob(pattern)) or [f"{folder}/empty.parquet"]

@@ -35,12 +35,19 @@ class ComputeEngine(dg.ConfigurableResource):
     address: str | None = Field(
         default=None, description="ray: the cluster (ray://host:10001, auto); unset: a private local Ray.")
     workers: int = Field(default=2, ge=1, description="ray: worker processes (actors), one CPU each.")
-    sql_shards: int = Field(default=0, ge=0, description="ray: hash shards of a keyed SQL model's full build "
-                                                        "(0: two per worker); more shards, less memory each.")
+    sql_shards: int = Field(default=0, ge=0, description=(
+        "Hash shards of a keyed SQL model's full build; more shards, less memory each. ray: 0 = two per "
+        "worker. threads: 0 = one query in the warehouse; N = N shards one after another in the step, "
+        "each in its own DuckDB (for a model whose one query does not fit in memory_limit)."))
 
     @property
     def distributed(self) -> bool:
         return self.kind == RAY
+
+    def builds_in_shards(self, keyed: bool) -> bool:
+        """Whether a SQL model's full build runs through sharded.py: every model on Ray (one
+        without a key as one shard), a keyed one in the step when sql_shards is set."""
+        return self.distributed or (keyed and self.sql_shards > 0)
 
     def describe(self) -> dict[str, Any]:
         """For materialization metadata: where the work ran."""

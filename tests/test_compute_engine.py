@@ -136,13 +136,33 @@ UNKEYED_MODELS = {
 def test_sql_models_built_on_ray_equal_the_warehouse_build(tmp_path, before_recommendations, ray_cluster):
     """The model's own DuckDB SQL on the Ray workers: per hash shard of its key, or whole on one
     worker for a model without a key."""
+    built = rebuild_models_on(tmp_path, before_recommendations,
+                              ComputeEngine(kind="ray", address=ray_cluster.address, workers=2))
+    for name in {**UNKEYED_MODELS, **KEYED_MODELS}:
+        assert built[name]["engine"] == "ray", name
+        assert built[name]["engine_shards"] == (4 if name in KEYED_MODELS else 1), name
+
+
+def test_keyed_sql_models_built_in_shards_in_the_step_equal_the_warehouse_build(tmp_path, before_recommendations):
+    """SQL_SHARDS with the threads engine: the same shards one after another in the step's
+    process, each in its own DuckDB (for a model whose one query does not fit); the models
+    without a key still build in the warehouse."""
+    built = rebuild_models_on(tmp_path, before_recommendations, ComputeEngine(sql_shards=3))
+    for name in KEYED_MODELS:
+        assert built[name]["engine"] == "threads" and built[name]["engine_shards"] == 3, name
+    for name in UNKEYED_MODELS:
+        assert "engine_shards" not in built[name], name
+
+
+def rebuild_models_on(tmp_path: Path, before, engine: ComputeEngine) -> dict[str, dict]:
+    """Force a full build of every SQL model on a copy of the warehouse with `engine`: each
+    table equals the warehouse's own build, and stg_purchases is stored in its model's order."""
     from definitions import defs
 
     path = tmp_path / "warehouse.duckdb"
-    shutil.copy(before_recommendations[0], path)
+    shutil.copy(before[0], path)
     with FakeOpenAIServer(default_dimensions=384) as server:
-        resources = {**pipeline_resources(path, before_recommendations[1], server),
-                     "compute_engine": ComputeEngine(kind="ray", address=ray_cluster.address, workers=2)}
+        resources = {**pipeline_resources(path, before[1], server), "compute_engine": engine}
         models = {**UNKEYED_MODELS, **KEYED_MODELS}
         reference = {name: table_digest(resources["warehouse"], sql) for name, sql in models.items()}
         assets = [defs.get_assets_def(dg.AssetKey(name)) for name in models]
@@ -151,11 +171,9 @@ def test_sql_models_built_on_ray_equal_the_warehouse_build(tmp_path, before_reco
     assert result.success
     built = {e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
              for e in result.get_asset_materialization_events()}
-    for name in models:
-        assert built[name]["engine"] == "ray", name
-        assert built[name]["engine_shards"] == (4 if name in KEYED_MODELS else 1), name
-        assert built[name]["build_mode"] == "full", name
+    assert all(built[name]["build_mode"] == "full" for name in models)
     assert {name: table_digest(resources["warehouse"], sql) for name, sql in models.items()} == reference
     with resources["warehouse"].connect(read_only=True) as con:  # the shards are loaded in the model's order
         stored = [row[0] for row in con.execute("SELECT customer_id FROM analytics.stg_purchases").fetchall()]
     assert stored == sorted(stored)
+    return built

@@ -6,7 +6,9 @@ on that key's input rows and on the lookups. So its full build can be cut by has
 short read connection each keyed input is copied to Parquet partitioned by `hash(key) % shards`,
 each lookup whole; each worker runs the SELECT in an in-memory DuckDB over its shard
 (recsys.engines.run_sql_shard); the step then loads the shards' rows in its write transaction.
-No lock is held while the workers compute. Incremental days stay in the warehouse: they touch
+No lock is held while the workers compute. With the threads engine and `sql_shards` set, the
+same shards run one after another in the step's process: the lever for a model whose single
+query does not fit in the warehouse's memory_limit (stg_customer_history at 20M customers). Incremental days stay in the warehouse: they touch
 a few keys, which is cheaper than shipping the inputs. A model without a key cannot be cut: it
 runs whole as one shard on one worker (every input whole), which moves its work off the step's
 machine but does not spread it.
@@ -38,7 +40,8 @@ def computed_on_engine(build: StateBuild, model, spec: Incremental | None, param
         out = folder / "out"
         out.mkdir()
         shared = (model.sql, params, inputs, str(out), build.warehouse.memory_limit)
-        rows = sum(count for _, count in engine.ordered_map(run_sql_shard, range(shards), shared=shared))
+        # threads: one shard at a time, so the step holds one shard's DuckDB (that is the point)
+        rows = sum(count for _, count in engine.ordered_map(run_sql_shard, range(shards), shared=shared, threads=1))
         yield out, rows, shards
     finally:
         shutil.rmtree(folder, ignore_errors=True)

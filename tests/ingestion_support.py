@@ -12,6 +12,7 @@ from assets.ingest import build_ingestion_assets
 from assets.validate import build_suite_checks
 from generator import FaultRates, GeneratorConfig, generate
 from resources.alerts import Alerts
+from resources.compute_engine import ComputeEngine
 from resources.landing import LandingZone
 from resources.warehouse import DuckDBWarehouse, fetch_all
 
@@ -37,7 +38,7 @@ def raw_resources(warehouse: DuckDBWarehouse, landing: LandingZone | Path | str,
     zone = landing if isinstance(landing, LandingZone) else LandingZone(root=str(landing))
     alerts = Alerts(warehouse=warehouse, webhook_url=webhook_url, webhook_attempts=2, webhook_backoff_seconds=0.01,
                     webhook_timeout_seconds=2)
-    return {"warehouse": warehouse, "landing": zone, "alerts": alerts}
+    return {"warehouse": warehouse, "landing": zone, "alerts": alerts, "compute_engine": ComputeEngine()}
 
 
 def materialize(resources: dict[str, Any], partition: str, assets: list | None = None, force: bool = False,

@@ -16,6 +16,7 @@ from assets.transform.sql_models import SQL_DIR
 from assets.validate import rules
 from definitions import build_definitions
 from resources.alerts import Alerts
+from resources.compute_engine import ComputeEngine
 from resources.landing import LandingZone
 from resources.warehouse import fetch_all
 
@@ -72,7 +73,8 @@ def test_a_new_source_is_one_registry_entry(registry, tmp_path, warehouse):
     (landing / "returns" / f"{DAY}.csv").write_text("ReturnId,StockCode,Quantity\nr1,85123A,2\nr2,85123A,1\n,22000,1\n")
     selected = [defs.get_assets_def(dg.AssetKey(name)) for name in ("raw_returns", "returns_by_product")]
     result = dg.materialize(selected, partition_key=DAY, resources={
-        "warehouse": warehouse, "landing": LandingZone(root=str(landing)), "alerts": Alerts(warehouse=warehouse)})
+        "warehouse": warehouse, "landing": LandingZone(root=str(landing)), "alerts": Alerts(warehouse=warehouse),
+        "compute_engine": ComputeEngine()})
     assert result.success
     with warehouse.connect(read_only=True) as con:
         assert fetch_all(con, "SELECT * FROM analytics.returns_by_product") == [("85123A", 3)]

@@ -8,10 +8,10 @@ each lookup whole; each worker runs the SELECT in an in-memory DuckDB over its s
 (recsys.engines.run_sql_shard); the step then loads the shards' rows in its write transaction.
 No lock is held while the workers compute. With the threads engine and `sql_shards` set, the
 same shards run one after another in the step's process: the lever for a model whose single
-query does not fit in the warehouse's memory_limit (stg_customer_history at 20M customers). Incremental days stay in the warehouse: they touch
-a few keys, which is cheaper than shipping the inputs. A model without a key cannot be cut: it
-runs whole as one shard on one worker (every input whole), which moves its work off the step's
-machine but does not spread it.
+query does not fit in the warehouse's memory_limit (stg_customer_history at 20M customers).
+Incremental days stay in the warehouse: they touch a few keys, which is cheaper than shipping
+the inputs. A model without a key cannot be cut: on Ray it runs whole as one shard on one worker
+(every input whole), which moves its work off the step's machine but does not spread it.
 """
 
 import shutil
@@ -41,7 +41,8 @@ def computed_on_engine(build: StateBuild, model, spec: Incremental | None, param
         out.mkdir()
         shared = (model.sql, params, inputs, str(out), build.warehouse.memory_limit)
         # threads: one shard at a time, so the step holds one shard's DuckDB (that is the point)
-        rows = sum(count for _, count in engine.ordered_map(run_sql_shard, range(shards), shared=shared, threads=1))
+        counts = engine.ordered_map(run_sql_shard, range(shards), shared=shared, threads=1)
+        rows = sum(count for _, count in counts)
         yield out, rows, shards
     finally:
         shutil.rmtree(folder, ignore_errors=True)

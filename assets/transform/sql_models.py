@@ -153,7 +153,8 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
         with ExitStack() as stack:
             computed, where = None, {}
             engine = build.resources.compute_engine
-            if engine.builds_in_shards(keyed is not None) and (keyed is None or rebuilds_fully(build, model, keyed)):
+            in_shards = engine.builds_in_shards(keyed is not None)
+            if in_shards and (keyed is None or rebuilds_fully(build, model, keyed)):
                 computed = stack.enter_context(sharded.computed_on_engine(build, model, keyed, params, engine))
                 where = {**engine.describe(), "engine_shards": computed[2]}
             with build.warehouse.transaction() as con:

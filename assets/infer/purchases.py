@@ -43,9 +43,16 @@ GROUP BY customer_id
 """
 
 
-# Recorded with a build's model; a stored state of another format is not compared with (the
-# stage rebuilds every customer's state once instead).
+# Recorded with a build's model ("purchase_state"); a stored state of another format is not
+# compared with (the stage rebuilds every customer's state once instead).
 PURCHASE_STATE_FORMAT = "history-hash-ubigint-1"
+
+
+def outdated_state_reason(model_record: dict) -> str | None:
+    """Why the customer state a build stored cannot be compared with (None: it can)."""
+    if model_record.get("purchase_state") != PURCHASE_STATE_FORMAT:
+        return "the stored purchase fingerprints are of an older format"
+    return None
 
 
 def purchases_of(customers: str) -> str:

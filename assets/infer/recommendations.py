@@ -49,7 +49,8 @@ from assets.common.current_state import (
 from assets.common.sources import CurrencyError, purchases_currency
 from assets.infer.embeddings import PRODUCT_VECTORS_SQL
 from assets.infer.purchases import (CUSTOMER_STATE_SQL, PURCHASE_STATE_FORMAT, all_purchases_sql,
-                                    changed_customers_sql, customers_to_redo, purchases_of)
+                                    changed_customers_sql, customers_to_redo, outdated_state_reason,
+                                    purchases_of)
 from recsys.customer_vectors import ProductEmbeddings
 from recsys.purchases import iter_customer_chunks
 from recsys.selection import Selection, select_model
@@ -193,8 +194,8 @@ def plan_build(build: StateBuild, model_fingerprint: str) -> Plan:
         return Plan(RESCORE_ALL, "asked by run config (rescore_all)", kept, None)
     if config.force:
         return Plan(REFIT, "forced by run config", None, None)
-    if kept.get("purchase_state") != PURCHASE_STATE_FORMAT:
-        return Plan(RESCORE_ALL, "the stored purchase fingerprints are of an older format", kept, None)
+    if outdated := outdated_state_reason(kept):
+        return Plan(RESCORE_ALL, outdated, kept, None)
     if not kept.get("incremental_ready"):
         return Plan(RESCORE_ALL, "the kept model recommends through product texts, or the last build had no "
                                  "candidates: what an incremental day needs was not tracked", kept, None)

@@ -36,7 +36,8 @@ from assets.common.current_state import (
 )
 from assets.infer.embeddings import PRODUCT_VECTORS_SQL
 from assets.infer.purchases import (CUSTOMER_STATE_SQL, PURCHASE_STATE_FORMAT, all_purchases_sql,
-                                    changed_customers_sql, customers_to_redo, purchases_of)
+                                    changed_customers_sql, customers_to_redo, outdated_state_reason,
+                                    purchases_of)
 from recsys.clustering import SegmentingConfig, fit_segments
 from recsys.customer_sample import CustomerSample
 from recsys.customer_vectors import PoolingReport, ProductEmbeddings, iter_customer_vectors
@@ -146,8 +147,8 @@ def plan_segments(build: StateBuild, fingerprint: str) -> SegmentsPlan:
         return SegmentsPlan(REFIT, "forced by run config")
     if not stored.complete:  # the naming request failed: the full pass names the segments again
         return SegmentsPlan(REASSIGN_ALL, f"retrying an incomplete build ({stored.incomplete_reason})")
-    if kept.get("purchase_state") != PURCHASE_STATE_FORMAT:
-        return SegmentsPlan(REASSIGN_ALL, "the stored purchase fingerprints are of an older format")
+    if outdated := outdated_state_reason(kept):
+        return SegmentsPlan(REASSIGN_ALL, outdated)
     if config.store_customer_vectors or stored.as_of > build.as_of:
         return SegmentsPlan(REASSIGN_ALL, "customer vectors are stored, or the table holds a later day")
     return SegmentsPlan(INCREMENTAL, f"clustering fitted on {kept['fitted_on_day']}, "

@@ -164,6 +164,42 @@ class DuckDBWarehouse(dg.ConfigurableResource):
                 raise
             con.execute("COMMIT")
 
+    @contextmanager
+    def staging(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """An in-memory DuckDB of the step's own, with the warehouse connections' budget and spill
+        folder, under no lock: a step parses and judges a file there, then writes its rows into the
+        warehouse attached for that moment only (`attached`)."""
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(":memory:", config=self._config())
+        _budgeted[id(con)] = self
+        try:
+            yield con
+        finally:
+            _budgeted.pop(id(con), None)
+            con.close()
+
+    @contextmanager
+    def attached(self, con: duckdb.DuckDBPyConnection, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The warehouse attached to a staging connection as its default database, under the file
+        lock; detached (its checkpoint written) and the lock released on exit. The staging
+        connection's temp tables stay readable meanwhile."""
+        if getattr(_held, "depth", 0):
+            raise RuntimeError("A warehouse connection is already open in this thread; close it first.")
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        if read_only and not self.file.exists():
+            read_only = False
+        with self._file_lock(exclusive=not read_only):
+            path = str(self.file).replace("'", "''")
+            con.execute(f"ATTACH '{path}' AS warehouse{' (READ_ONLY)' if read_only else ''}")
+            _held.depth = 1
+            try:
+                con.execute("USE warehouse")
+                yield con
+            finally:
+                _held.depth = 0
+                con.execute("USE memory")
+                con.execute("DETACH warehouse")
+
     def connection_memory_limit(self) -> str:
         """DuckDB's memory_limit for a connection opened now in this process."""
         if self.step_memory_budget and process_rss() > parse_size(self.step_memory_budget) // 2:
@@ -339,12 +375,12 @@ def exact_quantiles(con: duckdb.DuckDBPyConnection, source: str, column: str, qu
     return values
 
 
-def table_exists(con: duckdb.DuckDBPyConnection, qualified_name: str) -> bool:
+def table_exists(con: duckdb.DuckDBPyConnection, qualified_name: str, catalog: str | None = None) -> bool:
+    """`catalog`: only in that attached database (a staging connection holds the same names)."""
     schema, _, table = qualified_name.rpartition(".")
-    return bool(
-        fetch_scalar(
-            con,
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
-            [schema or "main", table],
-        )
-    )
+    sql = "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?"
+    params = [schema or "main", table]
+    if catalog is not None:
+        sql += " AND table_catalog = ?"
+        params.append(catalog)
+    return bool(fetch_scalar(con, sql, params))

@@ -88,8 +88,8 @@ def test_an_unreconciled_batch_is_red_and_blocks_what_builds_on_it(warehouse, tm
     landing = generate_landing(tmp_path / "landing", customers=50, days=1)
     original = raw_assets.insert_partition
 
-    def losing_one_row(con, source, partition_date, path):  # a bug that drops a valid row
-        original(con, source, partition_date, path)
+    def losing_one_row(con, source, partition_date):  # a bug that drops a valid row
+        original(con, source, partition_date)
         con.execute("DELETE FROM raw.transactions WHERE line_no = (SELECT min(line_no) FROM raw.transactions)")
 
     monkeypatch.setattr(raw_assets, "insert_partition", losing_one_row)

@@ -3,6 +3,7 @@
 import datetime as dt
 
 import dagster as dg
+import pytest
 
 from assets.outputs.business_rules import output_expectation_suite, validated_recommendations
 from assets.common.current_state import write_state
@@ -39,9 +40,14 @@ def seed(warehouse):
             write_state(con, asset, dt.date(2011, 3, 1), "v1", 0)
 
 
-def test_each_rule_rejects_with_its_reason_and_counts_reconcile(warehouse):
+@pytest.mark.parametrize("rows_per_shard", [None, 2])
+def test_each_rule_rejects_with_its_reason_and_counts_reconcile(warehouse, rows_per_shard):
+    """Also in hash shards of customers (a full check of 200M rows at 20M customers): the same verdicts."""
     seed(warehouse)
-    result = dg.materialize([validated_recommendations], partition_key=DAY, resources={"warehouse": warehouse})
+    run_config = ({"ops": {"validated_recommendations": {"config": {"rows_per_shard": rows_per_shard}}}}
+                  if rows_per_shard else None)
+    result = dg.materialize([validated_recommendations], partition_key=DAY, resources={"warehouse": warehouse},
+                            run_config=run_config)
     assert result.success
     with warehouse.connect(read_only=True) as con:
         accepted = fetch_all(con, "SELECT customer_id, product_id FROM outputs.recommendations")
@@ -62,6 +68,7 @@ def test_each_rule_rejects_with_its_reason_and_counts_reconcile(warehouse):
     assert not checks["rejection_rate"].passed  # 6 of 7 rejected is far above 20 %
     metadata = result.get_asset_materialization_events()[0].materialization.metadata
     assert metadata["input_recommendations"].value == 7 and metadata["rejected"].value == 6
+    assert metadata["rule_shards"].value == (4 if rows_per_shard else 1)
 
 
 def test_rerun_with_unchanged_inputs_is_a_skip_that_still_reports_checks(warehouse):

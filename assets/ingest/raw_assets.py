@@ -234,7 +234,7 @@ def copy_catalogs(con: duckdb.DuckDBPyConnection, warehouse: DuckDBWarehouse, so
         for table in catalogs:
             con.execute(f"DELETE FROM memory.{table}")
             if table_exists(con, table, catalog="warehouse"):
-                con.execute(f"INSERT INTO memory.{table} SELECT * FROM {table} WHERE partition_date <= ?", [day])
+                con.execute(f"INSERT INTO memory.{table} BY NAME SELECT * FROM {table} WHERE partition_date <= ?", [day])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ different sample of the other customers each day (`verified_sample_rows`), and a
 disagreement with the stored verdicts rebuilds both tables from all recommendations.
 """
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -80,6 +81,10 @@ class OutputRulesConfig(StateConfig):
     min_predicted_value: float = Field(default=0.0, description="Lowest sane predicted value (currency).")
     max_predicted_value: float = Field(default=10_000.0, description="Highest sane predicted value (currency).")
     max_rejection_rate: float = knob(0.2, "Above this share rejected, the check warns.")
+    rows_per_shard: int = knob(
+        25_000_000, "A full check of more recommendations than this runs in hash shards of customers, one after "
+                    "another (the already_bought join of 200M rows does not fit in DuckDB's memory at 20M "
+                    "customers).", ge=1)
     verified_sample_rows: int = knob(
         20_000, "An incremental day checks the changed customers' recommendations, and every rule again on about "
                 "this many of the others' (a different sample each day); any disagreement rebuilds all.", ge=1)
@@ -90,21 +95,25 @@ def rule_params(config: OutputRulesConfig) -> dict[str, float]:
             "max_value": config.max_predicted_value}
 
 
-def apply_rules(con, config: OutputRulesConfig) -> dict[str, int]:
-    """Split ml.recommendations into accepted and rejected tables; returns counts by rule."""
+def apply_rules(con, config: OutputRulesConfig) -> tuple[dict[str, int], int]:
+    """Split ml.recommendations into accepted and rejected tables; returns counts by rule and the
+    number of shards. Above
+    rows_per_shard, shard by shard of hash(customer_id): a customer's recommendations and
+    purchases are in the same shard, so the verdicts are those of one pass."""
     con.execute("CREATE SCHEMA IF NOT EXISTS outputs")
-    con.execute(f"CREATE OR REPLACE TEMP TABLE checked_recommendations AS {RULES_SQL.format(only='', only_purchases='')}",
-                rule_params(config))
-    con.execute(
-        f"CREATE OR REPLACE TABLE {ACCEPTED_TABLE} AS "
-        "SELECT * EXCLUDE (failed_rules) FROM checked_recommendations WHERE len(failed_rules) = 0"
-    )
-    con.execute(
-        f"CREATE OR REPLACE TABLE {REJECTED_TABLE} AS "
-        "SELECT *, now()::TIMESTAMP AS rejected_at FROM checked_recommendations WHERE len(failed_rules) > 0"
-    )
-    con.execute("DROP TABLE checked_recommendations")
-    return rule_counts(con)
+    total = fetch_scalar(con, "SELECT count(*) FROM ml.recommendations")
+    shards = max(1, math.ceil(total / config.rows_per_shard))
+    for shard in range(shards):
+        of_shard = f"hash({{}}.customer_id) % {shards} = {shard}" if shards > 1 else "true"
+        rules_sql = RULES_SQL.format(only=f"WHERE {of_shard.format('r')}", only_purchases=f"WHERE {of_shard.format('p')}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE checked_recommendations AS {rules_sql}", rule_params(config))
+        accepted = "SELECT * EXCLUDE (failed_rules) FROM checked_recommendations WHERE len(failed_rules) = 0"
+        rejected = "SELECT *, now()::TIMESTAMP AS rejected_at FROM checked_recommendations WHERE len(failed_rules) > 0"
+        for table, rows in ((ACCEPTED_TABLE, accepted), (REJECTED_TABLE, rejected)):
+            con.execute(f"CREATE OR REPLACE TABLE {table} AS {rows}" if shard == 0 else
+                        f"INSERT INTO {table} BY NAME {rows}")
+        con.execute("DROP TABLE checked_recommendations")
+    return rule_counts(con), shards
 
 
 def apply_rules_to_changes(con, config: OutputRulesConfig) -> tuple[dict[str, int], int]:
@@ -235,7 +244,7 @@ def validated_recommendations(build: StateBuild) -> Built:
     with build.warehouse.transaction() as con:
         upstream = read_state(con, "recommendations")
         mode, why = output_plan(build.decision.stored, upstream, rules)
-        sample, rechecked = None, None
+        sample, rechecked, shards = None, None, None
         if mode == "incremental":
             counts, rechecked = apply_rules_to_changes(con, config)
             sample = verify_sample(con, config, str(build.as_of))
@@ -244,9 +253,9 @@ def validated_recommendations(build: StateBuild) -> Built:
                                   "with the rules now: checking every recommendation")
                 mode, why = "full", f"the verified sample disagreed ({sample['disagreeing']:,} rows)"
         if mode == "full":
-            counts = apply_rules(con, config)
+            counts, shards = apply_rules(con, config)
         build.record(con, counts["accepted"], {**counts, "build": {
-            "mode": mode, "reason": why, "rechecked": rechecked, "verified_sample": sample,
+            "mode": mode, "reason": why, "rechecked": rechecked, "verified_sample": sample, "shards": shards,
             "recommendations_version": upstream.version if upstream else None, "rules": rules}})
         suspicious = fetch_scalar(
             con, f"SELECT count(*) FROM {REJECTED_TABLE} WHERE list_contains(failed_rules, 'predicted_value_out_of_range')"
@@ -270,6 +279,7 @@ def validated_recommendations(build: StateBuild) -> Built:
         "build_mode": mode,
         "build_mode_reason": why,
         "rechecked_recommendations": total if mode == "full" else rechecked,
+        **({"rule_shards": shards} if shards else {}),
         **({"verified_sample_rows": sample["rows"], "verified_sample_disagreeing": sample["disagreeing"]}
            if sample else {}),
     })

@@ -68,7 +68,27 @@ def test_each_rule_rejects_with_its_reason_and_counts_reconcile(warehouse, rows_
     assert not checks["rejection_rate"].passed  # 6 of 7 rejected is far above 20 %
     metadata = result.get_asset_materialization_events()[0].materialization.metadata
     assert metadata["input_recommendations"].value == 7 and metadata["rejected"].value == 6
-    assert metadata["rule_shards"].value == (4 if rows_per_shard else 1)
+    # 4 shards asked; the ranges cut at the sampled ids c1 and c2: (-, c1) is empty, c1 and c2 apart
+    assert metadata["rule_shards"].value == (3 if rows_per_shard else 1)
+
+
+def test_customer_ranges_hold_every_recommendation_once():
+    import duckdb
+
+    from assets.outputs.business_rules import customer_ranges, in_range
+
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA ml; CREATE TABLE ml.recommendations AS "
+                "SELECT 'c' || (i % 997)::VARCHAR AS customer_id FROM range(20000) AS t(i) UNION ALL SELECT NULL")
+    ranges = customer_ranges(con, 5)
+    assert len(ranges) == 5 and ranges == customer_ranges(con, 5)  # repeatable
+    counts = []
+    for low, high in ranges:
+        params = {**({"low": low} if low is not None else {}), **({"high": high} if high is not None else {})}
+        counts.append(fetch_all(con, f"SELECT count(*), count(DISTINCT customer_id) FROM ml.recommendations AS r "
+                                     f"WHERE {in_range('r', low, high)}", params)[0])
+    assert sum(rows for rows, _ in counts) == 20001 and sum(customers for _, customers in counts) == 997
+    assert all(3000 < rows < 5000 for rows, _ in counts)  # about equal
 
 
 def test_rerun_with_unchanged_inputs_is_a_skip_that_still_reports_checks(warehouse):

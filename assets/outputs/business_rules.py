@@ -82,7 +82,7 @@ class OutputRulesConfig(StateConfig):
     max_predicted_value: float = Field(default=10_000.0, description="Highest sane predicted value (currency).")
     max_rejection_rate: float = knob(0.2, "Above this share rejected, the check warns.")
     rows_per_shard: int = knob(
-        25_000_000, "A full check of more recommendations than this runs in hash shards of customers, one after "
+        25_000_000, "A full check of more recommendations than this runs in ranges of customer ids, one after "
                     "another (the already_bought join of 200M rows does not fit in DuckDB's memory at 20M "
                     "customers).", ge=1)
     verified_sample_rows: int = knob(
@@ -97,23 +97,50 @@ def rule_params(config: OutputRulesConfig) -> dict[str, float]:
 
 def apply_rules(con, config: OutputRulesConfig) -> tuple[dict[str, int], int]:
     """Split ml.recommendations into accepted and rejected tables; returns counts by rule and the
-    number of shards. Above
-    rows_per_shard, shard by shard of hash(customer_id): a customer's recommendations and
-    purchases are in the same shard, so the verdicts are those of one pass."""
+    number of shards. Above rows_per_shard, range by range of customer ids: a customer's
+    recommendations and purchases are in the same range, so the verdicts are those of one pass.
+    Ranges, not hashes: both tables are stored in customer order, so a range reads only its
+    row groups (20M customers, 9 shards: 13-15 s each; a hash shard scans both 200M-row tables
+    and ran out of DuckDB's 953 MiB at 12.6M recommendations)."""
     con.execute("CREATE SCHEMA IF NOT EXISTS outputs")
     total = fetch_scalar(con, "SELECT count(*) FROM ml.recommendations")
-    shards = max(1, math.ceil(total / config.rows_per_shard))
-    for shard in range(shards):
-        of_shard = f"hash({{}}.customer_id) % {shards} = {shard}" if shards > 1 else "true"
-        rules_sql = RULES_SQL.format(only=f"WHERE {of_shard.format('r')}", only_purchases=f"WHERE {of_shard.format('p')}")
-        con.execute(f"CREATE OR REPLACE TEMP TABLE checked_recommendations AS {rules_sql}", rule_params(config))
+    ranges = customer_ranges(con, math.ceil(total / config.rows_per_shard))
+    for index, (low, high) in enumerate(ranges):
+        params = {**rule_params(config), **({"low": low} if low is not None else {}),
+                  **({"high": high} if high is not None else {})}
+        rules_sql = RULES_SQL.format(only=f"WHERE {in_range('r', low, high)}",
+                                     only_purchases=f"WHERE {in_range('p', low, high)}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE checked_recommendations AS {rules_sql}", params)
         accepted = "SELECT * EXCLUDE (failed_rules) FROM checked_recommendations WHERE len(failed_rules) = 0"
         rejected = "SELECT *, now()::TIMESTAMP AS rejected_at FROM checked_recommendations WHERE len(failed_rules) > 0"
         for table, rows in ((ACCEPTED_TABLE, accepted), (REJECTED_TABLE, rejected)):
-            con.execute(f"CREATE OR REPLACE TABLE {table} AS {rows}" if shard == 0 else
+            con.execute(f"CREATE OR REPLACE TABLE {table} AS {rows}" if index == 0 else
                         f"INSERT INTO {table} BY NAME {rows}")
         con.execute("DROP TABLE checked_recommendations")
-    return rule_counts(con), shards
+    return rule_counts(con), len(ranges)
+
+
+def customer_ranges(con, shards: int) -> list[tuple[str | None, str | None]]:
+    """About equal ranges [low, high) of the recommendations' customer ids (None: unbounded),
+    cut at the quantiles of a repeatable sample; one unbounded range when shards <= 1."""
+    if shards <= 1:
+        return [(None, None)]
+    sample = [row[0] for row in fetch_all(
+        con, "SELECT customer_id FROM (SELECT customer_id FROM ml.recommendations WHERE customer_id IS NOT NULL "
+             "USING SAMPLE reservoir(100000 ROWS) REPEATABLE (7)) ORDER BY 1")]
+    cuts = sorted({sample[len(sample) * i // shards] for i in range(1, shards)} if sample else set())
+    bounds = [None, *cuts, None]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def in_range(alias: str, low: str | None, high: str | None) -> str:
+    """SQL of a row in [low, high) by customer id, with the parameters $low / $high; the first
+    range takes a missing customer id too, so that every row is in exactly one range."""
+    if low is None and high is None:
+        return "true"
+    if low is None:
+        return f"({alias}.customer_id < $high OR {alias}.customer_id IS NULL)"
+    return f"{alias}.customer_id >= $low" + (f" AND {alias}.customer_id < $high" if high is not None else "")
 
 
 def apply_rules_to_changes(con, config: OutputRulesConfig) -> tuple[dict[str, int], int]:

@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import re
 import shutil
-import threading
 from pathlib import Path
 
 import dagster as dg
@@ -193,39 +192,19 @@ def test_an_alert_row_is_written_while_a_model_stage_computes(resources, monkeyp
     """The model stages compute from a snapshot: while they fit and score, no warehouse lock is
     held, so an alert (or another partition's write) is not queued behind them."""
     import assets.infer.segments as segments_module
-    from resources.alerts import Alerts
+    from tests.lock_support import Pause, alert_written_while
 
     assert run([product_embeddings], resources).success
-    computing, written = threading.Event(), threading.Event()
-
-    def held(original):
-        def computing_until_the_alert_is_written(*args, **kwargs):
-            computing.set()
-            written.wait(timeout=120)
-            return original(*args, **kwargs)
-        return computing_until_the_alert_is_written
-
+    pause = Pause()
     if stage == "recommendations":
-        monkeypatch.setattr(Recommender, "score_chunk", held(Recommender.score_chunk))
+        monkeypatch.setattr(Recommender, "score_chunk", pause.before(Recommender.score_chunk))
         asset = recommendations
     else:
-        monkeypatch.setattr(segments_module, "fit_segments", held(segments_module.fit_segments))
+        monkeypatch.setattr(segments_module, "fit_segments", pause.before(segments_module.fit_segments))
         asset = customer_segments
-    outcome: list = []
-    worker = threading.Thread(target=lambda: outcome.append(run([asset], resources, raise_on_error=False)))
-    worker.start()
-    try:
-        assert computing.wait(timeout=120), f"{stage} never started computing"
-        alerts = Alerts(warehouse=resources["warehouse"])
-        alert = alerts.notify("WARN", "test", f"written while {stage} computes", "a row", log=None)
-        alerts.record(alert, lock_timeout_seconds=5.0)  # WarehouseLockTimeout if the stage holds the lock
-        assert worker.is_alive(), f"{stage} finished before the alert was written: the test proves nothing"
-    finally:
-        written.set()
-        worker.join(timeout=300)
-    assert outcome and outcome[0].success
-    with resources["warehouse"].connect(read_only=True) as con:
-        assert fetch_scalar(con, "SELECT count(*) FROM ops.alerts WHERE alert_id = ?", [alert.alert_id]) == 1
+    result = alert_written_while(resources["warehouse"], lambda: run([asset], resources, raise_on_error=False),
+                                 pause, f"{stage} computes")
+    assert result.success
 
 
 def test_recommendations_deploy_the_selected_model_and_show_the_candidates(resources):

@@ -134,39 +134,19 @@ def test_an_alert_row_is_written_while_a_file_is_read_and_judged(warehouse, land
     """A file is parsed and judged with the warehouse detached (20M customers: 13 minutes); the
     exclusive lock is taken only to write the partition, so an alert is not queued behind it."""
     import dataclasses
-    import threading
 
-    from resources.alerts import Alerts
+    from tests.lock_support import Pause, alert_written_while
 
     resources = raw_resources(warehouse, landing)
     materialize(resources, day(0), assets=[RAW["raw_products"]])
-    staging, written = threading.Event(), threading.Event()
-    readers = dict(raw_assets.READERS)
-    for name, reader in readers.items():
-        def staging_until_the_alert_is_written(*args, _stage=reader.stage):
-            staging.set()
-            written.wait(timeout=120)
-            return _stage(*args)
-        readers[name] = dataclasses.replace(reader, stage=staging_until_the_alert_is_written)
+    pause = Pause()
+    readers = {name: dataclasses.replace(reader, stage=pause.before(reader.stage))
+               for name, reader in raw_assets.READERS.items()}
     monkeypatch.setattr(raw_assets, "READERS", readers)
-
-    outcome: list = []
-    worker = threading.Thread(target=lambda: outcome.append(
-        materialize(resources, day(0), assets=[RAW[asset]], raise_on_error=False)))
-    worker.start()
-    try:
-        assert staging.wait(timeout=120), f"{asset} never started reading its file"
-        alerts = Alerts(warehouse=warehouse)
-        alert = alerts.notify("WARN", "test", f"written while {asset} reads its file", "a row", log=None)
-        alerts.record(alert, lock_timeout_seconds=5.0)  # WarehouseLockTimeout if the step holds the lock
-        assert worker.is_alive(), f"{asset} finished before the alert was written: the test proves nothing"
-    finally:
-        written.set()
-        worker.join(timeout=300)
-    assert outcome and outcome[0].success
-    assert materialization(outcome[0], asset)["valid_records"] > 0
-    with warehouse.connect(read_only=True) as con:
-        assert fetch_scalar(con, "SELECT count(*) FROM ops.alerts WHERE alert_id = ?", [alert.alert_id]) == 1
+    result = alert_written_while(
+        warehouse, lambda: materialize(resources, day(0), assets=[RAW[asset]], raise_on_error=False), pause,
+        f"{asset} reads its file")
+    assert result.success and materialization(result, asset)["valid_records"] > 0
 
 
 def test_landing_zone_patterns_and_errors(tmp_path):

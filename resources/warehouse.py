@@ -136,21 +136,31 @@ class DuckDBWarehouse(dg.ConfigurableResource):
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection under the file lock; closed (and the lock released) on exit."""
+        with self._door(read_only) as read_only, _shared_config(self.file, self._config) as config:
+            con = duckdb.connect(str(self.file), read_only=read_only, config=config)
+            _budgeted[id(con)] = self
+            try:
+                yield con
+            finally:
+                _budgeted.pop(id(con), None)
+                con.close()
+
+    @contextmanager
+    def _door(self, read_only: bool) -> Iterator[bool]:
+        """The rules of every way in: one connection a thread, the file lock (exclusive for a
+        writer), and a file that does not exist yet opened to be created. Yields read_only as it
+        stands."""
         if getattr(_held, "depth", 0):
             raise RuntimeError("A warehouse connection is already open in this thread; close it first.")
         self.file.parent.mkdir(parents=True, exist_ok=True)
         if read_only and not self.file.exists():
             read_only = False  # nothing to read yet: create the file so readers see empty tables
-        with self._file_lock(exclusive=not read_only), _shared_config(self.file, self._config) as config:
-            con = duckdb.connect(str(self.file), read_only=read_only, config=config)
+        with self._file_lock(exclusive=not read_only):
             _held.depth = 1
-            _budgeted[id(con)] = self
             try:
-                yield con
+                yield read_only
             finally:
                 _held.depth = 0
-                _budgeted.pop(id(con), None)
-                con.close()
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -183,20 +193,13 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         """The warehouse attached to a staging connection as its default database, under the file
         lock; detached (its checkpoint written) and the lock released on exit. The staging
         connection's temp tables stay readable meanwhile."""
-        if getattr(_held, "depth", 0):
-            raise RuntimeError("A warehouse connection is already open in this thread; close it first.")
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        if read_only and not self.file.exists():
-            read_only = False
-        with self._file_lock(exclusive=not read_only):
+        with self._door(read_only) as read_only:
             path = str(self.file).replace("'", "''")
             con.execute(f"ATTACH '{path}' AS warehouse{' (READ_ONLY)' if read_only else ''}")
-            _held.depth = 1
             try:
                 con.execute("USE warehouse")
                 yield con
             finally:
-                _held.depth = 0
                 con.execute("USE memory")
                 con.execute("DETACH warehouse")
 

@@ -75,7 +75,7 @@ def test_each_rule_rejects_with_its_reason_and_counts_reconcile(warehouse, rows_
 def test_customer_ranges_hold_every_recommendation_once():
     import duckdb
 
-    from assets.outputs.business_rules import customer_ranges, in_range
+    from assets.outputs.business_rules import customer_ranges, in_range, range_params
 
     con = duckdb.connect()
     con.execute("CREATE SCHEMA ml; CREATE TABLE ml.recommendations AS "
@@ -84,9 +84,8 @@ def test_customer_ranges_hold_every_recommendation_once():
     assert len(ranges) == 5 and ranges == customer_ranges(con, 5)  # repeatable
     counts = []
     for low, high in ranges:
-        params = {**({"low": low} if low is not None else {}), **({"high": high} if high is not None else {})}
         counts.append(fetch_all(con, f"SELECT count(*), count(DISTINCT customer_id) FROM ml.recommendations AS r "
-                                     f"WHERE {in_range('r', low, high)}", params)[0])
+                                     f"WHERE {in_range('r', low, high)}", range_params(low, high))[0])
     assert sum(rows for rows, _ in counts) == 20001 and sum(customers for _, customers in counts) == 997
     assert all(3000 < rows < 5000 for rows, _ in counts)  # about equal
 

@@ -106,8 +106,7 @@ def apply_rules(con, config: OutputRulesConfig) -> tuple[dict[str, int], int]:
     total = fetch_scalar(con, "SELECT count(*) FROM ml.recommendations")
     ranges = customer_ranges(con, math.ceil(total / config.rows_per_shard))
     for index, (low, high) in enumerate(ranges):
-        params = {**rule_params(config), **({"low": low} if low is not None else {}),
-                  **({"high": high} if high is not None else {})}
+        params = {**rule_params(config), **range_params(low, high)}
         rules_sql = RULES_SQL.format(only=f"WHERE {in_range('r', low, high)}",
                                      only_purchases=f"WHERE {in_range('p', low, high)}")
         con.execute(f"CREATE OR REPLACE TEMP TABLE checked_recommendations AS {rules_sql}", params)
@@ -133,8 +132,13 @@ def customer_ranges(con, shards: int) -> list[tuple[str | None, str | None]]:
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
+def range_params(low: str | None, high: str | None) -> dict[str, str]:
+    """The parameters in_range's SQL takes."""
+    return {name: value for name, value in (("low", low), ("high", high)) if value is not None}
+
+
 def in_range(alias: str, low: str | None, high: str | None) -> str:
-    """SQL of a row in [low, high) by customer id, with the parameters $low / $high; the first
+    """SQL of a row in [low, high) by customer id, with range_params' $low / $high; the first
     range takes a missing customer id too, so that every row is in exactly one range."""
     if low is None and high is None:
         return "true"

@@ -136,14 +136,20 @@ class DuckDBWarehouse(dg.ConfigurableResource):
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection under the file lock; closed (and the lock released) on exit."""
-        with self._door(read_only) as read_only, _shared_config(self.file, self._config) as config:
-            con = duckdb.connect(str(self.file), read_only=read_only, config=config)
-            _budgeted[id(con)] = self
-            try:
-                yield con
-            finally:
-                _budgeted.pop(id(con), None)
-                con.close()
+        with (self._door(read_only) as read_only, _shared_config(self.file, self._config) as config,
+              self._opened(str(self.file), read_only, config) as con):
+            yield con
+
+    @contextmanager
+    def _opened(self, database: str, read_only: bool, config: dict[str, Any]) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A DuckDB connection whose memory_limit `rebudget` may set again; closed on exit."""
+        con = duckdb.connect(database, read_only=read_only, config=config)
+        _budgeted[id(con)] = self
+        try:
+            yield con
+        finally:
+            _budgeted.pop(id(con), None)
+            con.close()
 
     @contextmanager
     def _door(self, read_only: bool) -> Iterator[bool]:
@@ -179,14 +185,9 @@ class DuckDBWarehouse(dg.ConfigurableResource):
         """An in-memory DuckDB of the step's own, with the warehouse connections' budget and spill
         folder, under no lock: a step parses and judges a file there, then writes its rows into the
         warehouse attached for that moment only (`attached`)."""
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(":memory:", config=self._config())
-        _budgeted[id(con)] = self
-        try:
+        self.file.parent.mkdir(parents=True, exist_ok=True)  # the spill folder's parent
+        with self._opened(":memory:", False, self._config()) as con:
             yield con
-        finally:
-            _budgeted.pop(id(con), None)
-            con.close()
 
     @contextmanager
     def attached(self, con: duckdb.DuckDBPyConnection, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:

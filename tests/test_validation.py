@@ -160,6 +160,31 @@ def test_the_suite_check_finds_bad_rows_even_across_batches(warehouse, faulty_la
         assert validated == total and failed == {rule: 2 if table == "customers" else 1}
 
 
+def test_a_raw_suite_check_judges_every_row_of_the_partition_when_gx_sees_a_sample(warehouse, faulty_landing):
+    """A landed row that breaks a rule fails the partition's suite check even when GX's sample
+    misses it: the suite's row-level rules are counted in SQL over the whole partition. (GX used
+    to see at most max_rows rows and nothing else judged the rest.)"""
+    from assets.validate.gx_checks import SuiteCheckConfig, raw_suite_check
+
+    materialize(raw_resources(warehouse, faulty_landing), day(0))
+    with warehouse.transaction() as con:
+        con.execute("""INSERT INTO raw.customers SELECT partition_date, 999999, customer_id, email, created_at,
+                       purchase_count FROM raw.customers WHERE partition_date = ? ORDER BY customer_id LIMIT 1""",
+                    [day(0)])
+        con.execute("""UPDATE raw.customer_purchases SET amount = -1
+                       WHERE (line_no, item_no) IN (SELECT (line_no, item_no) FROM raw.customer_purchases LIMIT 1)""")
+    config = SuiteCheckConfig(max_rows=1)
+    for table, rule, breaking in (("customers", "customer_id_duplicate", 2), ("customer_purchases", "amount_negative", 1)):
+        result = raw_suite_check(warehouse, load_suite(table), table, day(0), "raw_customers", config)
+        meta = {k: v.value for k, v in result.metadata.items()}
+        assert meta["rows_validated"] < 10 < meta["rows_in_partition"]
+        assert not result.passed and meta["failed_rules"] == [rule]
+        assert meta["unexpected_by_rule"][rule] == 0  # GX's sample did not hold the break
+        assert meta["breaking_in_sql_by_rule"] == {r: (breaking if r == rule else 0) for r in meta["breaking_in_sql_by_rule"]}
+    products = raw_suite_check(warehouse, load_suite("products"), "products", day(0), "raw_products", config)
+    assert products.metadata["failed_rules"].value == []  # and the rows as landed break nothing
+
+
 def staged(rows: list[tuple], columns: list[str]) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute("CREATE TABLE stg (row_id BIGINT, line_no BIGINT, " + ", ".join(f"{c} VARCHAR" for c in columns) + ")")

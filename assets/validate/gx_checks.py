@@ -7,7 +7,10 @@ arrived that was quarantined (per rule too), and fails (WARN) when it is over
 `max_rejected_share` (5 %, as the `error_rate` check).
 
 GX validates pandas batches streamed from a Parquet export of the partition (Arrow record batches
-of `chunk_rows`), so no database lock is held while it works. A suite's result is kept per
+of `chunk_rows`), so no database lock is held while it works. GX sees a repeatable sample of
+`max_rows` (a pandas GX costs seconds per million rows); every row of the partition is judged by
+the same row-level rules counted in SQL (`count_rule_breaks`), and a rule fails when either finds
+a break. A suite's result is kept per
 (table, partition, data fingerprint): re-running a check on unchanged data reports the stored
 result instead of validating millions of rows again.
 """
@@ -73,7 +76,7 @@ class SuiteCheckConfig(dg.Config):
     # GX re-serializes each expectation's arguments per batch (a 20k-product value set costs ~3 s):
     # few large batches beat many small ones.
     chunk_rows: int = Field(default=500_000, description="Rows per pandas batch handed to GX (1,000,000: 4 s faster on 2M purchase rows, 180 MiB more).")
-    max_rows: int = Field(default=2_000_000, description="Validate a repeatable sample of about this many rows (0: all rows); every row is already judged by the compiled SQL rules.")
+    max_rows: int = Field(default=250_000, description="GX validates a repeatable sample of about this many rows (0: all rows); every row of the partition is also judged in SQL by the suite's row-level rules (`count_rule_breaks`), and a rule fails when either finds a break.")
     max_rejected_share: float = Field(default=0.05, description="Quarantined / arrived records of the table above this fails the check (WARN), whatever GX says of the landed rows.")
 
 
@@ -134,7 +137,8 @@ def _export_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, part
     # Sorted only when a uniqueness key must keep its rows in one batch (sorting 20M rows costs).
     order = "ORDER BY " + ", ".join(f'"{c}"' for c in suite.unique_columns + tiebreak) if suite.unique_columns else ""
     select = ", ".join(f'"{c}"' for c in [*columns, *tiebreak])
-    where, params = ("WHERE partition_date = $day", {"day": partition_date}) if partition_date is not None else ("", {})
+    where, params = (("WHERE partition_date = $partition_date", {"partition_date": partition_date})
+                     if partition_date is not None else ("", {}))
     scope = f"SELECT * FROM {table} {where} {('AND ' if where else 'WHERE ') + only if only else ''}"
     source = f"({scope})"
     with warehouse.connect(read_only=True) as con:
@@ -142,11 +146,13 @@ def _export_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, part
             raise dg.Failure(f"{table} does not exist yet: materialize the asset that writes it first")
         total = fetch_scalar(con, f"SELECT count(*) FROM {table} {where}", params)
         breaks = {}
-        if every_row_in_sql:  # the rows in scope once (`only` costs a semi-join), then SQL counts and GX's sample
+        if every_row_in_sql and only:  # the rows in scope once (`only` costs a semi-join), then SQL counts and GX's sample
             con.execute(f"CREATE OR REPLACE TEMP TABLE rows_in_scope AS {scope}", params)
             source, params = "rows_in_scope", {}
             breaks = count_rule_breaks(con, suite, source)
-        rows = fetch_scalar(con, f"SELECT count(*) FROM {source}", params) if only or every_row_in_sql else total
+        elif every_row_in_sql:  # a partition or a whole table: counted where it is stored, in one pass a rule kind
+            breaks = count_rule_breaks(con, suite, table, where, params)
+        rows = fetch_scalar(con, f"SELECT count(*) FROM {source}", params) if only else total
         # A repeatable sample by a hash of the row streams through (and the sort can spill); a
         # reservoir sample holds its rows in memory: 2M customer rows ran out of a 289 MiB limit.
         sampled = (f"WHERE hash({select}) % {SAMPLE_BUCKETS} < {max(1, SAMPLE_BUCKETS * max_rows // rows)}"
@@ -306,7 +312,7 @@ def raw_suite_check(warehouse: DuckDBWarehouse, suite: Suite, table: str, day: s
     """GX's verdict on the landed rows, with the share of the batch quarantined before landing."""
     arrived, rejected, by_rule = batch_as_arrived(warehouse, asset, table, day)
     result = run_suite_check(warehouse, suite, f"raw.{table}", day, asset, config.chunk_rows, config.max_rows,
-                             quarantined_by_rule=by_rule)
+                             quarantined_by_rule=by_rule, every_row_in_sql=True)
     share = rejected / arrived if arrived else 0.0
     over = share > config.max_rejected_share
     shares = (f"{share:.1%} of the batch as it arrived ({rejected:,} of {arrived:,} records) was quarantined "

@@ -227,12 +227,16 @@ NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYIN
 UNIQUENESS_TYPES = ("expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique")
 
 
-def count_rule_breaks(con: duckdb.DuckDBPyConnection, suite: Suite, relation: str) -> dict[str, int]:
+def count_rule_breaks(con: duckdb.DuckDBPyConnection, suite: Suite, relation: str, where: str = "",
+                      where_params: dict[str, Any] | None = None) -> dict[str, int]:
     """Rows of a typed relation breaking each of the suite's row-level expectations, counted in
     SQL over every row (GX's reading: NaN is a missing value, nulls fail only null checks, a
-    uniqueness break counts every row of a repeated key). `relation` is SQL from code."""
+    uniqueness break counts every row of a repeated key). `relation` and `where` (which rows of
+    it, for example a partition) are SQL from code; `where_params` their values, which the suite's
+    parameters may use too ($partition_date)."""
     types = dict(con.execute(f"SELECT column_name, column_type FROM (DESCRIBE {relation})").fetchall())
-    counts, conditions, params = {}, {}, {}
+    rows = f"(SELECT * FROM {relation} {where})" if where else relation
+    counts, conditions, params = {}, {}, dict(where_params or {})
     for position, expectation in enumerate(suite.expectations):
         kind, kwargs = expectation["type"], expectation.get("kwargs", {})
         rule = expectation.get("meta", {}).get("rule") or kind
@@ -241,9 +245,9 @@ def count_rule_breaks(con: duckdb.DuckDBPyConnection, suite: Suite, relation: st
         if kind in UNIQUENESS_TYPES:
             names = [_identifier(c, set(types)) for c in kwargs.get("column_list") or [kwargs["column"]]]
             any_present = " OR ".join(f"{n} IS NOT NULL" for n in names)
-            counts[rule] = int(con.execute(
-                f"SELECT coalesce(sum(n), 0) FROM (SELECT count(*) AS n FROM {relation} WHERE {any_present} "
-                f"GROUP BY {', '.join(names)} HAVING count(*) > 1)").fetchone()[0])
+            sql = (f"SELECT coalesce(sum(n), 0) FROM (SELECT count(*) AS n FROM {rows} WHERE {any_present} "
+                   f"GROUP BY {', '.join(names)} HAVING count(*) > 1)")
+            counts[rule] = int(con.execute(sql, _used(params, sql)).fetchone()[0])
             continue
         column = _identifier(kwargs["column"], set(types))
         column_type = types[kwargs["column"]].split("(")[0]
@@ -257,15 +261,23 @@ def count_rule_breaks(con: duckdb.DuckDBPyConnection, suite: Suite, relation: st
                 rule_params = {f"{p}set": [float(v) for v in kwargs["value_set"]]}
             else:
                 fails, rule_params = _fails(kind, kwargs, value, "VARCHAR", p)
+        elif kind == "expect_column_values_to_be_of_type" and column_type != "VARCHAR":
+            # a typed column (a landed TIMESTAMP): GX reads its values as they are, not as text
+            fails, rule_params = f"{column} IS NOT NULL AND TRY_CAST({column} AS {duckdb_type(kwargs['type_'])}) IS NULL", {}
         else:
             fails, rule_params = _fails(kind, kwargs, column, column_type, f"p{position}_")
         conditions[rule] = fails
         params.update(rule_params)
     if conditions:
-        row = con.execute(f"SELECT {', '.join(f'count_if({c})' for c in conditions.values())} FROM {relation}",
-                          params).fetchone()
+        sql = f"SELECT {', '.join(f'count_if({c})' for c in conditions.values())} FROM {rows}"
+        row = con.execute(sql, _used(params, sql)).fetchone()
         counts.update({rule: int(n) for rule, n in zip(conditions, row)})
     return counts
+
+
+def _used(params: dict[str, Any], sql: str) -> dict[str, Any]:
+    """The parameters a statement names (DuckDB refuses any other)."""
+    return {name: value for name, value in params.items() if re.search(rf"\${re.escape(name)}\b", sql)}
 
 
 def _membership(value_set: Any, text: str, prefix: str) -> tuple[str, dict]:

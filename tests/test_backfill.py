@@ -52,7 +52,7 @@ def test_ten_partitions_at_once_all_land(tmp_path: Path):
     assert unbalanced == [] and quarantined == []
 
 
-# -- a step that must wait for another day gives its place back ----------------------------------
+# -- the duckdb pool: a step that must wait for another day does not keep the only slot -----------
 
 POOL_CONFIG = "concurrency:\n  pools:\n    granularity: op\n    default_limit: 1\ntelemetry:\n  enabled: false\n"
 
@@ -80,11 +80,10 @@ def step_events(instance, asset_name: str, event_type) -> list:
     return [r for r in records if r.event_log_entry.step_key == asset_name]
 
 
-def test_customers_waiting_for_an_earlier_catalog_retry_until_it_lands(tmp_path: Path):
-    # Day 1's customers start first and find day 0's catalog missing: they ask for a retry (which
-    # frees their process) and land after day 0's raw_products, judged against it. On the instance
-    # whose `duckdb` pool has one slot: when ingestion held a slot, a step that slept in place kept
-    # it until catalog_wait_seconds ran out, and failed; ingestion now takes no slot at all.
+def test_customers_waiting_for_an_earlier_catalog_leave_the_pool_slot_to_it(tmp_path: Path):
+    # Day 1's customers start first and find day 0's catalog missing; day 0's raw_products, in
+    # the same one-slot pool, can only land if the waiting step gives the slot back. (A step that
+    # slept in place held the slot until catalog_wait_seconds ran out, and failed.)
     import dagster as dg
 
     landing = generate_landing(tmp_path / "landing", customers=100, days=2, products=150)

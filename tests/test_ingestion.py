@@ -235,8 +235,7 @@ def test_the_code_location_loads_the_ingestion_assets_checks_and_resources():
     checks = {(key.asset_key.to_user_string(), key.name) for key in graph.asset_check_keys}
     for asset in ("raw_products", "raw_customers", "raw_transactions"):
         node = graph.get(dg.AssetKey(asset))
-        # no `duckdb` pool slot: a file is read and judged under no lock, only its write waits for the lock
-        assert node.partitions_def is not None and node.pools == set()
+        assert node.partitions_def is not None and node.pools == {"duckdb"}
         assert {(asset, "record_accounting"), (asset, "error_rate")} <= checks
     assert {("raw_customers", "customers_expectation_suite"), ("raw_customers", "customer_purchases_expectation_suite"),
             ("raw_products", "products_expectation_suite"),

@@ -250,9 +250,9 @@ def catalog_digests(context: dg.AssetExecutionContext, warehouse: DuckDBWarehous
     once every day up to the last one that has a landing file has landed. In a backfill launched
     at once, customers of day 5 must not be judged against a catalog whose day 1 is still landing.
 
-    It does not sleep in the step: that would hold one of the run's step processes, which the
-    missing day's raw_products may need, and both would stall until the timeout. It asks Dagster
-    for a retry instead; a step up for retry gives its process back while it waits."""
+    It does not sleep in the step: that would hold the `duckdb` pool's only slot, which the
+    missing day's raw_products needs, and both would stall until the timeout. It asks Dagster
+    for a retry instead; a step up for retry gives its slot back while it waits."""
     last = max(days)
     expected = set(landing.days_available(catalog.name, last, catalog.landing_pattern))
     landed = landed_batches(warehouse, catalog.name, last)
@@ -268,7 +268,7 @@ def catalog_digests(context: dg.AssetExecutionContext, warehouse: DuckDBWarehous
             f"materialize {catalog.asset} for those days first",
             metadata={"missing_catalog_days": missing})
     context.log.info(f"{catalog.name} of {len(missing)} earlier day(s) has not landed yet: {shown}; "
-                     f"retrying in {interval:.1f}s (the step's process is free meanwhile)")
+                     f"retrying in {interval:.1f}s (the pool slot is free meanwhile)")
     raise dg.RetryRequested(max_retries=int(timeout_seconds / interval) + 2, seconds_to_wait=interval)
 
 
@@ -478,9 +478,7 @@ def ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg.AssetsDef
         backfill_policy=dg.BackfillPolicy.single_run(),
         # A range with days that have no file materializes the landed days one by one (see _range_events).
         output_required=False,
-        # No `duckdb` pool slot: the file is read and judged under no lock (`stage_file`); only the
-        # day's write takes the warehouse's exclusive file lock, and waits for it like any writer.
-        **step_pool(None),
+        **step_pool(),
         deps=list(source.deps),
         check_specs=check_specs(source.asset),
         kinds={"duckdb"},

@@ -185,6 +185,19 @@ def test_a_raw_suite_check_judges_every_row_of_the_partition_when_gx_sees_a_samp
     assert products.metadata["failed_rules"].value == []  # and the rows as landed break nothing
 
 
+def test_an_empty_partition_breaks_no_rule():
+    """A day without rows counts 0 breaks per rule (count_if over no rows is NULL in DuckDB: the
+    check failed with a TypeError on a day whose customers all went to quarantine)."""
+    from assets.validate.rules import count_rule_breaks
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE customers (partition_date DATE, customer_id VARCHAR, email VARCHAR, "
+                "created_at TIMESTAMP, purchase_count INTEGER)")
+    counts = count_rule_breaks(con, load_suite("customers"), "customers", "WHERE partition_date = $partition_date",
+                               {"partition_date": "2011-09-01"})
+    assert set(counts) == set(load_suite("customers").rule_names) and set(counts.values()) == {0}
+
+
 def staged(rows: list[tuple], columns: list[str]) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute("CREATE TABLE stg (row_id BIGINT, line_no BIGINT, " + ", ".join(f"{c} VARCHAR" for c in columns) + ")")

@@ -269,7 +269,7 @@ def count_rule_breaks(con: duckdb.DuckDBPyConnection, suite: Suite, relation: st
         conditions[rule] = fails
         params.update(rule_params)
     if conditions:
-        sql = f"SELECT {', '.join(f'count_if({c})' for c in conditions.values())} FROM {rows}"
+        sql = f"SELECT {', '.join(f'coalesce(count_if({c}), 0)' for c in conditions.values())} FROM {rows}"  # 0 rows: NULL
         row = con.execute(sql, _used(params, sql)).fetchone()
         counts.update({rule: int(n) for rule, n in zip(conditions, row)})
     return counts

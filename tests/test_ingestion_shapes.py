@@ -427,7 +427,7 @@ def parsed(path: Path, simple_blocks: bool) -> tuple[list[dict], list[tuple], in
 
 
 @pytest.mark.parametrize("ending", ["\n", "\r\n"])
-@pytest.mark.parametrize("block_bytes", [64, 200, 1 << 20])
+@pytest.mark.parametrize("block_bytes", [64, 200, None])  # None: the default READ_BLOCK_BYTES
 def test_simple_lines_read_in_arrow_give_the_csv_modules_records(tmp_path, monkeypatch, ending, block_bytes):
     """Blocks without quotes or stray CRs are split at the delimiter in Arrow (4x faster on a 405k-line
     day); every other block goes through the csv module, which reads on into the next block when a
@@ -435,7 +435,8 @@ def test_simple_lines_read_in_arrow_give_the_csv_modules_records(tmp_path, monke
     lines and the blank lines are those of the csv module alone."""
     import assets.ingest.landing_files as landing_files
 
-    monkeypatch.setattr(landing_files, "READ_BLOCK_BYTES", block_bytes)
+    if block_bytes is not None:
+        monkeypatch.setattr(landing_files, "READ_BLOCK_BYTES", block_bytes)
     header = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country"
     lines = ["", "  ", header, "",
              order_line("536365"), order_line("536366", description="  "),  # a whitespace-only field is missing
@@ -454,7 +455,7 @@ def test_simple_lines_read_in_arrow_give_the_csv_modules_records(tmp_path, monke
                         lambda *a, real=landing_files.simple_lines: simple.append(real(*a)) or simple[-1])
     fast, slow = parsed(path, True), parsed(path, False)
     assert fast == slow
-    assert any(s is not None for s in simple) and (block_bytes > 1000 or any(s is None for s in simple))
+    assert any(s is not None for s in simple) and (block_bytes is None or any(s is None for s in simple))
     records, problems, blank_lines = fast
     assert blank_lines == 4 and [rule for _, rule, _ in problems] == ["wrong_column_count", "wrong_column_count",
                                                                        "wrong_column_count", "bad_encoding"]
@@ -478,3 +479,38 @@ def test_every_online_retail_day_reads_the_same_through_arrow_and_the_csv_module
     assert len(files) > 200
     for path in files:
         assert parsed(path, True) == parsed(path, False), path.name
+
+
+@pytest.mark.parametrize("piece_bytes", [None, 7, 100])  # None: the default DECODE_PIECE_BYTES
+def test_undecodable_lines_are_found_whatever_the_decode_pieces(monkeypatch, piece_bytes):
+    """Bad bytes anywhere in a line, a sequence cut by the line's end, characters of several bytes
+    at the pieces' edges: the lines set aside are exactly those a line-by-line decode refuses."""
+    import numpy as np
+
+    import assets.ingest.landing_files as landing_files
+    from assets.ingest.landing_files import LineBlock, decodable_lines
+
+    if piece_bytes is not None:
+        monkeypatch.setattr(landing_files, "DECODE_PIECE_BYTES", piece_bytes)
+    lines = []
+    for i in range(3000):
+        line = f"line {i} caf\u00e9 \u20ac".encode()
+        if i % 97 == 0:
+            line = line[:3] + b"\xff" + line[3:]
+        if i % 199 == 0:
+            line += "\u00e9".encode()[:1]
+        lines.append(line + b"\n")
+    block = LineBlock(1, b"".join(lines), np.cumsum([len(line) for line in lines]))
+    undecodable = []
+    numbers, text = decodable_lines(block, b"\n", undecodable)
+    refused = [i + 1 for i, line in enumerate(lines) if not _decodes(line)]
+    assert [n for n, _ in undecodable] == refused and len(refused) > 40
+    assert numbers.tolist() == [n for n in range(1, 3001) if n not in set(refused)] and len(text) == 3000 - len(refused)
+
+
+def _decodes(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False

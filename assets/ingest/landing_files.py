@@ -432,6 +432,14 @@ def _blank(text: pa.Array) -> pa.Array:
     return pc.equal(pc.utf8_trim(text, characters=PY_WHITESPACE), "")
 
 
+def _widths_and_blanks(text: pa.Array, delimiter: str) -> tuple[pa.Array, pa.Array]:
+    """Each simple line's number of fields (without splitting it yet) and whether the csv module
+    reads it as a blank record: one field, whitespace only."""
+    widths = pc.add(pc.count_substring(text, delimiter), 1)
+    one_field = pc.equal(widths, 1)
+    return widths, (pc.and_(one_field, _blank(text)) if pc.any(one_field).as_py() else one_field)
+
+
 class CsvColumns:
     """The well-formed records of a file as Arrow columns (line_no, raw_record, the source's
     fields), gathered in file order from the csv module's records and blocks of simple lines."""
@@ -453,9 +461,7 @@ class CsvColumns:
         """A block of simple lines after the header (refused ones to `problems`); returns how
         many of its lines were blank."""
         self._flush()
-        widths = pc.add(pc.count_substring(lines["line"], self.delimiter), 1)  # fields, without splitting yet
-        one_field = pc.equal(widths, 1)  # what the csv module reads as a blank record: one field, whitespace only
-        blank = pc.and_(one_field, _blank(lines["line"])) if pc.any(one_field).as_py() else one_field
+        widths, blank = _widths_and_blanks(lines["line"], self.delimiter)
         blank_lines = int(pc.sum(blank).as_py() or 0)
         fits = pc.equal(widths, header.width)
         if blank_lines:
@@ -522,7 +528,7 @@ def _header_of_simple(source: Source, path: Path, lines: pa.Table, records: CsvR
     """The header from the first non-blank line of a block of simple lines (the blank lines before
     it counted), and the lines after it; no header if every line is blank."""
     text = lines["line"]
-    blank = pc.and_(pc.invert(pc.match_substring(text, records.delimiter)), _blank(text)).to_numpy(zero_copy_only=False)
+    blank = _widths_and_blanks(text, records.delimiter)[1].to_numpy(zero_copy_only=False)
     first = int(np.argmin(blank)) if not blank.all() else len(blank)
     header_line = lines["line_no"][first].as_py() if first < len(blank) else None
     if records.undecodable and (header_line is None or records.undecodable[0][0] < header_line):

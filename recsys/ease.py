@@ -74,7 +74,10 @@ class GramAccumulator:
     popularity_half_life_days: float | None
     # popularity within segments too (segment_popularity model): segment per history customer
     segment_of: Callable[[CustomerChunk], np.ndarray] | None = None
+    # False: no Gram matrix (a popularity model, or item-item weights that are already fitted)
+    with_gram: bool = True
     segment_popularity: dict[int, np.ndarray] = field(init=False, default_factory=dict)
+    width: int = field(init=False)  # model columns, padded
     gram: np.ndarray = field(init=False)
     recent_popularity: np.ndarray = field(init=False)
     vocabulary_spend: np.ndarray = field(init=False)
@@ -84,8 +87,8 @@ class GramAccumulator:
     pairs_in_model: int = 0
 
     def __post_init__(self) -> None:
-        width = padded_width(len(self.model_items))
-        self.gram = np.zeros((width, width), dtype=np.float32)
+        self.width = width = padded_width(len(self.model_items))
+        self.gram = np.zeros((width, width) if self.with_gram else (0, 0), dtype=np.float32)
         self.recent_popularity = np.zeros(width, dtype=np.float64)
         self.vocabulary_spend = np.zeros(self.n_vocabulary, dtype=np.float64)
         self.vocabulary_buyers = np.zeros(self.n_vocabulary, dtype=np.int64)
@@ -96,7 +99,7 @@ class GramAccumulator:
         vocabulary_position, model_position = vocabulary_position[keep], model_position[keep]
         items_per_customer = self._add_spend(row_customer, vocabulary_position, chunk.amount[keep], chunk.n_customers)
         customer, column, last = pairs_with_last_purchase(
-            row_customer, model_position, purchased_at, self.gram.shape[0]
+            row_customer, model_position, purchased_at, self.width
         )
         age_days = (self.cutoff_us - last) / MICROS_PER_DAY
         weight = np.sqrt(decay(age_days, self.gram_half_life_days))
@@ -126,10 +129,9 @@ class GramAccumulator:
         return items_per_customer
 
     def _add_gram(self, customer, column, weight, n_customers) -> None:
-        if len(column) == 0:
+        if len(column) == 0 or not self.with_gram:
             return
-        width = self.gram.shape[0]
-        x = sp.csr_matrix((weight, (customer, column)), shape=(n_customers, width), dtype=np.float32)
+        x = sp.csr_matrix((weight, (customer, column)), shape=(n_customers, self.width), dtype=np.float32)
         co_purchases = (x.T @ x).tocoo()  # unique (i, j) entries, so the fancy += below is exact
         self.gram[co_purchases.row, co_purchases.col] += co_purchases.data
 

@@ -269,9 +269,13 @@ class Recommender:
 
     @classmethod
     def fit(
-        cls, purchases: PurchaseSource, config: RecommenderConfig | None = None, as_of: datetime | None = None
+        cls, purchases: PurchaseSource, config: RecommenderConfig | None = None, as_of: datetime | None = None,
+        shared: SharedWeights | None = None,
     ) -> Recommender:
-        """Fit on the purchases before `as_of` (default: just after the latest purchase)."""
+        """Fit on the purchases before `as_of` (default: just after the latest purchase).
+
+        `shared`: item-item weights already fitted on the same purchases and cut-off by a config
+        that differs only in how it scores (model selection's candidates) are re-used from it."""
         config = config or RecommenderConfig()
         clock = time.perf_counter()
         scan = _scan_items(purchases, None if as_of is None else to_micros(as_of), config.fit_chunk_customers)
@@ -288,7 +292,8 @@ class Recommender:
             # not two (256 MiB less at M = 8,192, for one more read of the purchases).
             clock = time.perf_counter()
             validation_cut_us = as_of_us - config.calibration_days * MICROS_PER_DAY
-            [validation] = _accumulate(purchases, [validation_cut_us], model_items, scan.vocabulary, config)
+            [validation] = _accumulate(purchases, [validation_cut_us], model_items, scan.vocabulary, config,
+                                       with_gram=config.model in (EASE, ITEM_KNN))
             report.seconds["validation_gram_pass"] = round(time.perf_counter() - clock, 3)
             report.validation_cutoff = str(from_micros(validation_cut_us))
             calibrators, correction, report.calibration = _calibrate(
@@ -299,13 +304,14 @@ class Recommender:
             report.calibration = {"status": "disabled (calibration_days = 0): confidence is 0"}
 
         clock = time.perf_counter()
-        [full] = _accumulate(purchases, [as_of_us], model_items, scan.vocabulary, config)
+        with_gram = config.model in (EASE, ITEM_KNN) and not (shared and shared.holds(as_of_us, model_items, config))
+        [full] = _accumulate(purchases, [as_of_us], model_items, scan.vocabulary, config, with_gram)
         report.customers_with_history = full.customers_with_history
         report.purchase_pairs_covered_by_model = round(full.pairs_in_model / max(full.pairs_total, 1), 4)
         report.seconds["gram_pass"] = round(time.perf_counter() - clock, 3)
 
         clock = time.perf_counter()
-        scorer, strength = _scorer(full, model_items, config)
+        scorer, strength = _scorer(full, model_items, config, shared)
         report.l2_lambda = round(strength, 6)
         spend = _spend_model(full, scan.vocabulary, config, correction)
         report.seconds["solve"] = round(time.perf_counter() - clock, 3)
@@ -569,6 +575,7 @@ def _accumulate(
     model_items: ItemIndex,
     vocabulary: ItemIndex,
     config: RecommenderConfig,
+    with_gram: bool = True,
 ) -> list[GramAccumulator]:
     """Pass 2: one Gram accumulator per cutoff (full history, and the validation history)."""
     accumulators = [
@@ -579,6 +586,7 @@ def _accumulate(
             gram_half_life_days=config.gram_half_life_days,
             activity_exponent=config.activity_exponent,
             popularity_half_life_days=config.popularity_half_life_days,
+            with_gram=with_gram,
             # segments as of each cut-off, from the history before it (no peeking)
             segment_of=(RfmSegmenter.fit(purchases, cutoff, config.fit_chunk_customers)
                         if config.model == SEGMENT_POPULARITY else None),
@@ -594,19 +602,62 @@ def _accumulate(
     return accumulators
 
 
-def _scorer(accumulator: GramAccumulator, model_items: ItemIndex, config: RecommenderConfig
-            ) -> tuple[EaseScorer, float]:
+# The config fields item-item weights depend on (with the purchases, the cut-off and the model items).
+WEIGHT_FIELDS = ("model", "max_items", "min_item_buyers", "l2_regularization", "gram_half_life_days",
+                 "activity_exponent", "fit_chunk_customers")
+
+
+@dataclass
+class SharedWeights:
+    """Item-item weights fitted once and handed to the next fit of the same purchases and cut-off
+    whose config differs only in how it scores (popularity blend, history recency, text
+    neighbours): model selection's EASE candidates then share one solve (M = 8,192: seconds each).
+    One set is kept (M x M float32, 256 MiB at M = 8,192): a fit with other weights replaces it.
+    Only for fits of the same purchases; scorers read the weights and never change them."""
+
+    key: tuple | None = None
+    items: pa.Array | None = None
+    kept: tuple[np.ndarray, float] | None = None
+    computed: int = 0
+    reused: int = 0
+
+    def holds(self, cutoff_us: int, model_items: ItemIndex, config: RecommenderConfig) -> bool:
+        return (self.kept is not None and self.key == _weights_key(cutoff_us, config)
+                and self.items.equals(model_items.product_ids))
+
+    def weights(self, cutoff_us: int, model_items: ItemIndex, config: RecommenderConfig,
+                compute: Callable[[], tuple[np.ndarray, float]]) -> tuple[np.ndarray, float]:
+        if self.holds(cutoff_us, model_items, config):
+            self.reused += 1
+            return self.kept
+        self.key = self.items = self.kept = None  # the old weights go before the new ones are made
+        self.kept = compute()
+        self.key, self.items = _weights_key(cutoff_us, config), model_items.product_ids
+        self.computed += 1
+        return self.kept
+
+
+def _weights_key(cutoff_us: int, config: RecommenderConfig) -> tuple:
+    return (cutoff_us, *(getattr(config, name) for name in WEIGHT_FIELDS))
+
+
+def _scorer(accumulator: GramAccumulator, model_items: ItemIndex, config: RecommenderConfig,
+            shared: SharedWeights | None = None) -> tuple[EaseScorer, float]:
     """The configured model from an accumulator (its Gram buffer becomes the weights): the
     scorer and the EASE regularization strength (0 for the other models)."""
     weights, strength, segments = None, 0.0, None
-    if config.model == EASE:
-        weights, strength = solve_ease_in_place(accumulator.gram, len(model_items), config.l2_regularization)
-    elif config.model == ITEM_KNN:
-        weights = item_cosine_in_place(accumulator.gram)
+    if config.model in (EASE, ITEM_KNN):
+        def compute() -> tuple[np.ndarray, float]:
+            if config.model == EASE:
+                return solve_ease_in_place(accumulator.gram, len(model_items), config.l2_regularization)
+            return item_cosine_in_place(accumulator.gram), 0.0
+
+        weights, strength = (shared.weights(accumulator.cutoff_us, model_items, config, compute) if shared
+                             else compute())
     elif config.model == SEGMENT_POPULARITY:
         segments = accumulator.popularity_within_segments()
     if weights is None:
-        accumulator.gram = np.zeros((0, 0), dtype=np.float32)  # a popularity model needs no item-item weights
+        accumulator.gram = np.zeros((0, 0), dtype=np.float32)  # a popularity model has no item-item weights
     scorer = EaseScorer(model_items, weights, accumulator.normalized_popularity(), accumulator.cutoff_us,
                         config.popularity_blend, segments, config.history_half_life_days)
     return scorer, strength

@@ -48,6 +48,7 @@ from recsys.recommender import (
     SEGMENT_POPULARITY,
     Recommender,
     RecommenderConfig,
+    SharedWeights,
 )
 
 # name -> overrides of the deployed config; order = tie-break preference
@@ -76,6 +77,7 @@ class Selection:
     customers_sampled: int
     evaluated_customers: int
     table: list[dict] = field(default_factory=list)  # one row per candidate, best first
+    weights: dict[str, int] = field(default_factory=dict)  # item-item weights computed and re-used
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -104,14 +106,17 @@ def select_model(
     cutoff = as_of - timedelta(days=window_days)
     sample, sampled = customer_sample(purchases, to_micros(as_of), max_customers)
     k = base.top_k
-    table, evaluated = [], 0
+    evaluated = 0
     # calibration does not change the ranking; text neighbours are judged apart, below
     plain = replace(base, calibration_days=0, text_neighbour_min_similarity=None)
     configs = {name: replace(plain, **overrides) for name, overrides in candidates.items()}
-    for name, config in configs.items():
-        row = _judge_row(name, sample, cutoff, as_of, config)
-        evaluated = row.pop("customers", evaluated)
-        table.append(row)
+    # The EASE candidates differ only in how they score: they share one solve, judged last and
+    # together so that the kept weights are theirs when the winner is judged with text neighbours.
+    shared, rows = SharedWeights(), {}
+    for name in sorted(configs, key=lambda name: configs[name].model == EASE):
+        rows[name] = _judge_row(name, sample, cutoff, as_of, configs[name], shared=shared)
+        evaluated = rows[name].pop("customers", evaluated)
+    table = [rows[name] for name in configs]  # in candidate order: ties go to the earlier
     window = (str(cutoff), str(as_of))
     judged = [row for row in table if row["hit_rate"] is not None]
     if not judged:
@@ -126,7 +131,7 @@ def select_model(
                 and configs[chosen].model in COLLABORATIVE_MODELS):
             name = f"{chosen} + text neighbours"
             configs[name] = replace(configs[chosen], text_neighbour_min_similarity=base.text_neighbour_min_similarity)
-            row = _judge_row(name, sample, cutoff, as_of, configs[name], product_vectors)
+            row = _judge_row(name, sample, cutoff, as_of, configs[name], product_vectors, shared)
             row.pop("customers", None)
             table.append(row)
             if row["hit_rate"] is not None and row["hit_rate"] > best["hit_rate"]:
@@ -137,20 +142,22 @@ def select_model(
         row["vs_best_baseline"] = (round(row["hit_rate"] / best_baseline, 3)
                                    if best_baseline and row["hit_rate"] is not None else None)
         row["deployed"] = row["candidate"] == chosen
+    weights = {"computed": shared.computed, "reused": shared.reused}
+    del shared  # the kept weights (M x M) are freed before the deployed model is fitted
     table.sort(key=lambda row: -(row["hit_rate"] if row["hit_rate"] is not None else -1.0))
     deployed = replace(configs[chosen], calibration_days=base.calibration_days) if chosen in configs \
         else replace(base, text_neighbour_min_similarity=None)
     return Selection(
         config=deployed,
         chosen=chosen, reason=reason, window=window, customers_sampled=sampled, evaluated_customers=evaluated,
-        table=table, seconds=round(time.perf_counter() - clock, 3),
+        table=table, weights=weights, seconds=round(time.perf_counter() - clock, 3),
     )
 
 
-def _judge_row(name, sample, cutoff, end, config, product_vectors=None) -> dict:
+def _judge_row(name, sample, cutoff, end, config, product_vectors=None, shared: SharedWeights | None = None) -> dict:
     """A table row: the candidate's hit rate and NDCG, or the error that kept it out of the race."""
     try:
-        metrics = _judge(sample, cutoff, end, config, product_vectors)
+        metrics = _judge(sample, cutoff, end, config, product_vectors, shared)
     except Exception as error:  # a candidate that cannot be judged is out of the race, said so
         return {"candidate": name, "hit_rate": None, "ndcg": None, "error": f"{type(error).__name__}: {error}"[:300]}
     summary = metrics.summary()
@@ -159,10 +166,10 @@ def _judge_row(name, sample, cutoff, end, config, product_vectors=None) -> dict:
 
 
 def _judge(sample: pa.Table, cutoff: datetime, end: datetime, config: RecommenderConfig,
-           product_vectors: ProductEmbeddings | None = None) -> RankingMetrics:
+           product_vectors: ProductEmbeddings | None = None, shared: SharedWeights | None = None) -> RankingMetrics:
     """Hit rate of one candidate fitted before `cutoff`, on the new products bought in [cutoff, end)."""
     cutoff_us, end_us = to_micros(cutoff), to_micros(end)
-    model = Recommender.fit(sample, config=config, as_of=cutoff)
+    model = Recommender.fit(sample, config=config, as_of=cutoff, shared=shared)
     items = candidate_items(sample, cutoff_us, None, config.score_chunk_customers)
     candidates = model.candidates(pa.table({"product_id": items.product_ids,
                                             "in_stock": pa.array([True] * len(items))}), product_vectors)

@@ -18,7 +18,8 @@ from recsys.recommender import (
     Recommender,
     RecommenderConfig,
 )
-from recsys.selection import BASELINES, CANDIDATES, select_model
+from recsys.purchases import to_micros
+from recsys.selection import BASELINES, CANDIDATES, _judge_row, customer_sample, select_model
 from recsys.customer_vectors import ProductEmbeddings
 from recsys.synthetic import SyntheticRetail
 
@@ -85,10 +86,10 @@ def test_a_sample_is_stable_and_smaller_than_the_customer_base():
 def test_a_candidate_that_fails_is_out_of_the_race_and_said_so(monkeypatch):
     original = Recommender.fit
 
-    def item_knn_breaks(purchases, config=None, as_of=None):
+    def item_knn_breaks(purchases, config=None, as_of=None, **shared):
         if config is not None and config.model == "item_knn":
             raise MemoryError("injected")
-        return original(purchases, config, as_of)
+        return original(purchases, config, as_of, **shared)
 
     monkeypatch.setattr(Recommender, "fit", staticmethod(item_knn_breaks))
     selection = select_model(STRUCTURED, as_of(STRUCTURED))
@@ -98,16 +99,21 @@ def test_a_candidate_that_fails_is_out_of_the_race_and_said_so(monkeypatch):
     assert len(judged) == len(CANDIDATES) - 1 and selection.chosen == max(judged, key=lambda r: r["hit_rate"])["candidate"]
 
 
+def tail_like_head_vectors() -> ProductEmbeddings:
+    """Product vectors where each tail product reads like a head product."""
+    rng = np.random.default_rng(3)
+    products = STRUCTURED.product_ids().to_pylist()
+    vectors = {p: rng.normal(size=32) for p in products}
+    for index, product in enumerate(products[150:]):
+        vectors[product] = vectors[products[index % 150]] + rng.normal(scale=0.05, size=32)
+    return ProductEmbeddings.from_arrays(list(vectors), np.vstack(list(vectors.values())))
+
+
 def test_text_neighbours_are_judged_apart_and_deployed_only_when_they_win():
     """With product vectors, the collaborative winner is judged again with products outside its
     model reached through their text; that variant is deployed only on a strictly higher hit rate."""
     base = replace(RecommenderConfig(), max_items=120)  # 300 products: most of the tail is outside the model
-    rng = np.random.default_rng(3)
-    products = STRUCTURED.product_ids().to_pylist()
-    vectors = {p: rng.normal(size=32) for p in products}
-    for index, product in enumerate(products[150:]):  # tail products look like a head product
-        vectors[product] = vectors[products[index % 150]] + rng.normal(scale=0.05, size=32)
-    table = ProductEmbeddings.from_arrays(list(vectors), np.vstack(list(vectors.values())))
+    table = tail_like_head_vectors()
 
     selection = select_model(STRUCTURED, as_of(STRUCTURED), base, product_vectors=table)
     plain = [row for row in selection.table if row["candidate"] in CANDIDATES]
@@ -118,3 +124,28 @@ def test_text_neighbours_are_judged_apart_and_deployed_only_when_they_win():
     assert selection.chosen == (variant["candidate"] if won else winner["candidate"]), selection.to_markdown()
     assert (selection.config.text_neighbour_min_similarity is not None) == won
     assert select_model(STRUCTURED, as_of(STRUCTURED), base, product_vectors=table).table == selection.table
+
+
+def test_candidates_that_differ_only_in_how_they_score_share_one_solve_and_score_as_if_fitted_alone():
+    """The EASE candidates and the winner's text-neighbour variant share the weights of one EASE
+    solve; every row of the table equals judging that candidate with a fit of its own."""
+    base = replace(RecommenderConfig(), max_items=120)
+    vectors = tail_like_head_vectors()
+    end = as_of(STRUCTURED)
+    selection = select_model(STRUCTURED, end, base, product_vectors=vectors)
+
+    cutoff = end - timedelta(days=60)
+    sample, _ = customer_sample(STRUCTURED, to_micros(end), 50_000)
+    plain = replace(base, calibration_days=0, text_neighbour_min_similarity=None)
+    for row in selection.table:
+        name, text = row["candidate"].removesuffix(" + text neighbours"), row["candidate"].endswith("neighbours")
+        config = replace(plain, **CANDIDATES[name],
+                         text_neighbour_min_similarity=base.text_neighbour_min_similarity if text else None)
+        alone = _judge_row(row["candidate"], sample, cutoff, end, config, vectors if text else None)
+        assert (alone["hit_rate"], alone["ndcg"]) == (row["hit_rate"], row["ndcg"]), row["candidate"]
+
+    variant = next(row["candidate"] for row in selection.table if row["candidate"].endswith(" + text neighbours"))
+    if CANDIDATES[variant.removesuffix(" + text neighbours")]["model"] == "ease":
+        assert selection.weights == {"computed": 2, "reused": 3}  # one EASE solve for four fits, one item-kNN
+    else:  # item-kNN won: its weights (a cosine of the Gram, no solve) are made again for the variant
+        assert selection.weights == {"computed": 3, "reused": 2}  # one EASE solve for three fits

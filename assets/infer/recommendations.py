@@ -664,6 +664,7 @@ def selection_metadata(selection: Selection | None, model_info: dict) -> dict:
             f"chosen: **{selection.chosen}** ({selection.reason}).\n\n{selection.to_markdown()}"),
         "model_selection_table": dg.MetadataValue.json(selection.table),
         "model_selection_seconds": selection.seconds,
+        "model_selection_weights": selection.weights,  # item-item weights fitted, and re-used by candidates
     }
 
 

@@ -29,6 +29,7 @@ os.environ.setdefault("PIPELINE_FIRST_DAY", "2010-12-01")  # partitions from the
 from assets.ingest import build_ingestion_assets  # noqa: E402 (after the partitions setting)
 from generator import FaultRates, GeneratorConfig, generate
 from resources.alerts import Alerts
+from resources.compute_engine import ComputeEngine
 from resources.landing import LandingZone
 from resources.warehouse import DuckDBWarehouse
 
@@ -38,7 +39,8 @@ RAW = {asset.key.to_user_string(): asset for asset in build_ingestion_assets()}
 
 def resources(root: Path, landing: Path) -> dict:
     warehouse = DuckDBWarehouse(path=str(root / "warehouse.duckdb"))
-    return {"warehouse": warehouse, "landing": LandingZone(root=str(landing)), "alerts": Alerts(warehouse=warehouse)}
+    return {"warehouse": warehouse, "landing": LandingZone(root=str(landing)), "alerts": Alerts(warehouse=warehouse),
+            "compute_engine": ComputeEngine()}
 
 
 def seconds_of(result: dg.ExecuteInProcessResult, asset: str) -> float:

@@ -74,6 +74,7 @@ CUSTOMER_JSON_SHAPE = json.dumps({
     "purchaseHistory": [{"productId": "VARCHAR", "amount": "JSON", "date": "VARCHAR"}],
 })
 JSON_WHITESPACE = " \\t\\n\\r"  # in a regex character class: the characters JSON allows around a value
+NO_RECORDS = "no records: the file holds only whitespace"
 
 
 @dataclass
@@ -89,11 +90,19 @@ class Staged:
 # ---------------------------------------------------------------------------------------------
 
 @contextmanager
-def open_text_bytes(source: str, path: Path) -> Iterator[tuple[BinaryIO, dict[str, Any]]]:
+def open_text_bytes(source: str, path: Path, byte_range: tuple[int, int] | None = None
+                    ) -> Iterator[tuple[BinaryIO, dict[str, Any]]]:
     """The file's bytes as UTF-8 text bytes (gunzipped, BOM removed), with notes on what was done.
 
     LandingFileError (path and cause in one line) when the name and the bytes disagree about gzip,
-    or the bytes are another encoding or format."""
+    or the bytes are another encoding or format. `byte_range` (start, end): only those bytes of a
+    plain file (a shard, assets/ingest/file_shards.py); the checks of the file's start run in the
+    shard that starts at 0."""
+    if byte_range is not None and byte_range[0] > 0:
+        with open(path, "rb", buffering=READ_BLOCK_BYTES) as raw:
+            raw.seek(byte_range[0])
+            yield ByteRangeReader(raw, byte_range[1]), {"compression": None, "bom": False}
+        return
     with open(path, "rb", buffering=READ_BLOCK_BYTES) as raw:
         named_gzip = path.name.lower().endswith(".gz")
         is_gzip = raw.peek(2)[:2] == GZIP_MAGIC
@@ -115,7 +124,22 @@ def open_text_bytes(source: str, path: Path) -> Iterator[tuple[BinaryIO, dict[st
         bom = head.startswith(UTF8_BOM)
         if bom:
             stream.read(len(UTF8_BOM))
+        if byte_range is not None:
+            stream = ByteRangeReader(stream, byte_range[1])
         yield stream, {"compression": "gzip" if is_gzip else None, "bom": bom}
+
+
+class ByteRangeReader:
+    """A file's bytes up to an offset (the end of a shard): read() stops there."""
+
+    def __init__(self, stream: BinaryIO, end: int):
+        self.stream, self.end = stream, end
+
+    def read(self, size: int = -1) -> bytes:
+        left = self.end - self.stream.tell()
+        if left <= 0:
+            return b""
+        return self.stream.read(left if size < 0 else min(size, left))
 
 
 def _peek(source: str, path: Path, stream: BinaryIO) -> bytes:
@@ -152,15 +176,16 @@ class LineReader:
     The line ending is the file's: LF (CRLF included), or CR for a file without any LF. A line
     longer than MAX_LINE_BYTES is not kept: its number and first bytes go to `too_long`."""
 
-    def __init__(self, source: str, path: Path, stream: BinaryIO):
+    def __init__(self, source: str, path: Path, stream: BinaryIO, detect_line_ending: bool = True):
         self.source, self.path, self.stream = source, path, stream
         self.terminator = b"\n"
         self.line_ending = "LF"
         self.lines_read = 0
         self.too_long: list[tuple[int, str]] = []
+        self.detect_line_ending = detect_line_ending  # False: LF, as decided for the whole file
 
     def blocks(self) -> Iterator[LineBlock]:
-        carry, skipping, first = b"", False, True
+        carry, skipping, first = b"", False, self.detect_line_ending
         while True:
             chunk = self._read()
             if first:
@@ -601,12 +626,16 @@ def _json_text(column: str, numeric_strings: bool) -> str:
     return f"{column}::VARCHAR"
 
 
-def stage_customers(con: duckdb.DuckDBPyConnection, path: Path, source: Source) -> Staged:
+def stage_customers(con: duckdb.DuckDBPyConnection, path: Path, source: Source,
+                    byte_range: tuple[int, int] | None = None) -> Staged:
     """JSON Lines: parsed once per line while reading; a line that is not a JSON object is kept
-    whole for the quarantine. The items of valid customers are staged after their validation."""
+    whole for the quarantine. The items of valid customers are staged after their validation.
+
+    `byte_range`: one shard of an LF-terminated file (its lines numbered from 1; a shard may hold
+    no record: only the whole file must hold one)."""
     _create_work_tables(con)
-    with open_text_bytes(source.name, path) as (stream, notes):
-        reader = LineReader(source.name, path, stream)
+    with open_text_bytes(source.name, path, byte_range) as (stream, notes):
+        reader = LineReader(source.name, path, stream, detect_line_ending=byte_range is None)
         batches = JsonLineBatches(reader)
         # One JSON parse per line; `try` turns a malformed line into NULL instead of an error.
         # Anchored regexes, not trim(): a trim copies every line (measured 1.5x the whole read).
@@ -617,8 +646,8 @@ def stage_customers(con: duckdb.DuckDBPyConnection, path: Path, source: Source) 
             CASE WHEN parsed IS NULL AND NOT blank THEN rtrim(line, chr(10) || chr(13)) END AS malformed""")
     blank = int(fetch_scalar(con, "SELECT count(*) FROM json_lines WHERE blank"))
     records = reader.lines_read - blank
-    if records == 0:
-        raise LandingFileError(source.name, path, "no records: the file holds only whitespace")
+    if records == 0 and byte_range is None:
+        raise LandingFileError(source.name, path, NO_RECORDS)
     _add_unparseable(con, [(n, "bad_encoding", None, t) for n, t in batches.undecodable]
                      + [(n, "line_too_long", None, t) for n, t in reader.too_long])
     con.execute("INSERT INTO unparseable SELECT line_no, 'malformed_json', NULL, malformed FROM json_lines "

@@ -20,10 +20,12 @@ file has no batch: it is logged and left unmaterialized (a one-day run for it fa
 
 import hashlib
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +39,12 @@ from assets.common.partitions import daily_partitions
 from assets.common.range_runs import asset_check_outputs, partition_check_evaluation
 from assets.common.sources import SOURCES, RawTable, Source
 from assets.ingest.accounting import BatchCounts, batch_metadata, check_results, check_specs, count_partition, preview
+from assets.ingest.file_shards import Sharding, shard_plan, stage_in_shards
 from assets.ingest.landing_files import Staged, line_texts, stage_csv, stage_customer_purchases, stage_customers
-from assets.validate.rules import load_suite, quarantine, typed
+from assets.validate.rules import load_suite, typed, validate_staged
+from resources.compute_engine import ComputeEngine
 from resources.landing import LandingFileError, LandingZone
+from resources.memory import parse_size
 from resources.warehouse import DuckDBWarehouse, fetch_all, rebudget, step_pool, table_exists
 
 # Part of the fingerprint: bump it when files are read differently. 2: bytes read in Python (CR,
@@ -82,17 +87,6 @@ def landed_sql(table: RawTable, column: str, naive_timezone: str = "UTC") -> str
 # ---------------------------------------------------------------------------------------------
 # Validation and the partition write
 # ---------------------------------------------------------------------------------------------
-
-def validate_staged(con: duckdb.DuckDBPyConnection, table: RawTable, partition_date: str,
-                    naive_timezone: str = "UTC") -> None:
-    """Quarantine every staged row of `table` that breaks a rule of its suite into failures_<table>."""
-    name = table.name
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE failures_{name} (
-        row_id BIGINT, line_no BIGINT, record_key VARCHAR, rule VARCHAR, column_name VARCHAR, value VARCHAR)""")
-    columns = set(table.columns) | {"line_no"}
-    quarantine(con, load_suite(name), f"stg_{name}", columns, table.record_key, f"failures_{name}", partition_date,
-               naive_timezone)
-
 
 def ensure_tables(con: duckdb.DuckDBPyConnection, sources: tuple[Source, ...]) -> None:
     """Every raw table of every source, landed or not: the SQL models read them all."""
@@ -197,15 +191,21 @@ def land_file(con: duckdb.DuckDBPyConnection, source: Source, sources: tuple[Sou
     return write_partition(con, source, sources, day, staged), staged.notes
 
 
-def stage_file(con: duckdb.DuckDBPyConnection, source: Source, day: str, path: Path) -> Staged:
+def stage_file(con: duckdb.DuckDBPyConnection, source: Source, day: str, path: Path,
+               sharding: Sharding | None = None, catalogs: list[str] | None = None) -> Staged:
     """Read and judge one file into the connection's temp tables (stg_*, failures_*, unparseable).
-    Writes nothing to any database table: a step runs it with the warehouse detached."""
-    reader = READERS[source.reader]
-    staged = reader.stage(con, path, source)
-    validate_staged(con, source.tables[0], day, source.naive_timezone)
-    for part in source.tables[1:]:  # parts of the records that passed (a customer's purchase items)
-        staged.inputs[part.name] = reader.stage_part(con, part, source)
-        validate_staged(con, part, day, source.naive_timezone)
+    Writes nothing to any database table: a step runs it with the warehouse detached. With
+    `sharding`, a large JSON Lines file is read and judged in shards on the engine (file_shards.py)."""
+    ranges = shard_plan(source, path, sharding.shard_bytes) if sharding else None
+    if ranges:
+        staged = stage_in_shards(con, source, path, day, ranges, sharding, catalogs or [])
+    else:
+        reader = READERS[source.reader]
+        staged = reader.stage(con, path, source)
+        validate_staged(con, source.tables[0], day, source.naive_timezone)
+        for part in source.tables[1:]:  # parts of the records that passed (a customer's purchase items)
+            staged.inputs[part.name] = reader.stage_part(con, part, source)
+            validate_staged(con, part, day, source.naive_timezone)
     if source.reader == "customer_jsonl":
         stage_quarantined_lines(con, source, path)
     rebudget(con)  # the reader's Python side grew since the connection opened: DuckDB gets what is left
@@ -227,7 +227,7 @@ def copy_catalogs(con: duckdb.DuckDBPyConnection, warehouse: DuckDBWarehouse, so
     customers against the product catalog), copied into the staging connection under a short read
     lock, where the suite's rules find them by the same names."""
     ensure_tables(con, sources)
-    catalogs = [t.qualified for s in sources if s.asset in source.deps for t in s.tables]
+    catalogs = catalog_tables(source, sources)
     if not catalogs:
         return
     with warehouse.attached(con, read_only=True):
@@ -235,6 +235,11 @@ def copy_catalogs(con: duckdb.DuckDBPyConnection, warehouse: DuckDBWarehouse, so
             con.execute(f"DELETE FROM memory.{table}")
             if table_exists(con, table, catalog="warehouse"):
                 con.execute(f"INSERT INTO memory.{table} BY NAME SELECT * FROM {table} WHERE partition_date <= ?", [day])
+
+
+def catalog_tables(source: Source, sources: tuple[Source, ...]) -> list[str]:
+    """The raw tables of the sources this one is judged against."""
+    return [t.qualified for s in sources if s.asset in source.deps for t in s.tables]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,19 +358,39 @@ def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     con.execute("COMMIT")
 
 
+@contextmanager
+def file_sharding(engine: ComputeEngine, warehouse: DuckDBWarehouse, source: Source) -> Iterator[Sharding | None]:
+    """How this step cuts large files (None: it reads them whole): shards of ingest_shard_mb on the
+    engine, their Parquet in a folder beside the warehouse, removed at the end."""
+    if engine.ingest_shard_mb <= 0 or source.reader != "customer_jsonl":
+        yield None
+        return
+    limit = parse_size(warehouse.connection_memory_limit())
+    per_shard = limit if engine.distributed else limit // 2  # threads: two shards at a time in the step
+    work_dir = Path(tempfile.mkdtemp(prefix=f".shards-{source.name}-", dir=warehouse.file.parent))
+    try:
+        yield Sharding(engine, engine.ingest_shard_mb << 20, work_dir, f"{per_shard >> 20}MiB")
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
 def land_days(context: dg.AssetExecutionContext, config: IngestionConfig, source: Source,
-              sources: tuple[Source, ...], warehouse: DuckDBWarehouse, days: list[Day]) -> None:
+              sources: tuple[Source, ...], warehouse: DuckDBWarehouse, days: list[Day],
+              engine: ComputeEngine) -> None:
     """Each changed day: its file read and judged in a staging DuckDB under no lock (at 20M
-    customers that is 12 minutes), then written in one transaction with the warehouse attached
-    under its exclusive lock; then the skipped days' stored counts."""
+    customers that is 12 minutes; in shards on the engine when configured), then written in one
+    transaction with the warehouse attached under its exclusive lock; then the skipped days'
+    stored counts."""
     changed = [d for d in days if d.path is not None and not d.skipped]
     if changed:
-        with warehouse.staging() as con:
+        with warehouse.staging() as con, file_sharding(engine, warehouse, source) as sharding:
             for day in changed:
                 started = time.perf_counter()
                 try:
                     copy_catalogs(con, warehouse, source, sources, day.day)
-                    staged = stage_file(con, source, day.day, day.path)
+                    staged = stage_file(con, source, day.day, day.path,
+                                        replace(sharding, work_dir=sharding.work_dir / day.day) if sharding else None,
+                                        catalog_tables(source, sources))
                     with warehouse.attached(con), _transaction(con):
                         day.counts = write_partition(con, source, sources, day.day, staged)
                         day.notes, day.seconds = staged.notes, time.perf_counter() - started
@@ -387,7 +412,7 @@ def land_days(context: dg.AssetExecutionContext, config: IngestionConfig, source
 
 
 def ingest(context: dg.AssetExecutionContext, config: IngestionConfig, source: Source, sources: tuple[Source, ...],
-           warehouse: DuckDBWarehouse, landing: LandingZone) -> Iterator[Any]:
+           warehouse: DuckDBWarehouse, landing: LandingZone, engine: ComputeEngine) -> Iterator[Any]:
     """Lands each day of the run. A breach of the error rate is the error_rate check's to report:
     the check-failure sensor turns it into one incident, resolved when the day passes again."""
     started = time.perf_counter()
@@ -395,7 +420,7 @@ def ingest(context: dg.AssetExecutionContext, config: IngestionConfig, source: S
     one_day = context.has_partition_key  # a one-partition run; otherwise a range (single-run backfill)
     if one_day and days[0].problem:
         raise _failure(days[0].problem)
-    land_days(context, config, source, sources, warehouse, days)
+    land_days(context, config, source, sources, warehouse, days, engine)
     if one_day:
         if days[0].problem:
             raise _failure(days[0].problem)
@@ -488,8 +513,8 @@ def ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg.AssetsDef
         tags=PII_TAG if any(t.personal for t in source.tables) else None,
     )
     def _asset(context: dg.AssetExecutionContext, config: IngestionConfig, warehouse: DuckDBWarehouse,
-               landing: LandingZone) -> Iterator[Any]:
-        yield from ingest(context, config, source, sources, warehouse, landing)
+               landing: LandingZone, compute_engine: ComputeEngine) -> Iterator[Any]:
+        yield from ingest(context, config, source, sources, warehouse, landing, compute_engine)
 
     return _asset
 

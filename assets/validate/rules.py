@@ -25,9 +25,12 @@ import zoneinfo
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
+
+if TYPE_CHECKING:
+    from assets.common.sources import RawTable
 
 EXPECTATIONS_DIR = Path(__file__).resolve().parents[2] / "expectations"
 
@@ -311,12 +314,17 @@ def _identifier(column: str, columns: set[str]) -> str:
 
 
 def quarantine(con: duckdb.DuckDBPyConnection, suite: Suite, staged: str, columns: set[str], record_key: str,
-               failures: str, partition_date: str, naive_timezone: str = "UTC") -> None:
+               failures: str, partition_date: str, naive_timezone: str = "UTC", across_rows: bool | None = None
+               ) -> None:
     """Append every (row, broken rule) of the staged relation to the `failures` temp table.
 
     `staged` and `record_key` are SQL from code; the staged relation has `row_id` and `line_no`.
+    `across_rows`: None, every rule; False, the rules that judge a row alone (a file shard can
+    apply them); True, the rules across rows (uniqueness: over the whole file).
     """
     for rule in suite.row_rules(columns, naive_timezone):
+        if across_rows is not None and rule.window != across_rows:
+            continue
         where = "QUALIFY" if rule.window else "WHERE"
         sql = (f"INSERT INTO {failures} SELECT row_id, line_no, {record_key}, $rule, $column_name, {rule.value}"
                f" FROM {staged} {where} {rule.fails}")
@@ -326,3 +334,14 @@ def quarantine(con: duckdb.DuckDBPyConnection, suite: Suite, staged: str, column
         con.execute(sql, params)
 
 
+def validate_staged(con: duckdb.DuckDBPyConnection, table: "RawTable", partition_date: str,
+                    naive_timezone: str = "UTC", across_rows: bool | None = None) -> None:
+    """Quarantine every staged row of `table` that breaks a rule of its suite into failures_<table>
+    (created by the first pass; `across_rows`: which rules, see `quarantine`)."""
+    name = table.name
+    if not across_rows:
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE failures_{name} (
+            row_id BIGINT, line_no BIGINT, record_key VARCHAR, rule VARCHAR, column_name VARCHAR, value VARCHAR)""")
+    columns = set(table.columns) | {"line_no"}
+    quarantine(con, load_suite(name), f"stg_{name}", columns, table.record_key, f"failures_{name}", partition_date,
+               naive_timezone, across_rows)

@@ -304,7 +304,10 @@ class Recommender:
             report.calibration = {"status": "disabled (calibration_days = 0): confidence is 0"}
 
         clock = time.perf_counter()
-        with_gram = config.model in (EASE, ITEM_KNN) and not (shared and shared.holds(as_of_us, model_items, config))
+        reuse = shared is not None and shared.holds(as_of_us, model_items, config)
+        if shared is not None and not reuse:
+            shared.clear()  # the kept weights go before this fit's Gram matrix is built: one M x M at a time
+        with_gram = config.model in (EASE, ITEM_KNN) and not reuse
         [full] = _accumulate(purchases, [as_of_us], model_items, scan.vocabulary, config, with_gram)
         report.customers_with_history = full.customers_with_history
         report.purchase_pairs_covered_by_model = round(full.pairs_in_model / max(full.pairs_total, 1), 4)
@@ -625,12 +628,15 @@ class SharedWeights:
         return (self.kept is not None and self.key == _weights_key(cutoff_us, config)
                 and self.items.equals(model_items.product_ids))
 
+    def clear(self) -> None:
+        self.key = self.items = self.kept = None
+
     def weights(self, cutoff_us: int, model_items: ItemIndex, config: RecommenderConfig,
                 compute: Callable[[], tuple[np.ndarray, float]]) -> tuple[np.ndarray, float]:
         if self.holds(cutoff_us, model_items, config):
             self.reused += 1
             return self.kept
-        self.key = self.items = self.kept = None  # the old weights go before the new ones are made
+        self.clear()
         self.kept = compute()
         self.key, self.items = _weights_key(cutoff_us, config), model_items.product_ids
         self.computed += 1

@@ -149,7 +149,7 @@ def stage_in_shards(con: duckdb.DuckDBPyConnection, source: Source, path: Path, 
         order = "line_no" if shift is None else "row_id"
         con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS {parts} ORDER BY {order}")
     customers, items = source.tables
-    for table in source.tables:
+    for table in (t for t in source.tables if "line_no" in t.record_key):
         _rename_failures(con, table)
     validate_staged(con, customers, day, source.naive_timezone, across_rows=True)
     # items are staged only for customers that pass every rule: those failing across the file go

@@ -140,9 +140,11 @@ def test_an_alert_row_is_written_while_a_file_is_read_and_judged(warehouse, land
     resources = raw_resources(warehouse, landing)
     materialize(resources, day(0), assets=[RAW["raw_products"]])
     pause = Pause()
+    from assets.ingest import landing_files
+
     readers = {name: dataclasses.replace(reader, stage=pause.before(reader.stage))
-               for name, reader in raw_assets.READERS.items()}
-    monkeypatch.setattr(raw_assets, "READERS", readers)
+               for name, reader in landing_files.READERS.items()}
+    monkeypatch.setattr(landing_files, "READERS", readers)
     result = alert_written_while(
         warehouse, lambda: materialize(resources, day(0), assets=[RAW[asset]], raise_on_error=False), pause,
         f"{asset} reads its file")

@@ -1,7 +1,7 @@
 """A large JSON Lines landing file read and judged in shards, on the compute engine's workers.
 
     ranges = shard_plan(source, path, shard_bytes)       # byte ranges of whole lines, or None
-    staged = stage_in_shards(con, source, path, day, ranges, engine, work_dir, memory_limit)
+    staged = stage_in_shards(con, source, path, day, ranges, sharding, catalogs)
 
 Each shard (a byte range that starts after a line feed and ends with one) is read, parsed and
 judged by the rules that look at one record at a time, in a DuckDB of its own, on a worker of the
@@ -27,14 +27,7 @@ from typing import Any
 import duckdb
 
 from assets.common.sources import RawTable, Source
-from assets.ingest.landing_files import (
-    NO_RECORDS,
-    READ_BLOCK_BYTES,
-    Staged,
-    open_text_bytes,
-    stage_customer_purchases,
-    stage_customers,
-)
+from assets.ingest.landing_files import NO_RECORDS, READ_BLOCK_BYTES, Staged, open_text_bytes, stage_and_judge
 from assets.validate.rules import validate_staged
 from resources.landing import LandingFileError
 from resources.warehouse import fetch_scalar
@@ -111,15 +104,12 @@ def stage_shard(job: ShardJob, shard: tuple[int, int, int]) -> dict[str, Any]:
     out = Path(job.work_dir) / f"shard-{number}"
     out.mkdir(parents=True, exist_ok=True)
     config = {"threads": 1, "memory_limit": job.memory_limit, "temp_directory": str(out / ".spill")}
-    customers, items = job.source.tables
+    customers = job.source.tables[0]
     with duckdb.connect(config=config) as con:
         for table, file in job.catalogs.items():
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {table.split('.')[0]}")
             con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_parquet($file)", {"file": file})
-        staged = stage_customers(con, Path(job.path), job.source, (start, end))
-        validate_staged(con, customers, job.day, job.source.naive_timezone, across_rows=False)
-        stage_customer_purchases(con, items, job.source)
-        validate_staged(con, items, job.day, job.source.naive_timezone, across_rows=False)
+        staged = stage_and_judge(con, job.source, job.day, Path(job.path), (start, end), across_rows=False)
         for table in LINE_NUMBERED:
             con.execute(f"COPY {table} TO '{out / table}.parquet' (FORMAT parquet)")  # our own path
     return {"lines": staged.notes["physical_lines"], "records": staged.inputs[customers.name],
@@ -169,8 +159,9 @@ def _rename_failures(con: duckdb.DuckDBPyConnection, table: RawTable) -> None:
     """A failure's record key again, from the moved line numbers (a record without an id is
     named by its line)."""
     con.execute(f"""CREATE OR REPLACE TEMP TABLE failures_{table.name} AS
-        SELECT f.row_id, f.line_no, k.record_key, f.rule, f.column_name, f.value
-        FROM failures_{table.name} AS f JOIN (
+        SELECT f.row_id, f.line_no, coalesce(k.record_key, f.record_key) AS record_key, f.rule, f.column_name,
+               f.value
+        FROM failures_{table.name} AS f LEFT JOIN (  -- LEFT: a failure is never dropped here
             SELECT row_id, {table.record_key} AS record_key FROM stg_{table.name}
             WHERE row_id IN (SELECT row_id FROM failures_{table.name})) AS k USING (row_id)
         ORDER BY f.row_id""")

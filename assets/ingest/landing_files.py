@@ -29,7 +29,7 @@ import io
 import json
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from assets.common.sources import RawTable, Source
+from assets.validate.rules import validate_staged
 from resources.landing import LandingFileError
 from resources.warehouse import fetch_scalar
 
@@ -702,3 +703,32 @@ def line_texts(source: Source, path: Path, wanted: np.ndarray) -> list[tuple[int
             if high == len(wanted):
                 break
     return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers by format, and the order in which a file's tables are staged and judged
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reader:
+    """How a file format is staged: its records, then the parts of the valid ones (if any)."""
+
+    stage: Callable[[duckdb.DuckDBPyConnection, Path, Source], Staged]
+    stage_part: Callable[[duckdb.DuckDBPyConnection, RawTable, Source], int] | None = None
+
+
+READERS = {"csv": Reader(stage_csv), "customer_jsonl": Reader(stage_customers, stage_customer_purchases)}
+
+
+def stage_and_judge(con: duckdb.DuckDBPyConnection, source: Source, day: str, path: Path,
+                    byte_range: tuple[int, int] | None = None, across_rows: bool | None = None) -> Staged:
+    """A file (or one shard of it: `byte_range`) staged and judged table by table: its records,
+    then the parts of the records that passed (a customer's purchase items). `across_rows`: which
+    rules (assets/validate/rules.py `quarantine`; a shard applies the one-record rules)."""
+    reader = READERS[source.reader]
+    staged = reader.stage(con, path, source) if byte_range is None else reader.stage(con, path, source, byte_range)
+    validate_staged(con, source.tables[0], day, source.naive_timezone, across_rows)
+    for part in source.tables[1:]:
+        staged.inputs[part.name] = reader.stage_part(con, part, source)
+        validate_staged(con, part, day, source.naive_timezone, across_rows)
+    return staged

@@ -23,7 +23,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,8 +40,8 @@ from assets.common.range_runs import asset_check_outputs, partition_check_evalua
 from assets.common.sources import SOURCES, RawTable, Source
 from assets.ingest.accounting import BatchCounts, batch_metadata, check_results, check_specs, count_partition, preview
 from assets.ingest.file_shards import Sharding, shard_plan, stage_in_shards
-from assets.ingest.landing_files import Staged, line_texts, stage_csv, stage_customer_purchases, stage_customers
-from assets.validate.rules import load_suite, typed, validate_staged
+from assets.ingest.landing_files import READERS, Staged, line_texts, stage_and_judge
+from assets.validate.rules import load_suite, typed
 from resources.compute_engine import ComputeEngine
 from resources.landing import LandingFileError, LandingZone
 from resources.memory import parse_size
@@ -200,12 +200,7 @@ def stage_file(con: duckdb.DuckDBPyConnection, source: Source, day: str, path: P
     if ranges:
         staged = stage_in_shards(con, source, path, day, ranges, sharding, catalogs or [])
     else:
-        reader = READERS[source.reader]
-        staged = reader.stage(con, path, source)
-        validate_staged(con, source.tables[0], day, source.naive_timezone)
-        for part in source.tables[1:]:  # parts of the records that passed (a customer's purchase items)
-            staged.inputs[part.name] = reader.stage_part(con, part, source)
-            validate_staged(con, part, day, source.naive_timezone)
+        staged = stage_and_judge(con, source, day, path)
     if source.reader == "customer_jsonl":
         stage_quarantined_lines(con, source, path)
     rebudget(con)  # the reader's Python side grew since the connection opened: DuckDB gets what is left
@@ -481,15 +476,6 @@ def _range_events(context: dg.AssetExecutionContext, config: IngestionConfig, so
                          metadata={"days": [d.day for d in unreadable]})
 
 
-@dataclass(frozen=True)
-class Reader:
-    """How a file format is staged: its records, then the parts of the valid ones (if any)."""
-
-    stage: Callable[[duckdb.DuckDBPyConnection, Path, Source], Staged]
-    stage_part: Callable[[duckdb.DuckDBPyConnection, RawTable, Source], int] | None = None
-
-
-READERS = {"csv": Reader(stage_csv), "customer_jsonl": Reader(stage_customers, stage_customer_purchases)}
 
 
 def ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg.AssetsDefinition:

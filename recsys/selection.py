@@ -175,14 +175,18 @@ def _judge(sample: pa.Table, cutoff: datetime, end: datetime, config: Recommende
                                             "in_stock": pa.array([True] * len(items))}), product_vectors)
     metrics = RankingMetrics(config.top_k, len(items))
     for chunk in iter_customer_chunks(sample, config.score_chunk_customers):
-        scored = model.score_chunk(chunk, candidates)
         _, truth_customer, truth_item, evaluated = relevant_items(chunk, items, cutoff_us, end_us)
         if not evaluated.any():
             continue
-        renumber = np.cumsum(evaluated) - 1
+        # Only the judged customers are scored (a ranking depends on the customer's own history
+        # alone): most of a sample bought nothing new in the window.
+        judged = chunk.select_customers(evaluated)
+        scored = model.score_chunk(judged, candidates)
+        everyone = np.ones(judged.n_customers, dtype=bool)
+        ours = recommendations_as_positions(scored.recommendations, judged, items, everyone, np.arange(judged.n_customers))
         keep = evaluated[truth_customer]
-        ours = recommendations_as_positions(scored.recommendations, chunk, items, evaluated, renumber)
-        metrics.add(int(evaluated.sum()), *ours, renumber[truth_customer[keep]], truth_item[keep])
+        renumber = np.cumsum(evaluated) - 1
+        metrics.add(judged.n_customers, *ours, renumber[truth_customer[keep]], truth_item[keep])
     return metrics
 
 

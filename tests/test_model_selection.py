@@ -149,3 +149,37 @@ def test_candidates_that_differ_only_in_how_they_score_share_one_solve_and_score
         assert selection.weights == {"computed": 2, "reused": 3}  # one EASE solve for four fits, one item-kNN
     else:  # item-kNN won: its weights (a cosine of the Gram, no solve) are made again for the variant
         assert selection.weights == {"computed": 3, "reused": 2}  # one EASE solve for three fits
+
+
+def test_a_candidate_is_scored_only_for_the_customers_it_is_judged_on_with_the_metrics_of_scoring_all(monkeypatch):
+    """Most of a sample bought nothing new in the window: scoring them cannot change the metrics,
+    so they are not scored. Every candidate's hit rate and NDCG equal scoring every customer."""
+    from recsys.evaluation import candidate_items, recommendations_as_positions, relevant_items
+    from recsys.metrics import RankingMetrics
+    from recsys.purchases import iter_customer_chunks
+
+    end = as_of(STRUCTURED)
+    cutoff, (sample, sampled) = end - timedelta(days=60), customer_sample(STRUCTURED, to_micros(end), 50_000)
+    plain = replace(RecommenderConfig(), calibration_days=0, text_neighbour_min_similarity=None)
+    scored_customers = []
+    original = Recommender.score_chunk
+    monkeypatch.setattr(Recommender, "score_chunk",
+                        lambda self, chunk, *a, **kw: scored_customers.append(chunk.n_customers) or original(self, chunk, *a, **kw))
+    for name, overrides in CANDIDATES.items():
+        config = replace(plain, **overrides)
+        scored_customers.clear()
+        row = _judge_row(name, sample, cutoff, end, config)
+        assert 0 < sum(scored_customers) == row["customers"] < sampled, name
+
+        model = Recommender.fit(sample, config, as_of=cutoff)  # everyone scored, then the judged kept
+        items = candidate_items(sample, to_micros(cutoff), None, config.score_chunk_customers)
+        candidates = model.candidates(pa.table({"product_id": items.product_ids, "in_stock": [True] * len(items)}))
+        everyone = RankingMetrics(config.top_k, len(items))
+        for chunk in iter_customer_chunks(sample, config.score_chunk_customers):
+            recommendations = original(model, chunk, candidates).recommendations
+            _, truth_customer, truth_item, evaluated = relevant_items(chunk, items, to_micros(cutoff), to_micros(end))
+            renumber, keep = np.cumsum(evaluated) - 1, evaluated[truth_customer]
+            everyone.add(int(evaluated.sum()), *recommendations_as_positions(recommendations, chunk, items, evaluated, renumber),
+                         renumber[truth_customer[keep]], truth_item[keep])
+        summary = everyone.summary()
+        assert (row["hit_rate"], row["ndcg"]) == (summary["hit_rate@10"], summary["ndcg@10"]), name

@@ -6,7 +6,6 @@ import dagster as dg
 
 from assets import evaluate, infer, monitor, outputs
 from assets.common.catalog import with_catalog
-from assets.common.lanes import LANE_LIMITS
 from assets.common.partitions import daily_partitions
 from assets.infer.dead_letter_replay import replay_dead_letters
 from assets.ingest.retention import purge_quarantined_raw_text, purge_schedule
@@ -21,22 +20,19 @@ from resources import build_resources, lakehouse_configured
 from resources.warehouse import WAREHOUSE_STEP_TAGS
 
 
-# One process a step, two steps of the chain to the outputs at a time and up to two background
-# steps beside them at a lower CPU priority (assets/common/lanes.py). A step's memory goes back to the system when it ends,
+# One process a step, two steps at a time. A step's memory goes back to the system when it ends,
 # so every step has the whole memory budget: in one process for the whole run, day 2 at 2M
 # customers ran out of DuckDB memory in its fourth step (RSS 916 MB held from the steps before).
 # Steps are forked from a server that imported these definitions and the instance's storage
 # modules once (each step importing them cost about 3 s). The warehouse writers share the one
-# `duckdb` pool slot (dagster.yaml), so the second foreground place runs what holds no slot: the
-# model calls and recommendations; the background runs the GX suites, segments and the
-# evaluation; each under short warehouse connections. A worker that dies is retried as a run
-# (run_retries in dagster.yaml).
+# `duckdb` pool slot (dagster.yaml), so the second place runs what holds no slot: the GX suites,
+# the model calls, segments, recommendations and the evaluation, each under short warehouse
+# connections. A worker that dies is retried as a run (run_retries in dagster.yaml).
 STEP_PRELOAD = ["definitions", "dagster._core.storage.runs", "dagster._core.storage.event_log",
                 "dagster._core.storage.schedules"]  # a module that is not there is skipped
 STEP_EXECUTOR_CONFIG = {
-    "max_concurrent": 4, "start_method": {"forkserver": {"preload_modules": STEP_PRELOAD}},
-    "tag_concurrency_limits": [*({"key": key, "value": value, "limit": 1} for key, value in WAREHOUSE_STEP_TAGS.items()),
-                               *LANE_LIMITS]}
+    "max_concurrent": 2, "start_method": {"forkserver": {"preload_modules": STEP_PRELOAD}},
+    "tag_concurrency_limits": [{"key": key, "value": value, "limit": 1} for key, value in WAREHOUSE_STEP_TAGS.items()]}
 STEP_PROCESSES = dg.multiprocess_executor.configured(STEP_EXECUTOR_CONFIG, name="step_processes")
 
 

@@ -40,9 +40,9 @@ WAREHOUSE_POOL = "duckdb"
 WAREHOUSE_STEP_TAGS = {"warehouse_pool": WAREHOUSE_POOL}
 
 
-def step_pool(pool: str | None = WAREHOUSE_POOL, op_tags: dict[str, str] | None = None) -> dict[str, Any]:
+def step_pool(pool: str | None = WAREHOUSE_POOL) -> dict[str, Any]:
     """A step's `pool` and `op_tags` as one: a warehouse writer carries the tag with the pool."""
-    return {"pool": pool, "op_tags": {**(WAREHOUSE_STEP_TAGS if pool == WAREHOUSE_POOL else {}), **(op_tags or {})}}
+    return {"pool": pool, "op_tags": dict(WAREHOUSE_STEP_TAGS) if pool == WAREHOUSE_POOL else None}
 
 # Flock locks belong to an open file description, so a second lock taken by the same process
 # would wait on itself forever. Refuse nesting instead.

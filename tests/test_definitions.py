@@ -32,7 +32,8 @@ def test_a_run_launches_its_warehouse_writers_one_at_a_time_and_its_other_steps_
     from definitions import defs
     from resources.warehouse import WAREHOUSE_POOL, WAREHOUSE_STEP_TAGS
 
-    assert {"key": "warehouse_pool", "value": WAREHOUSE_POOL, "limit": 1} in config["tag_concurrency_limits"]
+    assert config["max_concurrent"] == 2
+    assert config["tag_concurrency_limits"] == [{"key": "warehouse_pool", "value": WAREHOUSE_POOL, "limit": 1}]
     nodes = defs.resolve_job_def("daily_pipeline").graph.node_defs
     # every writer carries the tag the executor counts (a writer without it would poll the pool)
     assert all(WAREHOUSE_STEP_TAGS.items() <= node.tags.items() for node in nodes if node.pool == WAREHOUSE_POOL)
@@ -40,45 +41,9 @@ def test_a_run_launches_its_warehouse_writers_one_at_a_time_and_its_other_steps_
     # the GX suites validate holding no connection: they take no slot
     suites = [node for node in nodes if node.name.endswith("_expectation_suite")]
     assert len(suites) >= 5 and all(node.pool is None for node in suites)
-
-
-def test_two_steps_of_the_chain_run_at_a_time_and_what_nothing_waits_on_runs_beside_them_at_a_lower_priority():
-    """Foreground: the steps on the way to the outputs, two at a time. Background: the suites,
-    segments and the evaluation, two more at nice 10. No foreground step waits on a background one."""
-    from assets.common.lanes import BACKGROUND, FOREGROUND, LANE_LIMITS, LANE_TAG
-    from definitions import STEP_EXECUTOR_CONFIG as config
-    from definitions import defs
-
-    assert all(limit in config["tag_concurrency_limits"] for limit in LANE_LIMITS)
-    assert config["max_concurrent"] == sum(limit["limit"] for limit in LANE_LIMITS) == 4
-    job = defs.resolve_job_def("daily_pipeline")
-    nodes = job.graph.node_defs
-    lanes = {node.name: node.tags.get(LANE_TAG) for node in nodes}
-    assert set(lanes.values()) == {FOREGROUND, BACKGROUND}, lanes  # every step is in a lane: none unlimited
-    background = {name for name, lane in lanes.items() if lane == BACKGROUND}
-    assert background == {*(n for n in lanes if n.endswith("_expectation_suite")), "customer_segments",
-                          "recommendation_quality"}
-    # a background step comes last among steps that are ready at once
-    assert all(int(node.tags.get("dagster/priority", 0)) < 0 for node in nodes if node.name in background)
-    assert all(int(node.tags.get("dagster/priority", 0)) == 0 for node in nodes if node.name not in background)
-    graph = defs.resolve_asset_graph()
-    for name in background - {n for n in lanes if n.endswith("_expectation_suite")}:
-        downstream = {key.to_user_string() for key in graph.get(dg.AssetKey(name)).child_keys}
-        assert downstream <= background, f"{name} holds up {downstream - background}"
-
-
-def test_a_background_step_lowers_its_cpu_priority_in_its_own_process_only():
-    import multiprocessing
-    import os
-
-    from assets.common.lanes import BACKGROUND_NICENESS, run_in_background
-
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    assert run_in_background() is None and os.getpriority(os.PRIO_PROCESS, 0) == before  # the caller's process
-    context = multiprocessing.get_context("forkserver")  # as the run's executor starts its steps
-    with context.Pool(1) as pool:
-        assert pool.apply(run_in_background) == BACKGROUND_NICENESS
-    assert os.getpriority(os.PRIO_PROCESS, 0) == before
+    # and they start after the steps that build the day when both are ready
+    assert all(int(node.tags.get("dagster/priority", 0)) < 0 for node in suites)
+    assert all(int(node.tags.get("dagster/priority", 0)) == 0 for node in nodes if node not in suites)
 
 
 def test_every_asset_is_catalogued_with_owner_domain_table_code_and_described_checks():

@@ -46,7 +46,6 @@ import sqlglot
 from pydantic import Field
 from sqlglot import exp
 
-from assets.common.lanes import BACKGROUND, FOREGROUND, lane_tags, run_in_background
 from assets.common.partitions import daily_partitions
 from assets.common.sources import SOURCES, Source
 from resources import dead_letters
@@ -378,7 +377,6 @@ class StageSpec:
     dead_letter_stage: str | None
     blocking_checks: frozenset[str]
     table: str | None = None  # the table the catalog shows (`dagster/table_name`): the first it writes
-    lane: str = FOREGROUND  # assets/common/lanes.py
 
 
 class StateBuild:
@@ -468,7 +466,6 @@ def current_state_asset(
     metadata: Mapping[str, Any] | None = None,
     personal_data: bool = False,
     retry_policy: dg.RetryPolicy | None = None,
-    lane: str = FOREGROUND,
 ) -> Callable[[Callable[[StateBuild], Built]], dg.AssetsDefinition]:
     """Make a daily-partitioned current-state asset from a build function (see the module doc)."""
     inputs, tables, checks = tuple(inputs), tuple(tables), tuple(checks)
@@ -479,7 +476,7 @@ def current_state_asset(
                                      description="At most max_failed_share of the items end in the DLQ."),)
     register_tables(name, tables)
     spec = StageSpec(name, inputs, verdicts, dead_letter_stage,
-                     frozenset(c.name for c in checks if c.blocking), tables[0] if tables else None, lane)
+                     frozenset(c.name for c in checks if c.blocking), tables[0] if tables else None)
 
     def decorate(build: Callable[[StateBuild], Built]) -> dg.AssetsDefinition:
         def body(context: dg.AssetExecutionContext, config: Any) -> dg.MaterializeResult:
@@ -496,7 +493,7 @@ def current_state_asset(
             partitions_def=daily_partitions,
             backfill_policy=dg.BackfillPolicy.single_run(),
             group_name=group,
-            **step_pool(pool, lane_tags(lane)),
+            **step_pool(pool),
             kinds=set(kinds),
             check_specs=list(checks),
             required_resource_keys=set(resources),
@@ -530,9 +527,6 @@ def _materialize(spec: StageSpec, build: Callable[[StateBuild], Built], context:
                                         "builds this table", decision.fingerprint, decision.stored)
     if not decision.build:
         return _skipped(spec, context, config, as_of, decision, started)
-    niceness = run_in_background() if spec.lane == BACKGROUND else None
-    if niceness is not None:
-        context.log.debug(f"background lane: runs at nice {niceness}")
     state_build = StateBuild(spec, context, config, as_of, decision)
     try:
         built = build(state_build)

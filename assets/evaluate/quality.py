@@ -26,7 +26,6 @@ from assets.common.current_state import (
     knob,
     semantic_config,
 )
-from assets.common.lanes import BACKGROUND
 from assets.evaluate import online_retail
 from assets.infer.embeddings import PRODUCT_VECTORS_SQL
 from assets.infer.purchases import all_purchases_sql
@@ -209,7 +208,6 @@ def quality_verdicts(measured: Mapping[str, Any], config: EvaluationConfig) -> l
     group="evaluate",
     config_class=EvaluationConfig,
     pool=None,  # reads in one short connection; the evaluation itself holds none
-    lane=BACKGROUND,  # nothing waits on it
     code_version=CODE_VERSION,
     kinds={"python"},
     checks=[dg.AssetCheckSpec(CHECK, asset=STAGE, description="The deployed model's hit-rate is not below the best "

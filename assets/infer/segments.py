@@ -25,7 +25,6 @@ import pyarrow as pa
 from pydantic import Field
 
 from assets.common.catalog import NETWORK_RETRY_POLICY
-from assets.common.lanes import BACKGROUND
 from assets.common.current_state import (
     Built,
     DeadLetterConfig,
@@ -384,7 +383,6 @@ def chat_names(build: StateBuild, profiles: list[SegmentProfile], product_names:
     resources=("warehouse", "chat_model", "compute_engine"),
     retry_policy=NETWORK_RETRY_POLICY,
     pool=None,  # reads a snapshot and publishes in short connections; clusters and names holding none
-    lane=BACKGROUND,  # only the evaluation waits on it
     checks=[dg.AssetCheckSpec("segment_size_balance", asset=STAGE, description="No segment swallows the customer base."),
             dg.AssetCheckSpec("segment_stability", asset=STAGE,
                               description="Customers keep their segment from one build to the next.")],

@@ -35,7 +35,6 @@ import numpy as np
 from pydantic import Field
 
 from assets.common.current_state import PII_TAG, register_sources
-from assets.common.lanes import FOREGROUND, lane_tags
 from assets.common.partitions import daily_partitions
 from assets.common.range_runs import asset_check_outputs, partition_check_evaluation
 from assets.common.sources import SOURCES, RawTable, Source
@@ -490,7 +489,7 @@ def ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg.AssetsDef
         backfill_policy=dg.BackfillPolicy.single_run(),
         # A range with days that have no file materializes the landed days one by one (see _range_events).
         output_required=False,
-        **step_pool(op_tags=lane_tags(FOREGROUND)),
+        **step_pool(),
         deps=list(source.deps),
         check_specs=check_specs(source.asset),
         kinds={"duckdb"},

@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from assets.common.current_state import read_state
-from assets.common.lanes import FOREGROUND, lane_tags
 from assets.common.partitions import daily_partitions
 from assets.outputs.business_rules import ACCEPTED_TABLE, STAGE as VALIDATED
 from resources.lakehouse import Lakehouse
@@ -31,7 +30,6 @@ BATCH_ROWS = 500_000
     deps=[VALIDATED],
     group_name="outputs",
     kinds={"iceberg"},
-    op_tags=lane_tags(FOREGROUND),
     tags={"pii": "true"},  # customer ids
     description="The day's validated recommendations as a partition of the lakehouse table outputs.recommendations.",
 )

@@ -136,24 +136,31 @@ def iter_customer_chunks(source: PurchaseSource, max_customers: int) -> Iterator
     if max_customers < 1:
         raise ValueError("max_customers must be at least 1")
     pending: list[pa.RecordBatch] = []
+    pending_runs = 0  # customers pending, counted batch by batch: a customer continued from the last batch once
     for batch in open_batches(source):
         if batch.num_rows == 0:
             continue
-        pending.append(conform_batch(batch))
+        batch = conform_batch(batch)
+        ids = batch.column("customer_id")
+        continued = bool(pending) and ids[0].as_py() == pending[-1].column("customer_id")[-1].as_py()
+        pending.append(batch)
+        pending_runs += len(run_starts(ids)) - continued
+        if pending_runs - 1 < max_customers:
+            continue  # no chunk yet: small batches are not put together (and scanned) again and again
         table = pa.Table.from_batches(pending).combine_chunks()
-        run_starts = customer_run_starts(table["customer_id"])
-        complete_runs = len(run_starts) - 1  # the last customer may continue in the next batch
+        starts = customer_run_starts(table["customer_id"])
+        complete_runs = len(starts) - 1  # the last customer may continue in the next batch
         emitted_runs = 0
         while complete_runs - emitted_runs >= max_customers:
-            yield _chunk_of_runs(table, run_starts, emitted_runs, emitted_runs + max_customers)
+            yield _chunk_of_runs(table, starts, emitted_runs, emitted_runs + max_customers)
             emitted_runs += max_customers
-        rest = table.slice(int(run_starts[emitted_runs])) if emitted_runs else table
-        pending = rest.to_batches()
+        rest = table.slice(int(starts[emitted_runs])) if emitted_runs else table
+        pending, pending_runs = rest.to_batches(), len(starts) - emitted_runs
     if pending:
         table = pa.Table.from_batches(pending).combine_chunks()
-        run_starts = customer_run_starts(table["customer_id"])
-        for first in range(0, len(run_starts), max_customers):
-            yield _chunk_of_runs(table, run_starts, first, min(first + max_customers, len(run_starts)))
+        starts = customer_run_starts(table["customer_id"])
+        for first in range(0, len(starts), max_customers):
+            yield _chunk_of_runs(table, starts, first, min(first + max_customers, len(starts)))
 
 
 def conform_batch(batch: pa.RecordBatch) -> pa.RecordBatch:

@@ -602,6 +602,8 @@ def _accumulate(
         model_position = model_items.positions(chunk.product_ids) if len(model_items) else np.full(len(chunk.amount), -1)
         for accumulator in accumulators:
             accumulator.add(chunk, vocabulary_position, model_position)
+    for accumulator in accumulators:
+        accumulator.finish()
     return accumulators
 
 

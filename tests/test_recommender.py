@@ -459,3 +459,30 @@ def with_recency_calibration(model: Recommender) -> Recommender:
     assert calibrator.to_dict()["groups_with_own_calibrator"] > 1
     return Recommender(model.config, model.scorer, model.spend, model.model_spend_per_buyer,
                        {COLLABORATIVE: calibrator, POPULARITY: calibrator}, model.report)
+
+
+def test_the_gram_matrix_from_its_lower_triangle_gives_the_weights_of_the_full_matrix_bit_for_bit(purchases, monkeypatch):
+    """Only the lower triangle is scattered while accumulating (half the writes) and mirrored
+    once: the EASE and item-kNN weights equal those of scattering every entry, bit for bit."""
+    import scipy.sparse as sp
+
+    import recsys.recommender as module
+    from recsys.ease import GramAccumulator
+
+    class EveryEntry(GramAccumulator):  # the scatter as it was
+        def _add_gram(self, customer, column, weight, n_customers):
+            if len(column) and self.with_gram:
+                x = sp.csr_matrix((weight, (customer, column)), shape=(n_customers, self.width), dtype=np.float32)
+                co_purchases = (x.T @ x).tocoo()
+                self.gram[co_purchases.row, co_purchases.col] += co_purchases.data
+
+        def finish(self):
+            pass
+
+    for model in ("ease", "item_knn"):
+        config = replace(CONFIG, model=model, calibration_days=0)
+        lower = Recommender.fit(purchases, config, as_of=AS_OF).scorer.weights
+        with monkeypatch.context() as patch:
+            patch.setattr(module, "GramAccumulator", EveryEntry)
+            every = Recommender.fit(purchases, config, as_of=AS_OF).scorer.weights
+        assert lower.shape == every.shape and lower.size and np.array_equal(lower, every), model

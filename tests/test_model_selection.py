@@ -183,3 +183,26 @@ def test_a_candidate_is_scored_only_for_the_customers_it_is_judged_on_with_the_m
                          renumber[truth_customer[keep]], truth_item[keep])
         summary = everyone.summary()
         assert (row["hit_rate"], row["ndcg"]) == (summary["hit_rate@10"], summary["ndcg@10"]), name
+
+
+def test_a_sample_reads_the_purchases_once_when_the_caller_knows_how_many_customers_they_hold():
+    """The recommendations step knows the customer count from its snapshot: the sample is then
+    taken in one read instead of two (a count pass first), and it is the same sample."""
+    table = pa.Table.from_batches(list(STRUCTURED()))
+    reads = []
+
+    def source():
+        reads.append(1)
+        return iter(table.to_batches(max_chunksize=2_000))
+
+    before = to_micros(as_of(STRUCTURED))
+    counted = customer_sample(source, before, 400)
+    assert len(reads) == 2
+    reads.clear()
+    # the count pass adds up each batch's customers (one split by a batch boundary counts twice)
+    as_counted = sum(pc.count_distinct(batch["customer_id"]).as_py() for batch in source())
+    reads.clear()
+    given = customer_sample(source, before, 400, customers=as_counted)
+    assert len(reads) == 1 and given[1] == counted[1] and given[0].equals(counted[0])
+    exact = customer_sample(source, before, 400, customers=pc.count_distinct(table["customer_id"]).as_py())
+    assert abs(exact[1] - counted[1]) <= 2 and 300 < exact[1] < 500

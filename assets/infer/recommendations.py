@@ -551,8 +551,10 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
     selection = None
     model_file = plan.stored["file"] if plan.stored and plan.mode != REFIT else None
     if model is None:
+        # customer_state holds a row per customer of the purchases (a refit's snapshot is never incremental)
         selection = (select_model(source, scoring_as_of, config.recommender(), config.selection_window_days,
-                                  config.selection_customers, product_vectors=vectors) if config.select_model else None)
+                                  config.selection_customers, product_vectors=vectors,
+                                  customers=taken.rows("customer_state")) if config.select_model else None)
         if selection is not None:
             build.log.info(f"model selection: {selection.chosen} ({selection.reason}); "
                            f"{selection.evaluated_customers:,} validation customers, {selection.seconds:.1f}s")

@@ -12,7 +12,7 @@ import pytest
 from resources.landing import LandingFileError, LandingZone
 from resources.warehouse import fetch_all, fetch_scalar
 from assets.common.sources import CUSTOMERS, PRODUCTS, TRANSACTIONS
-from assets.ingest import raw_assets
+from assets.ingest import landing_files, raw_assets
 from tests.ingestion_support import (
     RAW, check_results, day, generate_landing, materialization, materialize, raw_resources, snapshot,
 )
@@ -140,8 +140,6 @@ def test_an_alert_row_is_written_while_a_file_is_read_and_judged(warehouse, land
     resources = raw_resources(warehouse, landing)
     materialize(resources, day(0), assets=[RAW["raw_products"]])
     pause = Pause()
-    from assets.ingest import landing_files
-
     readers = {name: dataclasses.replace(reader, stage=pause.before(reader.stage))
                for name, reader in landing_files.READERS.items()}
     monkeypatch.setattr(landing_files, "READERS", readers)

@@ -18,7 +18,9 @@ from recsys.recommender import (
     Recommender,
     RecommenderConfig,
 )
-from recsys.purchases import to_micros
+from recsys.evaluation import candidate_items, recommendations_as_positions, relevant_items
+from recsys.metrics import RankingMetrics
+from recsys.purchases import iter_customer_chunks, to_micros
 from recsys.selection import BASELINES, CANDIDATES, _judge_row, customer_sample, select_model
 from recsys.customer_vectors import ProductEmbeddings
 from recsys.synthetic import SyntheticRetail
@@ -152,12 +154,9 @@ def test_candidates_that_differ_only_in_how_they_score_share_one_solve_and_score
 
 
 def test_a_candidate_is_scored_only_for_the_customers_it_is_judged_on_with_the_metrics_of_scoring_all(monkeypatch):
-    """Most of a sample bought nothing new in the window: scoring them cannot change the metrics,
-    so they are not scored. Every candidate's hit rate and NDCG equal scoring every customer."""
-    from recsys.evaluation import candidate_items, recommendations_as_positions, relevant_items
-    from recsys.metrics import RankingMetrics
-    from recsys.purchases import iter_customer_chunks
-
+    """Customers who bought nothing new in the window (a third of this sample, 40-45 % at 2M) cannot
+    change the metrics, so they are not scored. Every candidate's hit rate and NDCG equal scoring
+    every customer."""
     end = as_of(STRUCTURED)
     cutoff, (sample, sampled) = end - timedelta(days=60), customer_sample(STRUCTURED, to_micros(end), 50_000)
     plain = replace(RecommenderConfig(), calibration_days=0, text_neighbour_min_similarity=None)

@@ -514,3 +514,25 @@ def _decodes(line: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n"])
+def test_the_second_pass_for_quarantined_lines_finds_them_whatever_its_blocks(tmp_path, monkeypatch, ending):
+    """The raw text of quarantined lines is read again in small blocks (memory: the staged tables
+    are in DuckDB meanwhile): lines across block edges, an over-long line skipped in the count,
+    a blank line and the last line without a terminator give the same numbers and texts as the
+    first pass's blocks."""
+    import numpy as np
+
+    import assets.ingest.landing_files as landing_files
+    from assets.ingest.landing_files import line_texts
+
+    monkeypatch.setattr(landing_files, "MAX_LINE_BYTES", 300)
+    lines = [line_of(customer(i, email=f"c{i}@caf\u00e9.example")) for i in range(1, 41)]
+    lines[9], lines[20] = "x" * 1000, ""  # line 10 is over-long (not kept), line 21 blank
+    path = write(tmp_path, "customers", ending.join(lines).encode())
+    wanted = np.array([1, 2, 9, 11, 21, 22, 39, 40], dtype=np.int64)
+    expected = [(n, lines[n - 1]) for n in wanted.tolist()]
+    assert line_texts(CUSTOMERS, path, wanted, block_bytes=None) == expected  # the first pass's 16 MiB
+    for block_bytes in (7, 64, 333, landing_files.RESCAN_BLOCK_BYTES):
+        assert line_texts(CUSTOMERS, path, wanted, block_bytes=block_bytes) == expected, block_bytes

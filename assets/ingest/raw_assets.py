@@ -32,6 +32,7 @@ from typing import Any
 import dagster as dg
 import duckdb
 import numpy as np
+import pyarrow as pa
 from pydantic import Field
 
 from assets.common.current_state import PII_TAG, register_sources
@@ -40,7 +41,7 @@ from assets.common.range_runs import asset_check_outputs, partition_check_evalua
 from assets.common.sources import SOURCES, RawTable, Source
 from assets.ingest.accounting import BatchCounts, batch_metadata, check_results, check_specs, count_partition, preview
 from assets.ingest.file_shards import Sharding, shard_plan, stage_in_shards
-from assets.ingest.landing_files import READERS, Staged, line_texts, stage_and_judge
+from assets.ingest.landing_files import READERS, Staged, create_from_arrow, line_texts, stage_and_judge
 from assets.validate.rules import load_suite, typed
 from resources.compute_engine import ComputeEngine
 from resources.landing import LandingFileError, LandingZone
@@ -145,11 +146,11 @@ def _raw_record_sql(table: str) -> str:
 def stage_quarantined_lines(con: duckdb.DuckDBPyConnection, source: Source, path: Path) -> None:
     """The original text of quarantined customer lines, in temp table quarantined_lines: the file
     streams through again and only those lines are kept."""
-    con.execute("CREATE OR REPLACE TEMP TABLE quarantined_lines (line_no BIGINT, line VARCHAR)")
     wanted = [row[0] for row in fetch_all(con, "SELECT DISTINCT line_no FROM failures_customers ORDER BY 1")]
-    if wanted:
-        con.executemany("INSERT INTO quarantined_lines VALUES (?, ?)",
-                        line_texts(source, path, np.array(wanted, dtype=np.int64)))
+    found = line_texts(source, path, np.array(wanted, dtype=np.int64)) if wanted else []
+    # through Arrow: executemany took 4.7 s for the 12,036 lines of 2M customers
+    create_from_arrow(con, "quarantined_lines", pa.table({
+        "line_no": pa.array([n for n, _ in found], pa.int64()), "line": pa.array([t for _, t in found], pa.string())}))
 
 
 def _fill_customer_raw_records(con: duckdb.DuckDBPyConnection, source: Source, partition_date: str) -> None:

@@ -71,6 +71,7 @@ from recsys.ease import (
     item_cosine_in_place,
     padded_width,
     solve_ease_in_place,
+    to_column_blocks_in_place,
 )
 from recsys.purchases import (
     MICROS_PER_DAY,
@@ -339,6 +340,9 @@ class Recommender:
             model = pickle.load(stored)  # noqa: S301 (our own artifact, see save)
         if not isinstance(model, Recommender):
             raise TypeError(f"{path} does not hold a Recommender")
+        weights = model.scorer.weights
+        if weights is not None and weights.ndim == 2:  # saved before scoring read column blocks
+            model.scorer = replace(model.scorer, weights=to_column_blocks_in_place(weights))
         return model
 
     # ---- scoring -------------------------------------------------------------------------
@@ -657,8 +661,10 @@ def _scorer(accumulator: GramAccumulator, model_items: ItemIndex, config: Recomm
     if config.model in (EASE, ITEM_KNN):
         def compute() -> tuple[np.ndarray, float]:
             if config.model == EASE:
-                return solve_ease_in_place(accumulator.gram, len(model_items), config.l2_regularization)
-            return item_cosine_in_place(accumulator.gram), 0.0
+                solved, strength = solve_ease_in_place(accumulator.gram, len(model_items), config.l2_regularization)
+            else:
+                solved, strength = item_cosine_in_place(accumulator.gram), 0.0
+            return to_column_blocks_in_place(solved), strength  # before SharedWeights keeps them
 
         weights, strength = (shared.weights(accumulator.cutoff_us, model_items, config, compute) if shared
                              else compute())

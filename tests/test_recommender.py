@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -14,9 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+import scipy.sparse as sp
 
 from recsys.calibration import GroupedCalibrator, IsotonicCalibrator
-from recsys.ease import GROUP_WIDTH, solve_ease_in_place, top_k_stable
+from recsys.ease import (GROUP_WIDTH, column_block_width, solve_ease_in_place, times_column_blocks,
+                         to_column_blocks_in_place, top_k_stable)
 from recsys.purchases import PurchasesNotGrouped, iter_customer_chunks
 from recsys.recommender import (
     COLLABORATIVE,
@@ -486,3 +489,57 @@ def test_the_gram_matrix_from_its_lower_triangle_gives_the_weights_of_the_full_m
             patch.setattr(module, "GramAccumulator", EveryEntry)
             every = Recommender.fit(purchases, config, as_of=AS_OF).scorer.weights
         assert lower.shape == every.shape and lower.size and np.array_equal(lower, every), model
+
+
+def from_column_blocks(blocks: np.ndarray) -> np.ndarray:
+    n_blocks, rows, width = blocks.shape
+    return np.ascontiguousarray(blocks.transpose(1, 0, 2)).reshape(rows, n_blocks * width)
+
+
+@pytest.mark.parametrize("rows, columns, width", [(6, 12, 4), (384, 384, 64), (384, 384, 128), (384, 384, 192),
+                                                  (130, 256, 64), (7, 5, 5)])
+def test_column_blocks_are_the_matrix_column_slices_in_its_own_buffer(rows, columns, width):
+    matrix = np.random.default_rng(rows).random((rows, columns), dtype=np.float32)
+    original = matrix.copy()
+    blocks = to_column_blocks_in_place(matrix, width)
+    assert np.shares_memory(blocks, matrix) and blocks.flags.c_contiguous
+    assert blocks.shape == (columns // width, rows, width)
+    for j in range(columns // width):
+        assert np.array_equal(blocks[j], original[:, j * width:(j + 1) * width])
+    assert np.array_equal(from_column_blocks(blocks), original)
+
+
+def test_column_block_widths():
+    assert [column_block_width(w) for w in (64, 2048, 8192, 4096, 3520, 2112, 3008, 2240)] == [
+        64, 2048, 1024, 1024, 704, 704, 3008, 2240]  # 3008 = 47 x 64, 2240 = 35 x 64: no divisor of 512 or more
+
+
+def test_scores_from_column_blocks_equal_the_whole_product_bit_for_bit():
+    rng = np.random.default_rng(5)
+    weights = rng.standard_normal((384, 384), dtype=np.float32)
+    history = sp.random(300, 384, density=0.05, format="csr", dtype=np.float32, random_state=6)
+    expected = np.asarray(history @ weights)
+    assert np.array_equal(times_column_blocks(history, to_column_blocks_in_place(weights.copy(), 128)), expected)
+
+
+def test_a_model_scored_by_column_blocks_recommends_as_with_one_block(purchases, model, monkeypatch, tmp_path):
+    """The fixture's weights (448 columns) are one block by default; in 64-column blocks (seven)
+    every recommendation and score is the same, and a model saved before the blocks (M x M)
+    loads into blocks and recommends the same too."""
+    import recsys.ease as ease
+
+    catalog = DATA.catalog()
+    one_block, _ = recommend_all(model, purchases, catalog)
+    assert model.scorer.weights.shape[0] == 1
+    monkeypatch.setattr(ease, "ONE_BLOCK_UP_TO", 0)
+    monkeypatch.setattr(ease, "COLUMN_BLOCK_WIDTH", 64)
+    blocked = Recommender.fit(purchases, config=CONFIG, as_of=AS_OF)
+    assert blocked.scorer.weights.shape[0] == blocked.scorer.width // 64 > 1
+    assert recommend_all(blocked, purchases, catalog)[0].equals(one_block)
+    legacy = copy.copy(blocked)
+    legacy.scorer = copy.copy(blocked.scorer)
+    object.__setattr__(legacy.scorer, "weights", from_column_blocks(blocked.scorer.weights))  # as pickled before
+    legacy.save(tmp_path / "model.pkl")
+    loaded = Recommender.load(tmp_path / "model.pkl")
+    assert loaded.scorer.weights.ndim == 3
+    assert recommend_all(loaded, purchases, catalog)[0].equals(one_block)

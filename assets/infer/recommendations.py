@@ -526,15 +526,18 @@ def recommendations(build: StateBuild) -> Built:
     plan = plan_build(build, model_fingerprint)
     # Purchases on the partition day count as history: the model sees everything before the next day.
     scoring_as_of = dt.datetime.combine(build.as_of + dt.timedelta(days=1), dt.time())
-    model = None
+    model, started = None, time.perf_counter()
     if plan.mode != REFIT:
         model = Recommender.load(models_dir(build) / plan.stored["file"]).scoring_as_of(scoring_as_of)
     if plan.mode != REFIT and not build.config.rescore_all:
         drift = coverage_drift(build, plan.stored, model)
         if drift is not None:
             plan, model = Plan(REFIT, drift, None, None), None
+    checked = time.perf_counter()
     # No lock is held while fitting and scoring: the inputs are a snapshot, the outputs are staged.
     with take_snapshot(build, plan, model) as taken:
+        build.log.info(f"inputs in {time.perf_counter() - started:.1f}s: kept model loaded and checked for drift "
+                       f"{checked - started:.1f}s, snapshot {time.perf_counter() - checked:.1f}s")
         handed_over = [model]  # score_and_publish holds the only reference, and drops it before publishing
         del model
         return score_and_publish(build, plan, model_fingerprint, currency, scoring_as_of, handed_over, taken)
@@ -606,7 +609,7 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
     model_info = {"file": model_file, "fingerprint": model_fingerprint, "fitted_on_day": fitted_on_day,
                   "deployed": deployed, "coverage": report.purchase_pairs_covered_by_model,
                   "incremental_ready": track_hidden, "purchase_state": PURCHASE_STATE_FORMAT}
-    incremental = plan.mode == INCREMENTAL
+    incremental, publishing = plan.mode == INCREMENTAL, time.perf_counter()
     with build.warehouse.connect() as con:
         staged.publish(con, incremental=incremental)
         recommended, skipped = (next_relation(t, incremental) for t in (RECOMMENDATIONS_TABLE, SKIPPED_TABLE))
@@ -633,6 +636,7 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
                                    "items": items, "deployed_model": deployed,
                                    "currency": currency, "model": model_info, "build": rescored})
         con.execute("COMMIT")
+    build.log.info(f"published in {time.perf_counter() - publishing:.1f}s")
     remove_other_models(build, model_file)
     metadata = recommendations_metadata(build, report, counts, distribution, stored, dead_letters_, skip_reasons)
     return Built({**metadata, **selection_metadata(selection, model_info), **build_metadata(rescored, model_info),

@@ -75,7 +75,10 @@ def test_each_rule_rejects_with_its_reason_and_counts_reconcile(warehouse, rows_
 def test_customer_ranges_hold_every_recommendation_once():
     import duckdb
 
-    from assets.outputs.business_rules import customer_ranges, in_range, range_params
+    from assets.common.key_ranges import in_range, key_ranges, range_params
+
+    def customer_ranges(con, shards):
+        return key_ranges(con, "ml.recommendations", "customer_id", shards)
 
     con = duckdb.connect()
     con.execute("CREATE SCHEMA ml; CREATE TABLE ml.recommendations AS "
@@ -85,7 +88,7 @@ def test_customer_ranges_hold_every_recommendation_once():
     counts = []
     for low, high in ranges:
         counts.append(fetch_all(con, f"SELECT count(*), count(DISTINCT customer_id) FROM ml.recommendations AS r "
-                                     f"WHERE {in_range('r', low, high)}", range_params(low, high))[0])
+                                     f"WHERE {in_range('r.customer_id', low, high)}", range_params(low, high))[0])
     assert sum(rows for rows, _ in counts) == 20001 and sum(customers for _, customers in counts) == 997
     assert all(3000 < rows < 5000 for rows, _ in counts)  # about equal
 

@@ -264,3 +264,32 @@ def test_an_upstream_incremental_model_s_kept_fingerprints_stand_for_its_rows():
                               (Incremental("up", "customer_id", refresh=("recency_days",)), {"up": "v1"}),
                               (Incremental("up", "customer_id", (Lookup("analytics.p", "product_id", ("c",)),)), {"up": "v1"})):
         assert kept_upstream(con, spec, {"analytics.up": model}, built_with) == {}
+
+
+def test_a_full_build_in_key_ranges_gives_the_rows_of_one_statement():
+    """customer_features' full build runs range by range of customers (sql/schema.yml): the
+    rows are those of the whole query (purchases without a customer id are read by the first
+    range); a model whose order does not start with the key, or a reference that cannot be
+    placed, is built whole."""
+    import duckdb
+
+    from assets.transform.incremental import Incremental, Lookup, build_in_key_ranges, load_incremental
+
+    model = {m.name: m for m in load_models()}["customer_features"]
+    assert load_incremental(Path(__file__).resolve().parents[1] / "sql")["customer_features"].full_build_rows_per_range
+    spec = Incremental("customer_features", "customer_id", (Lookup("analytics.dim_products", "product_id", ("category",)),),
+                       ("recency_days",), keyed_inputs=("analytics.stg_purchases",), full_build_rows_per_range=300)
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA analytics")
+    con.execute("""CREATE TABLE analytics.stg_purchases AS
+                   SELECT CASE WHEN i % 97 = 0 THEN NULL ELSE 'c' || (i % 50) END AS customer_id, 'p' || (i % 7) AS product_id,
+                          1.0 + i % 13 AS amount, TIMESTAMP '2011-01-01' + INTERVAL (i % 40) DAY AS purchased_at
+                   FROM range(2000) AS t(i) ORDER BY customer_id""")
+    con.execute("CREATE TABLE analytics.dim_products AS SELECT 'p' || i AS product_id, 'cat' || (i % 3) AS category FROM range(7) AS t(i)")
+    params = {"as_of": dt.date(2011, 3, 1)}
+    whole = con.execute(f"SELECT * FROM ({model.sql}) ORDER BY ALL", params).fetchall()
+    assert build_in_key_ranges(con, spec, "ranged", model.sql, params) == 7
+    assert con.execute("SELECT * FROM ranged ORDER BY ALL").fetchall() == whole and len(whole) == 50
+    assert build_in_key_ranges(con, spec, "other", model.sql, params, order_by="ORDER BY purchased_at") == 0
+    quoted = model.sql.replace("analytics.stg_purchases AS p", '"analytics"."stg_purchases" AS p')
+    assert build_in_key_ranges(con, spec, "other", quoted, params) == 0

@@ -28,6 +28,7 @@ from assets.common.current_state import (
     read_state,
     semantic_config,
 )
+from assets.common.key_ranges import in_range, key_ranges, range_params
 from assets.common.metadata import table_preview
 from assets.common.partitions import daily_partitions
 from assets.validate.gx_checks import SUITE_STEP_TAGS, run_suite_check
@@ -105,11 +106,11 @@ def apply_rules(con, config: OutputRulesConfig) -> tuple[dict[str, int], int]:
     and ran out of DuckDB's 953 MiB at 12.6M recommendations)."""
     con.execute("CREATE SCHEMA IF NOT EXISTS outputs")
     total = fetch_scalar(con, "SELECT count(*) FROM ml.recommendations")
-    ranges = customer_ranges(con, math.ceil(total / config.rows_per_shard))
+    ranges = key_ranges(con, "ml.recommendations", "customer_id", math.ceil(total / config.rows_per_shard))
     for index, (low, high) in enumerate(ranges):
         params = {**rule_params(config), **range_params(low, high)}
-        rules_sql = RULES_SQL.format(only=f"WHERE {in_range('r', low, high)}",
-                                     only_purchases=f"WHERE {in_range('p', low, high)}")
+        rules_sql = RULES_SQL.format(only=f"WHERE {in_range('r.customer_id', low, high)}",
+                                     only_purchases=f"WHERE {in_range('p.customer_id', low, high)}")
         con.execute(f"CREATE OR REPLACE TEMP TABLE checked_recommendations AS {rules_sql}", params)
         accepted = "SELECT * EXCLUDE (failed_rules) FROM checked_recommendations WHERE len(failed_rules) = 0"
         rejected = "SELECT *, now()::TIMESTAMP AS rejected_at FROM checked_recommendations WHERE len(failed_rules) > 0"
@@ -118,34 +119,6 @@ def apply_rules(con, config: OutputRulesConfig) -> tuple[dict[str, int], int]:
                         f"INSERT INTO {table} BY NAME {rows}")
         con.execute("DROP TABLE checked_recommendations")
     return rule_counts(con), len(ranges)
-
-
-def customer_ranges(con, shards: int) -> list[tuple[str | None, str | None]]:
-    """About equal ranges [low, high) of the recommendations' customer ids (None: unbounded),
-    cut at the quantiles of a repeatable sample; one unbounded range when shards <= 1."""
-    if shards <= 1:
-        return [(None, None)]
-    sample = [row[0] for row in fetch_all(
-        con, "SELECT customer_id FROM (SELECT customer_id FROM ml.recommendations WHERE customer_id IS NOT NULL "
-             "USING SAMPLE reservoir(100000 ROWS) REPEATABLE (7)) ORDER BY 1")]
-    cuts = sorted({sample[len(sample) * i // shards] for i in range(1, shards)} if sample else set())
-    bounds = [None, *cuts, None]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
-
-
-def range_params(low: str | None, high: str | None) -> dict[str, str]:
-    """The parameters in_range's SQL takes."""
-    return {name: value for name, value in (("low", low), ("high", high)) if value is not None}
-
-
-def in_range(alias: str, low: str | None, high: str | None) -> str:
-    """SQL of a row in [low, high) by customer id, with range_params' $low / $high; the first
-    range takes a missing customer id too, so that every row is in exactly one range."""
-    if low is None and high is None:
-        return "true"
-    if low is None:
-        return f"({alias}.customer_id < $high OR {alias}.customer_id IS NULL)"
-    return f"{alias}.customer_id >= $low" + (f" AND {alias}.customer_id < $high" if high is not None else "")
 
 
 def apply_rules_to_changes(con, config: OutputRulesConfig) -> tuple[dict[str, int], int]:

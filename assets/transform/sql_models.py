@@ -199,7 +199,7 @@ def build_table(con, build: StateBuild, model: SqlModel, params: dict, spec: inc
     if reason is None:
         if computed is not None:
             load_computed(con, model, params, computed)
-        else:
+        elif not incremental.build_in_key_ranges(con, spec, model.table, model.sql, params, model.order_by):
             con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
         incremental.remember(con, spec)
         return "full", full_reason(build), None, kept_from

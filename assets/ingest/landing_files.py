@@ -591,7 +591,7 @@ def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, source: Source) -> Sta
 
 
 def create_from_arrow(con: duckdb.DuckDBPyConnection, name: str, data: pa.Table | pa.RecordBatchReader,
-                       select: str = "*") -> None:
+                      select: str = "*") -> None:
     """A temp table from Arrow data (`name` and `select` are SQL from code)."""
     con.register("arrow_input", data)
     try:

@@ -290,6 +290,11 @@ def test_a_full_build_in_key_ranges_gives_the_rows_of_one_statement():
     whole = con.execute(f"SELECT * FROM ({model.sql}) ORDER BY ALL", params).fetchall()
     assert build_in_key_ranges(con, spec, "ranged", model.sql, params) == 7
     assert con.execute("SELECT * FROM ranged ORDER BY ALL").fetchall() == whole and len(whole) == 50
-    assert build_in_key_ranges(con, spec, "other", model.sql, params, order_by="ORDER BY purchased_at") == 0
+    assert build_in_key_ranges(con, spec, "other", model.sql, params, keeps_order=False) == 0
+    models = {m.name: m for m in load_models()}
+    assert models["stg_purchases"].sorted_first_by("customer_id") and model.sorted_first_by("customer_id")
+    assert not models["stg_purchases"].sorted_first_by("purchased_at")
+    descending = SqlModel("descending", models["stg_purchases"].sql.replace("ORDER BY customer_id,", "ORDER BY customer_id DESC,"))
+    assert not descending.sorted_first_by("customer_id")
     quoted = model.sql.replace("analytics.stg_purchases AS p", '"analytics"."stg_purchases" AS p')
     assert build_in_key_ranges(con, spec, "other", quoted, params) == 0

@@ -172,14 +172,14 @@ def restricted_to_changed_keys(sql: str, spec: Incremental) -> str | None:
     return restricted_keyed_inputs(sql, spec, f"{spec.unique_key}::VARCHAR IN (SELECT key FROM changed_keys)")
 
 
-def build_in_key_ranges(con: Any, spec: Incremental, table: str, sql: str, params: dict, order_by: str = "") -> int:
+def build_in_key_ranges(con: Any, spec: Incremental, table: str, sql: str, params: dict,
+                        keeps_order: bool = True) -> int:
     """A full build of `table`, range by range of the key (key_ranges of the first keyed input):
     by the contract the ranges' rows are the whole query's. Returns the number of ranges, 0 when
-    the SQL cannot be cut (a reference it cannot place; an order that does not start with the
-    key, which ranges appended one after another would not keep): the caller builds it whole."""
+    the SQL cannot be cut (a reference it cannot place; `keeps_order` False: the model stores an
+    order that ranges appended one after another would not keep): the caller builds it whole."""
     key = spec.unique_key
-    leading = order_by.split(None, 2)[-1].split(",")[0].split()[0].strip('"') if order_by else key
-    if not spec.full_build_rows_per_range or not spec.keyed_inputs or leading != key:
+    if not spec.full_build_rows_per_range or not spec.keyed_inputs or not keeps_order:
         return 0
     if restricted_keyed_inputs(sql, spec, "true") is None:
         return 0

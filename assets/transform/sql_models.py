@@ -65,6 +65,14 @@ class SqlModel:
             return ""
         return order.sql(dialect="duckdb")
 
+    def sorted_first_by(self, column: str) -> bool:
+        """Whether the order a full build stores (if any) starts with `column`, ascending: rows
+        computed range by range of it and appended in range order keep that order."""
+        if not self.order_by:
+            return True
+        first = self.parsed.args["order"].expressions[0]
+        return not first.args.get("desc") and first.this.name == column
+
     @property
     def description(self) -> str:
         """The leading `--` comment block of the file."""
@@ -199,7 +207,8 @@ def build_table(con, build: StateBuild, model: SqlModel, params: dict, spec: inc
     if reason is None:
         if computed is not None:
             load_computed(con, model, params, computed)
-        elif not incremental.build_in_key_ranges(con, spec, model.table, model.sql, params, model.order_by):
+        elif not incremental.build_in_key_ranges(con, spec, model.table, model.sql, params,
+                                                 model.sorted_first_by(spec.unique_key)):
             con.execute(f"CREATE OR REPLACE TABLE {model.table} AS {model.sql}", params)
         incremental.remember(con, spec)
         return "full", full_reason(build), None, kept_from

@@ -41,17 +41,23 @@ class SegmentModel:
 
     def assign(self, vectors: np.ndarray) -> np.ndarray:
         """The segment id of the nearest centroid (Euclidean) for each row; ties go to the lower row."""
+        return self.segment_ids[nearest_centroid(self._checked(vectors), self.centroids)]
+
+    def label(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(segment ids, cosine of each row to its segment's centroid; the rows are unit vectors).
+
+        Both come from the one (n x k) product of the rows with the centroids: gathering each
+        row's centroid (n x d) cost 1.3 s for 248k customers in a step, 5x the product."""
+        dots = self._checked(vectors) @ self.centroids.T
+        rows = nearest_by_dots(dots, self.centroids)
+        norms = np.linalg.norm(self.centroids, axis=1)
+        return self.segment_ids[rows], (dots[np.arange(len(rows)), rows] / norms[rows]).astype(np.float32)
+
+    def _checked(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.centroids.shape[1]:
             raise ValueError(f"vectors must be (n x {self.centroids.shape[1]}), got {vectors.shape}")
-        return self.segment_ids[nearest_centroid(vectors, self.centroids)]
-
-    def label(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(segment ids, cosine of each row to its segment's centroid)."""
-        labels = self.assign(vectors)
-        centroids = self.centroids / np.linalg.norm(self.centroids, axis=1, keepdims=True)
-        rows = np.searchsorted(self.segment_ids, labels)
-        return labels, np.einsum("ij,ij->i", vectors, centroids[rows]).astype(np.float32)
+        return vectors
 
     def to_arrow(self) -> pa.Table:
         """segment_id (int64), centroid (fixed-size list of float32): what to save for the next run."""
@@ -116,5 +122,9 @@ def drop_empty_segments(model: SegmentModel, sizes: Mapping[int, int]) -> tuple[
 
 def nearest_centroid(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """argmin ||x - c||^2 = argmax (x.c - |c|^2 / 2); the |x|^2 term is the same for every c."""
-    scores = vectors @ centroids.T - 0.5 * (centroids**2).sum(axis=1)[None, :]
-    return np.argmax(scores, axis=1)
+    return nearest_by_dots(vectors @ centroids.T, centroids)
+
+
+def nearest_by_dots(dots: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """`nearest_centroid` from the rows' dot products with the centroids (n x k)."""
+    return np.argmax(dots - 0.5 * (centroids**2).sum(axis=1)[None, :], axis=1)

@@ -395,6 +395,19 @@ def test_the_model_round_trips_through_arrow():
     np.testing.assert_array_equal(back.assign(vectors), shuffled.assign(vectors))
 
 
+def test_a_label_is_the_nearest_centroid_and_the_cosine_to_it():
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((500, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    model = SegmentModel(np.array([4, 9, 17]), rng.standard_normal((3, 16)).astype(np.float32) * [[1.0], [2.0], [0.5]])
+    labels, similarity = model.label(vectors)
+    nearest = np.argmin(((vectors[:, None, :] - model.centroids[None]) ** 2).sum(axis=2), axis=1)
+    assert (labels == model.segment_ids[nearest]).all() and (labels == model.assign(vectors)).all()
+    unit = model.centroids / np.linalg.norm(model.centroids, axis=1, keepdims=True)
+    assert similarity.dtype == np.float32
+    np.testing.assert_allclose(similarity, (vectors * unit[nearest]).sum(axis=1), atol=1e-6)
+
+
 def test_identical_customers_make_one_segment_and_the_rest_are_dropped_as_empty():
     same = np.tile(unit(np.ones((1, DIMS))), (200, 1)).astype(np.float32)
     result = fit_segments(same, config=CONFIG)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import dagster as dg
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
 from recsys.clustering import SegmentingConfig, fit_segments
+from recsys.customer_vectors import ProductEmbeddings
 from recsys.customer_sample import CustomerSample, id_priorities
 from recsys.segment_ids import SegmentModel, drop_empty_segments, match_segment_ids
 from recsys.segment_names import fallback_names, naming_messages, parse_segment_names
@@ -524,3 +527,44 @@ def test_segment_rfm_fits_a_small_memory_limit_and_equals_sql(tmp_path):
     for segment_id, summary in expected.items():
         assert list(vars(by_segment[segment_id]).values()) == pytest.approx(list(vars(summary).values()), rel=1e-12)
     assert list(vars(everyone).values()) == pytest.approx(list(vars(expected_everyone).values()), rel=1e-12)
+
+
+def sample_snapshot(tmp_path, customers: int, without_vector: set[int]):
+    """A snapshot of purchases (customer by customer) and customer state; the customers in
+    `without_vector` bought only a product without an embedding."""
+    from resources.warehouse import Snapshot
+
+    rng = np.random.default_rng(5)
+    ids = [f"c{i:05d}" for i in range(customers)]
+    rows = {"customer_id": [], "product_id": [], "amount": [], "purchased_at": []}
+    for i, customer in enumerate(ids):
+        for _ in range(1 + i % 3):
+            rows["customer_id"].append(customer)
+            rows["product_id"].append("p_none" if i in without_vector else f"p{rng.integers(40)}")
+            rows["amount"].append(float(rng.integers(1, 50)))
+            rows["purchased_at"].append(dt.datetime(2011, 8, 1) + dt.timedelta(days=int(rng.integers(30))))
+    taken = Snapshot(tmp_path)
+    pq.write_table(pa.table(rows), taken.path("purchases"))
+    pq.write_table(pa.table({"customer_id": pa.array([*ids, None], pa.string())}), taken.path("customer_state"))
+    products = ProductEmbeddings.from_arrays([f"p{j}" for j in range(40)], rng.standard_normal((40, 8)))
+    return taken, products, ids
+
+
+@pytest.mark.parametrize("without_vector_share", [0.0, 0.8])
+def test_the_fit_pools_only_the_sample_candidates_and_gets_the_sample_of_everyone(tmp_path, without_vector_share):
+    from assets.infer.segments import SegmentsConfig, pooled_sample, sample_candidates, sample_for_fit
+
+    config = SegmentsConfig(sample_size=150, chunk_lines=97, read_batch_rows=64)
+    lowest = np.argsort(id_priorities(pa.array([f"c{i:05d}" for i in range(3000)]), config.seed))
+    # at 0.8, most of the 300 candidates have no vector: the sample needs everyone pooled
+    without = {int(i) for i in lowest[: int(300 * without_vector_share)]}
+    taken, products, ids = sample_snapshot(tmp_path, 3000, without)
+    candidates = sample_candidates(taken, config)
+    assert len(candidates) == 300 and set(candidates.to_pylist()) == {ids[i] for i in lowest[:300]}
+    everyone = pooled_sample(taken, products, dt.date(2011, 9, 1), config, None, None)
+    sample = sample_for_fit(taken, products, dt.date(2011, 9, 1), config)
+    assert len(sample) == 150
+    assert sample.customer_ids.to_pylist() == everyone.customer_ids.to_pylist()
+    np.testing.assert_array_equal(sample.vectors, everyone.vectors)
+    from_candidates = pooled_sample(taken, products, dt.date(2011, 9, 1), config, None, candidates)
+    assert len(from_candidates) == (150 if not without else 60)

@@ -22,6 +22,8 @@ import dagster as dg
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from assets.common.catalog import NETWORK_RETRY_POLICY
@@ -39,7 +41,7 @@ from assets.infer.purchases import (CUSTOMER_STATE_SQL, PURCHASE_STATE_FORMAT, a
                                     changed_customers_sql, customers_to_redo, outdated_state_reason,
                                     purchases_of)
 from recsys.clustering import SegmentingConfig, fit_segments
-from recsys.customer_sample import CustomerSample
+from recsys.customer_sample import CustomerSample, id_priorities
 from recsys.customer_vectors import PoolingReport, ProductEmbeddings, iter_customer_vectors
 from recsys.segment_ids import SegmentModel, drop_empty_segments
 from recsys.product_topics import infer_topics
@@ -197,18 +199,56 @@ def previous_model(taken: Snapshot) -> SegmentModel | None:
 
 
 def fit(taken: Snapshot, products, as_of, config: SegmentsConfig, previous, mapper=None) -> tuple:
-    """Pass 1: pool every customer, keep the deterministic sample, fit the clustering on it."""
-    sample = CustomerSample(config.sample_size, config.seed)
-    for chunk in iter_customer_vectors(purchase_batches(taken, config.read_batch_rows), products, as_of=as_of,
-                                       half_life_days=config.half_life_days, chunk_lines=config.chunk_lines,
-                                       mapper=mapper):
-        sample.add(chunk.customer_ids, chunk.vectors)
+    """Pass 1: pool the customers that can be in the deterministic sample, keep the sample, fit
+    the clustering on it."""
+    sample = sample_for_fit(taken, products, as_of, config, mapper)
     if len(sample) < config.k_min:
         raise dg.Failure(f"only {len(sample)} customers have embeddable purchases; at least {config.k_min} are needed "
                          "to segment", allow_retries=False)
     segmenting = SegmentingConfig(k_min=config.k_min, k_max=min(config.k_max, len(sample) - 1), seed=config.seed)
     segment_fit = fit_segments(sample.vectors, previous, segmenting)
     return segment_fit, len(sample), kept_share(previous, segment_fit.model, sample.vectors)
+
+
+# Customers pooled for the sample per place in it: the sample is the customers with the lowest id
+# priorities among those with a vector, so pooling the lowest 2 x sample_size (not all 2M, to
+# keep 20k) gives the same sample unless half of them have no vector (then everyone is pooled).
+SAMPLE_CANDIDATES_PER_PLACE = 2
+
+
+def sample_candidates(taken: Snapshot, config: SegmentsConfig) -> pa.Array | None:
+    """The ids of the customers with the lowest sample priorities (ties at the edge included), or
+    None when that is everyone."""
+    ids = pc.drop_null(pq.read_table(taken.path("customer_state"), columns=["customer_id"])
+                       .column("customer_id")).combine_chunks()
+    wanted = config.sample_size * SAMPLE_CANDIDATES_PER_PLACE
+    if len(ids) <= wanted:
+        return None
+    priorities = id_priorities(ids, config.seed)
+    edge = np.partition(priorities, wanted - 1)[wanted - 1]
+    return ids.filter(pa.array(priorities <= edge))
+
+
+def sample_for_fit(taken: Snapshot, products, as_of, config: SegmentsConfig, mapper=None) -> CustomerSample:
+    """The sample, pooling only its candidates unless too many of them have no vector."""
+    candidates = sample_candidates(taken, config)
+    sample = pooled_sample(taken, products, as_of, config, mapper, candidates)
+    if candidates is not None and len(sample) < config.sample_size:
+        sample = pooled_sample(taken, products, as_of, config, mapper, None)
+    return sample
+
+
+def pooled_sample(taken: Snapshot, products, as_of, config: SegmentsConfig, mapper, candidates: pa.Array | None
+                  ) -> CustomerSample:
+    """The sample of the customers pooled (only `candidates`, when given)."""
+    batches = purchase_batches(taken, config.read_batch_rows)
+    if candidates is not None:
+        batches = (batch.filter(pc.is_in(batch.column("customer_id"), value_set=candidates)) for batch in batches)
+    sample = CustomerSample(config.sample_size, config.seed)
+    for chunk in iter_customer_vectors(batches, products, as_of=as_of, half_life_days=config.half_life_days,
+                                       chunk_lines=config.chunk_lines, mapper=mapper):
+        sample.add(chunk.customer_ids, chunk.vectors)
+    return sample
 
 
 def kept_share(previous: SegmentModel | None, model: SegmentModel, vectors: np.ndarray) -> float | None:

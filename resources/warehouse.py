@@ -40,9 +40,12 @@ WAREHOUSE_POOL = "duckdb"
 WAREHOUSE_STEP_TAGS = {"warehouse_pool": WAREHOUSE_POOL}
 
 
-def step_pool(pool: str | None = WAREHOUSE_POOL) -> dict[str, Any]:
-    """A step's `pool` and `op_tags` as one: a warehouse writer carries the tag with the pool."""
-    return {"pool": pool, "op_tags": dict(WAREHOUSE_STEP_TAGS) if pool == WAREHOUSE_POOL else None}
+def step_pool(pool: str | None = WAREHOUSE_POOL, priority: int = 0) -> dict[str, Any]:
+    """A step's `pool` and `op_tags` as one: a warehouse writer carries the tag with the pool, and
+    a step of another priority than 0 Dagster's `dagster/priority` tag."""
+    tags = {**(WAREHOUSE_STEP_TAGS if pool == WAREHOUSE_POOL else {}),
+            **({"dagster/priority": str(priority)} if priority else {})}
+    return {"pool": pool, "op_tags": tags or None}
 
 # Flock locks belong to an open file description, so a second lock taken by the same process
 # would wait on itself forever. Refuse nesting instead.

@@ -183,6 +183,19 @@ def test_the_dbt_style_tests_next_to_the_sql_are_blocking_checks(warehouse, tmp_
     assert "dim_products" not in {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
 
 
+def test_a_model_listed_to_run_first_gets_the_step_priority_and_an_unknown_one_is_refused(tmp_path):
+    import shutil
+
+    models = tmp_path / "sql"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "sql", models)
+    (models / "schema.yml").write_text("run_first: [stg_order_lines]\n")
+    priorities = {a.key.to_user_string(): a.op.tags.get("dagster/priority") for a in build_sql_assets(models)}
+    assert priorities.pop("stg_order_lines") == "1" and set(priorities.values()) == {None}
+    (models / "schema.yml").write_text("run_first: [dim_product]\n")
+    with pytest.raises(ValueError, match="dim_product"):
+        build_sql_assets(models)
+
+
 def test_an_incremental_update_reads_only_the_changed_keys_rows_and_gives_their_full_rows():
     """By the incremental contract a key's rows depend only on its own input rows: the update
     runs the model's SQL over the changed keys' input rows (every reference of a keyed input is

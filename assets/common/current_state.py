@@ -466,8 +466,10 @@ def current_state_asset(
     metadata: Mapping[str, Any] | None = None,
     personal_data: bool = False,
     retry_policy: dg.RetryPolicy | None = None,
+    priority: int = 0,
 ) -> Callable[[Callable[[StateBuild], Built]], dg.AssetsDefinition]:
-    """Make a daily-partitioned current-state asset from a build function (see the module doc)."""
+    """Make a daily-partitioned current-state asset from a build function (see the module doc).
+    `priority`: a run launches its step before the ready steps of lower priority."""
     inputs, tables, checks = tuple(inputs), tuple(tables), tuple(checks)
     if dead_letter_stage:
         if not issubclass(config_class, DeadLetterConfig):
@@ -493,7 +495,7 @@ def current_state_asset(
             partitions_def=daily_partitions,
             backfill_policy=dg.BackfillPolicy.single_run(),
             group_name=group,
-            **step_pool(pool),
+            **step_pool(pool, priority),
             kinds=set(kinds),
             check_specs=list(checks),
             required_resource_keys=set(resources),

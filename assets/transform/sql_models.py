@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 import sqlglot
+import yaml
 from sqlglot import exp
 
 from assets.common.catalog import code_references
@@ -135,8 +136,10 @@ def holds_personal_data(model: SqlModel, models: dict[str, SqlModel], personal: 
 def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, str],
                     personal_data: bool = False, tests: list[ModelTest] | None = None,
                     keyed: incremental.Incremental | None = None,
-                    upstream: dict[str, incremental.Incremental] | None = None) -> dg.AssetsDefinition:
-    """`upstream`: the incremental models among its inputs, by table (see incremental.kept_upstream)."""
+                    upstream: dict[str, incremental.Incremental] | None = None,
+                    run_first: bool = False) -> dg.AssetsDefinition:
+    """`upstream`: the incremental models among its inputs, by table (see incremental.kept_upstream);
+    `run_first`: a run launches it before the other ready steps of priority 0."""
     tests = tests or []
 
     @current_state_asset(
@@ -155,6 +158,7 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
         resources=("warehouse", "compute_engine"),
         checks=model_tests.check_specs(model.name, tests),
         verdicts=model_tests.verdicts(tests) if tests else None,
+        priority=int(run_first),
     )
     def _build(build: StateBuild) -> Built:
         params = sql_parameters(model, build.context)
@@ -292,6 +296,17 @@ def build_sql_assets(sql_dir: Path = SQL_DIR, sources: tuple[Source, ...] = SOUR
     # could change the rows without changing the fingerprints.
     by_table = {by_name[name].table: spec for name, spec in increments.items()
                 if set(by_name[name].parameters) <= {"as_of"}}
+    run_first = load_run_first(sql_dir)
+    unknown = set(run_first) - set(by_name)
+    if unknown:
+        raise ValueError(f"sql/{model_tests.SCHEMA_FILE} runs first models that do not exist: {sorted(unknown)}")
     return [build_sql_asset(model, set(by_name), owners, holds_personal_data(model, by_name, personal),
                             tests.get(model.name), increments.get(model.name),
-                            {t: by_table[t] for t in model.tables_read if t in by_table}) for model in models]
+                            {t: by_table[t] for t in model.tables_read if t in by_table},
+                            model.name in run_first) for model in models]
+
+
+def load_run_first(sql_dir: Path) -> list[str]:
+    """The models sql/schema.yml lists under `run_first`."""
+    path = sql_dir / model_tests.SCHEMA_FILE
+    return list((yaml.safe_load(path.read_text()).get("run_first") or []) if path.exists() else [])

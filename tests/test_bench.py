@@ -62,3 +62,22 @@ def test_model_work_is_left_out_of_a_day_only_where_nothing_else_ran():
                    {"stage": "b_check", "interval": [6.0, 7.0]}]
     assert seconds_alone(overlapping, model) == pytest.approx(4.0)  # 4-6 and 7-9 alone
     assert seconds_alone(overlapping, ("a",)) == pytest.approx(2.0)
+
+
+def test_a_day_change_counts_the_customers_who_bought_on_the_day_against_those_before(tmp_path):
+    import datetime as dt
+
+    import duckdb
+
+    from bench.run_pipeline import changed_customers
+
+    warehouse = tmp_path / "warehouse.duckdb"
+    with duckdb.connect(str(warehouse)) as con:
+        con.execute("CREATE SCHEMA analytics")
+        con.execute("CREATE TABLE analytics.stg_purchases (customer_id VARCHAR, purchased_at TIMESTAMP)")
+        con.executemany("INSERT INTO analytics.stg_purchases VALUES (?, ?)", [
+            ("old-quiet", "2011-08-01 10:00"), ("old-back", "2011-07-01 09:00"), ("old-back", "2011-09-02 23:59"),
+            ("new", "2011-09-02 00:00"), ("new", "2011-09-02 08:00"), ("later", "2011-09-03 00:00"),
+            ("old-yesterday", "2011-09-01 23:59")])
+    assert changed_customers(warehouse, dt.date(2011, 9, 2)) == {
+        "customers_before": 3, "bought_on_the_day": 2, "new": 1, "returning": 1, "share_of_customers_before": 0.6667}

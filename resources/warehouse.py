@@ -42,7 +42,7 @@ WAREHOUSE_STEP_TAGS = {"warehouse_pool": WAREHOUSE_POOL}
 
 def step_pool(pool: str | None = WAREHOUSE_POOL, priority: int = 0) -> dict[str, Any]:
     """A step's `pool` and `op_tags` as one: a warehouse writer carries the tag with the pool, and
-    a step of another priority than 0 Dagster's `dagster/priority` tag."""
+    a step whose priority is not 0 carries Dagster's `dagster/priority` tag."""
     tags = {**(WAREHOUSE_STEP_TAGS if pool == WAREHOUSE_POOL else {}),
             **({"dagster/priority": str(priority)} if priority else {})}
     return {"pool": pool, "op_tags": tags or None}
@@ -270,7 +270,7 @@ def arrow_batches(
 Query = str | tuple[str, Any]
 
 
-def parquet_batches(path: Path | str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+def parquet_batches(path: Path | str, batch_rows: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     """A Parquet file's rows in stored order, as Arrow batches, one row group at a time.
 
     Not `ParquetFile.iter_batches()` over the whole file: its reader keeps what it has read until
@@ -279,7 +279,7 @@ def parquet_batches(path: Path | str, batch_rows: int) -> Iterator[pa.RecordBatc
     stays flat."""
     parquet = pq.ParquetFile(path)
     for row_group in range(parquet.num_row_groups):
-        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[row_group])
+        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[row_group], columns=columns)
 
 
 class Snapshot:
@@ -294,9 +294,9 @@ class Snapshot:
     def has(self, name: str) -> bool:
         return self.path(name).exists()
 
-    def batches(self, name: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, name: str, batch_rows: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         """Stream a file in stored order (a snapshot of a customer-sorted table stays sorted)."""
-        yield from parquet_batches(self.path(name), batch_rows)
+        yield from parquet_batches(self.path(name), batch_rows, columns)
 
     def table(self, name: str) -> pa.Table:
         return pq.read_table(self.path(name))

@@ -568,3 +568,7 @@ def test_the_fit_pools_only_the_sample_candidates_and_gets_the_sample_of_everyon
     np.testing.assert_array_equal(sample.vectors, everyone.vectors)
     from_candidates = pooled_sample(taken, products, dt.date(2011, 9, 1), config, None, candidates)
     assert len(from_candidates) == (150 if not without else 60)
+    # read 64 ids at a time, keeping the lowest so far: the same as from all of them at once
+    whole = sample_candidates(taken, config.model_copy(update={"read_batch_rows": 10_000}))
+    assert len(whole) == 300 and set(whole.to_pylist()) == set(candidates.to_pylist())
+    assert sample_candidates(taken, config.model_copy(update={"sample_size": 1500})) is None  # 3,000: everyone

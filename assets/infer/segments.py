@@ -24,7 +24,6 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from assets.common.catalog import NETWORK_RETRY_POLICY
@@ -219,15 +218,25 @@ SAMPLE_CANDIDATES_PER_PLACE = 2
 
 def sample_candidates(taken: Snapshot, config: SegmentsConfig) -> pa.Array | None:
     """The ids of the customers with the lowest sample priorities (ties at the edge included), or
-    None when that is everyone."""
-    ids = pc.drop_null(pq.read_table(taken.path("customer_state"), columns=["customer_id"])
-                       .column("customer_id")).combine_chunks()
-    wanted = config.sample_size * SAMPLE_CANDIDATES_PER_PLACE
-    if len(ids) <= wanted:
-        return None
-    priorities = id_priorities(ids, config.seed)
-    edge = np.partition(priorities, wanted - 1)[wanted - 1]
-    return ids.filter(pa.array(priorities <= edge))
+    None when that is everyone. Streamed: it holds the lowest so far and a batch (20M ids whole
+    would hold about 1 GB)."""
+    wanted, seen = config.sample_size * SAMPLE_CANDIDATES_PER_PLACE, 0
+    ids, priorities = pa.array([], pa.string()), np.zeros(0, np.uint64)
+    for batch in taken.batches("customer_state", config.read_batch_rows, columns=["customer_id"]):
+        new_ids = pc.drop_null(batch.column("customer_id")).cast(pa.string())
+        seen += len(new_ids)
+        ids = pa.concat_arrays([ids, new_ids])
+        priorities = np.concatenate([priorities, id_priorities(new_ids, config.seed)])
+        ids, priorities = lowest(ids, priorities, wanted)
+    return None if seen <= wanted else ids
+
+
+def lowest(ids: pa.Array, priorities: np.ndarray, wanted: int) -> tuple[pa.Array, np.ndarray]:
+    """The ids of the `wanted` lowest priorities and any tied with the highest of them."""
+    if len(priorities) <= wanted:
+        return ids, priorities
+    keep = priorities <= np.partition(priorities, wanted - 1)[wanted - 1]
+    return ids.filter(pa.array(keep)), priorities[keep]
 
 
 def sample_for_fit(taken: Snapshot, products, as_of, config: SegmentsConfig, mapper=None) -> CustomerSample:

@@ -309,5 +309,7 @@ def test_a_full_build_in_key_ranges_gives_the_rows_of_one_statement():
     assert not models["stg_purchases"].sorted_first_by("purchased_at")
     descending = SqlModel("descending", models["stg_purchases"].sql.replace("ORDER BY customer_id,", "ORDER BY customer_id DESC,"))
     assert not descending.sorted_first_by("customer_id")
+    by_expression = SqlModel("by_expression", models["stg_purchases"].sql.replace("ORDER BY customer_id,", "ORDER BY lower(customer_id),"))
+    assert not by_expression.sorted_first_by("customer_id")
     quoted = model.sql.replace("analytics.stg_purchases AS p", '"analytics"."stg_purchases" AS p')
     assert build_in_key_ranges(con, spec, "other", quoted, params) == 0

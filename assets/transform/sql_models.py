@@ -69,10 +69,11 @@ class SqlModel:
     def sorted_first_by(self, column: str) -> bool:
         """Whether the order a full build stores (if any) starts with `column`, ascending: rows
         computed range by range of it and appended in range order keep that order."""
-        if not self.order_by:
+        order = self.parsed.args.get("order")
+        if order is None:
             return True
-        first = self.parsed.args["order"].expressions[0]
-        return not first.args.get("desc") and first.this.name == column
+        first = order.expressions[0]  # an expression (say lower(key)) is not the key's order
+        return isinstance(first.this, exp.Column) and not first.args.get("desc") and first.this.name == column
 
     @property
     def description(self) -> str:

@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import sqlglot
-import yaml
 from sqlglot import exp
 
 from assets.common.key_ranges import in_range, key_ranges, range_params
+from assets.transform.model_tests import schema_section
 from resources.warehouse import fetch_all, fetch_scalar, table_exists
 
 KEYS_TABLE = "ops.sql_model_keys"
-SCHEMA_FILE = "schema.yml"
 
 
 @dataclass(frozen=True)
@@ -64,8 +63,7 @@ class Incremental:
 
 
 def load_incremental(sql_dir: Path) -> dict[str, Incremental]:
-    path = sql_dir / SCHEMA_FILE
-    declared = (yaml.safe_load(path.read_text()).get("incremental", {}) or {}) if path.exists() else {}
+    declared = schema_section(sql_dir, "incremental") or {}
     return {
         model: Incremental(
             model, spec["unique_key"],

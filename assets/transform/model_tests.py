@@ -56,12 +56,15 @@ class ModelTest:
                 f'WHERE child.{column} IS NOT NULL', {})
 
 
+def schema_section(sql_dir: Path, name: str) -> Any:
+    """One top-level section of `sql/schema.yml` (None when the file or the section is missing)."""
+    path = sql_dir / SCHEMA_FILE
+    return (yaml.safe_load(path.read_text()) or {}).get(name) if path.exists() else None
+
+
 def load_tests(sql_dir: Path) -> dict[str, list[ModelTest]]:
     """Model name -> its tests, from `sql/schema.yml` (no file: no tests)."""
-    path = sql_dir / SCHEMA_FILE
-    if not path.exists():
-        return {}
-    declared = yaml.safe_load(path.read_text()).get("models", {}) or {}
+    declared = schema_section(sql_dir, "models") or {}
     tests: dict[str, list[ModelTest]] = {}
     for model, by_kind in declared.items():
         unknown = set(by_kind) - set(KINDS)

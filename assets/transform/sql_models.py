@@ -15,7 +15,6 @@ from pathlib import Path
 
 import dagster as dg
 import sqlglot
-import yaml
 from sqlglot import exp
 
 from assets.common.catalog import code_references
@@ -309,5 +308,4 @@ def build_sql_assets(sql_dir: Path = SQL_DIR, sources: tuple[Source, ...] = SOUR
 
 def load_run_first(sql_dir: Path) -> list[str]:
     """The models sql/schema.yml lists under `run_first`."""
-    path = sql_dir / model_tests.SCHEMA_FILE
-    return list((yaml.safe_load(path.read_text()).get("run_first") or []) if path.exists() else [])
+    return list(model_tests.schema_section(sql_dir, "run_first") or [])

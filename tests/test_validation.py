@@ -208,7 +208,7 @@ def staged(rows: list[tuple], columns: list[str]) -> duckdb.DuckDBPyConnection:
     return con
 
 
-@pytest.mark.parametrize("expectation, values, failing", [
+EXPECTATION_CASES = [  # (expectation, values of column v, the failing lines)
     ({"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "v"}}, ["a", None], [2]),
     ({"type": "expect_column_values_to_be_unique", "kwargs": {"column": "v"}}, ["a", "b", "a", None, None], [3]),
     ({"type": "expect_column_values_to_match_regex", "kwargs": {"column": "v", "regex": "^[0-9]+$"}},
@@ -228,12 +228,34 @@ def staged(rows: list[tuple], columns: list[str]) -> duckdb.DuckDBPyConnection:
     ({"type": "expect_column_values_to_be_dateutil_parseable", "kwargs": {"column": "v"}}, ["2011-12-31", "nope"], [2]),
     ({"type": "expect_column_value_lengths_to_be_between", "kwargs": {"column": "v", "min_value": 2, "max_value": 3}},
      ["a", "ab", "abcd"], [1, 3]),
-])
+]
+
+
+@pytest.mark.parametrize("expectation, values, failing", EXPECTATION_CASES)
 def test_each_expectation_type_compiles_to_a_row_predicate(expectation, values, failing):
     con = staged([(v,) for v in values], ["v"])
     suite = Suite("t", (dict(expectation, meta={"rule": "r"}),), "digest")
     quarantine(con, suite, "stg", {"v", "line_no"}, "CAST(row_id AS VARCHAR)", "failures", "2011-09-01")
     assert [r[0] for r in fetch_all(con, "SELECT line_no FROM failures ORDER BY 1")] == failing
+
+
+def test_a_suite_quarantines_what_its_rules_quarantine_one_by_one():
+    """Every expectation type in one suite over all the values: the rows that break any rule are
+    found in one scan, then judged rule by rule; the failures (rows, rules, values) equal those
+    of each rule run alone over every row, and the scan's table is gone."""
+    values = [v for _, case_values, _ in EXPECTATION_CASES for v in case_values]
+    expectations = tuple(dict(e, meta={"rule": f"r{i}"}) for i, (e, _, _) in enumerate(EXPECTATION_CASES))
+    together = staged([(v,) for v in values], ["v"])
+    quarantine(together, Suite("t", expectations, "d"), "stg", {"v", "line_no"}, "CAST(row_id AS VARCHAR)",
+               "failures", "2011-09-01")
+    one_by_one = staged([(v,) for v in values], ["v"])
+    for expectation in expectations:
+        quarantine(one_by_one, Suite("t", (expectation,), "d"), "stg", {"v", "line_no"}, "CAST(row_id AS VARCHAR)",
+                   "failures", "2011-09-01")
+    rows = "SELECT * FROM failures ORDER BY ALL"
+    assert fetch_all(together, rows) == fetch_all(one_by_one, rows)
+    assert len(fetch_all(together, rows)) > len(EXPECTATION_CASES)
+    assert fetch_all(together, "SELECT table_name FROM duckdb_tables() WHERE table_name LIKE 'suspects%'") == []
 
 
 def test_between_uses_the_declared_type_and_strictness():

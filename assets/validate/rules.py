@@ -322,16 +322,33 @@ def quarantine(con: duckdb.DuckDBPyConnection, suite: Suite, staged: str, column
     `across_rows`: None, every rule; False, the rules that judge a row alone (a file shard can
     apply them); True, the rules across rows (uniqueness: over the whole file).
     """
-    for rule in suite.row_rules(columns, naive_timezone):
-        if across_rows is not None and rule.window != across_rows:
-            continue
+    rules = [r for r in suite.row_rules(columns, naive_timezone) if across_rows is None or r.window == across_rows]
+    suspects = _rows_breaking_any(con, [r for r in rules if not r.window], staged, failures, partition_date)
+    for rule in rules:
         where = "QUALIFY" if rule.window else "WHERE"
         sql = (f"INSERT INTO {failures} SELECT row_id, line_no, {record_key}, $rule, $column_name, {rule.value}"
-               f" FROM {staged} {where} {rule.fails}")
+               f" FROM {staged if rule.window else suspects} {where} {rule.fails}")
         params = {"rule": rule.rule, "column_name": rule.column_name, **rule.params}
         if "$partition_date" in rule.fails:
             params["partition_date"] = partition_date
         con.execute(sql, params)
+    if suspects != staged:
+        con.execute(f"DROP TABLE {suspects}")
+
+
+def _rows_breaking_any(con: duckdb.DuckDBPyConnection, rules: list[RowRule], staged: str, failures: str,
+                       partition_date: str) -> str:
+    """The staged rows that break at least one of the rules (each judging a row alone), found in
+    one scan; each rule then reads only those. A scan per rule of the 19.8M purchase items of 2M
+    customers took 7.1 s, 0.6 s even for an IS NULL rule. Returns the relation to read."""
+    if len(rules) < 2:
+        return staged
+    suspects = f"suspects_of_{failures}"
+    sql = f"CREATE OR REPLACE TEMP TABLE {suspects} AS SELECT * FROM {staged} WHERE " + " OR ".join(
+        f"({rule.fails})" for rule in rules)
+    params = {name: value for rule in rules for name, value in rule.params.items()}  # names prefixed per rule
+    con.execute(sql, _used({**params, "partition_date": partition_date}, sql))
+    return suspects
 
 
 def validate_staged(con: duckdb.DuckDBPyConnection, table: "RawTable", partition_date: str,

@@ -225,9 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--new-customer-share", type=float, default=0.05, help="new customers on day 2, share of N")
     parser.add_argument("--returning-share", type=float, default=0.02,
-                        help="existing customers who buy again on day 2. Each buyer lands twice (the customers "
-                             "file and, under a numeric id of its own, the transactions file), so the defaults "
-                             "change 12 %% of the warehouse's customers; 0.018 and 0.01 change 5 %%")
+                        help="existing customers who buy on a day (day 1's transactions file too). Each buyer "
+                             "lands twice (the customers file and, under a numeric id of its own, the transactions "
+                             "file), so the defaults change 12 %% of the warehouse's customers on day 2; 0.018 "
+                             "and 0.01 change 5 %%")
     parser.add_argument("--workdir", type=Path, default=None, help="default: data/bench/<customers>")
     parser.add_argument("--json", type=Path, default=None, help="where to write the figures")
     parser.add_argument("--quick", action="store_true", help="skip the day-2 pass (CI smoke run)")

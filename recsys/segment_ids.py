@@ -21,6 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy.optimize import linear_sum_assignment
 
+COSINE_CHUNK_ROWS = 4_096  # rows whose centroids are gathered at once (6 MiB at d = 384)
+
 
 @dataclass(frozen=True)
 class SegmentModel:
@@ -46,12 +48,18 @@ class SegmentModel:
     def label(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(segment ids, cosine of each row to its segment's centroid; the rows are unit vectors).
 
-        Both come from the one (n x k) product of the rows with the centroids: gathering each
-        row's centroid (n x d) cost 1.3 s for 248k customers in a step, 5x the product."""
-        dots = self._checked(vectors) @ self.centroids.T
-        rows = nearest_by_dots(dots, self.centroids)
-        norms = np.linalg.norm(self.centroids, axis=1)
-        return self.segment_ids[rows], (dots[np.arange(len(rows)), rows] / norms[rows]).astype(np.float32)
+        The cosine is each row's own dot product with its centroid, not read from the (n x k)
+        matrix product: BLAS rounds a row's products differently with the batch it is in (up to
+        1e-6 here), so a customer's stored cosine would depend on who else was assigned with them
+        (an incremental day against a full one). Gathered per chunk of rows: 0.02 s for 248k."""
+        vectors = self._checked(vectors)
+        rows = nearest_by_dots(vectors @ self.centroids.T, self.centroids)
+        unit = self.centroids / np.linalg.norm(self.centroids, axis=1, keepdims=True)
+        cosine = np.empty(len(rows), dtype=np.float32)
+        for start in range(0, len(rows), COSINE_CHUNK_ROWS):
+            chunk = slice(start, start + COSINE_CHUNK_ROWS)
+            cosine[chunk] = np.einsum("ij,ij->i", vectors[chunk], unit[rows[chunk]])
+        return self.segment_ids[rows], cosine
 
     def _checked(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.asarray(vectors, dtype=np.float32)

@@ -411,6 +411,21 @@ def test_a_label_is_the_nearest_centroid_and_the_cosine_to_it():
     np.testing.assert_allclose(similarity, (vectors * unit[nearest]).sum(axis=1), atol=1e-6)
 
 
+def test_a_customers_label_and_cosine_do_not_depend_on_who_is_labelled_with_them():
+    """An incremental day labels a few customers, a full one everyone: each customer must get the
+    same bits either way (a matrix product's rounding moves with the batch, up to 1e-6)."""
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((5_000, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    model = SegmentModel(np.arange(12), rng.standard_normal((12, 384)).astype(np.float32))
+    labels, cosine = model.label(vectors)
+    for size in (1, 7, 100, 1_001):
+        some = np.sort(rng.choice(len(vectors), size, replace=False))
+        some_labels, some_cosine = model.label(vectors[some])
+        np.testing.assert_array_equal(some_labels, labels[some])
+        np.testing.assert_array_equal(some_cosine, cosine[some])
+
+
 def test_identical_customers_make_one_segment_and_the_rest_are_dropped_as_empty():
     same = np.tile(unit(np.ones((1, DIMS))), (200, 1)).astype(np.float32)
     result = fit_segments(same, config=CONFIG)

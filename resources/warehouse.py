@@ -42,10 +42,15 @@ WAREHOUSE_STEP_TAGS = {"warehouse_pool": WAREHOUSE_POOL}
 
 def step_pool(pool: str | None = WAREHOUSE_POOL, priority: int = 0) -> dict[str, Any]:
     """A step's `pool` and `op_tags` as one: a warehouse writer carries the tag with the pool, and
-    a step whose priority is not 0 carries Dagster's `dagster/priority` tag."""
-    tags = {**(WAREHOUSE_STEP_TAGS if pool == WAREHOUSE_POOL else {}),
-            **({"dagster/priority": str(priority)} if priority else {})}
+    a step whose priority is not 0 carries its priority tag."""
+    tags = {**(WAREHOUSE_STEP_TAGS if pool == WAREHOUSE_POOL else {}), **step_priority(priority)}
     return {"pool": pool, "op_tags": tags or None}
+
+
+def step_priority(priority: int) -> dict[str, str]:
+    """Dagster's tag by which a run launches a ready step before the ready steps of lower priority
+    (none for the default, 0)."""
+    return {"dagster/priority": str(priority)} if priority else {}
 
 # Flock locks belong to an open file description, so a second lock taken by the same process
 # would wait on itself forever. Refuse nesting instead.

@@ -40,7 +40,7 @@ from assets.common.sources import SOURCES, Source, personal_columns
 from assets.validate.rules import SUITE_PARAMETERS, Suite, count_rule_breaks, load_suite
 from resources.background import import_in_background
 from resources.redaction import mask_column
-from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, parquet_batches, table_exists
+from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, parquet_batches, step_priority, table_exists
 
 # ---------------------------------------------------------------------------------------------
 # The same suites with GX itself, as partitioned asset checks on the raw tables
@@ -262,7 +262,7 @@ def suite_check_result(suite: Suite, tallies: list[ExpectationTally], validated:
 # A run launches the steps that build the day before a GX suite that is ready at the same time:
 # at 2M customers the suites of raw_customers took both places of a run for 12 s while
 # stg_customer_history, on the way to everything else, waited.
-SUITE_STEP_TAGS = {"dagster/priority": "-1"}
+SUITE_STEP_TAGS = step_priority(-1)
 
 
 def build_suite_check(table: str, asset: str) -> dg.AssetChecksDefinition:

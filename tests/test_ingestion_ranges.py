@@ -115,3 +115,29 @@ def test_online_retail_days_land_in_one_range_run(online_retail_dir, warehouse):
     with warehouse.connect(read_only=True) as con:
         lines = dict(fetch_all(con, "SELECT partition_date::VARCHAR, input_records FROM ops.batch_fingerprints"))
     assert lines == {d: len((online_retail_dir / f"{d}.csv").read_text().splitlines()) - 1 for d in files}
+
+
+def test_a_batchs_suites_share_one_step_and_each_still_runs_alone(month, tmp_path, warehouse):
+    """raw_customers lands two tables: their GX suites run in one step (one GX import), over a
+    range each day of each table once, and a check selected alone runs alone."""
+    resources = raw_resources(warehouse, Path(month))
+    (suites,) = [c for c in SUITE_CHECKS if "customers_expectation_suite" in str(c.check_keys)]
+    names = {key.name for key in suites.check_keys}
+    assert names == {"customers_expectation_suite", "customer_purchases_expectation_suite"}
+
+    landed = materialize_range(resources, day(0), day(2), [RAW["raw_products"], RAW["raw_customers"]])
+    assert landed.success
+    tags = {"dagster/asset_partition_range_start": day(0), "dagster/asset_partition_range_end": day(2)}
+    ranged = dg.materialize([RAW["raw_customers"], suites], resources=resources, tags=tags,
+                            selection=dg.AssetSelection.checks(suites))
+    assert ranged.success
+    assert set(evaluations(ranged)) == {("raw_customers", name, day(i)) for name in names for i in range(3)}
+
+    # the day again (its batch is skipped as landed) with one of the two checks
+    one = dg.AssetCheckKey(dg.AssetKey("raw_customers"), "customers_expectation_suite")
+    alone = dg.materialize([RAW["raw_customers"], suites], resources=resources, partition_key=day(1),
+                           selection=dg.AssetSelection.assets("raw_customers").without_checks()
+                           | dg.AssetSelection.checks(*RAW["raw_customers"].check_keys, one))
+    assert alone.success
+    assert {key for key in evaluations(alone) if "expectation_suite" in key[1]} == {
+        ("raw_customers", "customers_expectation_suite", day(1))}

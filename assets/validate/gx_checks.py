@@ -265,33 +265,48 @@ def suite_check_result(suite: Suite, tallies: list[ExpectationTally], validated:
 SUITE_STEP_TAGS = step_priority(-1)
 
 
-def build_suite_check(table: str, asset: str) -> dg.AssetChecksDefinition:
-    suite_name = table
+def build_batch_suites(source: Source) -> dg.AssetChecksDefinition:
+    """The GX checks of a source's landed batch, one a table, run in one step: importing GX costs
+    about 1.8 s of a step's fresh process and validating a day's batch far less (a 2M-customer
+    day 2: 0.4 s and 1.7 s for raw_customers' two suites). Each check can still be run alone."""
+    asset = source.asset
+    specs = [dg.AssetCheckSpec(
+        suite_check_name(table.name), asset=asset, blocking=False, partitions_def=daily_partitions,
+        description=f"The GX suite expectations/{table.name}.json on the partition of raw.{table.name}, with the "
+                    "share of the batch quarantined before landing.") for table in source.tables]
 
-    @dg.asset_check(
-        asset=asset,
-        name=f"{table}_expectation_suite",
-        description=f"The GX suite expectations/{table}.json on the partition of raw.{table}, with the share of "
-                    "the batch quarantined before landing.",
-        partitions_def=daily_partitions,
+    @dg.multi_asset_check(
+        specs=specs,
+        name=f"{asset}_expectation_suites",
+        can_subset=True,
         pool=None,  # reads in short connections and validates holding none: it runs beside the warehouse steps
         op_tags=SUITE_STEP_TAGS,
-        blocking=False,
     )
-    def _check(context: dg.AssetCheckExecutionContext, config: SuiteCheckConfig,
-               warehouse: DuckDBWarehouse) -> Iterator[Any]:
-        suite = load_suite(suite_name)
+    def _checks(context: dg.AssetCheckExecutionContext, config: SuiteCheckConfig,
+                warehouse: DuckDBWarehouse) -> Iterator[Any]:
+        selected = {key.name for key in context.selected_asset_check_keys}
+        tables = [table.name for table in source.tables if suite_check_name(table.name) in selected]
         if context.has_partition_key:
-            yield raw_suite_check(warehouse, suite, table, context.partition_key, asset, config)
+            for table in tables:
+                result = raw_suite_check(warehouse, load_suite(table), table, context.partition_key, asset, config)
+                yield result._replace(asset_key=dg.AssetKey(asset), check_name=suite_check_name(table))
             return
         # A range run (single-run backfill of the asset): one evaluation per day that has a batch.
-        for day in landed_days(warehouse, asset, context.partition_keys):
-            result = raw_suite_check(warehouse, suite, table, day, asset, config)
-            yield partition_check_evaluation(context.instance, result, asset, f"{table}_expectation_suite", day,
-                                             blocking=False)
-        yield dg.Output(None, output_name=context.op_execution_context.op_def.output_defs[0].name)
+        days = landed_days(warehouse, asset, context.partition_keys)
+        for table in tables:
+            for day in days:
+                result = raw_suite_check(warehouse, load_suite(table), table, day, asset, config)
+                yield partition_check_evaluation(context.instance, result, asset, suite_check_name(table), day,
+                                                 blocking=False)
+        checks_def = context.op_execution_context.assets_def
+        for key in context.selected_asset_check_keys:
+            yield dg.Output(None, output_name=checks_def.get_output_name_for_asset_check_key(key))
 
-    return _check
+    return _checks
+
+
+def suite_check_name(table: str) -> str:
+    return f"{table}_expectation_suite"
 
 
 def landed_days(warehouse: DuckDBWarehouse, asset: str, days: list[str]) -> list[str]:
@@ -414,5 +429,5 @@ def _store_suite_run(warehouse: DuckDBWarehouse, table: str, partition_key: str,
 
 
 def build_suite_checks(sources: tuple[Source, ...] = SOURCES) -> list[dg.AssetChecksDefinition]:
-    """One GX check per raw table of the registry, on the asset that writes it."""
-    return [build_suite_check(table.name, source.asset) for source in sources for table in source.tables]
+    """A GX check per raw table of the registry, on the asset that writes it; a step per source."""
+    return [build_batch_suites(source) for source in sources]

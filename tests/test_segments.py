@@ -587,3 +587,33 @@ def test_the_fit_pools_only_the_sample_candidates_and_gets_the_sample_of_everyon
     whole = sample_candidates(taken, config.model_copy(update={"read_batch_rows": 10_000}))
     assert len(whole) == 300 and set(whole.to_pylist()) == set(candidates.to_pylist())
     assert sample_candidates(taken, config.model_copy(update={"sample_size": 1500})) is None  # 3,000: everyone
+
+
+def test_an_incremental_merge_counts_who_moved_or_left_and_replaces_only_their_rows(tmp_path):
+    """merge_assignments: the reassigned customers' rows and the rows of customers gone are
+    replaced; moved = those of them whose segment changed, or who left."""
+    import duckdb
+
+    from assets.infer.segments import ASSIGNMENTS_TABLE, merge_assignments
+    from resources.warehouse import Snapshot
+
+    taken = Snapshot(tmp_path)
+    old = {"a": 1, "b": 1, "c": 2, "d": 2, "gone": 3}
+    pq.write_table(pa.table({"customer_id": ["a", "b", "new"]}), taken.path("reassign"))
+    # a keeps its segment, b moves, new arrives; c and d keep theirs untouched; gone left
+    pq.write_table(pa.table({"customer_id": ["a", "b", "new"], "segment_id": pa.array([1, 2, 3], pa.int64()),
+                             "similarity": pa.array([0.9, 0.8, 0.7], pa.float32())}), taken.path("assignments"))
+    state = {"customer_id": ["a", "b", "c", "d", "new"], "history_hash": pa.array([1, 2, 3, 4, 5], pa.uint64())}
+    pq.write_table(pa.table(state), taken.path("customer_state"))
+    pq.write_table(pa.table({"product_id": ["p"], "vector_hash": pa.array([7], pa.uint64())}),
+                   taken.path("product_vector_state"))
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    con.execute("CREATE SCHEMA ml")
+    con.execute(f"CREATE TABLE {ASSIGNMENTS_TABLE} (customer_id VARCHAR, segment_id BIGINT, similarity FLOAT)")
+    con.executemany(f"INSERT INTO {ASSIGNMENTS_TABLE} VALUES (?, ?, 0.5)", list(old.items()))
+
+    assert merge_assignments(con, taken) == 2  # b moved, gone left
+    rows = dict(con.execute(f"SELECT customer_id, segment_id FROM {ASSIGNMENTS_TABLE}").fetchall())
+    assert rows == {"a": 1, "b": 2, "c": 2, "d": 2, "new": 3}
+    kept = con.execute(f"SELECT similarity FROM {ASSIGNMENTS_TABLE} WHERE customer_id IN ('c', 'd')").fetchall()
+    assert kept == [(0.5,), (0.5,)]  # the others' rows are the stored ones

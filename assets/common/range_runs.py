@@ -39,7 +39,9 @@ def partition_check_evaluation(instance: dg.DagsterInstance, result: dg.AssetChe
         target_materialization_data=latest_materialization(instance, key, partition))
 
 
-def asset_check_outputs(context: dg.AssetExecutionContext) -> Iterator[dg.Output]:
-    """The (empty) outputs of an asset's own checks, once their evaluations were reported per day."""
+def asset_check_outputs(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> Iterator[dg.Output]:
+    """The (empty) outputs of the step's selected checks (an asset's own, or a multi-check's), once
+    their evaluations were reported per day."""
+    definition = context.op_execution_context.assets_def
     for key in context.selected_asset_check_keys:
-        yield dg.Output(None, output_name=context.assets_def.get_output_name_for_asset_check_key(key))
+        yield dg.Output(None, output_name=definition.get_output_name_for_asset_check_key(key))

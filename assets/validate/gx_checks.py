@@ -35,7 +35,7 @@ from pydantic import Field
 from assets.common.current_state import raw_source_of, read_state
 from assets.common.metadata import markdown_table
 from assets.common.partitions import daily_partitions
-from assets.common.range_runs import partition_check_evaluation
+from assets.common.range_runs import asset_check_outputs, partition_check_evaluation
 from assets.common.sources import SOURCES, Source, personal_columns
 from assets.validate.rules import SUITE_PARAMETERS, Suite, count_rule_breaks, load_suite
 from resources.background import import_in_background
@@ -298,9 +298,7 @@ def build_batch_suites(source: Source) -> dg.AssetChecksDefinition:
                 result = raw_suite_check(warehouse, load_suite(table), table, day, asset, config)
                 yield partition_check_evaluation(context.instance, result, asset, suite_check_name(table), day,
                                                  blocking=False)
-        checks_def = context.op_execution_context.assets_def
-        for key in context.selected_asset_check_keys:
-            yield dg.Output(None, output_name=checks_def.get_output_name_for_asset_check_key(key))
+        yield from asset_check_outputs(context)
 
     return _checks
 

@@ -18,7 +18,7 @@ import pytest
 import scipy.sparse as sp
 
 from recsys.calibration import GroupedCalibrator, IsotonicCalibrator
-from recsys.ease import (GROUP_WIDTH, column_block_width, solve_ease_in_place, times_column_blocks,
+from recsys.ease import (GROUP_WIDTH, _group_max, column_block_width, solve_ease_in_place, times_column_blocks,
                          to_column_blocks_in_place, top_k_stable)
 from recsys.purchases import PurchasesNotGrouped, iter_customer_chunks
 from recsys.recommender import (
@@ -225,6 +225,13 @@ def test_top_k_stable_equals_a_full_sort(n_columns):
         assert column[row == r].tolist() == expected.tolist()
         assert rank[row == r].tolist() == list(range(1, len(expected) + 1))
         assert np.array_equal(score[row == r], scores[r, expected])
+
+
+def test_group_max_is_numpys_max_over_the_middle_axis():
+    scores = np.random.default_rng(3).standard_normal((5, GROUP_WIDTH * 3)).astype(np.float32)
+    scores[scores < -1] = -np.inf
+    grouped = scores[:, : GROUP_WIDTH * 2].reshape(5, GROUP_WIDTH, 2)  # a view of a column slice, as scored
+    assert np.array_equal(_group_max(grouped), grouped.max(axis=1))
 
 
 def test_ease_solve_matches_the_closed_form():

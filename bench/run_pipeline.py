@@ -78,7 +78,8 @@ def run_stage(stage: str, day: dt.date, env: dict[str, str], log_name: str | Non
 
 def run_pass(name: str, stages: list[str], day: dt.date, env: dict[str, str]) -> dict:
     """Each stage in its own process (`--stage-by-stage`); the pass costs the sum of the stages."""
-    print(f"\n== {name} ({day})", flush=True)
+    print(f"\n== {name} ({day}; {load_average()})", flush=True)
+    load_before = os.getloadavg()
     results = []
     started = time.perf_counter()
     for stage in stages:
@@ -90,13 +91,15 @@ def run_pass(name: str, stages: list[str], day: dt.date, env: dict[str, str]) ->
             break
     return {"name": name, "day": day.isoformat(), "seconds": round(time.perf_counter() - started, 1),
             "pipeline_seconds": round(sum(r.get("seconds", 0) for r in results), 1),
+            "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "success": all(r["success"] for r in results), "stages": results}
 
 
 def run_day(name: str, day: dt.date, env: dict[str, str]) -> dict:
     """The day as one run of the daily job with its own executor; the pass costs the run's wall
     time, and its rows are the run's steps (assets and checks) in the order they ran."""
-    print(f"\n== {name} ({day}, one run)", flush=True)
+    print(f"\n== {name} ({day}, one run; {load_average()})", flush=True)
+    load_before = os.getloadavg()
     run = run_stage("run", day, env, log_name=re.sub(r"\W+", "-", name).strip("-"))
     steps = run.get("steps") or []
     for step in steps:
@@ -110,7 +113,8 @@ def run_day(name: str, day: dt.date, env: dict[str, str]) -> dict:
     if not run["success"] and not steps:
         print(run.get("error", ""), file=sys.stderr)
     return {"name": name, "day": day.isoformat(), "seconds": run["seconds"], "pipeline_seconds": run["seconds"],
-            "success": run["success"], "failed_checks": run.get("failed_checks", []), "stages": steps}
+            "load_average_before": load_before, "load_average_after": os.getloadavg(), "success": run["success"],
+            "failed_checks": run.get("failed_checks", []), "stages": steps}
 
 
 def format_row(r: dict) -> str:
@@ -213,6 +217,13 @@ def machine() -> str:
     import psutil
 
     return f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
+
+
+def load_average() -> str:
+    """What else the machine was doing as a day starts: a quiet 2-core machine shows well under 1
+    (the day's own run then drives it to about 2; both are kept in the figures)."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average before {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min)"
 
 
 def disk_use(folder: Path) -> int:

@@ -45,6 +45,9 @@ def test_the_benchmark_runs_every_stage_and_a_rerun_makes_no_model_call(tmp_path
     assert any(a[0] < b[1] and b[0] < a[1] for a in suites for b in writers)
     # the checks' verdicts come with the run (the generated faults fail error_rate), not only step success
     assert "error_rate" in json.loads(figures.read_text())["passes"][0]["failed_checks"]
+    # what else the machine was doing is part of the figures (the README's tables quote it)
+    assert len(json.loads(figures.read_text())["passes"][0]["load_average_before"]) == 3
+    assert "load average before" in proc.stdout
     # each run's log is kept beside the warehouse, so an outlier can be read afterwards
     log = tmp_path / "bench" / "logs" / "2011-09-01-day-1-first-run.log"
     assert "recommendations - STEP_SUCCESS" in log.read_text()

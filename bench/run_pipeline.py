@@ -220,8 +220,9 @@ def machine() -> str:
 
 
 def load_average() -> str:
-    """What else the machine was doing as a day starts: a quiet 2-core machine shows well under 1
-    (the day's own run then drives it to about 2; both are kept in the figures)."""
+    """What the machine was doing as a day starts, kept in the figures with the figure after it.
+    Day 1 follows the data generation (one core), which the 1-minute figure still shows; the
+    15-minute one says whether anything else ran before the benchmark."""
     one, five, fifteen = os.getloadavg()
     return f"load average before {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min)"
 

@@ -443,8 +443,8 @@ def _hidden_neighbour_scores(scores, is_neighbour, blocked, bought_rows, bought_
     neighbour columns, whole, and the bought neighbour entries."""
     blocked_columns = np.flatnonzero(blocked & is_neighbour)
     bought = is_neighbour[bought_columns]
-    return _HiddenScores(blocked_columns, np.take(scores, blocked_columns, axis=1), bought_rows[bought], bought_columns[bought],
-                         scores[bought_rows[bought], bought_columns[bought]])
+    return _HiddenScores(blocked_columns, np.take(scores, blocked_columns, axis=1), bought_rows[bought],
+                         bought_columns[bought], scores[bought_rows[bought], bought_columns[bought]])
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,23 @@ def test_a_file_in_shards_stages_and_judges_exactly_what_the_whole_file_gives(la
     assert {row[1] for row in whole["unparseable"]} >= {"malformed_json", "bad_encoding"}
 
 
+@pytest.mark.parametrize("block_bytes", [97, 4_096])
+def test_a_file_read_whole_stages_the_same_whatever_its_read_blocks(landed_catalog, tmp_path, monkeypatch,
+                                                                      block_bytes):
+    """JSON Lines are parsed as Arrow batches of one read block each (4 MiB: less memory than
+    16 MiB at 2M customers): lines across block edges, blank, non-JSON and non-UTF-8 lines at
+    every edge give the tables of one block."""
+    import assets.ingest.landing_files as landing_files
+
+    warehouse, landing = landed_catalog
+    path = awkward_copy(landing, tmp_path / "customers.jsonl")
+    one_block, inputs, notes = stage(warehouse, path, tmp_path, 0)
+    assert path.stat().st_size < landing_files.JSON_BLOCK_BYTES  # the file is one block by default
+    monkeypatch.setattr(landing_files, "JSON_BLOCK_BYTES", block_bytes)
+    small_blocks, small_inputs, small_notes = stage(warehouse, path, tmp_path, 0)
+    assert small_blocks == one_block and small_inputs == inputs and small_notes == notes
+
+
 def test_what_is_not_cut(landed_catalog, tmp_path):
     """gzip, a CR-only file, a file smaller than a shard and CSV are read whole; a file that
     cannot be read fails as it does whole."""

@@ -78,8 +78,8 @@ def run_stage(stage: str, day: dt.date, env: dict[str, str], log_name: str | Non
 
 def run_pass(name: str, stages: list[str], day: dt.date, env: dict[str, str]) -> dict:
     """Each stage in its own process (`--stage-by-stage`); the pass costs the sum of the stages."""
-    print(f"\n== {name} ({day}; {load_average()})", flush=True)
     load_before = os.getloadavg()
+    print(f"\n== {name} ({day}; {described_load(load_before)})", flush=True)
     results = []
     started = time.perf_counter()
     for stage in stages:
@@ -98,8 +98,8 @@ def run_pass(name: str, stages: list[str], day: dt.date, env: dict[str, str]) ->
 def run_day(name: str, day: dt.date, env: dict[str, str]) -> dict:
     """The day as one run of the daily job with its own executor; the pass costs the run's wall
     time, and its rows are the run's steps (assets and checks) in the order they ran."""
-    print(f"\n== {name} ({day}, one run; {load_average()})", flush=True)
     load_before = os.getloadavg()
+    print(f"\n== {name} ({day}, one run; {described_load(load_before)})", flush=True)
     run = run_stage("run", day, env, log_name=re.sub(r"\W+", "-", name).strip("-"))
     steps = run.get("steps") or []
     for step in steps:
@@ -219,12 +219,11 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
 
 
-def load_average() -> str:
-    """What the machine was doing as a day starts, kept in the figures with the figure after it.
+def described_load(load: tuple[float, float, float]) -> str:
+    """What the machine was doing as a day starts (kept in the figures with the figure after it).
     Day 1 follows the data generation (one core), which the 1-minute figure still shows; the
     15-minute one says whether anything else ran before the benchmark."""
-    one, five, fifteen = os.getloadavg()
-    return f"load average before {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min)"
+    return "load average before {:.2f} / {:.2f} / {:.2f} (1 / 5 / 15 min)".format(*load)
 
 
 def disk_use(folder: Path) -> int:

@@ -368,7 +368,7 @@ class EaseScorer:
             blocked_items = np.flatnonzero(blocked[: len(self.items)])
             blocked_scores = np.take(scores, blocked_items, axis=1)  # 3.5x faster than scores[:, items]
             _hide_bought(blocked_scores, blocked_items, bought_rows, history.indices)
-        np.copyto(scores, np.float32(-np.inf), where=blocked[None, :])  # 4x faster than scores[:, blocked] =
+        np.copyto(scores, np.float32(-np.inf), where=blocked[None, :])  # 4x faster than a column mask
         scores[bought_rows, history.indices] = -np.inf  # never recommend what was already bought
         row, column, score, rank = top_k_stable(scores, k)
         if with_text:

@@ -47,8 +47,8 @@ from resources.warehouse import fetch_scalar
 
 READ_BLOCK_BYTES = 16 << 20  # bytes read at a time: memory stays flat whatever the file size
 # JSON Lines go to DuckDB's parser as Arrow batches of a block each, and its scan holds several
-# at once beside its buffers: at 2M customers (1.69 GB) 16 MiB blocks peaked raw_customers at
-# 955 MiB, 4 MiB blocks at 872-877 MiB, and parsed the file 2 s faster (28.7 s against 30.5 s).
+# at once beside its buffers: at 2M customers (1.69 GB) raw_customers peaked at 940-960 MiB with
+# 16 MiB blocks, 872-893 MiB with 4 MiB, landing in the same time (29.9-34.8 s, 28.6-33.4 s).
 JSON_BLOCK_BYTES = 4 << 20
 # The second pass for quarantined lines runs beside the staged tables (DuckDB at its limit):
 # 16 MiB blocks took 115 MiB more RSS there, and raw_customers' peak at 2M past 1 GiB.

@@ -294,8 +294,9 @@ def build_batch_suites(source: Source) -> dg.AssetChecksDefinition:
         # A range run (single-run backfill of the asset): one evaluation per day that has a batch.
         days = landed_days(warehouse, asset, context.partition_keys)
         for table in tables:
+            suite = load_suite(table)  # once a table, not once a day
             for day in days:
-                result = raw_suite_check(warehouse, load_suite(table), table, day, asset, config)
+                result = raw_suite_check(warehouse, suite, table, day, asset, config)
                 yield partition_check_evaluation(context.instance, result, asset, suite_check_name(table), day,
                                                  blocking=False)
         yield from asset_check_outputs(context)

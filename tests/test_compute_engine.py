@@ -180,13 +180,14 @@ def rebuild_models_on(tmp_path: Path, before, engine: ComputeEngine) -> dict[str
 
 
 def test_a_landing_file_judged_in_shards_on_ray_workers_lands_what_the_whole_file_lands(tmp_path, ray_cluster):
-    """raw_customers with ingest_shard_mb=1: the shards of a 3.5 MB file are read and judged on
-    the two Ray nodes; the landed partition equals reading the file whole in the step."""
+    """ingest_shard_mb=1: the shards of a 3.5 MB JSON Lines file and a 2 MB CSV file are read and
+    judged on the two Ray nodes; the landed partitions equal reading the files whole in the step."""
     from generator import FaultRates
     from resources.warehouse import DuckDBWarehouse
     from tests.ingestion_support import day, generate_landing, materialize, raw_resources, snapshot
 
-    landing = generate_landing(tmp_path / "landing", customers=4_000, days=1, faults=FaultRates.uniform(0.01))
+    landing = generate_landing(tmp_path / "landing", customers=4_000, days=1, faults=FaultRates.uniform(0.01),
+                               returning_share=1.0, mean_daily_items=12)
     whole = DuckDBWarehouse(path=str(tmp_path / "whole" / "warehouse.duckdb"), memory_limit="512MB")
     on_ray = DuckDBWarehouse(path=str(tmp_path / "ray" / "warehouse.duckdb"), memory_limit="512MB")
     assert materialize(raw_resources(whole, landing), day(0)).success
@@ -197,3 +198,6 @@ def test_a_landing_file_judged_in_shards_on_ray_workers_lands_what_the_whole_fil
     [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey("raw_customers")]
     read_as = event.materialization.metadata["read_as"].value
     assert read_as["shards"] >= 3 and read_as["shards_engine"] == "ray"
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey("raw_transactions")]
+    read_as = event.materialization.metadata["read_as"].value
+    assert read_as["shards"] >= 2 and read_as["shards_engine"] == "ray"  # CSV: the header travels with the job

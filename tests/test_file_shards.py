@@ -1,9 +1,12 @@
-"""A JSON Lines landing file read and judged in shards gives what reading it whole gives: the same
-staged rows, failures, unparseable lines and counts, whatever the shard size; and the same landed
-partition through the asset, in the step's threads (Ray workers: tests/test_compute_engine.py)."""
+"""A JSON Lines or CSV landing file read and judged in shards gives what reading it whole gives: the
+same staged rows, failures, unparseable lines and counts, whatever the shard size (CSV records
+with line feeds in quoted fields across the cuts too); and the same landed partition through the
+asset, in the step's threads (Ray workers: tests/test_compute_engine.py)."""
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import dagster as dg
@@ -19,6 +22,8 @@ from resources.warehouse import DuckDBWarehouse, fetch_all
 from tests.ingestion_support import RAW, day, generate_landing, materialize, raw_resources, snapshot
 
 CUSTOMERS = next(s for s in SOURCES if s.name == "customers")
+TRANSACTIONS = next(s for s in SOURCES if s.name == "transactions")
+PRODUCTS = next(s for s in SOURCES if s.name == "products")
 STAGED_TABLES = ("stg_customers", "stg_customer_purchases", "failures_customers", "failures_customer_purchases",
                  "unparseable", "quarantined_lines")
 
@@ -44,15 +49,19 @@ def awkward_copy(landing: Path, out: Path) -> Path:
     return out
 
 
-def stage(warehouse: DuckDBWarehouse, path: Path, tmp_path: Path, shard_bytes: int) -> tuple[dict, dict, dict]:
-    """Staged tables (sorted rows), inputs and notes of the file read whole (0) or in shards."""
+def stage(warehouse: DuckDBWarehouse | None, path: Path, tmp_path: Path, shard_bytes: int,
+          source=CUSTOMERS) -> tuple[dict, dict, dict]:
+    """Staged tables (in file order), inputs and notes of the file read whole (0) or in shards."""
     engine = ComputeEngine(ingest_shard_mb=1)  # the step's threads: two shards at a time
     sharding = Sharding(engine, shard_bytes, tmp_path / f"work-{shard_bytes}", "256MiB") if shard_bytes else None
+    tables = STAGED_TABLES if source is CUSTOMERS else \
+        tuple(f"{kind}_{t.name}" for t in source.tables for kind in ("stg", "failures")) + ("unparseable",)
     with duckdb.connect() as con:
-        copy_catalogs(con, warehouse, CUSTOMERS, SOURCES, day(0))
-        staged = stage_file(con, CUSTOMERS, day(0), path, sharding, catalog_tables(CUSTOMERS, SOURCES))
-        tables = {t: fetch_all(con, f"SELECT * FROM {t} ORDER BY ALL") for t in STAGED_TABLES}
-    return tables, staged.inputs, staged.notes
+        if warehouse is not None:
+            copy_catalogs(con, warehouse, source, SOURCES, day(0))
+        staged = stage_file(con, source, day(0), path, sharding, catalog_tables(source, SOURCES))
+        rows = {t: fetch_all(con, f"SELECT * FROM {t} ORDER BY ALL") for t in tables}
+    return rows, staged.inputs, staged.notes
 
 
 @pytest.mark.parametrize("shard_bytes", [200, 4_096, 50_000])
@@ -76,6 +85,72 @@ def test_a_file_in_shards_stages_and_judges_exactly_what_the_whole_file_gives(la
     assert {row[1] for row in whole["unparseable"]} >= {"malformed_json", "bad_encoding"}
 
 
+@pytest.fixture(scope="module")
+def csv_landing(tmp_path_factory) -> Path:
+    """Generated CSV files with every fault: 200 products, about 1,300 order lines."""
+    root = tmp_path_factory.mktemp("csv-shards")
+    return generate_landing(root / "landing", customers=2_000, days=1, faults=FaultRates.uniform(0.02), seed=5,
+                            returning_share=0.2)
+
+
+def awkward_csv(landing: Path, source, out: Path, every: int = 5) -> Path:
+    """A generated CSV file (with its faults) with CRLF endings, a record with line feeds, CRs,
+    quotes and delimiters in a quoted field after every `every` lines (so that cuts fall inside
+    records), one record longer than small shards, blank lines, an unterminated quote near the
+    end, and no line ending at the end."""
+    lines = (landing / source.name / f"{day(0)}.csv").read_bytes().splitlines()
+    header, body = lines[0], lines[1:]
+    for index in range(len(body) - 1, 0, -every):
+        fields = next(csv.reader([body[index].decode("utf-8", "surrogateescape")]), [])
+        if len(fields) > 2:
+            fields[2] = 'line one\n\nline "three", with a comma\r\nand a CR\ralone'
+            text = io.StringIO()
+            csv.writer(text, lineterminator="").writerow(fields)
+            body.insert(index, text.getvalue().encode("utf-8", "surrogateescape"))
+        if index // every % 3 == 0:
+            body.insert(index, b"")
+    body.insert(len(body) // 2, b'1,2,"a field longer than a shard:' + b"\n,,,\r\n" * 200 + b'",4,5,6,7,8')
+    body.insert(len(body) - 3, b'a,"never closed,' + b"x" * 50)
+    out.write_bytes(b"\r\n".join([header, b"  ", *body]))
+    return out
+
+
+@pytest.mark.parametrize("source", [TRANSACTIONS, PRODUCTS], ids=lambda s: s.name)
+@pytest.mark.parametrize("shard_bytes", [150, 4_096, 20_000])
+def test_a_csv_file_in_shards_stages_exactly_what_the_whole_file_gives(csv_landing, tmp_path, source, shard_bytes):
+    """Shards staged from their cut are staged again after the record the shard before ran on into."""
+    path = awkward_csv(csv_landing, source, tmp_path / f"{source.name}.csv")
+    ranges = shard_plan(source, path, shard_bytes)
+    assert ranges is not None and ranges[0][0] == 0 and ranges[-1][1] == path.stat().st_size
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert len(ranges) >= min(8, path.stat().st_size // (shard_bytes + 2_000))
+
+    whole, whole_inputs, whole_notes = stage(None, path, tmp_path, 0, source)
+    sharded, inputs, notes = stage(None, path, tmp_path, shard_bytes, source)
+    for table in whole:
+        assert sharded[table] == whole[table], table
+    assert inputs == whole_inputs
+    assert {k: notes[k] for k in whole_notes} == whole_notes and notes["shards"] == len(ranges)
+    assert notes["shards_staged_again"] >= (1 if shard_bytes < 1_000 else 0)  # cuts fell inside records
+    assert whole_notes["line_ending"] == "CRLF" and whole_notes["blank_lines"] > 2
+    multi_line = [row for row in whole[f"stg_{source.name}"] if any("line one\n\nline" in str(v) for v in row)]
+    assert len(multi_line) > 20
+    assert {row[1] for row in whole["unparseable"]} >= {"wrong_column_count"}
+
+
+def test_a_real_online_retail_day_in_shards(tmp_path):
+    """A real day of Online Retail (quoted descriptions with commas) in 8 KB shards."""
+    from tests.conftest import ONLINE_RETAIL_DIR
+
+    path = ONLINE_RETAIL_DIR / "2010-12-06.csv"
+    if not path.exists():
+        pytest.skip("the Online Retail copy in ../shared is not here")
+    whole, whole_inputs, whole_notes = stage(None, path, tmp_path, 0, TRANSACTIONS)
+    sharded, inputs, notes = stage(None, path, tmp_path, 8_192, TRANSACTIONS)
+    assert sharded == whole and inputs == whole_inputs and notes["shards"] > 30
+    assert {k: notes[k] for k in whole_notes} == whole_notes
+
+
 @pytest.mark.parametrize("block_bytes", [97, 4_096])
 def test_a_file_read_whole_stages_the_same_whatever_its_read_blocks(landed_catalog, tmp_path, monkeypatch,
                                                                       block_bytes):
@@ -94,8 +169,8 @@ def test_a_file_read_whole_stages_the_same_whatever_its_read_blocks(landed_catal
 
 
 def test_what_is_not_cut(landed_catalog, tmp_path):
-    """gzip, a CR-only file, a file smaller than a shard and CSV are read whole; a file that
-    cannot be read fails as it does whole."""
+    """gzip, a CR-only file and a file smaller than a shard are read whole; a file that cannot be
+    read fails as it does whole."""
     import gzip
 
     from resources.landing import LandingFileError
@@ -107,18 +182,18 @@ def test_what_is_not_cut(landed_catalog, tmp_path):
     assert shard_plan(CUSTOMERS, tmp_path / "c.jsonl.gz", 1_000) is None
     assert shard_plan(CUSTOMERS, tmp_path / "cr.jsonl", 1_000) is None
     assert shard_plan(CUSTOMERS, landing / "customers" / f"{day(0)}.jsonl", 10 * len(text)) is None
-    products = next(s for s in SOURCES if s.name == "products")
-    assert shard_plan(products, landing / "products" / f"{day(0)}.csv", 100) is None
     (tmp_path / "utf16.jsonl").write_bytes(b"\xff\xfe" + text.decode().encode("utf-16-le"))
     with pytest.raises(LandingFileError, match="UTF-16"):
         shard_plan(CUSTOMERS, tmp_path / "utf16.jsonl", 1_000)
 
 
 def test_the_asset_lands_the_same_partition_from_shards_and_says_so(tmp_path):
-    """raw_customers with ingest_shard_mb=1 on a 3.5 MB file: the landed rows, quarantine and
-    counts equal the whole-file landing; the metadata names the shards; the shards' files are gone."""
-    landing = generate_landing(tmp_path / "landing", customers=4_000, days=1, faults=FaultRates.uniform(0.01))
+    """ingest_shard_mb=1 on a 3.5 MB JSON Lines and a 2 MB CSV file: the landed rows, quarantine
+    and counts equal the whole-file landing; the metadata names the shards; their files are gone."""
+    landing = generate_landing(tmp_path / "landing", customers=4_000, days=1, faults=FaultRates.uniform(0.01),
+                               returning_share=1.0, mean_daily_items=12)
     assert (landing / "customers" / f"{day(0)}.jsonl").stat().st_size > 3 << 20
+    assert (landing / "transactions" / f"{day(0)}.csv").stat().st_size > 3 << 19
     whole = DuckDBWarehouse(path=str(tmp_path / "whole" / "warehouse.duckdb"), memory_limit="512MB")
     sharded = DuckDBWarehouse(path=str(tmp_path / "sharded" / "warehouse.duckdb"), memory_limit="512MB")
     assert materialize(raw_resources(whole, landing), day(0)).success
@@ -129,6 +204,8 @@ def test_the_asset_lands_the_same_partition_from_shards_and_says_so(tmp_path):
     [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey("raw_customers")]
     read_as = event.materialization.metadata["read_as"].value
     assert read_as["shards"] >= 3 and read_as["shards_engine"] == "threads"
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey("raw_transactions")]
+    assert event.materialization.metadata["read_as"].value["shards"] >= 2
     assert not list((tmp_path / "sharded").glob(".shards-*"))
 
 

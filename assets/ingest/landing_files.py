@@ -56,6 +56,7 @@ RESCAN_BLOCK_BYTES = 1 << 20
 MAX_LINE_BYTES = 8 << 20  # a longer line is quarantined as `line_too_long` (its first bytes kept)
 KEPT_TEXT_CHARS = 4096  # how much of an over-long line's text the quarantine keeps
 DECODE_PIECE_BYTES = 1 << 20  # lines decoded at a time to find undecodable ones
+SEEK_BYTES = 1 << 20  # read at a time while counting or looking for line feeds
 CR_STAND_IN = "\uffff"  # a Unicode noncharacter: carries a CR inside a CSV field through the csv module
 csv.field_size_limit(MAX_LINE_BYTES)
 
@@ -98,18 +99,20 @@ class Staged:
 # ---------------------------------------------------------------------------------------------
 
 @contextmanager
-def open_text_bytes(source: str, path: Path, byte_range: tuple[int, int] | None = None
+def open_text_bytes(source: str, path: Path, byte_range: tuple[int, ...] | None = None
                     ) -> Iterator[tuple[BinaryIO, dict[str, Any]]]:
     """The file's bytes as UTF-8 text bytes (gunzipped, BOM removed), with notes on what was done.
 
     LandingFileError (path and cause in one line) when the name and the bytes disagree about gzip,
     or the bytes are another encoding or format. `byte_range` (start, end): only those bytes of a
-    plain file (a shard, assets/ingest/file_shards.py); the checks of the file's start run in the
-    shard that starts at 0."""
+    plain file (a shard, assets/ingest/file_shards.py), or (start, end, read_on): then the bytes
+    after `end` in pieces of `read_on` (ByteRangeReader); the checks of the file's start run in
+    the shard that starts at 0."""
+    read_on = byte_range[2] if byte_range is not None and len(byte_range) > 2 else 0
     if byte_range is not None and byte_range[0] > 0:
         with open(path, "rb", buffering=READ_BLOCK_BYTES) as raw:
             raw.seek(byte_range[0])
-            yield ByteRangeReader(raw, byte_range[1]), {"compression": None, "bom": False}
+            yield ByteRangeReader(raw, byte_range[1], read_on), {"compression": None, "bom": False}
         return
     with open(path, "rb", buffering=READ_BLOCK_BYTES) as raw:
         named_gzip = path.name.lower().endswith(".gz")
@@ -133,21 +136,50 @@ def open_text_bytes(source: str, path: Path, byte_range: tuple[int, int] | None 
         if bom:
             stream.read(len(UTF8_BOM))
         if byte_range is not None:
-            stream = ByteRangeReader(stream, byte_range[1])
+            stream = ByteRangeReader(stream, byte_range[1], read_on)
         yield stream, {"compression": "gzip" if is_gzip else None, "bom": bom}
 
 
 class ByteRangeReader:
-    """A file's bytes up to an offset (the end of a shard): read() stops there."""
+    """A file's bytes up to an offset (the end of a shard): read() stops there. With `read_on`,
+    the bytes after it follow in pieces of that many (a CSV shard reads on to the end of its last
+    record, which is rarely far: small pieces keep it from reading a whole block of the next)."""
 
-    def __init__(self, stream: BinaryIO, end: int):
-        self.stream, self.end = stream, end
+    def __init__(self, stream: BinaryIO, end: int, read_on: int = 0):
+        self.stream, self.end, self.read_on = stream, end, read_on
 
     def read(self, size: int = -1) -> bytes:
         left = self.end - self.stream.tell()
         if left <= 0:
-            return b""
+            return self.stream.read(self.read_on) if self.read_on else b""
         return self.stream.read(left if size < 0 else min(size, left))
+
+    def peek(self, size: int) -> bytes:  # the file's head, for the delimiter of the shard at 0
+        return self.stream.peek(size)
+
+
+def count_lines(path: Path, start: int, end: int) -> int:
+    """Physical lines in bytes [start, end) of a plain file cut after LFs: its LFs, and a last line
+    without one at the file's end."""
+    lines, last = 0, b""
+    with open(path, "rb") as raw:
+        raw.seek(start)
+        while start < end and (piece := raw.read(min(SEEK_BYTES, end - start))):
+            lines, last, start = lines + piece.count(b"\n"), piece[-1:], start + len(piece)
+    return lines + (last not in (b"", b"\n"))
+
+
+def offset_after_lines(path: Path, start: int, lines: int) -> int:
+    """The offset just after the `lines`-th LF from `start` (the file's size if it has fewer)."""
+    with open(path, "rb") as raw:
+        raw.seek(start)
+        while lines > 0 and (piece := raw.read(SEEK_BYTES)):
+            found = -1
+            for _ in range(min(lines, piece.count(b"\n"))):
+                found = piece.index(b"\n", found + 1)
+                lines -= 1
+            start += found + 1 if lines == 0 else len(piece)
+        return start if lines == 0 else path.stat().st_size
 
 
 def _peek(source: str, path: Path, stream: BinaryIO) -> bytes:
@@ -347,10 +379,17 @@ class CsvRecords:
     line a record split at the delimiter alone. Blank lines are counted, not returned.
 
     A block is judged on its own only where a record ended with the block before it (a quoted
-    field may run on into the next block: the csv module then reads on)."""
+    field may run on into the next block: the csv module then reads on).
 
-    def __init__(self, reader: LineReader, delimiter: str, simple_blocks: bool = True):
+    `stop_line` (a shard of the file): only the records that start on a line up to it, the last
+    of them read to its end wherever that is; `last_line` is the last line they took."""
+
+    def __init__(self, reader: LineReader, delimiter: str, simple_blocks: bool = True,
+                 stop_line: int | None = None):
         self.reader, self.delimiter, self.simple_blocks = reader, delimiter, simple_blocks
+        self.stop_line = stop_line
+        self.last_line = reader.lines_read
+        self.header_end: int | None = None  # the line the header's record ends on
         self.blank_lines = 0
         self.undecodable: list[tuple[int, str]] = []  # lines of simple blocks that are not UTF-8
         self._consumed: list[tuple[int, str, bool]] = []
@@ -361,16 +400,30 @@ class CsvRecords:
         refuses it or None)."""
         self._blocks = self.reader.blocks()
         for block in self._blocks:
+            if self._stopped(block.first_line):
+                return
             simple = simple_lines(block, self.reader.terminator, self.undecodable) if self.simple_blocks else None
             if simple is not None:
-                yield simple
+                yield self._up_to_stop(simple, block)
             else:
                 yield from self._records(block)
+
+    def _stopped(self, next_line: int) -> bool:
+        """Whether the record starting on `next_line` belongs to the next shard."""
+        return self.stop_line is not None and next_line > self.stop_line
+
+    def _up_to_stop(self, simple: pa.Table, block: LineBlock) -> pa.Table:
+        self.last_line = block.first_line + len(block.ends) - 1
+        if self._stopped(self.last_line):
+            self.last_line = self.stop_line
+            simple = simple.filter(pc.less_equal(simple["line_no"], self.stop_line))
+            self.undecodable = [(n, text) for n, text in self.undecodable if n <= self.stop_line]
+        return simple
 
     def _records(self, block: LineBlock) -> Iterator[tuple[int, list[str] | None, str, str | None]]:
         """The csv module's records from this block on, up to one that ends with a block."""
         parser = csv.reader(self._lines(block), delimiter=self.delimiter, strict=False)
-        while True:
+        while not self._stopped(self.last_line + 1):
             try:
                 fields, problem = next(parser), None
             except StopIteration:
@@ -378,6 +431,9 @@ class CsvRecords:
             except csv.Error:  # e.g. a field over the size limit; the parser goes on with the next line
                 fields, problem = None, "unparseable_line"
             lines, self._consumed = self._consumed, []
+            if self._stopped(lines[0][0]):  # after an over-long line, which the reader left out
+                return
+            self.last_line = lines[-1][0]
             if fields is not None and (not fields or (len(fields) == 1 and not fields[0].strip())):
                 self.blank_lines += len(lines)
                 continue
@@ -533,9 +589,10 @@ class CsvColumns:
         return pa.concat_tables([part.select(self.names).cast(self.schema) for part in self.parts])
 
 
-def _parse_csv(source: Source, path: Path, records: CsvRecords) -> tuple[pa.Table, list[tuple], CsvHeader]:
-    """Columns of the well-formed records, and the refused ones as (line, rule, raw text)."""
-    header = None
+def _parse_csv(source: Source, path: Path, records: CsvRecords, header: CsvHeader | None = None,
+               header_only: bool = False) -> tuple[pa.Table | None, list[tuple], CsvHeader]:
+    """Columns of the well-formed records, and the refused ones as (line, rule, raw text).
+    `header`: the file's, for a shard that does not start the file; `header_only`: stop there."""
     columns = CsvColumns(source, records.delimiter)
     problems: list[tuple[int, str, str]] = []
     for item in records:
@@ -544,6 +601,8 @@ def _parse_csv(source: Source, path: Path, records: CsvRecords) -> tuple[pa.Tabl
                 header, item = _header_of_simple(source, path, item, records)
                 if header is None:
                     continue
+                if header_only:
+                    return None, problems, header
             records.blank_lines += columns.add_simple(item, header, problems)
             continue
         line_no, fields, raw, problem = item
@@ -551,6 +610,9 @@ def _parse_csv(source: Source, path: Path, records: CsvRecords) -> tuple[pa.Tabl
             if fields is None:
                 raise LandingFileError(source.name, path, f"unreadable header on line {line_no} ({problem})")
             header = match_header(source, path, fields, records.delimiter)
+            records.header_end = records.last_line
+            if header_only:
+                return None, problems, header
             continue
         if problem is None and len(fields) != header.width:
             problem = "wrong_column_count"
@@ -578,26 +640,62 @@ def _header_of_simple(source: Source, path: Path, lines: pa.Table, records: CsvR
     if header_line is None:
         return None, lines.slice(len(blank))
     header = match_header(source, path, text[first].as_py().split(records.delimiter), records.delimiter)
+    records.header_end = header_line
     return header, lines.slice(first + 1)
 
 
-def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, source: Source) -> Staged:
-    """A CSV file -> stg_<table> (text columns by header name) and unparseable records."""
+@dataclass(frozen=True)
+class CsvShard:
+    """One shard of a plain CSV file cut after LFs (assets/ingest/file_shards.py): the records that
+    start on the lines of bytes [start, end), numbered from 1 at `start`, after the first `skip`
+    of them (the end of a record that started in the shard before); the last is read to its end
+    past `end`. `header`: the file's, for a shard after the one at 0 (which reads it)."""
+
+    start: int
+    end: int
+    skip: int = 0
+    header: CsvHeader | None = None
+
+
+def read_csv_header(source: Source, path: Path) -> tuple[CsvHeader, int]:
+    """A CSV file's header and the line its record ends on, read (and refused) as the whole file's
+    read does."""
+    with open_text_bytes(source.name, path) as (stream, _):
+        records = CsvRecords(LineReader(source.name, path, stream), sniff_delimiter(stream.peek(READ_BLOCK_BYTES), source))
+        _, _, header = _parse_csv(source, path, records, header_only=True)
+    return header, records.header_end
+
+
+def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, source: Source, shard: CsvShard | None = None) -> Staged:
+    """A CSV file (or one shard of it) -> stg_<table> (text columns by header name) and unparseable
+    records. A shard's notes say which lines it took: `range_lines` in its byte range, `end_line`
+    where its last record ended (past the range when a quoted field runs on)."""
     table = source.tables[0]
     _create_work_tables(con)
-    with open_text_bytes(source.name, path) as (stream, notes):
-        reader = LineReader(source.name, path, stream)
-        records = CsvRecords(reader, sniff_delimiter(stream.peek(READ_BLOCK_BYTES), source))
-        columns, problems, header = _parse_csv(source, path, records)
+    stop_line = byte_range = None
+    if shard is not None:
+        stop_line = count_lines(path, shard.start, shard.end)
+        byte_range = (offset_after_lines(path, shard.start, shard.skip), shard.end, SEEK_BYTES)
+    with open_text_bytes(source.name, path, byte_range) as (stream, notes):
+        reader = LineReader(source.name, path, stream, detect_line_ending=shard is None)
+        reader.lines_read = shard.skip if shard else 0
+        header = shard.header if shard else None
+        delimiter = header.delimiter if header else sniff_delimiter(stream.peek(READ_BLOCK_BYTES), source)
+        records = CsvRecords(reader, delimiter, stop_line=stop_line)
+        columns, problems, header = _parse_csv(source, path, records, header)
+    too_long = [(n, text) for n, text in reader.too_long if n <= records.last_line]
     notes.update(reader.notes, blank_lines=records.blank_lines, delimiter=header.delimiter,
                  ignored_columns=header.ignored or None)
+    if shard is not None:
+        end_line = max(records.last_line, stop_line)
+        notes.update(range_lines=stop_line, end_line=end_line, physical_lines=end_line - shard.skip)
     _add_unparseable(con, [(line_no, rule, None, raw) for line_no, rule, raw in problems]
-                     + [(line_no, "line_too_long", None, text) for line_no, text in reader.too_long])
+                     + [(line_no, "line_too_long", None, text) for line_no, text in too_long])
     count = columns.num_rows
     staged = columns.add_column(0, "row_id", pa.array(np.arange(1, count + 1, dtype=np.int64)))
     replaced = [f'{normalized(table, c, c)} AS "{c}"' for c in table.normalized]
     create_from_arrow(con, f"stg_{table.name}", staged, f"* REPLACE ({', '.join(replaced)})" if replaced else "*")
-    return Staged({table.name: count + len(problems) + len(reader.too_long)}, notes)
+    return Staged({table.name: count + len(problems) + len(too_long)}, notes)
 
 
 def create_from_arrow(con: duckdb.DuckDBPyConnection, name: str, data: pa.Table | pa.RecordBatchReader,
@@ -738,8 +836,8 @@ READERS = {"csv": Reader(stage_csv), "customer_jsonl": Reader(stage_customers, s
 
 
 def stage_and_judge(con: duckdb.DuckDBPyConnection, source: Source, day: str, path: Path,
-                    byte_range: tuple[int, int] | None = None, across_rows: bool | None = None) -> Staged:
-    """A file (or one shard of it: `byte_range`) staged and judged table by table: its records,
+                    byte_range: tuple[int, int] | CsvShard | None = None, across_rows: bool | None = None) -> Staged:
+    """A file (or one shard of it: `byte_range`, a CsvShard for CSV) staged and judged table by table: its records,
     then the parts of the records that passed (a customer's purchase items). `across_rows`: which
     rules (assets/validate/rules.py `quarantine`; a shard applies the one-record rules)."""
     reader = READERS[source.reader]

@@ -196,7 +196,7 @@ def stage_file(con: duckdb.DuckDBPyConnection, source: Source, day: str, path: P
                sharding: Sharding | None = None, catalogs: list[str] | None = None) -> Staged:
     """Read and judge one file into the connection's temp tables (stg_*, failures_*, unparseable).
     Writes nothing to any database table: a step runs it with the warehouse detached. With
-    `sharding`, a large JSON Lines file is read and judged in shards on the engine (file_shards.py)."""
+    `sharding`, a large file is read and judged in shards on the engine (file_shards.py)."""
     ranges = shard_plan(source, path, sharding.shard_bytes) if sharding else None
     if ranges:
         staged = stage_in_shards(con, source, path, day, ranges, sharding, catalogs or [])
@@ -358,7 +358,7 @@ def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
 def file_sharding(engine: ComputeEngine, warehouse: DuckDBWarehouse, source: Source) -> Iterator[Sharding | None]:
     """How this step cuts large files (None: it reads them whole): shards of ingest_shard_mb on the
     engine, their Parquet in a folder beside the warehouse, removed at the end."""
-    if engine.ingest_shard_mb <= 0 or source.reader != "customer_jsonl":
+    if engine.ingest_shard_mb <= 0:
         yield None
         return
     limit = parse_size(warehouse.connection_memory_limit())

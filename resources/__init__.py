@@ -65,8 +65,8 @@ def lakehouse() -> Lakehouse:
 def compute_engine() -> ComputeEngine:
     """COMPUTE_ENGINE=threads (default: in the step's process) or ray; RAY_ADDRESS (unset: a
     private local Ray for the step), RAY_WORKERS (2), SQL_SHARDS (keyed SQL models' full builds in
-    hash shards; RAY_SQL_SHARDS, its older name, is read too), INGEST_SHARD_MB (a JSON Lines landing
-    file larger than this is read and judged in shards of about this size; 0: whole)."""
+    hash shards; RAY_SQL_SHARDS, its older name, is read too), INGEST_SHARD_MB (a plain JSON Lines
+    or CSV landing file larger than this is read and judged in shards of about this size; 0: whole)."""
     shards = os.getenv("SQL_SHARDS") or os.getenv("RAY_SQL_SHARDS") or "0"
     return ComputeEngine(kind=os.getenv("COMPUTE_ENGINE", "threads"), address=os.getenv("RAY_ADDRESS") or None,
                          workers=int(os.getenv("RAY_WORKERS", "2")), sql_shards=int(shards),

@@ -40,7 +40,7 @@ class ComputeEngine(dg.ConfigurableResource):
         "worker. threads: 0 = one query in the warehouse; N = N shards one after another in the step, "
         "each in its own DuckDB (for a model whose one query does not fit in memory_limit)."))
     ingest_shard_mb: int = Field(default=0, ge=0, description=(
-        "A plain JSON Lines landing file larger than this many MiB is read and judged in shards of about "
+        "A plain JSON Lines or CSV landing file larger than this many MiB is read and judged in shards of about "
         "this size, each on a worker (threads: two at a time in the step); 0: every file is read whole."))
 
     @property

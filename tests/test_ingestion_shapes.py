@@ -536,3 +536,41 @@ def test_the_second_pass_for_quarantined_lines_finds_them_whatever_its_blocks(tm
     assert line_texts(CUSTOMERS, path, wanted, block_bytes=None) == expected  # the first pass's 16 MiB
     for block_bytes in (7, 64, 333, landing_files.RESCAN_BLOCK_BYTES):
         assert line_texts(CUSTOMERS, path, wanted, block_bytes=block_bytes) == expected, block_bytes
+
+
+@pytest.mark.parametrize("block_bytes", [97, 1_500, None])  # None: the default READ_BLOCK_BYTES
+def test_an_over_long_line_is_refused_wherever_it_falls(tmp_path, monkeypatch, block_bytes):
+    """A line over MAX_LINE_BYTES is quarantined as line_too_long whether it lies inside a read
+    block or across a block's end (before, only across an end: a 9 MiB line inside a 16 MiB block
+    was parsed), in JSON Lines and CSV; the lines around it keep their numbers."""
+    import duckdb
+
+    import assets.ingest.landing_files as landing_files
+    from assets.ingest.landing_files import stage_csv, stage_customers
+
+    monkeypatch.setattr(landing_files, "MAX_LINE_BYTES", 300)
+    if block_bytes is not None:
+        monkeypatch.setattr(landing_files, "READ_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(landing_files, "JSON_BLOCK_BYTES", block_bytes)
+    lines = [line_of(customer(i)) for i in range(1, 31)]
+    lines[0] = line_of(customer(1, email="a" * 290 + "@x.example"))  # over 300 bytes: first in its block
+    lines[9] = line_of(customer(10, email="b" * 400 + "@x.example"))
+    lines[10] = line_of(customer(11, email="c" * 400 + "@x.example"))  # two in a row
+    path = write(tmp_path, "customers", "\n".join(lines).encode() + b"\n")
+    with duckdb.connect() as con:
+        staged = stage_customers(con, path, CUSTOMERS)
+        refused = con.execute("SELECT line_no, rule FROM unparseable ORDER BY line_no").fetchall()
+        kept = [n for (n,) in con.execute("SELECT line_no FROM stg_customers ORDER BY line_no").fetchall()]
+    assert refused == [(1, "line_too_long"), (10, "line_too_long"), (11, "line_too_long")]
+    assert kept == [n for n in range(2, 31) if n not in (10, 11)] and staged.inputs["customers"] == 30
+
+    header = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country"
+    rows = [header] + [order_line(str(536400 + i)) for i in range(30)]
+    rows[12] = order_line("536411", description="M" * 400)
+    csv_path = tmp_path / "orders.csv"
+    csv_path.write_bytes("\n".join(rows).encode() + b"\n")
+    with duckdb.connect() as con:
+        stage_csv(con, csv_path, TRANSACTIONS)
+        refused = con.execute("SELECT line_no, rule FROM unparseable").fetchall()
+        kept = con.execute("SELECT count(*), max(line_no) FROM stg_transactions").fetchone()
+    assert refused == [(13, "line_too_long")] and kept == (29, 31)

@@ -245,13 +245,33 @@ class LineReader:
                 self.lines_read += 1
                 data, ends, skipping = data[ends[0]:], ends[1:] - ends[0], False
             if len(ends):
-                yield self._block(data[:ends[-1]], ends)
+                yield from self._blocks_without_long_lines(data[:ends[-1]], ends)
                 carry = data[ends[-1]:]
             else:
                 carry = b"" if skipping else data
             if not skipping and len(carry) > MAX_LINE_BYTES:
                 self.too_long.append((self.lines_read + 1, carry[:KEPT_TEXT_CHARS].decode("utf-8", "replace")))
                 carry, skipping = b"", True
+
+    def _blocks_without_long_lines(self, data: bytes, ends: np.ndarray) -> Iterator[LineBlock]:
+        """The block, or its pieces around the lines longer than MAX_LINE_BYTES (noted in
+        `too_long`, left out): such a line is refused wherever it falls, not only where it crosses
+        a read's end (the carry above), so a file's shards and blocks never change the verdict."""
+        too_long = np.flatnonzero(np.diff(ends, prepend=0) - 1 > MAX_LINE_BYTES).tolist()  # without the LF
+        first = 0  # the first line of the next piece
+        for index in too_long:
+            if index > first:
+                yield self._piece(data, ends, first, index)
+            begin = int(ends[index - 1]) if index else 0
+            self.too_long.append((self.lines_read + 1, data[begin:begin + KEPT_TEXT_CHARS].decode("utf-8", "replace")))
+            self.lines_read, first = self.lines_read + 1, index + 1
+        if first < len(ends):
+            yield self._piece(data, ends, first, len(ends)) if first else self._block(data, ends)
+
+    def _piece(self, data: bytes, ends: np.ndarray, first: int, stop: int) -> LineBlock:
+        """Lines first..stop-1 of a block as a block of their own."""
+        offset = int(ends[first - 1]) if first else 0
+        return self._block(data[offset:int(ends[stop - 1])], ends[first:stop] - offset)
 
     def _read(self) -> bytes:
         try:

@@ -11,6 +11,7 @@ from assets.infer.dead_letter_replay import replay_dead_letters
 from assets.ingest.retention import purge_quarantined_raw_text, purge_schedule
 from assets.common.sources import SOURCES, Source
 from assets.ingest import build_ingestion_assets
+from assets.ingest.lakehouse_landing import LAKEHOUSE_GROUP, build_lakehouse_ingestion_assets, lakehouse_ingestion
 from assets.ingest.triggers import build_daily_schedule, build_landing_sensor
 from assets.transform import build_sql_assets
 from assets.transform.sql_models import SQL_DIR
@@ -39,9 +40,10 @@ STEP_PROCESSES = dg.multiprocess_executor.configured(STEP_EXECUTOR_CONFIG, name=
 def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL_DIR) -> dg.Definitions:
     """Everything derives from the source registry and the sql/ folder."""
     # Every stage for one day, from landing files to validated recommendations and their checks.
+    lake = lakehouse_configured()
     daily_pipeline = dg.define_asset_job(
         "daily_pipeline",
-        selection=dg.AssetSelection.all(),
+        selection=dg.AssetSelection.all() - dg.AssetSelection.groups(LAKEHOUSE_GROUP),
         partitions_def=daily_partitions,
         description="One daily batch end to end: ingestion, validation, SQL models, AI stages, output rules, checks.",
         tags={"pipeline": "daily"},  # the instance runs one such run at a time (dagster.yaml)
@@ -51,10 +53,13 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
             assets=with_catalog([*build_ingestion_assets(sources), *build_sql_assets(sql_dir, sources), *infer.ASSETS,
                                  *outputs.ASSETS, *evaluate.ASSETS, monitor.INCIDENTS,
                                  # the day's outputs to shared Iceberg tables, when a lakehouse is configured
-                                 *([published_recommendations] if lakehouse_configured() else [])], sources),
+                                 *([published_recommendations] if lake else []),
+                                 # the raw layer on the lakehouse, a job of its own (not in the daily run)
+                                 *(build_lakehouse_ingestion_assets(sources) if lake else [])], sources),
             asset_checks=[*build_suite_checks(sources), *outputs.CHECKS],
             resources=build_resources(tuple(source.name for source in sources)),
-            jobs=[daily_pipeline, replay_dead_letters, purge_quarantined_raw_text],
+            jobs=[daily_pipeline, replay_dead_letters, purge_quarantined_raw_text,
+                  *([lakehouse_ingestion] if lake else [])],
             schedules=[build_daily_schedule(daily_pipeline), purge_schedule],
             sensors=[build_landing_sensor(daily_pipeline, sources)],
             executor=STEP_PROCESSES,

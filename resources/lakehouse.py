@@ -3,6 +3,11 @@
     lakehouse.write_day("outputs.recommendations", day, arrow_table, fingerprint)  -> Written
     lakehouse.day_fingerprint("outputs.recommendations", day)                       -> str | None
     lakehouse.read_day("outputs.recommendations", day)                              -> pa.Table
+    lakehouse.read_through("raw.products", day)                                     -> pa.Table
+
+A table that several writers share per day (ops.schema_errors: one source each) is written per
+(day, keys): `write_day(..., keys={"source": "customers"})` replaces only the day's rows with those
+values, and its marker is the property `fingerprint.<day>.source=customers`.
 
 Catalog: `catalog_uri` (SQLAlchemy URL) makes a pyiceberg SQL catalog, PostgreSQL in tests and
 in a small production; a REST catalog (`rest_uri`) is what a managed lakehouse offers (Polaris,
@@ -92,14 +97,15 @@ class Lakehouse(dg.ConfigurableResource):
         raise AssertionError("unreachable")
 
     def write_day(self, table: str, day: str | dt.date, data: pa.Table | Callable[[], Iterable[pa.Table]],
-                  fingerprint: str, schema: pa.Schema | None = None) -> Written:
+                  fingerprint: str, schema: pa.Schema | None = None, keys: dict[str, str] | None = None) -> Written:
         """Replace `day` of `table` with `data` in one commit, unless `fingerprint` is stored.
 
         `data` is a table, or a callable giving the rows as a stream of tables (then `schema` is
-        needed): each becomes its own data files, all committed at once, so memory holds one."""
+        needed): each becomes its own data files, all committed at once, so memory holds one.
+        `keys`: replace only the day's rows with these column values (the data holds only those)."""
         from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownException, ServiceUnavailableError
 
-        day = str(day)
+        day, marker = str(day), _marker(day, keys)
         if isinstance(data, pa.Table):
             chunks, schema = (lambda: [data]), schema or data.schema
         elif schema is None:
@@ -111,12 +117,12 @@ class Lakehouse(dg.ConfigurableResource):
         iceberg = _table_for(catalog, table, schema)
         unconfirmed = None  # rows of a commit whose answer was lost (it may have landed)
         for attempt in range(1, self.commit_attempts + 1):
-            if iceberg.properties.get(FINGERPRINT_PROPERTY + day) == fingerprint:
+            if iceberg.properties.get(marker) == fingerprint:
                 # the marker is stored: by an earlier write (a skip), or by our unconfirmed commit
                 return Written(table, day, unconfirmed or 0, unconfirmed is None, attempt - 1)
             counted = [0]
             try:
-                _replace_day(iceberg, day, chunks(), schema, fingerprint, counted)
+                _replace_day(iceberg, day, chunks(), schema, fingerprint, counted, keys)
                 return Written(table, day, counted[0], False, attempt)
             except (CommitFailedException, CommitStateUnknownException, ServiceUnavailableError) as exc:
                 # lost the race, or a REST catalog's commit whose outcome is unknown (5xx): reload
@@ -130,31 +136,48 @@ class Lakehouse(dg.ConfigurableResource):
                 iceberg = catalog.load_table(table)
         raise AssertionError("unreachable")
 
-    def day_fingerprint(self, table: str, day: str | dt.date) -> str | None:
+    def day_fingerprint(self, table: str, day: str | dt.date, keys: dict[str, str] | None = None) -> str | None:
         catalog = self.catalog()
         if not catalog.table_exists(table):
             return None
-        return catalog.load_table(table).properties.get(FINGERPRINT_PROPERTY + str(day))
+        return catalog.load_table(table).properties.get(_marker(day, keys))
 
     def read_day(self, table: str, day: str | dt.date) -> pa.Table:
         from pyiceberg.expressions import EqualTo
 
         return self.catalog().load_table(table).scan(row_filter=EqualTo(PARTITION_COLUMN, str(day))).to_arrow()
 
+    def read_through(self, table: str, day: str | dt.date) -> pa.Table | None:
+        """Every row of the days up to `day` (None: no such table yet)."""
+        from pyiceberg.expressions import LessThanOrEqual
+
+        catalog = self.catalog()
+        if not catalog.table_exists(table):
+            return None
+        return catalog.load_table(table).scan(row_filter=LessThanOrEqual(PARTITION_COLUMN, str(day))).to_arrow()
+
+
+def _marker(day: str | dt.date, keys: dict[str, str] | None) -> str:
+    """The table property that holds the fingerprint of a day's (or a day and keys') last write."""
+    return FINGERPRINT_PROPERTY + str(day) + "".join(f".{column}={value}" for column, value in sorted((keys or {}).items()))
+
 
 def _replace_day(iceberg, day: str, chunks: Iterable[pa.Table], schema: pa.Schema, fingerprint: str,
-                 counted: list[int]) -> None:
-    """One transaction: the day's rows deleted, every chunk added, the marker set; one commit.
-    `counted[0]`: the rows added (known even when the commit then fails)."""
-    from pyiceberg.expressions import EqualTo
+                 counted: list[int], keys: dict[str, str] | None = None) -> None:
+    """One transaction: the day's rows (with `keys`' values) deleted, every chunk added, the marker
+    set; one commit. `counted[0]`: the rows added (known even when the commit then fails)."""
+    from pyiceberg.expressions import And, EqualTo
 
+    rows = EqualTo(PARTITION_COLUMN, day)
+    for column, value in sorted((keys or {}).items()):
+        rows = And(rows, EqualTo(column, value))
     with iceberg.transaction() as tx:
-        tx.delete(EqualTo(PARTITION_COLUMN, day))
+        tx.delete(rows)
         for chunk in chunks:
             if chunk.num_rows:
                 tx.append(_with_day(chunk, day).cast(schema))
                 counted[0] += chunk.num_rows
-        tx.set_properties({FINGERPRINT_PROPERTY + day: fingerprint})
+        tx.set_properties({_marker(day, keys): fingerprint})
 
 
 def _day_schema(schema: pa.Schema) -> pa.Schema:

@@ -260,8 +260,7 @@ def catalog_digests(context: dg.AssetExecutionContext, warehouse: DuckDBWarehous
     landed = landed_batches(warehouse, catalog.name, last)
     missing = sorted(expected - set(landed))
     if not missing:
-        return {day: hashlib.sha256(json.dumps(sorted((d, f) for d, f in landed.items() if d <= day)).encode())
-                .hexdigest()[:16] for day in days}
+        return {day: catalog_digest(landed, day) for day in days}
     interval = min(CATALOG_RETRY_SECONDS, max(timeout_seconds / 4, 0.05))
     shown = f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
     if context.retry_number * interval >= timeout_seconds:
@@ -272,6 +271,12 @@ def catalog_digests(context: dg.AssetExecutionContext, warehouse: DuckDBWarehous
     context.log.info(f"{catalog.name} of {len(missing)} earlier day(s) has not landed yet: {shown}; "
                      f"retrying in {interval:.1f}s (the pool slot is free meanwhile)")
     raise dg.RetryRequested(max_retries=int(timeout_seconds / interval) + 2, seconds_to_wait=interval)
+
+
+def catalog_digest(landed: dict[str, str], day: str) -> str:
+    """A digest of a catalog's batches ({day: fingerprint}) up to a day: part of the fingerprint
+    of a batch judged against it."""
+    return hashlib.sha256(json.dumps(sorted((d, f) for d, f in landed.items() if d <= day)).encode()).hexdigest()[:16]
 
 
 def landed_batches(warehouse: DuckDBWarehouse, source: str, until: str) -> dict[str, str]:

@@ -1,0 +1,199 @@
+"""Landing files -> the raw layer on the lakehouse (Iceberg tables): no DuckDB warehouse, no lock.
+
+    batch = land_on_lakehouse(lakehouse, source, day, path)     # -> LakehouseBatch
+    build_lakehouse_ingestion_assets()                           # lake_raw_<source>, daily partitions
+
+The file is staged, judged and written exactly as the warehouse path does it (`land_file`), but
+into a private in-memory DuckDB; then each table's share of the day goes to its Iceberg table as
+one partition overwrite: the source's raw tables (the day), `ops.schema_errors` (the day's rows of
+this source), and last `ops.batch_fingerprints` (the batch's row), whose fingerprint is the
+batch's commit marker. Iceberg commits one table at a time: a writer that dies before the marker
+leaves none, so the day is not skipped and its next run replaces every table again (an overwrite
+never adds rows). The rules that look up another source (a customer's products) read that
+source's Iceberg table up to the day, so land the catalog's days first, as the assets' deps do;
+as in the warehouse, a batch's fingerprint includes a digest of that catalog's batches up to the
+day, so a changed catalog makes the day land again.
+Processes landing other days (or other sources) race only on the catalog's commits.
+
+The assets `lake_raw_<source>` (group `lakehouse`, defined when a lakehouse is configured) run it
+per partition, without the `duckdb` pool: a backfill lands its days in as many runs at once as
+the run queue allows. This is the raw layer only: the SQL models and the later stages still read
+the DuckDB warehouse, which the `raw_*` assets fill.
+"""
+
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+
+from assets.common.partitions import daily_partitions
+from assets.common.sources import SOURCES, Source
+from assets.ingest.raw_assets import (
+    catalog_digest,
+    catalog_tables,
+    ensure_tables,
+    file_fingerprint,
+    land_file,
+    record_fingerprint,
+)
+from resources.lakehouse import PARTITION_COLUMN, Lakehouse
+from resources.landing import LandingFileError, LandingZone
+
+MARKER_TABLE = "ops.batch_fingerprints"  # written last: its row says the batch landed whole
+SHARED_TABLES = ("ops.schema_errors",)  # one table for every source: written per (day, source)
+
+
+@dataclass(frozen=True)
+class LakehouseBatch:
+    source: str
+    day: str
+    skipped: bool  # the marker holds this file's fingerprint: nothing was written
+    rows: dict[str, int]  # rows written per table
+    commit_attempts: int  # more than one per table: other writers won races first
+    seconds: float
+
+
+def land_on_lakehouse(lakehouse: Lakehouse, source: Source, day: str, path: Path,
+                      sources: tuple[Source, ...] = SOURCES, force: bool = False,
+                      memory_limit: str = "1GB") -> LakehouseBatch:
+    """One file as the day's partition of the source on the lakehouse (skipped when its batch
+    marker holds the file's fingerprint, unless `force`)."""
+    started = time.perf_counter()
+    fingerprint = file_fingerprint(path, source) + _catalog_fingerprints(lakehouse, source, sources, day)
+    keys = {"source": source.name}
+    if not force and lakehouse.day_fingerprint(MARKER_TABLE, day, keys) == fingerprint:
+        return LakehouseBatch(source.name, day, True, {}, 0, time.perf_counter() - started)
+    with duckdb.connect(config={"memory_limit": memory_limit}) as con:
+        ensure_tables(con, sources)
+        _load_catalogs(con, lakehouse, source, sources, day)
+        counts, _ = land_file(con, source, sources, day, path)
+        record_fingerprint(con, source, day, fingerprint, path, counts, time.perf_counter() - started)
+        tables = [t.qualified for t in source.tables] + list(SHARED_TABLES) + [MARKER_TABLE]
+        rows, attempts = {}, 0
+        for table in tables:  # the marker last
+            shared = table in SHARED_TABLES or table == MARKER_TABLE
+            data = con.sql(f"SELECT * FROM {table} WHERE partition_date = $day"  # table names from code
+                           + (" AND source = $source" if shared else ""),
+                           params={"day": day, "source": source.name} if shared else {"day": day}).to_arrow_table()
+            written = lakehouse.write_day(table, day, data, fingerprint, keys=keys if shared else None)
+            rows[table], attempts = written.rows, attempts + written.attempts
+    return LakehouseBatch(source.name, day, False, rows, attempts, time.perf_counter() - started)
+
+
+def landed_days(lakehouse: Lakehouse, source: str, day: str) -> dict[str, str]:
+    """{day: fingerprint} of the source's batches on the lakehouse up to a day (their markers)."""
+    rows = lakehouse.read_through(MARKER_TABLE, day)
+    if rows is None:
+        return {}
+    return {str(d): f for s, d, f in zip(rows["source"].to_pylist(), rows["partition_date"].to_pylist(),
+                                         rows["fingerprint"].to_pylist()) if s == source}
+
+
+def _catalog_fingerprints(lakehouse: Lakehouse, source: Source, sources: tuple[Source, ...], day: str) -> str:
+    """What the warehouse path adds to a batch's fingerprint for each catalog it is judged against
+    (plan_days): a digest of that catalog's batches up to the day, from their markers."""
+    return "".join(f":{catalog.name}=" + catalog_digest(landed_days(lakehouse, catalog.name, day), day)
+                   for catalog in sources if catalog.asset in source.deps)
+
+
+def _load_catalogs(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, source: Source,
+                   sources: tuple[Source, ...], day: str) -> None:
+    """The landed rows (up to the day) of the sources this one is judged against, from the
+    lakehouse into the staging DuckDB's tables of the same names (copy_catalogs' lakehouse twin)."""
+    for table in catalog_tables(source, sources):
+        rows = lakehouse.read_through(table, day)
+        if rows is None or not rows.num_rows:
+            continue
+        con.register("catalog_rows", rows.drop_columns([PARTITION_COLUMN]))
+        try:
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM catalog_rows")  # name from code
+        finally:
+            con.unregister("catalog_rows")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Assets: lake_raw_<source>
+# ---------------------------------------------------------------------------------------------
+
+CATALOG_RETRY_SECONDS = 5.0
+LAKEHOUSE_GROUP = "lakehouse"
+
+
+class LakeIngestionConfig(dg.Config):
+    force: bool = False  # land again even when the file's fingerprint is the day's marker
+    catalog_wait_seconds: float = 600.0  # how long a day waits for its catalog's earlier days
+
+
+def lake_asset_name(source: Source) -> str:
+    return f"lake_{source.asset}"
+
+
+def _wait_for_catalogs(context: dg.AssetExecutionContext, config: LakeIngestionConfig, lakehouse: Lakehouse,
+                       landing: LandingZone, source: Source, sources: tuple[Source, ...], day: str) -> None:
+    """Every day of the catalogs this source is judged against that has a file up to the day must
+    have landed first (a backfill runs days at once): else a retry, whose wait holds no slot."""
+    for catalog in (s for s in sources if s.asset in source.deps):
+        missing = sorted(set(landing.days_available(catalog.name, day, catalog.landing_pattern))
+                         - set(landed_days(lakehouse, catalog.name, day)))
+        if not missing:
+            continue
+        if context.retry_number * CATALOG_RETRY_SECONDS >= config.catalog_wait_seconds:
+            raise dg.Failure(f"the {catalog.name} of {missing[:5]} has not landed on the lakehouse after "
+                             f"{config.catalog_wait_seconds:.0f}s: materialize {lake_asset_name(catalog)} for those days",
+                             metadata={"missing_catalog_days": missing})
+        context.log.info(f"{catalog.name} of {len(missing)} day(s) up to {day} not landed yet; retrying")
+        raise dg.RetryRequested(max_retries=int(config.catalog_wait_seconds / CATALOG_RETRY_SECONDS) + 2,
+                                seconds_to_wait=CATALOG_RETRY_SECONDS)
+
+
+def lakehouse_ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg.AssetsDefinition:
+    by_asset = {s.asset: s for s in sources}
+
+    @dg.asset(
+        name=lake_asset_name(source),
+        partitions_def=daily_partitions,
+        deps=[lake_asset_name(by_asset[d]) for d in source.deps if d in by_asset],
+        kinds={"iceberg"},
+        group_name=LAKEHOUSE_GROUP,
+        description=f"The day's {source.name} file landed on the lakehouse: "
+                    + ", ".join(t.qualified for t in source.tables) + " and its errors, as Iceberg partitions "
+                    "(no DuckDB warehouse, no lock).",
+        tags={"pii": "true"} if any(t.personal for t in source.tables) else None,
+    )
+    def _asset(context: dg.AssetExecutionContext, config: LakeIngestionConfig, lakehouse: Lakehouse,
+               landing: LandingZone) -> dg.MaterializeResult:
+        day = context.partition_key
+        try:
+            path = landing.require(source.name, day, source.landing_pattern)
+            _wait_for_catalogs(context, config, lakehouse, landing, source, sources, day)
+            batch = land_on_lakehouse(lakehouse, source, day, path, sources, force=config.force)
+        except LandingFileError as error:
+            raise dg.Failure(str(error), allow_retries=False) from None
+        context.log.info(f"{source.name} {day}: " + ("skipped (the marker holds this file)" if batch.skipped else
+                         ", ".join(f"{t} {n:,} rows" for t, n in batch.rows.items())))
+        return dg.MaterializeResult(metadata={
+            "skipped": batch.skipped,
+            "rows": batch.rows,
+            "dagster/row_count": batch.rows.get(source.tables[0].qualified, 0),
+            "commit_attempts": batch.commit_attempts,
+            "seconds": round(batch.seconds, 2),
+        })
+
+    return _asset
+
+
+def build_lakehouse_ingestion_assets(sources: tuple[Source, ...] = SOURCES) -> list[dg.AssetsDefinition]:
+    return [lakehouse_ingestion_asset(source, sources) for source in sources]
+
+
+lakehouse_ingestion = dg.define_asset_job(
+    "lakehouse_ingestion",
+    selection=dg.AssetSelection.groups(LAKEHOUSE_GROUP),
+    partitions_def=daily_partitions,
+    description="The day's landing files -> the raw layer on the lakehouse (Iceberg), no warehouse lock: "
+                "backfill many days at once.",
+)

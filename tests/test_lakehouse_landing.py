@@ -1,0 +1,181 @@
+"""The raw layer on the lakehouse (Iceberg, SQL catalog on a real PostgreSQL): ten processes land
+ten days of each source at once, without a lock, and the tables hold row for row what the
+warehouse's assets land from the same files; a re-run is a skip, a changed file replaces its day
+exactly, and a writer that dies before its batch marker leaves a day that the next run writes
+again."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from assets.common.sources import SOURCES
+from assets.ingest.lakehouse_landing import MARKER_TABLE, land_on_lakehouse
+from assets.ingest.raw_assets import ensure_tables
+from generator import FaultRates
+from resources.lakehouse import PARTITION_COLUMN, Lakehouse
+from resources.warehouse import DuckDBWarehouse
+from tests.ingestion_support import day, generate_landing, materialize, raw_resources, snapshot
+from tests.postgres_support import PostgresServer, postgres_fixture  # noqa: F401 (`postgres`)
+
+pytestmark = pytest.mark.slow  # a PostgreSQL server
+
+DAYS = 10
+SOURCE_ORDER = ("products", "customers", "transactions")  # a catalog's day before the sources judged against it
+
+
+def lakehouse_options(server: PostgresServer, folder: Path, name: str) -> dict:
+    url = f"postgresql+psycopg2://{server.user}:{server.password}@{server.host}:{server.port}/{server.db_name}"
+    return {"catalog_uri": url, "location": str(folder / "lake"), "catalog_name": name}  # a catalog per test
+
+
+def land_one(arguments: tuple[dict, str, str, str]) -> tuple[str, str, bool, int]:
+    """In its own process: one source's file of one day."""
+    options, source_name, partition, path = arguments
+    source = next(s for s in SOURCES if s.name == source_name)
+    batch = land_on_lakehouse(Lakehouse(**options), source, partition, Path(path))
+    return batch.source, batch.day, batch.skipped, batch.commit_attempts
+
+
+def lake_snapshot(lakehouse: Lakehouse, tmp_path: Path) -> dict[str, list[tuple]]:
+    """The lakehouse's raw layer read into a DuckDB with the warehouse's tables, then the same
+    queries as the warehouse's snapshot."""
+    catalog = lakehouse.catalog()
+    path = tmp_path / f"lake-{len(list(tmp_path.glob('lake-*')))}.duckdb"
+    with duckdb.connect(str(path)) as con:
+        ensure_tables(con, SOURCES)
+        for table in [t.qualified for s in SOURCES for t in s.tables] + ["ops.schema_errors", MARKER_TABLE]:
+            if catalog.table_exists(table):
+                con.register("rows", catalog.load_table(table).scan().to_arrow().drop_columns([PARTITION_COLUMN]))
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM rows")
+                con.unregister("rows")
+    return snapshot(DuckDBWarehouse(path=str(path)))
+
+
+@pytest.fixture(scope="module")
+def ten_days(tmp_path_factory) -> tuple[Path, dict]:
+    """Ten days of generated files with every fault, and what the warehouse's assets land from them."""
+    root = tmp_path_factory.mktemp("lake-landing")
+    landing = generate_landing(root / "landing", customers=150, days=DAYS, faults=FaultRates.uniform(0.03), seed=11,
+                               returning_share=0.3)
+    warehouse = DuckDBWarehouse(path=str(root / "warehouse.duckdb"), memory_limit="512MB")
+    for index in range(DAYS):
+        assert materialize(raw_resources(warehouse, landing), day(index)).success
+    return landing, snapshot(warehouse)
+
+
+def test_ten_processes_land_ten_days_at_once_and_the_raw_layer_equals_the_warehouses(postgres, tmp_path, ten_days):
+    landing, expected = ten_days
+    options = lakehouse_options(postgres, tmp_path, "ten_days")
+
+    def files_of(source: str) -> list[tuple]:
+        suffix = "jsonl" if source == "customers" else "csv"
+        return [(options, source, day(i), str(landing / source / f"{day(i)}.{suffix}")) for i in range(DAYS)]
+
+    pool = multiprocessing.get_context("spawn").Pool(DAYS)
+    try:
+        for source in SOURCE_ORDER:
+            landed = pool.map(land_one, files_of(source))
+            assert sorted(d for s, d, skipped, _ in landed if not skipped) == [day(i) for i in range(DAYS)], source
+            print(source, "commit attempts per writer:", sorted(a for *_, a in landed))
+        again = pool.map(land_one, files_of("customers"))
+    finally:  # close and join (see tests/test_lakehouse.py)
+        pool.close()
+        pool.join()
+    assert all(skipped for _, _, skipped, _ in again)  # each day's marker holds its file's fingerprint
+    got = lake_snapshot(Lakehouse(**options), tmp_path)
+    assert set(got) == set(expected)
+    for table, rows in expected.items():
+        assert len(rows) > 0, table
+        assert got[table] == rows, table  # every row once, and the same rows
+
+
+def test_a_changed_file_replaces_its_day_and_a_batch_without_its_marker_is_written_again(
+        postgres, tmp_path, ten_days, monkeypatch):
+    landing, _ = ten_days
+    lakehouse = Lakehouse(**lakehouse_options(postgres, tmp_path, "replace"))
+    products = next(s for s in SOURCES if s.name == "products")
+    transactions = next(s for s in SOURCES if s.name == "transactions")
+    for index in (0, 1):
+        land_on_lakehouse(lakehouse, products, day(index), landing / "products" / f"{day(index)}.csv")
+        land_on_lakehouse(lakehouse, transactions, day(index), landing / "transactions" / f"{day(index)}.csv")
+    before = lake_snapshot(lakehouse, tmp_path)
+
+    # the writer dies after the raw tables and the errors, before the marker
+    real_write = Lakehouse.write_day
+
+    def dies_at_the_marker(self, table, *args, **kwargs):
+        if table == MARKER_TABLE:
+            raise RuntimeError("killed before the marker")
+        return real_write(self, table, *args, **kwargs)
+
+    changed = tmp_path / "transactions.csv"
+    lines = (landing / "transactions" / f"{day(1)}.csv").read_bytes().splitlines()
+    changed.write_bytes(b"\n".join(lines[:10] + lines[15:]) + b"\n")  # five order lines fewer
+    monkeypatch.setattr(Lakehouse, "write_day", dies_at_the_marker)
+    with pytest.raises(RuntimeError, match="before the marker"):
+        land_on_lakehouse(lakehouse, transactions, day(1), changed)
+    monkeypatch.undo()
+    batch = land_on_lakehouse(lakehouse, transactions, day(1), changed)
+    assert not batch.skipped  # no marker for this file: written again, whole
+    after = lake_snapshot(lakehouse, tmp_path)
+    assert after["products"] == before["products"]
+    day0 = [r for r in after["transactions"] if str(r[0]) == day(0)]
+    assert day0 == [r for r in before["transactions"] if str(r[0]) == day(0)]  # the other day is untouched
+    day1_before = [r[:1] + r[2:] for r in before["transactions"] if str(r[0]) == day(1)]  # lines moved: no line_no
+    day1_after = [r[:1] + r[2:] for r in after["transactions"] if str(r[0]) == day(1)]
+    assert 0 < len(day1_before) - len(day1_after) <= 5 and set(day1_after) <= set(day1_before)
+    fingerprints = [r for r in after["fingerprints"] if r[0] == "transactions"]
+    assert len(fingerprints) == 2 and len(set(r[1] for r in fingerprints)) == 2  # one row a day
+    assert land_on_lakehouse(lakehouse, transactions, day(1), changed).skipped
+    # the errors of another source on the same days were not replaced with the order lines' ones
+    assert [r for r in after["schema_errors"] if r[1] == "products"] == \
+        [r for r in before["schema_errors"] if r[1] == "products"] != []
+
+
+def test_the_lake_assets_land_a_day_skip_it_again_and_wait_for_their_catalog(postgres, tmp_path, ten_days, monkeypatch):
+    """lake_raw_* through Dagster: a day's three files land (metadata: rows, skipped), a re-run is
+    a skip; customers of a day whose products have not landed on the lakehouse are refused with
+    the days missing (catalog_wait_seconds 0: no retry)."""
+    import dagster as dg
+
+    from assets.ingest.lakehouse_landing import build_lakehouse_ingestion_assets
+    from resources.landing import LandingZone
+
+    landing, _ = ten_days
+    assets = build_lakehouse_ingestion_assets()
+    resources = {"lakehouse": Lakehouse(**lakehouse_options(postgres, tmp_path, "assets")),
+                 "landing": LandingZone(root=str(landing))}
+    no_wait = {"ops": {"lake_raw_customers": {"config": {"catalog_wait_seconds": 0}}}}
+    refused = dg.materialize([a for a in assets if a.key.to_user_string() == "lake_raw_customers"],
+                             partition_key=day(1), resources=resources, run_config=no_wait, raise_on_error=False)
+    assert not refused.success
+    [failure] = [e for e in refused.all_events if e.is_step_failure]
+    assert "products of ['2011-09-01', '2011-09-02'] has not landed" in str(failure.event_specific_data.error.message)
+
+    first = dg.materialize(assets, partition_key=day(0), resources=resources)
+    metadata = {e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
+                for e in first.get_asset_materialization_events()}
+    assert set(metadata) == {"lake_raw_products", "lake_raw_customers", "lake_raw_transactions"}
+    assert not metadata["lake_raw_customers"]["skipped"] and metadata["lake_raw_customers"]["rows"]["raw.customers"] > 100
+    again = dg.materialize(assets, partition_key=day(0), resources=resources)
+    assert all(e.materialization.metadata["skipped"].value for e in again.get_asset_materialization_events())
+
+
+def test_the_lake_assets_are_defined_when_a_lakehouse_is_configured_and_stay_out_of_the_daily_run(monkeypatch, tmp_path):
+    from definitions import build_definitions
+
+    monkeypatch.delenv("LAKEHOUSE_REST_URI", raising=False)
+    monkeypatch.delenv("LAKEHOUSE_CATALOG_URI", raising=False)
+    assert "lakehouse_ingestion" not in {job.name for job in build_definitions().resolve_all_job_defs()}
+    monkeypatch.setenv("LAKEHOUSE_CATALOG_URI", f"sqlite:///{tmp_path}/catalog.db")
+    defs = build_definitions()
+    lake_job = defs.resolve_job_def("lakehouse_ingestion")
+    daily = defs.resolve_job_def("daily_pipeline")
+    lake_assets = {k.to_user_string() for k in lake_job.asset_layer.executable_asset_keys}
+    assert lake_assets == {"lake_raw_products", "lake_raw_customers", "lake_raw_transactions"}
+    assert not lake_assets & {k.to_user_string() for k in daily.asset_layer.executable_asset_keys}
+    assert "raw_customers" in {k.to_user_string() for k in daily.asset_layer.executable_asset_keys}

@@ -11,9 +11,10 @@ from assets.infer.dead_letter_replay import replay_dead_letters
 from assets.ingest.retention import purge_quarantined_raw_text, purge_schedule
 from assets.common.sources import SOURCES, Source
 from assets.ingest import build_ingestion_assets
-from assets.ingest.lakehouse_landing import LAKEHOUSE_GROUP, build_lakehouse_ingestion_assets, lakehouse_ingestion
+from assets.ingest.lakehouse_landing import LAKEHOUSE_GROUP, build_lakehouse_ingestion_assets, lakehouse_pipeline
 from assets.ingest.triggers import build_daily_schedule, build_landing_sensor
 from assets.transform import build_sql_assets
+from assets.transform.lakehouse_models import lake_sql_models_asset
 from assets.transform.sql_models import SQL_DIR
 from assets.validate import build_suite_checks
 from assets.outputs.publish import published_recommendations
@@ -55,11 +56,12 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
                                  # the day's outputs to shared Iceberg tables, when a lakehouse is configured
                                  *([published_recommendations] if lake else []),
                                  # the raw layer on the lakehouse, a job of its own (not in the daily run)
-                                 *(build_lakehouse_ingestion_assets(sources) if lake else [])], sources),
+                                 *([*build_lakehouse_ingestion_assets(sources), lake_sql_models_asset(sources)] if lake else [])],
+                                sources),
             asset_checks=[*build_suite_checks(sources), *outputs.CHECKS],
             resources=build_resources(tuple(source.name for source in sources)),
             jobs=[daily_pipeline, replay_dead_letters, purge_quarantined_raw_text,
-                  *([lakehouse_ingestion] if lake else [])],
+                  *([lakehouse_pipeline] if lake else [])],
             schedules=[build_daily_schedule(daily_pipeline), purge_schedule],
             sensors=[build_landing_sensor(daily_pipeline, sources)],
             executor=STEP_PROCESSES,

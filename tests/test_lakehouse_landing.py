@@ -1,8 +1,8 @@
-"""The raw layer on the lakehouse (Iceberg, SQL catalog on a real PostgreSQL): ten processes land
-ten days of each source at once, without a lock, and the tables hold row for row what the
-warehouse's assets land from the same files; a re-run is a skip, a changed file replaces its day
-exactly, and a writer that dies before its batch marker leaves a day that the next run writes
-again."""
+"""The raw layer and the SQL models on the lakehouse (Iceberg, SQL catalog on a real PostgreSQL):
+ten processes land ten days of each source at once, without a lock, and the tables hold row for
+row what the warehouse's assets land from the same files; the sql/ models over them equal the
+warehouse's; a re-run is a skip, a changed file replaces its day exactly, and a writer that dies
+before its batch marker leaves a day that the next run writes again."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def lake_snapshot(lakehouse: Lakehouse, tmp_path: Path) -> dict[str, list[tuple]
 
 
 @pytest.fixture(scope="module")
-def ten_days(tmp_path_factory) -> tuple[Path, dict]:
+def ten_days(tmp_path_factory) -> tuple[Path, dict, DuckDBWarehouse]:
     """Ten days of generated files with every fault, and what the warehouse's assets land from them."""
     root = tmp_path_factory.mktemp("lake-landing")
     landing = generate_landing(root / "landing", customers=150, days=DAYS, faults=FaultRates.uniform(0.03), seed=11,
@@ -64,12 +64,15 @@ def ten_days(tmp_path_factory) -> tuple[Path, dict]:
     warehouse = DuckDBWarehouse(path=str(root / "warehouse.duckdb"), memory_limit="512MB")
     for index in range(DAYS):
         assert materialize(raw_resources(warehouse, landing), day(index)).success
-    return landing, snapshot(warehouse)
+    return landing, snapshot(warehouse), warehouse
 
 
-def test_ten_processes_land_ten_days_at_once_and_the_raw_layer_equals_the_warehouses(postgres, tmp_path, ten_days):
-    landing, expected = ten_days
-    options = lakehouse_options(postgres, tmp_path, "ten_days")
+@pytest.fixture(scope="module")
+def landed_lake(postgres, tmp_path_factory, ten_days) -> tuple[dict, dict[str, list], list]:
+    """The ten days landed on the lakehouse by ten processes at once, source after source (then
+    the customers again); what each writer returned."""
+    landing = ten_days[0]
+    options = lakehouse_options(postgres, tmp_path_factory.mktemp("lake"), "ten_days")
 
     def files_of(source: str) -> list[tuple]:
         suffix = "jsonl" if source == "customers" else "csv"
@@ -77,14 +80,20 @@ def test_ten_processes_land_ten_days_at_once_and_the_raw_layer_equals_the_wareho
 
     pool = multiprocessing.get_context("spawn").Pool(DAYS)
     try:
-        for source in SOURCE_ORDER:
-            landed = pool.map(land_one, files_of(source))
-            assert sorted(d for s, d, skipped, _ in landed if not skipped) == [day(i) for i in range(DAYS)], source
-            print(source, "commit attempts per writer:", sorted(a for *_, a in landed))
+        landed = {source: pool.map(land_one, files_of(source)) for source in SOURCE_ORDER}
         again = pool.map(land_one, files_of("customers"))
     finally:  # close and join (see tests/test_lakehouse.py)
         pool.close()
         pool.join()
+    return options, landed, again
+
+
+def test_ten_processes_land_ten_days_at_once_and_the_raw_layer_equals_the_warehouses(landed_lake, tmp_path, ten_days):
+    _, expected, _ = ten_days
+    options, landed, again = landed_lake
+    for source, batches in landed.items():
+        assert sorted(d for s, d, skipped, _ in batches if not skipped) == [day(i) for i in range(DAYS)], source
+        print(source, "commit attempts per writer:", sorted(a for *_, a in batches))
     assert all(skipped for _, _, skipped, _ in again)  # each day's marker holds its file's fingerprint
     got = lake_snapshot(Lakehouse(**options), tmp_path)
     assert set(got) == set(expected)
@@ -93,9 +102,51 @@ def test_ten_processes_land_ten_days_at_once_and_the_raw_layer_equals_the_wareho
         assert got[table] == rows, table  # every row once, and the same rows
 
 
+MODELS = {  # doubles summed in another order may differ in the last bits
+    "stg_order_lines": "SELECT * FROM analytics.stg_order_lines ORDER BY ALL",
+    "dim_products": "SELECT * FROM analytics.dim_products ORDER BY ALL",
+    "stg_customer_history": "SELECT * FROM analytics.stg_customer_history ORDER BY ALL",
+    "stg_purchases": "SELECT * FROM analytics.stg_purchases ORDER BY ALL",
+    "customer_features": "SELECT * REPLACE (round(monetary, 9) AS monetary, round(top_category_share, 9) AS "
+                         "top_category_share) FROM analytics.customer_features ORDER BY ALL",
+}
+
+
+def test_the_sql_models_on_the_lakehouse_equal_the_warehouses_as_of_a_day(landed_lake, ten_days, tmp_path):
+    """sql/ over the raw layer on the lakehouse, as of the last day and an earlier one: the last
+    day's tables equal the warehouse's models built from the same files, row for row; a re-run
+    is a skip; the earlier day's partition holds only what had landed by then."""
+    from assets.transform.lakehouse_models import build_models_on_lakehouse
+    from tests.test_sql_models import materialize_models
+
+    options, _, _ = landed_lake
+    _, _, warehouse = ten_days
+    lakehouse = Lakehouse(**options)
+    last, earlier = day(DAYS - 1), day(4)
+    built = build_models_on_lakehouse(lakehouse, last)
+    assert not built.skipped and all(w.rows > 0 for w in built.written.values())
+    assert materialize_models(warehouse, last).success
+    with duckdb.connect() as con:
+        con.execute(f"ATTACH '{warehouse.file}' AS wh (READ_ONLY)")
+        expected = {name: con.execute(sql.replace("analytics.", "wh.analytics.")).fetchall() for name, sql in MODELS.items()}
+        con.execute("CREATE SCHEMA analytics")
+        for name in MODELS:
+            con.execute(f"CREATE TABLE analytics.{name} AS SELECT * FROM wh.analytics.{name} LIMIT 0")
+            con.register("lake_rows", lakehouse.read_day(f"analytics.{name}", last).drop_columns([PARTITION_COLUMN]))
+            con.execute(f"INSERT INTO analytics.{name} BY NAME SELECT * FROM lake_rows")
+            con.unregister("lake_rows")
+        got = {name: con.execute(sql).fetchall() for name, sql in MODELS.items()}
+    for name, rows in expected.items():
+        assert len(rows) > 0 and got[name] == rows, name
+    assert build_models_on_lakehouse(lakehouse, last).skipped
+    build_models_on_lakehouse(lakehouse, earlier)
+    lines = {d: lakehouse.read_day("analytics.stg_order_lines", d).num_rows for d in (earlier, last)}
+    assert 0 < lines[earlier] < lines[last] == len(expected["stg_order_lines"])
+
+
 def test_a_changed_file_replaces_its_day_and_a_batch_without_its_marker_is_written_again(
         postgres, tmp_path, ten_days, monkeypatch):
-    landing, _ = ten_days
+    landing = ten_days[0]
     lakehouse = Lakehouse(**lakehouse_options(postgres, tmp_path, "replace"))
     products = next(s for s in SOURCES if s.name == "products")
     transactions = next(s for s in SOURCES if s.name == "transactions")
@@ -145,7 +196,7 @@ def test_the_lake_assets_land_a_day_skip_it_again_and_wait_for_their_catalog(pos
     from assets.ingest.lakehouse_landing import build_lakehouse_ingestion_assets
     from resources.landing import LandingZone
 
-    landing, _ = ten_days
+    landing = ten_days[0]
     assets = build_lakehouse_ingestion_assets()
     resources = {"lakehouse": Lakehouse(**lakehouse_options(postgres, tmp_path, "assets")),
                  "landing": LandingZone(root=str(landing))}
@@ -170,12 +221,12 @@ def test_the_lake_assets_are_defined_when_a_lakehouse_is_configured_and_stay_out
 
     monkeypatch.delenv("LAKEHOUSE_REST_URI", raising=False)
     monkeypatch.delenv("LAKEHOUSE_CATALOG_URI", raising=False)
-    assert "lakehouse_ingestion" not in {job.name for job in build_definitions().resolve_all_job_defs()}
+    assert "lakehouse_pipeline" not in {job.name for job in build_definitions().resolve_all_job_defs()}
     monkeypatch.setenv("LAKEHOUSE_CATALOG_URI", f"sqlite:///{tmp_path}/catalog.db")
     defs = build_definitions()
-    lake_job = defs.resolve_job_def("lakehouse_ingestion")
+    lake_job = defs.resolve_job_def("lakehouse_pipeline")
     daily = defs.resolve_job_def("daily_pipeline")
     lake_assets = {k.to_user_string() for k in lake_job.asset_layer.executable_asset_keys}
-    assert lake_assets == {"lake_raw_products", "lake_raw_customers", "lake_raw_transactions"}
+    assert lake_assets == {"lake_raw_products", "lake_raw_customers", "lake_raw_transactions", "lake_sql_models"}
     assert not lake_assets & {k.to_user_string() for k in daily.asset_layer.executable_asset_keys}
     assert "raw_customers" in {k.to_user_string() for k in daily.asset_layer.executable_asset_keys}

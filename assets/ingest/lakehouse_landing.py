@@ -125,27 +125,28 @@ LAKEHOUSE_GROUP = "lakehouse"
 
 class LakeIngestionConfig(dg.Config):
     force: bool = False  # land again even when the file's fingerprint is the day's marker
-    catalog_wait_seconds: float = 600.0  # how long a day waits for its catalog's earlier days
+    catalog_wait_seconds: float = 600.0  # how long a day waits for the earlier days it reads
 
 
 def lake_asset_name(source: Source) -> str:
     return f"lake_{source.asset}"
 
 
-def _wait_for_catalogs(context: dg.AssetExecutionContext, config: LakeIngestionConfig, lakehouse: Lakehouse,
-                       landing: LandingZone, source: Source, sources: tuple[Source, ...], day: str) -> None:
-    """Every day of the catalogs this source is judged against that has a file up to the day must
-    have landed first (a backfill runs days at once): else a retry, whose wait holds no slot."""
-    for catalog in (s for s in sources if s.asset in source.deps):
-        missing = sorted(set(landing.days_available(catalog.name, day, catalog.landing_pattern))
-                         - set(landed_days(lakehouse, catalog.name, day)))
+def wait_for_landed_days(context: dg.AssetExecutionContext, config: LakeIngestionConfig, lakehouse: Lakehouse,
+                         landing: LandingZone, sources: list[Source], day: str) -> None:
+    """Every day of these sources that has a file up to the day must have landed on the lakehouse
+    first (a backfill runs days at once): else a retry, whose wait holds no slot, and in the end a
+    failure naming the days."""
+    for source in sources:
+        missing = sorted(set(landing.days_available(source.name, day, source.landing_pattern))
+                         - set(landed_days(lakehouse, source.name, day)))
         if not missing:
             continue
         if context.retry_number * CATALOG_RETRY_SECONDS >= config.catalog_wait_seconds:
-            raise dg.Failure(f"the {catalog.name} of {missing[:5]} has not landed on the lakehouse after "
-                             f"{config.catalog_wait_seconds:.0f}s: materialize {lake_asset_name(catalog)} for those days",
-                             metadata={"missing_catalog_days": missing})
-        context.log.info(f"{catalog.name} of {len(missing)} day(s) up to {day} not landed yet; retrying")
+            raise dg.Failure(f"the {source.name} of {missing[:5]} has not landed on the lakehouse after "
+                             f"{config.catalog_wait_seconds:.0f}s: materialize {lake_asset_name(source)} for those days",
+                             metadata={"missing_days": missing})
+        context.log.info(f"{source.name} of {len(missing)} day(s) up to {day} not landed yet; retrying")
         raise dg.RetryRequested(max_retries=int(config.catalog_wait_seconds / CATALOG_RETRY_SECONDS) + 2,
                                 seconds_to_wait=CATALOG_RETRY_SECONDS)
 
@@ -169,7 +170,7 @@ def lakehouse_ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg
         day = context.partition_key
         try:
             path = landing.require(source.name, day, source.landing_pattern)
-            _wait_for_catalogs(context, config, lakehouse, landing, source, sources, day)
+            wait_for_landed_days(context, config, lakehouse, landing, [s for s in sources if s.asset in source.deps], day)
             batch = land_on_lakehouse(lakehouse, source, day, path, sources, force=config.force)
         except LandingFileError as error:
             raise dg.Failure(str(error), allow_retries=False) from None
@@ -190,10 +191,10 @@ def build_lakehouse_ingestion_assets(sources: tuple[Source, ...] = SOURCES) -> l
     return [lakehouse_ingestion_asset(source, sources) for source in sources]
 
 
-lakehouse_ingestion = dg.define_asset_job(
-    "lakehouse_ingestion",
+lakehouse_pipeline = dg.define_asset_job(
+    "lakehouse_pipeline",
     selection=dg.AssetSelection.groups(LAKEHOUSE_GROUP),
     partitions_def=daily_partitions,
-    description="The day's landing files -> the raw layer on the lakehouse (Iceberg), no warehouse lock: "
-                "backfill many days at once.",
+    description="The day's landing files -> the raw layer and the SQL models on the lakehouse (Iceberg), no "
+                "warehouse lock: backfill many days at once.",
 )

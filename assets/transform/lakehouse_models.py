@@ -1,0 +1,153 @@
+"""The SQL models on the lakehouse: sql/ over the raw layer's Iceberg tables, each model's table as
+of a day written as that day's Iceberg partition of `analytics.<model>`.
+
+    built = build_models_on_lakehouse(lakehouse, day)    # -> LakehouseModels
+    lake_sql_models_asset()                              # the asset lake_sql_models, daily partitions
+
+The raw tables up to the day are read from Iceberg (Arrow) into a private DuckDB, and each model's
+own SQL (the same file as the warehouse's) builds its table there in dependency order: a full
+build, as the warehouse's first build of a day; the incremental state of the warehouse has no
+use here, since a day's partition is written whole. The dbt-style tests of sql/schema.yml run on
+the built tables, and a model that breaks one fails the step before anything is written. Then
+each model goes to the lakehouse in one commit. Every model's marker is a digest of the sql/
+files and of the raw layer's batch markers up to the day: a re-run with nothing new is a skip,
+and a landed file or a changed model rebuilds the day.
+"""
+
+import datetime as dt
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+
+from assets.common.partitions import daily_partitions
+from assets.common.sources import SOURCES, Source
+from assets.ingest.lakehouse_landing import (
+    LAKEHOUSE_GROUP,
+    LakeIngestionConfig,
+    lake_asset_name,
+    landed_days,
+    wait_for_landed_days,
+)
+from assets.ingest.raw_assets import ensure_tables
+from assets.transform import model_tests
+from assets.transform.sql_models import MODEL_SCHEMA, SQL_DIR, SqlModel, load_models
+from resources.lakehouse import PARTITION_COLUMN, Lakehouse, Written
+from resources.landing import LandingZone
+
+LAKE_MODELS_ASSET = "lake_sql_models"
+
+
+@dataclass(frozen=True)
+class LakehouseModels:
+    day: str
+    skipped: bool
+    written: dict[str, Written]  # per model table
+    seconds: float
+
+
+def models_in_order(models: list[SqlModel]) -> list[SqlModel]:
+    """Each model after the models it reads (sql/ has no cycles: a cycle is an error here)."""
+    by_table = {m.table: m for m in models}
+    ordered: list[SqlModel] = []
+    visiting: set[str] = set()
+
+    def visit(model: SqlModel) -> None:
+        if model in ordered:
+            return
+        if model.table in visiting:
+            raise ValueError(f"sql/{model.name}.sql reads itself through other models")
+        visiting.add(model.table)
+        for table in model.tables_read:
+            if table in by_table:
+                visit(by_table[table])
+        ordered.append(model)
+
+    for model in models:
+        visit(model)
+    return ordered
+
+
+def models_fingerprint(lakehouse: Lakehouse, models: list[SqlModel], sources: tuple[Source, ...], day: str) -> str:
+    """A digest of the models' SQL and of every source's batch markers up to the day."""
+    landed = {source.name: sorted(landed_days(lakehouse, source.name, day).items()) for source in sources}
+    code = {model.name: model.code_version for model in models}
+    return hashlib.sha256(json.dumps([code, landed]).encode()).hexdigest()[:32]
+
+
+def build_models_on_lakehouse(lakehouse: Lakehouse, day: str, sources: tuple[Source, ...] = SOURCES,
+                              sql_dir: Path = SQL_DIR, memory_limit: str = "1GB", force: bool = False
+                              ) -> LakehouseModels:
+    started = time.perf_counter()
+    models = models_in_order(load_models(sql_dir))
+    fingerprint = models_fingerprint(lakehouse, models, sources, day)
+    if not force and all(lakehouse.day_fingerprint(m.table, day) == fingerprint for m in models):
+        return LakehouseModels(day, True, {}, time.perf_counter() - started)
+    tests = model_tests.load_tests(sql_dir)
+    with tempfile.TemporaryDirectory(prefix="lake-models-") as spill, \
+            duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill}) as con:
+        ensure_tables(con, sources)
+        for table in (t.qualified for source in sources for t in source.tables):
+            _load_raw(con, lakehouse, table, day)
+        con.execute(f"CREATE SCHEMA IF NOT EXISTS {MODEL_SCHEMA}")
+        for model in models:
+            con.execute(f"CREATE TABLE {model.table} AS {model.sql}", parameters(model, day))  # SQL from sql/
+            broken = {name: count for name, count in
+                      model_tests.measure(con, tests.get(model.name, []), model.table, MODEL_SCHEMA).items() if count}
+            if broken:
+                raise dg.Failure(f"{model.name} as of {day} breaks its tests (violations: {broken}); nothing written",
+                                 metadata={"violations": broken}, allow_retries=False)
+        written = {model.table: lakehouse.write_day(model.table, day, con.sql(f"SELECT * FROM {model.table}")
+                                                    .to_arrow_table(), fingerprint) for model in models}
+    return LakehouseModels(day, False, written, time.perf_counter() - started)
+
+
+def parameters(model: SqlModel, day: str) -> dict[str, object]:
+    """The warehouse's parameters for a daily partition (sql_models.sql_parameters)."""
+    as_of = dt.date.fromisoformat(day)
+    available = {"as_of": as_of, "window_start": as_of, "window_end": as_of + dt.timedelta(days=1)}
+    return {name: available[name] for name in model.parameters}
+
+
+def _load_raw(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, table: str, day: str) -> None:
+    rows = lakehouse.read_through(table, day)
+    if rows is None or not rows.num_rows:
+        return
+    con.register("raw_rows", rows.drop_columns([PARTITION_COLUMN]))
+    try:
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM raw_rows")  # table names from the registry
+    finally:
+        con.unregister("raw_rows")
+
+
+def lake_sql_models_asset(sources: tuple[Source, ...] = SOURCES) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=LAKE_MODELS_ASSET,
+        partitions_def=daily_partitions,
+        deps=[lake_asset_name(source) for source in sources],
+        kinds={"iceberg", "sql"},
+        group_name=LAKEHOUSE_GROUP,
+        tags={"pii": "true"},  # customer ids
+        description="The sql/ models as of the day, over the raw layer on the lakehouse, as Iceberg partitions "
+                    "of analytics.<model> (no DuckDB warehouse, no lock).",
+    )
+    def _asset(context: dg.AssetExecutionContext, config: LakeIngestionConfig, lakehouse: Lakehouse,
+               landing: LandingZone) -> dg.MaterializeResult:
+        day = context.partition_key
+        wait_for_landed_days(context, config, lakehouse, landing, list(sources), day)
+        built = build_models_on_lakehouse(lakehouse, day, sources, force=config.force)
+        context.log.info(f"sql models as of {day}: " + ("skipped (nothing new)" if built.skipped else
+                         ", ".join(f"{t} {w.rows:,} rows" for t, w in built.written.items())))
+        return dg.MaterializeResult(metadata={
+            "skipped": built.skipped,
+            "rows": {table: w.rows for table, w in built.written.items()},
+            "commit_attempts": sum(w.attempts for w in built.written.values()),
+            "seconds": round(built.seconds, 2),
+        })
+
+    return _asset

@@ -3,7 +3,7 @@
     lakehouse.write_day("outputs.recommendations", day, arrow_table, fingerprint)  -> Written
     lakehouse.day_fingerprint("outputs.recommendations", day)                       -> str | None
     lakehouse.read_day("outputs.recommendations", day)                              -> pa.Table
-    lakehouse.read_through("raw.products", day)                                     -> pa.Table
+    lakehouse.read_through("raw.products", day)                                     -> pa.RecordBatchReader
 
 A table that several writers share per day (ops.schema_errors: one source each) is written per
 (day, keys): `write_day(..., keys={"source": "customers"})` replaces only the day's rows with those
@@ -147,14 +147,15 @@ class Lakehouse(dg.ConfigurableResource):
 
         return self.catalog().load_table(table).scan(row_filter=EqualTo(PARTITION_COLUMN, str(day))).to_arrow()
 
-    def read_through(self, table: str, day: str | dt.date) -> pa.Table | None:
-        """Every row of the days up to `day` (None: no such table yet)."""
+    def read_through(self, table: str, day: str | dt.date) -> pa.RecordBatchReader | None:
+        """Every row of the days up to `day`, streamed in batches (None: no such table yet)."""
         from pyiceberg.expressions import LessThanOrEqual
 
         catalog = self.catalog()
         if not catalog.table_exists(table):
             return None
-        return catalog.load_table(table).scan(row_filter=LessThanOrEqual(PARTITION_COLUMN, str(day))).to_arrow()
+        scan = catalog.load_table(table).scan(row_filter=LessThanOrEqual(PARTITION_COLUMN, str(day)))
+        return scan.to_arrow_batch_reader()
 
 
 def _marker(day: str | dt.date, keys: dict[str, str] | None) -> str:

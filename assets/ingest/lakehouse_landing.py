@@ -22,12 +22,14 @@ the DuckDB warehouse, which the `raw_*` assets fill.
 """
 
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import duckdb
+import pyarrow as pa
 
 from assets.common.partitions import daily_partitions
 from assets.common.sources import SOURCES, Source
@@ -39,11 +41,12 @@ from assets.ingest.raw_assets import (
     land_file,
     record_fingerprint,
 )
-from resources.lakehouse import PARTITION_COLUMN, Lakehouse
+from resources.lakehouse import PARTITION_COLUMN, Lakehouse, Written
 from resources.landing import LandingFileError, LandingZone
 
 MARKER_TABLE = "ops.batch_fingerprints"  # written last: its row says the batch landed whole
 SHARED_TABLES = ("ops.schema_errors",)  # one table for every source: written per (day, source)
+WRITE_BATCH_ROWS = 1_000_000  # rows a data file holds at most when a table goes to the lakehouse
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ def land_on_lakehouse(lakehouse: Lakehouse, source: Source, day: str, path: Path
     keys = {"source": source.name}
     if not force and lakehouse.day_fingerprint(MARKER_TABLE, day, keys) == fingerprint:
         return LakehouseBatch(source.name, day, True, {}, 0, time.perf_counter() - started)
-    with duckdb.connect(config={"memory_limit": memory_limit}) as con:
+    with tempfile.TemporaryDirectory(prefix="lake-landing-") as spill, \
+            duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill}) as con:
         ensure_tables(con, sources)
         _load_catalogs(con, lakehouse, source, sources, day)
         counts, _ = land_file(con, source, sources, day, path)
@@ -75,19 +79,33 @@ def land_on_lakehouse(lakehouse: Lakehouse, source: Source, day: str, path: Path
         rows, attempts = {}, 0
         for table in tables:  # the marker last
             shared = table in SHARED_TABLES or table == MARKER_TABLE
-            data = con.sql(f"SELECT * FROM {table} WHERE partition_date = $day"  # table names from code
-                           + (" AND source = $source" if shared else ""),
-                           params={"day": day, "source": source.name} if shared else {"day": day}).to_arrow_table()
-            written = lakehouse.write_day(table, day, data, fingerprint, keys=keys if shared else None)
+            query = f"SELECT * FROM {table} WHERE partition_date = $day" + (" AND source = $source" if shared else "")
+            params = {"day": day, "source": source.name} if shared else {"day": day}
+            written = write_query(lakehouse, con, table, day, query, params, fingerprint, keys if shared else None)
             rows[table], attempts = written.rows, attempts + written.attempts
     return LakehouseBatch(source.name, day, False, rows, attempts, time.perf_counter() - started)
 
 
+def write_query(lakehouse: Lakehouse, con: duckdb.DuckDBPyConnection, table: str, day: str, query: str,
+                params: dict, fingerprint: str, keys: dict[str, str] | None = None) -> Written:
+    """A query's rows as the day of an Iceberg table, in chunks of WRITE_BATCH_ROWS (each its own
+    data files, one commit): memory holds one chunk, not the table."""
+    schema = con.sql(f"SELECT * FROM ({query}) LIMIT 0", params=params or None).to_arrow_table().schema
+
+    def chunks():
+        reader = con.sql(query, params=params or None).fetch_record_batch(WRITE_BATCH_ROWS)  # the SQL is ours
+        for batch in reader:
+            yield pa.Table.from_batches([batch])
+
+    return lakehouse.write_day(table, day, chunks, fingerprint, schema=schema, keys=keys)
+
+
 def landed_days(lakehouse: Lakehouse, source: str, day: str) -> dict[str, str]:
     """{day: fingerprint} of the source's batches on the lakehouse up to a day (their markers)."""
-    rows = lakehouse.read_through(MARKER_TABLE, day)
-    if rows is None:
+    reader = lakehouse.read_through(MARKER_TABLE, day)
+    if reader is None:
         return {}
+    rows = reader.read_all()  # a row a batch: small
     return {str(d): f for s, d, f in zip(rows["source"].to_pylist(), rows["partition_date"].to_pylist(),
                                          rows["fingerprint"].to_pylist()) if s == source}
 
@@ -104,14 +122,20 @@ def _load_catalogs(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, source:
     """The landed rows (up to the day) of the sources this one is judged against, from the
     lakehouse into the staging DuckDB's tables of the same names (copy_catalogs' lakehouse twin)."""
     for table in catalog_tables(source, sources):
-        rows = lakehouse.read_through(table, day)
-        if rows is None or not rows.num_rows:
-            continue
-        con.register("catalog_rows", rows.drop_columns([PARTITION_COLUMN]))
-        try:
-            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM catalog_rows")  # name from code
-        finally:
-            con.unregister("catalog_rows")
+        insert_from_lakehouse(con, lakehouse, table, day)
+
+
+def insert_from_lakehouse(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, table: str, day: str) -> None:
+    """The rows of an Iceberg table's days up to `day` appended to the DuckDB table of the same
+    name (by column name, without the partition column), streamed: memory holds a batch or so."""
+    reader = lakehouse.read_through(table, day)
+    if reader is None:
+        return
+    con.register("lake_rows", reader)
+    try:
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * EXCLUDE ({PARTITION_COLUMN}) FROM lake_rows")  # names from code
+    finally:
+        con.unregister("lake_rows")
 
 
 

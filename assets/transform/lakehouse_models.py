@@ -30,14 +30,16 @@ from assets.common.sources import SOURCES, Source
 from assets.ingest.lakehouse_landing import (
     LAKEHOUSE_GROUP,
     LakeIngestionConfig,
+    insert_from_lakehouse,
     lake_asset_name,
     landed_days,
     wait_for_landed_days,
+    write_query,
 )
 from assets.ingest.raw_assets import ensure_tables
 from assets.transform import model_tests
 from assets.transform.sql_models import MODEL_SCHEMA, SQL_DIR, SqlModel, load_models
-from resources.lakehouse import PARTITION_COLUMN, Lakehouse, Written
+from resources.lakehouse import Lakehouse, Written
 from resources.landing import LandingZone
 
 LAKE_MODELS_ASSET = "lake_sql_models"
@@ -93,7 +95,7 @@ def build_models_on_lakehouse(lakehouse: Lakehouse, day: str, sources: tuple[Sou
             duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill}) as con:
         ensure_tables(con, sources)
         for table in (t.qualified for source in sources for t in source.tables):
-            _load_raw(con, lakehouse, table, day)
+            insert_from_lakehouse(con, lakehouse, table, day)
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {MODEL_SCHEMA}")
         for model in models:
             con.execute(f"CREATE TABLE {model.table} AS {model.sql}", parameters(model, day))  # SQL from sql/
@@ -102,8 +104,8 @@ def build_models_on_lakehouse(lakehouse: Lakehouse, day: str, sources: tuple[Sou
             if broken:
                 raise dg.Failure(f"{model.name} as of {day} breaks its tests (violations: {broken}); nothing written",
                                  metadata={"violations": broken}, allow_retries=False)
-        written = {model.table: lakehouse.write_day(model.table, day, con.sql(f"SELECT * FROM {model.table}")
-                                                    .to_arrow_table(), fingerprint) for model in models}
+        written = {model.table: write_query(lakehouse, con, model.table, day, f"SELECT * FROM {model.table}", {},
+                                            fingerprint) for model in models}
     return LakehouseModels(day, False, written, time.perf_counter() - started)
 
 
@@ -112,17 +114,6 @@ def parameters(model: SqlModel, day: str) -> dict[str, object]:
     as_of = dt.date.fromisoformat(day)
     available = {"as_of": as_of, "window_start": as_of, "window_end": as_of + dt.timedelta(days=1)}
     return {name: available[name] for name in model.parameters}
-
-
-def _load_raw(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, table: str, day: str) -> None:
-    rows = lakehouse.read_through(table, day)
-    if rows is None or not rows.num_rows:
-        return
-    con.register("raw_rows", rows.drop_columns([PARTITION_COLUMN]))
-    try:
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM raw_rows")  # table names from the registry
-    finally:
-        con.unregister("raw_rows")
 
 
 def lake_sql_models_asset(sources: tuple[Source, ...] = SOURCES) -> dg.AssetsDefinition:

@@ -30,7 +30,7 @@ def run_stage(asset_name: str, partition_key: str) -> dict:
     from definitions import defs
 
     started = time.perf_counter()
-    job = defs.resolve_job_def("daily_pipeline")
+    job = defs.resolve_job_def(os.getenv("BENCH_JOB", "daily_pipeline"))  # lakehouse_pipeline: bench.lakehouse
     # Ray workers are other processes: their memory is sampled apart, and only when they exist.
     with EngineWorkers(enabled=os.getenv("COMPUTE_ENGINE") == "ray") as workers:
         result = job.execute_in_process(

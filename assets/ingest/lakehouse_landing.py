@@ -22,6 +22,7 @@ the DuckDB warehouse, which the `raw_*` assets fill.
 """
 
 
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from assets.ingest.raw_assets import (
     record_fingerprint,
 )
 from resources.lakehouse import PARTITION_COLUMN, Lakehouse, Written
+from resources.memory import budgeted_memory_limit
 from resources.landing import LandingFileError, LandingZone
 
 MARKER_TABLE = "ops.batch_fingerprints"  # written last: its row says the batch landed whole
@@ -59,9 +61,17 @@ class LakehouseBatch:
     seconds: float
 
 
+def staging_memory_limit() -> str:
+    """DuckDB's memory_limit for a lakehouse step's private DuckDB, by the warehouse's rule:
+    DUCKDB_MEMORY_LIMIT, within STEP_MEMORY_BUDGET beside what the process holds now."""
+    from resources import step_memory_budget
+
+    return budgeted_memory_limit(os.getenv("DUCKDB_MEMORY_LIMIT", "1GB"), step_memory_budget(), "256MiB")
+
+
 def land_on_lakehouse(lakehouse: Lakehouse, source: Source, day: str, path: Path,
                       sources: tuple[Source, ...] = SOURCES, force: bool = False,
-                      memory_limit: str = "1GB") -> LakehouseBatch:
+                      memory_limit: str | None = None) -> LakehouseBatch:
     """One file as the day's partition of the source on the lakehouse (skipped when its batch
     marker holds the file's fingerprint, unless `force`)."""
     started = time.perf_counter()
@@ -70,7 +80,7 @@ def land_on_lakehouse(lakehouse: Lakehouse, source: Source, day: str, path: Path
     if not force and lakehouse.day_fingerprint(MARKER_TABLE, day, keys) == fingerprint:
         return LakehouseBatch(source.name, day, True, {}, 0, time.perf_counter() - started)
     with tempfile.TemporaryDirectory(prefix="lake-landing-") as spill, \
-            duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill}) as con:
+            duckdb.connect(config={"memory_limit": memory_limit or staging_memory_limit(), "temp_directory": spill}) as con:
         ensure_tables(con, sources)
         _load_catalogs(con, lakehouse, source, sources, day)
         counts, _ = land_file(con, source, sources, day, path)

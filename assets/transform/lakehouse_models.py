@@ -33,6 +33,7 @@ from assets.ingest.lakehouse_landing import (
     insert_from_lakehouse,
     lake_asset_name,
     landed_days,
+    staging_memory_limit,
     wait_for_landed_days,
     write_query,
 )
@@ -83,7 +84,7 @@ def models_fingerprint(lakehouse: Lakehouse, models: list[SqlModel], sources: tu
 
 
 def build_models_on_lakehouse(lakehouse: Lakehouse, day: str, sources: tuple[Source, ...] = SOURCES,
-                              sql_dir: Path = SQL_DIR, memory_limit: str = "1GB", force: bool = False
+                              sql_dir: Path = SQL_DIR, memory_limit: str | None = None, force: bool = False
                               ) -> LakehouseModels:
     started = time.perf_counter()
     models = models_in_order(load_models(sql_dir))
@@ -92,7 +93,7 @@ def build_models_on_lakehouse(lakehouse: Lakehouse, day: str, sources: tuple[Sou
         return LakehouseModels(day, True, {}, time.perf_counter() - started)
     tests = model_tests.load_tests(sql_dir)
     with tempfile.TemporaryDirectory(prefix="lake-models-") as spill, \
-            duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": spill}) as con:
+            duckdb.connect(config={"memory_limit": memory_limit or staging_memory_limit(), "temp_directory": spill}) as con:
         ensure_tables(con, sources)
         for table in (t.qualified for source in sources for t in source.tables):
             insert_from_lakehouse(con, lakehouse, table, day)

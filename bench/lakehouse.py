@@ -1,0 +1,101 @@
+"""Day 1 on both backends, side by side: the warehouse's ingestion and SQL model steps against the
+lakehouse's (the raw layer and the SQL models on Iceberg), each stage in a process of its own:
+seconds and peak RSS. Prints figures; not a test.
+
+    python -m bench.lakehouse --customers 200000        # generates day 1, starts a local PostgreSQL
+    python -m bench.lakehouse --landing DIR --day 2011-09-01
+
+Every stage runs through bench.stage (the asset with its checks, in a process of its own, as the
+daily run runs it): the warehouse's from the daily_pipeline job, the lakehouse's from the
+lakehouse_pipeline job, with the SQL catalog on a PostgreSQL server started here
+(tests/postgres_support.py) and the data files in a folder. The warehouse's ingestion steps also
+run their GX suites (asset checks); the lakehouse's have none. Both get the same memory rule
+(STEP_MEMORY_BUDGET, default 1 GiB a step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WAREHOUSE_STAGES = ("raw_products", "raw_transactions", "raw_customers", "stg_order_lines", "dim_products",
+                    "stg_customer_history", "stg_purchases", "customer_features")
+LAKE_STAGES = ("lake_raw_products", "lake_raw_transactions", "lake_raw_customers", "lake_sql_models")
+SQL_MODELS = WAREHOUSE_STAGES[3:]
+
+
+def in_process(arguments: list[str], env: dict) -> dict:
+    done = subprocess.run([sys.executable, "-m", *arguments], cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(arguments)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--customers", type=int, default=200_000)
+    parser.add_argument("--landing", type=Path, help="an existing landing folder (default: generate one day)")
+    parser.add_argument("--day", default="2011-09-01")
+    parser.add_argument("--work", type=Path, help="where the warehouse and the lake go (default: a temp folder)")
+    args = parser.parse_args()
+
+    from tests.postgres_support import postgres_server
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-lakehouse-"))
+    work.mkdir(parents=True, exist_ok=True)
+    landing = args.landing
+    if landing is None:
+        from generator import GeneratorConfig, generate
+
+        landing = work / "landing"
+        started = time.perf_counter()
+        generate(GeneratorConfig(out=landing, customers=args.customers, days=1))
+        print(f"generated {args.customers:,} customers in {time.perf_counter() - started:.0f}s", flush=True)
+    env = {**os.environ, "LANDING_DIR": str(landing), "WAREHOUSE_PATH": str(work / "warehouse.duckdb"),
+           "PYTHONWARNINGS": "ignore"}
+    results: dict[str, dict] = {}
+    for stage in WAREHOUSE_STAGES:
+        results[stage] = in_process(["bench.stage", stage, args.day], env)
+        print(f"warehouse {stage}: {results[stage]['seconds']:.1f}s, {results[stage]['peak_rss_mb']:.0f} MB", flush=True)
+    with postgres_server() as server:
+        env["LAKEHOUSE_CATALOG_URI"] = (f"postgresql+psycopg2://{server.user}:{server.password}@{server.host}:"
+                                        f"{server.port}/{server.db_name}")
+        env["LAKEHOUSE_LOCATION"] = str(work / "lake")
+        env["BENCH_JOB"] = "lakehouse_pipeline"
+        for stage in LAKE_STAGES:
+            results[stage] = in_process(["bench.stage", stage, args.day], env)
+            print(f"lakehouse {stage}: {results[stage]['seconds']:.1f}s, {results[stage]['peak_rss_mb']:.0f} MB",
+                  flush=True)
+    report(results, work)
+
+
+def report(results: dict[str, dict], work: Path) -> None:
+    rows = [(f"raw_{s}", f"lake_raw_{s}") for s in ("products", "transactions", "customers")]
+    print("\n| stage | warehouse: seconds | warehouse: peak | lakehouse: seconds | lakehouse: peak |")
+    print("|---|---|---|---|---|")
+    for warehouse_stage, lake_stage in rows:
+        w, lake = results[warehouse_stage], results[lake_stage]
+        print(f"| {warehouse_stage} | {w['seconds']:.1f} | {w['peak_rss_mb']:,.0f} MB | {lake['seconds']:.1f} | "
+              f"{lake['peak_rss_mb']:,.0f} MB |")
+    models = [results[s] for s in SQL_MODELS]
+    lake = results["lake_sql_models"]
+    print(f"| the 5 SQL models ({', '.join(SQL_MODELS)}) | {sum(m['seconds'] for m in models):.1f} (sum of 5 steps) | "
+          f"{max(m['peak_rss_mb'] for m in models):,.0f} MB (highest) | {lake['seconds']:.1f} (one step) | "
+          f"{lake['peak_rss_mb']:,.0f} MB |")
+    print(f"\nwarehouse file {os.path.getsize(work / 'warehouse.duckdb') / 1e6:,.0f} MB (every table); "
+          f"lake folder {folder_bytes(work / 'lake') / 1e6:,.0f} MB (raw layer and SQL models)")
+
+
+if __name__ == "__main__":
+    main()

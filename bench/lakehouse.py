@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,10 @@ def in_process(arguments: list[str], env: dict) -> dict:
     done = subprocess.run([sys.executable, "-m", *arguments], cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(arguments)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not result["success"]:
+        raise SystemExit(f"{' '.join(arguments)} failed: {result.get('error')}")
+    return result
 
 
 def folder_bytes(path: Path) -> int:
@@ -48,6 +52,7 @@ def main() -> None:
     parser.add_argument("--landing", type=Path, help="an existing landing folder (default: generate one day)")
     parser.add_argument("--day", default="2011-09-01")
     parser.add_argument("--work", type=Path, help="where the warehouse and the lake go (default: a temp folder)")
+    parser.add_argument("--lakehouse-only", action="store_true", help="the lakehouse's stages alone (a new lake)")
     args = parser.parse_args()
 
     from tests.postgres_support import postgres_server
@@ -65,19 +70,21 @@ def main() -> None:
     env = {**os.environ, "LANDING_DIR": str(landing), "WAREHOUSE_PATH": str(work / "warehouse.duckdb"),
            "PYTHONWARNINGS": "ignore"}
     results: dict[str, dict] = {}
-    for stage in WAREHOUSE_STAGES:
+    for stage in () if args.lakehouse_only else WAREHOUSE_STAGES:
         results[stage] = in_process(["bench.stage", stage, args.day], env)
         print(f"warehouse {stage}: {results[stage]['seconds']:.1f}s, {results[stage]['peak_rss_mb']:.0f} MB", flush=True)
     with postgres_server() as server:
         env["LAKEHOUSE_CATALOG_URI"] = (f"postgresql+psycopg2://{server.user}:{server.password}@{server.host}:"
                                         f"{server.port}/{server.db_name}")
+        shutil.rmtree(work / "lake", ignore_errors=True)  # its catalog is new
         env["LAKEHOUSE_LOCATION"] = str(work / "lake")
         env["BENCH_JOB"] = "lakehouse_pipeline"
         for stage in LAKE_STAGES:
             results[stage] = in_process(["bench.stage", stage, args.day], env)
             print(f"lakehouse {stage}: {results[stage]['seconds']:.1f}s, {results[stage]['peak_rss_mb']:.0f} MB",
                   flush=True)
-    report(results, work)
+    if not args.lakehouse_only:
+        report(results, work)
 
 
 def report(results: dict[str, dict], work: Path) -> None:

@@ -29,11 +29,14 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import dagster as dg
 import pyarrow as pa
@@ -103,9 +106,6 @@ class Lakehouse(dg.ConfigurableResource):
         `data` is a table, or a callable giving the rows as a stream of tables (then `schema` is
         needed): each becomes its own data files, all committed at once, so memory holds one.
         `keys`: replace only the day's rows with these column values (the data holds only those)."""
-        from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownException, ServiceUnavailableError
-
-        day, marker = str(day), _marker(day, keys)
         if isinstance(data, pa.Table):
             chunks, schema = (lambda: [data]), schema or data.schema
         elif schema is None:
@@ -113,6 +113,59 @@ class Lakehouse(dg.ConfigurableResource):
         else:
             chunks = data
         schema = _day_schema(schema)
+
+        def append(tx, counted: list[int]) -> None:
+            for chunk in chunks():
+                if chunk.num_rows:
+                    tx.append(_with_day(chunk, str(day)).cast(schema))
+                    counted[0] += chunk.num_rows
+
+        return self._replace_day(table, str(day), schema, fingerprint, keys, append)
+
+    def write_day_files(self, table: str, day: str | dt.date, write: Callable[[Path], int], fingerprint: str,
+                        schema: pa.Schema, keys: dict[str, str] | None = None) -> Written:
+        """write_day for rows another engine writes as Parquet: `write(folder)` writes the day's
+        rows (with the partition column, the table's schema) as .parquet files into a new folder
+        under the table's data and returns how many; the files are then added in the one commit.
+        Local locations only (local_data_folder); the folder goes if no commit takes it."""
+        schema, day = _day_schema(schema), str(day)
+        if self.day_fingerprint(table, day, keys) == fingerprint:
+            return Written(table, day, 0, True, 0)
+        folder = self.local_data_folder(table, schema) / f"{PARTITION_COLUMN}={day}" / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        try:
+            rows = write(folder)
+            files = sorted(str(f) for f in folder.glob("*.parquet"))
+
+            def add(tx, counted: list[int]) -> None:
+                if files:
+                    tx.add_files(files)
+                counted[0] = rows
+
+            written = self._replace_day(table, day, schema, fingerprint, keys, add)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        if written.skipped:  # another writer stored the same fingerprint first
+            shutil.rmtree(folder, ignore_errors=True)
+        return written
+
+    def local_data_folder(self, table: str, schema: pa.Schema | None = None) -> Path | None:
+        """The local folder of a table's data files (created with `schema` if missing), or None when
+        the location is not a local path (S3)."""
+        if "://" in self.location and not self.location.startswith("file:"):
+            return None
+        iceberg = _table_for(self.catalog(), table, _day_schema(schema)) if schema is not None else \
+            self.catalog().load_table(table)
+        return Path(unquote(urlparse(iceberg.location()).path)) / "data"
+
+    def _replace_day(self, table: str, day: str, schema: pa.Schema, fingerprint: str, keys: dict[str, str] | None,
+                     add: Callable[[Any, list[int]], None]) -> Written:
+        """One transaction, committed again when another writer won the race: the day's rows (with
+        `keys`' values) deleted, `add(tx, counted)` adding the new ones, the marker set."""
+        from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownException, ServiceUnavailableError
+
+        marker = _marker(day, keys)
         catalog = self.catalog()
         iceberg = _table_for(catalog, table, schema)
         unconfirmed = None  # rows of a commit whose answer was lost (it may have landed)
@@ -122,7 +175,10 @@ class Lakehouse(dg.ConfigurableResource):
                 return Written(table, day, unconfirmed or 0, unconfirmed is None, attempt - 1)
             counted = [0]
             try:
-                _replace_day(iceberg, day, chunks(), schema, fingerprint, counted, keys)
+                with iceberg.transaction() as tx:
+                    tx.delete(_day_rows(day, keys))
+                    add(tx, counted)
+                    tx.set_properties({marker: fingerprint})
                 return Written(table, day, counted[0], False, attempt)
             except (CommitFailedException, CommitStateUnknownException, ServiceUnavailableError) as exc:
                 # lost the race, or a REST catalog's commit whose outcome is unknown (5xx): reload
@@ -158,27 +214,37 @@ class Lakehouse(dg.ConfigurableResource):
         return scan.to_arrow_batch_reader()
 
 
+    def local_files_through(self, table: str, day: str | dt.date) -> list[str] | None:
+        """The local Parquet data files that hold the days up to `day`, as a scan plans them (one
+        day a file: the table is partitioned by day), for a reader that scans Parquet itself
+        (DuckDB: its own memory limit, no Arrow copy). None when that would be wrong or cannot
+        be done: no such table, delete files to apply, files not on a local path. Then use
+        read_through."""
+        from pyiceberg.expressions import LessThanOrEqual
+
+        catalog = self.catalog()
+        if not catalog.table_exists(table):
+            return None
+        tasks = list(catalog.load_table(table).scan(row_filter=LessThanOrEqual(PARTITION_COLUMN, str(day))).plan_files())
+        paths = [task.file.file_path for task in tasks]
+        if any(task.delete_files for task in tasks) or not all(p.startswith("file:") or "://" not in p for p in paths):
+            return None
+        return [unquote(urlparse(p).path) if p.startswith("file:") else p for p in paths]
+
+
 def _marker(day: str | dt.date, keys: dict[str, str] | None) -> str:
     """The table property that holds the fingerprint of a day's (or a day and keys') last write."""
     return FINGERPRINT_PROPERTY + str(day) + "".join(f".{column}={value}" for column, value in sorted((keys or {}).items()))
 
 
-def _replace_day(iceberg, day: str, chunks: Iterable[pa.Table], schema: pa.Schema, fingerprint: str,
-                 counted: list[int], keys: dict[str, str] | None = None) -> None:
-    """One transaction: the day's rows (with `keys`' values) deleted, every chunk added, the marker
-    set; one commit. `counted[0]`: the rows added (known even when the commit then fails)."""
+def _day_rows(day: str, keys: dict[str, str] | None):
+    """The rows a write of (day, keys) replaces."""
     from pyiceberg.expressions import And, EqualTo
 
     rows = EqualTo(PARTITION_COLUMN, day)
     for column, value in sorted((keys or {}).items()):
         rows = And(rows, EqualTo(column, value))
-    with iceberg.transaction() as tx:
-        tx.delete(rows)
-        for chunk in chunks:
-            if chunk.num_rows:
-                tx.append(_with_day(chunk, day).cast(schema))
-                counted[0] += chunk.num_rows
-        tx.set_properties({_marker(day, keys): fingerprint})
+    return rows
 
 
 def _day_schema(schema: pa.Schema) -> pa.Schema:

@@ -103,10 +103,17 @@ def rebudget(con: duckdb.DuckDBPyConnection) -> str | None:
     warehouse = _budgeted.get(id(con))
     if warehouse is None or not warehouse.step_memory_budget:
         return None
+    return rebudget_within(con, warehouse.memory_limit, warehouse.step_memory_budget, warehouse.min_memory_limit)
+
+
+def rebudget_within(con: duckdb.DuckDBPyConnection, cap: str, budget: str | None, floor: str) -> str | None:
+    """rebudget's rule for any connection: memory_limit from what the process holds now besides
+    the connection's buffers, within `budget` (None: left as it is)."""
+    if not budget:
+        return None
     release_memory()
     buffers = int(fetch_scalar(con, "SELECT coalesce(sum(memory_usage_bytes), 0) FROM duckdb_memory()"))
-    limit = budgeted_memory_limit(warehouse.memory_limit, warehouse.step_memory_budget, warehouse.min_memory_limit,
-                                  held=max(process_rss() - buffers, 0))
+    limit = budgeted_memory_limit(cap, budget, floor, held=max(process_rss() - buffers, 0))
     con.execute(f"SET memory_limit = '{limit}'")
     log.debug(f"DuckDB memory_limit {limit} again (process at {process_rss() // 2**20} MiB, buffers {buffers // 2**20} MiB)")
     return limit

@@ -156,17 +156,17 @@ def test_a_changed_file_replaces_its_day_and_a_batch_without_its_marker_is_writt
     before = lake_snapshot(lakehouse, tmp_path)
 
     # the writer dies after the raw tables and the errors, before the marker
-    real_write = Lakehouse.write_day
+    real_replace = Lakehouse._replace_day
 
     def dies_at_the_marker(self, table, *args, **kwargs):
         if table == MARKER_TABLE:
             raise RuntimeError("killed before the marker")
-        return real_write(self, table, *args, **kwargs)
+        return real_replace(self, table, *args, **kwargs)
 
     changed = tmp_path / "transactions.csv"
     lines = (landing / "transactions" / f"{day(1)}.csv").read_bytes().splitlines()
     changed.write_bytes(b"\n".join(lines[:10] + lines[15:]) + b"\n")  # five order lines fewer
-    monkeypatch.setattr(Lakehouse, "write_day", dies_at_the_marker)
+    monkeypatch.setattr(Lakehouse, "_replace_day", dies_at_the_marker)
     with pytest.raises(RuntimeError, match="before the marker"):
         land_on_lakehouse(lakehouse, transactions, day(1), changed)
     monkeypatch.undo()
@@ -230,3 +230,20 @@ def test_the_lake_assets_are_defined_when_a_lakehouse_is_configured_and_stay_out
     assert lake_assets == {"lake_raw_products", "lake_raw_customers", "lake_raw_transactions", "lake_sql_models"}
     assert not lake_assets & {k.to_user_string() for k in daily.asset_layer.executable_asset_keys}
     assert "raw_customers" in {k.to_user_string() for k in daily.asset_layer.executable_asset_keys}
+
+
+def test_the_arrow_route_for_object_stores_lands_the_same_rows(postgres, tmp_path, ten_days, monkeypatch):
+    """On a local location DuckDB writes the Parquet files and pyiceberg adds them; on S3 the rows
+    go through Arrow chunks (local_data_folder is None there). Both land the same tables."""
+    landing = ten_days[0]
+    customers = next(s for s in SOURCES if s.name == "customers")
+    products = next(s for s in SOURCES if s.name == "products")
+    lakes = {}
+    for route in ("files", "arrow"):
+        if route == "arrow":
+            monkeypatch.setattr(Lakehouse, "local_data_folder", lambda *args, **kwargs: None)
+        lake = Lakehouse(**lakehouse_options(postgres, tmp_path / route, f"route_{route}"))
+        land_on_lakehouse(lake, products, day(0), landing / "products" / f"{day(0)}.csv")
+        land_on_lakehouse(lake, customers, day(0), landing / "customers" / f"{day(0)}.jsonl")
+        lakes[route] = lake_snapshot(lake, tmp_path)
+    assert lakes["files"] == lakes["arrow"] and len(lakes["files"]["customer_purchases"]) > 100

@@ -44,11 +44,17 @@ from assets.ingest.raw_assets import (
 )
 from resources.lakehouse import PARTITION_COLUMN, Lakehouse, Written
 from resources.memory import budgeted_memory_limit
+from resources.warehouse import rebudget_within
 from resources.landing import LandingFileError, LandingZone
 
 MARKER_TABLE = "ops.batch_fingerprints"  # written last: its row says the batch landed whole
 SHARED_TABLES = ("ops.schema_errors",)  # one table for every source: written per (day, source)
-WRITE_BATCH_ROWS = 1_000_000  # rows a data file holds at most when a table goes to the lakehouse
+MIN_MEMORY_LIMIT = "256MiB"  # the warehouse's min_memory_limit
+WRITE_BATCH_ROWS = 500_000  # rows a data file holds at most when Arrow writes a table to the lakehouse
+FILE_BYTES = "256MB"  # a data file's size at most when DuckDB writes it
+# HUGEINT (a SQL sum of integers): Parquet and Arrow have no 128-bit integer. JSON: text (DuckDB's
+# Parquet marks it JSON, whose statistics pyiceberg cannot read as a string column's).
+STORED_AS = {"HUGEINT": "DECIMAL(38, 0)", "JSON": "VARCHAR"}
 
 
 @dataclass(frozen=True)
@@ -61,12 +67,16 @@ class LakehouseBatch:
     seconds: float
 
 
-def staging_memory_limit() -> str:
+def staging_memory_limit(con: duckdb.DuckDBPyConnection | None = None) -> str | None:
     """DuckDB's memory_limit for a lakehouse step's private DuckDB, by the warehouse's rule:
-    DUCKDB_MEMORY_LIMIT, within STEP_MEMORY_BUDGET beside what the process holds now."""
+    DUCKDB_MEMORY_LIMIT, within STEP_MEMORY_BUDGET beside what the process holds now. With `con`:
+    set again on it, beside what the process holds besides its buffers (rebudget)."""
     from resources import step_memory_budget
 
-    return budgeted_memory_limit(os.getenv("DUCKDB_MEMORY_LIMIT", "1GB"), step_memory_budget(), "256MiB")
+    cap, budget = os.getenv("DUCKDB_MEMORY_LIMIT", "1GB"), step_memory_budget()
+    if con is not None:
+        return rebudget_within(con, cap, budget, MIN_MEMORY_LIMIT)
+    return budgeted_memory_limit(cap, budget, MIN_MEMORY_LIMIT)
 
 
 def land_on_lakehouse(lakehouse: Lakehouse, source: Source, day: str, path: Path,
@@ -85,6 +95,8 @@ def land_on_lakehouse(lakehouse: Lakehouse, source: Source, day: str, path: Path
         _load_catalogs(con, lakehouse, source, sources, day)
         counts, _ = land_file(con, source, sources, day, path)
         record_fingerprint(con, source, day, fingerprint, path, counts, time.perf_counter() - started)
+        if memory_limit is None:
+            staging_memory_limit(con)  # the parse grew the Python side; the writes' chunks come next
         tables = [t.qualified for t in source.tables] + list(SHARED_TABLES) + [MARKER_TABLE]
         rows, attempts = {}, 0
         for table in tables:  # the marker last
@@ -98,13 +110,24 @@ def land_on_lakehouse(lakehouse: Lakehouse, source: Source, day: str, path: Path
 
 def write_query(lakehouse: Lakehouse, con: duckdb.DuckDBPyConnection, table: str, day: str, query: str,
                 params: dict, fingerprint: str, keys: dict[str, str] | None = None) -> Written:
-    """A query's rows as the day of an Iceberg table, in chunks of WRITE_BATCH_ROWS (each its own
-    data files, one commit): memory holds one chunk, not the table."""
-    schema = con.sql(f"SELECT * FROM ({query}) LIMIT 0", params=params or None).to_arrow_table().schema
+    """A query's rows as the day of an Iceberg table, in one commit. On a local location DuckDB
+    writes the Parquet files itself (within its memory limit) and pyiceberg adds them; elsewhere
+    (S3) the rows go through Arrow in chunks of WRITE_BATCH_ROWS. Types Iceberg does not have are
+    stored as STORED_AS says, either way."""
+    relation = con.sql(query, params=params or None)
+    query = "SELECT " + ", ".join(f'"{c}"::{STORED_AS[str(t)]} AS "{c}"' if str(t) in STORED_AS else f'"{c}"'
+                                  for c, t in zip(relation.columns, relation.types)) + f" FROM ({query})"
+    schema = con.sql(f"{query} LIMIT 0", params=params or None).to_arrow_table().schema
+    if lakehouse.local_data_folder(table, schema) is not None:
+        def write(folder: Path) -> int:
+            copy = (f"COPY (SELECT *, $partition_day AS {PARTITION_COLUMN} FROM ({query})) TO '{folder}' "  # our folder
+                    f"(FORMAT parquet, FILE_SIZE_BYTES '{FILE_BYTES}')")
+            return int(con.execute(copy, {**params, "partition_day": day}).fetchall()[0][0])
+
+        return lakehouse.write_day_files(table, day, write, fingerprint, schema, keys)
 
     def chunks():
-        reader = con.sql(query, params=params or None).fetch_record_batch(WRITE_BATCH_ROWS)  # the SQL is ours
-        for batch in reader:
+        for batch in con.sql(query, params=params or None).fetch_record_batch(WRITE_BATCH_ROWS):  # the SQL is ours
             yield pa.Table.from_batches([batch])
 
     return lakehouse.write_day(table, day, chunks, fingerprint, schema=schema, keys=keys)
@@ -137,7 +160,16 @@ def _load_catalogs(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, source:
 
 def insert_from_lakehouse(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, table: str, day: str) -> None:
     """The rows of an Iceberg table's days up to `day` appended to the DuckDB table of the same
-    name (by column name, without the partition column), streamed: memory holds a batch or so."""
+    name (by column name, without the partition column). DuckDB reads the data files the scan
+    plans when they are local Parquet without deletes (within its memory limit: at 2M customers
+    the Arrow batches of pyiceberg's reader held 800 MB more); otherwise Arrow batches."""
+    files = lakehouse.local_files_through(table, day)
+    if files is not None:
+        if files:
+            con.execute(f"""INSERT INTO {table} BY NAME SELECT * EXCLUDE ({PARTITION_COLUMN})
+                            FROM read_parquet($files, union_by_name = true) WHERE {PARTITION_COLUMN} <= $day""",
+                        {"files": files, "day": day})  # names from code
+        return
     reader = lakehouse.read_through(table, day)
     if reader is None:
         return

@@ -121,7 +121,7 @@ def write_query(lakehouse: Lakehouse, con: duckdb.DuckDBPyConnection, table: str
     if lakehouse.local_data_folder(table, schema) is not None:
         def write(folder: Path) -> int:
             copy = (f"COPY (SELECT *, $partition_day AS {PARTITION_COLUMN} FROM ({query})) TO '{folder}' "  # our folder
-                    f"(FORMAT parquet, FILE_SIZE_BYTES '{FILE_BYTES}')")
+                    f"(FORMAT parquet, COMPRESSION zstd, FILE_SIZE_BYTES '{FILE_BYTES}')")  # pyiceberg's codec
             return int(con.execute(copy, {**params, "partition_day": day}).fetchall()[0][0])
 
         return lakehouse.write_day_files(table, day, write, fingerprint, schema, keys)

@@ -17,8 +17,8 @@ Processes landing other days (or other sources) race only on the catalog's commi
 
 The assets `lake_raw_<source>` (group `lakehouse`, defined when a lakehouse is configured) run it
 per partition, without the `duckdb` pool: a backfill lands its days in as many runs at once as
-the run queue allows. This is the raw layer only: the SQL models and the later stages still read
-the DuckDB warehouse, which the `raw_*` assets fill.
+the run queue allows. The SQL models follow on the lakehouse (assets/transform/lakehouse_models.py);
+the AI stages still read the DuckDB warehouse, which the `raw_*` assets fill.
 """
 
 
@@ -43,9 +43,9 @@ from assets.ingest.raw_assets import (
     record_fingerprint,
 )
 from resources.lakehouse import PARTITION_COLUMN, Lakehouse, Written
+from resources.landing import LandingFileError, LandingZone
 from resources.memory import budgeted_memory_limit
 from resources.warehouse import rebudget_within
-from resources.landing import LandingFileError, LandingZone
 
 MARKER_TABLE = "ops.batch_fingerprints"  # written last: its row says the batch landed whole
 SHARED_TABLES = ("ops.schema_errors",)  # one table for every source: written per (day, source)
@@ -180,7 +180,6 @@ def insert_from_lakehouse(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, 
         con.unregister("lake_rows")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Assets: lake_raw_<source>
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +243,8 @@ def lakehouse_ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg
                          ", ".join(f"{t} {n:,} rows" for t, n in batch.rows.items())))
         return dg.MaterializeResult(metadata={
             "skipped": batch.skipped,
-            "rows": batch.rows,
-            "dagster/row_count": batch.rows.get(source.tables[0].qualified, 0),
+            "rows": batch.rows,  # written now: none on a skip
+            **({} if batch.skipped else {"dagster/row_count": batch.rows[source.tables[0].qualified]}),
             "commit_attempts": batch.commit_attempts,
             "seconds": round(batch.seconds, 2),
         })

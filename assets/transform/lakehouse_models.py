@@ -99,7 +99,7 @@ def build_models_on_lakehouse(lakehouse: Lakehouse, day: str, sources: tuple[Sou
         for table in (t.qualified for source in sources for t in source.tables):
             insert_from_lakehouse(con, lakehouse, table, day)
         if memory_limit is None:
-            staging_memory_limit(con)  # the Iceberg scans' Arrow side
+            staging_memory_limit(con)  # what the reads left on the Python side (Arrow batches from S3)
         con.execute(f"CREATE SCHEMA IF NOT EXISTS {MODEL_SCHEMA}")
         increments = incremental.load_incremental(sql_dir)
         for model in models:

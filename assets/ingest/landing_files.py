@@ -57,6 +57,9 @@ MAX_LINE_BYTES = 8 << 20  # a longer line is quarantined as `line_too_long` (its
 KEPT_TEXT_CHARS = 4096  # how much of an over-long line's text the quarantine keeps
 DECODE_PIECE_BYTES = 1 << 20  # lines decoded at a time to find undecodable ones
 SEEK_BYTES = 1 << 20  # read at a time while counting or looking for line feeds
+# CSV rows handed from the parse to DuckDB at a time: a 137 MB file parsed whole before its rows
+# went to DuckDB peaked at 1,080-1,210 MB.
+SINK_ROWS = 1 << 18
 CR_STAND_IN = "\uffff"  # a Unicode noncharacter: carries a CR inside a CSV field through the csv module
 csv.field_size_limit(MAX_LINE_BYTES)
 
@@ -559,16 +562,27 @@ def _widths_and_blanks(text: pa.Array, delimiter: str) -> tuple[pa.Array, pa.Arr
 
 class CsvColumns:
     """The well-formed records of a file as Arrow columns (line_no, raw_record, the source's
-    fields), gathered in file order from the csv module's records and blocks of simple lines."""
+    fields), gathered in file order from the csv module's records and blocks of simple lines.
 
-    def __init__(self, source: Source, delimiter: str):
+    With a `sink`, every SINK_ROWS gathered rows go to it as one table (in file order), so the
+    parse holds a part of the file's rows, not all of them; `table()` gives what is left."""
+
+    def __init__(self, source: Source, delimiter: str, sink: Callable[[pa.Table], None] | None = None):
         self.names = ["line_no", "raw_record", *source.fields.values()]
         self.schema = pa.schema([(name, pa.int64() if name == "line_no" else pa.string()) for name in self.names])
         self.delimiter = delimiter
+        self.sink = sink
         self.parts: list[pa.Table] = []
         self.pending: dict[str, list] = {name: [] for name in self.names}
 
+    def _hand_over(self) -> None:
+        if self.sink is not None and sum(part.num_rows for part in self.parts) >= SINK_ROWS:
+            self.sink(self.table())
+            self.parts = []
+
     def add_record(self, line_no: int, raw: str, fields: list[str], header: CsvHeader) -> None:
+        if len(self.pending["line_no"]) >= SINK_ROWS:
+            self._flush()
         self.pending["line_no"].append(line_no)
         self.pending["raw_record"].append(raw)
         for column, position in header.positions.items():
@@ -594,6 +608,7 @@ class CsvColumns:
             value = pc.list_element(fields, position)
             columns[column] = pc.if_else(_blank(value), pa.scalar(None, pa.string()), value)
         self.parts.append(pa.table({"line_no": lines["line_no"], "raw_record": lines["line"], **columns}))
+        self._hand_over()
         return blank_lines
 
     def _flush(self) -> None:
@@ -601,6 +616,7 @@ class CsvColumns:
             self.parts.append(pa.table({name: pa.array(values, self.schema.field(name).type)
                                         for name, values in self.pending.items()}))
             self.pending = {name: [] for name in self.names}
+            self._hand_over()
 
     def table(self) -> pa.Table:
         self._flush()
@@ -610,10 +626,12 @@ class CsvColumns:
 
 
 def _parse_csv(source: Source, path: Path, records: CsvRecords, header: CsvHeader | None = None,
-               header_only: bool = False) -> tuple[pa.Table | None, list[tuple], CsvHeader]:
-    """Columns of the well-formed records, and the refused ones as (line, rule, raw text).
-    `header`: the file's, for a shard that does not start the file; `header_only`: stop there."""
-    columns = CsvColumns(source, records.delimiter)
+               header_only: bool = False, sink: Callable[[pa.Table], None] | None = None
+               ) -> tuple[pa.Table | None, list[tuple], CsvHeader]:
+    """Columns of the well-formed records (with a `sink`: those it has not been given), and the
+    refused ones as (line, rule, raw text). `header`: the file's, for a shard that does not start
+    the file; `header_only`: stop there."""
+    columns = CsvColumns(source, records.delimiter, sink)
     problems: list[tuple[int, str, str]] = []
     for item in records:
         if isinstance(item, pa.Table):
@@ -702,7 +720,9 @@ def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, source: Source, shard:
         header = shard.header if shard else None
         delimiter = header.delimiter if header else sniff_delimiter(stream.peek(READ_BLOCK_BYTES), source)
         records = CsvRecords(reader, delimiter, stop_line=stop_line)
-        columns, problems, header = _parse_csv(source, path, records, header)
+        staged = StagedCsvRows(con, table)
+        rest, problems, header = _parse_csv(source, path, records, header, sink=staged)
+        staged(rest)
     too_long = [(n, text) for n, text in reader.too_long if n <= records.last_line]
     notes.update(reader.notes, blank_lines=records.blank_lines, delimiter=header.delimiter,
                  ignored_columns=header.ignored or None)
@@ -711,11 +731,34 @@ def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, source: Source, shard:
         notes.update(range_lines=stop_line, end_line=end_line, physical_lines=end_line - shard.skip)
     _add_unparseable(con, [(line_no, rule, None, raw) for line_no, rule, raw in problems]
                      + [(line_no, "line_too_long", None, text) for line_no, text in too_long])
-    count = columns.num_rows
-    staged = columns.add_column(0, "row_id", pa.array(np.arange(1, count + 1, dtype=np.int64)))
-    replaced = [f'{normalized(table, c, c)} AS "{c}"' for c in table.normalized]
-    create_from_arrow(con, f"stg_{table.name}", staged, f"* REPLACE ({', '.join(replaced)})" if replaced else "*")
-    return Staged({table.name: count + len(problems) + len(too_long)}, notes)
+    return Staged({table.name: staged.rows + len(problems) + len(too_long)}, notes)
+
+
+class StagedCsvRows:
+    """stg_<table> filled part after part as the parse hands its rows over (CsvColumns' sink), each
+    row numbered by its place among the file's well-formed records (row_id from 1)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, table: RawTable):
+        self.con, self.table, self.rows = con, table, 0
+        replaced = [f'{normalized(table, c, c)} AS "{c}"' for c in table.normalized]
+        self.select = f"* REPLACE ({', '.join(replaced)})" if replaced else "*"
+        self.created = False
+
+    def __call__(self, part: pa.Table) -> None:
+        if self.created and not part.num_rows:
+            return
+        numbered = part.add_column(0, "row_id", pa.array(np.arange(self.rows + 1, self.rows + part.num_rows + 1,
+                                                                   dtype=np.int64)))
+        if self.created:
+            self.con.register("arrow_input", numbered)
+            try:
+                self.con.execute(f"INSERT INTO stg_{self.table.name} SELECT {self.select} FROM arrow_input")
+            finally:
+                self.con.unregister("arrow_input")
+        else:
+            create_from_arrow(self.con, f"stg_{self.table.name}", numbered, self.select)
+            self.created = True
+        self.rows += part.num_rows
 
 
 def create_from_arrow(con: duckdb.DuckDBPyConnection, name: str, data: pa.Table | pa.RecordBatchReader,

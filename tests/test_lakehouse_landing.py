@@ -188,9 +188,10 @@ def test_a_changed_file_replaces_its_day_and_a_batch_without_its_marker_is_writt
 
 
 def test_the_lake_assets_land_a_day_skip_it_again_and_wait_for_their_catalog(postgres, tmp_path, ten_days, monkeypatch):
-    """lake_raw_* through Dagster: a day's three files land (metadata: rows, skipped), a re-run is
-    a skip; customers of a day whose products have not landed on the lakehouse are refused with
-    the days missing (catalog_wait_seconds 0: no retry)."""
+    """lake_raw_* through Dagster: a day's three files land (metadata: rows, counts, skipped) with
+    the warehouse's record_accounting and error_rate checks, a re-run is a skip that reports the
+    same verdicts (a failed error_rate stays failed); customers of a day whose products have not
+    landed on the lakehouse are refused with the days missing (catalog_wait_seconds 0: no retry)."""
     import dagster as dg
 
     from assets.ingest.lakehouse_landing import build_lakehouse_ingestion_assets
@@ -207,13 +208,25 @@ def test_the_lake_assets_land_a_day_skip_it_again_and_wait_for_their_catalog(pos
     [failure] = [e for e in refused.all_events if e.is_step_failure]
     assert "products of ['2011-09-01', '2011-09-02'] has not landed" in str(failure.event_specific_data.error.message)
 
-    first = dg.materialize(assets, partition_key=day(0), resources=resources)
+    strict = {"ops": {"lake_raw_customers": {"config": {"max_error_rate": 0.0}}}}  # any bad record fails it
+    first = dg.materialize(assets, partition_key=day(0), resources=resources, run_config=strict)
     metadata = {e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
                 for e in first.get_asset_materialization_events()}
     assert set(metadata) == {"lake_raw_products", "lake_raw_customers", "lake_raw_transactions"}
     assert not metadata["lake_raw_customers"]["skipped"] and metadata["lake_raw_customers"]["rows"]["raw.customers"] > 100
-    again = dg.materialize(assets, partition_key=day(0), resources=resources)
+    again = dg.materialize(assets, partition_key=day(0), resources=resources, run_config=strict)
     assert all(e.materialization.metadata["skipped"].value for e in again.get_asset_materialization_events())
+
+    # the warehouse's checks on the lake assets; a skip gives the verdicts of what landed, not a pass
+    def verdicts(result) -> dict:
+        return {(e.asset_key.to_user_string(), e.check_name): (e.passed, e.description)
+                for e in result.get_asset_check_evaluations()}
+
+    assert verdicts(again) == verdicts(first) and len(verdicts(first)) == 6
+    assert all(passed for (_, check), (passed, _) in verdicts(first).items() if check == "record_accounting")
+    assert not verdicts(first)[("lake_raw_customers", "error_rate")][0]  # the generator's faults, over 0 %
+    assert metadata["lake_raw_customers"]["input_records"] == (
+        metadata["lake_raw_customers"]["valid_records"] + metadata["lake_raw_customers"]["quarantined_records"])
 
 
 def test_the_lake_assets_are_defined_when_a_lakehouse_is_configured_and_stay_out_of_the_daily_run(monkeypatch, tmp_path):

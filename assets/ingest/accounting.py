@@ -104,8 +104,9 @@ def check_specs(asset: str) -> list[dg.AssetCheckSpec]:
 
 
 def check_results(source: Source, counts: BatchCounts, max_error_rate: float,
-                  min_records_for_error: int = 50) -> list[dg.AssetCheckResult]:
-    asset = source.asset
+                  min_records_for_error: int = 50, asset: str | None = None) -> list[dg.AssetCheckResult]:
+    """The checks' verdicts on a batch's counts, for `asset` (default: the source's raw asset)."""
+    asset = asset or source.asset
     unbalanced = [t for t, c in counts.tables.items() if not c.reconciles]
     accounting = {t: {"input": c.input_records, "valid": c.valid_records, "quarantined": c.quarantined_records}
                   for t, c in counts.tables.items()}

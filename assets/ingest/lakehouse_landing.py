@@ -22,6 +22,7 @@ the AI stages still read the DuckDB warehouse, which the `raw_*` assets fill.
 """
 
 
+import json
 import os
 import tempfile
 import time
@@ -34,7 +35,9 @@ import pyarrow as pa
 
 from assets.common.partitions import daily_partitions
 from assets.common.sources import SOURCES, Source
+from assets.ingest.accounting import BatchCounts, TableCounts, check_results, check_specs
 from assets.ingest.raw_assets import (
+    IngestionConfig,
     catalog_digest,
     catalog_tables,
     ensure_tables,
@@ -65,6 +68,7 @@ class LakehouseBatch:
     rows: dict[str, int]  # rows written per table
     commit_attempts: int  # more than one per table: other writers won races first
     seconds: float
+    counts: BatchCounts  # of the batch that landed (on a skip: as its marker stored them)
 
 
 def staging_memory_limit(con: duckdb.DuckDBPyConnection | None = None) -> str | None:
@@ -88,7 +92,8 @@ def land_on_lakehouse(lakehouse: Lakehouse, source: Source, day: str, path: Path
     fingerprint = file_fingerprint(path, source) + _catalog_fingerprints(lakehouse, source, sources, day)
     keys = {"source": source.name}
     if not force and lakehouse.day_fingerprint(MARKER_TABLE, day, keys) == fingerprint:
-        return LakehouseBatch(source.name, day, True, {}, 0, time.perf_counter() - started)
+        return LakehouseBatch(source.name, day, True, {}, 0, time.perf_counter() - started,
+                              stored_counts(lakehouse, source, day))
     with tempfile.TemporaryDirectory(prefix="lake-landing-") as spill, \
             duckdb.connect(config={"memory_limit": memory_limit or staging_memory_limit(), "temp_directory": spill}) as con:
         ensure_tables(con, sources)
@@ -105,7 +110,18 @@ def land_on_lakehouse(lakehouse: Lakehouse, source: Source, day: str, path: Path
             params = {"day": day, "source": source.name} if shared else {"day": day}
             written = write_query(lakehouse, con, table, day, query, params, fingerprint, keys if shared else None)
             rows[table], attempts = written.rows, attempts + written.attempts
-    return LakehouseBatch(source.name, day, False, rows, attempts, time.perf_counter() - started)
+    return LakehouseBatch(source.name, day, False, rows, attempts, time.perf_counter() - started, counts)
+
+
+def stored_counts(lakehouse: Lakehouse, source: Source, day: str) -> BatchCounts:
+    """A landed batch's counts as its marker row stored them (per table, from count_partition at
+    landing), and its bad records counted again from the day's errors of the source: a skip
+    reports the verdicts of what landed, never a fresh pass."""
+    rows = lakehouse.read_day(MARKER_TABLE, day).to_pylist()
+    [marker] = [r for r in rows if r["source"] == source.name]
+    tables = {name: TableCounts(**counts) for name, counts in json.loads(marker["table_counts"]).items()}
+    errors = lakehouse.read_day("ops.schema_errors", day).to_pylist()
+    return BatchCounts(tables, len({e["line_no"] for e in errors if e["source"] == source.name}))
 
 
 def write_query(lakehouse: Lakehouse, con: duckdb.DuckDBPyConnection, table: str, day: str, query: str,
@@ -188,8 +204,8 @@ CATALOG_RETRY_SECONDS = 5.0
 LAKEHOUSE_GROUP = "lakehouse"
 
 
-class LakeIngestionConfig(dg.Config):
-    force: bool = False  # land again even when the file's fingerprint is the day's marker
+class LakeModelsConfig(dg.Config):
+    force: bool = False  # build again even when the models' fingerprint is the day's marker
     catalog_wait_seconds: float = 600.0  # how long a day waits for the earlier days it reads
 
 
@@ -197,7 +213,7 @@ def lake_asset_name(source: Source) -> str:
     return f"lake_{source.asset}"
 
 
-def wait_for_landed_days(context: dg.AssetExecutionContext, config: LakeIngestionConfig, lakehouse: Lakehouse,
+def wait_for_landed_days(context: dg.AssetExecutionContext, config: IngestionConfig | LakeModelsConfig, lakehouse: Lakehouse,
                          landing: LandingZone, sources: list[Source], day: str) -> None:
     """Every day of these sources that has a file up to the day must have landed on the lakehouse
     first (a backfill runs days at once): else a retry, whose wait holds no slot, and in the end a
@@ -229,8 +245,9 @@ def lakehouse_ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg
                     + ", ".join(t.qualified for t in source.tables) + " and its errors, as Iceberg partitions "
                     "(no DuckDB warehouse, no lock).",
         tags={"pii": "true"} if any(t.personal for t in source.tables) else None,
+        check_specs=check_specs(lake_asset_name(source)),  # the warehouse's: record accounting (blocking), error rate
     )
-    def _asset(context: dg.AssetExecutionContext, config: LakeIngestionConfig, lakehouse: Lakehouse,
+    def _asset(context: dg.AssetExecutionContext, config: IngestionConfig, lakehouse: Lakehouse,
                landing: LandingZone) -> dg.MaterializeResult:
         day = context.partition_key
         try:
@@ -241,13 +258,20 @@ def lakehouse_ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg
             raise dg.Failure(str(error), allow_retries=False) from None
         context.log.info(f"{source.name} {day}: " + ("skipped (the marker holds this file)" if batch.skipped else
                          ", ".join(f"{t} {n:,} rows" for t, n in batch.rows.items())))
-        return dg.MaterializeResult(metadata={
-            "skipped": batch.skipped,
-            "rows": batch.rows,  # written now: none on a skip
-            **({} if batch.skipped else {"dagster/row_count": batch.rows[source.tables[0].qualified]}),
-            "commit_attempts": batch.commit_attempts,
-            "seconds": round(batch.seconds, 2),
-        })
+        return dg.MaterializeResult(
+            metadata={
+                "skipped": batch.skipped,
+                "rows": batch.rows,  # written now: none on a skip
+                "input_records": batch.counts.primary.input_records,
+                "valid_records": batch.counts.primary.valid_records,
+                "quarantined_records": batch.counts.primary.quarantined_records,
+                **batch.counts.rates,
+                "dagster/row_count": batch.counts.primary.valid_records,
+                "commit_attempts": batch.commit_attempts,
+                "seconds": round(batch.seconds, 2),
+            },
+            check_results=check_results(source, batch.counts, config.max_error_rate, config.min_records_for_error,
+                                        asset=lake_asset_name(source)))
 
     return _asset
 

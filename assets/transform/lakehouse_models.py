@@ -30,7 +30,7 @@ from assets.common.partitions import daily_partitions
 from assets.common.sources import SOURCES, Source
 from assets.ingest.lakehouse_landing import (
     LAKEHOUSE_GROUP,
-    LakeIngestionConfig,
+    LakeModelsConfig,
     insert_from_lakehouse,
     lake_asset_name,
     landed_days,
@@ -140,7 +140,7 @@ def lake_sql_models_asset(sources: tuple[Source, ...] = SOURCES) -> dg.AssetsDef
         description="The sql/ models as of the day, over the raw layer on the lakehouse, as Iceberg partitions "
                     "of analytics.<model> (no DuckDB warehouse, no lock).",
     )
-    def _asset(context: dg.AssetExecutionContext, config: LakeIngestionConfig, lakehouse: Lakehouse,
+    def _asset(context: dg.AssetExecutionContext, config: LakeModelsConfig, lakehouse: Lakehouse,
                landing: LandingZone) -> dg.MaterializeResult:
         day = context.partition_key
         wait_for_landed_days(context, config, lakehouse, landing, list(sources), day)

@@ -127,7 +127,7 @@ class Lakehouse(dg.ConfigurableResource):
         """write_day for rows another engine writes as Parquet: `write(folder)` writes the day's
         rows (with the partition column, the table's schema) as .parquet files into a new folder
         under the table's data and returns how many; the files are then added in the one commit.
-        Local locations only (local_data_folder); the folder goes if no commit takes it."""
+        Local locations only (writes_local_files); the folder goes if no commit takes it."""
         schema, day = _day_schema(schema), str(day)
         if self.day_fingerprint(table, day, keys) == fingerprint:
             return Written(table, day, 0, True, 0)
@@ -150,13 +150,16 @@ class Lakehouse(dg.ConfigurableResource):
             shutil.rmtree(folder, ignore_errors=True)
         return written
 
-    def local_data_folder(self, table: str, schema: pa.Schema | None = None) -> Path | None:
-        """The local folder of a table's data files (created with `schema` if missing), or None when
-        the location is not a local path (S3)."""
-        if "://" in self.location and not self.location.startswith("file:"):
-            return None
-        iceberg = _table_for(self.catalog(), table, _day_schema(schema)) if schema is not None else \
-            self.catalog().load_table(table)
+    @property
+    def writes_local_files(self) -> bool:
+        """Whether data files go to a local path (not S3): another engine can write them there."""
+        return "://" not in self.location or self.location.startswith("file:")
+
+    def local_data_folder(self, table: str, schema: pa.Schema) -> Path:
+        """The local folder of a table's data files (the table created with `schema` if missing)."""
+        if not self.writes_local_files:
+            raise ValueError(f"{table}: data files go to {self.location}, not a local path")
+        iceberg = _table_for(self.catalog(), table, _day_schema(schema))
         return Path(unquote(urlparse(iceberg.location()).path)) / "data"
 
     def _replace_day(self, table: str, day: str, schema: pa.Schema, fingerprint: str, keys: dict[str, str] | None,

@@ -247,14 +247,14 @@ def test_the_lake_assets_are_defined_when_a_lakehouse_is_configured_and_stay_out
 
 def test_the_arrow_route_for_object_stores_lands_the_same_rows(postgres, tmp_path, ten_days, monkeypatch):
     """On a local location DuckDB writes the Parquet files and pyiceberg adds them; on S3 the rows
-    go through Arrow chunks (local_data_folder is None there). Both land the same tables."""
+    go through Arrow chunks (writes_local_files is False there). Both land the same tables."""
     landing = ten_days[0]
     customers = next(s for s in SOURCES if s.name == "customers")
     products = next(s for s in SOURCES if s.name == "products")
     lakes = {}
     for route in ("files", "arrow"):
         if route == "arrow":
-            monkeypatch.setattr(Lakehouse, "local_data_folder", lambda *args, **kwargs: None)
+            monkeypatch.setattr(Lakehouse, "writes_local_files", property(lambda self: False))
         lake = Lakehouse(**lakehouse_options(postgres, tmp_path / route, f"route_{route}"))
         land_on_lakehouse(lake, products, day(0), landing / "products" / f"{day(0)}.csv")
         land_on_lakehouse(lake, customers, day(0), landing / "customers" / f"{day(0)}.jsonl")

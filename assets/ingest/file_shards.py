@@ -35,7 +35,6 @@ from assets.common.sources import RawTable, Source
 from assets.ingest.landing_files import (
     NO_RECORDS,
     READ_BLOCK_BYTES,
-    SEEK_BYTES,
     CsvHeader,
     CsvShard,
     Staged,
@@ -93,27 +92,14 @@ def shard_plan(source: Source, path: Path, shard_bytes: int) -> list[tuple[int, 
     # the shard at 0 holds a CSV file's header
     first_cut = offset_after_lines(path, 0, read_csv_header(source, path)[1]) if source.reader == "csv" else 0
     size, cuts = path.stat().st_size, [0]
-    with open(path, "rb") as raw:
-        for target in range(shard_bytes, size, shard_bytes):
-            if target > cuts[-1]:
-                end = _line_end_at_or_after(raw, max(target, first_cut) - 1, size)
-                if end >= size:
-                    break
-                cuts.append(end)
+    for target in range(shard_bytes, size, shard_bytes):
+        if target > cuts[-1]:
+            end = offset_after_lines(path, max(target, first_cut) - 1, 1)  # after the first LF from there
+            if end >= size:
+                break
+            cuts.append(end)
     cuts.append(size)
     return list(itertools.pairwise(cuts)) if len(cuts) > 2 else None
-
-
-def _line_end_at_or_after(raw, offset: int, size: int) -> int:
-    """The offset just after the first LF at or after `offset` (size when there is none)."""
-    raw.seek(offset)
-    while offset < size:
-        piece = raw.read(SEEK_BYTES)
-        found = piece.find(b"\n")
-        if found >= 0:
-            return offset + found + 1
-        offset += len(piece)
-    return size
 
 
 def stage_shard(job: ShardJob, shard: tuple[int, ...]) -> dict[str, Any]:

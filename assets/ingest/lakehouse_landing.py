@@ -134,7 +134,7 @@ def write_query(lakehouse: Lakehouse, con: duckdb.DuckDBPyConnection, table: str
     query = "SELECT " + ", ".join(f'"{c}"::{STORED_AS[str(t)]} AS "{c}"' if str(t) in STORED_AS else f'"{c}"'
                                   for c, t in zip(relation.columns, relation.types)) + f" FROM ({query})"
     schema = con.sql(f"{query} LIMIT 0", params=params or None).to_arrow_table().schema
-    if lakehouse.local_data_folder(table, schema) is not None:
+    if lakehouse.writes_local_files:
         def write(folder: Path) -> int:
             copy = (f"COPY (SELECT *, $partition_day AS {PARTITION_COLUMN} FROM ({query})) TO '{folder}' "  # our folder
                     f"(FORMAT parquet, COMPRESSION zstd, FILE_SIZE_BYTES '{FILE_BYTES}')")  # pyiceberg's codec

@@ -577,7 +577,7 @@ class CsvColumns:
 
     def _hand_over(self) -> None:
         if self.sink is not None and sum(part.num_rows for part in self.parts) >= SINK_ROWS:
-            self.sink(self.table())
+            self.sink(self._gathered())
             self.parts = []
 
     def add_record(self, line_no: int, raw: str, fields: list[str], header: CsvHeader) -> None:
@@ -620,6 +620,9 @@ class CsvColumns:
 
     def table(self) -> pa.Table:
         self._flush()
+        return self._gathered()
+
+    def _gathered(self) -> pa.Table:
         if not self.parts:
             return self.schema.empty_table()
         return pa.concat_tables([part.select(self.names).cast(self.schema) for part in self.parts])
@@ -749,24 +752,19 @@ class StagedCsvRows:
             return
         numbered = part.add_column(0, "row_id", pa.array(np.arange(self.rows + 1, self.rows + part.num_rows + 1,
                                                                    dtype=np.int64)))
-        if self.created:
-            self.con.register("arrow_input", numbered)
-            try:
-                self.con.execute(f"INSERT INTO stg_{self.table.name} SELECT {self.select} FROM arrow_input")
-            finally:
-                self.con.unregister("arrow_input")
-        else:
-            create_from_arrow(self.con, f"stg_{self.table.name}", numbered, self.select)
-            self.created = True
+        create_from_arrow(self.con, f"stg_{self.table.name}", numbered, self.select, append=self.created)
+        self.created = True
         self.rows += part.num_rows
 
 
 def create_from_arrow(con: duckdb.DuckDBPyConnection, name: str, data: pa.Table | pa.RecordBatchReader,
-                      select: str = "*") -> None:
-    """A temp table from Arrow data (`name` and `select` are SQL from code)."""
+                      select: str = "*", append: bool = False) -> None:
+    """A temp table from Arrow data, or (`append`) its rows added to it (`name` and `select` are
+    SQL from code)."""
     con.register("arrow_input", data)
     try:
-        con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT {select} FROM arrow_input")
+        into = f"INSERT INTO {name}" if append else f"CREATE OR REPLACE TEMP TABLE {name} AS"
+        con.execute(f"{into} SELECT {select} FROM arrow_input")
     finally:
         con.unregister("arrow_input")
 

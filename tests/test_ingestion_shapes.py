@@ -574,3 +574,24 @@ def test_an_over_long_line_is_refused_wherever_it_falls(tmp_path, monkeypatch, b
         refused = con.execute("SELECT line_no, rule FROM unparseable").fetchall()
         kept = con.execute("SELECT count(*), max(line_no) FROM stg_transactions").fetchone()
     assert refused == [(13, "line_too_long")] and kept == (29, 31)
+
+
+def test_a_9_mib_line_inside_a_default_read_block_is_refused(tmp_path):
+    """The same at the defaults (MAX_LINE_BYTES 8 MiB, 16 MiB read blocks for CSV): a 9 MiB line
+    that starts and ends inside the first read block, which the reader used to pass on."""
+    import duckdb
+
+    from assets.ingest.landing_files import MAX_LINE_BYTES, READ_BLOCK_BYTES, stage_csv
+
+    header = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country"
+    rows = [header] + [order_line(str(536400 + i)) for i in range(5)]
+    rows[3] = order_line("536402", description="M" * (9 << 20))
+    content = "\n".join(rows).encode() + b"\n"
+    assert MAX_LINE_BYTES < len(rows[3]) and len(content) < READ_BLOCK_BYTES
+    path = tmp_path / "orders.csv"
+    path.write_bytes(content)
+    with duckdb.connect() as con:
+        stage_csv(con, path, TRANSACTIONS)
+        refused = con.execute("SELECT line_no, rule FROM unparseable").fetchall()
+        kept = [n for (n,) in con.execute("SELECT line_no FROM stg_transactions ORDER BY 1").fetchall()]
+    assert refused == [(4, "line_too_long")] and kept == [2, 3, 5, 6]

@@ -14,8 +14,9 @@ from assets.ingest import build_ingestion_assets
 from assets.ingest.lakehouse_landing import LAKEHOUSE_GROUP, build_lakehouse_ingestion_assets, lakehouse_pipeline
 from assets.ingest.triggers import build_daily_schedule, build_landing_sensor
 from assets.transform import build_sql_assets
-from assets.transform.lakehouse_models import lake_sql_models_asset
-from assets.transform.sql_models import SQL_DIR
+from assets.common.lakehouse_stages import build_lakehouse_stage_assets
+from assets.transform.lakehouse_models import LAKE_MODELS_ASSET, lake_sql_models_asset
+from assets.transform.sql_models import SQL_DIR, load_models
 from assets.validate import build_suite_checks
 from assets.outputs.publish import published_recommendations
 from resources import build_resources, lakehouse_configured
@@ -38,6 +39,9 @@ STEP_EXECUTOR_CONFIG = {
 STEP_PROCESSES = dg.multiprocess_executor.configured(STEP_EXECUTOR_CONFIG, name="step_processes")
 
 
+AI_ASSETS = [*infer.ASSETS, *outputs.ASSETS, *evaluate.ASSETS]  # the stages after the SQL models
+
+
 def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL_DIR) -> dg.Definitions:
     """Everything derives from the source registry and the sql/ folder."""
     # Every stage for one day, from landing files to validated recommendations and their checks.
@@ -51,12 +55,15 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
     )
     return dg.Definitions.merge(
         dg.Definitions(
-            assets=with_catalog([*build_ingestion_assets(sources), *build_sql_assets(sql_dir, sources), *infer.ASSETS,
-                                 *outputs.ASSETS, *evaluate.ASSETS, monitor.INCIDENTS,
+            assets=with_catalog([*build_ingestion_assets(sources), *build_sql_assets(sql_dir, sources), *AI_ASSETS,
+                                 monitor.INCIDENTS,
                                  # the day's outputs to shared Iceberg tables, when a lakehouse is configured
                                  *([published_recommendations] if lake else []),
-                                 # the raw layer on the lakehouse, a job of its own (not in the daily run)
-                                 *([*build_lakehouse_ingestion_assets(sources), lake_sql_models_asset(sources)] if lake else [])],
+                                 # the whole run on the lakehouse, a job of its own (not in the daily run)
+                                 *([*build_lakehouse_ingestion_assets(sources), lake_sql_models_asset(sources),
+                                    *build_lakehouse_stage_assets(LAKE_MODELS_ASSET,
+                                                                  [m.name for m in load_models(sql_dir)], AI_ASSETS)]
+                                   if lake else [])],
                                 sources),
             asset_checks=[*build_suite_checks(sources), *outputs.CHECKS],
             resources=build_resources(tuple(source.name for source in sources)),

@@ -1,6 +1,6 @@
-"""Day 1 on both backends, side by side: the warehouse's ingestion and SQL model steps against the
-lakehouse's (the raw layer and the SQL models on Iceberg), each stage in a process of its own:
-seconds and peak RSS. Prints figures; not a test.
+"""Day 1 on both backends, side by side: every step of the warehouse's daily run (ingestion, SQL
+models, AI stages) against the lakehouse's (the same stages on Iceberg), each stage in a process
+of its own: seconds and peak RSS. Prints figures; not a test.
 
     python -m bench.lakehouse --customers 200000        # generates day 1, starts a local PostgreSQL
     python -m bench.lakehouse --landing DIR --day 2011-09-01
@@ -26,10 +26,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WAREHOUSE_STAGES = ("raw_products", "raw_transactions", "raw_customers", "stg_order_lines", "dim_products",
-                    "stg_customer_history", "stg_purchases", "customer_features")
-LAKE_STAGES = ("lake_raw_products", "lake_raw_transactions", "lake_raw_customers", "lake_sql_models")
-SQL_MODELS = WAREHOUSE_STAGES[3:]
+AI_STAGES = ("product_embeddings", "customer_segments", "recommendations", "validated_recommendations",
+             "recommendation_quality")
+SQL_MODELS = ("stg_order_lines", "dim_products", "stg_customer_history", "stg_purchases", "customer_features")
+WAREHOUSE_STAGES = ("raw_products", "raw_transactions", "raw_customers", *SQL_MODELS, *AI_STAGES)
+LAKE_STAGES = ("lake_raw_products", "lake_raw_transactions", "lake_raw_customers", "lake_sql_models",
+               *(f"lake_{stage}" for stage in AI_STAGES))
 
 
 def in_process(arguments: list[str], env: dict) -> dict:
@@ -100,8 +102,12 @@ def report(results: dict[str, dict], work: Path) -> None:
     print(f"| the 5 SQL models ({', '.join(SQL_MODELS)}) | {sum(m['seconds'] for m in models):.1f} (sum of 5 steps) | "
           f"{max(m['peak_rss_mb'] for m in models):,.0f} MB (highest) | {lake['seconds']:.1f} (one step) | "
           f"{lake['peak_rss_mb']:,.0f} MB |")
+    for stage in AI_STAGES:
+        w, lake = results[stage], results[f"lake_{stage}"]
+        print(f"| {stage} | {w['seconds']:.1f} | {w['peak_rss_mb']:,.0f} MB | {lake['seconds']:.1f} | "
+              f"{lake['peak_rss_mb']:,.0f} MB |")
     print(f"\nwarehouse file {os.path.getsize(work / 'warehouse.duckdb') / 1e6:,.0f} MB (every table); "
-          f"lake folder {folder_bytes(work / 'lake') / 1e6:,.0f} MB (raw layer and SQL models)")
+          f"lake folder {folder_bytes(work / 'lake') / 1e6:,.0f} MB (every stage's tables)")
 
 
 if __name__ == "__main__":

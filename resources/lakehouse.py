@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import random
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -41,6 +43,9 @@ from urllib.parse import unquote, urlparse
 import dagster as dg
 import pyarrow as pa
 from pydantic import Field
+
+_CATALOGS: dict[tuple, Any] = {}  # catalog clients by process and settings (Lakehouse.catalog)
+_CATALOGS_LOCK = threading.Lock()
 
 PARTITION_COLUMN = "partition_day"
 FINGERPRINT_PROPERTY = "fingerprint."  # + the day: the commit marker of that day's last write
@@ -74,6 +79,16 @@ class Lakehouse(dg.ConfigurableResource):
     commit_attempts: int = Field(default=8, ge=1, description="Commits tried when other writers win the race.")
 
     def catalog(self):
+        """The catalog client, one a process for the same settings (a SQL catalog's engine and its
+        connection pool, a REST catalog's session): every table write asks for it several times."""
+        key = (os.getpid(), self.catalog_name, self.catalog_uri, self.rest_uri, self.rest_token, self.location,
+               tuple(sorted(self.storage_options.items())))
+        with _CATALOGS_LOCK:
+            if key not in _CATALOGS:
+                _CATALOGS[key] = self._new_catalog()
+            return _CATALOGS[key]
+
+    def _new_catalog(self):
         from pyiceberg.catalog import load_catalog
 
         location = self.location if "://" in self.location else Path(self.location).resolve().as_uri()
@@ -150,6 +165,28 @@ class Lakehouse(dg.ConfigurableResource):
             shutil.rmtree(folder, ignore_errors=True)
         return written
 
+    def put_file(self, key: str, source: Path) -> None:
+        """A build's file (a fitted model) kept under `<location>/files/<key>`, beside the tables."""
+        with self._file_io().new_output(self._file_location(key)).create(overwrite=True) as out, source.open("rb") as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+
+    def get_file(self, key: str, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self._file_io().new_input(self._file_location(key)).open() as f, target.open("wb") as out:
+            shutil.copyfileobj(f, out, 1 << 20)
+
+    def has_file(self, key: str) -> bool:
+        return self._file_io().new_input(self._file_location(key)).exists()
+
+    def _file_io(self):
+        from pyiceberg.io import load_file_io
+
+        return load_file_io(dict(self.storage_options), self._file_location(""))
+
+    def _file_location(self, key: str) -> str:
+        location = self.location if "://" in self.location else Path(self.location).resolve().as_uri()
+        return f"{location.rstrip('/')}/files/{key}"
+
     @property
     def writes_local_files(self) -> bool:
         """Whether data files go to a local path (not S3): another engine can write them there."""
@@ -206,33 +243,35 @@ class Lakehouse(dg.ConfigurableResource):
 
         return self.catalog().load_table(table).scan(row_filter=EqualTo(PARTITION_COLUMN, str(day))).to_arrow()
 
-    def read_through(self, table: str, day: str | dt.date) -> pa.RecordBatchReader | None:
-        """Every row of the days up to `day`, streamed in batches (None: no such table yet)."""
-        from pyiceberg.expressions import LessThanOrEqual
-
+    def read_through(self, table: str, day: str | dt.date, day_only: bool = False) -> pa.RecordBatchReader | None:
+        """Every row of the days up to `day` (`day_only`: of that day), streamed in batches (None:
+        no such table yet)."""
         catalog = self.catalog()
         if not catalog.table_exists(table):
             return None
-        scan = catalog.load_table(table).scan(row_filter=LessThanOrEqual(PARTITION_COLUMN, str(day)))
-        return scan.to_arrow_batch_reader()
+        return catalog.load_table(table).scan(row_filter=_days(day, day_only)).to_arrow_batch_reader()
 
-
-    def local_files_through(self, table: str, day: str | dt.date) -> list[str] | None:
+    def local_files_through(self, table: str, day: str | dt.date, day_only: bool = False) -> list[str] | None:
         """The local Parquet data files that hold the days up to `day`, as a scan plans them (one
         day a file: the table is partitioned by day), for a reader that scans Parquet itself
         (DuckDB: its own memory limit, no Arrow copy). None when that would be wrong or cannot
         be done: no such table, delete files to apply, files not on a local path. Then use
         read_through."""
-        from pyiceberg.expressions import LessThanOrEqual
-
         catalog = self.catalog()
         if not catalog.table_exists(table):
             return None
-        tasks = list(catalog.load_table(table).scan(row_filter=LessThanOrEqual(PARTITION_COLUMN, str(day))).plan_files())
+        tasks = list(catalog.load_table(table).scan(row_filter=_days(day, day_only)).plan_files())
         paths = [task.file.file_path for task in tasks]
         if any(task.delete_files for task in tasks) or not all(p.startswith("file:") or "://" not in p for p in paths):
             return None
         return [unquote(urlparse(p).path) if p.startswith("file:") else p for p in paths]
+
+
+def _days(day: str | dt.date, day_only: bool):
+    """The rows of the days up to `day`, or of that day only."""
+    from pyiceberg.expressions import EqualTo, LessThanOrEqual
+
+    return (EqualTo if day_only else LessThanOrEqual)(PARTITION_COLUMN, str(day))
 
 
 def _marker(day: str | dt.date, keys: dict[str, str] | None) -> str:

@@ -240,7 +240,9 @@ def test_the_lake_assets_are_defined_when_a_lakehouse_is_configured_and_stay_out
     lake_job = defs.resolve_job_def("lakehouse_pipeline")
     daily = defs.resolve_job_def("daily_pipeline")
     lake_assets = {k.to_user_string() for k in lake_job.asset_layer.executable_asset_keys}
-    assert lake_assets == {"lake_raw_products", "lake_raw_customers", "lake_raw_transactions", "lake_sql_models"}
+    assert lake_assets == {"lake_raw_products", "lake_raw_customers", "lake_raw_transactions", "lake_sql_models",
+                           "lake_product_embeddings", "lake_customer_segments", "lake_recommendations",
+                           "lake_validated_recommendations", "lake_recommendation_quality"}
     assert not lake_assets & {k.to_user_string() for k in daily.asset_layer.executable_asset_keys}
     assert "raw_customers" in {k.to_user_string() for k in daily.asset_layer.executable_asset_keys}
 

@@ -481,8 +481,12 @@ def current_state_asset(
                      frozenset(c.name for c in checks if c.blocking), tables[0] if tables else None)
 
     def decorate(build: Callable[[StateBuild], Built]) -> dg.AssetsDefinition:
+        recipe = StageRecipe(spec, build, config_class, checks, tuple(resources), fingerprint_extra, code_version,
+                             description or inspect.getdoc(build), personal_data)
+        _STAGES[name] = recipe
+
         def body(context: dg.AssetExecutionContext, config: Any) -> dg.MaterializeResult:
-            return _materialize(spec, build, context, config, fingerprint_extra, code_version)
+            return materialize_stage(recipe, context, config)
 
         body.__name__ = name
         body.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
@@ -509,16 +513,55 @@ def current_state_asset(
     return decorate
 
 
-def _materialize(spec: StageSpec, build: Callable[[StateBuild], Built], context: dg.AssetExecutionContext,
-                 config: Any, fingerprint_extra, code_version: str | None) -> dg.MaterializeResult:
-    started = time.perf_counter()
-    as_of = as_of_day(context)
+@dataclass(frozen=True)
+class StageRecipe:
+    """Everything a current-state asset is made of: another backend runs the same build from it
+    (assets/common/lakehouse_stages.py)."""
+
+    spec: StageSpec
+    build: Callable[[StateBuild], Built]
+    config_class: type[StateConfig]
+    checks: tuple[dg.AssetCheckSpec, ...]
+    resources: tuple[str, ...]
+    fingerprint_extra: Callable[[dg.AssetExecutionContext], Any] | None
+    code_version: str | None
+    description: str | None
+    personal_data: bool
+
+
+_STAGES: dict[str, StageRecipe] = {}
+
+
+def stage_recipe(name: str) -> StageRecipe:
+    if name not in _STAGES:
+        _register_every_asset()
+    return _STAGES[name]
+
+
+def stage_names() -> list[str]:
+    """Every current-state stage of the code location."""
+    _register_every_asset()
+    return sorted(_STAGES)
+
+
+def decide_stage(recipe: StageRecipe, context: dg.AssetExecutionContext, config: Any
+                 ) -> tuple[BuildDecision, dict[str, str]]:
+    """Whether the stage builds as of the run's day (from the stored states of it and its
+    inputs), and the inputs that hold a later day when it would."""
+    spec, as_of = recipe.spec, as_of_day(context)
     with context.resources.warehouse.connect(read_only=True) as con:
         upstream = {name: input_fingerprint(con, name, as_of) for name in spec.inputs}
-        extra = fingerprint_extra(context) if fingerprint_extra else None
-        fingerprint = fingerprint_of(code_version, semantic_config(config), upstream, extra)
+        extra = recipe.fingerprint_extra(context) if recipe.fingerprint_extra else None
+        fingerprint = fingerprint_of(recipe.code_version, semantic_config(config), upstream, extra)
         decision = decide(read_state(con, spec.name), as_of, fingerprint, config.force)
-        later = later_inputs(con, spec.inputs, as_of) if decision.build else {}
+        return decision, later_inputs(con, spec.inputs, as_of) if decision.build else {}
+
+
+def materialize_stage(recipe: StageRecipe, context: dg.AssetExecutionContext, config: Any) -> dg.MaterializeResult:
+    spec, build = recipe.spec, recipe.build
+    started = time.perf_counter()
+    as_of = as_of_day(context)
+    decision, later = decide_stage(recipe, context, config)
     if later and config.force:
         raise dg.Failure(
             f"{spec.name} as of {as_of}: its inputs hold later days {later}. Rebuild them as of {as_of} first "

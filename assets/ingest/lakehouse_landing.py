@@ -55,9 +55,11 @@ SHARED_TABLES = ("ops.schema_errors",)  # one table for every source: written pe
 MIN_MEMORY_LIMIT = "256MiB"  # the warehouse's min_memory_limit
 WRITE_BATCH_ROWS = 500_000  # rows a data file holds at most when Arrow writes a table to the lakehouse
 FILE_BYTES = "256MB"  # a data file's size at most when DuckDB writes it
-# HUGEINT (a SQL sum of integers): Parquet and Arrow have no 128-bit integer. JSON: text (DuckDB's
-# Parquet marks it JSON, whose statistics pyiceberg cannot read as a string column's).
-STORED_AS = {"HUGEINT": "DECIMAL(38, 0)", "JSON": "VARCHAR"}
+# HUGEINT (a SQL sum of integers): Parquet and Arrow have no 128-bit integer. Unsigned integers
+# (UBIGINT: a hash): Iceberg has none, so the next wider signed type. JSON: text (DuckDB's Parquet
+# marks it JSON, whose statistics pyiceberg cannot read as a string column's).
+STORED_AS = {"HUGEINT": "DECIMAL(38, 0)", "UBIGINT": "DECIMAL(20, 0)", "UINTEGER": "BIGINT", "USMALLINT": "INTEGER",
+             "UTINYINT": "SMALLINT", "JSON": "VARCHAR"}
 
 
 @dataclass(frozen=True)
@@ -174,24 +176,30 @@ def _load_catalogs(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, source:
         insert_from_lakehouse(con, lakehouse, table, day)
 
 
-def insert_from_lakehouse(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, table: str, day: str) -> None:
-    """The rows of an Iceberg table's days up to `day` appended to the DuckDB table of the same
-    name (by column name, without the partition column). DuckDB reads the data files the scan
-    plans when they are local Parquet without deletes (within its memory limit: at 2M customers
-    the Arrow batches of pyiceberg's reader held 800 MB more); otherwise Arrow batches."""
-    files = lakehouse.local_files_through(table, day)
+def insert_from_lakehouse(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, table: str, day: str,
+                          day_only: bool = False, select: str = f"* EXCLUDE ({PARTITION_COLUMN})",
+                          where: str = "TRUE", params: dict | None = None) -> None:
+    """The rows of an Iceberg table's days up to `day` (`day_only`: of that day) appended to the
+    DuckDB table of the same name (by column name, without the partition column; `select` and
+    `where` may cast and filter them). DuckDB reads the data files the scan plans when they are
+    local Parquet without deletes (within its memory limit: at 2M customers the Arrow batches of
+    pyiceberg's reader held 800 MB more); otherwise Arrow batches."""
+    files = lakehouse.local_files_through(table, day, day_only)
+    params = {"day": day, **(params or {})}
+    days = f"{PARTITION_COLUMN} {'=' if day_only else '<='} $day"
     if files is not None:
         if files:
-            con.execute(f"""INSERT INTO {table} BY NAME SELECT * EXCLUDE ({PARTITION_COLUMN})
-                            FROM read_parquet($files, union_by_name = true) WHERE {PARTITION_COLUMN} <= $day""",
-                        {"files": files, "day": day})  # names from code
+            con.execute(f"""INSERT INTO {table} BY NAME SELECT {select}
+                            FROM read_parquet($files, union_by_name = true) WHERE {days} AND ({where})""",
+                        {"files": files, **params})  # names and filters from code
         return
-    reader = lakehouse.read_through(table, day)
+    reader = lakehouse.read_through(table, day, day_only)
     if reader is None:
         return
     con.register("lake_rows", reader)
     try:
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * EXCLUDE ({PARTITION_COLUMN}) FROM lake_rows")  # names from code
+        con.execute(f"INSERT INTO {table} BY NAME SELECT {select} FROM lake_rows WHERE {days} AND ({where})",
+                    params)  # names and filters from code
     finally:
         con.unregister("lake_rows")
 

@@ -10,7 +10,9 @@ build, as the warehouse's first build of a day (in ranges of its key where sql/s
 so); the incremental state of the warehouse has no use here, since a day's partition is written
 whole. The dbt-style tests of sql/schema.yml run on
 the built tables, and a model that breaks one fails the step before anything is written. Then
-each model goes to the lakehouse in one commit. Every model's marker is a digest of the sql/
+each model goes to the lakehouse in one commit, and then its state row in `ops.asset_state`
+(version 1; its tables' layouts), from which the stages after it read it as their input
+(assets/common/lakehouse_stages.py). Every model's marker is a digest of the sql/
 files and of the raw layer's batch markers up to the day: a re-run with nothing new is a skip,
 and a landed file or a changed model rebuilds the day.
 """
@@ -26,6 +28,8 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
+from assets.common.current_state import STATE_TABLE, write_state
+from assets.common.lakehouse_stages import publish_state, table_layouts
 from assets.common.partitions import daily_partitions
 from assets.common.sources import SOURCES, Source
 from assets.ingest.lakehouse_landing import (
@@ -90,7 +94,9 @@ def build_models_on_lakehouse(lakehouse: Lakehouse, day: str, sources: tuple[Sou
     started = time.perf_counter()
     models = models_in_order(load_models(sql_dir))
     fingerprint = models_fingerprint(lakehouse, models, sources, day)
-    if not force and all(lakehouse.day_fingerprint(m.table, day) == fingerprint for m in models):
+    if not force and all(lakehouse.day_fingerprint(m.table, day) == fingerprint and
+                         lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": m.name}) == f"{fingerprint}:v1"
+                         for m in models):
         return LakehouseModels(day, True, {}, time.perf_counter() - started)
     tests = model_tests.load_tests(sql_dir)
     with tempfile.TemporaryDirectory(prefix="lake-models-") as spill, \
@@ -111,6 +117,9 @@ def build_models_on_lakehouse(lakehouse: Lakehouse, day: str, sources: tuple[Sou
                                  metadata={"violations": broken}, allow_retries=False)
         written = {model.table: write_query(lakehouse, con, model.table, day, f"SELECT * FROM {model.table}", {},
                                             fingerprint) for model in models}
+        for model in models:  # each model's state, as the stages on the lakehouse read their inputs'
+            write_state(con, model.name, dt.date.fromisoformat(day), fingerprint, written[model.table].rows)
+            publish_state(lakehouse, con, model.name, day, table_layouts(con, [model.table]), f"{fingerprint}:v1")
     return LakehouseModels(day, False, written, time.perf_counter() - started)
 
 

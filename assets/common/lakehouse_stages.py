@@ -1,0 +1,360 @@
+"""The current-state stages on the lakehouse: each stage's own build, on a private DuckDB that is
+filled from Iceberg before and emptied into Iceberg after.
+
+    lakehouse_stage_asset("recommendations")   # the asset lake_recommendations, daily partitions
+
+A current-state stage (assets/common/current_state.py) reads its declared inputs' tables and its
+own state, and writes its own tables. On the lakehouse every (stage, day) is a snapshot: the day's
+Iceberg partition of each of its tables holds the tables as built as of that day, and a row of
+`ops.asset_state` (partition = the day, keys asset=<stage>) holds its recorded state, the
+measurements its checks are computed from, and the layout (DDL and column types) of each table.
+That row is written last: it is the build's commit marker.
+
+A run of stage S as of day D:
+1. **States.** The latest `ops.asset_state` row up to D of S and of each input goes into a private
+   DuckDB file, so the stage's own code decides as in the warehouse: a skip when its inputs are
+   unchanged since its last build up to D, a build otherwise (or on force, or when that build was
+   incomplete: open dead letters, a failed blocking check).
+2. **Tables**, only for a build: each input's tables at its state's day, and S's own tables, dead
+   letters and model items at its last build's day, recreated with their warehouse DDL and types;
+   for a stage that embeds, the whole model cache (content-addressed: any day's vectors serve).
+3. **Build**: the stage's unchanged build function and checks run on that file (no lock shared with
+   anyone, no `duckdb` pool slot).
+4. **Snapshot**: S's tables as day D's partitions, its dead letters and model items (keys
+   stage=...), the cache rows it added (keys written_by=S), and last its state row. A build of
+   the same (S, D) that committed meanwhile fails this one's commit check: the step retries.
+
+Days are independent partitions, so any day may be built at any time (no "only forward" rule);
+a stage that skips writes nothing, and its readers take its latest build up to their day.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+
+from assets.common.current_state import (
+    PII_TAG,
+    PIPELINE_SCHEMAS,
+    STATE_TABLE,
+    ConcurrentBuildError,
+    StageRecipe,
+    as_of_day,
+    decide_stage,
+    ensure_state_table,
+    materialize_stage,
+    stage_names,
+    stage_recipe,
+)
+from assets.common.partitions import daily_partitions
+from assets.ingest.lakehouse_landing import LAKEHOUSE_GROUP, insert_from_lakehouse, write_query
+from resources import dead_letters, step_memory_budget
+from resources.lakehouse import PARTITION_COLUMN, Lakehouse
+from resources.model_clients import store
+from resources.warehouse import DuckDBWarehouse, fetch_all
+
+STAGE_ROW_TABLES = ("ops.dead_letter", "ops.embedding_items")  # rows a stage owns, by their `stage`
+CACHE_TABLE = "ops.embedding_cache"
+CACHE_KEY = "model, dimensions, text_hash"
+KEPT_FOLDERS = ("models",)  # beside the warehouse file: what a build keeps for the next (recommendations' model)
+WRITER_COLUMN = "written_by"  # the cache's rows on the lakehouse: which stage added them
+FAR_FUTURE = "9999-12-31"
+
+
+def lake_name(stage: str) -> str:
+    return f"lake_{stage}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The states on the lakehouse
+# ---------------------------------------------------------------------------------------------
+
+def latest_states(lakehouse: Lakehouse, day: str, assets: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """{asset: its state row} of each asset's latest build up to the day (a row a build: small)."""
+    wanted = set(assets)
+    reader = lakehouse.read_through(STATE_TABLE, day)
+    latest: dict[str, dict[str, Any]] = {}
+    for row in (reader.read_all().to_pylist() if reader is not None else []):
+        if row["asset"] in wanted and (row["asset"] not in latest or row["as_of"] > latest[row["asset"]]["as_of"]):
+            latest[row["asset"]] = row
+    return latest
+
+
+def table_layouts(con: duckdb.DuckDBPyConnection, tables: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """{table: its DDL and column types} as DuckDB has them (the lakehouse stores some types as
+    others: HUGEINT as DECIMAL, JSON as text, fixed-size arrays as lists)."""
+    layouts = {}
+    for table in tables:
+        schema, name = table.split(".")
+        [(ddl,)] = fetch_all(con, "SELECT sql FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
+                             [schema, name])
+        columns = fetch_all(con, "SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = ? AND "
+                                 "table_name = ? ORDER BY column_index", [schema, name])
+        layouts[table] = {"ddl": ddl, "columns": [list(c) for c in columns]}
+    return layouts
+
+
+def publish_state(lakehouse: Lakehouse, con: duckdb.DuckDBPyConnection, asset: str, day: str,
+                  layouts: dict[str, dict[str, Any]], marker: str, files: list[str] | None = None) -> None:
+    """The asset's state row (from the DuckDB's ops.asset_state) as its (day, asset) row on the
+    lakehouse, with its tables' layouts and its kept files: the commit marker of what was
+    written before it."""
+    write_query(lakehouse, con, STATE_TABLE, day,
+                f"SELECT * REPLACE (metadata::VARCHAR AS metadata), $tables AS tables, $files AS files "
+                f"FROM {STATE_TABLE} WHERE asset = $asset",
+                {"asset": asset, "tables": json.dumps(layouts), "files": json.dumps(files or [])}, marker,
+                {"asset": asset})
+
+
+def state_marker(con: duckdb.DuckDBPyConnection, asset: str) -> str:
+    """The marker of the asset's recorded build: its fingerprint and version."""
+    [(fingerprint, version)] = fetch_all(con, f"SELECT fingerprint, version FROM {STATE_TABLE} WHERE asset = ?", [asset])
+    return f"{fingerprint}:v{version}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The private DuckDB: filled before a build, emptied after
+# ---------------------------------------------------------------------------------------------
+
+def hydrate_states(con: duckdb.DuckDBPyConnection, states: dict[str, dict[str, Any]]) -> None:
+    ensure_state_table(con)
+    for row in states.values():
+        columns = [c for c in row if c not in ("tables", "files", PARTITION_COLUMN)]
+        con.execute(f"INSERT INTO {STATE_TABLE} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                    [row[c] for c in columns])  # names from the state table
+
+
+def hydrate_tables(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, states: dict[str, dict[str, Any]]) -> None:
+    """Each state's tables as of its build's day, with their DDL and types."""
+    for row in states.values():
+        for table, layout in json.loads(row["tables"] or "{}").items():
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS {table.split('.')[0]}")
+            con.execute(layout["ddl"])  # DDL DuckDB wrote
+            casts = ", ".join(f'"{column}"::{kind} AS "{column}"' for column, kind in layout["columns"])
+            insert_from_lakehouse(con, lakehouse, table, str(row["as_of"]), day_only=True, select=casts)
+
+
+def kept_files(folder: Path) -> list[str]:
+    """The files a build keeps beside the warehouse file for its next build (a fitted model)."""
+    return sorted(str(path.relative_to(folder)) for kept in KEPT_FOLDERS if (folder / kept).is_dir()
+                  for path in (folder / kept).rglob("*") if path.is_file())
+
+
+def fetch_kept_files(lakehouse: Lakehouse, state: dict[str, Any] | None, folder: Path) -> None:
+    """The files the stage's last build kept, back beside the private warehouse file."""
+    for relative in json.loads((state or {}).get("files") or "[]"):
+        lakehouse.get_file(f"{state['asset']}/{relative}", folder / relative)
+
+
+def keep_files(lakehouse: Lakehouse, stage: str, folder: Path) -> list[str]:
+    """The build's kept files on the lakehouse (once: their names are unique); their names."""
+    files = kept_files(folder)
+    for relative in files:
+        if not lakehouse.has_file(f"{stage}/{relative}"):
+            lakehouse.put_file(f"{stage}/{relative}", folder / relative)
+    return files
+
+
+def hydrate_stage_rows(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, states: dict[str, dict[str, Any]]) -> None:
+    """The dead letters and model items each state's build left (its stages' rows at its day)."""
+    dead_letters.ensure_table(con)
+    store._create_tables(con)
+    for name, row in states.items():
+        for table in STAGE_ROW_TABLES:
+            insert_from_lakehouse(con, lakehouse, table, str(row["as_of"]), day_only=True,
+                                  where="stage IN (SELECT unnest($stages::VARCHAR[]))",
+                                  params={"stages": stages_of(name)})
+
+
+def hydrate_cache(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, stage: str, day: str) -> None:
+    """The whole model cache (one row a key; it is content-addressed, so any day's vectors
+    serve), and `main.lake_cache_seen`: its keys that came from other builds than this (stage,
+    day)'s. The rows this build adds, or its earlier run added, are the rest."""
+    store._create_tables(con)
+    con.execute(f"CREATE TABLE main.lake_cache_seen AS SELECT {CACHE_KEY} FROM {CACHE_TABLE} LIMIT 0")
+    reader = lakehouse.read_through(CACHE_TABLE, FAR_FUTURE)
+    if reader is None:
+        return
+    con.register("lake_rows", reader)
+    try:
+        con.execute("CREATE TABLE main.lake_cache_rows AS SELECT * FROM lake_rows")
+    finally:
+        con.unregister("lake_rows")
+    con.execute(f"INSERT INTO {CACHE_TABLE} BY NAME SELECT DISTINCT ON ({CACHE_KEY}) * EXCLUDE "
+                f"({PARTITION_COLUMN}, {WRITER_COLUMN}) FROM main.lake_cache_rows")
+    con.execute(f"INSERT INTO main.lake_cache_seen SELECT DISTINCT {CACHE_KEY} FROM main.lake_cache_rows "
+                f"WHERE NOT ({PARTITION_COLUMN} = $day AND {WRITER_COLUMN} = $stage)", {"day": day, "stage": stage})
+    con.execute("DROP TABLE main.lake_cache_rows")
+
+
+def stages_of(name: str) -> list[str]:
+    """The `stage` values of the rows a stage owns: its name, and its dead letters' stage."""
+    dead_letter_stage = stage_recipe(name).spec.dead_letter_stage
+    return [name] + ([dead_letter_stage] if dead_letter_stage and dead_letter_stage != name else [])
+
+
+def input_tables(states: dict[str, dict[str, Any]], inputs: Iterable[str]) -> set[str]:
+    return {table.lower() for name in inputs for table in json.loads(states[name]["tables"] or "{}")}
+
+
+def own_tables(con: duckdb.DuckDBPyConnection, taken: set[str]) -> list[str]:
+    """The pipeline tables in the DuckDB that are not its inputs': the stage's own."""
+    rows = fetch_all(con, "SELECT schema_name || '.' || table_name FROM duckdb_tables() WHERE schema_name IN "
+                          "(SELECT unnest(?::VARCHAR[])) ORDER BY 1", [list(PIPELINE_SCHEMAS)])
+    return [table for (table,) in rows if table.lower() not in taken]
+
+
+def snapshot_build(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, recipe: StageRecipe, day: str,
+                   taken: set[str], caches: bool, built_before: dict | None) -> str:
+    """The build's tables, rows and cache additions as day `day` on the lakehouse, its state row
+    last. Refused (the step retries) when another build of the same (stage, day) committed since
+    this one read the states."""
+    name = recipe.spec.name
+
+    def refuse_if_built_meanwhile() -> None:
+        now = latest_states(lakehouse, day, [name]).get(name)
+        if now is not None and str(now["as_of"]) == day and now != built_before:
+            raise ConcurrentBuildError(f"{name} as of {day} was built by another run meanwhile")
+
+    refuse_if_built_meanwhile()
+    with warehouse.connect(read_only=True) as con:
+        # this build's own: a table a dead attempt of the same version wrote is not taken for it
+        marker = f"{state_marker(con, name)}:{uuid.uuid4().hex[:12]}"
+        tables = own_tables(con, taken)
+        for table in tables:
+            write_query(lakehouse, con, table, day, f"SELECT * FROM {table}", {}, marker)  # names from the catalog
+        for table in STAGE_ROW_TABLES:
+            for stage in stages_of(name):
+                write_query(lakehouse, con, table, day, f"SELECT * FROM {table} WHERE stage = $stage",
+                            {"stage": stage}, marker, {"stage": stage})
+        if caches:
+            write_query(lakehouse, con, CACHE_TABLE, day,
+                        f"SELECT c.*, $stage AS {WRITER_COLUMN} FROM {CACHE_TABLE} c ANTI JOIN main.lake_cache_seen "
+                        f"USING ({CACHE_KEY})", {"stage": name}, marker, {WRITER_COLUMN: name})
+        files = keep_files(lakehouse, name, warehouse.file.parent)
+        refuse_if_built_meanwhile()
+        publish_state(lakehouse, con, name, day, table_layouts(con, tables), marker, files)
+    return marker
+
+
+# ---------------------------------------------------------------------------------------------
+# The asset
+# ---------------------------------------------------------------------------------------------
+
+class _Resources:
+    """The run's resources, with the stage's private warehouse as `warehouse`."""
+
+    def __init__(self, resources: Any, warehouse: DuckDBWarehouse):
+        self._resources, self.warehouse = resources, warehouse
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._resources, name)
+
+
+class _OnPrivateWarehouse:
+    """The run's context as the stage's build sees it: everything the same but the warehouse."""
+
+    def __init__(self, context: dg.AssetExecutionContext, warehouse: DuckDBWarehouse):
+        self._context, self.resources = context, _Resources(context.resources, warehouse)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def run_on_lakehouse(recipe: StageRecipe, context: dg.AssetExecutionContext, config: Any,
+                     lakehouse: Lakehouse) -> dg.MaterializeResult:
+    """The stage's own decision, build and checks, on a private DuckDB filled from the lakehouse."""
+    spec = recipe.spec
+    day = as_of_day(context).isoformat()
+    states = latest_states(lakehouse, day, [spec.name, *spec.inputs])
+    missing = [name for name in spec.inputs if name not in states]
+    if missing:
+        raise dg.Failure(f"{spec.name} as of {day}: {', '.join(missing)} has no build on the lakehouse up to that "
+                         "day; materialize its lake asset for the day first", metadata={"missing_inputs": missing},
+                         allow_retries=False)
+    caches = "embedding_model" in recipe.resources
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"lake-{spec.name}-") as folder:
+        warehouse = DuckDBWarehouse(path=str(Path(folder) / "stage.duckdb"),
+                                    memory_limit=os.getenv("DUCKDB_MEMORY_LIMIT", "1GB"),
+                                    step_memory_budget=step_memory_budget())
+        with warehouse.transaction() as con:
+            hydrate_states(con, states)
+        on_private = _OnPrivateWarehouse(context, warehouse)
+        if decide_stage(recipe, on_private, config)[0].build:  # else the stage reports its skip
+            with warehouse.transaction() as con:
+                hydrate_tables(con, lakehouse, states)
+                hydrate_stage_rows(con, lakehouse, states)
+                if caches:
+                    hydrate_cache(con, lakehouse, spec.name, day)
+            fetch_kept_files(lakehouse, states.get(spec.name), Path(folder))
+            context.log.info(f"{spec.name}: inputs and state read from the lakehouse in "
+                             f"{time.perf_counter() - started:.1f}s")
+        result = materialize_stage(recipe, on_private, config)
+        if result.metadata.get("skipped"):
+            return result
+        try:
+            marker = snapshot_build(lakehouse, warehouse, recipe, day, input_tables(states, spec.inputs), caches,
+                                    states.get(spec.name))
+        except ConcurrentBuildError as error:
+            context.log.warning(f"{error}: building again")
+            raise dg.RetryRequested(max_retries=3, seconds_to_wait=1.0) from error
+    metadata = {**result.metadata, "lakehouse_marker": marker, "seconds": round(time.perf_counter() - started, 3)}
+    return dg.MaterializeResult(metadata=metadata, check_results=result.check_results)
+
+
+def lakehouse_stage_asset(name: str, upstream: dict[str, str]) -> dg.AssetsDefinition:
+    """The stage `name` on the lakehouse, as the asset lake_<name>; `upstream`: the lake asset that
+    builds each of its inputs there."""
+    recipe = stage_recipe(name)
+    asset = lake_name(name)
+    resources = (set(recipe.resources) - {"warehouse"}) | {"lakehouse"}
+
+    def body(context: dg.AssetExecutionContext, config: Any) -> dg.MaterializeResult:
+        return run_on_lakehouse(recipe, context, config, context.resources.lakehouse)
+
+    body.__name__ = asset
+    body.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter("context", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=dg.AssetExecutionContext),
+        inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=recipe.config_class),
+    ])
+    return dg.asset(
+        name=asset,
+        deps=sorted({upstream[i] for i in recipe.spec.inputs}),
+        partitions_def=daily_partitions,
+        group_name=LAKEHOUSE_GROUP,
+        kinds={"iceberg", "python"},
+        check_specs=[dg.AssetCheckSpec(c.name, asset=asset, blocking=c.blocking, description=c.description)
+                     for c in recipe.checks],
+        required_resource_keys=resources,
+        description=f"{name} on the lakehouse: its build as of the day, its tables as Iceberg partitions "
+                    f"(no DuckDB warehouse, no lock). {recipe.description or ''}",
+        tags=PII_TAG if recipe.personal_data else None,
+    )(body)
+
+
+def build_lakehouse_stage_assets(models_asset: str, model_names: Iterable[str],
+                                 assets: Iterable[dg.AssetsDefinition]) -> list[dg.AssetsDefinition]:
+    """lake_<stage> for every current-state stage among `assets` (the stages after the SQL
+    models); the SQL models come from `models_asset` (lake_sql_models, which writes every model's
+    state row)."""
+    stages = stages_among(assets)
+    upstream = {**{name: models_asset for name in model_names}, **{name: lake_name(name) for name in stages}}
+    return [lakehouse_stage_asset(name, upstream) for name in stages]
+
+
+def stages_among(assets: Iterable[dg.AssetsDefinition]) -> list[str]:
+    """The assets that are current-state stages (embeddings, segments, recommendations, output
+    rules, evaluation), by name."""
+    registered = set(stage_names())
+    return [key.to_user_string() for asset in assets for key in asset.keys if key.to_user_string() in registered]

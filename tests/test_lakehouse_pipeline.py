@@ -1,0 +1,155 @@
+"""The whole daily pipeline on the lakehouse (Iceberg, SQL catalog on a real PostgreSQL) against
+the same pipeline on the DuckDB warehouse: the same generated files, two days in a row, give the
+same tables at every stage (embeddings, segments, recommendations with the kept model of day 1
+scoring day 2 incrementally, validated outputs, the evaluation) and the same dead letters, row
+for row; the model cache on the lakehouse saves the same model calls as the warehouse's; a re-run
+of the day reports the same verdicts, and retries only the build its dead letter left incomplete."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import dagster as dg
+import duckdb
+import pytest
+
+from assets.common.current_state import tables_of
+from assets.infer.recommendations import INCREMENTAL
+from assets.common.lakehouse_stages import (
+    build_lakehouse_stage_assets,
+    hydrate_stage_rows,
+    hydrate_tables,
+    stages_among,
+    latest_states,
+)
+from assets.ingest.lakehouse_landing import build_lakehouse_ingestion_assets
+from assets.transform.lakehouse_models import LAKE_MODELS_ASSET, lake_sql_models_asset
+from assets.transform.sql_models import SQL_DIR, load_models
+from definitions import AI_ASSETS, defs
+from generator import FaultRates, GeneratorConfig, generate
+from resources.compute_engine import ComputeEngine
+from resources.lakehouse import Lakehouse
+from resources.landing import LandingZone
+from resources.model_clients import ChatModel
+from resources.warehouse import fetch_all
+from tests.fake_openai_server import NAN, FakeOpenAIServer
+from tests.postgres_support import postgres_fixture  # noqa: F401 (`postgres`)
+from tests.test_lakehouse_landing import lakehouse_options
+from tests.test_pipeline import pipeline_resources
+
+pytestmark = pytest.mark.slow  # a PostgreSQL server
+
+DAYS = ["2011-09-01", "2011-09-02"]
+RUNS = [*DAYS, DAYS[-1]]  # the last day again
+LAKEHOUSE_STAGES = stages_among(AI_ASSETS)
+POISONED = "Vintage Red Teapot"  # a product whose vector comes back NaN: a dead letter on both backends
+WAREHOUSE_STAGES = {"raw_products", "raw_customers", "raw_transactions", *(m.name for m in load_models(SQL_DIR)),
+                    *LAKEHOUSE_STAGES}
+
+
+def lake_assets() -> list[dg.AssetsDefinition]:
+    return [*build_lakehouse_ingestion_assets(), lake_sql_models_asset(),
+            *build_lakehouse_stage_assets(LAKE_MODELS_ASSET, [m.name for m in load_models(SQL_DIR)], AI_ASSETS)]
+
+
+def comparable(con: duckdb.DuckDBPyConnection, database: str, schema: str, table: str) -> list[tuple]:
+    """The table's rows, ordered, without the times of when they were written (and a dead
+    letter's attempts: the lake ran the last day once more); doubles to 9 decimals (sums in
+    another order differ in the last bits)."""
+    columns = fetch_all(con, "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = ? AND "
+                             "schema_name = ? AND table_name = ? ORDER BY column_index", [database, schema, table])
+    assert columns, f"{database}.{schema}.{table}"
+    kept = [f'round("{c}", 9)' if kind == "DOUBLE" else f'"{c}"' for c, kind in columns if not kind.startswith("TIMESTAMP") and (table, c) != ("dead_letter", "attempts")]
+    return con.execute(f"SELECT {', '.join(kept)} FROM {database}.{schema}.{table} ORDER BY ALL").fetchall()
+
+
+def checks(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str], tuple[bool, str]]:
+    return {(e.asset_key.to_user_string().removeprefix("lake_"), e.check_name): (e.passed, e.description)
+            for e in result.get_asset_check_evaluations()}
+
+
+@pytest.fixture(scope="module")
+def both_backends(postgres, tmp_path_factory):
+    """Two generated days, then the last day again, through the warehouse's stages and through
+    the lakehouse's; {(backend, run): (result, the texts the run asked the model for)}."""
+    root = tmp_path_factory.mktemp("lake-pipeline")
+    landing = root / "landing"
+    generate(GeneratorConfig(out=landing, customers=250, days=len(DAYS), seed=5, start=dt.date(2011, 9, 1),
+                             faults=FaultRates.uniform(0.003), returning_share=0.4))
+    config = {"ops": {"recommendation_quality": {"config": {"online_retail_dir": ""}},
+                      "product_embeddings": {"config": {"max_failed_share": 0.05}}}}  # one dead letter may be open
+    lake_config = {"ops": {f"lake_{op}": value for op, value in config["ops"].items()}}
+    with FakeOpenAIServer(default_dimensions=384) as server:
+        server.poison[POISONED] = NAN
+        resources = pipeline_resources(root / "warehouse.duckdb", landing, server)
+        lakehouse = Lakehouse(**lakehouse_options(postgres, root, "pipeline"))
+        lake_resources = {"lakehouse": lakehouse, "landing": LandingZone(root=str(landing)),
+                          "embedding_model": resources["embedding_model"], "chat_model": ChatModel(provider="none"),
+                          "compute_engine": ComputeEngine()}
+        warehouse_assets = [a for a in defs.assets if a.key.to_user_string() in WAREHOUSE_STAGES]
+
+        def run(assets: list, run_resources: dict, run_config: dict, day: str) -> tuple:
+            before = server.stats.per_text.copy()
+            result = dg.materialize(assets, partition_key=day, resources=run_resources, run_config=run_config)
+            assert result.success
+            return result, set(server.stats.per_text - before)
+
+        runs = {}
+        for index, day in enumerate(RUNS):
+            runs[("warehouse", index)] = run(warehouse_assets, resources, config, day)
+            runs[("lake", index)] = run(lake_assets(), lake_resources, lake_config, day)
+    return resources["warehouse"], lakehouse, runs
+
+
+def test_every_stage_on_the_lakehouse_equals_the_warehouse_row_for_row(both_backends, tmp_path):
+    warehouse, lakehouse, runs = both_backends
+    states = latest_states(lakehouse, DAYS[-1], LAKEHOUSE_STAGES)
+    assert set(states) == set(LAKEHOUSE_STAGES)
+    assert all(str(state["as_of"]) == DAYS[-1] for state in states.values())
+    with duckdb.connect(str(tmp_path / "lake.duckdb")) as con:  # the database "lake"
+        hydrate_tables(con, lakehouse, states)
+        hydrate_stage_rows(con, lakehouse, states)
+        con.execute(f"ATTACH '{warehouse.file}' AS wh (READ_ONLY)")
+        compared = {}
+        for stage, state in states.items():
+            tables = json.loads(state["tables"])
+            assert set(tables) >= tables_of(stage) - {"ml.customer_embeddings"}, stage  # written only on request
+            for table in [*tables, "ops.dead_letter"]:
+                schema, name = table.split(".")
+                expected, got = comparable(con, "wh", schema, name), comparable(con, "lake", schema, name)
+                assert got == expected, table
+                compared[table] = len(expected)
+    print(compared)
+    assert compared["ml.recommendations"] > 1000 and compared["outputs.recommendations"] > 500
+    assert compared["ops.dead_letter"] == 2  # the poisoned product, a row for each day it failed, on both
+
+
+def materialized(result: dg.ExecuteInProcessResult) -> dict[str, dict]:
+    return {e.asset_key.to_user_string().removeprefix("lake_"): {k: v.value for k, v in e.materialization.metadata.items()}
+            for e in result.get_asset_materialization_events()}
+
+
+def test_the_lake_builds_calls_the_model_and_judges_as_the_warehouse_run_after_run(both_backends):
+    """Day 2 scores incrementally with day 1's kept model on both; the lake's model cache saves
+    the same calls; the re-run of the day skips what is unchanged, retries the build its dead
+    letter left incomplete (and what follows it), and every check gives the same verdict."""
+    _, _, runs = both_backends
+    for index in range(len(RUNS)):
+        (warehouse_run, warehouse_calls), (lake_run, lake_calls) = runs[("warehouse", index)], runs[("lake", index)]
+        assert lake_calls == warehouse_calls, index  # texts sent to the model
+        judged = {key[0] for key in checks(lake_run)}
+        assert judged >= {*LAKEHOUSE_STAGES, "raw_customers"}
+        assert checks(lake_run) == {key: verdict for key, verdict in checks(warehouse_run).items()
+                                    if key[0] in judged}, index
+        lake, warehouse = materialized(lake_run), materialized(warehouse_run)
+        for stage in LAKEHOUSE_STAGES:
+            assert (lake[stage]["skipped"], lake.get(stage, {}).get("build_reason")) == \
+                (warehouse[stage]["skipped"], warehouse[stage].get("build_reason")), (index, stage)
+        assert lake["recommendations"].get("build_mode") == warehouse["recommendations"].get("build_mode")
+    assert materialized(runs[("lake", 1)][0])["recommendations"]["build_mode"] == INCREMENTAL
+    assert len(runs[("lake", 0)][1]) > 100 and len(runs[("lake", 2)][1]) == 1  # again: the dead-lettered text only
+    again = materialized(runs[("lake", 2)][0])
+    assert all(again[f"raw_{source}"]["skipped"] for source in ("products", "customers", "transactions"))
+    assert again[LAKE_MODELS_ASSET.removeprefix("lake_")]["skipped"]
+    assert "incomplete" in again["product_embeddings"]["build_reason"]  # its open dead letter

@@ -216,3 +216,29 @@ def test_a_rest_catalog_gets_its_token_and_a_commit_whose_answer_is_lost_is_repo
         assert lakehouse.day_fingerprint("raw.rest", DAYS[0]) == "v2"
         assert lakehouse.write_day("raw.rest", DAYS[0], smaller, "v2").skipped
         assert ("POST", "/v1/namespaces/raw/tables/rest") in server.requests  # the commits went through REST
+
+
+def test_a_table_keeps_its_stored_order_through_the_lakehouse(tmp_path):
+    """A model's stored order is part of its contract (the purchases sorted by customer, which the
+    segments read in order): written by DuckDB and read back for a day, a sorted table of 3M rows
+    keeps it. duckdb 2.0.1 writing with FILE_SIZE_BYTES moved row groups (1-3 places in 3M rows)."""
+    import duckdb
+
+    from assets.ingest.lakehouse_landing import insert_from_lakehouse, write_query
+
+    lakehouse = Lakehouse(catalog_uri=f"sqlite:///{tmp_path}/catalog.db", location=str(tmp_path / "lake"))
+    with duckdb.connect(config={"threads": 2, "memory_limit": "500MB"}) as con:
+        con.execute("CREATE SCHEMA analytics")
+        con.execute("CREATE TABLE analytics.sorted AS SELECT md5(range::VARCHAR) AS k, range AS v FROM range(3000000) "
+                    "ORDER BY k")
+        assert write_query(lakehouse, con, "analytics.sorted", "2011-09-01", "SELECT * FROM analytics.sorted", {},
+                           "f1").rows == 3_000_000
+        con.execute("CREATE TABLE analytics.read_back AS SELECT * FROM analytics.sorted LIMIT 0")
+        con.execute("ALTER TABLE analytics.sorted RENAME TO kept")
+        con.execute("ALTER TABLE analytics.read_back RENAME TO sorted")
+        insert_from_lakehouse(con, lakehouse, "analytics.sorted", "2011-09-01", day_only=True)
+        order = "SELECT count(*) FILTER (WHERE k < before), count(*) FROM (SELECT k, lag(k) OVER () AS before FROM {})"
+        stored = con.execute(order.format("read_parquet($files)"),
+                             {"files": lakehouse.local_files_through("analytics.sorted", "2011-09-01", True)}).fetchall()
+        read_back = con.execute(order.format("analytics.sorted")).fetchall()
+    assert stored == read_back == [(0, 3_000_000)]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 
 import dagster as dg
 import duckdb
 import pytest
 
-from assets.common.current_state import tables_of
+from assets.common.current_state import STATE_TABLE, tables_of
 from assets.infer.recommendations import INCREMENTAL
 from assets.common.lakehouse_stages import (
     build_lakehouse_stage_assets,
@@ -153,3 +154,39 @@ def test_the_lake_builds_calls_the_model_and_judges_as_the_warehouse_run_after_r
     assert all(again[f"raw_{source}"]["skipped"] for source in ("products", "customers", "transactions"))
     assert again[LAKE_MODELS_ASSET.removeprefix("lake_")]["skipped"]
     assert "incomplete" in again["product_embeddings"]["build_reason"]  # its open dead letter
+
+
+def test_a_build_that_another_run_committed_meanwhile_is_built_again(both_backends, monkeypatch, tmp_path):
+    """Two runs of the same stage and day: the one that finds the other's state row committed
+    since it read the states writes nothing more, retries, and builds on top of it (runs last:
+    it leaves the lake's last day of validated_recommendations rebuilt)."""
+    import assets.common.lakehouse_stages as lakehouse_stages
+    from assets.common.current_state import write_state
+
+    _, lakehouse, _ = both_backends
+    stage, day = "validated_recommendations", DAYS[-1]
+    before = latest_states(lakehouse, day, [stage])[stage]
+    real_materialize = lakehouse_stages.materialize_stage
+    competitors = []
+
+    def another_run_commits_first(recipe, context, config):
+        result = real_materialize(recipe, context, config)
+        if not competitors:  # the other run's state row lands while this one builds
+            with duckdb.connect(str(tmp_path / "other.duckdb")) as con:
+                write_state(con, stage, dt.date.fromisoformat(day), "another-runs-fingerprint", 1)
+                competitors.append(f"another:{uuid.uuid4().hex}")
+                lakehouse_stages.publish_state(lakehouse, con, stage, day, {}, competitors[0])
+        return result
+
+    monkeypatch.setattr(lakehouse_stages, "materialize_stage", another_run_commits_first)
+    selected = [a for a in lake_assets() if a.key.to_user_string() == f"lake_{stage}"]
+    result = dg.materialize(selected, partition_key=day, resources={"lakehouse": lakehouse},
+                            run_config={"ops": {f"lake_{stage}": {"config": {"force": True}}}})
+    assert result.success
+    events = [e.event_type_value for e in result.all_events]
+    assert events.count("STEP_UP_FOR_RETRY") == 1
+    after = latest_states(lakehouse, day, [stage])[stage]
+    assert after["fingerprint"] == before["fingerprint"] != "another-runs-fingerprint"
+    assert after["version"] == 2  # on top of the other run's row (version 1), not of the one it first read
+    assert lakehouse.day_fingerprint("outputs.recommendations", day) == \
+        lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage})  # its tables and its marker: one build

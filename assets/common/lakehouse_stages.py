@@ -58,7 +58,7 @@ from assets.common.current_state import (
 )
 from assets.common.partitions import daily_partitions
 from assets.ingest.lakehouse_landing import LAKEHOUSE_GROUP, insert_from_lakehouse, write_query
-from resources import dead_letters, step_memory_budget
+from resources import step_memory_budget
 from resources.lakehouse import PARTITION_COLUMN, Lakehouse
 from resources.model_clients import store
 from resources.warehouse import DuckDBWarehouse, fetch_all
@@ -167,8 +167,7 @@ def keep_files(lakehouse: Lakehouse, stage: str, folder: Path) -> list[str]:
 
 def hydrate_stage_rows(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, states: dict[str, dict[str, Any]]) -> None:
     """The dead letters and model items each state's build left (its stages' rows at its day)."""
-    dead_letters.ensure_table(con)
-    store._create_tables(con)
+    store.ensure_tables_on(con)
     for name, row in states.items():
         for table in STAGE_ROW_TABLES:
             insert_from_lakehouse(con, lakehouse, table, str(row["as_of"]), day_only=True,
@@ -180,7 +179,7 @@ def hydrate_cache(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, stage: s
     """The whole model cache (one row a key; it is content-addressed, so any day's vectors
     serve), and `main.lake_cache_seen`: its keys that came from other builds than this (stage,
     day)'s. The rows this build adds, or its earlier run added, are the rest."""
-    store._create_tables(con)
+    store.ensure_tables_on(con)
     con.execute(f"CREATE TABLE main.lake_cache_seen AS SELECT {CACHE_KEY} FROM {CACHE_TABLE} LIMIT 0")
     reader = lakehouse.read_through(CACHE_TABLE, FAR_FUTURE)
     if reader is None:

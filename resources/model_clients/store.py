@@ -60,10 +60,11 @@ def utc_now() -> dt.datetime:
 
 def ensure_tables(warehouse: DuckDBWarehouse) -> None:
     with warehouse.transaction() as con:
-        _ensure_tables(con)
+        ensure_tables_on(con)
 
 
-def _ensure_tables(con) -> None:
+def ensure_tables_on(con) -> None:
+    """The cache, item and dead-letter tables, on the caller's connection."""
     _create_tables(con)
     dead_letters.ensure_table(con)
     _drop_old_cache_key(con)
@@ -95,7 +96,7 @@ def start_run(warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> Non
     """The tables exist, and a new run of a stage/partition starts a fresh item map (the cache
     stays): one transaction, so a run beside the warehouse writers waits for the lock once."""
     with warehouse.transaction() as con:
-        _ensure_tables(con)
+        ensure_tables_on(con)
         con.execute("DELETE FROM ops.embedding_items WHERE stage = ? AND partition_key = ?", [stage, partition_key])
 
 

@@ -19,7 +19,7 @@ from assets.transform.lakehouse_models import LAKE_MODELS_ASSET, lake_sql_models
 from assets.transform.sql_models import SQL_DIR, load_models
 from assets.validate import build_suite_checks
 from assets.outputs.publish import published_recommendations
-from resources import build_resources, lakehouse_configured
+from resources import build_resources, lakehouse_configured, pipeline_backend
 from resources.warehouse import WAREHOUSE_STEP_TAGS
 
 
@@ -53,6 +53,8 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
         description="One daily batch end to end: ingestion, validation, SQL models, AI stages, output rules, checks.",
         tags={"pipeline": "daily"},  # the instance runs one such run at a time (dagster.yaml)
     )
+    # What the schedule and the landing sensor start: the run on the chosen backend.
+    triggered = lakehouse_pipeline if pipeline_backend() == "lakehouse" else daily_pipeline
     return dg.Definitions.merge(
         dg.Definitions(
             assets=with_catalog([*build_ingestion_assets(sources), *build_sql_assets(sql_dir, sources), *AI_ASSETS,
@@ -69,8 +71,8 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
             resources=build_resources(tuple(source.name for source in sources)),
             jobs=[daily_pipeline, replay_dead_letters, purge_quarantined_raw_text,
                   *([lakehouse_pipeline] if lake else [])],
-            schedules=[build_daily_schedule(daily_pipeline), purge_schedule],
-            sensors=[build_landing_sensor(daily_pipeline, sources)],
+            schedules=[build_daily_schedule(triggered), purge_schedule],
+            sensors=[build_landing_sensor(triggered, sources)],
             executor=STEP_PROCESSES,
         ),
         monitor.build_monitor_defs(sources),

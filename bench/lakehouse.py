@@ -4,6 +4,10 @@ of its own: seconds and peak RSS. Prints figures; not a test.
 
     python -m bench.lakehouse --customers 200000        # generates day 1, starts a local PostgreSQL
     python -m bench.lakehouse --landing DIR --day 2011-09-01
+    python -m bench.lakehouse --work DIR --landing DIR/landing --lakehouse-only   # a new lake, compared
+
+After the lakehouse's stages, every AI stage's tables on the lakehouse are compared with the
+warehouse's in the same folder, row for row.
 
 Every stage runs through bench.stage (the asset with its checks, in a process of its own, as the
 daily run runs it): the warehouse's from the daily_pipeline job, the lakehouse's from the
@@ -85,8 +89,45 @@ def main() -> None:
             results[stage] = in_process(["bench.stage", stage, args.day], env)
             print(f"lakehouse {stage}: {results[stage]['seconds']:.1f}s, {results[stage]['peak_rss_mb']:.0f} MB",
                   flush=True)
+        if (work / "warehouse.duckdb").exists():
+            compare(env, work, args.day)
     if not args.lakehouse_only:
         report(results, work)
+
+
+def compare(env: dict, work: Path, day: str) -> None:
+    """Every AI stage's tables as of the day on the lakehouse against the warehouse's: rows on each
+    side and rows in one but not the other (times of writing left out, doubles to 9 decimals)."""
+    import duckdb
+
+    from assets.common.lakehouse_stages import hydrate_tables, latest_states, stages_among
+    from definitions import AI_ASSETS
+    from resources.lakehouse import Lakehouse
+
+    lake = Lakehouse(catalog_uri=env["LAKEHOUSE_CATALOG_URI"], location=env["LAKEHOUSE_LOCATION"])
+    started = time.perf_counter()
+    path = work / "compare.duckdb"
+    path.unlink(missing_ok=True)
+    states = latest_states(lake, day, stages_among(AI_ASSETS))
+    with duckdb.connect(str(path), config={"memory_limit": "1GB", "temp_directory": str(work / "compare.tmp")}) as con:
+        hydrate_tables(con, lake, states)
+        con.execute(f"ATTACH '{work / 'warehouse.duckdb'}' AS wh (READ_ONLY)")
+        print("\n| table | warehouse rows | lakehouse rows | only in one |\n|---|---|---|---|")
+        for state in states.values():
+            for table in json.loads(state["tables"]):
+                schema, name = table.split(".")
+                columns = con.execute("SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = "
+                                      "'wh' AND schema_name = ? AND table_name = ? ORDER BY column_index",
+                                      [schema, name]).fetchall()
+                kept = ", ".join(f'round("{c}", 9)' if kind == "DOUBLE" else f'"{c}"' for c, kind in columns
+                                 if not kind.startswith("TIMESTAMP"))
+                lake_rows, warehouse_rows = (con.execute(f"SELECT count(*) FROM {db}{table}").fetchall()[0][0]
+                                             for db in ("", "wh."))
+                differing = con.execute(f"SELECT (SELECT count(*) FROM (SELECT {kept} FROM {table} EXCEPT ALL "
+                                        f"SELECT {kept} FROM wh.{table})) + (SELECT count(*) FROM (SELECT {kept} "
+                                        f"FROM wh.{table} EXCEPT ALL SELECT {kept} FROM {table}))").fetchall()[0][0]
+                print(f"| {table} | {warehouse_rows:,} | {lake_rows:,} | {differing:,} |", flush=True)
+    print(f"compared in {time.perf_counter() - started:.0f}s")
 
 
 def report(results: dict[str, dict], work: Path) -> None:

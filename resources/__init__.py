@@ -50,6 +50,18 @@ def lakehouse_configured() -> bool:
     return bool(os.getenv("LAKEHOUSE_CATALOG_URI") or os.getenv("LAKEHOUSE_REST_URI"))
 
 
+def pipeline_backend() -> str:
+    """PIPELINE_BACKEND: where the daily run the schedule and the landing sensor start keeps its
+    tables: `warehouse` (default: the DuckDB file, daily_pipeline) or `lakehouse` (Iceberg,
+    lakehouse_pipeline; needs a lakehouse configured)."""
+    backend = os.getenv("PIPELINE_BACKEND", "warehouse").strip().lower() or "warehouse"
+    if backend not in ("warehouse", "lakehouse"):
+        raise ValueError(f"PIPELINE_BACKEND={backend!r}: use warehouse or lakehouse")
+    if backend == "lakehouse" and not lakehouse_configured():
+        raise ValueError("PIPELINE_BACKEND=lakehouse needs LAKEHOUSE_CATALOG_URI or LAKEHOUSE_REST_URI")
+    return backend
+
+
 def lakehouse() -> Lakehouse:
     """LAKEHOUSE_CATALOG_URI (a SQLAlchemy URL of the SQL catalog, read through dg.EnvVar: it may
     hold a password) or LAKEHOUSE_REST_URI with LAKEHOUSE_REST_TOKEN (a bearer token, through

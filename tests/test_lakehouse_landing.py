@@ -245,6 +245,14 @@ def test_the_lake_assets_are_defined_when_a_lakehouse_is_configured_and_stay_out
                            "lake_validated_recommendations", "lake_recommendation_quality"}
     assert not lake_assets & {k.to_user_string() for k in daily.asset_layer.executable_asset_keys}
     assert "raw_customers" in {k.to_user_string() for k in daily.asset_layer.executable_asset_keys}
+    assert defs.resolve_sensor_def("landing_sensor").job_name == "daily_pipeline"  # the default backend
+    monkeypatch.setenv("PIPELINE_BACKEND", "lakehouse")  # the switch: the daily triggers run the lake's job
+    defs = build_definitions()
+    assert defs.resolve_sensor_def("landing_sensor").job_name == "lakehouse_pipeline"
+    assert defs.resolve_schedule_def("daily_pipeline_schedule").job_name == "lakehouse_pipeline"
+    monkeypatch.delenv("LAKEHOUSE_CATALOG_URI")
+    with pytest.raises(ValueError, match="PIPELINE_BACKEND=lakehouse needs"):
+        build_definitions()
 
 
 def test_the_arrow_route_for_object_stores_lands_the_same_rows(postgres, tmp_path, ten_days, monkeypatch):

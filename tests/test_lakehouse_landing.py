@@ -230,6 +230,7 @@ def test_the_lake_assets_land_a_day_skip_it_again_and_wait_for_their_catalog(pos
 
 
 def test_the_lake_assets_are_defined_when_a_lakehouse_is_configured_and_stay_out_of_the_daily_run(monkeypatch, tmp_path):
+    from assets.monitor.settings import settings_for
     from definitions import build_definitions
 
     monkeypatch.delenv("LAKEHOUSE_REST_URI", raising=False)
@@ -250,6 +251,9 @@ def test_the_lake_assets_are_defined_when_a_lakehouse_is_configured_and_stay_out
     defs = build_definitions()
     assert defs.resolve_sensor_def("landing_sensor").job_name == "lakehouse_pipeline"
     assert defs.resolve_schedule_def("daily_pipeline_schedule").job_name == "lakehouse_pipeline"
+    watching = settings_for()  # the alerting sensors watch what the triggers run
+    assert watching.freshness_assets == ["lake_raw_products", "lake_raw_customers", "lake_raw_transactions"]
+    assert watching.rule_assets["confidence_drop"] == ["lake_recommendations"]
     monkeypatch.delenv("LAKEHOUSE_CATALOG_URI")
     with pytest.raises(ValueError, match="PIPELINE_BACKEND=lakehouse needs"):
         build_definitions()

@@ -81,6 +81,17 @@ class MonitoringSettings(dg.ConfigurableResource):
 
 
 def settings_for(sources: tuple[Source, ...] = SOURCES) -> MonitoringSettings:
-    """The default settings, watching the ingestion assets of the configured sources."""
+    """The default settings, watching the ingestion assets of the configured sources; with
+    PIPELINE_BACKEND=lakehouse, the lakehouse's assets of the same stages (lake_<asset>: the
+    daily triggers run those, with the same metadata)."""
+    from resources import pipeline_backend
+
     watched = ingestion_assets(configured_sources(sources))
-    return MonitoringSettings(freshness_assets=watched)
+    if pipeline_backend() != "lakehouse":
+        return MonitoringSettings(freshness_assets=watched)
+
+    def on_lake(asset: str) -> str:
+        return asset if asset == EVERY_ASSET else f"lake_{asset}"
+
+    return MonitoringSettings(freshness_assets=[on_lake(a) for a in watched],
+                              rule_assets={rule: [on_lake(a) for a in assets] for rule, assets in METRIC_RULE_ASSETS.items()})

@@ -54,13 +54,15 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
         tags={"pipeline": "daily"},  # the instance runs one such run at a time (dagster.yaml)
     )
     # What the schedule and the landing sensor start: the run on the chosen backend.
-    triggered = lakehouse_pipeline if pipeline_backend() == "lakehouse" else daily_pipeline
+    on_lake = pipeline_backend() == "lakehouse"
+    triggered = lakehouse_pipeline if on_lake else daily_pipeline
     return dg.Definitions.merge(
         dg.Definitions(
             assets=with_catalog([*build_ingestion_assets(sources), *build_sql_assets(sql_dir, sources), *AI_ASSETS,
                                  monitor.INCIDENTS,
                                  # the day's outputs to shared Iceberg tables, when a lakehouse is configured
-                                 *([published_recommendations] if lake else []),
+                                 # (on the lakehouse backend lake_validated_recommendations writes that table)
+                                 *([published_recommendations] if lake and not on_lake else []),
                                  # the whole run on the lakehouse, a job of its own (not in the daily run)
                                  *([*build_lakehouse_ingestion_assets(sources), lake_sql_models_asset(sources),
                                     *build_lakehouse_stage_assets(LAKE_MODELS_ASSET,

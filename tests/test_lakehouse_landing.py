@@ -247,10 +247,13 @@ def test_the_lake_assets_are_defined_when_a_lakehouse_is_configured_and_stay_out
     assert not lake_assets & {k.to_user_string() for k in daily.asset_layer.executable_asset_keys}
     assert "raw_customers" in {k.to_user_string() for k in daily.asset_layer.executable_asset_keys}
     assert defs.resolve_sensor_def("landing_sensor").job_name == "daily_pipeline"  # the default backend
+    assert "published_recommendations" in {k.to_user_string() for k in daily.asset_layer.executable_asset_keys}
     monkeypatch.setenv("PIPELINE_BACKEND", "lakehouse")  # the switch: the daily triggers run the lake's job
     defs = build_definitions()
     assert defs.resolve_sensor_def("landing_sensor").job_name == "lakehouse_pipeline"
     assert defs.resolve_schedule_def("daily_pipeline_schedule").job_name == "lakehouse_pipeline"
+    published = {k.to_user_string() for job in defs.resolve_all_job_defs() for k in job.asset_layer.executable_asset_keys}
+    assert "published_recommendations" not in published  # lake_validated_recommendations writes its table
     watching = settings_for()  # the alerting sensors watch what the triggers run
     assert watching.freshness_assets == ["lake_raw_products", "lake_raw_customers", "lake_raw_transactions"]
     assert watching.rule_assets["confidence_drop"] == ["lake_recommendations"]

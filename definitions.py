@@ -14,7 +14,8 @@ from assets.ingest import build_ingestion_assets
 from assets.ingest.lakehouse_landing import LAKEHOUSE_GROUP, build_lakehouse_ingestion_assets, lakehouse_pipeline
 from assets.ingest.triggers import build_daily_schedule, build_landing_sensor
 from assets.transform import build_sql_assets
-from assets.common.lakehouse_stages import build_lakehouse_stage_assets
+from assets.common.lakehouse_stages import build_lakehouse_stage_assets, lake_name
+from assets.outputs.business_rules import STAGE as VALIDATED, lake_output_expectation_suite
 from assets.transform.lakehouse_models import LAKE_MODELS_ASSET, lake_sql_models_asset
 from assets.transform.sql_models import SQL_DIR, load_models
 from assets.validate import build_suite_checks
@@ -69,7 +70,8 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
                                                                   [m.name for m in load_models(sql_dir)], AI_ASSETS)]
                                    if lake else [])],
                                 sources),
-            asset_checks=[*build_suite_checks(sources), *outputs.CHECKS],
+            asset_checks=[*build_suite_checks(sources), *outputs.CHECKS,
+                          *([lake_output_expectation_suite(lake_name(VALIDATED))] if lake else [])],
             resources=build_resources(tuple(source.name for source in sources)),
             jobs=[daily_pipeline, replay_dead_letters, purge_quarantined_raw_text,
                   *([lakehouse_pipeline] if lake else [])],

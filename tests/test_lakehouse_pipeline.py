@@ -17,6 +17,7 @@ import pytest
 
 from assets.common.current_state import STATE_TABLE, tables_of
 from assets.infer.recommendations import INCREMENTAL
+from assets.outputs.business_rules import lake_output_expectation_suite, output_expectation_suite
 from assets.common.lakehouse_stages import (
     build_lakehouse_stage_assets,
     hydrate_stage_rows,
@@ -44,6 +45,8 @@ pytestmark = pytest.mark.slow  # a PostgreSQL server
 DAYS = ["2011-09-01", "2011-09-02"]
 RUNS = [*DAYS, DAYS[-1]]  # the last day again
 LAKEHOUSE_STAGES = stages_among(AI_ASSETS)
+OUTPUT_SUITE = [output_expectation_suite]
+LAKE_OUTPUT_SUITE = [lake_output_expectation_suite("lake_validated_recommendations")]
 POISONED = "Vintage Red Teapot"  # a product whose vector comes back NaN: a dead letter on both backends
 WAREHOUSE_STAGES = {"raw_products", "raw_customers", "raw_transactions", *(m.name for m in load_models(SQL_DIR)),
                     *LAKEHOUSE_STAGES}
@@ -98,8 +101,10 @@ def both_backends(postgres, tmp_path_factory):
 
         runs = {}
         for index, day in enumerate(RUNS):
-            runs[("warehouse", index)] = run(warehouse_assets, resources, config, day)
-            runs[("lake", index)] = run(lake_assets(), lake_resources, lake_config, day)
+            last = index == len(RUNS) - 1  # then with the GX suite on the outputs too (GX takes seconds)
+            runs[("warehouse", index)] = run(warehouse_assets + (OUTPUT_SUITE if last else []), resources, config, day)
+            runs[("lake", index)] = run(lake_assets() + (LAKE_OUTPUT_SUITE if last else []), lake_resources,
+                                        lake_config, day)
     return resources["warehouse"], lakehouse, runs
 
 
@@ -154,6 +159,8 @@ def test_the_lake_builds_calls_the_model_and_judges_as_the_warehouse_run_after_r
     assert all(again[f"raw_{source}"]["skipped"] for source in ("products", "customers", "transactions"))
     assert again[LAKE_MODELS_ASSET.removeprefix("lake_")]["skipped"]
     assert "incomplete" in again["product_embeddings"]["build_reason"]  # its open dead letter
+    suite = ("validated_recommendations", "output_expectation_suite")
+    assert checks(runs[("lake", 2)][0])[suite] == checks(runs[("warehouse", 2)][0])[suite]  # the outputs' GX suite
 
 
 def test_a_build_that_another_run_committed_meanwhile_is_built_again(both_backends, monkeypatch, tmp_path):

@@ -36,7 +36,8 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -134,10 +135,14 @@ def hydrate_states(con: duckdb.DuckDBPyConnection, states: dict[str, dict[str, A
                     [row[c] for c in columns])  # names from the state table
 
 
-def hydrate_tables(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, states: dict[str, dict[str, Any]]) -> None:
-    """Each state's tables as of its build's day, with their DDL and types."""
+def hydrate_tables(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, states: dict[str, dict[str, Any]],
+                   only: Iterable[str] | None = None) -> None:
+    """Each state's tables as of its build's day (`only`: these), with their DDL and types."""
+    only = None if only is None else set(only)
     for row in states.values():
         for table, layout in json.loads(row["tables"] or "{}").items():
+            if only is not None and table not in only:
+                continue
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {table.split('.')[0]}")
             con.execute(layout["ddl"])  # DDL DuckDB wrote
             casts = ", ".join(f'"{column}"::{kind} AS "{column}"' for column, kind in layout["columns"])
@@ -270,6 +275,29 @@ class _OnPrivateWarehouse:
         return getattr(self._context, name)
 
 
+def private_warehouse(folder: Path) -> DuckDBWarehouse:
+    """A step's own DuckDB file, with the warehouse's memory rule."""
+    return DuckDBWarehouse(path=str(folder / "stage.duckdb"), memory_limit=os.getenv("DUCKDB_MEMORY_LIMIT", "1GB"),
+                           step_memory_budget=step_memory_budget())
+
+
+@contextmanager
+def builds_on_private_warehouse(lakehouse: Lakehouse, day: str, tables: dict[str, list[str]]) -> Iterator[DuckDBWarehouse]:
+    """A private DuckDB with the latest builds up to the day of these stages: their state rows
+    and the tables named ({stage: tables}), for a check that judges a build (as its warehouse
+    twin judges the warehouse's)."""
+    states = latest_states(lakehouse, day, tables)
+    missing = sorted(set(tables) - set(states))
+    if missing:
+        raise dg.Failure(f"{', '.join(missing)} has no build on the lakehouse up to {day}", allow_retries=False)
+    with tempfile.TemporaryDirectory(prefix="lake-check-") as folder:
+        warehouse = private_warehouse(Path(folder))
+        with warehouse.transaction() as con:
+            hydrate_states(con, states)
+            hydrate_tables(con, lakehouse, states, only=[t for names in tables.values() for t in names])
+        yield warehouse
+
+
 def run_on_lakehouse(recipe: StageRecipe, context: dg.AssetExecutionContext, config: Any,
                      lakehouse: Lakehouse) -> dg.MaterializeResult:
     """The stage's own decision, build and checks, on a private DuckDB filled from the lakehouse."""
@@ -284,9 +312,7 @@ def run_on_lakehouse(recipe: StageRecipe, context: dg.AssetExecutionContext, con
     caches = "embedding_model" in recipe.resources
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"lake-{spec.name}-") as folder:
-        warehouse = DuckDBWarehouse(path=str(Path(folder) / "stage.duckdb"),
-                                    memory_limit=os.getenv("DUCKDB_MEMORY_LIMIT", "1GB"),
-                                    step_memory_budget=step_memory_budget())
+        warehouse = private_warehouse(Path(folder))
         with warehouse.transaction() as con:
             hydrate_states(con, states)
         on_private = _OnPrivateWarehouse(context, warehouse)

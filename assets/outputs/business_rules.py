@@ -33,6 +33,7 @@ from assets.common.metadata import table_preview
 from assets.common.partitions import daily_partitions
 from assets.validate.gx_checks import SUITE_STEP_TAGS, run_suite_check
 from assets.validate.rules import load_suite
+from resources.lakehouse import Lakehouse
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 
 STAGE = "validated_recommendations"
@@ -332,6 +333,30 @@ class OutputSuiteConfig(dg.Config):
 def output_expectation_suite(
     context: dg.AssetCheckExecutionContext, config: OutputSuiteConfig, warehouse: DuckDBWarehouse
 ) -> dg.AssetCheckResult:
+    return judge_outputs(context, config, warehouse)
+
+
+def lake_output_expectation_suite(asset: str) -> dg.AssetChecksDefinition:
+    """The same check on the lakehouse's outputs (`asset`: lake_validated_recommendations): the
+    day's build of the outputs, and the changes it rechecked, in a private DuckDB."""
+
+    @dg.asset_check(asset=asset, name="output_expectation_suite", partitions_def=daily_partitions, blocking=False,
+                    description="The GX suite expectations/recommendations.json on outputs.recommendations "
+                                "(the lakehouse's build as of the day).")
+    def _check(context: dg.AssetCheckExecutionContext, config: OutputSuiteConfig, lakehouse: Lakehouse
+               ) -> dg.AssetCheckResult:
+        from assets.common.lakehouse_stages import builds_on_private_warehouse
+
+        day = as_of_day(context).isoformat()
+        with builds_on_private_warehouse(lakehouse, day, {STAGE: [ACCEPTED_TABLE],
+                                                          "recommendations": ["ml.recommendation_changes"]}) as warehouse:
+            return judge_outputs(context, config, warehouse)
+
+    return _check
+
+
+def judge_outputs(context: dg.AssetCheckExecutionContext, config: OutputSuiteConfig, warehouse: DuckDBWarehouse
+                  ) -> dg.AssetCheckResult:
     # The outputs table is current state, built as of the run's (last) day.
     day = as_of_day(context).isoformat()
     only, max_rows = changed_and_sampled_customers(warehouse, day, config), config.max_rows

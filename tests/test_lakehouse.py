@@ -242,3 +242,23 @@ def test_a_table_keeps_its_stored_order_through_the_lakehouse(tmp_path):
                              {"files": lakehouse.local_files_through("analytics.sorted", "2011-09-01", True)}).fetchall()
         read_back = con.execute(order.format("analytics.sorted")).fetchall()
     assert stored == read_back == [(0, 3_000_000)]
+
+
+def test_a_lake_stage_whose_inputs_have_no_build_fails_naming_them(tmp_path):
+    """lake_recommendations on a lake where nothing was built: a failure that names the inputs and
+    says what to run, not a build on empty tables."""
+    from assets.common.lakehouse_stages import build_lakehouse_stage_assets
+    from assets.transform.lakehouse_models import LAKE_MODELS_ASSET
+    from assets.transform.sql_models import SQL_DIR, load_models
+    from definitions import AI_ASSETS
+    from resources.compute_engine import ComputeEngine
+
+    stages = build_lakehouse_stage_assets(LAKE_MODELS_ASSET, [m.name for m in load_models(SQL_DIR)], AI_ASSETS)
+    [recommendations] = [a for a in stages if a.key.to_user_string() == "lake_recommendations"]
+    lake = Lakehouse(catalog_uri=f"sqlite:///{tmp_path}/catalog.db", location=str(tmp_path / "lake"))
+    result = dg.materialize([recommendations], partition_key="2011-09-01", raise_on_error=False,
+                            resources={"lakehouse": lake, "compute_engine": ComputeEngine()})
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    message = failure.event_specific_data.error.message
+    assert "has no build on the lakehouse up to that day" in message
+    assert all(name in message for name in ("stg_purchases", "dim_products", "product_embeddings"))

@@ -164,6 +164,15 @@ def count_open(con: duckdb.DuckDBPyConnection, stage: str, partition_key: str | 
     return int(fetch_scalar(con, f"SELECT count(*) FROM {TABLE} WHERE {where}", params))
 
 
+def count_open_items(con: duckdb.DuckDBPyConnection, stage: str) -> int:
+    """Items of a stage with an open row: an item that failed in two partitions has two rows but is
+    one item (the dead-letter share divides this by the items a build processed)."""
+    if not _exists(con):
+        return 0
+    return int(fetch_scalar(con, f"SELECT count(DISTINCT item_key) FROM {TABLE} WHERE stage = ? AND resolved_at IS NULL",
+                            [stage]))
+
+
 def open_by_reason(con: duckdb.DuckDBPyConnection, stage: str) -> dict[str, int]:
     if not _exists(con):
         return {}

@@ -47,3 +47,14 @@ def test_items_no_longer_asked_for_are_superseded_and_kept(warehouse):
         assert dead_letters.open_by_reason(con, "s") == {"server_error": 1}
     found = rows(warehouse, "s")
     assert found[("d", "b")]["resolution"] == "superseded" and found[("d", "a")]["resolved_at"] is None
+
+
+def test_an_item_that_failed_in_two_partitions_is_one_open_item(warehouse):
+    """The dead-letter share counts items: the same product dead-lettered on two days has two rows
+    (one a partition) and is one item of the catalog (it read 2 of 199 items, over the 1 % bar)."""
+    for day in ("2011-09-01", "2011-09-02"):
+        write_dead_letters(warehouse, "s", day, "m", [DeadLetter("a", "invalid_output", "NaN", 1, "")])
+    write_dead_letters(warehouse, "s", "2011-09-02", "m", [DeadLetter("b", "timeout", "slow", 1, "")])
+    with warehouse.connect(read_only=True) as con:
+        assert dead_letters.count_open(con, "s") == 3
+        assert dead_letters.count_open_items(con, "s") == 2

@@ -81,8 +81,7 @@ def both_backends(postgres, tmp_path_factory):
     landing = root / "landing"
     generate(GeneratorConfig(out=landing, customers=250, days=len(DAYS), seed=5, start=dt.date(2011, 9, 1),
                              faults=FaultRates.uniform(0.003), returning_share=0.4))
-    config = {"ops": {"recommendation_quality": {"config": {"online_retail_dir": ""}},
-                      "product_embeddings": {"config": {"max_failed_share": 0.05}}}}  # one dead letter may be open
+    config = {"ops": {"recommendation_quality": {"config": {"online_retail_dir": ""}}}}
     lake_config = {"ops": {f"lake_{op}": value for op, value in config["ops"].items()}}
     with FakeOpenAIServer(default_dimensions=384) as server:
         server.poison[POISONED] = NAN

@@ -408,7 +408,7 @@ class StateBuild:
         if self.spec.dead_letter_stage:
             if "items" not in measured:
                 raise RuntimeError(f"{self.spec.name}: a stage that dead-letters records how many items it processed")
-            measured["dlq_open"] = dead_letters.count_open(con, self.spec.dead_letter_stage)
+            measured["dlq_open"] = dead_letters.count_open_items(con, self.spec.dead_letter_stage)
         checks = all_verdicts(self.spec, measured, self.config)
         reason = incomplete_reason(measured, checks, self.spec.blocking_checks)
         version = (stored_now.version if stored_now else 0) + 1

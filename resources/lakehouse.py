@@ -48,6 +48,7 @@ _CATALOGS: dict[tuple, Any] = {}  # catalog clients by process and settings (Lak
 _CATALOGS_LOCK = threading.Lock()
 
 PARTITION_COLUMN = "partition_day"
+Where = dict[str, Any] | None  # column -> a value, or the values it may hold
 FINGERPRINT_PROPERTY = "fingerprint."  # + the day: the commit marker of that day's last write
 
 log = logging.getLogger(__name__)
@@ -238,18 +239,20 @@ class Lakehouse(dg.ConfigurableResource):
             return None
         return catalog.load_table(table).properties.get(_marker(day, keys))
 
-    def read_day(self, table: str, day: str | dt.date) -> pa.Table:
-        from pyiceberg.expressions import EqualTo
+    def read_day(self, table: str, day: str | dt.date, where: Where = None, columns: tuple[str, ...] = ("*",)
+                 ) -> pa.Table:
+        """The day's rows (`where`: those with these column values; `columns`: only these)."""
+        scan = self.catalog().load_table(table).scan(row_filter=_days(day, True, where), selected_fields=columns)
+        return scan.to_arrow()
 
-        return self.catalog().load_table(table).scan(row_filter=EqualTo(PARTITION_COLUMN, str(day))).to_arrow()
-
-    def read_through(self, table: str, day: str | dt.date, day_only: bool = False) -> pa.RecordBatchReader | None:
-        """Every row of the days up to `day` (`day_only`: of that day), streamed in batches (None:
-        no such table yet)."""
+    def read_through(self, table: str, day: str | dt.date, day_only: bool = False, where: Where = None
+                     ) -> pa.RecordBatchReader | None:
+        """Every row of the days up to `day` (`day_only`: of that day; `where`: with these column
+        values), streamed in batches (None: no such table yet)."""
         catalog = self.catalog()
         if not catalog.table_exists(table):
             return None
-        return catalog.load_table(table).scan(row_filter=_days(day, day_only)).to_arrow_batch_reader()
+        return catalog.load_table(table).scan(row_filter=_days(day, day_only, where)).to_arrow_batch_reader()
 
     def local_files_through(self, table: str, day: str | dt.date, day_only: bool = False) -> list[str] | None:
         """The local Parquet data files that hold the days up to `day`, as a scan plans them (one
@@ -267,11 +270,15 @@ class Lakehouse(dg.ConfigurableResource):
         return [unquote(urlparse(p).path) if p.startswith("file:") else p for p in paths]
 
 
-def _days(day: str | dt.date, day_only: bool):
-    """The rows of the days up to `day`, or of that day only."""
-    from pyiceberg.expressions import EqualTo, LessThanOrEqual
+def _days(day: str | dt.date, day_only: bool, where: Where = None):
+    """The rows of the days up to `day`, or of that day only; with `where`, only those whose
+    columns hold these values (a value, or any of a list) — pushed down to the scan's files."""
+    from pyiceberg.expressions import And, EqualTo, In, LessThanOrEqual
 
-    return (EqualTo if day_only else LessThanOrEqual)(PARTITION_COLUMN, str(day))
+    rows = (EqualTo if day_only else LessThanOrEqual)(PARTITION_COLUMN, str(day))
+    for column, value in sorted((where or {}).items()):
+        rows = And(rows, In(column, list(value)) if isinstance(value, (list, tuple, set)) else EqualTo(column, value))
+    return rows
 
 
 def _marker(day: str | dt.date, keys: dict[str, str] | None) -> str:

@@ -82,11 +82,10 @@ def lake_name(stage: str) -> str:
 
 def latest_states(lakehouse: Lakehouse, day: str, assets: Iterable[str]) -> dict[str, dict[str, Any]]:
     """{asset: its state row} of each asset's latest build up to the day (a row a build: small)."""
-    wanted = set(assets)
-    reader = lakehouse.read_through(STATE_TABLE, day)
+    reader = lakehouse.read_through(STATE_TABLE, day, where={"asset": sorted(set(assets))})
     latest: dict[str, dict[str, Any]] = {}
     for row in (reader.read_all().to_pylist() if reader is not None else []):
-        if row["asset"] in wanted and (row["asset"] not in latest or row["as_of"] > latest[row["asset"]]["as_of"]):
+        if row["asset"] not in latest or row["as_of"] > latest[row["asset"]]["as_of"]:
             latest[row["asset"]] = row
     return latest
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from assets.common.partitions import daily_partitions
 from assets.common.sources import SOURCES, Source
@@ -118,11 +119,11 @@ def stored_counts(lakehouse: Lakehouse, source: Source, day: str) -> BatchCounts
     """A landed batch's counts as its marker row stored them (per table, from count_partition at
     landing), and its bad records counted again from the day's errors of the source: a skip
     reports the verdicts of what landed, never a fresh pass."""
-    rows = lakehouse.read_day(MARKER_TABLE, day).to_pylist()
-    [marker] = [r for r in rows if r["source"] == source.name]
+    of_source = {"source": source.name}
+    [marker] = lakehouse.read_day(MARKER_TABLE, day, of_source, ("table_counts",)).to_pylist()
     tables = {name: TableCounts(**counts) for name, counts in json.loads(marker["table_counts"]).items()}
-    errors = lakehouse.read_day("ops.schema_errors", day).to_pylist()
-    return BatchCounts(tables, len({e["line_no"] for e in errors if e["source"] == source.name}))
+    bad_lines = lakehouse.read_day("ops.schema_errors", day, of_source, ("line_no",))["line_no"]
+    return BatchCounts(tables, pc.count_distinct(bad_lines).as_py())
 
 
 def write_query(lakehouse: Lakehouse, con: duckdb.DuckDBPyConnection, table: str, day: str, query: str,
@@ -155,12 +156,11 @@ def write_query(lakehouse: Lakehouse, con: duckdb.DuckDBPyConnection, table: str
 
 def landed_days(lakehouse: Lakehouse, source: str, day: str) -> dict[str, str]:
     """{day: fingerprint} of the source's batches on the lakehouse up to a day (their markers)."""
-    reader = lakehouse.read_through(MARKER_TABLE, day)
+    reader = lakehouse.read_through(MARKER_TABLE, day, where={"source": source})
     if reader is None:
         return {}
     rows = reader.read_all()  # a row a batch: small
-    return {str(d): f for s, d, f in zip(rows["source"].to_pylist(), rows["partition_date"].to_pylist(),
-                                         rows["fingerprint"].to_pylist()) if s == source}
+    return {str(d): f for d, f in zip(rows["partition_date"].to_pylist(), rows["fingerprint"].to_pylist())}
 
 
 def _catalog_fingerprints(lakehouse: Lakehouse, source: Source, sources: tuple[Source, ...], day: str) -> str:

@@ -28,13 +28,13 @@ from assets.common.lakehouse_stages import (
 from assets.ingest.lakehouse_landing import build_lakehouse_ingestion_assets
 from assets.transform.lakehouse_models import LAKE_MODELS_ASSET, lake_sql_models_asset
 from assets.transform.sql_models import SQL_DIR, load_models
+from bench.lakehouse import comparable_columns
 from definitions import AI_ASSETS, defs
 from generator import FaultRates, GeneratorConfig, generate
 from resources.compute_engine import ComputeEngine
 from resources.lakehouse import Lakehouse
 from resources.landing import LandingZone
 from resources.model_clients import ChatModel
-from resources.warehouse import fetch_all
 from tests.fake_openai_server import NAN, FakeOpenAIServer
 from tests.postgres_support import postgres_fixture  # noqa: F401 (`postgres`)
 from tests.test_lakehouse_landing import lakehouse_options
@@ -58,14 +58,10 @@ def lake_assets() -> list[dg.AssetsDefinition]:
 
 
 def comparable(con: duckdb.DuckDBPyConnection, database: str, schema: str, table: str) -> list[tuple]:
-    """The table's rows, ordered, without the times of when they were written (and a dead
-    letter's attempts: the lake ran the last day once more); doubles to 9 decimals (sums in
-    another order differ in the last bits)."""
-    columns = fetch_all(con, "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = ? AND "
-                             "schema_name = ? AND table_name = ? ORDER BY column_index", [database, schema, table])
-    assert columns, f"{database}.{schema}.{table}"
-    kept = [f'round("{c}", 9)' if kind == "DOUBLE" else f'"{c}"' for c, kind in columns if not kind.startswith("TIMESTAMP") and (table, c) != ("dead_letter", "attempts")]
-    return con.execute(f"SELECT {', '.join(kept)} FROM {database}.{schema}.{table} ORDER BY ALL").fetchall()
+    """The table's rows on the columns the backends are compared on (bench.lakehouse's), ordered;
+    a dead letter's attempts left out too: the lake ran the last day once more."""
+    kept = comparable_columns(con, database, schema, table, ("attempts",) if table == "dead_letter" else ())
+    return con.execute(f"SELECT {kept} FROM {database}.{schema}.{table} ORDER BY ALL").fetchall()
 
 
 def checks(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str], tuple[bool, str]]:

@@ -318,7 +318,8 @@ def run_on_lakehouse(recipe: StageRecipe, context: dg.AssetExecutionContext, con
         if decide_stage(recipe, on_private, config)[0].build:  # else the stage reports its skip
             with warehouse.transaction() as con:
                 hydrate_tables(con, lakehouse, states)
-                hydrate_stage_rows(con, lakehouse, states)
+                # its own dead letters and model items: no stage reads another's
+                hydrate_stage_rows(con, lakehouse, {n: row for n, row in states.items() if n == spec.name})
                 if caches:
                     hydrate_cache(con, lakehouse, spec.name, day)
             fetch_kept_files(lakehouse, states.get(spec.name), Path(folder))

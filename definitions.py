@@ -8,7 +8,7 @@ from assets import evaluate, infer, monitor, outputs
 from assets.common.catalog import with_catalog
 from assets.common.partitions import daily_partitions
 from assets.infer.dead_letter_replay import replay_dead_letters
-from assets.ingest.retention import purge_quarantined_raw_text, purge_schedule
+from assets.ingest.retention import build_purge_job
 from assets.common.sources import SOURCES, Source
 from assets.ingest import build_ingestion_assets
 from assets.ingest.lakehouse_landing import LAKEHOUSE_GROUP, build_lakehouse_ingestion_assets, lakehouse_pipeline
@@ -57,6 +57,7 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
     # What the schedule and the landing sensor start: the run on the chosen backend.
     on_lake = pipeline_backend() == "lakehouse"
     triggered = lakehouse_pipeline if on_lake else daily_pipeline
+    purge_job, purge_schedule = build_purge_job(with_lakehouse=lake)
     return dg.Definitions.merge(
         dg.Definitions(
             assets=with_catalog([*build_ingestion_assets(sources), *build_sql_assets(sql_dir, sources), *AI_ASSETS,
@@ -73,7 +74,7 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
             asset_checks=[*build_suite_checks(sources), *outputs.CHECKS,
                           *([lake_output_expectation_suite(lake_name(VALIDATED))] if lake else [])],
             resources=build_resources(tuple(source.name for source in sources)),
-            jobs=[daily_pipeline, replay_dead_letters, purge_quarantined_raw_text,
+            jobs=[daily_pipeline, replay_dead_letters, purge_job,
                   *([lakehouse_pipeline] if lake else [])],
             schedules=[build_daily_schedule(triggered), purge_schedule],
             sensors=[build_landing_sensor(triggered, sources)],

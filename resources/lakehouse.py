@@ -42,6 +42,7 @@ from urllib.parse import unquote, urlparse
 
 import dagster as dg
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 _CATALOGS: dict[tuple, Any] = {}  # catalog clients by process and settings (Lakehouse.catalog)
@@ -270,6 +271,65 @@ class Lakehouse(dg.ConfigurableResource):
         return [unquote(urlparse(p).path) if p.startswith("file:") else p for p in paths]
 
 
+    def blank_old_values(self, table: str, columns: tuple[str, ...], time_column: str, older_than: dt.datetime
+                         ) -> int:
+        """A retention: null `columns` in the rows whose `time_column` is before `older_than`.
+
+        The days holding such rows are rewritten in one commit (again after a reload when another
+        writer won the race; the days' markers stay), then the history still holding the old
+        values goes (`expire_history`). Returns how many rows were blanked."""
+        from pyiceberg.exceptions import CommitFailedException
+        from pyiceberg.expressions import And, In, LessThan, NotNull, Or
+
+        catalog = self.catalog()
+        if not catalog.table_exists(table):
+            return 0
+        held = [NotNull(column) for column in columns]
+        stale = And(LessThan(time_column, older_than.isoformat()), held[0] if len(held) == 1 else Or(*held))
+        for attempt in range(1, self.commit_attempts + 1):
+            iceberg = catalog.load_table(table)
+            days = iceberg.scan(row_filter=stale, selected_fields=(PARTITION_COLUMN,)).to_arrow()[PARTITION_COLUMN]
+            if len(days) == 0:
+                break
+            rows = iceberg.scan(row_filter=In(PARTITION_COLUMN, pc.unique(days).to_pylist())).to_arrow()
+            old = pc.fill_null(pc.less(rows[time_column], pa.scalar(older_than, rows.schema.field(time_column).type)),
+                               False)
+            for column in columns:
+                index = rows.schema.get_field_index(column)
+                rows = rows.set_column(index, rows.schema.field(index),
+                                       pc.if_else(old, pa.nulls(1, rows[column].type)[0], rows[column]))
+            try:
+                with iceberg.transaction() as tx:
+                    tx.delete(In(PARTITION_COLUMN, pc.unique(days).to_pylist()))
+                    tx.append(rows)
+            except CommitFailedException:
+                if attempt == self.commit_attempts:
+                    raise
+                time.sleep(random.uniform(0, 0.05 * 2 ** attempt))
+                continue
+            self.expire_history(table)
+            return len(days)
+        self.expire_history(table)  # a purge whose rewrite landed but whose expiry did not
+        return 0
+
+    def expire_history(self, table: str) -> int:
+        """Expire every snapshot that no branch or tag points at, and delete the files (data,
+        manifests, manifest lists) that only they referenced: values a later commit replaced are
+        then gone from storage too. A reader still scanning an expired snapshot fails, so run it
+        at a quiet hour. Returns how many files were deleted."""
+        iceberg = self.catalog().load_table(table)
+        heads = {ref.snapshot_id for ref in iceberg.metadata.refs.values()}
+        expired = [snapshot for snapshot in iceberg.snapshots() if snapshot.snapshot_id not in heads]
+        if not expired:
+            return 0
+        kept = set().union(*(_files_of(iceberg.snapshot_by_id(head), iceberg.io, live_only=True) for head in heads))
+        dropped = set().union(*(_files_of(snapshot, iceberg.io, live_only=False) for snapshot in expired)) - kept
+        iceberg.maintenance.expire_snapshots().by_ids([snapshot.snapshot_id for snapshot in expired]).commit()
+        for path in sorted(dropped):
+            iceberg.io.delete(path)
+        return len(dropped)
+
+
 def _days(day: str | dt.date, day_only: bool, where: Where = None):
     """The rows of the days up to `day`, or of that day only; with `where`, only those whose
     columns hold these values (a value, or any of a list) — pushed down to the scan's files."""
@@ -279,6 +339,15 @@ def _days(day: str | dt.date, day_only: bool, where: Where = None):
     for column, value in sorted((where or {}).items()):
         rows = And(rows, In(column, list(value)) if isinstance(value, (list, tuple, set)) else EqualTo(column, value))
     return rows
+
+
+def _files_of(snapshot, io, live_only: bool) -> set[str]:
+    """A snapshot's manifest list, manifests and data files (`live_only`: not those it deletes)."""
+    manifests = snapshot.manifests(io)
+    files = {snapshot.manifest_list, *(manifest.manifest_path for manifest in manifests)}
+    for manifest in manifests:
+        files.update(entry.data_file.file_path for entry in manifest.fetch_manifest_entry(io, discard_deleted=live_only))
+    return files
 
 
 def _marker(day: str | dt.date, keys: dict[str, str] | None) -> str:

@@ -8,17 +8,21 @@ import datetime as dt
 import json
 import re
 from pathlib import Path
+from urllib.parse import unquote
 
 import dagster as dg
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from assets.ingest.retention import purge_raw_text
+from assets.ingest.retention import build_purge_job, purge_lake_raw_text, purge_raw_text
 from assets.monitor.check_alerts import asset_check_failure_alerts
 from assets.monitor.metrics import metric_anomaly_alerts
 from assets.monitor.run_failures import run_failure_alerts
 from assets.monitor.settings import MonitoringSettings
 from generator import FaultRates, GeneratorConfig, generate
 from resources.alerts import Alerts
+from resources.lakehouse import Lakehouse
 from resources.landing import LandingZone
 from resources.compute_engine import ComputeEngine
 from resources.model_clients import ChatModel, EmbeddingModel
@@ -123,3 +127,51 @@ def test_the_purge_blanks_exactly_the_raw_text_older_than_the_retention(warehous
     assert kept == [(1, "email_invalid", True, True), (89, "email_invalid", True, True),
                     (91, "email_invalid", False, False), (200, "email_invalid", False, False),
                     (300, "email_invalid", False, False)]
+
+
+def quarantine_rows(source: str, ages: tuple[int, ...], now: dt.datetime) -> pa.Table:
+    return pa.table({"source": [source] * len(ages), "line_no": pa.array(ages, pa.int64()),
+                     "rule": ["email_invalid"] * len(ages), "value": [f"bob{age} at example.com" for age in ages],
+                     "raw_record": [f'{{"email": "bob{age} at example.com"}}' for age in ages],
+                     "detected_at": pa.array([now - dt.timedelta(days=age) for age in ages], pa.timestamp("us"))})
+
+
+def test_the_purge_on_the_lakehouse_blanks_the_old_raw_text_and_deletes_every_file_that_held_it(tmp_path, warehouse):
+    """Blanking rows in Iceberg only adds a snapshot: the old files keep the text (and the
+    manifests their bounds) until the history is expired and the files deleted."""
+    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    lakehouse = Lakehouse(catalog_uri=f"sqlite:///{tmp_path}/catalog.db", location=str(tmp_path / "lake"))
+    table = "ops.schema_errors"
+    for day, source, ages, fingerprint in [("2011-09-01", "customers", (200, 91), "a"),
+                                           ("2011-09-01", "transactions", (95, 2), "b"),
+                                           ("2011-09-02", "customers", (89, 1), "c"),
+                                           ("2011-09-02", "customers", (88, 1), "d")]:  # a re-landed day
+        lakehouse.write_day(table, day, quarantine_rows(source, ages, now), fingerprint, keys={"source": source})
+    job, _ = build_purge_job(with_lakehouse=True)
+    result = job.execute_in_process(resources={"warehouse": warehouse, "lakehouse": lakehouse},
+                                    run_config={"ops": {"purge_old_quarantined_raw_text": {"config": {"retention_days": 90}}}})
+    [materialization] = [event for event in result.all_events if event.event_type_value == "STEP_OUTPUT"]
+    metadata = {key: value.value for key, value in materialization.step_output_data.metadata.items()}
+    assert metadata == {"purged_rows": 0, "retention_days": 90, "purged_rows_on_lakehouse": 3}
+    assert purge_lake_raw_text(lakehouse, 90) == 0  # nothing more to purge
+
+    rows = lakehouse.read_through(table, "2011-09-02").read_all().to_pylist()
+    assert sorted((r["partition_day"], r["source"], r["line_no"], r["value"] is not None, r["raw_record"] is not None)
+                  for r in rows) == [
+        ("2011-09-01", "customers", 91, False, False), ("2011-09-01", "customers", 200, False, False),
+        ("2011-09-01", "transactions", 2, True, True), ("2011-09-01", "transactions", 95, False, False),
+        ("2011-09-02", "customers", 1, True, True), ("2011-09-02", "customers", 88, True, True)]
+    assert lakehouse.day_fingerprint(table, "2011-09-02", {"source": "customers"}) == "d"  # the markers stay
+
+    iceberg = lakehouse.catalog().load_table(table)
+    [snapshot] = iceberg.snapshots()
+    manifests = snapshot.manifests(iceberg.io)
+    referenced = {snapshot.manifest_list, *(m.manifest_path for m in manifests),
+                  *(task.file.file_path for task in iceberg.scan().plan_files())}
+    stored = {path.resolve().as_uri() for path in (tmp_path / "lake").rglob("*")
+              if path.is_file() and not path.name.endswith(".metadata.json")}
+    assert {unquote(uri) for uri in stored} == {unquote(uri) for uri in referenced}
+    texts = {value for path in (tmp_path / "lake").rglob("*.parquet")
+             for value in pq.read_table(path).column("raw_record").to_pylist() if value is not None}
+    assert texts == {'{"email": "bob1 at example.com"}', '{"email": "bob2 at example.com"}',
+                     '{"email": "bob88 at example.com"}'}

@@ -167,6 +167,28 @@ class Lakehouse(dg.ConfigurableResource):
             shutil.rmtree(folder, ignore_errors=True)
         return written
 
+    def drop_day(self, table: str, day: str | dt.date, keys: dict[str, str] | None = None) -> None:
+        """Delete `day`'s rows (with `keys`' values) and forget its marker, in one commit (again
+        after a reload when another writer won): a later write of the same fingerprint writes
+        again instead of skipping. The files go when the history is expired (expire_history)."""
+        from pyiceberg.exceptions import CommitFailedException
+
+        catalog, day = self.catalog(), str(day)
+        if not catalog.table_exists(table):
+            return
+        for attempt in range(1, self.commit_attempts + 1):
+            iceberg = catalog.load_table(table)
+            try:
+                with iceberg.transaction() as tx:
+                    tx.delete(_day_rows(day, keys))
+                    if _marker(day, keys) in iceberg.properties:
+                        tx.remove_properties(_marker(day, keys))
+                return
+            except CommitFailedException:
+                if attempt == self.commit_attempts:
+                    raise
+                time.sleep(random.uniform(0, 0.05 * 2 ** attempt))
+
     def put_file(self, key: str, source: Path) -> None:
         """A build's file (a fitted model) kept under `<location>/files/<key>`, beside the tables."""
         with self._file_io().new_output(self._file_location(key)).create(overwrite=True) as out, source.open("rb") as f:
@@ -179,6 +201,9 @@ class Lakehouse(dg.ConfigurableResource):
 
     def has_file(self, key: str) -> bool:
         return self._file_io().new_input(self._file_location(key)).exists()
+
+    def delete_file(self, key: str) -> None:
+        self._file_io().delete(self._file_location(key))
 
     def _file_io(self):
         from pyiceberg.io import load_file_io
@@ -317,7 +342,10 @@ class Lakehouse(dg.ConfigurableResource):
         manifests, manifest lists) that only they referenced: values a later commit replaced are
         then gone from storage too. A reader still scanning an expired snapshot fails, so run it
         at a quiet hour. Returns how many files were deleted."""
-        iceberg = self.catalog().load_table(table)
+        catalog = self.catalog()
+        if not catalog.table_exists(table):
+            return 0
+        iceberg = catalog.load_table(table)
         heads = {ref.snapshot_id for ref in iceberg.metadata.refs.values()}
         expired = [snapshot for snapshot in iceberg.snapshots() if snapshot.snapshot_id not in heads]
         if not expired:

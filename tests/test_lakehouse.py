@@ -19,6 +19,7 @@ from resources import lakehouse as lakehouse_from_environment
 from resources.lakehouse import PARTITION_COLUMN, Lakehouse
 from resources.warehouse import fetch_all
 from tests.iceberg_rest_server import IcebergRestServer
+from tests.lakehouse_support import files_left_behind
 from tests.postgres_support import PostgresServer, postgres_fixture  # noqa: F401 (`postgres`)
 from tests.test_outputs import DAY, seed
 
@@ -262,3 +263,68 @@ def test_a_lake_stage_whose_inputs_have_no_build_fails_naming_them(tmp_path):
     message = failure.event_specific_data.error.message
     assert "has no build on the lakehouse up to that day" in message
     assert all(name in message for name in ("stg_purchases", "dim_products", "product_embeddings"))
+
+
+def test_pruning_keeps_every_build_a_run_within_the_retention_reads_and_deletes_the_rest(tmp_path):
+    """Builds at days 1-5 (a stage that skipped day 4): with 2 days kept, days 4-5 and each
+    asset's newest build before them stay, and runs as of days 3-5 read the same builds as before."""
+    import datetime as dt
+
+    import duckdb
+
+    from assets.common.current_state import ensure_state_table, write_state
+    from assets.common.lakehouse_retention import prune_builds
+    from assets.common.lakehouse_stages import FAR_FUTURE, latest_states, publish_state, table_layouts
+    from assets.ingest.lakehouse_landing import write_query
+
+    lakehouse = Lakehouse(catalog_uri=f"sqlite:///{tmp_path}/catalog.db", location=str(tmp_path / "lake"))
+    days = [f"2011-09-0{n}" for n in range(1, 6)]
+    builds = {"stg_purchases": ("analytics.stg_purchases", days),
+              "customer_segments": ("ml.customer_segments", [d for d in days if d != "2011-09-04"])}
+    model_files = {"2011-09-01": "models/a.bin", "2011-09-02": "models/a.bin", "2011-09-03": "models/b.bin",
+                   "2011-09-05": "models/b.bin"}  # a refit on day 3
+    (tmp_path / "model.bin").write_bytes(b"fitted")
+    with duckdb.connect() as con:
+        ensure_state_table(con)
+        con.execute("CREATE SCHEMA analytics; CREATE SCHEMA ml")
+        for asset, (table, built) in builds.items():
+            for day in built:
+                con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT range AS id, $day AS built FROM range(100)",
+                            {"day": day})
+                write_state(con, asset, dt.date.fromisoformat(day), f"fp-{day}", 100)
+                write_query(lakehouse, con, table, day, f"SELECT * FROM {table}", {}, f"fp-{day}")
+                kept = []
+                if asset == "customer_segments":
+                    lakehouse.write_day("ops.dead_letter", day, pa.table({"stage": [asset], "item_key": [day]}),
+                                        f"fp-{day}", keys={"stage": asset})
+                    kept = [model_files[day]]
+                    if not lakehouse.has_file(f"{asset}/{kept[0]}"):
+                        lakehouse.put_file(f"{asset}/{kept[0]}", tmp_path / "model.bin")
+                publish_state(lakehouse, con, asset, day, table_layouts(con, [table]), f"fp-{day}:v1", kept)
+    read_by_runs = {day: latest_states(lakehouse, day, builds) for day in days[2:]}
+
+    report = prune_builds(lakehouse, keep_days=2)
+
+    assert report.horizon == "2011-09-04"
+    assert report.removed == {"stg_purchases": days[:2], "customer_segments": days[:2]}
+    assert {day: latest_states(lakehouse, day, builds) for day in days[2:]} == read_by_runs
+    assert latest_states(lakehouse, days[1], builds) == {}
+
+    def stored_days(table: str) -> list[str]:
+        return sorted(set(lakehouse.read_through(table, FAR_FUTURE).read_all()[PARTITION_COLUMN].to_pylist()))
+
+    assert stored_days("analytics.stg_purchases") == days[2:]
+    assert stored_days("ml.customer_segments") == stored_days("ops.dead_letter") == ["2011-09-03", "2011-09-05"]
+    assert report.kept_files_deleted == 1
+    assert not lakehouse.has_file("customer_segments/models/a.bin") and lakehouse.has_file("customer_segments/models/b.bin")
+    for table in ("analytics.stg_purchases", "ml.customer_segments", "ops.dead_letter", "ops.asset_state"):
+        assert files_left_behind(lakehouse, table) == set(), table
+    assert report.data_files_deleted > 0
+    # the markers went with the rows: the same build of day 2 is written again, not skipped
+    with duckdb.connect() as con:
+        con.execute("CREATE SCHEMA analytics")
+        con.execute("CREATE TABLE analytics.stg_purchases AS SELECT range AS id, '2011-09-02' AS built FROM range(100)")
+        again = write_query(lakehouse, con, "analytics.stg_purchases", days[1], "SELECT * FROM analytics.stg_purchases",
+                            {}, f"fp-{days[1]}")
+    assert not again.skipped and again.rows == 100
+    assert prune_builds(lakehouse, keep_days=2).removed == {}  # nothing more to remove

@@ -235,9 +235,14 @@ def test_the_lake_assets_are_defined_when_a_lakehouse_is_configured_and_stay_out
 
     monkeypatch.delenv("LAKEHOUSE_REST_URI", raising=False)
     monkeypatch.delenv("LAKEHOUSE_CATALOG_URI", raising=False)
-    assert "lakehouse_pipeline" not in {job.name for job in build_definitions().resolve_all_job_defs()}
+    plain = build_definitions()
+    assert not {"lakehouse_pipeline", "prune_lakehouse_builds"} & {job.name for job in plain.resolve_all_job_defs()}
+    assert "lakehouse" not in plain.resolve_job_def("purge_quarantined_raw_text").required_resource_keys
     monkeypatch.setenv("LAKEHOUSE_CATALOG_URI", f"sqlite:///{tmp_path}/catalog.db")
     defs = build_definitions()
+    # the lake's retention: its builds pruned, and its quarantined raw text purged with the warehouse's
+    assert defs.resolve_schedule_def("prune_lakehouse_builds_schedule").job_name == "prune_lakehouse_builds"
+    assert "lakehouse" in defs.resolve_job_def("purge_quarantined_raw_text").required_resource_keys
     lake_job = defs.resolve_job_def("lakehouse_pipeline")
     daily = defs.resolve_job_def("daily_pipeline")
     lake_assets = {k.to_user_string() for k in lake_job.asset_layer.executable_asset_keys}

@@ -16,6 +16,7 @@ import duckdb
 import pytest
 
 from assets.common.current_state import STATE_TABLE, tables_of
+from assets.common.lakehouse_retention import prune_builds
 from assets.infer.recommendations import INCREMENTAL
 from assets.outputs.business_rules import lake_output_expectation_suite, output_expectation_suite
 from assets.common.lakehouse_stages import (
@@ -44,6 +45,7 @@ pytestmark = pytest.mark.slow  # a PostgreSQL server
 
 DAYS = ["2011-09-01", "2011-09-02"]
 RUNS = [*DAYS, DAYS[-1]]  # the last day again
+NEXT_DAY = "2011-09-03"  # the lake only: then pruned
 LAKEHOUSE_STAGES = stages_among(AI_ASSETS)
 OUTPUT_SUITE = [output_expectation_suite]
 LAKE_OUTPUT_SUITE = [lake_output_expectation_suite("lake_validated_recommendations")]
@@ -75,7 +77,7 @@ def both_backends(postgres, tmp_path_factory):
     the lakehouse's; {(backend, run): (result, the texts the run asked the model for)}."""
     root = tmp_path_factory.mktemp("lake-pipeline")
     landing = root / "landing"
-    generate(GeneratorConfig(out=landing, customers=250, days=len(DAYS), seed=5, start=dt.date(2011, 9, 1),
+    generate(GeneratorConfig(out=landing, customers=250, days=len(DAYS) + 1, seed=5, start=dt.date(2011, 9, 1),
                              faults=FaultRates.uniform(0.003), returning_share=0.4))
     config = {"ops": {"recommendation_quality": {"config": {"online_retail_dir": ""}}}}
     lake_config = {"ops": {f"lake_{op}": value for op, value in config["ops"].items()}}
@@ -100,6 +102,11 @@ def both_backends(postgres, tmp_path_factory):
             runs[("warehouse", index)] = run(warehouse_assets + (OUTPUT_SUITE if last else []), resources, config, day)
             runs[("lake", index)] = run(lake_assets() + (LAKE_OUTPUT_SUITE if last else []), lake_resources,
                                         lake_config, day)
+        # the lake a day later, pruned to what runs of that day read; then that day again, and a pruned day
+        runs[("lake", "next day")] = run(lake_assets(), lake_resources, lake_config, NEXT_DAY)
+        runs["pruned"] = prune_builds(lakehouse, keep_days=1)
+        runs[("lake", "next day again")] = run(lake_assets(), lake_resources, lake_config, NEXT_DAY)
+        runs[("lake", "pruned day")] = run(lake_assets(), lake_resources, lake_config, DAYS[0])
     return resources["warehouse"], lakehouse, runs
 
 
@@ -192,3 +199,22 @@ def test_a_build_that_another_run_committed_meanwhile_is_built_again(both_backen
     assert after["version"] == 2  # on top of the other run's row (version 1), not of the one it first read
     assert lakehouse.day_fingerprint("outputs.recommendations", day) == \
         lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage})  # its tables and its marker: one build
+
+
+def test_a_pruned_lake_runs_its_newest_day_as_before_and_builds_a_pruned_day_afresh(both_backends):
+    """Pruned to one day after day 3: the builds of day 1 go (day 2's are what day 3 read); day 3
+    again decides as the re-run of day 2 did; day 1 again builds from the raw layer."""
+    _, lakehouse, runs = both_backends
+    assets = {*LAKEHOUSE_STAGES, *(m.name for m in load_models(SQL_DIR))}
+    assert runs["pruned"].horizon == NEXT_DAY
+    assert runs["pruned"].removed == {asset: [DAYS[0]] for asset in assets}  # every asset built on day 2
+    assert runs["pruned"].data_files_deleted > 0
+    again, before = materialized(runs[("lake", "next day again")][0]), materialized(runs[("lake", 2)][0])
+    assert {stage: (again[stage]["skipped"], again[stage].get("build_reason")) for stage in again} == \
+        {stage: (before[stage]["skipped"], (before[stage].get("build_reason") or "").replace(DAYS[-1], NEXT_DAY) or None)
+         for stage in again}
+    afresh = materialized(runs[("lake", "pruned day")][0])
+    assert not afresh[LAKE_MODELS_ASSET.removeprefix("lake_")]["skipped"]  # its markers went with its rows
+    assert not any(afresh[stage]["skipped"] for stage in LAKEHOUSE_STAGES)
+    assert {name: str(state["as_of"]) for name, state in latest_states(lakehouse, DAYS[0], assets).items()} == \
+        {asset: DAYS[0] for asset in assets}

@@ -1,0 +1,122 @@
+"""Retention of superseded builds on the lakehouse: its storage stays bounded.
+
+Every build of a stage or an SQL model writes its tables whole, as the partition of its day, so
+without a retention the lake grows by the pipeline's tables every day (about 2.5 GB at 2M
+customers). A run as of day D reads each asset's latest build up to D. `prune_builds` therefore
+keeps, per asset, every build of the last `keep_days` days (counted back from the newest build
+in the lake) and the newest build before them (what those days read), and removes the others:
+first the state row (no run picks that build any more), then the day of its tables, its dead
+letters and model items, and the kept files no remaining build names; last the touched tables'
+history is expired, so their files are deleted. The raw layer (the landed data) and the model
+cache (content-addressed: any day's vectors serve) are not touched.
+
+A day before the horizon can still be run again: its SQL models rebuild from the raw layer (their
+day markers went with their rows), and the stages then build afresh.
+"""
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from assets.common.current_state import STATE_TABLE, stage_names
+from assets.common.lakehouse_stages import FAR_FUTURE, STAGE_ROW_TABLES, stages_of
+from resources.lakehouse import Lakehouse
+
+DEFAULT_KEEP_DAYS = int(os.getenv("LAKEHOUSE_KEEP_BUILD_DAYS", "14"))
+
+
+@dataclass
+class PruneReport:
+    horizon: str | None  # builds before this day are removed, but for each asset's newest
+    removed: dict[str, list[str]] = field(default_factory=dict)  # asset -> the days of its removed builds
+    kept_builds: int = 0
+    kept_files_deleted: int = 0
+    data_files_deleted: int = 0  # data files, manifests and manifest lists, by the history expiry
+
+
+def prune_builds(lakehouse: Lakehouse, keep_days: int) -> PruneReport:
+    """Remove the builds no run within the last `keep_days` days reads (module docstring)."""
+    if keep_days < 1:
+        raise ValueError("keep_days must be at least 1: the newest day's builds are always read")
+    states = _all_states(lakehouse)
+    if not states:
+        return PruneReport(horizon=None)
+    horizon = max(row["as_of"] for row in states) - timedelta(days=keep_days - 1)
+    removed, kept = _superseded(states, horizon)
+    report = PruneReport(horizon=str(horizon), kept_builds=len(kept))
+    touched: set[str] = set()
+    for row in sorted(removed, key=lambda row: (row["asset"], row["as_of"])):
+        asset, day = row["asset"], str(row["as_of"])
+        lakehouse.drop_day(STATE_TABLE, day, {"asset": asset})  # first: no run takes this build from now on
+        touched.add(STATE_TABLE)
+        for table in json.loads(row["tables"] or "{}"):
+            lakehouse.drop_day(table, day)
+            touched.add(table)
+        if asset in stage_names():
+            for table in STAGE_ROW_TABLES:
+                for stage in stages_of(asset):
+                    lakehouse.drop_day(table, day, {"stage": stage})
+                    touched.add(table)
+        report.removed.setdefault(asset, []).append(day)
+    named = {key for row in kept for key in _kept_file_keys(row)}
+    for key in sorted({key for row in removed for key in _kept_file_keys(row)} - named):
+        lakehouse.delete_file(key)
+        report.kept_files_deleted += 1
+    report.data_files_deleted = sum(lakehouse.expire_history(table) for table in sorted(touched))
+    return report
+
+
+def _all_states(lakehouse: Lakehouse) -> list[dict[str, Any]]:
+    reader = lakehouse.read_through(STATE_TABLE, FAR_FUTURE)
+    return reader.read_all().to_pylist() if reader is not None else []
+
+
+def _superseded(states: list[dict[str, Any]], horizon: date) -> tuple[list[dict], list[dict]]:
+    """(removed, kept): per asset, builds before the horizon but its newest one are removed."""
+    by_asset: dict[str, list[dict]] = defaultdict(list)
+    for row in states:
+        by_asset[row["asset"]].append(row)
+    removed, kept = [], []
+    for rows in by_asset.values():
+        superseded = sorted(row["as_of"] for row in rows if row["as_of"] < horizon)[:-1]  # one row a day
+        removed += [row for row in rows if row["as_of"] in superseded]
+        kept += [row for row in rows if row["as_of"] not in superseded]
+    return removed, kept
+
+
+def _kept_file_keys(row: dict[str, Any]) -> list[str]:
+    return [f"{row['asset']}/{relative}" for relative in json.loads(row["files"] or "[]")]
+
+
+class PruneConfig(dg.Config):
+    keep_days: int = Field(default=DEFAULT_KEEP_DAYS, ge=1,
+                           description="Builds of the last this many days stay, with each asset's newest before them "
+                                       "(LAKEHOUSE_KEEP_BUILD_DAYS).")
+
+
+@dg.op(required_resource_keys={"lakehouse"})
+def prune_superseded_builds(context: dg.OpExecutionContext, config: PruneConfig) -> dg.Output:
+    report = prune_builds(context.resources.lakehouse, config.keep_days)
+    removed = sum(len(days) for days in report.removed.values())
+    context.log.info(f"removed {removed} builds before {report.horizon} ({report.data_files_deleted} files deleted)")
+    return dg.Output(None, metadata={
+        "keep_days": config.keep_days, "horizon": str(report.horizon), "builds_removed": removed,
+        "builds_kept": report.kept_builds, "removed_by_asset": dg.MetadataValue.json(report.removed),
+        "kept_files_deleted": report.kept_files_deleted, "data_files_deleted": report.data_files_deleted})
+
+
+@dg.job(description="Remove the lakehouse builds no run within the retention reads, and their files.")
+def prune_lakehouse_builds() -> None:
+    prune_superseded_builds()
+
+
+prune_schedule = dg.ScheduleDefinition(
+    job=prune_lakehouse_builds, cron_schedule="0 4 * * *", default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Daily: without it the lake grows by the pipeline's tables every day.",
+)

@@ -19,7 +19,7 @@ from resources import lakehouse as lakehouse_from_environment
 from resources.lakehouse import PARTITION_COLUMN, Lakehouse
 from resources.warehouse import fetch_all
 from tests.iceberg_rest_server import IcebergRestServer
-from tests.lakehouse_support import files_left_behind
+from tests.lakehouse_support import files_left_behind, local_s3
 from tests.postgres_support import PostgresServer, postgres_fixture  # noqa: F401 (`postgres`)
 from tests.test_outputs import DAY, seed
 
@@ -164,31 +164,17 @@ def test_publishing_is_defined_only_when_a_lakehouse_is_configured(monkeypatch, 
 
 def test_days_on_s3_are_written_replaced_and_read_through_a_local_s3_endpoint(postgres, tmp_path):
     """moto's S3 server on 127.0.0.1 stands in for S3: data and metadata files go there."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        keys = {"aws_access_key_id": "test-key-id", "aws_secret_access_key": "test-secret"}
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
-        s3.create_bucket(Bucket="lake")
-        lakehouse = Lakehouse(catalog_uri=catalog_url(postgres), location="s3://lake/warehouse", storage_options={
-            "s3.endpoint": endpoint, "s3.region": "us-east-1", "s3.access-key-id": keys["aws_access_key_id"],
-            "s3.secret-access-key": keys["aws_secret_access_key"]})
+    with local_s3() as s3:
+        lakehouse = Lakehouse(catalog_uri=catalog_url(postgres), location="s3://lake/warehouse",
+                              storage_options=s3.storage_options)
         assert "test-secret" not in repr(lakehouse)
         for day in DAYS[:2]:
             lakehouse.write_day("raw.on_s3", day, rows_of_day(day), f"v1-{day}")
         lakehouse.write_day("raw.on_s3", DAYS[0], rows_of_day(DAYS[0]).slice(0, 5), "v2")
         assert [lakehouse.read_day("raw.on_s3", day).num_rows for day in DAYS[:2]] == [5, ROWS_PER_DAY]
-        stored = [o["Key"] for o in s3.list_objects_v2(Bucket="lake", Prefix="warehouse/raw/on_s3/")["Contents"]]
+        stored = [o["Key"] for o in s3.client.list_objects_v2(Bucket="lake", Prefix="warehouse/raw/on_s3/")["Contents"]]
         assert any(key.endswith(".parquet") and f"{PARTITION_COLUMN}={DAYS[1]}" in key for key in stored)
         assert any(key.endswith(".metadata.json") for key in stored)
-    finally:
-        server.stop()
-
 
 def test_a_rest_catalog_gets_its_token_and_a_commit_whose_answer_is_lost_is_reported_once(
         postgres, tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ from resources.lakehouse import Lakehouse
 from resources.landing import LandingZone
 from resources.model_clients import ChatModel
 from tests.fake_openai_server import NAN, FakeOpenAIServer
+from tests.lakehouse_support import local_s3
 from tests.postgres_support import postgres_fixture  # noqa: F401 (`postgres`)
 from tests.test_lakehouse_landing import lakehouse_options
 from tests.test_pipeline import pipeline_resources
@@ -107,7 +108,26 @@ def both_backends(postgres, tmp_path_factory):
         runs["pruned"] = prune_builds(lakehouse, keep_days=1)
         runs[("lake", "next day again")] = run(lake_assets(), lake_resources, lake_config, NEXT_DAY)
         runs[("lake", "pruned day")] = run(lake_assets(), lake_resources, lake_config, DAYS[0])
+        runs["stored on a path"] = stored_tables(lakehouse, DAYS[0], root / "on_path.duckdb")
+        with local_s3() as s3:  # day 1 on S3: the tables go through Arrow chunks, the kept model through FileIO
+            on_s3 = Lakehouse(**{**lakehouse_options(postgres, root, "pipeline_s3"), "location": "s3://lake/warehouse",
+                                 "storage_options": s3.storage_options})
+            runs[("s3", 0)] = run(lake_assets(), {**lake_resources, "lakehouse": on_s3}, lake_config, DAYS[0])
+            runs["stored on S3"] = stored_tables(on_s3, DAYS[0], root / "on_s3.duckdb")
+            runs["kept files on S3"] = [o["Key"] for o in s3.client.list_objects_v2(
+                Bucket="lake", Prefix="warehouse/files/").get("Contents", [])]
     return resources["warehouse"], lakehouse, runs
+
+
+def stored_tables(lakehouse: Lakehouse, day: str, path) -> dict[str, list[tuple]]:
+    """Every stage's tables and dead letters as of the day, as compared between the backends."""
+    states = latest_states(lakehouse, day, LAKEHOUSE_STAGES)
+    with duckdb.connect(str(path)) as con:
+        hydrate_tables(con, lakehouse, states)
+        hydrate_stage_rows(con, lakehouse, states)
+        [(database,)] = con.execute("SELECT current_database()").fetchall()
+        return {table: comparable(con, database, *table.split("."))
+                for state in states.values() for table in [*json.loads(state["tables"]), "ops.dead_letter"]}
 
 
 def test_every_stage_on_the_lakehouse_equals_the_warehouse_row_for_row(both_backends, tmp_path):
@@ -218,3 +238,12 @@ def test_a_pruned_lake_runs_its_newest_day_as_before_and_builds_a_pruned_day_afr
     assert not any(afresh[stage]["skipped"] for stage in LAKEHOUSE_STAGES)
     assert {name: str(state["as_of"]) for name, state in latest_states(lakehouse, DAYS[0], assets).items()} == \
         {asset: DAYS[0] for asset in assets}
+
+
+def test_day_one_on_s3_stores_the_same_tables_as_on_a_local_path(both_backends):
+    """On S3 every stage's tables go to Iceberg and back through Arrow chunks (DuckDB writes and
+    reads the Parquet files itself only on a local path), and the kept model through FileIO."""
+    _, _, runs = both_backends
+    assert runs["stored on S3"] == runs["stored on a path"]
+    assert len(runs["stored on S3"]["ml.recommendations"]) > 1000
+    assert any(key.startswith("warehouse/files/recommendations/") for key in runs["kept files on S3"])

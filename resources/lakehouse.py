@@ -79,6 +79,9 @@ class Lakehouse(dg.ConfigurableResource):
     storage_options: dict[str, str] = Field(default_factory=dict, repr=False,
                                             description="pyiceberg FileIO options (s3.endpoint, s3.access-key-id, ...).")
     commit_attempts: int = Field(default=8, ge=1, description="Commits tried when other writers win the race.")
+    history_grace_minutes: float = Field(
+        default=60, ge=0, description="Snapshots replaced less than this long ago keep their files when the history "
+                                      "is expired (retention jobs): readers may still be scanning them.")
 
     def catalog(self):
         """The catalog client, one a process for the same settings (a SQL catalog's engine and its
@@ -295,7 +298,6 @@ class Lakehouse(dg.ConfigurableResource):
             return None
         return [unquote(urlparse(p).path) if p.startswith("file:") else p for p in paths]
 
-
     def blank_old_values(self, table: str, columns: tuple[str, ...], time_column: str, older_than: dt.datetime
                          ) -> int:
         """A retention: null `columns` in the rows whose `time_column` is before `older_than`.
@@ -316,7 +318,8 @@ class Lakehouse(dg.ConfigurableResource):
             days = iceberg.scan(row_filter=stale, selected_fields=(PARTITION_COLUMN,)).to_arrow()[PARTITION_COLUMN]
             if len(days) == 0:
                 break
-            rows = iceberg.scan(row_filter=In(PARTITION_COLUMN, pc.unique(days).to_pylist())).to_arrow()
+            rewritten = In(PARTITION_COLUMN, pc.unique(days).to_pylist())
+            rows = iceberg.scan(row_filter=rewritten).to_arrow()
             old = pc.fill_null(pc.less(rows[time_column], pa.scalar(older_than, rows.schema.field(time_column).type)),
                                False)
             for column in columns:
@@ -325,7 +328,7 @@ class Lakehouse(dg.ConfigurableResource):
                                        pc.if_else(old, pa.nulls(1, rows[column].type)[0], rows[column]))
             try:
                 with iceberg.transaction() as tx:
-                    tx.delete(In(PARTITION_COLUMN, pc.unique(days).to_pylist()))
+                    tx.delete(rewritten)
                     tx.append(rows)
             except CommitFailedException:
                 if attempt == self.commit_attempts:
@@ -337,25 +340,47 @@ class Lakehouse(dg.ConfigurableResource):
         self.expire_history(table)  # a purge whose rewrite landed but whose expiry did not
         return 0
 
+    def table_names(self) -> list[str]:
+        """Every table of the catalog, as namespace.name."""
+        catalog = self.catalog()
+        return sorted(".".join(identifier) for namespace in catalog.list_namespaces()
+                      for identifier in catalog.list_tables(namespace))
+
     def expire_history(self, table: str) -> int:
-        """Expire every snapshot that no branch or tag points at, and delete the files (data,
-        manifests, manifest lists) that only they referenced: values a later commit replaced are
-        then gone from storage too. A reader still scanning an expired snapshot fails, so run it
-        at a quiet hour. Returns how many files were deleted."""
+        """Expire the snapshots that no branch or tag points at and that a later commit replaced
+        more than `history_grace_minutes` ago (a reader may still be scanning a snapshot replaced
+        just now), and delete the files (data, manifests, manifest lists) that only they
+        referenced: values a later commit replaced are then gone from storage too. Returns how
+        many files were deleted."""
         catalog = self.catalog()
         if not catalog.table_exists(table):
             return 0
         iceberg = catalog.load_table(table)
         heads = {ref.snapshot_id for ref in iceberg.metadata.refs.values()}
-        expired = [snapshot for snapshot in iceberg.snapshots() if snapshot.snapshot_id not in heads]
+        replaced_at = {}  # snapshot -> when its first child was committed
+        for snapshot in iceberg.snapshots():
+            if snapshot.parent_snapshot_id is not None:
+                replaced_at[snapshot.parent_snapshot_id] = min(snapshot.timestamp_ms,
+                                                               replaced_at.get(snapshot.parent_snapshot_id, 2**63))
+        settled = (time.time() - 60 * self.history_grace_minutes) * 1000
+        expired = [snapshot for snapshot in iceberg.snapshots() if snapshot.snapshot_id not in heads
+                   and replaced_at.get(snapshot.snapshot_id, snapshot.timestamp_ms) <= settled]
         if not expired:
             return 0
-        kept = set().union(*(_files_of(iceberg.snapshot_by_id(head), iceberg.io, live_only=True) for head in heads))
-        dropped = set().union(*(_files_of(snapshot, iceberg.io, live_only=False) for snapshot in expired)) - kept
-        iceberg.maintenance.expire_snapshots().by_ids([snapshot.snapshot_id for snapshot in expired]).commit()
+        gone = {snapshot.snapshot_id for snapshot in expired}
+        # a file goes when no remaining snapshot holds it (each file is live in the one that added it)
+        kept = set().union(*(_files_of(snapshot, iceberg.io) for snapshot in iceberg.snapshots()
+                             if snapshot.snapshot_id not in gone))
+        dropped = set().union(*(_files_of(snapshot, iceberg.io) for snapshot in expired)) - kept
+        iceberg.maintenance.expire_snapshots().by_ids(sorted(gone)).commit()
+        deleted = 0
         for path in sorted(dropped):
-            iceberg.io.delete(path)
-        return len(dropped)
+            try:
+                iceberg.io.delete(path)
+                deleted += 1
+            except FileNotFoundError:  # another expiry deleted it meanwhile
+                pass
+        return deleted
 
 
 def _days(day: str | dt.date, day_only: bool, where: Where = None):
@@ -369,12 +394,12 @@ def _days(day: str | dt.date, day_only: bool, where: Where = None):
     return rows
 
 
-def _files_of(snapshot, io, live_only: bool) -> set[str]:
-    """A snapshot's manifest list, manifests and data files (`live_only`: not those it deletes)."""
+def _files_of(snapshot, io) -> set[str]:
+    """A snapshot's manifest list, manifests and live data files (not those it deletes)."""
     manifests = snapshot.manifests(io)
     files = {snapshot.manifest_list, *(manifest.manifest_path for manifest in manifests)}
     for manifest in manifests:
-        files.update(entry.data_file.file_path for entry in manifest.fetch_manifest_entry(io, discard_deleted=live_only))
+        files.update(entry.data_file.file_path for entry in manifest.fetch_manifest_entry(io, discard_deleted=True))
     return files
 
 

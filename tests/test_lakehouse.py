@@ -263,7 +263,8 @@ def test_pruning_keeps_every_build_a_run_within_the_retention_reads_and_deletes_
     from assets.common.lakehouse_stages import FAR_FUTURE, latest_states, publish_state, table_layouts
     from assets.ingest.lakehouse_landing import write_query
 
-    lakehouse = Lakehouse(catalog_uri=f"sqlite:///{tmp_path}/catalog.db", location=str(tmp_path / "lake"))
+    lakehouse = Lakehouse(catalog_uri=f"sqlite:///{tmp_path}/catalog.db", location=str(tmp_path / "lake"),
+                          history_grace_minutes=0)  # no reader to wait for
     days = [f"2011-09-0{n}" for n in range(1, 6)]
     builds = {"stg_purchases": ("analytics.stg_purchases", days),
               "customer_segments": ("ml.customer_segments", [d for d in days if d != "2011-09-04"])}

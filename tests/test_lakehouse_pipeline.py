@@ -105,7 +105,8 @@ def both_backends(postgres, tmp_path_factory):
                                         lake_config, day)
         # the lake a day later, pruned to what runs of that day read; then that day again, and a pruned day
         runs[("lake", "next day")] = run(lake_assets(), lake_resources, lake_config, NEXT_DAY)
-        runs["pruned"] = prune_builds(lakehouse, keep_days=1)
+        runs["pruned"] = prune_builds(Lakehouse(**lakehouse_options(postgres, root, "pipeline"), history_grace_minutes=0),
+                                      keep_days=1)
         runs[("lake", "next day again")] = run(lake_assets(), lake_resources, lake_config, NEXT_DAY)
         runs[("lake", "pruned day")] = run(lake_assets(), lake_resources, lake_config, DAYS[0])
         runs["stored on a path"] = stored_tables(lakehouse, DAYS[0], root / "on_path.duckdb")

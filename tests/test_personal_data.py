@@ -138,9 +138,11 @@ def quarantine_rows(source: str, ages: tuple[int, ...], now: dt.datetime) -> pa.
 
 def test_the_purge_on_the_lakehouse_blanks_the_old_raw_text_and_deletes_every_file_that_held_it(tmp_path, warehouse):
     """Blanking rows in Iceberg only adds a snapshot: the old files keep the text (and the
-    manifests their bounds) until the history is expired and the files deleted."""
+    manifests their bounds) until the history is expired and the files deleted, which waits for
+    the readers of a snapshot replaced within the last hour (the next day's purge deletes them)."""
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    lakehouse = Lakehouse(catalog_uri=f"sqlite:///{tmp_path}/catalog.db", location=str(tmp_path / "lake"))
+    options = {"catalog_uri": f"sqlite:///{tmp_path}/catalog.db", "location": str(tmp_path / "lake")}
+    lakehouse = Lakehouse(**options)
     table = "ops.schema_errors"
     for day, source, ages, fingerprint in [("2011-09-01", "customers", (200, 91), "a"),
                                            ("2011-09-01", "transactions", (95, 2), "b"),
@@ -163,6 +165,9 @@ def test_the_purge_on_the_lakehouse_blanks_the_old_raw_text_and_deletes_every_fi
         ("2011-09-02", "customers", 1, True, True), ("2011-09-02", "customers", 88, True, True)]
     assert lakehouse.day_fingerprint(table, "2011-09-02", {"source": "customers"}) == "d"  # the markers stay
 
+    held_for_readers = files_left_behind(lakehouse, table)
+    assert held_for_readers  # the snapshot the purge replaced: readers may be scanning it
+    assert Lakehouse(**options, history_grace_minutes=0).expire_history(table) == len(held_for_readers)
     assert len(lakehouse.catalog().load_table(table).snapshots()) == 1
     assert files_left_behind(lakehouse, table) == set()
     texts = {value for path in (tmp_path / "lake").rglob("*.parquet")

@@ -6,8 +6,9 @@ customers). A run as of day D reads each asset's latest build up to D. `prune_bu
 keeps, per asset, every build of the last `keep_days` days (counted back from the newest build
 in the lake) and the newest build before them (what those days read), and removes the others:
 first the state row (no run picks that build any more), then the day of its tables, its dead
-letters and model items, and the kept files no remaining build names; last the touched tables'
-history is expired, so their files are deleted. The raw layer (the landed data) and the model
+letters and model items, and the kept files no remaining build names. Last, every lake table's
+history replaced more than `history_grace_minutes` ago (readers may still scan what was replaced
+just now) is expired and its files deleted: today's removals leave storage at the next run. The raw layer (the landed data) and the model
 cache (content-addressed: any day's vectors serve) are not touched.
 
 A day before the horizon can still be run again: its SQL models rebuild from the raw layer (their
@@ -45,31 +46,32 @@ def prune_builds(lakehouse: Lakehouse, keep_days: int) -> PruneReport:
     if keep_days < 1:
         raise ValueError("keep_days must be at least 1: the newest day's builds are always read")
     states = _all_states(lakehouse)
-    if not states:
-        return PruneReport(horizon=None)
-    horizon = max(row["as_of"] for row in states) - timedelta(days=keep_days - 1)
-    removed, kept = _superseded(states, horizon)
-    report = PruneReport(horizon=str(horizon), kept_builds=len(kept))
-    touched: set[str] = set()
+    report = PruneReport(horizon=None)
+    if states:
+        horizon = max(row["as_of"] for row in states) - timedelta(days=keep_days - 1)
+        removed, kept = _superseded(states, horizon)
+        report.horizon, report.kept_builds = str(horizon), len(kept)
+        _remove_builds(lakehouse, removed, kept, report)
+    # every table's: the files of what today removed go at the next run (history_grace_minutes)
+    report.data_files_deleted = sum(lakehouse.expire_history(table) for table in lakehouse.table_names())
+    return report
+
+
+def _remove_builds(lakehouse: Lakehouse, removed: list[dict], kept: list[dict], report: PruneReport) -> None:
     for row in sorted(removed, key=lambda row: (row["asset"], row["as_of"])):
         asset, day = row["asset"], str(row["as_of"])
         lakehouse.drop_day(STATE_TABLE, day, {"asset": asset})  # first: no run takes this build from now on
-        touched.add(STATE_TABLE)
         for table in json.loads(row["tables"] or "{}"):
             lakehouse.drop_day(table, day)
-            touched.add(table)
         if asset in stage_names():
             for table in STAGE_ROW_TABLES:
                 for stage in stages_of(asset):
                     lakehouse.drop_day(table, day, {"stage": stage})
-                    touched.add(table)
         report.removed.setdefault(asset, []).append(day)
     named = {key for row in kept for key in _kept_file_keys(row)}
     for key in sorted({key for row in removed for key in _kept_file_keys(row)} - named):
         lakehouse.delete_file(key)
         report.kept_files_deleted += 1
-    report.data_files_deleted = sum(lakehouse.expire_history(table) for table in sorted(touched))
-    return report
 
 
 def _all_states(lakehouse: Lakehouse) -> list[dict[str, Any]]:

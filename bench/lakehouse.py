@@ -5,6 +5,7 @@ of its own: seconds and peak RSS. Prints figures; not a test.
     python -m bench.lakehouse --customers 200000        # generates day 1, starts a local PostgreSQL
     python -m bench.lakehouse --landing DIR --day 2011-09-01
     python -m bench.lakehouse --work DIR --landing DIR/landing --lakehouse-only   # a new lake, compared
+    python -m bench.lakehouse --customers 20000 --storage-days 4 --keep-days 2   # the lake's size, pruned
 
 After the lakehouse's stages, every AI stage's tables on the lakehouse are compared with the
 warehouse's in the same folder, row for row.
@@ -59,7 +60,12 @@ def main() -> None:
     parser.add_argument("--day", default="2011-09-01")
     parser.add_argument("--work", type=Path, help="where the warehouse and the lake go (default: a temp folder)")
     parser.add_argument("--lakehouse-only", action="store_true", help="the lakehouse's stages alone (a new lake)")
+    parser.add_argument("--storage-days", type=int, default=0,
+                        help="the lake alone, this many days in a row: its size after each, then pruned")
+    parser.add_argument("--keep-days", type=int, default=2, help="with --storage-days: the retention pruned to")
     args = parser.parse_args()
+    if args.storage_days:
+        args.lakehouse_only = True
 
     from tests.postgres_support import postgres_server
 
@@ -71,7 +77,7 @@ def main() -> None:
 
         landing = work / "landing"
         started = time.perf_counter()
-        generate(GeneratorConfig(out=landing, customers=args.customers, days=1))
+        generate(GeneratorConfig(out=landing, customers=args.customers, days=max(args.storage_days, 1)))
         print(f"generated {args.customers:,} customers in {time.perf_counter() - started:.0f}s", flush=True)
     env = {**os.environ, "LANDING_DIR": str(landing), "WAREHOUSE_PATH": str(work / "warehouse.duckdb"),
            "PYTHONWARNINGS": "ignore"}
@@ -85,6 +91,8 @@ def main() -> None:
         shutil.rmtree(work / "lake", ignore_errors=True)  # its catalog is new
         env["LAKEHOUSE_LOCATION"] = str(work / "lake")
         env["BENCH_JOB"] = "lakehouse_pipeline"
+        if args.storage_days:
+            return storage(env, work, args.day, args.storage_days, args.keep_days)
         for stage in LAKE_STAGES:
             results[stage] = in_process(["bench.stage", stage, args.day], env)
             print(f"lakehouse {stage}: {results[stage]['seconds']:.1f}s, {results[stage]['peak_rss_mb']:.0f} MB",
@@ -136,6 +144,26 @@ def compare(env: dict, work: Path, day: str) -> None:
                                         f"FROM wh.{table} EXCEPT ALL SELECT {kept} FROM {table}))").fetchall()[0][0]
                 print(f"| {table} | {warehouse_rows:,} | {lake_rows:,} | {differing:,} |", flush=True)
     print(f"compared in {time.perf_counter() - started:.0f}s")
+
+
+def storage(env: dict, work: Path, first_day: str, days: int, keep_days: int) -> None:
+    """The lake's size after each day of the lakehouse's stages, then after prune_builds."""
+    from datetime import date, timedelta
+
+    from assets.common.lakehouse_retention import prune_builds
+    from resources.lakehouse import Lakehouse
+
+    for offset in range(days):
+        day = str(date.fromisoformat(first_day) + timedelta(days=offset))
+        seconds = sum(in_process(["bench.stage", stage, day], env)["seconds"] for stage in LAKE_STAGES)
+        print(f"day {day}: {seconds:.0f}s of steps, lake folder {folder_bytes(work / 'lake') / 1e6:,.0f} MB", flush=True)
+    lake = Lakehouse(catalog_uri=env["LAKEHOUSE_CATALOG_URI"], location=env["LAKEHOUSE_LOCATION"],
+                     history_grace_minutes=0)  # no reader here
+    started = time.perf_counter()
+    pruned = prune_builds(lake, keep_days)
+    print(f"pruned to {keep_days} days in {time.perf_counter() - started:.1f}s: "
+          f"{sum(len(d) for d in pruned.removed.values())} builds removed, {pruned.data_files_deleted} files deleted; "
+          f"lake folder {folder_bytes(work / 'lake') / 1e6:,.0f} MB")
 
 
 def report(results: dict[str, dict], work: Path) -> None:

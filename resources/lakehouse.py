@@ -34,6 +34,7 @@ import shutil
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,7 +183,8 @@ class Lakehouse(dg.ConfigurableResource):
         for attempt in range(1, self.commit_attempts + 1):
             iceberg = catalog.load_table(table)
             try:
-                with iceberg.transaction() as tx:
+                with iceberg.transaction() as tx, warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Delete operation did not match any records")  # nothing to drop
                     tx.delete(_day_rows(day, keys))
                     if _marker(day, keys) in iceberg.properties:
                         tx.remove_properties(_marker(day, keys))

@@ -8,8 +8,9 @@ in the lake) and the newest build before them (what those days read), and remove
 first the state row (no run picks that build any more), then the day of its tables, its dead
 letters and model items, and the kept files no remaining build names. Last, every lake table's
 history replaced more than `history_grace_minutes` ago (readers may still scan what was replaced
-just now) is expired and its files deleted: today's removals leave storage at the next run. The raw layer (the landed data) and the model
-cache (content-addressed: any day's vectors serve) are not touched.
+just now) is expired and its files deleted: today's removals leave storage at the next run. The
+raw layer (the landed data) and the model cache (content-addressed: any day's vectors serve) are
+not removed.
 
 A day before the horizon can still be run again: its SQL models rebuild from the raw layer (their
 day markers went with their rows), and the stages then build afresh.

@@ -27,6 +27,7 @@ marker says whether it landed, so it is committed again only if it did not.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
 import random
@@ -304,43 +305,50 @@ class Lakehouse(dg.ConfigurableResource):
                          ) -> int:
         """A retention: null `columns` in the rows whose `time_column` is before `older_than`.
 
-        The days holding such rows are rewritten in one commit (again after a reload when another
-        writer won the race; the days' markers stay), then the history still holding the old
-        values goes (`expire_history`). Returns how many rows were blanked."""
-        from pyiceberg.exceptions import CommitFailedException
-        from pyiceberg.expressions import And, In, LessThan, NotNull, Or
+        Each day holding such rows is rewritten in a commit of its own (memory holds one day; again
+        after a reload when another writer won the race; the day's markers stay), then the history
+        still holding the old values goes (`expire_history`). Returns how many rows were blanked."""
+        from pyiceberg.expressions import And, LessThan, NotNull, Or
 
         catalog = self.catalog()
         if not catalog.table_exists(table):
             return 0
         held = [NotNull(column) for column in columns]
         stale = And(LessThan(time_column, older_than.isoformat()), held[0] if len(held) == 1 else Or(*held))
+        days = catalog.load_table(table).scan(row_filter=stale, selected_fields=(PARTITION_COLUMN,)).to_arrow()
+        blanked = sum(self._blank_day(table, day, columns, time_column, older_than)
+                      for day in sorted(set(days[PARTITION_COLUMN].to_pylist())))
+        self.expire_history(table)
+        return blanked
+
+    def _blank_day(self, table: str, day: str, columns: tuple[str, ...], time_column: str,
+                   older_than: dt.datetime) -> int:
+        from pyiceberg.exceptions import CommitFailedException
+        from pyiceberg.expressions import EqualTo
+
         for attempt in range(1, self.commit_attempts + 1):
-            iceberg = catalog.load_table(table)
-            days = iceberg.scan(row_filter=stale, selected_fields=(PARTITION_COLUMN,)).to_arrow()[PARTITION_COLUMN]
-            if len(days) == 0:
-                break
-            rewritten = In(PARTITION_COLUMN, pc.unique(days).to_pylist())
-            rows = iceberg.scan(row_filter=rewritten).to_arrow()
+            iceberg = self.catalog().load_table(table)
+            rows = iceberg.scan(row_filter=EqualTo(PARTITION_COLUMN, day)).to_arrow()
             old = pc.fill_null(pc.less(rows[time_column], pa.scalar(older_than, rows.schema.field(time_column).type)),
                                False)
+            held = functools.reduce(pc.or_, [pc.is_valid(rows[column]) for column in columns])
+            count = pc.sum(pc.and_(old, held)).as_py() or 0
+            if count == 0:
+                return 0
             for column in columns:
                 index = rows.schema.get_field_index(column)
                 rows = rows.set_column(index, rows.schema.field(index),
                                        pc.if_else(old, pa.nulls(1, rows[column].type)[0], rows[column]))
             try:
                 with iceberg.transaction() as tx:
-                    tx.delete(rewritten)
+                    tx.delete(EqualTo(PARTITION_COLUMN, day))
                     tx.append(rows)
+                return count
             except CommitFailedException:
                 if attempt == self.commit_attempts:
                     raise
                 time.sleep(random.uniform(0, 0.05 * 2 ** attempt))
-                continue
-            self.expire_history(table)
-            return len(days)
-        self.expire_history(table)  # a purge whose rewrite landed but whose expiry did not
-        return 0
+        raise AssertionError("unreachable")
 
     def table_names(self) -> list[str]:
         """Every table of the catalog, as namespace.name."""

@@ -36,7 +36,7 @@ from recsys.baselines import (
     SegmentPopularityBaseline,
     count_buyers,
 )
-from recsys.metrics import RankingMetrics
+from recsys.metrics import RankingMetrics, paired_ratio_interval
 from recsys.purchases import CustomerChunk, ItemIndex, PurchaseSource, distinct_pairs, iter_customer_chunks, to_micros
 from recsys.customer_vectors import ProductEmbeddings
 from recsys.recommender import COLLABORATIVE, TEXT_NEIGHBOUR, Recommender, RecommenderConfig
@@ -185,12 +185,14 @@ def recommendations_as_positions(recommendations: pa.RecordBatch, chunk, items, 
 
 
 def _table(metrics: dict[str, RankingMetrics], k: int) -> list[dict]:
-    popularity_hit_rate = metrics[PopularityBaseline.name].summary()[f"hit_rate@{k}"]
+    popularity = metrics[PopularityBaseline.name]
+    popularity_hit_rate = popularity.summary()[f"hit_rate@{k}"]
     table = []
     for name, accumulator in metrics.items():
         row = {"method": name, **accumulator.summary()}
         hit_rate = row[f"hit_rate@{k}"]
         row["hr_vs_popularity"] = round(hit_rate / popularity_hit_rate, 3) if popularity_hit_rate else None
+        row["hr_vs_popularity_ci95"] = paired_ratio_interval(accumulator.hit_vector(), popularity.hit_vector())
         table.append(row)
     return table
 

@@ -8,6 +8,9 @@ and recommendable: in the candidate catalog) and top-K list L_u:
 - NDCG@K       = mean of DCG / IDCG, DCG = sum over hits of 1 / log2(rank + 1),
                  IDCG = sum over ranks 1 .. min(|T_u|, K) of 1 / log2(rank + 1)
 - coverage     = distinct products recommended to evaluated customers / candidate products
+
+`paired_ratio_interval`: a 95 % interval of one method's hit rate over another's on the same
+customers (the delta method for a ratio of paired means: their covariance counts).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class RankingMetrics:
         self.recall_sum = 0.0
         self.ndcg_sum = 0.0
         self.recommended = np.zeros(n_candidates, dtype=bool)
+        self._hits: list[np.ndarray] = []  # per evaluated customer, in order: a hit in the top K
         self._ideal = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))])
 
     def add(
@@ -52,10 +56,15 @@ class RankingMetrics:
             raise ValueError("every evaluated customer needs at least one relevant item")
         self.customers += n_customers
         self.hit_customers += int(np.count_nonzero(hits))
+        self._hits.append(hits > 0)
         self.precision_sum += float((hits / self.k).sum())
         self.recall_sum += float((hits / relevant).sum())
         self.ndcg_sum += float((dcg / self._ideal[np.minimum(relevant, self.k)]).sum())
         self.recommended[rec_item] = True
+
+    def hit_vector(self) -> np.ndarray:
+        """Per evaluated customer, in the order added: whether the top K holds a hit."""
+        return np.concatenate(self._hits) if self._hits else np.zeros(0, dtype=bool)
 
     def summary(self) -> dict:
         n = max(self.customers, 1)
@@ -68,6 +77,18 @@ class RankingMetrics:
             f"ndcg@{k}": round(self.ndcg_sum / n, 4),
             "coverage": round(float(self.recommended.mean()) if self.n_candidates else 0.0, 4),
         }
+
+
+def paired_ratio_interval(ours: np.ndarray, theirs: np.ndarray, z: float = 1.96) -> list[float] | None:
+    """[low, high] of mean(ours) / mean(theirs) over the same customers (None: too few, or 0 hits)."""
+    n = len(ours)
+    if n < 2 or len(theirs) != n or not theirs.any():
+        return None
+    a, b = float(ours.mean()), float(theirs.mean())
+    cov = np.cov(ours.astype(np.float64), theirs.astype(np.float64))
+    variance = (cov[0, 0] / b**2 + a**2 * cov[1, 1] / b**4 - 2 * a * cov[0, 1] / b**3) / n
+    spread = z * float(np.sqrt(max(variance, 0.0)))
+    return [round(a / b - spread, 3), round(a / b + spread, 3)]
 
 
 def _is_member(customer, item, set_customer, set_item, n_items) -> np.ndarray:

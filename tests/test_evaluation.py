@@ -11,7 +11,7 @@ import pytest
 
 from recsys.baselines import NO_SEGMENT, MappingSegmenter, PopularityBaseline, RfmSegmenter, SegmentPopularityBaseline
 from recsys.evaluation import OURS, evaluate_split
-from recsys.metrics import RankingMetrics
+from recsys.metrics import RankingMetrics, paired_ratio_interval
 from assets.evaluate.online_retail import catalog_before, load_online_retail, purchases_source
 from recsys.purchases import ItemIndex, iter_customer_chunks, to_micros
 from recsys.recommender import RecommenderConfig
@@ -41,7 +41,23 @@ def test_metrics_match_a_hand_computed_example():
     assert summary["recall@3"] == round(1.0 / 2, 4)
     assert summary["ndcg@3"] == round(ndcg_0 / 2, 4)
     assert summary["coverage"] == 0.6
+    assert metrics.hit_vector().tolist() == [True, False]
 
+
+
+def test_the_interval_of_a_hit_rate_ratio_counts_that_the_customers_are_the_same():
+    """The delta-method interval of mean(ours) / mean(theirs) matches a paired bootstrap, and is
+    narrower than one that treats the two methods' customers as independent."""
+    rng = np.random.default_rng(7)
+    theirs = rng.random(1_500) < 0.39
+    ours = np.where(theirs, rng.random(1_500) < 0.85, rng.random(1_500) < 0.48)  # hits often shared
+    low, high = paired_ratio_interval(ours, theirs)
+    draws = rng.integers(0, len(ours), size=(4_000, len(ours)))
+    ratios = ours[draws].mean(axis=1) / theirs[draws].mean(axis=1)
+    assert abs(low - np.quantile(ratios, 0.025)) < 0.02 and abs(high - np.quantile(ratios, 0.975)) < 0.02
+    unpaired = ours[draws].mean(axis=1) / theirs[rng.integers(0, len(ours), size=(4_000, len(ours)))].mean(axis=1)
+    assert high - low < 0.9 * (np.quantile(unpaired, 0.975) - np.quantile(unpaired, 0.025))
+    assert paired_ratio_interval(ours, np.zeros_like(theirs)) is None
 
 def test_rfm_segments_are_deterministic_and_in_range():
     cutoff_us = to_micros(SMALL_CUTOFF)

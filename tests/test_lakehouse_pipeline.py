@@ -97,7 +97,7 @@ def both_backends(postgres, tmp_path_factory):
             assert result.success
             return result, set(server.stats.per_text - before)
 
-        runs = {}
+        runs = {"landing": landing}
         for index, day in enumerate(RUNS):
             last = index == len(RUNS) - 1  # then with the GX suite on the outputs too (GX takes seconds)
             runs[("warehouse", index)] = run(warehouse_assets + (OUTPUT_SUITE if last else []), resources, config, day)
@@ -221,6 +221,54 @@ def test_a_build_that_another_run_committed_meanwhile_is_built_again(both_backen
     assert lakehouse.day_fingerprint("outputs.recommendations", day) == \
         lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage})  # its tables and its marker: one build
 
+
+
+def test_a_build_whose_table_was_dropped_before_its_state_row_is_built_again(both_backends, monkeypatch):
+    """The retention (or another run) drops a day's table between the build's writes and its
+    state row: the state would describe a table that is not there, so the build is tried again."""
+    import assets.common.lakehouse_stages as lakehouse_stages
+
+    _, lakehouse, _ = both_backends
+    stage, day = "validated_recommendations", DAYS[-1]
+    real_keep_files = lakehouse_stages.keep_files
+    dropped = []
+
+    def dropped_meanwhile(lake, name, folder):
+        if not dropped:
+            dropped.append(lakehouse.drop_day("outputs.recommendations", day))
+        return real_keep_files(lake, name, folder)
+
+    monkeypatch.setattr(lakehouse_stages, "keep_files", dropped_meanwhile)
+    selected = [a for a in lake_assets() if a.key.to_user_string() == f"lake_{stage}"]
+    result = dg.materialize(selected, partition_key=day, resources={"lakehouse": lakehouse},
+                            run_config={"ops": {f"lake_{stage}": {"config": {"force": True}}}})
+    assert result.success and dropped
+    assert [e.event_type_value for e in result.all_events].count("STEP_UP_FOR_RETRY") == 1
+    assert lakehouse.day_fingerprint("outputs.recommendations", day) == \
+        lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage})
+    assert lakehouse.read_day("outputs.recommendations", day).num_rows > 500
+
+
+def test_sql_models_whose_table_was_dropped_before_their_state_row_are_built_again(both_backends, monkeypatch):
+    import assets.transform.lakehouse_models as lakehouse_models
+
+    _, lakehouse, runs = both_backends
+    real_write_state, dropped = lakehouse_models.write_state, []
+
+    def dropped_meanwhile(con, asset, *args):
+        if not dropped:
+            dropped.append(lakehouse.drop_day("analytics.stg_purchases", DAYS[-1]))
+        return real_write_state(con, asset, *args)
+
+    monkeypatch.setattr(lakehouse_models, "write_state", dropped_meanwhile)
+    selected = [a for a in lake_assets() if a.key.to_user_string() == LAKE_MODELS_ASSET]
+    result = dg.materialize(selected, partition_key=DAYS[-1],
+                            resources={"lakehouse": lakehouse, "landing": LandingZone(root=str(runs["landing"]))},
+                            run_config={"ops": {LAKE_MODELS_ASSET: {"config": {"force": True}}}})
+    assert result.success and dropped
+    assert [e.event_type_value for e in result.all_events].count("STEP_UP_FOR_RETRY") == 1
+    assert lakehouse.day_fingerprint("analytics.stg_purchases", DAYS[-1]) + ":v1" == \
+        lakehouse.day_fingerprint(STATE_TABLE, DAYS[-1], {"asset": "stg_purchases"})
 
 def test_a_pruned_lake_runs_its_newest_day_as_before_and_builds_a_pruned_day_afresh(both_backends):
     """Pruned to one day after day 3: the builds of day 1 go (day 2's are what day 3 read); day 3

@@ -246,6 +246,13 @@ def snapshot_build(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, recipe: Sta
                         f"USING ({CACHE_KEY})", {"stage": name}, marker, {WRITER_COLUMN: name})
         files = keep_files(lakehouse, name, warehouse.file.parent)
         refuse_if_built_meanwhile()
+        # and when a write was replaced or dropped meanwhile (another run; the retention pruning
+        # an old day): a state row over missing tables would read as empty tables
+        written = [(table, None) for table in tables] + [(table, {"stage": stage}) for table in STAGE_ROW_TABLES
+                                                         for stage in stages_of(name)]
+        lost = [table for table, keys in written if lakehouse.day_fingerprint(table, day, keys) != marker]
+        if lost:
+            raise ConcurrentBuildError(f"{name} as of {day}: {', '.join(lost)} replaced or dropped meanwhile")
         publish_state(lakehouse, con, name, day, table_layouts(con, tables), marker, files)
     return marker
 

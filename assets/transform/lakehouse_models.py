@@ -28,7 +28,7 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
-from assets.common.current_state import STATE_TABLE, write_state
+from assets.common.current_state import STATE_TABLE, ConcurrentBuildError, write_state
 from assets.common.lakehouse_stages import publish_state, table_layouts
 from assets.common.partitions import daily_partitions
 from assets.common.sources import SOURCES, Source
@@ -119,6 +119,8 @@ def build_models_on_lakehouse(lakehouse: Lakehouse, day: str, sources: tuple[Sou
                                             fingerprint) for model in models}
         for model in models:  # each model's state, as the stages on the lakehouse read their inputs'
             write_state(con, model.name, dt.date.fromisoformat(day), fingerprint, written[model.table].rows)
+            if lakehouse.day_fingerprint(model.table, day) != fingerprint:  # dropped meanwhile (the retention)
+                raise ConcurrentBuildError(f"{model.table} as of {day} was replaced or dropped meanwhile")
             publish_state(lakehouse, con, model.name, day, table_layouts(con, [model.table]), f"{fingerprint}:v1")
     return LakehouseModels(day, False, written, time.perf_counter() - started)
 
@@ -153,7 +155,10 @@ def lake_sql_models_asset(sources: tuple[Source, ...] = SOURCES) -> dg.AssetsDef
                landing: LandingZone) -> dg.MaterializeResult:
         day = context.partition_key
         wait_for_landed_days(context, config, lakehouse, landing, list(sources), day)
-        built = build_models_on_lakehouse(lakehouse, day, sources, force=config.force)
+        try:
+            built = build_models_on_lakehouse(lakehouse, day, sources, force=config.force)
+        except ConcurrentBuildError as error:  # a state over a missing table would read as an empty one
+            raise dg.RetryRequested(max_retries=3, seconds_to_wait=1.0) from error
         context.log.info(f"sql models as of {day}: " + ("skipped (nothing new)" if built.skipped else
                          ", ".join(f"{t} {w.rows:,} rows" for t, w in built.written.items())))
         return dg.MaterializeResult(metadata={

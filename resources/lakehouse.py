@@ -350,6 +350,14 @@ class Lakehouse(dg.ConfigurableResource):
                 time.sleep(random.uniform(0, 0.05 * 2 ** attempt))
         raise AssertionError("unreachable")
 
+    def partition_days(self, table: str) -> list[str]:
+        """The days the table holds rows of (from its manifests, not its data files)."""
+        catalog = self.catalog()
+        if not catalog.table_exists(table):
+            return []
+        partitions = catalog.load_table(table).inspect.partitions()["partition"].to_pylist()
+        return sorted({partition[PARTITION_COLUMN] for partition in partitions})
+
     def table_names(self) -> list[str]:
         """Every table of the catalog, as namespace.name."""
         catalog = self.catalog()

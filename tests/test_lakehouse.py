@@ -288,12 +288,17 @@ def test_pruning_keeps_every_build_a_run_within_the_retention_reads_and_deletes_
                     if not lakehouse.has_file(f"{asset}/{kept[0]}"):
                         lakehouse.put_file(f"{asset}/{kept[0]}", tmp_path / "model.bin")
                 publish_state(lakehouse, con, asset, day, table_layouts(con, [table]), f"fp-{day}:v1", kept)
+        # a build that died before its state row, on a day before them all
+        con.execute("CREATE OR REPLACE TABLE ml.customer_segments AS SELECT 1 AS id, 'orphan' AS built")
+        write_query(lakehouse, con, "ml.customer_segments", "2011-08-31", "SELECT * FROM ml.customer_segments", {},
+                    "dead-build")
     read_by_runs = {day: latest_states(lakehouse, day, builds) for day in days[2:]}
 
     report = prune_builds(lakehouse, keep_days=2)
 
     assert report.horizon == "2011-09-04"
     assert report.removed == {"stg_purchases": days[:2], "customer_segments": days[:2]}
+    assert report.orphans == ["ml.customer_segments 2011-08-31"]
     assert {day: latest_states(lakehouse, day, builds) for day in days[2:]} == read_by_runs
     assert latest_states(lakehouse, days[1], builds) == {}
 

@@ -3,14 +3,15 @@
 Every build of a stage or an SQL model writes its tables whole, as the partition of its day, so
 without a retention the lake grows by the pipeline's tables every day (about 2.5 GB at 2M
 customers). A run as of day D reads each asset's latest build up to D. `prune_builds` therefore
-keeps, per asset, every build of the last `keep_days` days (counted back from the newest build
-in the lake) and the newest build before them (what those days read), and removes the others:
-first the state row (no run picks that build any more), then the day of its tables, its dead
-letters and model items, and the kept files no remaining build names. Last, every lake table's
-history replaced more than `history_grace_minutes` ago (readers may still scan what was replaced
-just now) is expired and its files deleted: today's removals leave storage at the next run. The
-raw layer (the landed data) and the model cache (content-addressed: any day's vectors serve) are
-not removed.
+keeps, per asset, every build of the last `keep_days` days (counted back from the newest build in
+the lake) and the newest build before them (what those days read), and removes the others: first
+the state row (no run picks that build any more), then the day of its tables, its dead letters and
+model items, and the kept files no remaining build names; also a table's days before the horizon
+that no build names (a build that died before its state row). Last, every lake table's history
+replaced more than `history_grace_minutes` ago (readers may still scan what was replaced just now)
+is expired and its files deleted: today's removals leave storage at the next run. The raw layer
+(the landed data) and the model cache (content-addressed: any day's vectors serve) are not
+removed.
 
 A day before the horizon can still be run again: its SQL models rebuild from the raw layer (their
 day markers went with their rows), and the stages then build afresh.
@@ -38,6 +39,7 @@ class PruneReport:
     horizon: str | None  # builds before this day are removed, but for each asset's newest
     removed: dict[str, list[str]] = field(default_factory=dict)  # asset -> the days of its removed builds
     kept_builds: int = 0
+    orphans: list[str] = field(default_factory=list)  # "<table> <day>": rows no build names, removed
     kept_files_deleted: int = 0
     data_files_deleted: int = 0  # data files, manifests and manifest lists, by the history expiry
 
@@ -53,6 +55,7 @@ def prune_builds(lakehouse: Lakehouse, keep_days: int) -> PruneReport:
         removed, kept = _superseded(states, horizon)
         report.horizon, report.kept_builds = str(horizon), len(kept)
         _remove_builds(lakehouse, removed, kept, report)
+        _remove_orphans(lakehouse, kept, str(horizon), report)
     # every table's: the files of what today removed go at the next run (history_grace_minutes)
     report.data_files_deleted = sum(lakehouse.expire_history(table) for table in lakehouse.table_names())
     return report
@@ -73,6 +76,17 @@ def _remove_builds(lakehouse: Lakehouse, removed: list[dict], kept: list[dict], 
     for key in sorted({key for row in removed for key in _kept_file_keys(row)} - named):
         lakehouse.delete_file(key)
         report.kept_files_deleted += 1
+
+
+def _remove_orphans(lakehouse: Lakehouse, kept: list[dict], horizon: str, report: PruneReport) -> None:
+    """Days of the assets' tables before the horizon that no build names: left by a build that
+    died before its state row (a build running now re-checks its tables before its state row)."""
+    named = {(table, str(row["as_of"])) for row in kept for table in json.loads(row["tables"] or "{}")}
+    for table in sorted({table for table, _ in named}):
+        for day in lakehouse.partition_days(table):
+            if day < horizon and (table, day) not in named:
+                lakehouse.drop_day(table, day)
+                report.orphans.append(f"{table} {day}")
 
 
 def _all_states(lakehouse: Lakehouse) -> list[dict[str, Any]]:
@@ -111,6 +125,7 @@ def prune_superseded_builds(context: dg.OpExecutionContext, config: PruneConfig)
     return dg.Output(None, metadata={
         "keep_days": config.keep_days, "horizon": str(report.horizon), "builds_removed": removed,
         "builds_kept": report.kept_builds, "removed_by_asset": dg.MetadataValue.json(report.removed),
+        "orphan_days_removed": len(report.orphans),
         "kept_files_deleted": report.kept_files_deleted, "data_files_deleted": report.data_files_deleted})
 
 

@@ -173,27 +173,38 @@ class Lakehouse(dg.ConfigurableResource):
         return written
 
     def drop_day(self, table: str, day: str | dt.date, keys: dict[str, str] | None = None) -> None:
-        """Delete `day`'s rows (with `keys`' values) and forget its marker, in one commit (again
-        after a reload when another writer won): a later write of the same fingerprint writes
-        again instead of skipping. The files go when the history is expired (expire_history)."""
+        """Delete `day`'s rows (with `keys`' values) and forget its marker, in one commit: a later
+        write of the same fingerprint writes again instead of skipping. The files go when the
+        history is expired (expire_history)."""
+        day = str(day)
+        if not self.catalog().table_exists(table):
+            return
+
+        def drop(iceberg, tx) -> None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Delete operation did not match any records")  # nothing to drop
+                tx.delete(_day_rows(day, keys))
+            if _marker(day, keys) in iceberg.properties:
+                tx.remove_properties(_marker(day, keys))
+
+        self._commit_again_if_raced(table, drop)
+
+    def _commit_again_if_raced(self, table: str, change: Callable[[Any, Any], Any]) -> Any:
+        """`change(table, transaction)` committed; when another writer won the race, the table is
+        reloaded and the change made and committed again (`commit_attempts`). Returns its result."""
         from pyiceberg.exceptions import CommitFailedException
 
-        catalog, day = self.catalog(), str(day)
-        if not catalog.table_exists(table):
-            return
         for attempt in range(1, self.commit_attempts + 1):
-            iceberg = catalog.load_table(table)
+            iceberg = self.catalog().load_table(table)
             try:
-                with iceberg.transaction() as tx, warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", "Delete operation did not match any records")  # nothing to drop
-                    tx.delete(_day_rows(day, keys))
-                    if _marker(day, keys) in iceberg.properties:
-                        tx.remove_properties(_marker(day, keys))
-                return
+                with iceberg.transaction() as tx:
+                    result = change(iceberg, tx)
+                return result
             except CommitFailedException:
                 if attempt == self.commit_attempts:
                     raise
                 time.sleep(random.uniform(0, 0.05 * 2 ** attempt))
+        raise AssertionError("unreachable")
 
     def put_file(self, key: str, source: Path) -> None:
         """A build's file (a fitted model) kept under `<location>/files/<key>`, beside the tables."""
@@ -323,32 +334,24 @@ class Lakehouse(dg.ConfigurableResource):
 
     def _blank_day(self, table: str, day: str, columns: tuple[str, ...], time_column: str,
                    older_than: dt.datetime) -> int:
-        from pyiceberg.exceptions import CommitFailedException
         from pyiceberg.expressions import EqualTo
 
-        for attempt in range(1, self.commit_attempts + 1):
-            iceberg = self.catalog().load_table(table)
+        def blank(iceberg, tx) -> int:
             rows = iceberg.scan(row_filter=EqualTo(PARTITION_COLUMN, day)).to_arrow()
             old = pc.fill_null(pc.less(rows[time_column], pa.scalar(older_than, rows.schema.field(time_column).type)),
                                False)
             held = functools.reduce(pc.or_, [pc.is_valid(rows[column]) for column in columns])
             count = pc.sum(pc.and_(old, held)).as_py() or 0
-            if count == 0:
-                return 0
-            for column in columns:
-                index = rows.schema.get_field_index(column)
-                rows = rows.set_column(index, rows.schema.field(index),
-                                       pc.if_else(old, pa.nulls(1, rows[column].type)[0], rows[column]))
-            try:
-                with iceberg.transaction() as tx:
-                    tx.delete(EqualTo(PARTITION_COLUMN, day))
-                    tx.append(rows)
-                return count
-            except CommitFailedException:
-                if attempt == self.commit_attempts:
-                    raise
-                time.sleep(random.uniform(0, 0.05 * 2 ** attempt))
-        raise AssertionError("unreachable")
+            if count:  # else nothing to commit: the transaction stays empty
+                for column in columns:
+                    index = rows.schema.get_field_index(column)
+                    rows = rows.set_column(index, rows.schema.field(index),
+                                           pc.if_else(old, pa.nulls(1, rows[column].type)[0], rows[column]))
+                tx.delete(EqualTo(PARTITION_COLUMN, day))
+                tx.append(rows)
+            return count
+
+        return self._commit_again_if_raced(table, blank)
 
     def partition_days(self, table: str) -> list[str]:
         """The days the table holds rows of (from its manifests, not its data files)."""
@@ -387,9 +390,10 @@ class Lakehouse(dg.ConfigurableResource):
             return 0
         gone = {snapshot.snapshot_id for snapshot in expired}
         # a file goes when no remaining snapshot holds it (each file is live in the one that added it)
-        kept = set().union(*(_files_of(snapshot, iceberg.io) for snapshot in iceberg.snapshots()
+        manifests: dict[str, list[str]] = {}  # a manifest's live files: snapshots share manifests, read each once
+        kept = set().union(*(_files_of(snapshot, iceberg.io, manifests) for snapshot in iceberg.snapshots()
                              if snapshot.snapshot_id not in gone))
-        dropped = set().union(*(_files_of(snapshot, iceberg.io) for snapshot in expired)) - kept
+        dropped = set().union(*(_files_of(snapshot, iceberg.io, manifests) for snapshot in expired)) - kept
         iceberg.maintenance.expire_snapshots().by_ids(sorted(gone)).commit()
         deleted = 0
         for path in sorted(dropped):
@@ -412,12 +416,16 @@ def _days(day: str | dt.date, day_only: bool, where: Where = None):
     return rows
 
 
-def _files_of(snapshot, io) -> set[str]:
-    """A snapshot's manifest list, manifests and live data files (not those it deletes)."""
+def _files_of(snapshot, io, read: dict[str, list[str]]) -> set[str]:
+    """A snapshot's manifest list, manifests and live data files (not those it deletes); `read`:
+    the manifests read so far, by path, with their live files."""
     manifests = snapshot.manifests(io)
     files = {snapshot.manifest_list, *(manifest.manifest_path for manifest in manifests)}
     for manifest in manifests:
-        files.update(entry.data_file.file_path for entry in manifest.fetch_manifest_entry(io, discard_deleted=True))
+        if manifest.manifest_path not in read:
+            read[manifest.manifest_path] = [entry.data_file.file_path for entry in
+                                            manifest.fetch_manifest_entry(io, discard_deleted=True)]
+        files.update(read[manifest.manifest_path])
     return files
 
 

@@ -234,12 +234,12 @@ def snapshot_build(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, recipe: Sta
         # this build's own: a table a dead attempt of the same version wrote is not taken for it
         marker = f"{state_marker(con, name)}:{uuid.uuid4().hex[:12]}"
         tables = own_tables(con, taken)
-        for table in tables:
-            write_query(lakehouse, con, table, day, f"SELECT * FROM {table}", {}, marker)  # names from the catalog
-        for table in STAGE_ROW_TABLES:
-            for stage in stages_of(name):
-                write_query(lakehouse, con, table, day, f"SELECT * FROM {table} WHERE stage = $stage",
-                            {"stage": stage}, marker, {"stage": stage})
+        # its tables whole, and its rows of the shared ones (names from the catalog and our constants)
+        writes = [(table, None) for table in tables] + [(table, {"stage": stage}) for table in STAGE_ROW_TABLES
+                                                        for stage in stages_of(name)]
+        for table, keys in writes:
+            write_query(lakehouse, con, table, day, f"SELECT * FROM {table}" + (" WHERE stage = $stage" if keys else ""),
+                        keys or {}, marker, keys)
         if caches:
             write_query(lakehouse, con, CACHE_TABLE, day,
                         f"SELECT c.*, $stage AS {WRITER_COLUMN} FROM {CACHE_TABLE} c ANTI JOIN main.lake_cache_seen "
@@ -248,9 +248,7 @@ def snapshot_build(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, recipe: Sta
         refuse_if_built_meanwhile()
         # and when a write was replaced or dropped meanwhile (another run; the retention pruning
         # an old day): a state row over missing tables would read as empty tables
-        written = [(table, None) for table in tables] + [(table, {"stage": stage}) for table in STAGE_ROW_TABLES
-                                                         for stage in stages_of(name)]
-        lost = [table for table, keys in written if lakehouse.day_fingerprint(table, day, keys) != marker]
+        lost = [table for table, keys in writes if lakehouse.day_fingerprint(table, day, keys) != marker]
         if lost:
             raise ConcurrentBuildError(f"{name} as of {day}: {', '.join(lost)} replaced or dropped meanwhile")
         publish_state(lakehouse, con, name, day, table_layouts(con, tables), marker, files)

@@ -132,9 +132,9 @@ def co_purchase(history: pd.DataFrame, rows: str, columns: str):
     return matrix, sp.diags(1 / np.maximum(norms, 1e-9)) @ matrix, row_index, column_index
 
 
-def diversified(window: Window, weight: float) -> float:
+def diversified(window: Window, weight: float, products) -> float:
     """Maximal marginal relevance: each next pick maximizes score - weight x its highest cosine to the picks."""
-    _, normalized, items, _ = co_purchase(window.history, "product_id", "customer_id")
+    _, normalized, items, _ = products  # co_purchase by product
     hits = 0
     for _, frame in window.judged().groupby("customer_id", sort=False):
         frame = frame.sort_values("rank")
@@ -189,8 +189,9 @@ def measure(con, purchases: pd.DataFrame, as_of: datetime) -> dict:
                                                  / len(window.evaluated), 4) for depth in (20, DEPTH)})
     training = [Window(con, purchases, config, cutoff - timedelta(days=days), cutoff) for days in (30, WINDOW_DAYS)]
     row["learned ranker"] = learned(training, window)
+    products = co_purchase(window.history, "product_id", "customer_id")  # once for the three weights
     for weight in (0.1, 0.3, 0.5):
-        row[f"diversity {weight}"] = diversified(window, weight)
+        row[f"diversity {weight}"] = diversified(window, weight, products)
     neighbours = with_customer_neighbours(window, 100)
     for blend in (0.1, 0.2, 0.3):
         neighbours["blend"] = (1 - blend) * neighbours.score_share + blend * neighbours.neighbours_score

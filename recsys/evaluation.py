@@ -57,6 +57,8 @@ class EvaluationReport:
     fit_report: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     selection: dict = field(default_factory=dict)  # what model selection chose at the cut-off, when it ran
+    # per method: whether each evaluated customer (same order for every method) got a hit in the top K
+    hit_vectors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def row(self, method: str) -> dict:
         return next(row for row in self.table if row["method"] == method)
@@ -141,6 +143,7 @@ def evaluate_split(
         calibration_check=check.summary(),
         fit_report=model.report.to_dict(),
         seconds=seconds,
+        hit_vectors={name: accumulator.hit_vector() for name, accumulator in metrics.items()},
     )
 
 

@@ -11,6 +11,8 @@ and recommendable: in the candidate catalog) and top-K list L_u:
 
 `paired_ratio_interval`: a 95 % interval of one method's hit rate over another's on the same
 customers (the delta method for a ratio of paired means: their covariance counts).
+`paired_difference_margin`: 1.96 standard errors of the difference of two hit rates on the same
+customers (the standard error of the per-customer differences' mean).
 """
 
 from __future__ import annotations
@@ -89,6 +91,15 @@ def paired_ratio_interval(ours: np.ndarray, theirs: np.ndarray, z: float = 1.96)
     variance = (cov[0, 0] / b**2 + a**2 * cov[1, 1] / b**4 - 2 * a * cov[0, 1] / b**3) / n
     spread = z * float(np.sqrt(max(variance, 0.0)))
     return [round(a / b - spread, 3), round(a / b + spread, 3)]
+
+
+def paired_difference_margin(ours: np.ndarray, theirs: np.ndarray, z: float = 1.96) -> float | None:
+    """z standard errors of mean(ours - theirs) over the same customers (None: fewer than 2)."""
+    n = len(ours)
+    if n < 2 or len(theirs) != n:
+        return None
+    differences = ours.astype(np.float64) - theirs.astype(np.float64)
+    return z * float(np.std(differences, ddof=1)) / float(np.sqrt(n))
 
 
 def _is_member(customer, item, set_customer, set_item, n_items) -> np.ndarray:

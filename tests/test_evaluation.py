@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from recsys.baselines import NO_SEGMENT, MappingSegmenter, PopularityBaseline, RfmSegmenter, SegmentPopularityBaseline
-from recsys.evaluation import OURS, evaluate_split
+from recsys.evaluation import OURS, EvaluationReport, evaluate_split
 from recsys.metrics import RankingMetrics, paired_ratio_interval
 from assets.evaluate.online_retail import catalog_before, load_online_retail, purchases_source
 from recsys.purchases import ItemIndex, iter_customer_chunks, to_micros
@@ -58,6 +58,31 @@ def test_the_interval_of_a_hit_rate_ratio_counts_that_the_customers_are_the_same
     unpaired = ours[draws].mean(axis=1) / theirs[rng.integers(0, len(ours), size=(4_000, len(ours)))].mean(axis=1)
     assert high - low < 0.9 * (np.quantile(unpaired, 0.975) - np.quantile(unpaired, 0.025))
     assert paired_ratio_interval(ours, np.zeros_like(theirs)) is None
+
+
+def test_a_loss_to_the_best_baseline_is_judged_on_the_same_customers():
+    """40 of 2,000 customers lose their hit, none gains one: 0.38 against 0.40. Taken as two
+    independent samples that is within noise (margin 0.030); on the same customers it is a loss."""
+    from assets.evaluate.quality import versus_best_baseline
+
+    theirs = np.zeros(2_000, dtype=bool)
+    theirs[:800] = True
+    ours = theirs.copy()
+    ours[:40] = False
+
+    def report(ours_hits):
+        vectors = {OURS: ours_hits, "global popularity": theirs, "segment popularity": theirs[::-1].copy()}
+        table = [{"method": name, "hit_rate@10": round(float(hits.mean()), 4)} for name, hits in vectors.items()]
+        return EvaluationReport(cutoff="", test_end="", k=10, evaluated_customers=2_000, candidate_products=1,
+                                segmentation="", table=table, hit_vectors=vectors)
+
+    losing = versus_best_baseline(report(ours))
+    assert losing["worse_beyond_noise"] and losing["best_baseline"] == "global popularity"
+    assert 0.005 < losing["noise_margin"] < 0.007  # 1.96 * sd of the differences / sqrt(2,000)
+    assert not versus_best_baseline(report(theirs.copy()))["worse_beyond_noise"]  # the same hits: no loss
+    gaining = theirs.copy()
+    gaining[1_000:1_040] = True
+    assert not versus_best_baseline(report(gaining))["worse_beyond_noise"]
 
 def test_rfm_segments_are_deterministic_and_in_range():
     cutoff_us = to_micros(SMALL_CUTOFF)

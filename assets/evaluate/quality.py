@@ -7,7 +7,6 @@ by-day CSVs. Results go to `ml.evaluation_results` (one row per as-of day, datas
 """
 
 import datetime as dt
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ from assets.infer.embeddings import PRODUCT_VECTORS_SQL
 from assets.infer.purchases import all_purchases_sql
 from recsys.customer_vectors import ProductEmbeddings
 from recsys.evaluation import OURS, EvaluationReport, evaluate_split
+from recsys.metrics import paired_difference_margin
 from recsys.recommender import RecommenderConfig
 from recsys.selection import select_model
 from resources.warehouse import fetch_scalar, snapshot
@@ -167,13 +167,14 @@ def store_results(build: StateBuild, reports: dict[str, EvaluationReport], versu
 
 def versus_best_baseline(report: EvaluationReport) -> dict | None:
     """Our hit rate against the best baseline's, and whether the gap is beyond noise: more than
-    1.96 standard errors of the difference of two hit rates over the same customers."""
-    key, n = f"hit_rate@{report.k}", report.evaluated_customers
+    1.96 standard errors of the difference of the two hit rates. The customers are the same, so
+    the standard error is the paired one (customers both methods hit, or both miss, are no noise)."""
+    key = f"hit_rate@{report.k}"
     best = max((row for row in report.table if row["method"] in BASELINES), key=lambda row: row[key])
     ours, theirs = report.row(OURS)[key], best[key]
-    if not n or not theirs:
+    noise = paired_difference_margin(report.hit_vectors[OURS], report.hit_vectors[best["method"]])
+    if noise is None or not theirs:
         return None
-    noise = 1.96 * math.sqrt((ours * (1 - ours) + theirs * (1 - theirs)) / n)
     return {"lift": round(ours / theirs, 3), "best_baseline": best["method"], "ours": ours, "baseline": theirs,
             "noise_margin": round(noise, 4), "worse_beyond_noise": ours < theirs - noise,
             "model": report.selection.get("chosen")}

@@ -320,3 +320,46 @@ def test_pruning_keeps_every_build_a_run_within_the_retention_reads_and_deletes_
                             {}, f"fp-{days[1]}")
     assert not again.skipped and again.rows == 100
     assert prune_builds(lakehouse, keep_days=2).removed == {}  # nothing more to remove
+
+
+def test_pruning_never_removes_a_day_the_warehouse_backend_published(tmp_path):
+    """On the warehouse backend, published_recommendations writes outputs.recommendations day by
+    day; a trial of lakehouse_pipeline on the same catalog builds that table too (days 1, 3 and 5
+    here; days 1 and 3 were published again afterwards). Pruning to 2 days removes the lake's
+    superseded build of day 1 and finds day 2 named by no build, and keeps every published day."""
+    import datetime as dt
+
+    import duckdb
+
+    from assets.common.current_state import ensure_state_table, write_state
+    from assets.common.lakehouse_retention import PUBLISHED_MARKER_PREFIX, prune_builds
+    from assets.common.lakehouse_stages import latest_states, publish_state, table_layouts
+    from assets.ingest.lakehouse_landing import write_query
+
+    lakehouse = Lakehouse(catalog_uri=f"sqlite:///{tmp_path}/catalog.db", location=str(tmp_path / "lake"),
+                          history_grace_minutes=0)
+    days = [f"2011-09-0{n}" for n in range(1, 6)]
+    stage, table = "validated_recommendations", PUBLISHED_TABLE
+    with duckdb.connect() as con:
+        ensure_state_table(con)
+        con.execute("CREATE SCHEMA outputs")
+        for day in days:
+            con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT range AS id, $day AS built FROM range(10)",
+                        {"day": day})
+            if day in days[::2]:  # the lake's trial builds
+                write_state(con, stage, dt.date.fromisoformat(day), f"fp-{day}", 10)
+                write_query(lakehouse, con, table, day, f"SELECT * FROM {table}", {}, f"fp-{day}:v1")
+                publish_state(lakehouse, con, stage, day, table_layouts(con, [table]), f"fp-{day}:v1")
+            if day != days[4]:  # the warehouse backend's publication of days 1-4
+                write_query(lakehouse, con, table, day, f"SELECT * FROM {table}", {},
+                            f"{PUBLISHED_MARKER_PREFIX}1:fp-{day}")
+
+    report = prune_builds(lakehouse, keep_days=2)
+
+    assert report.removed == {stage: [days[0]]} and report.orphans == []
+    assert latest_states(lakehouse, days[0], {stage: (table, days)}) == {}  # the lake's day-1 build went
+    assert sorted(report.published_days_kept) == [f"{table} {day}" for day in days[:2]]
+    assert lakehouse.partition_days(table) == days
+    assert all(lakehouse.read_day(table, day).num_rows == 10 for day in days)
+    assert [lakehouse.day_fingerprint(table, day).startswith(PUBLISHED_MARKER_PREFIX) for day in days] == [
+        True] * 4 + [False]

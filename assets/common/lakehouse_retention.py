@@ -11,7 +11,9 @@ that no build names (a build that died before its state row). Last, every lake t
 replaced more than `history_grace_minutes` ago (readers may still scan what was replaced just now)
 is expired and its files deleted: today's removals leave storage at the next run. The raw layer
 (the landed data) and the model cache (content-addressed: any day's vectors serve) are not
-removed.
+removed, and neither is a day the warehouse backend published (`published_recommendations`
+writes `outputs.recommendations`, which `lake_validated_recommendations` builds too when
+`lakehouse_pipeline` runs on the same catalog): those days are the served history, not a build.
 
 A day before the horizon can still be run again: its SQL models rebuild from the raw layer (their
 day markers went with their rows), and the stages then build afresh.
@@ -32,6 +34,8 @@ from assets.common.lakehouse_stages import FAR_FUTURE, STAGE_ROW_TABLES, stages_
 from resources.lakehouse import Lakehouse
 
 DEFAULT_KEEP_DAYS = int(os.getenv("LAKEHOUSE_KEEP_BUILD_DAYS", "14"))
+# The day markers of published_recommendations (assets/outputs/publish.py): no lake build's.
+PUBLISHED_MARKER_PREFIX = "validated_recommendations@"
 
 
 @dataclass
@@ -41,6 +45,7 @@ class PruneReport:
     kept_builds: int = 0
     orphans: list[str] = field(default_factory=list)  # "<table> <day>": rows no build names, removed
     kept_files_deleted: int = 0
+    published_days_kept: set[str] = field(default_factory=set)  # "<table> <day>" the warehouse published
     data_files_deleted: int = 0  # data files, manifests and manifest lists, by the history expiry
 
 
@@ -66,7 +71,7 @@ def _remove_builds(lakehouse: Lakehouse, removed: list[dict], kept: list[dict], 
         asset, day = row["asset"], str(row["as_of"])
         lakehouse.drop_day(STATE_TABLE, day, {"asset": asset})  # first: no run takes this build from now on
         for table in json.loads(row["tables"] or "{}"):
-            lakehouse.drop_day(table, day)
+            _drop_unless_published(lakehouse, table, day, report)
         if asset in stage_names():
             for table in STAGE_ROW_TABLES:
                 for stage in stages_of(asset):
@@ -84,9 +89,17 @@ def _remove_orphans(lakehouse: Lakehouse, kept: list[dict], horizon: str, report
     named = {(table, str(row["as_of"])) for row in kept for table in json.loads(row["tables"] or "{}")}
     for table in sorted({table for table, _ in named}):
         for day in lakehouse.partition_days(table):
-            if day < horizon and (table, day) not in named:
-                lakehouse.drop_day(table, day)
+            if day < horizon and (table, day) not in named and _drop_unless_published(lakehouse, table, day, report):
                 report.orphans.append(f"{table} {day}")
+
+
+def _drop_unless_published(lakehouse: Lakehouse, table: str, day: str, report: PruneReport) -> bool:
+    """Drop the table's day, unless the warehouse backend published it there (then it is kept)."""
+    if (lakehouse.day_fingerprint(table, day) or "").startswith(PUBLISHED_MARKER_PREFIX):
+        report.published_days_kept.add(f"{table} {day}")
+        return False
+    lakehouse.drop_day(table, day)
+    return True
 
 
 def _all_states(lakehouse: Lakehouse) -> list[dict[str, Any]]:
@@ -125,7 +138,7 @@ def prune_superseded_builds(context: dg.OpExecutionContext, config: PruneConfig)
     return dg.Output(None, metadata={
         "keep_days": config.keep_days, "horizon": str(report.horizon), "builds_removed": removed,
         "builds_kept": report.kept_builds, "removed_by_asset": dg.MetadataValue.json(report.removed),
-        "orphan_days_removed": len(report.orphans),
+        "orphan_days_removed": len(report.orphans), "published_days_kept": len(report.published_days_kept),
         "kept_files_deleted": report.kept_files_deleted, "data_files_deleted": report.data_files_deleted})
 
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from assets.common.current_state import read_state
+from assets.common.lakehouse_retention import PUBLISHED_MARKER_PREFIX
 from assets.common.partitions import daily_partitions
 from assets.outputs.business_rules import ACCEPTED_TABLE, STAGE as VALIDATED
 from resources.lakehouse import Lakehouse
@@ -42,7 +43,7 @@ def published_recommendations(context: dg.AssetExecutionContext, warehouse: Duck
         held = "nothing" if state is None else f"day {state.as_of}"
         raise dg.Failure(f"{ACCEPTED_TABLE} holds {held}, not {day}: materialize validated_recommendations for {day} "
                          "first (the current outputs are published only under their own day)", allow_retries=False)
-    fingerprint = f"{VALIDATED}@{state.version}:{state.fingerprint}"
+    fingerprint = f"{PUBLISHED_MARKER_PREFIX}{state.version}:{state.fingerprint}"  # the lake's retention keeps it
     if lakehouse.day_fingerprint(PUBLISHED_TABLE, day) == fingerprint:
         return skipped(day, fingerprint)
     with snapshot(warehouse, {"outputs": f"SELECT * FROM {ACCEPTED_TABLE} ORDER BY customer_id, rank"}) as taken:

@@ -332,8 +332,8 @@ def test_pruning_never_removes_a_day_the_warehouse_backend_published(tmp_path):
     import duckdb
 
     from assets.common.current_state import ensure_state_table, write_state
-    from assets.common.lakehouse_retention import PUBLISHED_MARKER_PREFIX, prune_builds
-    from assets.common.lakehouse_stages import latest_states, publish_state, table_layouts
+    from assets.common.lakehouse_retention import prune_builds
+    from assets.common.lakehouse_stages import PUBLISHED_MARKER_PREFIX, latest_states, publish_state, table_layouts
     from assets.ingest.lakehouse_landing import write_query
 
     lakehouse = Lakehouse(catalog_uri=f"sqlite:///{tmp_path}/catalog.db", location=str(tmp_path / "lake"),

@@ -270,6 +270,39 @@ def test_sql_models_whose_table_was_dropped_before_their_state_row_are_built_aga
     assert lakehouse.day_fingerprint("analytics.stg_purchases", DAYS[-1]) + ":v1" == \
         lakehouse.day_fingerprint(STATE_TABLE, DAYS[-1], {"asset": "stg_purchases"})
 
+def test_a_lake_build_never_replaces_a_day_the_warehouse_backend_published(both_backends, monkeypatch):
+    """On the warehouse backend, published_recommendations writes the served days of the lake's
+    outputs.recommendations: a lakehouse_pipeline trial on that catalog fails before writing, and
+    says what to do; on the lakehouse backend its builds own the table and replace the day."""
+    from assets.common.lakehouse_stages import PUBLISHED_MARKER_PREFIX
+    from resources.lakehouse import PARTITION_COLUMN
+
+    _, lakehouse, _ = both_backends
+    stage, day, table = "validated_recommendations", DAYS[-1], "outputs.recommendations"
+    published = f"{PUBLISHED_MARKER_PREFIX}7:served"
+    served = lakehouse.read_day(table, day).drop_columns([PARTITION_COLUMN])
+    lakehouse.write_day(table, day, served, published)
+    state_before = lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage})
+    selected = [a for a in lake_assets() if a.key.to_user_string() == f"lake_{stage}"]
+
+    def build_again() -> dg.ExecuteInProcessResult:
+        return dg.materialize(selected, partition_key=day, resources={"lakehouse": lakehouse}, raise_on_error=False,
+                              run_config={"ops": {f"lake_{stage}": {"config": {"force": True}}}})
+
+    monkeypatch.delenv("PIPELINE_BACKEND", raising=False)  # the warehouse backend
+    refused = build_again()
+    assert not refused.success
+    (failure,) = [e for e in refused.all_events if e.is_step_failure]
+    assert "holds what the warehouse backend published" in str(failure.event_specific_data.error)
+    assert lakehouse.day_fingerprint(table, day) == published  # nothing written
+    assert lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage}) == state_before
+    monkeypatch.setenv("PIPELINE_BACKEND", "lakehouse")
+    monkeypatch.setenv("LAKEHOUSE_CATALOG_URI", "set")  # the switch needs a lakehouse; this test passes its own
+    assert build_again().success
+    assert lakehouse.day_fingerprint(table, day) == lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage})
+    assert lakehouse.read_day(table, day).num_rows == served.num_rows
+
+
 def test_a_pruned_lake_runs_its_newest_day_as_before_and_builds_a_pruned_day_afresh(both_backends):
     """Pruned to one day after day 3: the builds of day 1 go (day 2's are what day 3 read); day 3
     again decides as the re-run of day 2 did; day 1 again builds from the raw layer."""

@@ -30,12 +30,10 @@ import dagster as dg
 from pydantic import Field
 
 from assets.common.current_state import STATE_TABLE, stage_names
-from assets.common.lakehouse_stages import FAR_FUTURE, STAGE_ROW_TABLES, stages_of
+from assets.common.lakehouse_stages import FAR_FUTURE, PUBLISHED_MARKER_PREFIX, STAGE_ROW_TABLES, stages_of
 from resources.lakehouse import Lakehouse
 
 DEFAULT_KEEP_DAYS = int(os.getenv("LAKEHOUSE_KEEP_BUILD_DAYS", "14"))
-# The day markers of published_recommendations (assets/outputs/publish.py): no lake build's.
-PUBLISHED_MARKER_PREFIX = "validated_recommendations@"
 
 
 @dataclass

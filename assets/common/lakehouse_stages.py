@@ -56,10 +56,11 @@ from assets.common.current_state import (
     materialize_stage,
     stage_names,
     stage_recipe,
+    tables_of,
 )
 from assets.common.partitions import daily_partitions
 from assets.ingest.lakehouse_landing import LAKEHOUSE_GROUP, insert_from_lakehouse, write_query
-from resources import step_memory_budget
+from resources import pipeline_backend, step_memory_budget
 from resources.lakehouse import PARTITION_COLUMN, Lakehouse
 from resources.model_clients import store
 from resources.warehouse import DuckDBWarehouse, fetch_all
@@ -217,6 +218,26 @@ def own_tables(con: duckdb.DuckDBPyConnection, taken: set[str]) -> list[str]:
     return [table for (table,) in rows if table.lower() not in taken]
 
 
+# The day markers of published_recommendations (assets/outputs/publish.py), the warehouse
+# backend's publication into the lake's outputs.recommendations: no lake build wrote those days.
+PUBLISHED_MARKER_PREFIX = "validated_recommendations@"
+
+
+def refuse_to_replace_published_days(lakehouse: Lakehouse, name: str, day: str) -> None:
+    """On the warehouse backend the days published_recommendations wrote are the served ones: a
+    trial of lakehouse_pipeline on the same catalog must not replace them (nothing is written)."""
+    if pipeline_backend() != "warehouse":
+        return  # the lake is the backend: its builds write what is served
+    published = sorted(table for table in tables_of(name)
+                       if (lakehouse.day_fingerprint(table, day) or "").startswith(PUBLISHED_MARKER_PREFIX))
+    if published:
+        raise dg.Failure(
+            f"{', '.join(published)} as of {day} holds what the warehouse backend published (published_recommendations), "
+            f"and consumers read it; {name} on the lakehouse would replace it. Run lakehouse_pipeline against another "
+            "catalog (LAKEHOUSE_CATALOG_URI or LAKEHOUSE_REST_URI), or switch to PIPELINE_BACKEND=lakehouse.",
+            metadata={"published_tables": published}, allow_retries=False)
+
+
 def snapshot_build(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, recipe: StageRecipe, day: str,
                    taken: set[str], caches: bool, built_before: dict | None) -> str:
     """The build's tables, rows and cache additions as day `day` on the lakehouse, its state row
@@ -321,6 +342,7 @@ def run_on_lakehouse(recipe: StageRecipe, context: dg.AssetExecutionContext, con
             hydrate_states(con, states)
         on_private = _OnPrivateWarehouse(context, warehouse)
         if decide_stage(recipe, on_private, config)[0].build:  # else the stage reports its skip
+            refuse_to_replace_published_days(lakehouse, spec.name, day)
             with warehouse.transaction() as con:
                 hydrate_tables(con, lakehouse, states)
                 # its own dead letters and model items: no stage reads another's

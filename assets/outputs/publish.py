@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from assets.common.current_state import read_state
-from assets.common.lakehouse_retention import PUBLISHED_MARKER_PREFIX
+from assets.common.lakehouse_stages import PUBLISHED_MARKER_PREFIX
 from assets.common.partitions import daily_partitions
 from assets.outputs.business_rules import ACCEPTED_TABLE, STAGE as VALIDATED
 from resources.lakehouse import Lakehouse

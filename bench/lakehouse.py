@@ -162,7 +162,8 @@ def storage(env: dict, work: Path, first_day: str, days: int, keep_days: int) ->
     started = time.perf_counter()
     pruned = prune_builds(lake, keep_days)
     print(f"pruned to {keep_days} days in {time.perf_counter() - started:.1f}s: "
-          f"{sum(len(d) for d in pruned.removed.values())} builds removed, {pruned.data_files_deleted} files deleted; "
+          f"{sum(len(d) for d in pruned.removed.values())} builds removed, {pruned.data_files_deleted} files deleted, "
+          f"{len(pruned.served_days_kept)} served day(s) kept; "
           f"lake folder {folder_bytes(work / 'lake') / 1e6:,.0f} MB")
 
 

@@ -322,11 +322,12 @@ def test_pruning_keeps_every_build_a_run_within_the_retention_reads_and_deletes_
     assert prune_builds(lakehouse, keep_days=2).removed == {}  # nothing more to remove
 
 
-def test_pruning_never_removes_a_day_the_warehouse_backend_published(tmp_path):
-    """On the warehouse backend, published_recommendations writes outputs.recommendations day by
-    day; a trial of lakehouse_pipeline on the same catalog builds that table too (days 1, 3 and 5
-    here; days 1 and 3 were published again afterwards). Pruning to 2 days removes the lake's
-    superseded build of day 1 and finds day 2 named by no build, and keeps every published day."""
+def test_pruning_keeps_the_served_days_for_their_own_retention(tmp_path):
+    """outputs.recommendations is what consumers read per day, written by the lake's builds or by
+    the warehouse backend's published_recommendations (days 1-4 here; a lake trial built days 1,
+    3 and 5, and days 1 and 3 were published again after it). Pruning builds to 2 days removes
+    the lake's build of day 1 and keeps every served day; a served retention of 2 days then
+    removes days 1-2 and keeps day 3, which a kept build names."""
     import datetime as dt
 
     import duckdb
@@ -358,8 +359,13 @@ def test_pruning_never_removes_a_day_the_warehouse_backend_published(tmp_path):
 
     assert report.removed == {stage: [days[0]]} and report.orphans == []
     assert latest_states(lakehouse, days[0], {stage: (table, days)}) == {}  # the lake's day-1 build went
-    assert sorted(report.published_days_kept) == [f"{table} {day}" for day in days[:2]]
+    assert report.served_days_kept == [days[0]] and report.served_days_removed == []
     assert lakehouse.partition_days(table) == days
     assert all(lakehouse.read_day(table, day).num_rows == 10 for day in days)
     assert [lakehouse.day_fingerprint(table, day).startswith(PUBLISHED_MARKER_PREFIX) for day in days] == [
         True] * 4 + [False]
+
+    served = prune_builds(lakehouse, keep_days=2, keep_served_days=2)
+    assert served.removed == {} and served.served_days_removed == days[:2]
+    assert lakehouse.partition_days(table) == days[2:]
+    assert files_left_behind(lakehouse, table) == set()

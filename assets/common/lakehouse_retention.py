@@ -11,9 +11,13 @@ that no build names (a build that died before its state row). Last, every lake t
 replaced more than `history_grace_minutes` ago (readers may still scan what was replaced just now)
 is expired and its files deleted: today's removals leave storage at the next run. The raw layer
 (the landed data) and the model cache (content-addressed: any day's vectors serve) are not
-removed, and neither is a day the warehouse backend published (`published_recommendations`
-writes `outputs.recommendations`, which `lake_validated_recommendations` builds too when
-`lakehouse_pipeline` runs on the same catalog): those days are the served history, not a build.
+removed.
+
+The served table, `outputs.recommendations` (consumers read "the recommendations of day D"),
+keeps its days when their builds go, whichever backend wrote them (`published_recommendations`
+on the warehouse backend, `lake_validated_recommendations` on the lakehouse's): its history has
+a retention of its own, `keep_served_days` (0: for ever, as the warehouse backend's publication
+always kept it), counted back from its newest day; a day a kept build names always stays.
 
 A day before the horizon can still be run again: its SQL models rebuild from the raw layer (their
 day markers went with their rows), and the stages then build afresh.
@@ -30,10 +34,11 @@ import dagster as dg
 from pydantic import Field
 
 from assets.common.current_state import STATE_TABLE, stage_names
-from assets.common.lakehouse_stages import FAR_FUTURE, PUBLISHED_MARKER_PREFIX, STAGE_ROW_TABLES, stages_of
+from assets.common.lakehouse_stages import FAR_FUTURE, SERVED_TABLE, STAGE_ROW_TABLES, stages_of
 from resources.lakehouse import Lakehouse
 
 DEFAULT_KEEP_DAYS = int(os.getenv("LAKEHOUSE_KEEP_BUILD_DAYS", "14"))
+DEFAULT_KEEP_SERVED_DAYS = int(os.getenv("LAKEHOUSE_KEEP_SERVED_DAYS", "0"))
 
 
 @dataclass
@@ -43,22 +48,28 @@ class PruneReport:
     kept_builds: int = 0
     orphans: list[str] = field(default_factory=list)  # "<table> <day>": rows no build names, removed
     kept_files_deleted: int = 0
-    published_days_kept: set[str] = field(default_factory=set)  # "<table> <day>" the warehouse published
+    served_days_kept: list[str] = field(default_factory=list)  # days of the served table whose builds went
+    served_days_removed: list[str] = field(default_factory=list)  # days before keep_served_days
     data_files_deleted: int = 0  # data files, manifests and manifest lists, by the history expiry
 
 
-def prune_builds(lakehouse: Lakehouse, keep_days: int) -> PruneReport:
-    """Remove the builds no run within the last `keep_days` days reads (module docstring)."""
-    if keep_days < 1:
-        raise ValueError("keep_days must be at least 1: the newest day's builds are always read")
+def prune_builds(lakehouse: Lakehouse, keep_days: int, keep_served_days: int = 0) -> PruneReport:
+    """Remove the builds no run within the last `keep_days` days reads, and the served days older
+    than `keep_served_days` (0: none) that no kept build names (module docstring)."""
+    if keep_days < 1 or keep_served_days < 0:
+        raise ValueError("keep_days must be at least 1 (the newest day's builds are always read), "
+                         "keep_served_days at least 0 (0: for ever)")
     states = _all_states(lakehouse)
     report = PruneReport(horizon=None)
+    kept: list[dict] = []
     if states:
         horizon = max(row["as_of"] for row in states) - timedelta(days=keep_days - 1)
         removed, kept = _superseded(states, horizon)
         report.horizon, report.kept_builds = str(horizon), len(kept)
         _remove_builds(lakehouse, removed, kept, report)
         _remove_orphans(lakehouse, kept, str(horizon), report)
+    if keep_served_days:
+        _remove_old_served_days(lakehouse, kept, keep_served_days, report)
     # every table's: the files of what today removed go at the next run (history_grace_minutes)
     report.data_files_deleted = sum(lakehouse.expire_history(table) for table in lakehouse.table_names())
     return report
@@ -69,7 +80,10 @@ def _remove_builds(lakehouse: Lakehouse, removed: list[dict], kept: list[dict], 
         asset, day = row["asset"], str(row["as_of"])
         lakehouse.drop_day(STATE_TABLE, day, {"asset": asset})  # first: no run takes this build from now on
         for table in json.loads(row["tables"] or "{}"):
-            _drop_unless_published(lakehouse, table, day, report)
+            if table == SERVED_TABLE:  # served history: its own retention
+                report.served_days_kept.append(day)
+            else:
+                lakehouse.drop_day(table, day)
         if asset in stage_names():
             for table in STAGE_ROW_TABLES:
                 for stage in stages_of(asset):
@@ -84,20 +98,29 @@ def _remove_builds(lakehouse: Lakehouse, removed: list[dict], kept: list[dict], 
 def _remove_orphans(lakehouse: Lakehouse, kept: list[dict], horizon: str, report: PruneReport) -> None:
     """Days of the assets' tables before the horizon that no build names: left by a build that
     died before its state row (a build running now re-checks its tables before its state row)."""
-    named = {(table, str(row["as_of"])) for row in kept for table in json.loads(row["tables"] or "{}")}
-    for table in sorted({table for table, _ in named}):
+    named = _named_days(kept)
+    for table in sorted({table for table, _ in named} - {SERVED_TABLE}):
         for day in lakehouse.partition_days(table):
-            if day < horizon and (table, day) not in named and _drop_unless_published(lakehouse, table, day, report):
+            if day < horizon and (table, day) not in named:
+                lakehouse.drop_day(table, day)
                 report.orphans.append(f"{table} {day}")
 
 
-def _drop_unless_published(lakehouse: Lakehouse, table: str, day: str, report: PruneReport) -> bool:
-    """Drop the table's day, unless the warehouse backend published it there (then it is kept)."""
-    if (lakehouse.day_fingerprint(table, day) or "").startswith(PUBLISHED_MARKER_PREFIX):
-        report.published_days_kept.add(f"{table} {day}")
-        return False
-    lakehouse.drop_day(table, day)
-    return True
+def _remove_old_served_days(lakehouse: Lakehouse, kept: list[dict], keep_served_days: int, report: PruneReport) -> None:
+    days = lakehouse.partition_days(SERVED_TABLE)
+    if not days:
+        return
+    horizon = str(date.fromisoformat(days[-1]) - timedelta(days=keep_served_days - 1))
+    named = _named_days(kept)
+    for day in days:
+        if day < horizon and (SERVED_TABLE, day) not in named:
+            lakehouse.drop_day(SERVED_TABLE, day)
+            report.served_days_removed.append(day)
+
+
+def _named_days(kept: list[dict]) -> set[tuple[str, str]]:
+    """(table, day) of every kept build's tables."""
+    return {(table, str(row["as_of"])) for row in kept for table in json.loads(row["tables"] or "{}")}
 
 
 def _all_states(lakehouse: Lakehouse) -> list[dict[str, Any]]:
@@ -126,17 +149,21 @@ class PruneConfig(dg.Config):
     keep_days: int = Field(default=DEFAULT_KEEP_DAYS, ge=1,
                            description="Builds of the last this many days stay, with each asset's newest before them "
                                        "(LAKEHOUSE_KEEP_BUILD_DAYS).")
+    keep_served_days: int = Field(default=DEFAULT_KEEP_SERVED_DAYS, ge=0,
+                                  description="Days of the served outputs.recommendations kept (LAKEHOUSE_KEEP_SERVED_DAYS; "
+                                              "0: for ever).")
 
 
 @dg.op(required_resource_keys={"lakehouse"})
 def prune_superseded_builds(context: dg.OpExecutionContext, config: PruneConfig) -> dg.Output:
-    report = prune_builds(context.resources.lakehouse, config.keep_days)
+    report = prune_builds(context.resources.lakehouse, config.keep_days, config.keep_served_days)
     removed = sum(len(days) for days in report.removed.values())
     context.log.info(f"removed {removed} builds before {report.horizon} ({report.data_files_deleted} files deleted)")
     return dg.Output(None, metadata={
         "keep_days": config.keep_days, "horizon": str(report.horizon), "builds_removed": removed,
         "builds_kept": report.kept_builds, "removed_by_asset": dg.MetadataValue.json(report.removed),
-        "orphan_days_removed": len(report.orphans), "published_days_kept": len(report.published_days_kept),
+        "orphan_days_removed": len(report.orphans), "keep_served_days": config.keep_served_days,
+        "served_days_kept": len(report.served_days_kept), "served_days_removed": len(report.served_days_removed),
         "kept_files_deleted": report.kept_files_deleted, "data_files_deleted": report.data_files_deleted})
 
 

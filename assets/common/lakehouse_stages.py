@@ -218,8 +218,10 @@ def own_tables(con: duckdb.DuckDBPyConnection, taken: set[str]) -> list[str]:
     return [table for (table,) in rows if table.lower() not in taken]
 
 
-# The day markers of published_recommendations (assets/outputs/publish.py), the warehouse
-# backend's publication into the lake's outputs.recommendations: no lake build wrote those days.
+# What consumers read, "the recommendations of day D": written by lake_validated_recommendations
+# on the lakehouse backend, by published_recommendations (assets/outputs/publish.py) on the
+# warehouse's, whose day markers start with this prefix (no lake build writes such a marker).
+SERVED_TABLE = "outputs.recommendations"
 PUBLISHED_MARKER_PREFIX = "validated_recommendations@"
 
 

@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from assets.common.current_state import read_state
-from assets.common.lakehouse_stages import PUBLISHED_MARKER_PREFIX
+from assets.common.lakehouse_stages import PUBLISHED_MARKER_PREFIX, SERVED_TABLE
 from assets.common.partitions import daily_partitions
 from assets.outputs.business_rules import ACCEPTED_TABLE, STAGE as VALIDATED
 from resources.lakehouse import Lakehouse
 from resources.warehouse import DuckDBWarehouse, snapshot
 
-PUBLISHED_TABLE = "outputs.recommendations"  # the Iceberg table, partitioned by day
+PUBLISHED_TABLE = SERVED_TABLE  # the Iceberg table, partitioned by day
 BATCH_ROWS = 500_000
 
 

@@ -43,7 +43,7 @@ def published_recommendations(context: dg.AssetExecutionContext, warehouse: Duck
         held = "nothing" if state is None else f"day {state.as_of}"
         raise dg.Failure(f"{ACCEPTED_TABLE} holds {held}, not {day}: materialize validated_recommendations for {day} "
                          "first (the current outputs are published only under their own day)", allow_retries=False)
-    fingerprint = f"{PUBLISHED_MARKER_PREFIX}{state.version}:{state.fingerprint}"  # the lake's retention keeps it
+    fingerprint = f"{PUBLISHED_MARKER_PREFIX}{state.version}:{state.fingerprint}"  # no lake build on this backend replaces it
     if lakehouse.day_fingerprint(PUBLISHED_TABLE, day) == fingerprint:
         return skipped(day, fingerprint)
     with snapshot(warehouse, {"outputs": f"SELECT * FROM {ACCEPTED_TABLE} ORDER BY customer_id, rank"}) as taken:

@@ -45,7 +45,7 @@ ONLINE_RETAIL_CUTOFF = dt.datetime(2011, 6, 1)
 ONLINE_RETAIL_TEST_END = dt.datetime(2011, 9, 1)
 BASELINES = ("global popularity", "segment popularity")
 CHECK = "beats_best_baseline"
-CODE_VERSION = "model-selection-1"  # judges the selected model now
+CODE_VERSION = "paired-noise-margin-1"  # a stored verdict of the unpaired margin is not carried forward
 
 
 class EvaluationConfig(StateConfig):

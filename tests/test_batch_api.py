@@ -178,3 +178,50 @@ def test_a_rejected_batch_dead_letters_every_text_and_polling_rides_out_a_server
     assert server.batch_calls.count("retrieve") >= 3  # two 503s, then the final status
     with warehouse.connect(read_only=True) as con:  # the key reaches neither the DLQ nor the batch table
         assert not fetch_scalar(con, "SELECT count(*) FROM ops.dead_letter WHERE error_message LIKE '%test-key%'")
+
+
+def test_on_the_lakehouse_a_batch_still_running_is_collected_by_the_next_build_not_paid_twice(
+        tmp_path, catalog_warehouse, server):
+    """A lake build runs in a private DuckDB: its Batch API ledger goes to the lake with its dead
+    letters, so the next build collects the batch the step stopped waiting for, as on the warehouse."""
+    from assets.common.lakehouse_stages import BATCHES_TABLE, build_lakehouse_stage_assets
+    from assets.ingest.lakehouse_landing import build_lakehouse_ingestion_assets
+    from assets.transform.lakehouse_models import LAKE_MODELS_ASSET, lake_sql_models_asset
+    from assets.transform.sql_models import SQL_DIR, load_models
+    from definitions import AI_ASSETS
+    from resources.compute_engine import ComputeEngine
+    from resources.lakehouse import Lakehouse
+    from resources.landing import LandingZone
+
+    lakehouse = Lakehouse(catalog_uri=f"sqlite:///{tmp_path}/catalog.db", location=str(tmp_path / "lake"))
+    resources = {"lakehouse": lakehouse, "landing": LandingZone(root=str(catalog_warehouse[1])),
+                 "compute_engine": ComputeEngine(),
+                 "embedding_model": resources_for(tmp_path, catalog_warehouse, server,
+                                                  batch_max_wait_seconds=0.05)["embedding_model"]}
+    assert dg.materialize([*build_lakehouse_ingestion_assets(), lake_sql_models_asset()], partition_key=DAY,
+                          resources=resources).success
+    [embeddings] = [a for a in build_lakehouse_stage_assets(LAKE_MODELS_ASSET, [m.name for m in load_models(SQL_DIR)],
+                                                            AI_ASSETS)
+                    if a.key.to_user_string() == "lake_product_embeddings"]
+
+    def ledger() -> list[tuple]:
+        rows = lakehouse.read_day(BATCHES_TABLE, DAY).to_pylist()
+        return [(row["status"], row["collected_at"] is not None, row["embedded"]) for row in rows]
+
+    def open_dead_letters() -> int:
+        return sum(row["resolved_at"] is None for row in lakehouse.read_day("ops.dead_letter", DAY).to_pylist())
+
+    texts = product_texts(DuckDBWarehouse(path=str(catalog_warehouse[0])))
+    server.polls_until_done = 10_000
+    first = dg.materialize([embeddings], partition_key=DAY, resources=resources, raise_on_error=False)
+    assert not first.success  # every text dead-lettered: the blocking dead_letter_share check
+    [(status, collected, _)] = ledger()
+    assert status in ("validating", "in_progress") and not collected
+    assert open_dead_letters() == len(texts)
+
+    (batch,) = server.created_batches()
+    batch["_settings"] = (0, *batch["_settings"][1:])  # the provider finishes it meanwhile
+    second = dg.materialize([embeddings], partition_key=DAY, resources=resources, raise_on_error=False)
+    assert second.success and server.batch_calls.count("create") == 1 and server.stats.requests == 0
+    assert ledger() == [("completed", True, len(set(texts.values())))]
+    assert open_dead_letters() == 0

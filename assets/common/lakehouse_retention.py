@@ -5,9 +5,9 @@ without a retention the lake grows by the pipeline's tables every day (about 2.5
 customers). A run as of day D reads each asset's latest build up to D. `prune_builds` therefore
 keeps, per asset, every build of the last `keep_days` days (counted back from the newest build in
 the lake) and the newest build before them (what those days read), and removes the others: first
-the state row (no run picks that build any more), then the day of its tables, its dead letters and
-model items, and the kept files no remaining build names; also a table's days before the horizon
-that no build names (a build that died before its state row). Last, every lake table's history
+the state row (no run picks that build any more), then the day of its tables, its dead letters,
+model items and Batch API ledger, and the kept files no remaining build names; also a table's
+days before the horizon that no build names (a build that died before its state row). Last, every lake table's history
 replaced more than `history_grace_minutes` ago (readers may still scan what was replaced just now)
 is expired and its files deleted: today's removals leave storage at the next run. The raw layer
 (the landed data) and the model cache (content-addressed: any day's vectors serve) are not
@@ -34,7 +34,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.common.current_state import STATE_TABLE, stage_names
-from assets.common.lakehouse_stages import FAR_FUTURE, SERVED_TABLE, STAGE_ROW_TABLES, stages_of
+from assets.common.lakehouse_stages import FAR_FUTURE, SERVED_TABLE, row_tables_of, stages_of
 from resources.lakehouse import Lakehouse
 
 DEFAULT_KEEP_DAYS = int(os.getenv("LAKEHOUSE_KEEP_BUILD_DAYS", "14"))
@@ -85,7 +85,7 @@ def _remove_builds(lakehouse: Lakehouse, removed: list[dict], kept: list[dict], 
             else:
                 lakehouse.drop_day(table, day)
         if asset in stage_names():
-            for table in STAGE_ROW_TABLES:
+            for table in row_tables_of(asset):
                 for stage in stages_of(asset):
                     lakehouse.drop_day(table, day, {"stage": stage})
         report.removed.setdefault(asset, []).append(day)

@@ -63,9 +63,11 @@ from assets.ingest.lakehouse_landing import LAKEHOUSE_GROUP, insert_from_lakehou
 from resources import pipeline_backend, step_memory_budget
 from resources.lakehouse import PARTITION_COLUMN, Lakehouse
 from resources.model_clients import store
+from resources.model_clients.batch_api import BATCHES_DDL
 from resources.warehouse import DuckDBWarehouse, fetch_all
 
 STAGE_ROW_TABLES = ("ops.dead_letter", "ops.embedding_items")  # rows a stage owns, by their `stage`
+BATCHES_TABLE = "ops.embedding_batches"  # the Batch API's ledger (resources/model_clients/batch_api.py)
 CACHE_TABLE = "ops.embedding_cache"
 CACHE_KEY = "model, dimensions, text_hash"
 KEPT_FOLDERS = ("models",)  # beside the warehouse file: what a build keeps for the next (recommendations' model)
@@ -170,11 +172,20 @@ def keep_files(lakehouse: Lakehouse, stage: str, folder: Path) -> list[str]:
     return files
 
 
+def row_tables_of(name: str) -> tuple[str, ...]:
+    """The shared tables whose rows (by `stage`) a stage owns: its dead letters and model items,
+    and for a stage that embeds, its Batch API ledger, so that a batch still running when a step
+    stopped waiting is collected by the next build instead of paid for again."""
+    embeds = "embedding_model" in stage_recipe(name).resources
+    return STAGE_ROW_TABLES + ((BATCHES_TABLE,) if embeds else ())
+
+
 def hydrate_stage_rows(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, states: dict[str, dict[str, Any]]) -> None:
-    """The dead letters and model items each state's build left (its stages' rows at its day)."""
+    """The dead letters, model items and batch ledger each state's build left (its stages' rows at its day)."""
     store.ensure_tables_on(con)
+    con.execute(BATCHES_DDL)
     for name, row in states.items():
-        for table in STAGE_ROW_TABLES:
+        for table in row_tables_of(name):
             insert_from_lakehouse(con, lakehouse, table, str(row["as_of"]), day_only=True,
                                   where="stage IN (SELECT unnest($stages::VARCHAR[]))",
                                   params={"stages": stages_of(name)})
@@ -258,7 +269,7 @@ def snapshot_build(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, recipe: Sta
         marker = f"{state_marker(con, name)}:{uuid.uuid4().hex[:12]}"
         tables = own_tables(con, taken)
         # its tables whole, and its rows of the shared ones (names from the catalog and our constants)
-        writes = [(table, None) for table in tables] + [(table, {"stage": stage}) for table in STAGE_ROW_TABLES
+        writes = [(table, None) for table in tables] + [(table, {"stage": stage}) for table in row_tables_of(name)
                                                         for stage in stages_of(name)]
         for table, keys in writes:
             write_query(lakehouse, con, table, day, f"SELECT * FROM {table}" + (" WHERE stage = $stage" if keys else ""),

@@ -7,9 +7,10 @@ keeps, per asset, every build of the last `keep_days` days (counted back from th
 the lake) and the newest build before them (what those days read), and removes the others: first
 the state row (no run picks that build any more), then the day of its tables, its dead letters,
 model items and Batch API ledger, and the kept files no remaining build names; also a table's
-days before the horizon that no build names (a build that died before its state row). Last, every lake table's history
-replaced more than `history_grace_minutes` ago (readers may still scan what was replaced just now)
-is expired and its files deleted: today's removals leave storage at the next run. The raw layer
+days before the horizon that no build names (a build that died before its state row). Last,
+every lake table's history replaced more than `history_grace_minutes` ago (readers may still
+scan what was replaced just now) is expired and its files deleted: today's removals leave
+storage at the next run. The raw layer
 (the landed data) and the model cache (content-addressed: any day's vectors serve) are not
 removed.
 

@@ -180,11 +180,10 @@ def test_a_rejected_batch_dead_letters_every_text_and_polling_rides_out_a_server
         assert not fetch_scalar(con, "SELECT count(*) FROM ops.dead_letter WHERE error_message LIKE '%test-key%'")
 
 
-def test_on_the_lakehouse_a_batch_still_running_is_collected_by_the_next_build_not_paid_twice(
-        tmp_path, catalog_warehouse, server):
-    """A lake build runs in a private DuckDB: its Batch API ledger goes to the lake with its dead
-    letters, so the next build collects the batch the step stopped waiting for, as on the warehouse."""
-    from assets.common.lakehouse_stages import BATCHES_TABLE, build_lakehouse_stage_assets
+def lake_embeddings(tmp_path: Path, catalog_warehouse, server: FakeBatchAPIServer):
+    """A lake (SQLite catalog) with the day's catalog landed and modelled, and lake_product_embeddings
+    with a Batch API model that stops waiting after 0.05 s: (lakehouse, resources, the asset)."""
+    from assets.common.lakehouse_stages import build_lakehouse_stage_assets
     from assets.ingest.lakehouse_landing import build_lakehouse_ingestion_assets
     from assets.transform.lakehouse_models import LAKE_MODELS_ASSET, lake_sql_models_asset
     from assets.transform.sql_models import SQL_DIR, load_models
@@ -203,10 +202,23 @@ def test_on_the_lakehouse_a_batch_still_running_is_collected_by_the_next_build_n
     [embeddings] = [a for a in build_lakehouse_stage_assets(LAKE_MODELS_ASSET, [m.name for m in load_models(SQL_DIR)],
                                                             AI_ASSETS)
                     if a.key.to_user_string() == "lake_product_embeddings"]
+    return lakehouse, resources, embeddings
 
-    def ledger() -> list[tuple]:
-        rows = lakehouse.read_day(BATCHES_TABLE, DAY).to_pylist()
-        return [(row["status"], row["collected_at"] is not None, row["embedded"]) for row in rows]
+
+def lake_ledger(lakehouse) -> list[tuple]:
+    """(status, collected, embedded) of each batch in the lake's ledger, the latest row a batch."""
+    from assets.common.lakehouse_stages import BATCHES_TABLE
+
+    rows = sorted(lakehouse.read_day(BATCHES_TABLE, DAY).to_pylist(), key=lambda row: row["collected_at"] is None)
+    return [(row["status"], row["collected_at"] is not None, row["embedded"])
+            for row in {row["batch_id"]: row for row in reversed(rows)}.values()]
+
+
+def test_on_the_lakehouse_a_batch_still_running_is_collected_by_the_next_build_not_paid_twice(
+        tmp_path, catalog_warehouse, server):
+    """A lake build runs in a private DuckDB: its Batch API ledger goes to the lake with its dead
+    letters, so the next build collects the batch the step stopped waiting for, as on the warehouse."""
+    lakehouse, resources, embeddings = lake_embeddings(tmp_path, catalog_warehouse, server)
 
     def open_dead_letters() -> int:
         return sum(row["resolved_at"] is None for row in lakehouse.read_day("ops.dead_letter", DAY).to_pylist())
@@ -215,7 +227,7 @@ def test_on_the_lakehouse_a_batch_still_running_is_collected_by_the_next_build_n
     server.polls_until_done = 10_000
     first = dg.materialize([embeddings], partition_key=DAY, resources=resources, raise_on_error=False)
     assert not first.success  # every text dead-lettered: the blocking dead_letter_share check
-    [(status, collected, _)] = ledger()
+    [(status, collected, _)] = lake_ledger(lakehouse)
     assert status in ("validating", "in_progress") and not collected
     assert open_dead_letters() == len(texts)
 
@@ -223,5 +235,22 @@ def test_on_the_lakehouse_a_batch_still_running_is_collected_by_the_next_build_n
     batch["_settings"] = (0, *batch["_settings"][1:])  # the provider finishes it meanwhile
     second = dg.materialize([embeddings], partition_key=DAY, resources=resources, raise_on_error=False)
     assert second.success and server.batch_calls.count("create") == 1 and server.stats.requests == 0
-    assert ledger() == [("completed", True, len(set(texts.values())))]
+    assert lake_ledger(lakehouse) == [("completed", True, len(set(texts.values())))]
     assert open_dead_letters() == 0
+
+
+def test_on_the_lakehouse_a_step_that_fails_after_submitting_leaves_its_batch_to_the_next_build(
+        tmp_path, catalog_warehouse, server):
+    """The step fails while it polls (the provider answers 503 past the wait): no build is written,
+    but its ledger is, and the next build collects the batch instead of submitting the texts again."""
+    lakehouse, resources, embeddings = lake_embeddings(tmp_path, catalog_warehouse, server)
+    texts = product_texts(DuckDBWarehouse(path=str(catalog_warehouse[0])))
+    server.poll_failures = 10**6
+    failed = dg.materialize([embeddings], partition_key=DAY, resources=resources, raise_on_error=False)
+    assert not failed.success and any(e.is_step_failure for e in failed.all_events)
+    assert [collected for _, collected, _ in lake_ledger(lakehouse)] == [False]
+
+    server.poll_failures = 0
+    again = dg.materialize([embeddings], partition_key=DAY, resources=resources, raise_on_error=False)
+    assert again.success and server.batch_calls.count("create") == 1 and server.stats.requests == 0
+    assert lake_ledger(lakehouse) == [("completed", True, len(set(texts.values())))]

@@ -181,11 +181,11 @@ def row_tables_of(name: str) -> tuple[str, ...]:
 
 
 def hydrate_stage_rows(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, states: dict[str, dict[str, Any]]) -> None:
-    """The dead letters, model items and batch ledger each state's build left (its stages' rows at its day)."""
+    """The dead letters and model items each state's build left (its stages' rows at its day)."""
     store.ensure_tables_on(con)
     con.execute(BATCHES_DDL)
     for name, row in states.items():
-        for table in row_tables_of(name):
+        for table in STAGE_ROW_TABLES:
             insert_from_lakehouse(con, lakehouse, table, str(row["as_of"]), day_only=True,
                                   where="stage IN (SELECT unnest($stages::VARCHAR[]))",
                                   params={"stages": stages_of(name)})
@@ -210,6 +210,32 @@ def hydrate_cache(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, stage: s
     con.execute(f"INSERT INTO main.lake_cache_seen SELECT DISTINCT {CACHE_KEY} FROM main.lake_cache_rows "
                 f"WHERE NOT ({PARTITION_COLUMN} = $day AND {WRITER_COLUMN} = $stage)", {"day": day, "stage": stage})
     con.execute("DROP TABLE main.lake_cache_rows")
+
+
+def hydrate_ledger(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, name: str) -> None:
+    """The stage's Batch API ledger from every day on the lake, builds' and unfinished steps'
+    (keep_unfinished_ledger), each batch once: collected if any row says so, else its latest."""
+    con.execute(BATCHES_DDL)
+    reader = lakehouse.read_through(BATCHES_TABLE, FAR_FUTURE, where={"stage": [name]})
+    if reader is None:
+        return
+    con.register("lake_ledger", reader)
+    try:
+        con.execute(f"""INSERT INTO {BATCHES_TABLE} BY NAME
+                        SELECT DISTINCT ON (batch_id) * EXCLUDE ({PARTITION_COLUMN}) FROM lake_ledger
+                        ORDER BY batch_id, collected_at IS NULL, {PARTITION_COLUMN} DESC""")
+    finally:
+        con.unregister("lake_ledger")
+
+
+def keep_unfinished_ledger(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, name: str, day: str) -> None:
+    """A step that fails after submitting a batch (it gave up polling, it was terminated) writes
+    its ledger to the lake anyway, so the next build collects that batch instead of paying again."""
+    with warehouse.connect(read_only=True) as con:
+        if not fetch_all(con, f"SELECT 1 FROM {BATCHES_TABLE} WHERE stage = ? LIMIT 1", [name]):
+            return
+        write_query(lakehouse, con, BATCHES_TABLE, day, f"SELECT * FROM {BATCHES_TABLE} WHERE stage = $stage",
+                    {"stage": name}, f"unfinished:{uuid.uuid4().hex[:12]}", {"stage": name})
 
 
 def stages_of(name: str) -> list[str]:
@@ -360,10 +386,19 @@ def run_on_lakehouse(recipe: StageRecipe, context: dg.AssetExecutionContext, con
                 hydrate_stage_rows(con, lakehouse, {n: row for n, row in states.items() if n == spec.name})
                 if caches:
                     hydrate_cache(con, lakehouse, spec.name, day)
+                    hydrate_ledger(con, lakehouse, spec.name)
             fetch_kept_files(lakehouse, states.get(spec.name), Path(folder))
             context.log.info(f"{spec.name}: inputs and state read from the lakehouse in "
                              f"{time.perf_counter() - started:.1f}s")
-        result = materialize_stage(recipe, on_private, config)
+        try:
+            result = materialize_stage(recipe, on_private, config)
+        except BaseException:
+            if caches:
+                try:
+                    keep_unfinished_ledger(lakehouse, warehouse, spec.name, day)
+                except Exception as error:  # the step's own failure is what to report
+                    context.log.warning(f"{spec.name}: its Batch API ledger could not be kept on the lakehouse: {error}")
+            raise
         if result.metadata.get("skipped"):
             return result
         try:

@@ -183,7 +183,6 @@ def row_tables_of(name: str) -> tuple[str, ...]:
 def hydrate_stage_rows(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, states: dict[str, dict[str, Any]]) -> None:
     """The dead letters and model items each state's build left (its stages' rows at its day)."""
     store.ensure_tables_on(con)
-    con.execute(BATCHES_DDL)
     for name, row in states.items():
         for table in STAGE_ROW_TABLES:
             insert_from_lakehouse(con, lakehouse, table, str(row["as_of"]), day_only=True,

@@ -62,15 +62,16 @@ def prune_builds(lakehouse: Lakehouse, keep_days: int, keep_served_days: int = 0
                          "keep_served_days at least 0 (0: for ever)")
     states = _all_states(lakehouse)
     report = PruneReport(horizon=None)
-    kept: list[dict] = []
+    named: set[tuple[str, str]] = set()  # (table, day) of the kept builds' tables
     if states:
         horizon = max(row["as_of"] for row in states) - timedelta(days=keep_days - 1)
         removed, kept = _superseded(states, horizon)
         report.horizon, report.kept_builds = str(horizon), len(kept)
         _remove_builds(lakehouse, removed, kept, report)
-        _remove_orphans(lakehouse, kept, str(horizon), report)
+        named = _named_days(kept)
+        _remove_orphans(lakehouse, named, str(horizon), report)
     if keep_served_days:
-        _remove_old_served_days(lakehouse, kept, keep_served_days, report)
+        _remove_old_served_days(lakehouse, named, keep_served_days, report)
     # every table's: the files of what today removed go at the next run (history_grace_minutes)
     report.data_files_deleted = sum(lakehouse.expire_history(table) for table in lakehouse.table_names())
     return report
@@ -96,10 +97,9 @@ def _remove_builds(lakehouse: Lakehouse, removed: list[dict], kept: list[dict], 
         report.kept_files_deleted += 1
 
 
-def _remove_orphans(lakehouse: Lakehouse, kept: list[dict], horizon: str, report: PruneReport) -> None:
+def _remove_orphans(lakehouse: Lakehouse, named: set[tuple[str, str]], horizon: str, report: PruneReport) -> None:
     """Days of the assets' tables before the horizon that no build names: left by a build that
     died before its state row (a build running now re-checks its tables before its state row)."""
-    named = _named_days(kept)
     for table in sorted({table for table, _ in named} - {SERVED_TABLE}):
         for day in lakehouse.partition_days(table):
             if day < horizon and (table, day) not in named:
@@ -107,12 +107,12 @@ def _remove_orphans(lakehouse: Lakehouse, kept: list[dict], horizon: str, report
                 report.orphans.append(f"{table} {day}")
 
 
-def _remove_old_served_days(lakehouse: Lakehouse, kept: list[dict], keep_served_days: int, report: PruneReport) -> None:
+def _remove_old_served_days(lakehouse: Lakehouse, named: set[tuple[str, str]], keep_served_days: int,
+                            report: PruneReport) -> None:
     days = lakehouse.partition_days(SERVED_TABLE)
     if not days:
         return
     horizon = str(date.fromisoformat(days[-1]) - timedelta(days=keep_served_days - 1))
-    named = _named_days(kept)
     for day in days:
         if day < horizon and (SERVED_TABLE, day) not in named:
             lakehouse.drop_day(SERVED_TABLE, day)

@@ -231,7 +231,9 @@ def keep_unfinished_ledger(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, nam
     """A step that fails after submitting a batch (it gave up polling, it was terminated) writes
     its ledger to the lake anyway, so the next build collects that batch instead of paying again."""
     with warehouse.connect(read_only=True) as con:
-        if not fetch_all(con, f"SELECT 1 FROM {BATCHES_TABLE} WHERE stage = ? LIMIT 1", [name]):
+        held = fetch_all(con, "SELECT 1 FROM duckdb_tables() WHERE schema_name = 'ops' AND table_name = "
+                              "'embedding_batches'")  # not there when the step failed before its build began
+        if not held or not fetch_all(con, f"SELECT 1 FROM {BATCHES_TABLE} WHERE stage = ? LIMIT 1", [name]):
             return
         write_query(lakehouse, con, BATCHES_TABLE, day, f"SELECT * FROM {BATCHES_TABLE} WHERE stage = $stage",
                     {"stage": name}, f"unfinished:{uuid.uuid4().hex[:12]}", {"stage": name})

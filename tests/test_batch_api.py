@@ -4,7 +4,9 @@ the batch's reason."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import dagster as dg
@@ -180,9 +182,9 @@ def test_a_rejected_batch_dead_letters_every_text_and_polling_rides_out_a_server
         assert not fetch_scalar(con, "SELECT count(*) FROM ops.dead_letter WHERE error_message LIKE '%test-key%'")
 
 
-def lake_embeddings(tmp_path: Path, catalog_warehouse, server: FakeBatchAPIServer):
+def lake_embeddings(tmp_path: Path, catalog_warehouse, server: FakeBatchAPIServer, max_wait: float = 0.05):
     """A lake (SQLite catalog) with the day's catalog landed and modelled, and lake_product_embeddings
-    with a Batch API model that stops waiting after 0.05 s: (lakehouse, resources, the asset)."""
+    with a Batch API model that stops waiting after `max_wait` s: (lakehouse, resources, the asset)."""
     from assets.common.lakehouse_stages import build_lakehouse_stage_assets
     from assets.ingest.lakehouse_landing import build_lakehouse_ingestion_assets
     from assets.transform.lakehouse_models import LAKE_MODELS_ASSET, lake_sql_models_asset
@@ -196,7 +198,7 @@ def lake_embeddings(tmp_path: Path, catalog_warehouse, server: FakeBatchAPIServe
     resources = {"lakehouse": lakehouse, "landing": LandingZone(root=str(catalog_warehouse[1])),
                  "compute_engine": ComputeEngine(),
                  "embedding_model": resources_for(tmp_path, catalog_warehouse, server,
-                                                  batch_max_wait_seconds=0.05)["embedding_model"]}
+                                                  batch_max_wait_seconds=max_wait)["embedding_model"]}
     assert dg.materialize([*build_lakehouse_ingestion_assets(), lake_sql_models_asset()], partition_key=DAY,
                           resources=resources).success
     [embeddings] = [a for a in build_lakehouse_stage_assets(LAKE_MODELS_ASSET, [m.name for m in load_models(SQL_DIR)],
@@ -251,6 +253,36 @@ def test_on_the_lakehouse_a_step_that_fails_after_submitting_leaves_its_batch_to
     assert [collected for _, collected, _ in lake_ledger(lakehouse)] == [False]
 
     server.poll_failures = 0
+    again = dg.materialize([embeddings], partition_key=DAY, resources=resources, raise_on_error=False)
+    assert again.success and server.batch_calls.count("create") == 1 and server.stats.requests == 0
+    assert lake_ledger(lakehouse) == [("completed", True, len(set(texts.values())))]
+
+
+def test_on_the_lakehouse_a_step_terminated_while_polling_leaves_its_batch_to_the_next_build(
+        tmp_path, catalog_warehouse, server, monkeypatch):
+    """Terminating a run interrupts its step (SIGINT, as Dagster's run termination delivers it):
+    the interrupted lake step writes its ledger on the way out, so the next build collects the
+    batch the provider finishes meanwhile instead of paying for the texts again."""
+    lakehouse, resources, embeddings = lake_embeddings(tmp_path, catalog_warehouse, server, max_wait=60)
+    texts = product_texts(DuckDBWarehouse(path=str(catalog_warehouse[0])))
+    server.polls_until_done = 10_000
+    retrieve = server.retrieve
+
+    def interrupted_while_polling(batch_id: str):
+        os.kill(os.getpid(), signal.SIGINT)  # the step's process is interrupted while it polls
+        return retrieve(batch_id)
+
+    monkeypatch.setattr(server, "retrieve", interrupted_while_polling)
+    terminated = dg.materialize([embeddings], partition_key=DAY, resources=resources, raise_on_error=False)
+    assert not terminated.success and "create" in server.batch_calls
+    assert any("DagsterExecutionInterruptedError" in str(e.event_specific_data) for e in terminated.all_events
+               if e.is_step_failure)
+    [(status, collected, _)] = lake_ledger(lakehouse)
+    assert status in ("validating", "in_progress") and not collected
+
+    monkeypatch.setattr(server, "retrieve", retrieve)
+    (batch,) = server.created_batches()
+    batch["_settings"] = (0, *batch["_settings"][1:])  # the provider finishes it meanwhile
     again = dg.materialize([embeddings], partition_key=DAY, resources=resources, raise_on_error=False)
     assert again.success and server.batch_calls.count("create") == 1 and server.stats.requests == 0
     assert lake_ledger(lakehouse) == [("completed", True, len(set(texts.values())))]

@@ -287,3 +287,50 @@ def test_on_the_lakehouse_a_step_terminated_while_polling_leaves_its_batch_to_th
     again = dg.materialize([embeddings], partition_key=DAY, resources=resources, raise_on_error=False)
     assert again.success and server.batch_calls.count("create") == 1 and server.stats.requests == 0
     assert lake_ledger(lakehouse) == [("completed", True, len(set(texts.values())))]
+
+
+def test_a_build_retires_the_earlier_days_item_maps_and_the_vectors_no_product_needs_any_more(
+        tmp_path, catalog_warehouse, server):
+    """The item map is one per day, and the cache would keep every text ever embedded: a published
+    build removes its stage's maps of earlier days and the cached vectors no map names once older
+    than EMBEDDING_CACHE_KEEP_DAYS (30); a vector still named, or younger, stays; an older day's
+    build leaves the later days' maps alone."""
+    resources = resources_for(tmp_path, catalog_warehouse, server, batch_api_min_texts=10**6)
+    warehouse = resources["warehouse"]
+
+    def build(day: str) -> dict:
+        result = dg.materialize([product_embeddings], partition_key=day, resources=resources, raise_on_error=False,
+                                run_config={"ops": {"product_embeddings": {"config": {"force": True}}}})
+        assert result.success
+        return metadata(result)
+
+    def item_map_days() -> dict[str, int]:
+        with warehouse.connect(read_only=True) as con:
+            return dict(fetch_all(con, "SELECT partition_key, count(*) FROM ops.embedding_items GROUP BY 1"))
+
+    def cached() -> set[str]:
+        with warehouse.connect(read_only=True) as con:
+            return {h for (h,) in fetch_all(con, "SELECT text_hash FROM ops.embedding_cache")}
+
+    first = build(DAY)
+    products = first["dagster/row_count"]
+    assert item_map_days() == {DAY: products} and first["cached_vectors"] == products
+    with warehouse.connect(read_only=True) as con:
+        hashes = dict(fetch_all(con, "SELECT product_id, text_hash FROM ml.product_embeddings ORDER BY 1"))
+    left, renamed, left_lately = sorted(hashes)[:3]
+    with warehouse.transaction() as con:  # the catalog changes; every vector but one was cached long ago
+        con.execute("DELETE FROM analytics.dim_products WHERE product_id IN (?, ?)", [left, left_lately])
+        con.execute("UPDATE analytics.dim_products SET name = name || ' (new edition)' WHERE product_id = ?", [renamed])
+        con.execute("UPDATE ops.embedding_cache SET created_at = created_at - INTERVAL 40 DAY WHERE text_hash <> ?",
+                    [hashes[left_lately]])
+
+    second = build("2011-09-02")
+    assert item_map_days() == {"2011-09-02": products - 2}
+    assert second["item_map_rows_retired"] == products and second["cached_vectors_pruned"] == 2
+    with warehouse.connect(read_only=True) as con:
+        new_edition = fetch_scalar(con, "SELECT text_hash FROM ml.product_embeddings WHERE product_id = ?", [renamed])
+    assert cached() == set(hashes.values()) - {hashes[left], hashes[renamed]} | {new_edition}
+    assert stored_vectors(warehouse).keys() == set(hashes) - {left, left_lately}
+
+    build(DAY)  # a backfill of the earlier day: the later day's map stays
+    assert item_map_days() == {DAY: products - 2, "2011-09-02": products - 2}

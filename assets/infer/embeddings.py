@@ -7,6 +7,7 @@ mean of their products' vectors (recsys/customer_vectors.py), which takes second
 of customers where embedding a text dump of each would take hours.
 """
 
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +18,7 @@ from assets.common.catalog import NETWORK_RETRY_POLICY
 from assets.common.current_state import Built, DeadLetterConfig, StateBuild, current_state_asset
 from assets.common.metadata import table_preview
 from resources import dead_letters
+from resources.model_clients import store
 from resources.warehouse import fetch_all, fetch_scalar
 
 PRODUCT_EMBEDDINGS_TABLE = "ml.product_embeddings"
@@ -46,12 +48,17 @@ def read_product_texts(warehouse) -> tuple[list[tuple[str, str]], list[str]]:
     return with_text, without_text
 
 
+def cache_keep_days() -> int:
+    """EMBEDDING_CACHE_KEEP_DAYS: how long a cached vector no item map names stays (0: for ever)."""
+    return int(os.getenv("EMBEDDING_CACHE_KEEP_DAYS", "30"))
+
+
 def store_product_vectors(build: StateBuild, item_vectors: tuple[str, dict], measurements: dict
-                          ) -> tuple[int, dg.MarkdownMetadataValue]:
-    """Replace ml.product_embeddings with the vectors just embedded (or found in the cache), and
-    close the dead letters of products no longer in the catalog, in the same transaction (one
-    trip to the warehouse lock: this step runs beside the writer steps). Returns the rows and a
-    preview."""
+                          ) -> tuple[int, dg.MarkdownMetadataValue, dict[str, int]]:
+    """Replace ml.product_embeddings with the vectors just embedded (or found in the cache), close
+    the dead letters of products no longer in the catalog, and retire the item maps and cached
+    vectors nothing needs any more, in the same transaction (one trip to the warehouse lock: this
+    step runs beside the writer steps). Returns the rows, a preview and what was retired."""
     sql, params = item_vectors
     with build.warehouse.transaction() as con:
         con.execute("CREATE SCHEMA IF NOT EXISTS ml")
@@ -60,8 +67,11 @@ def store_product_vectors(build: StateBuild, item_vectors: tuple[str, dict], mea
         rows = fetch_scalar(con, f"SELECT count(*) FROM {PRODUCT_EMBEDDINGS_TABLE}")
         dead_letters.supersede(con, STAGE, "SELECT product_id FROM analytics.dim_products")
         build.record(con, rows, {**measurements, "embedded": rows})
+        items, vectors = store.retire_superseded(con, STAGE, build.partition_key, cache_keep_days())
+        retired = {"item_map_rows_retired": items, "cached_vectors_pruned": vectors,
+                   "cached_vectors": fetch_scalar(con, "SELECT count(*) FROM ops.embedding_cache")}
         preview = table_preview(con, f"SELECT product_id, text_hash, vector[1:3] AS vector_head FROM {PRODUCT_EMBEDDINGS_TABLE}")
-    return rows, preview
+    return rows, preview, retired
 
 
 def coverage_verdicts(measured: Mapping[str, Any], config: DeadLetterConfig) -> list[dg.AssetCheckResult]:
@@ -108,7 +118,8 @@ def product_embeddings(build: StateBuild) -> Built:
     with build.resources.embedding_model.open(build.context) as embedder:
         report = embedder.embed_items(build.warehouse, items, stage=STAGE, partition_key=build.partition_key)
         item_vectors = embedder.item_vectors_sql(stage=STAGE, partition_key=build.partition_key)
-        stored, preview = store_product_vectors(build, item_vectors, {"with_text": len(items), "items": len(items)})
+        stored, preview, retired = store_product_vectors(build, item_vectors,
+                                                         {"with_text": len(items), "items": len(items)})
     metrics = report.to_metadata()
     build.log.info(f"{stored:,} product vectors stored; {report.dlq_count:,} in the DLQ; {metrics.get('requests')} requests")
     return Built({
@@ -119,5 +130,6 @@ def product_embeddings(build: StateBuild) -> Built:
         # batches of the Batch API are model calls too (one per batch, whatever its requests)
         "model_calls": metrics.get("requests", 0) + metrics.get("batch_api_batches", 0),
         "seconds_embedding": round(time.perf_counter() - started, 3),
+        **retired,
         "preview": preview,
     })

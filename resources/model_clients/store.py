@@ -100,6 +100,29 @@ def start_run(warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> Non
         con.execute("DELETE FROM ops.embedding_items WHERE stage = ? AND partition_key = ?", [stage, partition_key])
 
 
+def retire_superseded(con, stage: str, partition_key: str, cache_keep_days: int) -> tuple[int, int]:
+    """On the caller's connection, inside the transaction that publishes the build of
+    `partition_key` (so a concurrent build of the stage, refused at its own publish, never reads
+    what this removes): the stage's item maps of earlier days, which nothing reads once a later
+    build is published, and the cached vectors no item map names and older than `cache_keep_days`
+    (0: kept for ever), so the cache holds what the catalog and the model in use need, not every
+    text ever embedded. The age spares vectors a running step just wrote (a Batch API collection
+    caches before it maps) and a product that comes back soon. Returns (item rows, vectors) removed."""
+    items = fetch_scalar(con, r"""
+        DELETE FROM ops.embedding_items  -- a DELETE returns its count
+        WHERE stage = ? AND partition_key < ? AND regexp_full_match(partition_key, '\d{4}-\d{2}-\d{2}')""",
+        [stage, partition_key])  # days only: the replay job's own item map stays
+    if cache_keep_days <= 0:
+        return items, 0
+    vectors = fetch_scalar(con, """
+        DELETE FROM ops.embedding_cache c
+        WHERE c.created_at < ? AND NOT EXISTS (
+            SELECT 1 FROM ops.embedding_items m
+            WHERE m.model = c.model AND m.dimensions = c.dimensions AND m.text_hash = c.text_hash)""",
+        [utc_now() - dt.timedelta(days=cache_keep_days)])
+    return items, vectors
+
+
 def cached_hashes(warehouse: DuckDBWarehouse, model: str, dimensions: int, hashes: Sequence[str]) -> set[str]:
     if not hashes:
         return set()

@@ -369,3 +369,58 @@ def test_pruning_keeps_the_served_days_for_their_own_retention(tmp_path):
     assert served.removed == {} and served.served_days_removed == days[:2]
     assert lakehouse.partition_days(table) == days[2:]
     assert files_left_behind(lakehouse, table) == set()
+
+
+def test_pruning_drops_the_cached_vectors_no_item_map_names_once_old_enough(tmp_path):
+    """The lake's model cache is each build's additions, a (day, stage) share: vectors no item map
+    names go once cached over `cache_keep_days` ago (the shares rewritten without them, an empty
+    share dropped); a vector still named, or cached lately, stays, and the cache reads as before."""
+    import duckdb
+
+    from assets.common.lakehouse_retention import prune_builds
+    from assets.common.lakehouse_stages import CACHE_TABLE, FAR_FUTURE, ITEMS_TABLE, WRITER_COLUMN, hydrate_cache
+    from assets.ingest.lakehouse_landing import write_query
+    from resources.model_clients import store
+
+    lakehouse = Lakehouse(catalog_uri=f"sqlite:///{tmp_path}/catalog.db", location=str(tmp_path / "lake"),
+                          history_grace_minutes=0)
+    stage, model = "product_embeddings", "local:test"
+    shares = {("2011-08-31", "gone"), ("2011-09-01", "named"), ("2011-09-01", "left"), ("2011-09-01", "changed"),
+              ("2011-09-02", "named too"), ("2011-09-02", "lately")}  # (day, text) a build cached
+    with duckdb.connect() as con:
+        store.ensure_tables_on(con)
+        for day in sorted({day for day, _ in shares}):
+            con.execute("DELETE FROM ops.embedding_cache")
+            for _, text in sorted(t for t in shares if t[0] == day):
+                age = "0 DAY" if text == "lately" else "40 DAY"
+                con.execute(f"INSERT INTO ops.embedding_cache VALUES (?, 3, ?, [1, 2, 3], now()::TIMESTAMP - INTERVAL {age})",
+                            [model, text])
+            write_query(lakehouse, con, CACHE_TABLE, day, f"SELECT c.*, $stage AS {WRITER_COLUMN} FROM ops.embedding_cache c",
+                        {"stage": stage}, f"build-{day}", {WRITER_COLUMN: stage})
+        # the item map of the kept build: two of them are still the catalog's
+        con.execute("INSERT INTO ops.embedding_items SELECT ?, '2011-09-02', text_hash, ?, 3, text_hash, false, now() "
+                    "FROM (VALUES ('named'), ('named too')) AS t(text_hash)", [stage, model])
+        write_query(lakehouse, con, ITEMS_TABLE, "2011-09-02", "SELECT * FROM ops.embedding_items WHERE stage = $stage",
+                    {"stage": stage}, "build-2011-09-02", {"stage": stage})
+
+    def cached() -> set[str]:
+        return set(lakehouse.read_through(CACHE_TABLE, FAR_FUTURE).read_all()["text_hash"].to_pylist())
+
+    assert prune_builds(lakehouse, keep_days=2).cached_vectors_pruned == 0  # cache_keep_days 0: for ever
+    assert cached() == {text for _, text in shares}
+
+    report = prune_builds(lakehouse, keep_days=2, cache_keep_days=30)
+    assert report.cached_vectors_pruned == 3
+    assert cached() == {"named", "named too", "lately"}
+    assert lakehouse.partition_days(CACHE_TABLE) == ["2011-09-01", "2011-09-02"]  # the emptied share went
+    assert files_left_behind(lakehouse, CACHE_TABLE) == set()
+    with duckdb.connect() as con:  # a build reads the rewritten shares as it read the others
+        hydrate_cache(con, lakehouse, stage, "2011-09-03")
+        assert fetch_all(con, "SELECT text_hash, vector FROM ops.embedding_cache ORDER BY 1") == [
+            ("lately", [1.0, 2.0, 3.0]), ("named", [1.0, 2.0, 3.0]), ("named too", [1.0, 2.0, 3.0])]
+    from assets.common.lakehouse_retention import prune_lakehouse_builds
+
+    again = prune_lakehouse_builds.execute_in_process(resources={"lakehouse": lakehouse})  # the daily job, defaults
+    [output] = [e for e in again.all_events if e.event_type_value == "STEP_OUTPUT"]
+    measured = {key: value.value for key, value in output.event_specific_data.metadata.items()}
+    assert measured["cache_keep_days"] == 30 and measured["cached_vectors_pruned"] == 0

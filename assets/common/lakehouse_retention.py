@@ -10,9 +10,12 @@ model items and Batch API ledger, and the kept files no remaining build names; a
 days before the horizon that no build names (a build that died before its state row). Last,
 every lake table's history replaced more than `history_grace_minutes` ago (readers may still
 scan what was replaced just now) is expired and its files deleted: today's removals leave
-storage at the next run. The raw layer
-(the landed data) and the model cache (content-addressed: any day's vectors serve) are not
-removed.
+storage at the next run. The raw layer (the landed data) is not removed. The model cache
+(content-addressed: any day's vectors serve; a build's additions are its (day, stage) share)
+loses, as on the warehouse, the vectors no remaining item map names once cached more than
+`cache_keep_days` ago (EMBEDDING_CACHE_KEEP_DAYS; 0: for ever): the shares holding them are
+rewritten without them. A build running meanwhile that found such a vector still has it in its
+own table (a stage's table copies its vectors); only a later build pays for it again.
 
 The served table, `outputs.recommendations` (consumers read "the recommendations of day D"),
 keeps its days when their builds go, whichever backend wrote them (`published_recommendations`
@@ -26,17 +29,22 @@ day markers went with their rows), and the stages then build afresh.
 
 import json
 import os
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import dagster as dg
+import duckdb
 from pydantic import Field
 
 from assets.common.current_state import STATE_TABLE, stage_names
-from assets.common.lakehouse_stages import FAR_FUTURE, SERVED_TABLE, row_tables_of, stages_of
-from resources.lakehouse import Lakehouse
+from assets.common.lakehouse_stages import (CACHE_KEY, CACHE_TABLE, FAR_FUTURE, ITEMS_TABLE, SERVED_TABLE,
+                                            WRITER_COLUMN, row_tables_of, stages_of)
+from resources.lakehouse import PARTITION_COLUMN, Lakehouse
+from resources.model_clients.store import cache_keep_days
+from resources.warehouse import fetch_all, fetch_scalar
 
 DEFAULT_KEEP_DAYS = int(os.getenv("LAKEHOUSE_KEEP_BUILD_DAYS", "14"))
 DEFAULT_KEEP_SERVED_DAYS = int(os.getenv("LAKEHOUSE_KEEP_SERVED_DAYS", "0"))
@@ -51,12 +59,15 @@ class PruneReport:
     kept_files_deleted: int = 0
     served_days_kept: list[str] = field(default_factory=list)  # days of the served table whose builds went
     served_days_removed: list[str] = field(default_factory=list)  # days before keep_served_days
+    cached_vectors_pruned: int = 0  # vectors no item map names, cached before cache_keep_days
     data_files_deleted: int = 0  # data files, manifests and manifest lists, by the history expiry
 
 
-def prune_builds(lakehouse: Lakehouse, keep_days: int, keep_served_days: int = 0) -> PruneReport:
-    """Remove the builds no run within the last `keep_days` days reads, and the served days older
-    than `keep_served_days` (0: none) that no kept build names (module docstring)."""
+def prune_builds(lakehouse: Lakehouse, keep_days: int, keep_served_days: int = 0,
+                 cache_keep_days: int = 0) -> PruneReport:
+    """Remove the builds no run within the last `keep_days` days reads, the served days older
+    than `keep_served_days` (0: none) that no kept build names, and the cached vectors no item map
+    names older than `cache_keep_days` (0: none) (module docstring)."""
     if keep_days < 1 or keep_served_days < 0:
         raise ValueError("keep_days must be at least 1 (the newest day's builds are always read), "
                          "keep_served_days at least 0 (0: for ever)")
@@ -72,6 +83,8 @@ def prune_builds(lakehouse: Lakehouse, keep_days: int, keep_served_days: int = 0
         _remove_orphans(lakehouse, named, str(horizon), report)
     if keep_served_days:
         _remove_old_served_days(lakehouse, named, keep_served_days, report)
+    if cache_keep_days:  # after the builds: their item maps went with them
+        report.cached_vectors_pruned = _prune_cache(lakehouse, cache_keep_days)
     # every table's: the files of what today removed go at the next run (history_grace_minutes)
     report.data_files_deleted = sum(lakehouse.expire_history(table) for table in lakehouse.table_names())
     return report
@@ -119,6 +132,33 @@ def _remove_old_served_days(lakehouse: Lakehouse, named: set[tuple[str, str]], k
             report.served_days_removed.append(day)
 
 
+def _prune_cache(lakehouse: Lakehouse, keep_days: int) -> int:
+    """Rewrite the cache's (day, stage) shares that hold vectors no item map names and cached
+    more than `keep_days` ago, without them; returns how many went."""
+    cache, items = lakehouse.read_through(CACHE_TABLE, FAR_FUTURE), lakehouse.read_through(ITEMS_TABLE, FAR_FUTURE)
+    if cache is None:
+        return 0
+    horizon = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=keep_days)
+    with duckdb.connect() as con:
+        con.register("lake_cache", cache)
+        con.execute("CREATE TABLE cache AS SELECT * FROM lake_cache")
+        if items is not None:
+            con.register("lake_items", items)
+        named = f"SELECT {CACHE_KEY} FROM lake_items" if items is not None else f"SELECT {CACHE_KEY} FROM cache LIMIT 0"
+        con.execute(f"CREATE TABLE gone AS SELECT {PARTITION_COLUMN}, {WRITER_COLUMN}, {CACHE_KEY} FROM cache "
+                    f"ANTI JOIN ({named}) USING ({CACHE_KEY}) WHERE created_at < ?", [horizon])
+        for day, writer in fetch_all(con, f"SELECT DISTINCT {PARTITION_COLUMN}, {WRITER_COLUMN} FROM gone ORDER BY 1, 2"):
+            share = {WRITER_COLUMN: writer}
+            kept = con.sql(f"SELECT * EXCLUDE ({PARTITION_COLUMN}) FROM cache ANTI JOIN gone USING ({PARTITION_COLUMN}, "
+                           f"{WRITER_COLUMN}, {CACHE_KEY}) WHERE {PARTITION_COLUMN} = $day AND {WRITER_COLUMN} = $writer",
+                           params={"day": day, "writer": writer}).to_arrow_table()
+            if kept.num_rows:
+                lakehouse.write_day(CACHE_TABLE, day, kept, f"pruned:{uuid.uuid4().hex[:12]}", keys=share)
+            else:
+                lakehouse.drop_day(CACHE_TABLE, day, share)
+        return fetch_scalar(con, "SELECT count(*) FROM gone")
+
+
 def _named_days(kept: list[dict]) -> set[tuple[str, str]]:
     """(table, day) of every kept build's tables."""
     return {(table, str(row["as_of"])) for row in kept for table in json.loads(row["tables"] or "{}")}
@@ -153,11 +193,15 @@ class PruneConfig(dg.Config):
     keep_served_days: int = Field(default=DEFAULT_KEEP_SERVED_DAYS, ge=0,
                                   description="Days of the served outputs.recommendations kept (LAKEHOUSE_KEEP_SERVED_DAYS; "
                                               "0: for ever).")
+    cache_keep_days: int = Field(default_factory=cache_keep_days, ge=0,
+                                 description="Cached vectors no item map names go once cached this many days ago "
+                                             "(EMBEDDING_CACHE_KEEP_DAYS; 0: for ever).")
 
 
 @dg.op(required_resource_keys={"lakehouse"})
 def prune_superseded_builds(context: dg.OpExecutionContext, config: PruneConfig) -> dg.Output:
-    report = prune_builds(context.resources.lakehouse, config.keep_days, config.keep_served_days)
+    report = prune_builds(context.resources.lakehouse, config.keep_days, config.keep_served_days,
+                          config.cache_keep_days)
     removed = sum(len(days) for days in report.removed.values())
     context.log.info(f"removed {removed} builds before {report.horizon} ({report.data_files_deleted} files deleted)")
     return dg.Output(None, metadata={
@@ -165,7 +209,8 @@ def prune_superseded_builds(context: dg.OpExecutionContext, config: PruneConfig)
         "builds_kept": report.kept_builds, "removed_by_asset": dg.MetadataValue.json(report.removed),
         "orphan_days_removed": len(report.orphans), "keep_served_days": config.keep_served_days,
         "served_days_kept": len(report.served_days_kept), "served_days_removed": len(report.served_days_removed),
-        "kept_files_deleted": report.kept_files_deleted, "data_files_deleted": report.data_files_deleted})
+        "kept_files_deleted": report.kept_files_deleted, "cache_keep_days": config.cache_keep_days,
+        "cached_vectors_pruned": report.cached_vectors_pruned, "data_files_deleted": report.data_files_deleted})
 
 
 @dg.job(description="Remove the lakehouse builds no run within the retention reads, and their files.")

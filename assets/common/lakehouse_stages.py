@@ -66,7 +66,8 @@ from resources.model_clients import store
 from resources.model_clients.batch_api import BATCHES_DDL
 from resources.warehouse import DuckDBWarehouse, fetch_all
 
-STAGE_ROW_TABLES = ("ops.dead_letter", "ops.embedding_items")  # rows a stage owns, by their `stage`
+ITEMS_TABLE = "ops.embedding_items"  # the model clients' item maps (resources/model_clients/store.py)
+STAGE_ROW_TABLES = ("ops.dead_letter", ITEMS_TABLE)  # rows a stage owns, by their `stage`
 BATCHES_TABLE = "ops.embedding_batches"  # the Batch API's ledger (resources/model_clients/batch_api.py)
 CACHE_TABLE = "ops.embedding_cache"
 CACHE_KEY = "model, dimensions, text_hash"

@@ -7,7 +7,6 @@ mean of their products' vectors (recsys/customer_vectors.py), which takes second
 of customers where embedding a text dump of each would take hours.
 """
 
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -48,11 +47,6 @@ def read_product_texts(warehouse) -> tuple[list[tuple[str, str]], list[str]]:
     return with_text, without_text
 
 
-def cache_keep_days() -> int:
-    """EMBEDDING_CACHE_KEEP_DAYS: how long a cached vector no item map names stays (0: for ever)."""
-    return int(os.getenv("EMBEDDING_CACHE_KEEP_DAYS", "30"))
-
-
 def store_product_vectors(build: StateBuild, item_vectors: tuple[str, dict], measurements: dict
                           ) -> tuple[int, dg.MarkdownMetadataValue, dict[str, int]]:
     """Replace ml.product_embeddings with the vectors just embedded (or found in the cache), close
@@ -67,7 +61,7 @@ def store_product_vectors(build: StateBuild, item_vectors: tuple[str, dict], mea
         rows = fetch_scalar(con, f"SELECT count(*) FROM {PRODUCT_EMBEDDINGS_TABLE}")
         dead_letters.supersede(con, STAGE, "SELECT product_id FROM analytics.dim_products")
         build.record(con, rows, {**measurements, "embedded": rows})
-        items, vectors = store.retire_superseded(con, STAGE, build.partition_key, cache_keep_days())
+        items, vectors = store.retire_superseded(con, STAGE, build.partition_key, store.cache_keep_days())
         retired = {"item_map_rows_retired": items, "cached_vectors_pruned": vectors,
                    "cached_vectors": fetch_scalar(con, "SELECT count(*) FROM ops.embedding_cache")}
         preview = table_preview(con, f"SELECT product_id, text_hash, vector[1:3] AS vector_head FROM {PRODUCT_EMBEDDINGS_TABLE}")

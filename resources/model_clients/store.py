@@ -100,6 +100,11 @@ def start_run(warehouse: DuckDBWarehouse, stage: str, partition_key: str) -> Non
         con.execute("DELETE FROM ops.embedding_items WHERE stage = ? AND partition_key = ?", [stage, partition_key])
 
 
+def cache_keep_days() -> int:
+    """EMBEDDING_CACHE_KEEP_DAYS: how long a cached vector no item map names stays (0: for ever)."""
+    return int(os.getenv("EMBEDDING_CACHE_KEEP_DAYS", "30"))
+
+
 def retire_superseded(con, stage: str, partition_key: str, cache_keep_days: int) -> tuple[int, int]:
     """On the caller's connection, inside the transaction that publishes the build of
     `partition_key` (so a concurrent build of the stage, refused at its own publish, never reads

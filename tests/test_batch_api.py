@@ -334,3 +334,36 @@ def test_a_build_retires_the_earlier_days_item_maps_and_the_vectors_no_product_n
 
     build(DAY)  # a backfill of the earlier day: the later day's map stays
     assert item_map_days() == {DAY: products - 2, "2011-09-02": products - 2}
+
+
+def test_on_the_lakehouse_a_step_killed_outright_while_polling_leaves_its_batch_to_the_next_build(
+        tmp_path, catalog_warehouse, server):
+    """A lake step's ledger lives in its private DuckDB, which a SIGKILL (or the OOM killer) takes
+    with it: the ledger row goes to the lake as soon as the batch is submitted, so the next build
+    collects that batch instead of paying for the texts again."""
+    import multiprocessing
+    import time
+
+    lakehouse, resources, embeddings = lake_embeddings(tmp_path, catalog_warehouse, server, max_wait=600)
+    texts = product_texts(DuckDBWarehouse(path=str(catalog_warehouse[0])))
+    server.polls_until_done = 10**9
+
+    def build() -> None:  # in a forked process, as a run's step process
+        dg.materialize([embeddings], partition_key=DAY, resources=resources, raise_on_error=False)
+
+    step = multiprocessing.get_context("fork").Process(target=build)
+    step.start()
+    deadline = time.monotonic() + 120
+    while "retrieve" not in server.batch_calls and step.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "retrieve" in server.batch_calls, "the step never polled its batch"
+    os.kill(step.pid, signal.SIGKILL)  # while it polls: no handler runs
+    step.join()
+    [(status, collected, _)] = lake_ledger(lakehouse)
+    assert status in ("validating", "in_progress") and not collected
+
+    (batch,) = server.created_batches()
+    batch["_settings"] = (0, *batch["_settings"][1:])  # the provider finishes it meanwhile
+    again = dg.materialize([embeddings], partition_key=DAY, resources=resources, raise_on_error=False)
+    assert again.success and server.batch_calls.count("create") == 1 and server.stats.requests == 0
+    assert lake_ledger(lakehouse) == [("completed", True, len(set(texts.values())))]

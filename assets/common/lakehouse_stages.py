@@ -37,7 +37,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ from assets.common.partitions import daily_partitions
 from assets.ingest.lakehouse_landing import LAKEHOUSE_GROUP, insert_from_lakehouse, write_query
 from resources import pipeline_backend, step_memory_budget
 from resources.lakehouse import PARTITION_COLUMN, Lakehouse
-from resources.model_clients import store
+from resources.model_clients import batch_api, store
 from resources.model_clients.batch_api import BATCHES_DDL
 from resources.warehouse import DuckDBWarehouse, fetch_all
 
@@ -229,8 +229,10 @@ def hydrate_ledger(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, name: s
 
 
 def keep_unfinished_ledger(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, name: str, day: str) -> None:
-    """A step that fails after submitting a batch (it gave up polling, it was terminated) writes
-    its ledger to the lake anyway, so the next build collects that batch instead of paying again."""
+    """The stage's Batch API ledger on the lake as it stands, before its build: written when a
+    batch is submitted (so a step killed outright leaves it) and when a step fails (it gave up
+    polling, it was terminated), so the next build collects the batch instead of paying again.
+    The build's own write of the day replaces it."""
     with warehouse.connect(read_only=True) as con:
         held = fetch_all(con, "SELECT 1 FROM duckdb_tables() WHERE schema_name = 'ops' AND table_name = "
                               "'embedding_batches'")  # not there when the step failed before its build began
@@ -392,14 +394,18 @@ def run_on_lakehouse(recipe: StageRecipe, context: dg.AssetExecutionContext, con
             fetch_kept_files(lakehouse, states.get(spec.name), Path(folder))
             context.log.info(f"{spec.name}: inputs and state read from the lakehouse in "
                              f"{time.perf_counter() - started:.1f}s")
+        def keep_ledger() -> None:
+            try:
+                keep_unfinished_ledger(lakehouse, warehouse, spec.name, day)
+            except Exception as error:  # the step goes on (or reports its own failure); the build writes it too
+                context.log.warning(f"{spec.name}: its Batch API ledger could not be kept on the lakehouse: {error}")
+
         try:
-            result = materialize_stage(recipe, on_private, config)
+            with batch_api.on_ledger_written(keep_ledger) if caches else nullcontext():
+                result = materialize_stage(recipe, on_private, config)
         except BaseException:
             if caches:
-                try:
-                    keep_unfinished_ledger(lakehouse, warehouse, spec.name, day)
-                except Exception as error:  # the step's own failure is what to report
-                    context.log.warning(f"{spec.name}: its Batch API ledger could not be kept on the lakehouse: {error}")
+                keep_ledger()
             raise
         if result.metadata.get("skipped"):
             return result

@@ -29,7 +29,8 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,21 @@ BATCHES_DDL = """
         tokens        BIGINT
     )
     """
+# Told after each submission's ledger row is committed, in the submitting thread: a caller whose
+# warehouse is private (a lake build) copies the ledger out then, so even a step killed outright
+# (SIGKILL, out of memory) leaves its batch to the next run. The callback must not raise.
+_ledger_written: ContextVar[Callable[[], None] | None] = ContextVar("batch_ledger_written", default=None)
+
+
+@contextmanager
+def on_ledger_written(callback: Callable[[], None]) -> Iterator[None]:
+    token = _ledger_written.set(callback)
+    try:
+        yield
+    finally:
+        _ledger_written.reset(token)
+
+
 FINAL_STATUSES = frozenset({"completed", "expired", "failed", "cancelled"})
 EXPIRED_CODE = "batch_expired"
 WRITE_CHUNK_ROWS = 4_096
@@ -162,6 +178,8 @@ class BatchEmbedder:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [batch.id, stage, self.cache_model, self.dimensions, hashes, batch.status, store.utc_now()],
             )
+        if (listener := _ledger_written.get()) is not None:
+            listener()
         self.log.info(f"submitted batch {batch.id}: {len(pairs):,} texts ({len(payload):,} bytes)")
         return batch.id, hashes
 

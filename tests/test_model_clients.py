@@ -658,3 +658,34 @@ def test_a_strict_rate_limit_is_met_without_a_storm_of_429s(warehouse):
     assert report.dlq_count == 0
     assert refused <= 0.08, f"{refused:.1%} of requests refused"
     assert rate >= 0.6 * 40, f"{rate:.1f} requests/s against a limit of 40"
+
+
+@pytest.mark.parametrize("earlier_days", [2, 8])  # 40,000 rows deleted; 160,000 rows: the map rebuilt
+def test_retiring_earlier_item_maps_keeps_exactly_the_rest_and_the_key(tmp_path, earlier_days):
+    """Past REBUILD_ITEMS_ABOVE rows (the first build after months of maps) the item map is rebuilt
+    from the rows that stay instead of deleted row by row: the same rows stay either way (the
+    build's day, later days, the replay job's map, other stages'), and the key still holds."""
+    import duckdb
+
+    from resources.model_clients import store
+
+    def rows(con) -> list[tuple]:
+        return fetch_all(con, "SELECT stage, partition_key, count(*) FROM ops.embedding_items GROUP BY ALL ORDER BY ALL")
+
+    with duckdb.connect(str(tmp_path / "w.duckdb")) as con:
+        store.ensure_tables_on(con)
+        days = [f"2011-09-{n:02d}" for n in range(1, earlier_days + 3)]
+        for stage, day in [("product_embeddings", d) for d in days] + [("product_embeddings", "replay"),
+                                                                        ("other", days[0])]:
+            con.execute("INSERT INTO ops.embedding_items SELECT ?, ?, 'p' || range, 'm', 3, 'h' || range, false, now() "
+                        "FROM range(20000)", [stage, day])
+        build_day = days[earlier_days]
+        con.execute("BEGIN")
+        retired, _ = store.retire_superseded(con, "product_embeddings", build_day, 0)
+        con.execute("COMMIT")
+        assert retired == earlier_days * 20000
+        assert rows(con) == [("other", days[0], 20000), ("product_embeddings", build_day, 20000),
+                             ("product_embeddings", days[-1], 20000), ("product_embeddings", "replay", 20000)]
+        with pytest.raises(duckdb.ConstraintException):
+            con.execute("INSERT INTO ops.embedding_items VALUES ('other', ?, 'p1', 'm', 3, 'x', false, now())", [days[0]])
+    assert (retired > store.REBUILD_ITEMS_ABOVE) == (earlier_days == 8)  # both ways are taken

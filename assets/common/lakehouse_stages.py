@@ -394,6 +394,7 @@ def run_on_lakehouse(recipe: StageRecipe, context: dg.AssetExecutionContext, con
             fetch_kept_files(lakehouse, states.get(spec.name), Path(folder))
             context.log.info(f"{spec.name}: inputs and state read from the lakehouse in "
                              f"{time.perf_counter() - started:.1f}s")
+
         def keep_ledger() -> None:
             try:
                 keep_unfinished_ledger(lakehouse, warehouse, spec.name, day)

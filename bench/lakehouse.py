@@ -91,6 +91,7 @@ def main() -> None:
         shutil.rmtree(work / "lake", ignore_errors=True)  # its catalog is new
         env["LAKEHOUSE_LOCATION"] = str(work / "lake")
         env["BENCH_JOB"] = "lakehouse_pipeline"
+        env["PIPELINE_BACKEND"] = "lakehouse"  # its own catalog: the lake serves outputs.recommendations
         if args.storage_days:
             return storage(env, work, args.day, args.storage_days, args.keep_days)
         for stage in LAKE_STAGES:

@@ -82,10 +82,13 @@ def both_backends(postgres, tmp_path_factory):
                              faults=FaultRates.uniform(0.003), returning_share=0.4))
     config = {"ops": {"recommendation_quality": {"config": {"online_retail_dir": ""}}}}
     lake_config = {"ops": {f"lake_{op}": value for op, value in config["ops"].items()}}
-    with FakeOpenAIServer(default_dimensions=384) as server:
+    with FakeOpenAIServer(default_dimensions=384) as server, pytest.MonkeyPatch.context() as environment:
         server.poison[POISONED] = NAN
         resources = pipeline_resources(root / "warehouse.duckdb", landing, server)
         lakehouse = Lakehouse(**lakehouse_options(postgres, root, "pipeline"))
+        # the lake serves outputs.recommendations: on the warehouse backend its builds may not
+        environment.setenv("PIPELINE_BACKEND", "lakehouse")
+        environment.setenv("LAKEHOUSE_CATALOG_URI", lakehouse.catalog_uri)
         lake_resources = {"lakehouse": lakehouse, "landing": LandingZone(root=str(landing)),
                           "embedding_model": resources["embedding_model"], "chat_model": ChatModel(provider="none"),
                           "compute_engine": ComputeEngine()}
@@ -186,6 +189,13 @@ def test_the_lake_builds_calls_the_model_and_judges_as_the_warehouse_run_after_r
     assert checks(runs[("lake", 2)][0])[suite] == checks(runs[("warehouse", 2)][0])[suite]  # the outputs' GX suite
 
 
+def the_lake_serves(monkeypatch) -> None:
+    """The lakehouse backend: the lake's validated_recommendations writes the served table (on the
+    warehouse backend its builds may not); the switch needs a lakehouse, the tests pass their own."""
+    monkeypatch.setenv("PIPELINE_BACKEND", "lakehouse")
+    monkeypatch.setenv("LAKEHOUSE_CATALOG_URI", "set")
+
+
 def test_a_build_that_another_run_committed_meanwhile_is_built_again(both_backends, monkeypatch, tmp_path):
     """Two runs of the same stage and day: the one that finds the other's state row committed
     since it read the states writes nothing more, retries, and builds on top of it (runs last:
@@ -193,6 +203,7 @@ def test_a_build_that_another_run_committed_meanwhile_is_built_again(both_backen
     import assets.common.lakehouse_stages as lakehouse_stages
     from assets.common.current_state import write_state
 
+    the_lake_serves(monkeypatch)
     _, lakehouse, _ = both_backends
     stage, day = "validated_recommendations", DAYS[-1]
     before = latest_states(lakehouse, day, [stage])[stage]
@@ -222,12 +233,12 @@ def test_a_build_that_another_run_committed_meanwhile_is_built_again(both_backen
         lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage})  # its tables and its marker: one build
 
 
-
 def test_a_build_whose_table_was_dropped_before_its_state_row_is_built_again(both_backends, monkeypatch):
     """The retention (or another run) drops a day's table between the build's writes and its
     state row: the state would describe a table that is not there, so the build is tried again."""
     import assets.common.lakehouse_stages as lakehouse_stages
 
+    the_lake_serves(monkeypatch)
     _, lakehouse, _ = both_backends
     stage, day = "validated_recommendations", DAYS[-1]
     real_keep_files = lakehouse_stages.keep_files
@@ -270,37 +281,39 @@ def test_sql_models_whose_table_was_dropped_before_their_state_row_are_built_aga
     assert lakehouse.day_fingerprint("analytics.stg_purchases", DAYS[-1]) + ":v1" == \
         lakehouse.day_fingerprint(STATE_TABLE, DAYS[-1], {"asset": "stg_purchases"})
 
-def test_a_lake_build_never_replaces_a_day_the_warehouse_backend_published(both_backends, monkeypatch):
+def test_on_the_warehouse_backend_a_lake_build_serves_no_day(both_backends, monkeypatch):
     """On the warehouse backend, published_recommendations writes the served days of the lake's
-    outputs.recommendations: a lakehouse_pipeline trial on that catalog fails before writing, and
-    says what to do; on the lakehouse backend its builds own the table and replace the day."""
+    outputs.recommendations: a lakehouse_pipeline trial on that catalog fails before writing a day,
+    published (its marker) or not yet, and says what to do; on the lakehouse backend its builds own
+    the table and replace the day."""
     from assets.common.lakehouse_stages import PUBLISHED_MARKER_PREFIX
     from resources.lakehouse import PARTITION_COLUMN
 
     _, lakehouse, _ = both_backends
-    stage, day, table = "validated_recommendations", DAYS[-1], "outputs.recommendations"
+    stage, table = "validated_recommendations", "outputs.recommendations"
     published = f"{PUBLISHED_MARKER_PREFIX}7:served"
-    served = lakehouse.read_day(table, day).drop_columns([PARTITION_COLUMN])
-    lakehouse.write_day(table, day, served, published)
-    state_before = lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage})
+    served = lakehouse.read_day(table, DAYS[-1]).drop_columns([PARTITION_COLUMN])
+    lakehouse.write_day(table, DAYS[-1], served, published)
     selected = [a for a in lake_assets() if a.key.to_user_string() == f"lake_{stage}"]
 
-    def build_again() -> dg.ExecuteInProcessResult:
+    def build_again(day: str) -> dg.ExecuteInProcessResult:
         return dg.materialize(selected, partition_key=day, resources={"lakehouse": lakehouse}, raise_on_error=False,
                               run_config={"ops": {f"lake_{stage}": {"config": {"force": True}}}})
 
     monkeypatch.delenv("PIPELINE_BACKEND", raising=False)  # the warehouse backend
-    refused = build_again()
-    assert not refused.success
-    (failure,) = [e for e in refused.all_events if e.is_step_failure]
-    assert "holds what the warehouse backend published" in str(failure.event_specific_data.error)
-    assert lakehouse.day_fingerprint(table, day) == published  # nothing written
-    assert lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage}) == state_before
-    monkeypatch.setenv("PIPELINE_BACKEND", "lakehouse")
-    monkeypatch.setenv("LAKEHOUSE_CATALOG_URI", "set")  # the switch needs a lakehouse; this test passes its own
-    assert build_again().success
-    assert lakehouse.day_fingerprint(table, day) == lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage})
-    assert lakehouse.read_day(table, day).num_rows == served.num_rows
+    for day, marker in [(DAYS[-1], published), (DAYS[0], lakehouse.day_fingerprint(table, DAYS[0]))]:
+        state_before = lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage})
+        refused = build_again(day)
+        assert not refused.success
+        (failure,) = [e for e in refused.all_events if e.is_step_failure]
+        assert "published_recommendations writes it" in str(failure.event_specific_data.error)
+        assert lakehouse.day_fingerprint(table, day) == marker  # nothing written
+        assert lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage}) == state_before
+    the_lake_serves(monkeypatch)
+    assert build_again(DAYS[-1]).success
+    assert lakehouse.day_fingerprint(table, DAYS[-1]) == lakehouse.day_fingerprint(STATE_TABLE, DAYS[-1],
+                                                                                   {"asset": stage})
+    assert lakehouse.read_day(table, DAYS[-1]).num_rows == served.num_rows
 
 
 def test_a_pruned_lake_runs_its_newest_day_as_before_and_builds_a_pruned_day_afresh(both_backends):

@@ -266,17 +266,18 @@ SERVED_TABLE = "outputs.recommendations"
 PUBLISHED_MARKER_PREFIX = "validated_recommendations@"
 
 
-def refuse_to_replace_published_days(lakehouse: Lakehouse, name: str, day: str) -> None:
-    """On the warehouse backend the days published_recommendations wrote are the served ones: a
-    trial of lakehouse_pipeline on the same catalog must not replace them (nothing is written)."""
+def refuse_to_serve_on_the_warehouse_backend(name: str) -> None:
+    """On the warehouse backend published_recommendations writes the served days: a lake build
+    (a trial of lakehouse_pipeline on that catalog) must write none of them, published yet or not,
+    or consumers would read the trial's recommendations. Refused before anything is written."""
     if SERVED_TABLE not in tables_of(name) or pipeline_backend() != "warehouse":
         return  # not its table, or the lake is the backend: its builds write what is served
-    if (lakehouse.day_fingerprint(SERVED_TABLE, day) or "").startswith(PUBLISHED_MARKER_PREFIX):
-        raise dg.Failure(
-            f"{SERVED_TABLE} as of {day} holds what the warehouse backend published (published_recommendations), "
-            f"and consumers read it; {name} on the lakehouse would replace it. Run lakehouse_pipeline against another "
-            "catalog (LAKEHOUSE_CATALOG_URI or LAKEHOUSE_REST_URI), or switch to PIPELINE_BACKEND=lakehouse.",
-            allow_retries=False)
+    raise dg.Failure(
+        f"{SERVED_TABLE} is what consumers read, and on the warehouse backend (PIPELINE_BACKEND=warehouse) "
+        f"published_recommendations writes it: {name} on the lakehouse would serve a trial's recommendations. "
+        "Switch to PIPELINE_BACKEND=lakehouse (the lake then serves), or try lakehouse_pipeline with "
+        "PIPELINE_BACKEND=lakehouse against another catalog (LAKEHOUSE_CATALOG_URI or LAKEHOUSE_REST_URI).",
+        allow_retries=False)
 
 
 def snapshot_build(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, recipe: StageRecipe, day: str,
@@ -383,7 +384,7 @@ def run_on_lakehouse(recipe: StageRecipe, context: dg.AssetExecutionContext, con
             hydrate_states(con, states)
         on_private = _OnPrivateWarehouse(context, warehouse)
         if decide_stage(recipe, on_private, config)[0].build:  # else the stage reports its skip
-            refuse_to_replace_published_days(lakehouse, spec.name, day)
+            refuse_to_serve_on_the_warehouse_backend(spec.name)
             with warehouse.transaction() as con:
                 hydrate_tables(con, lakehouse, states)
                 # its own dead letters and model items: no stage reads another's

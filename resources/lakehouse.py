@@ -288,14 +288,15 @@ class Lakehouse(dg.ConfigurableResource):
         scan = self.catalog().load_table(table).scan(row_filter=_days(day, True, where), selected_fields=columns)
         return scan.to_arrow()
 
-    def read_through(self, table: str, day: str | dt.date, day_only: bool = False, where: Where = None
-                     ) -> pa.RecordBatchReader | None:
+    def read_through(self, table: str, day: str | dt.date, day_only: bool = False, where: Where = None,
+                     columns: tuple[str, ...] = ("*",)) -> pa.RecordBatchReader | None:
         """Every row of the days up to `day` (`day_only`: of that day; `where`: with these column
-        values), streamed in batches (None: no such table yet)."""
+        values; `columns`: only these), streamed in batches (None: no such table yet)."""
         catalog = self.catalog()
         if not catalog.table_exists(table):
             return None
-        return catalog.load_table(table).scan(row_filter=_days(day, day_only, where)).to_arrow_batch_reader()
+        scan = catalog.load_table(table).scan(row_filter=_days(day, day_only, where), selected_fields=columns)
+        return scan.to_arrow_batch_reader()
 
     def local_files_through(self, table: str, day: str | dt.date, day_only: bool = False) -> list[str] | None:
         """The local Parquet data files that hold the days up to `day`, as a scan plans them (one

@@ -334,7 +334,8 @@ def test_pruning_keeps_the_served_days_for_their_own_retention(tmp_path):
 
     from assets.common.current_state import ensure_state_table, write_state
     from assets.common.lakehouse_retention import prune_builds
-    from assets.common.lakehouse_stages import PUBLISHED_MARKER_PREFIX, latest_states, publish_state, table_layouts
+    from assets.common.lakehouse_stages import latest_states, publish_state, table_layouts
+    from assets.outputs.publish import PUBLISHED_MARKER_PREFIX
     from assets.ingest.lakehouse_landing import write_query
 
     lakehouse = Lakehouse(catalog_uri=f"sqlite:///{tmp_path}/catalog.db", location=str(tmp_path / "lake"),

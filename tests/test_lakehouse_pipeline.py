@@ -286,7 +286,7 @@ def test_on_the_warehouse_backend_a_lake_build_serves_no_day(both_backends, monk
     outputs.recommendations: a lakehouse_pipeline trial on that catalog fails before writing a day,
     published (its marker) or not yet, and says what to do; on the lakehouse backend its builds own
     the table and replace the day."""
-    from assets.common.lakehouse_stages import PUBLISHED_MARKER_PREFIX
+    from assets.outputs.publish import PUBLISHED_MARKER_PREFIX
     from resources.lakehouse import PARTITION_COLUMN
 
     _, lakehouse, _ = both_backends

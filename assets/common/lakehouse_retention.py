@@ -134,24 +134,29 @@ def _remove_old_served_days(lakehouse: Lakehouse, named: set[tuple[str, str]], k
 
 def _prune_cache(lakehouse: Lakehouse, keep_days: int) -> int:
     """Rewrite the cache's (day, stage) shares that hold vectors no item map names and cached
-    more than `keep_days` ago, without them; returns how many went."""
-    cache, items = lakehouse.read_through(CACHE_TABLE, FAR_FUTURE), lakehouse.read_through(ITEMS_TABLE, FAR_FUTURE)
+    more than `keep_days` ago, without them; returns how many went. The keys are read first, then
+    one share at a time with its vectors (memory holds a share, not the cache)."""
+    key = tuple(column.strip() for column in CACHE_KEY.split(","))
+    cache = lakehouse.read_through(CACHE_TABLE, FAR_FUTURE, columns=(PARTITION_COLUMN, WRITER_COLUMN, *key, "created_at"))
     if cache is None:
         return 0
+    items = lakehouse.read_through(ITEMS_TABLE, FAR_FUTURE, columns=key)
     horizon = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=keep_days)
     with duckdb.connect() as con:
-        con.register("lake_cache", cache)
-        con.execute("CREATE TABLE cache AS SELECT * FROM lake_cache")
+        con.register("cache_keys", cache)
+        con.execute(f"CREATE TABLE named ({CACHE_KEY}) AS SELECT {CACHE_KEY} FROM cache_keys LIMIT 0")
         if items is not None:
-            con.register("lake_items", items)
-        named = f"SELECT {CACHE_KEY} FROM lake_items" if items is not None else f"SELECT {CACHE_KEY} FROM cache LIMIT 0"
-        con.execute(f"CREATE TABLE gone AS SELECT {PARTITION_COLUMN}, {WRITER_COLUMN}, {CACHE_KEY} FROM cache "
-                    f"ANTI JOIN ({named}) USING ({CACHE_KEY}) WHERE created_at < ?", [horizon])
+            con.register("item_keys", items)
+            con.execute(f"INSERT INTO named SELECT DISTINCT {CACHE_KEY} FROM item_keys")
+        con.execute(f"CREATE TABLE gone AS SELECT {PARTITION_COLUMN}, {WRITER_COLUMN}, {CACHE_KEY} FROM cache_keys "
+                    f"ANTI JOIN named USING ({CACHE_KEY}) WHERE created_at < ?", [horizon])
         for day, writer in fetch_all(con, f"SELECT DISTINCT {PARTITION_COLUMN}, {WRITER_COLUMN} FROM gone ORDER BY 1, 2"):
             share = {WRITER_COLUMN: writer}
-            kept = con.sql(f"SELECT * EXCLUDE ({PARTITION_COLUMN}) FROM cache ANTI JOIN gone USING ({PARTITION_COLUMN}, "
-                           f"{WRITER_COLUMN}, {CACHE_KEY}) WHERE {PARTITION_COLUMN} = $day AND {WRITER_COLUMN} = $writer",
+            con.register("share", lakehouse.read_day(CACHE_TABLE, day, where={WRITER_COLUMN: [writer]}))
+            kept = con.sql(f"SELECT * EXCLUDE ({PARTITION_COLUMN}) FROM share ANTI JOIN (SELECT {CACHE_KEY} FROM gone "
+                           f"WHERE {PARTITION_COLUMN} = $day AND {WRITER_COLUMN} = $writer) USING ({CACHE_KEY})",
                            params={"day": day, "writer": writer}).to_arrow_table()
+            con.unregister("share")
             if kept.num_rows:
                 lakehouse.write_day(CACHE_TABLE, day, kept, f"pruned:{uuid.uuid4().hex[:12]}", keys=share)
             else:

@@ -261,9 +261,8 @@ def own_tables(con: duckdb.DuckDBPyConnection, taken: set[str]) -> list[str]:
 
 # What consumers read, "the recommendations of day D": written by lake_validated_recommendations
 # on the lakehouse backend, by published_recommendations (assets/outputs/publish.py) on the
-# warehouse's, whose day markers start with this prefix (no lake build writes such a marker).
+# warehouse's.
 SERVED_TABLE = "outputs.recommendations"
-PUBLISHED_MARKER_PREFIX = "validated_recommendations@"
 
 
 def refuse_to_serve_on_the_warehouse_backend(name: str) -> None:

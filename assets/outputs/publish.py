@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from assets.common.current_state import read_state
-from assets.common.lakehouse_stages import PUBLISHED_MARKER_PREFIX, SERVED_TABLE
+from assets.common.lakehouse_stages import SERVED_TABLE
 from assets.common.partitions import daily_partitions
 from assets.outputs.business_rules import ACCEPTED_TABLE, STAGE as VALIDATED
 from resources.lakehouse import Lakehouse
@@ -23,6 +23,7 @@ from resources.warehouse import DuckDBWarehouse, snapshot
 
 PUBLISHED_TABLE = SERVED_TABLE  # the Iceberg table, partitioned by day
 BATCH_ROWS = 500_000
+PUBLISHED_MARKER_PREFIX = "validated_recommendations@"  # a day's marker: which build of the outputs it holds
 
 
 @dg.asset(

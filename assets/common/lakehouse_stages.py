@@ -214,7 +214,7 @@ def hydrate_cache(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, stage: s
 
 def hydrate_ledger(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, name: str) -> None:
     """The stage's Batch API ledger from every day on the lake, builds' and unfinished steps'
-    (keep_unfinished_ledger), each batch once: collected if any row says so, else its latest."""
+    (write_ledger_to_lake), each batch once: collected if any row says so, else its latest."""
     con.execute(BATCHES_DDL)
     reader = lakehouse.read_through(BATCHES_TABLE, FAR_FUTURE, where={"stage": [name]})
     if reader is None:
@@ -228,7 +228,7 @@ def hydrate_ledger(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, name: s
         con.unregister("lake_ledger")
 
 
-def keep_unfinished_ledger(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, name: str, day: str) -> None:
+def write_ledger_to_lake(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, name: str, day: str) -> None:
     """The stage's Batch API ledger on the lake as it stands, before its build: written when a
     batch is submitted (so a step killed outright leaves it) and when a step fails (it gave up
     polling, it was terminated), so the next build collects the batch instead of paying again.
@@ -397,7 +397,7 @@ def run_on_lakehouse(recipe: StageRecipe, context: dg.AssetExecutionContext, con
 
         def keep_ledger() -> None:
             try:
-                keep_unfinished_ledger(lakehouse, warehouse, spec.name, day)
+                write_ledger_to_lake(lakehouse, warehouse, spec.name, day)
             except Exception as error:  # the step goes on (or reports its own failure); the build writes it too
                 context.log.warning(f"{spec.name}: its Batch API ledger could not be kept on the lakehouse: {error}")
 

@@ -20,6 +20,9 @@ from assets.common.lakehouse_retention import prune_builds
 from assets.infer.recommendations import INCREMENTAL
 from assets.outputs.business_rules import lake_output_expectation_suite, output_expectation_suite
 from assets.common.lakehouse_stages import (
+    CACHE_TABLE,
+    FAR_FUTURE,
+    WRITER_COLUMN,
     build_lakehouse_stage_assets,
     hydrate_stage_rows,
     hydrate_tables,
@@ -35,7 +38,7 @@ from generator import FaultRates, GeneratorConfig, generate
 from resources.compute_engine import ComputeEngine
 from resources.lakehouse import Lakehouse
 from resources.landing import LandingZone
-from resources.model_clients import ChatModel
+from resources.model_clients import ChatModel, EmbeddingModel
 from tests.fake_openai_server import NAN, FakeOpenAIServer
 from tests.lakehouse_support import local_s3
 from tests.postgres_support import postgres_fixture  # noqa: F401 (`postgres`)
@@ -342,3 +345,64 @@ def test_day_one_on_s3_stores_the_same_tables_as_on_a_local_path(both_backends):
     assert runs["stored on S3"] == runs["stored on a path"]
     assert len(runs["stored on S3"]["ml.recommendations"]) > 1000
     assert any(key.startswith("warehouse/files/recommendations/") for key in runs["kept files on S3"])
+
+
+def open_dead_letters_on_the_lake(lakehouse: Lakehouse, path) -> list[tuple]:
+    """(stage, item) of the open dead letters of every stage's latest build on the lake."""
+    states = latest_states(lakehouse, FAR_FUTURE, LAKEHOUSE_STAGES)
+    with duckdb.connect(str(path)) as con:
+        hydrate_stage_rows(con, lakehouse, states)
+        return con.execute("SELECT DISTINCT stage, item_key FROM ops.dead_letter WHERE resolved_at IS NULL "
+                           "ORDER BY ALL").fetchall()
+
+
+def replay_shares(lakehouse: Lakehouse) -> list[str]:
+    cache = lakehouse.read_through(CACHE_TABLE, FAR_FUTURE, columns=(WRITER_COLUMN,)).read_all()
+    return sorted({writer for writer in cache.column(WRITER_COLUMN).to_pylist() if writer.startswith("replay")})
+
+
+def test_on_the_lakehouse_backend_the_replay_job_embeds_the_lakes_dead_letters_for_the_next_build(
+        both_backends, monkeypatch, tmp_path):
+    """On the lakehouse backend the DLQ is on the lake (the warehouse file has none): the replay
+    job reads the lake's open rows, embeds the selected products again and puts their vectors in
+    the lake's model cache; the stage's next build takes them without a model call and closes
+    the rows. Runs last: it leaves product_embeddings rebuilt."""
+    from definitions import build_definitions
+    from resources.warehouse import DuckDBWarehouse
+
+    _, lakehouse, _ = both_backends
+    the_lake_serves(monkeypatch)
+    monkeypatch.setenv("LAKEHOUSE_CATALOG_URI", lakehouse.catalog_uri)
+    stage = "product_embeddings"
+    poisoned = open_dead_letters_on_the_lake(lakehouse, tmp_path / "before.duckdb")
+    assert poisoned and {row[0] for row in poisoned} == {stage}  # the poisoned product, still failing
+    day = str(latest_states(lakehouse, FAR_FUTURE, [stage])[stage]["as_of"])
+    replay = build_definitions().resolve_job_def("replay_dead_letters")
+    config = {"ops": {"replay_open_dead_letters": {"config": {"stages": [stage]}}}}
+    with FakeOpenAIServer(default_dimensions=384) as server:  # the model is well again
+        resources = {"lakehouse": lakehouse, "warehouse": DuckDBWarehouse(path=str(tmp_path / "warehouse.duckdb")),
+                     "embedding_model": EmbeddingModel(provider="openai", model="fake-embed", dimensions=384,
+                                                       base_url=server.base_url, api_key="test-key")}
+
+        def replayed() -> dict:
+            result = replay.execute_in_process(run_config=config, resources=resources)
+            assert result.success
+            [output] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+            return {k: v.value for k, v in output.event_specific_data.metadata.items()}
+
+        first = replayed()
+        assert first["by_stage"][stage] == {"selected": len(poisoned), "embedded_now": len(poisoned),
+                                            "failed_again": 0, "left_the_catalog": 0, "model_calls": 1}
+        assert first["still_open"] == {stage: first["still_open"][stage]} and first["still_open"][stage] >= 1
+        assert "next build" in first["rows_close_at"][stage]
+        assert server.stats.requests == 1 and len(replay_shares(lakehouse)) == 1
+        again = replayed()  # the vector is in the lake's cache now: no call, nothing written
+        assert again["by_stage"][stage]["model_calls"] == 0 and again["by_stage"][stage]["embedded_now"] == 1
+        assert server.stats.requests == 1 and len(replay_shares(lakehouse)) == 1
+
+        selected = [a for a in lake_assets() if a.key.to_user_string() == f"lake_{stage}"]
+        built = dg.materialize(selected, partition_key=day, resources=resources)
+        assert materialized(built)[stage]["skipped"] is False  # its last build was incomplete
+        assert server.stats.requests == 1  # the vector came from the cache
+        assert open_dead_letters_on_the_lake(lakehouse, tmp_path / "after.duckdb") == []
+        assert replayed()["by_stage"] == {}

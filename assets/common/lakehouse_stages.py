@@ -181,11 +181,13 @@ def row_tables_of(name: str) -> tuple[str, ...]:
     return STAGE_ROW_TABLES + ((BATCHES_TABLE,) if embeds else ())
 
 
-def hydrate_stage_rows(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, states: dict[str, dict[str, Any]]) -> None:
-    """The dead letters and model items each state's build left (its stages' rows at its day)."""
+def hydrate_stage_rows(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, states: dict[str, dict[str, Any]],
+                       tables: Iterable[str] = STAGE_ROW_TABLES) -> None:
+    """The dead letters and model items (`tables`: these) each state's build left (its stages'
+    rows at its day)."""
     store.ensure_tables_on(con)
     for name, row in states.items():
-        for table in STAGE_ROW_TABLES:
+        for table in tables:
             insert_from_lakehouse(con, lakehouse, table, str(row["as_of"]), day_only=True,
                                   where="stage IN (SELECT unnest($stages::VARCHAR[]))",
                                   params={"stages": stages_of(name)})
@@ -210,6 +212,16 @@ def hydrate_cache(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, stage: s
     con.execute(f"INSERT INTO main.lake_cache_seen SELECT DISTINCT {CACHE_KEY} FROM main.lake_cache_rows "
                 f"WHERE NOT ({PARTITION_COLUMN} = $day AND {WRITER_COLUMN} = $stage)", {"day": day, "stage": stage})
     con.execute("DROP TABLE main.lake_cache_rows")
+
+
+CACHE_ADDITIONS = (f"SELECT c.*, $writer AS {WRITER_COLUMN} FROM {CACHE_TABLE} c "
+                   f"ANTI JOIN main.lake_cache_seen USING ({CACHE_KEY})")  # after hydrate_cache
+
+
+def write_cache_additions(lakehouse: Lakehouse, con: duckdb.DuckDBPyConnection, day: str, writer: str,
+                          marker: str) -> None:
+    """The vectors cached since hydrate_cache, as the cache's (day, writer) share."""
+    write_query(lakehouse, con, CACHE_TABLE, day, CACHE_ADDITIONS, {"writer": writer}, marker, {WRITER_COLUMN: writer})
 
 
 def hydrate_ledger(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, name: str) -> None:
@@ -303,9 +315,7 @@ def snapshot_build(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, recipe: Sta
             write_query(lakehouse, con, table, day, f"SELECT * FROM {table}" + (" WHERE stage = $stage" if keys else ""),
                         keys or {}, marker, keys)
         if caches:
-            write_query(lakehouse, con, CACHE_TABLE, day,
-                        f"SELECT c.*, $stage AS {WRITER_COLUMN} FROM {CACHE_TABLE} c ANTI JOIN main.lake_cache_seen "
-                        f"USING ({CACHE_KEY})", {"stage": name}, marker, {WRITER_COLUMN: name})
+            write_cache_additions(lakehouse, con, day, name, marker)
         files = keep_files(lakehouse, name, warehouse.file.parent)
         refuse_if_built_meanwhile()
         # and when a write was replaced or dropped meanwhile (another run; the retention pruning

@@ -12,18 +12,46 @@ Rows of the other stages (`recommendations`, `segment_names`) are not model item
 re-sent alone: their stage's next build processes them again (it is recorded incomplete while
 they are open); the job reports them. Running the job twice changes nothing the second time:
 what succeeded is closed, and what is still open was just retried.
+
+On the lakehouse backend (PIPELINE_BACKEND=lakehouse) the queue is on the lake: each stage's
+open rows are those its latest build left there. The job selects among them the same way and
+embeds the selected products again from the lake's current `dim_products`, on a private DuckDB
+filled from the lake. The new vectors go to the lake's model cache as a share of their own; the
+rows themselves belong to the stage's builds, so the next build of `lake_product_embeddings`
+(the next daily run, or a re-run of its latest day) takes the vectors without a model call and
+closes them (or supersedes an item that left the catalog). The job reports what that build will
+find; it does not rewrite a build's rows, which a build running meanwhile could be writing.
 """
 
+
+import tempfile
+import uuid
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
+from assets.common.current_state import stage_names
+from assets.common.lakehouse_stages import (
+    CACHE_ADDITIONS,
+    FAR_FUTURE,
+    hydrate_cache,
+    hydrate_ledger,
+    hydrate_stage_rows,
+    hydrate_tables,
+    latest_states,
+    private_warehouse,
+    stages_of,
+    write_cache_additions,
+    write_ledger_to_lake,
+)
 from assets.infer.embeddings import PRODUCT_TEXT_SQL
 from assets.infer.embeddings import STAGE as EMBEDDING_STAGE
-from resources import dead_letters
+from resources import dead_letters, pipeline_backend
 from resources.dead_letters import REASON_CLASSES
-from resources.model_clients import EmbeddingModel
-from resources.warehouse import DuckDBWarehouse, fetch_all
+from resources.lakehouse import Lakehouse
+from resources.model_clients import EmbeddingModel, batch_api
+from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 
 REPLAY_PARTITION = "replay"  # the item map of a replay run, apart from the stage's own runs
 
@@ -68,11 +96,10 @@ def replay_embeddings(context: dg.OpExecutionContext, warehouse: DuckDBWarehouse
     with embedding_model.open(context) as embedder:
         report = embedder.embed_items(warehouse, texts, stage=EMBEDDING_STAGE, partition_key=REPLAY_PARTITION)
     return {"selected": len(keys), "resolved": report.dead_letters_resolved, "failed_again": report.dlq_count,
-            "superseded": superseded, "model_calls": report.metrics.requests}
+            "superseded": superseded, "left_the_catalog": len(gone), "model_calls": report.metrics.requests}
 
 
-@dg.op(required_resource_keys={"warehouse", "embedding_model"})
-def replay_open_dead_letters(context: dg.OpExecutionContext, config: ReplayConfig) -> dg.Output:
+def replay_on_warehouse(context: dg.OpExecutionContext, config: ReplayConfig) -> dict:
     warehouse: DuckDBWarehouse = context.resources.warehouse
     selection = selected_rows(warehouse, config)
     outcome: dict[str, dict[str, int]] = {}
@@ -85,17 +112,94 @@ def replay_open_dead_letters(context: dg.OpExecutionContext, config: ReplayConfi
             context.log.info(f"{stage}: {len(keys)} open rows; the stage's next build processes them again")
     with warehouse.connect(read_only=True) as con:
         still_open = {stage: dead_letters.count_open(con, stage) for stage in selection}
-    failed = sum(o.get("failed_again", 0) for o in outcome.values())
-    return dg.Output(None, metadata={
-        "selection": dg.MetadataValue.json(config.model_dump()),
+    return {
         "by_stage": dg.MetadataValue.json(outcome),
         "still_open": dg.MetadataValue.json(still_open),
         "resolved": sum(o.get("resolved", 0) + o.get("superseded", 0) for o in outcome.values()),
-        "failed_again": failed,
-    })
+        "failed_again": sum(o.get("failed_again", 0) for o in outcome.values()),
+    }
 
 
-@dg.job(description="Re-process the open dead letters selected by stage, reason class and partition range, "
-                    "as of the current state (assets/infer/dead_letter_replay.py).")
-def replay_dead_letters() -> None:
-    replay_open_dead_letters()
+REPLAY_WRITER = "replay_dead_letters"  # the lake cache's shares of replays: `replay_dead_letters:<run>`
+
+
+def replay_on_lakehouse(context: dg.OpExecutionContext, config: ReplayConfig) -> dict:
+    """The lake's open rows, selected as on the warehouse; the selected products embedded again
+    into the lake's model cache, for the stage's next build (module docstring)."""
+    lakehouse: Lakehouse = context.resources.lakehouse
+    states = latest_states(lakehouse, FAR_FUTURE, stage_names())
+    outcome: dict[str, dict] = {}
+    closes_at: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="lake-replay-") as folder:
+        warehouse = private_warehouse(Path(folder))
+        with warehouse.transaction() as con:
+            dead_letters.ensure_table(con)
+            hydrate_stage_rows(con, lakehouse, states, tables=[dead_letters.TABLE])
+            still_open = dict(fetch_all(con, f"SELECT stage, count(*) FROM {dead_letters.TABLE} "
+                                             "WHERE resolved_at IS NULL GROUP BY stage ORDER BY stage"))
+        owners = {stage: name for name in states for stage in stages_of(name)}  # segment_names: segments'
+        for stage, keys in selected_rows(warehouse, config).items():
+            owner = owners[stage]
+            day = str(states[owner]["as_of"])
+            closes_at[stage] = f"the next build of lake_{owner} (a run of {day} or a later day)"
+            if stage == EMBEDDING_STAGE:
+                outcome[stage] = _embed_into_the_lake_cache(context, lakehouse, warehouse, keys, day)
+                context.log.info(f"{stage}: {outcome[stage]}; the rows close at {closes_at[stage]}")
+            else:
+                outcome[stage] = {"selected": len(keys), "left_to_the_next_build": len(keys)}
+                context.log.info(f"{stage}: {len(keys)} open rows; {closes_at[stage]} processes them again")
+    return {
+        "by_stage": dg.MetadataValue.json(outcome),
+        "still_open": dg.MetadataValue.json({stage: still_open.get(stage, 0) for stage in outcome}),
+        "rows_close_at": dg.MetadataValue.json(closes_at),
+        "embedded_now": sum(o.get("embedded_now", 0) for o in outcome.values()),
+        "failed_again": sum(o.get("failed_again", 0) for o in outcome.values()),
+    }
+
+
+def _embed_into_the_lake_cache(context: dg.OpExecutionContext, lakehouse: Lakehouse, warehouse: DuckDBWarehouse,
+                               keys: list[str], day: str) -> dict[str, int]:
+    """Items counted, not rows: the lake's rows stay open until the build closes them."""
+    writer = f"{REPLAY_WRITER}:{context.run_id[:8]}"
+    with warehouse.transaction() as con:
+        hydrate_tables(con, lakehouse, latest_states(lakehouse, FAR_FUTURE, ["dim_products"]),
+                       only=["analytics.dim_products"])
+        hydrate_cache(con, lakehouse, writer, day)  # a writer of its own: every cached key is seen
+        hydrate_ledger(con, lakehouse, EMBEDDING_STAGE)  # a batch still running is collected, not paid again
+
+    def keep_ledger() -> None:  # a batch this replay submits is collected by whoever runs next
+        write_ledger_to_lake(lakehouse, warehouse, EMBEDDING_STAGE, day)
+
+    with batch_api.on_ledger_written(keep_ledger):
+        replayed = replay_embeddings(context, warehouse, context.resources.embedding_model, keys)
+    with warehouse.connect(read_only=True) as con:
+        if fetch_scalar(con, f"SELECT count(*) FROM ({CACHE_ADDITIONS})", {"writer": writer}):
+            write_cache_additions(lakehouse, con, day, writer, f"{writer}:{uuid.uuid4().hex[:12]}")
+        failing = int(fetch_scalar(con, f"SELECT count(DISTINCT item_key) FROM {dead_letters.TABLE} WHERE stage = $stage "
+                                        "AND resolved_at IS NULL AND item_key IN (SELECT unnest($keys))",
+                                   {"stage": EMBEDDING_STAGE, "keys": keys}))
+    return {"selected": len(keys), "embedded_now": len(keys) - failing - replayed["left_the_catalog"],
+            "failed_again": failing, "left_the_catalog": replayed["left_the_catalog"],
+            "model_calls": replayed["model_calls"]}
+
+
+def build_replay_job(on_lakehouse: bool) -> dg.JobDefinition:
+    """The job on the backend's queue: the warehouse's ops.dead_letter, or the lake's."""
+    resources = {"lakehouse" if on_lakehouse else "warehouse", "embedding_model"}
+
+    @dg.op(required_resource_keys=resources)
+    def replay_open_dead_letters(context: dg.OpExecutionContext, config: ReplayConfig) -> dg.Output:
+        replay = replay_on_lakehouse if on_lakehouse else replay_on_warehouse
+        return dg.Output(None, metadata={"selection": dg.MetadataValue.json(config.model_dump()),
+                                         **replay(context, config)})
+
+    @dg.job(description="Re-process the open dead letters selected by stage, reason class and partition range, "
+                        "as of the current state, on the pipeline's backend (assets/infer/dead_letter_replay.py).")
+    def replay_dead_letters() -> None:
+        replay_open_dead_letters()
+
+    return replay_dead_letters
+
+
+def replay_dead_letters_job() -> dg.JobDefinition:
+    return build_replay_job(on_lakehouse=pipeline_backend() == "lakehouse")

@@ -12,7 +12,7 @@ from assets.common.lakehouse_retention import prune_lakehouse_builds, prune_sche
 from assets.ingest.retention import build_purge_job
 from assets.common.sources import SOURCES, Source
 from assets.ingest import build_ingestion_assets
-from assets.ingest.lakehouse_landing import LAKEHOUSE_GROUP, build_lakehouse_ingestion_assets, lakehouse_pipeline
+from assets.ingest.lakehouse_landing import LAKEHOUSE_GROUP, build_lakehouse_ingestion_assets, build_lakehouse_pipeline
 from assets.ingest.triggers import build_daily_schedule, build_landing_sensor
 from assets.transform import build_sql_assets
 from assets.common.lakehouse_stages import build_lakehouse_stage_assets, lake_name
@@ -57,6 +57,7 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
     )
     # What the schedule and the landing sensor start: the run on the chosen backend.
     on_lake = pipeline_backend() == "lakehouse"
+    lakehouse_pipeline = build_lakehouse_pipeline(lake_name(VALIDATED), serves=on_lake)
     triggered = lakehouse_pipeline if on_lake else daily_pipeline
     purge_job, purge_schedule = build_purge_job(with_lakehouse=lake)
     return dg.Definitions.merge(

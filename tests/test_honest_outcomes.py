@@ -110,7 +110,8 @@ def test_an_unreconciled_batch_is_red_and_blocks_what_builds_on_it(warehouse, tm
 
 def test_replay_drains_a_dead_letter_queue_spread_over_three_days(resources, server):
     """Three days of builds leave failed products in the DLQ (a different product each day, all
-    still failing): the replay, as of today's catalog, closes every row in every partition,
+    still failing): a replay while the model still fails them is red and keeps every row; once it
+    recovers the replay, as of today's catalog, closes every row in every partition,
     honours its reason filter, changes nothing when run twice, and the next build is complete
     without a model call."""
     from definitions import defs
@@ -129,17 +130,24 @@ def test_replay_drains_a_dead_letter_queue_spread_over_three_days(resources, ser
         open_rows = fetch_all(con, "SELECT partition_key, reason_class FROM ops.dead_letter WHERE resolved_at IS NULL")
     assert sorted(open_rows) == sorted([(day, reason) for day in ("2011-09-01", "2011-09-02", "2011-09-03")
                                         for reason in ("server_error", "server_error", "rate_limited")])
+    replay = defs.resolve_job_def("replay_dead_letters")
+    still_failing = replay.execute_in_process(resources=flaky, raise_on_error=False)  # the model is still down
+    assert not still_failing.success  # a replay that drained nothing is not green
+    assert "3 of the selected items failed again" in failure_message(still_failing)
+    with warehouse.connect(read_only=True) as con:  # the days' rows, and the replay's failures with their reason
+        assert sorted(fetch_all(con, "SELECT partition_key, reason_class FROM ops.dead_letter WHERE resolved_at IS "
+                                     "NULL")) == sorted(open_rows + [("replay", "server_error")] * 2
+                                                        + [("replay", "rate_limited")])
     server.poison.clear()
 
-    replay = defs.resolve_job_def("replay_dead_letters")
     config = {"ops": {"replay_open_dead_letters": {"config": {"reasons": ["server_error"]}}}}
     first = replay.execute_in_process(run_config=config, resources=flaky)
     with warehouse.connect(read_only=True) as con:
         left = fetch_all(con, "SELECT DISTINCT reason_class FROM ops.dead_letter WHERE resolved_at IS NULL")
         resolved = fetch_scalar(con, "SELECT count(*) FROM ops.dead_letter WHERE resolution = 'succeeded'")
-    assert left == [("rate_limited",)] and resolved == 6  # 2 products x 3 days; the 429s were not selected
-    assert replay_metadata(first)["resolved"] == 6
-    assert replay_metadata(replay.execute_in_process(resources=flaky))["resolved"] == 3
+    assert left == [("rate_limited",)] and resolved == 8  # 2 products x (3 days + replay); not the 429s
+    assert replay_metadata(first)["resolved"] == 8
+    assert replay_metadata(replay.execute_in_process(resources=flaky))["resolved"] == 4
     again = replay_metadata(replay.execute_in_process(resources=flaky))
     assert again["resolved"] == 0 and again["by_stage"] == {}
     with warehouse.connect(read_only=True) as con:

@@ -3,8 +3,9 @@ reason class and partition range, as of the current state.
 
 Product texts are read from the current `analytics.dim_products` (never an old day's catalog):
 an item that is still in the catalog is embedded again through the model resource and its cache,
-so a success closes its rows in every partition and a new failure adds to their attempts; an
-item that left the catalog is superseded. The vectors land in the cache; the next build of
+so a success closes its rows in every partition and a new failure is recorded with its reason
+under the partition `replay` (the job is then red: the queue is not drained); an item that left
+the catalog is superseded. The vectors land in the cache; the next build of
 `product_embeddings` (whose last build was recorded incomplete, so it does build) takes them
 from there without a model call and records a complete build.
 
@@ -190,8 +191,12 @@ def build_replay_job(on_lakehouse: bool) -> dg.JobDefinition:
     @dg.op(required_resource_keys=resources)
     def replay_open_dead_letters(context: dg.OpExecutionContext, config: ReplayConfig) -> dg.Output:
         replay = replay_on_lakehouse if on_lakehouse else replay_on_warehouse
-        return dg.Output(None, metadata={"selection": dg.MetadataValue.json(config.model_dump()),
-                                         **replay(context, config)})
+        metadata = {"selection": dg.MetadataValue.json(config.model_dump()), **replay(context, config)}
+        if metadata["failed_again"]:  # green would say the queue is drained
+            raise dg.Failure(f"{metadata['failed_again']} of the selected items failed again and stay in the "
+                             "dead-letter queue with their new reason (by_stage); the others were processed",
+                             metadata=metadata, allow_retries=False)
+        return dg.Output(None, metadata=metadata)
 
     @dg.job(description="Re-process the open dead letters selected by stage, reason class and partition range, "
                         "as of the current state, on the pipeline's backend (assets/infer/dead_letter_replay.py).")

@@ -7,7 +7,7 @@ import dagster as dg
 from assets import evaluate, infer, monitor, outputs
 from assets.common.catalog import with_catalog
 from assets.common.partitions import daily_partitions
-from assets.infer.dead_letter_replay import replay_dead_letters_job
+from assets.infer.dead_letter_replay import build_replay_job
 from assets.common.lakehouse_retention import prune_lakehouse_builds, prune_schedule
 from assets.ingest.retention import build_purge_job
 from assets.common.sources import SOURCES, Source
@@ -76,7 +76,7 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
             asset_checks=[*build_suite_checks(sources), *outputs.CHECKS,
                           *([lake_output_expectation_suite(lake_name(VALIDATED))] if lake else [])],
             resources=build_resources(tuple(source.name for source in sources)),
-            jobs=[daily_pipeline, replay_dead_letters_job(), purge_job,
+            jobs=[daily_pipeline, build_replay_job(on_lakehouse=on_lake), purge_job,
                   *([lakehouse_pipeline, prune_lakehouse_builds] if lake else [])],
             schedules=[build_daily_schedule(triggered), purge_schedule, *([prune_schedule] if lake else [])],
             sensors=[build_landing_sensor(triggered, sources)],

@@ -390,6 +390,12 @@ def test_on_the_lakehouse_backend_the_replay_job_embeds_the_lakes_dead_letters_f
             [output] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
             return {k: v.value for k, v in output.event_specific_data.metadata.items()}
 
+        server.poison[POISONED] = NAN  # still failing first: red, and nothing written to the lake
+        failing = replay.execute_in_process(run_config=config, resources=resources, raise_on_error=False)
+        assert not failing.success and server.stats.requests == 1 and replay_shares(lakehouse) == []
+        assert open_dead_letters_on_the_lake(lakehouse, tmp_path / "failing.duckdb") == poisoned
+        server.poison.clear()
+        server.reset_stats()
         first = replayed()
         assert first["by_stage"][stage] == {"selected": len(poisoned), "embedded_now": len(poisoned),
                                             "failed_again": 0, "left_the_catalog": 0, "model_calls": 1}

@@ -48,7 +48,7 @@ from assets.common.lakehouse_stages import (
 )
 from assets.infer.embeddings import PRODUCT_TEXT_SQL
 from assets.infer.embeddings import STAGE as EMBEDDING_STAGE
-from resources import dead_letters, pipeline_backend
+from resources import dead_letters
 from resources.dead_letters import REASON_CLASSES
 from resources.lakehouse import Lakehouse
 from resources.model_clients import EmbeddingModel, batch_api
@@ -204,7 +204,3 @@ def build_replay_job(on_lakehouse: bool) -> dg.JobDefinition:
         replay_open_dead_letters()
 
     return replay_dead_letters
-
-
-def replay_dead_letters_job() -> dg.JobDefinition:
-    return build_replay_job(on_lakehouse=pipeline_backend() == "lakehouse")

@@ -392,7 +392,7 @@ def test_on_the_lakehouse_backend_the_replay_job_embeds_the_lakes_dead_letters_f
 
         server.poison[POISONED] = NAN  # still failing first: red, and nothing written to the lake
         failing = replay.execute_in_process(run_config=config, resources=resources, raise_on_error=False)
-        assert not failing.success and server.stats.requests == 1 and replay_shares(lakehouse) == []
+        assert not failing.success and server.stats.requests >= 1 and replay_shares(lakehouse) == []
         assert open_dead_letters_on_the_lake(lakehouse, tmp_path / "failing.duckdb") == poisoned
         server.poison.clear()
         server.reset_stats()

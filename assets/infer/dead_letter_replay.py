@@ -194,7 +194,7 @@ def build_replay_job(on_lakehouse: bool) -> dg.JobDefinition:
         metadata = {"selection": dg.MetadataValue.json(config.model_dump()), **replay(context, config)}
         if metadata["failed_again"]:  # green would say the queue is drained
             raise dg.Failure(f"{metadata['failed_again']} of the selected items failed again and stay in the "
-                             "dead-letter queue with their new reason (by_stage); the others were processed",
+                             "dead-letter queue; the others were processed (by_stage)",
                              metadata=metadata, allow_retries=False)
         return dg.Output(None, metadata=metadata)
 

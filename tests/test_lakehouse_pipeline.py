@@ -319,6 +319,29 @@ def test_on_the_warehouse_backend_a_lake_build_serves_no_day(both_backends, monk
     assert lakehouse.read_day(table, DAYS[-1]).num_rows == served.num_rows
 
 
+def test_on_the_lakehouse_backend_outputs_whose_blocking_check_failed_are_not_served(both_backends, monkeypatch):
+    """A lake build of validated_recommendations that lost recommendations (its blocking
+    accounting check failed) writes nothing: the served day and the state stay the last good
+    build's, and the run is red saying why."""
+    import assets.outputs.business_rules as business_rules
+
+    the_lake_serves(monkeypatch)
+    _, lakehouse, _ = both_backends
+    stage, table, day = "validated_recommendations", "outputs.recommendations", DAYS[-1]
+    served, state = lakehouse.day_fingerprint(table, day), lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage})
+    counted = business_rules.rule_counts
+    monkeypatch.setattr(business_rules, "rule_counts", lambda con: {**counted(con), "input": counted(con)["input"] + 1})
+    selected = [a for a in lake_assets() if a.key.to_user_string() == f"lake_{stage}"]
+    lossy = dg.materialize(selected, partition_key=day, resources={"lakehouse": lakehouse}, raise_on_error=False,
+                           run_config={"ops": {f"lake_{stage}": {"config": {"force": True}}}})
+    assert not lossy.success
+    (failure,) = [e for e in lossy.all_events if e.is_step_failure]
+    assert "every_recommendation_accounted_for" in str(failure.event_specific_data.error)
+    assert "unaccounted" in str(failure.event_specific_data.error)  # the check's own description
+    assert lakehouse.day_fingerprint(table, day) == served
+    assert lakehouse.day_fingerprint(STATE_TABLE, day, {"asset": stage}) == state
+
+
 def test_a_pruned_lake_runs_its_newest_day_as_before_and_builds_a_pruned_day_afresh(both_backends):
     """Pruned to one day after day 3: the builds of day 1 go (day 2's are what day 3 read); day 3
     again decides as the re-run of day 2 did; day 1 again builds from the raw layer."""

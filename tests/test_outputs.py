@@ -8,6 +8,7 @@ import pytest
 from assets.outputs.business_rules import output_expectation_suite, validated_recommendations
 from assets.common.current_state import write_state
 from resources.warehouse import fetch_all
+from assets.common.current_state import read_state
 
 DAY = "2011-03-01"
 
@@ -125,3 +126,38 @@ def test_output_suite_runs_gx_on_the_accepted_table(warehouse):
     check = next(c for c in again.get_asset_check_evaluations() if c.check_name == "output_expectation_suite")
     assert not check.passed
     assert set(check.metadata["failed_rules"].value) == {"product_recommended_twice", "confidence_outside_0_1"}
+
+
+def test_a_build_whose_blocking_check_failed_is_rolled_back_and_not_served(warehouse, monkeypatch):
+    """outputs.recommendations is what consumers read, so nothing downstream could block a bad
+    build of it: a build that lost recommendations (its blocking accounting check failed) fails
+    and rolls back; the tables and the state stay the last good build's, and the next run skips
+    to that build's passing verdicts."""
+    import assets.outputs.business_rules as business_rules
+
+    seed(warehouse)
+    assert dg.materialize([validated_recommendations], partition_key=DAY, resources={"warehouse": warehouse}).success
+
+    def served() -> tuple:
+        with warehouse.connect(read_only=True) as con:
+            state = read_state(con, "validated_recommendations")
+            return (repr(fetch_all(con, "SELECT * FROM outputs.recommendations ORDER BY ALL")),  # repr: NaN == NaN
+                    repr(fetch_all(con, "SELECT * FROM outputs.rejected_recommendations ORDER BY ALL")), state.version)
+
+    good = served()
+    counted = business_rules.rule_counts
+    monkeypatch.setattr(business_rules, "rule_counts", lambda con: {**counted(con), "input": counted(con)["input"] + 1})
+    with warehouse.transaction() as con:  # the bad build has something to write: one more accepted row
+        con.execute("INSERT INTO ml.recommendations (customer_id, rank, product_id, confidence, predicted_value) "
+                    "VALUES ('c3', 1, 'P1', 0.6, 10.0)")
+    lossy = dg.materialize([validated_recommendations], partition_key=DAY, resources={"warehouse": warehouse},
+                           raise_on_error=False, run_config={"ops": {"validated_recommendations": {"config": {"force": True}}}})
+    assert not lossy.success
+    (failure,) = [e for e in lossy.all_events if e.is_step_failure]
+    message = str(failure.event_specific_data.error)
+    assert "not served" in message and "every_recommendation_accounted_for" in message and "1 unaccounted" in message
+    assert served() == good
+    monkeypatch.undo()
+    again = dg.materialize([validated_recommendations], partition_key=DAY, resources={"warehouse": warehouse},
+                           run_config={"ops": {"validated_recommendations": {"config": {"force": True}}}})
+    assert again.success and served() != good  # a good build is served

@@ -377,6 +377,9 @@ class StageSpec:
     dead_letter_stage: str | None
     blocking_checks: frozenset[str]
     table: str | None = None  # the table the catalog shows (`dagster/table_name`): the first it writes
+    # Its tables are what consumers read (nothing downstream could block them): a build whose
+    # blocking check fails is rolled back, so they keep the last good build.
+    served: bool = False
 
 
 class StateBuild:
@@ -411,9 +414,19 @@ class StateBuild:
             measured["dlq_open"] = dead_letters.count_open_items(con, self.spec.dead_letter_stage)
         checks = all_verdicts(self.spec, measured, self.config)
         reason = incomplete_reason(measured, checks, self.spec.blocking_checks)
+        if reason and self.spec.served:
+            refuse_to_serve(self.spec, checks)
         version = (stored_now.version if stored_now else 0) + 1
         _write_state(con, self.spec.name, self.as_of, self.decision.fingerprint, row_count, measured, reason, version)
         self.check_results, self.measurements, self.recorded = checks, measured, True
+
+
+def refuse_to_serve(spec: StageSpec, checks: list[dg.AssetCheckResult]) -> None:
+    """Raised inside the build's transaction: its tables roll back to the last good build."""
+    failed = [c for c in checks if c.check_name in spec.blocking_checks and not c.passed]
+    raise dg.Failure(f"{spec.name}: not served, a blocking check failed (its tables keep the last good build): "
+                     + "; ".join(f"{c.check_name}: {c.description}" for c in failed),
+                     metadata={"failed_checks": [c.check_name for c in failed]}, allow_retries=False)
 
 
 DEAD_LETTER_CHECK = "dead_letter_share"
@@ -467,6 +480,7 @@ def current_state_asset(
     personal_data: bool = False,
     retry_policy: dg.RetryPolicy | None = None,
     priority: int = 0,
+    served: bool = False,
 ) -> Callable[[Callable[[StateBuild], Built]], dg.AssetsDefinition]:
     """Make a daily-partitioned current-state asset from a build function (see the module doc).
     `priority`: a run launches its step before the ready steps of lower priority."""
@@ -478,7 +492,7 @@ def current_state_asset(
                                      description="At most max_failed_share of the items end in the DLQ."),)
     register_tables(name, tables)
     spec = StageSpec(name, inputs, verdicts, dead_letter_stage,
-                     frozenset(c.name for c in checks if c.blocking), tables[0] if tables else None)
+                     frozenset(c.name for c in checks if c.blocking), tables[0] if tables else None, served)
 
     def decorate(build: Callable[[StateBuild], Built]) -> dg.AssetsDefinition:
         recipe = StageRecipe(spec, build, config_class, checks, tuple(resources), fingerprint_extra, code_version,

@@ -50,7 +50,6 @@ from assets.common.current_state import (
     STATE_TABLE,
     ConcurrentBuildError,
     StageRecipe,
-    StageSpec,
     as_of_day,
     decide_stage,
     ensure_state_table,
@@ -292,21 +291,6 @@ def refuse_to_serve_on_the_warehouse_backend(name: str) -> None:
         allow_retries=False)
 
 
-def refuse_to_serve_a_failed_build(spec: StageSpec, result: dg.MaterializeResult) -> None:
-    """A build of the served table whose blocking check failed is not written: consumers keep the
-    day's last good build (or none), and the stage's state stays that build's. The warehouse keeps
-    such a build in its current state, where its failed check blocks what reads it; on the lake
-    the table is what consumers read, so nothing downstream could block them."""
-    if SERVED_TABLE not in tables_of(spec.name):
-        return
-    failed = [check for check in result.check_results or []
-              if check.check_name in spec.blocking_checks and not check.passed]
-    if failed:
-        raise dg.Failure(f"{spec.name}: not written to {SERVED_TABLE}, a blocking check failed: "
-                         + "; ".join(f"{check.check_name}: {check.description}" for check in failed),
-                         metadata={"failed_checks": [check.check_name for check in failed]}, allow_retries=False)
-
-
 def snapshot_build(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, recipe: StageRecipe, day: str,
                    taken: set[str], caches: bool, built_before: dict | None) -> str:
     """The build's tables, rows and cache additions as day `day` on the lakehouse, its state row
@@ -436,7 +420,6 @@ def run_on_lakehouse(recipe: StageRecipe, context: dg.AssetExecutionContext, con
             raise
         if result.metadata.get("skipped"):
             return result
-        refuse_to_serve_a_failed_build(spec, result)
         try:
             marker = snapshot_build(lakehouse, warehouse, recipe, day, input_tables(states, spec.inputs), caches,
                                     states.get(spec.name))

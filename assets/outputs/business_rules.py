@@ -242,6 +242,7 @@ def sample_verdict(build: Mapping[str, Any]) -> dg.AssetCheckResult:
     ],
     verdicts=rule_verdicts,
     personal_data=True,  # customer ids
+    served=True,  # outputs.recommendations: what consumers read
 )
 def validated_recommendations(build: StateBuild) -> Built:
     """Recommendations that pass the business rules; the rest kept with the rules they broke."""

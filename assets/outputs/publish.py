@@ -44,10 +44,6 @@ def published_recommendations(context: dg.AssetExecutionContext, warehouse: Duck
         held = "nothing" if state is None else f"day {state.as_of}"
         raise dg.Failure(f"{ACCEPTED_TABLE} holds {held}, not {day}: materialize validated_recommendations for {day} "
                          "first (the current outputs are published only under their own day)", allow_retries=False)
-    if not state.complete:  # its blocking check failed: what consumers would read is wrong
-        raise dg.Failure(f"{ACCEPTED_TABLE} as of {day} is from a build that failed ({state.incomplete_reason}): "
-                         "not published; the next build of validated_recommendations retries it",
-                         allow_retries=False)
     fingerprint = f"{PUBLISHED_MARKER_PREFIX}{state.version}:{state.fingerprint}"  # no lake build on this backend replaces it
     if lakehouse.day_fingerprint(PUBLISHED_TABLE, day) == fingerprint:
         return skipped(day, fingerprint)

@@ -131,8 +131,8 @@ def test_output_suite_runs_gx_on_the_accepted_table(warehouse):
 def test_a_build_whose_blocking_check_failed_is_rolled_back_and_not_served(warehouse, monkeypatch):
     """outputs.recommendations is what consumers read, so nothing downstream could block a bad
     build of it: a build that lost recommendations (its blocking accounting check failed) fails
-    and rolls back; the tables and the state stay the last good build's, and the next run skips
-    to that build's passing verdicts."""
+    and rolls back; the tables and the state stay the last good build's, and a plain run with
+    unchanged inputs skips to that build's passing verdicts."""
     import assets.outputs.business_rules as business_rules
 
     seed(warehouse)
@@ -158,6 +158,10 @@ def test_a_build_whose_blocking_check_failed_is_rolled_back_and_not_served(wareh
     assert "not served" in message and "every_recommendation_accounted_for" in message and "1 unaccounted" in message
     assert served() == good
     monkeypatch.undo()
+    plain = dg.materialize([validated_recommendations], partition_key=DAY, resources={"warehouse": warehouse})
+    assert plain.get_asset_materialization_events()[0].materialization.metadata["skipped"].value
+    assert {c.check_name: c.passed for c in plain.get_asset_check_evaluations()}["every_recommendation_accounted_for"]
+    assert served() == good  # the skip reports the served build: the last good one
     again = dg.materialize([validated_recommendations], partition_key=DAY, resources={"warehouse": warehouse},
                            run_config={"ops": {"validated_recommendations": {"config": {"force": True}}}})
     assert again.success and served() != good  # a good build is served

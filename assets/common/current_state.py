@@ -414,16 +414,20 @@ class StateBuild:
             measured["dlq_open"] = dead_letters.count_open_items(con, self.spec.dead_letter_stage)
         checks = all_verdicts(self.spec, measured, self.config)
         reason = incomplete_reason(measured, checks, self.spec.blocking_checks)
-        if reason and self.spec.served:
-            refuse_to_serve(self.spec, checks)
+        if self.spec.served:
+            refuse_to_serve_a_failed_build(self.spec, checks)
         version = (stored_now.version if stored_now else 0) + 1
         _write_state(con, self.spec.name, self.as_of, self.decision.fingerprint, row_count, measured, reason, version)
         self.check_results, self.measurements, self.recorded = checks, measured, True
 
 
-def refuse_to_serve(spec: StageSpec, checks: list[dg.AssetCheckResult]) -> None:
-    """Raised inside the build's transaction: its tables roll back to the last good build."""
-    failed = [c for c in checks if c.check_name in spec.blocking_checks and not c.passed]
+def refuse_to_serve_a_failed_build(spec: StageSpec, checks: list[dg.AssetCheckResult]) -> None:
+    """Raises inside the build's transaction when a blocking check failed: its tables roll back to
+    the last good build."""
+    failed = [c for c in checks if c.check_name in spec.blocking_checks and not c.passed
+              and c.severity == dg.AssetCheckSeverity.ERROR]  # what blocks, as incomplete_reason counts it
+    if not failed:
+        return
     raise dg.Failure(f"{spec.name}: not served, a blocking check failed (its tables keep the last good build): "
                      + "; ".join(f"{c.check_name}: {c.description}" for c in failed),
                      metadata={"failed_checks": [c.check_name for c in failed]}, allow_retries=False)

@@ -36,7 +36,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -193,13 +193,16 @@ def hydrate_stage_rows(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, sta
                                   params={"stages": stages_of(name)})
 
 
-def hydrate_cache(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, stage: str, day: str) -> None:
+def hydrate_cache(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, stage: str, day: str,
+                  text_hashes: Sequence[str] | None = None) -> None:
     """The whole model cache (one row a key; it is content-addressed, so any day's vectors
-    serve), and `main.lake_cache_seen`: its keys that came from other builds than this (stage,
-    day)'s. The rows this build adds, or its earlier run added, are the rest."""
+    serve), or only the vectors of `text_hashes`, and `main.lake_cache_seen`: its keys that came
+    from other builds than this (stage, day)'s. The rows this build adds, or its earlier run
+    added, are the rest."""
     store.ensure_tables_on(con)
     con.execute(f"CREATE TABLE main.lake_cache_seen AS SELECT {CACHE_KEY} FROM {CACHE_TABLE} LIMIT 0")
-    reader = lakehouse.read_through(CACHE_TABLE, FAR_FUTURE)
+    reader = lakehouse.read_through(CACHE_TABLE, FAR_FUTURE,
+                                    where=None if text_hashes is None else {"text_hash": list(text_hashes)})
     if reader is None:
         return
     con.register("lake_rows", reader)
@@ -238,6 +241,18 @@ def hydrate_ledger(con: duckdb.DuckDBPyConnection, lakehouse: Lakehouse, name: s
                         ORDER BY batch_id, collected_at IS NULL, {PARTITION_COLUMN} DESC""")
     finally:
         con.unregister("lake_ledger")
+
+
+def ledger_keeper(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, name: str, day: str,
+                  log: Any) -> Callable[[], None]:
+    """write_ledger_to_lake as a callback that never raises (batch_api.on_ledger_written's rule):
+    the step goes on, or reports its own failure; the build writes the ledger too."""
+    def keep() -> None:
+        try:
+            write_ledger_to_lake(lakehouse, warehouse, name, day)
+        except Exception as error:
+            log.warning(f"{name}: its Batch API ledger could not be kept on the lakehouse: {error}")
+    return keep
 
 
 def write_ledger_to_lake(lakehouse: Lakehouse, warehouse: DuckDBWarehouse, name: str, day: str) -> None:
@@ -404,13 +419,7 @@ def run_on_lakehouse(recipe: StageRecipe, context: dg.AssetExecutionContext, con
             fetch_kept_files(lakehouse, states.get(spec.name), Path(folder))
             context.log.info(f"{spec.name}: inputs and state read from the lakehouse in "
                              f"{time.perf_counter() - started:.1f}s")
-
-        def keep_ledger() -> None:
-            try:
-                write_ledger_to_lake(lakehouse, warehouse, spec.name, day)
-            except Exception as error:  # the step goes on (or reports its own failure); the build writes it too
-                context.log.warning(f"{spec.name}: its Batch API ledger could not be kept on the lakehouse: {error}")
-
+        keep_ledger = ledger_keeper(lakehouse, warehouse, spec.name, day, context.log)
         try:
             with batch_api.on_ledger_written(keep_ledger) if caches else nullcontext():
                 result = materialize_stage(recipe, on_private, config)

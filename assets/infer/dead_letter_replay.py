@@ -43,8 +43,8 @@ from assets.common.lakehouse_stages import (
     latest_states,
     private_warehouse,
     stages_of,
+    ledger_keeper,
     write_cache_additions,
-    write_ledger_to_lake,
 )
 from assets.infer.embeddings import PRODUCT_TEXT_SQL
 from assets.infer.embeddings import STAGE as EMBEDDING_STAGE
@@ -52,6 +52,7 @@ from resources import dead_letters
 from resources.dead_letters import REASON_CLASSES
 from resources.lakehouse import Lakehouse
 from resources.model_clients import EmbeddingModel, batch_api
+from resources.model_clients.texts import prepare_text
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
 
 REPLAY_PARTITION = "replay"  # the item map of a replay run, apart from the stage's own runs
@@ -129,6 +130,7 @@ def replay_on_lakehouse(context: dg.OpExecutionContext, config: ReplayConfig) ->
     into the lake's model cache, for the stage's next build (module docstring)."""
     lakehouse: Lakehouse = context.resources.lakehouse
     states = latest_states(lakehouse, FAR_FUTURE, stage_names())
+    catalog = latest_states(lakehouse, FAR_FUTURE, ["dim_products"])  # an SQL model: no stage rows
     outcome: dict[str, dict] = {}
     closes_at: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="lake-replay-") as folder:
@@ -144,7 +146,7 @@ def replay_on_lakehouse(context: dg.OpExecutionContext, config: ReplayConfig) ->
             day = str(states[owner]["as_of"])
             closes_at[stage] = f"the next build of lake_{owner} (a run of {day} or a later day)"
             if stage == EMBEDDING_STAGE:
-                outcome[stage] = _embed_into_the_lake_cache(context, lakehouse, warehouse, keys, day)
+                outcome[stage] = _embed_into_the_lake_cache(context, lakehouse, warehouse, keys, day, catalog)
                 context.log.info(f"{stage}: {outcome[stage]}; the rows close at {closes_at[stage]}")
             else:
                 outcome[stage] = {"selected": len(keys), "left_to_the_next_build": len(keys)}
@@ -159,19 +161,20 @@ def replay_on_lakehouse(context: dg.OpExecutionContext, config: ReplayConfig) ->
 
 
 def _embed_into_the_lake_cache(context: dg.OpExecutionContext, lakehouse: Lakehouse, warehouse: DuckDBWarehouse,
-                               keys: list[str], day: str) -> dict[str, int]:
+                               keys: list[str], day: str, catalog: dict) -> dict[str, int]:
     """Items counted, not rows: the lake's rows stay open until the build closes them."""
     writer = f"{REPLAY_WRITER}:{context.run_id[:8]}"
+    model: EmbeddingModel = context.resources.embedding_model
     with warehouse.transaction() as con:
-        hydrate_tables(con, lakehouse, latest_states(lakehouse, FAR_FUTURE, ["dim_products"]),
-                       only=["analytics.dim_products"])
-        hydrate_cache(con, lakehouse, writer, day)  # a writer of its own: every cached key is seen
+        hydrate_tables(con, lakehouse, catalog, only=["analytics.dim_products"])
+        texts = fetch_all(con, f"SELECT text FROM ({PRODUCT_TEXT_SQL}) WHERE product_id IN (SELECT unnest($keys))",
+                          {"keys": keys})
+        # the cached vectors of these texts only, not the whole cache; a writer of its own: all are seen
+        hydrate_cache(con, lakehouse, writer, day,
+                      [prepare_text("", text, model.max_input_chars).text_hash for (text,) in texts])
         hydrate_ledger(con, lakehouse, EMBEDDING_STAGE)  # a batch still running is collected, not paid again
-
-    def keep_ledger() -> None:  # a batch this replay submits is collected by whoever runs next
-        write_ledger_to_lake(lakehouse, warehouse, EMBEDDING_STAGE, day)
-
-    with batch_api.on_ledger_written(keep_ledger):
+    # a batch this replay submits is collected by whoever runs next
+    with batch_api.on_ledger_written(ledger_keeper(lakehouse, warehouse, EMBEDDING_STAGE, day, context.log)):
         replayed = replay_embeddings(context, warehouse, context.resources.embedding_model, keys)
     with warehouse.connect(read_only=True) as con:
         if fetch_scalar(con, f"SELECT count(*) FROM ({CACHE_ADDITIONS})", {"writer": writer}):

@@ -56,6 +56,7 @@ from recsys.purchases import iter_customer_chunks
 from recsys.selection import Selection, select_model
 from recsys.recommender import (
     HIDDEN_SCHEMA,
+    FitReport,
     KeptChunk,
     KeptTopK,
     RECOMMENDATION_SCHEMA,
@@ -564,32 +565,50 @@ def check_kept_model(build: StateBuild, plan: Plan, scoring_as_of: dt.datetime) 
     return plan, edges
 
 
+@dataclass
+class Scored:
+    """What scoring leaves for publishing: the staged outputs and what the metadata needs of the
+    model, which is gone by then."""
+
+    staged: StagedOutputs
+    dead_letters: list[DeadLetter]
+    ranking_kept: int  # customers whose kept ranking was only recalibrated (incremental days)
+    incremental_ready: bool  # the hidden products were tracked for every chunk
+    report: FitReport
+    deployed: str
+    selection: Selection | None
+    model_file: str
+    candidates: dict[str, int]
+
+
 def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, currency: str,
                       scoring_as_of: dt.datetime, handed_over: list[Recommender | None], taken: Snapshot) -> Built:
+    scored = score_customers(build, plan, model_fingerprint, currency, scoring_as_of, handed_over, taken)
+    # The item-item weights and scoring buffers went with score_customers' frame; they are given
+    # back before DuckDB loads the outputs (up to its memory_limit): at 2M customers the step's
+    # peak was their sum.
+    release_memory()
+    return publish(build, plan, model_fingerprint, currency, scored)
+
+
+def score_customers(build: StateBuild, plan: Plan, model_fingerprint: str, currency: str,
+                    scoring_as_of: dt.datetime, handed_over: list[Recommender | None], taken: Snapshot) -> Scored:
+    """The kept model (handed over: this frame holds the only reference) or a newly selected and
+    fitted one scores the snapshot's customers chunk by chunk into staged outputs."""
     config, as_of = build.config, build.as_of
     model = handed_over.pop()
     source = purchases_source(taken, config.read_batch_rows)
-    catalog = taken.table("catalog")
     vectors = (ProductEmbeddings.from_arrow(taken.table("vectors"), vector_column="vector")
                if taken.has("vectors") else None)
     selection = None
     model_file = plan.stored["file"] if plan.stored and plan.mode != REFIT else None
     if model is None:
-        # customer_state holds a row per customer of the purchases (a refit's snapshot is never incremental)
-        selection = (select_model(source, scoring_as_of, config.recommender(), config.selection_window_days,
-                                  config.selection_customers, product_vectors=vectors,
-                                  customers=taken.rows("customer_state")) if config.select_model else None)
-        if selection is not None:
-            build.log.info(f"model selection: {selection.chosen} ({selection.reason}); "
-                           f"{selection.evaluated_customers:,} validation customers, {selection.seconds:.1f}s")
-        release_memory()  # the selection's sample and candidates are gone: start the fit from the floor
-        model = Recommender.fit(source, selection.config if selection else config.recommender(), as_of=scoring_as_of)
-        release_memory()  # and the fit's passes, before the scoring buffers
+        selection, model = select_and_fit(build, source, vectors, taken, scoring_as_of)
         model_file = f"recommendations-{as_of}-{model_fingerprint[:12]}-{uuid.uuid4().hex[:8]}.pkl"
         model.save(models_dir(build) / model_file)
     build.log.info(f"{plan.mode} ({plan.reason}); model fitted as of {model.report.as_of}: "
                    f"{model.report.model_items:,} model items")
-    candidates = model.candidates(catalog, vectors)
+    candidates = model.candidates(taken.table("catalog"), vectors)
     build.log.info(f"{candidates.in_stock_model_items:,} in-stock candidates, "
                    f"{candidates.cold_start_products:,} more through their text")
     # Incremental days need to know which blocked products would rank. A model that recommends
@@ -618,18 +637,38 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
             track_hidden = track_hidden and result.hidden is not None
         progress.advance(chunk.n_customers)
     staged.close()
-    # The item-item weights and scoring buffers go before DuckDB loads the outputs (up to its
-    # memory_limit): at 2M customers the step's peak was their sum. The caller handed the model
-    # over (a reference kept there held 256 MiB through publishing on incremental days).
-    report, deployed = model.report, model.config.model
-    cold_start_products, in_stock_model_items, not_in_model = (
-        candidates.cold_start_products, candidates.in_stock_model_items, candidates.catalog_products_not_in_model)
-    del model, chunks, vectors, candidates
-    release_memory()
-    fitted_on_day = str(as_of) if plan.mode == REFIT else plan.stored["fitted_on_day"]
-    model_info = {"file": model_file, "fingerprint": model_fingerprint, "fitted_on_day": fitted_on_day,
-                  "deployed": deployed, "coverage": report.purchase_pairs_covered_by_model,
-                  "incremental_ready": track_hidden, "purchase_state": PURCHASE_STATE_FORMAT}
+    return Scored(staged=staged, dead_letters=dead_letters_, ranking_kept=ranking_kept, incremental_ready=track_hidden,
+                  report=model.report, deployed=model.config.model, selection=selection, model_file=model_file,
+                  candidates={"in_stock_candidates": candidates.in_stock_model_items,
+                              "catalog_products_not_in_model": candidates.catalog_products_not_in_model,
+                              "cold_start_products_in_reach": candidates.cold_start_products})
+
+
+def select_and_fit(build: StateBuild, source, vectors: ProductEmbeddings | None, taken: Snapshot,
+                   scoring_as_of: dt.datetime) -> tuple[Selection | None, Recommender]:
+    """Model selection on the validation window (when on), then the chosen model fitted."""
+    config = build.config
+    # customer_state holds a row per customer of the purchases (a refit's snapshot is never incremental)
+    selection = (select_model(source, scoring_as_of, config.recommender(), config.selection_window_days,
+                              config.selection_customers, product_vectors=vectors,
+                              customers=taken.rows("customer_state")) if config.select_model else None)
+    if selection is not None:
+        build.log.info(f"model selection: {selection.chosen} ({selection.reason}); "
+                       f"{selection.evaluated_customers:,} validation customers, {selection.seconds:.1f}s")
+    release_memory()  # the selection's sample and candidates are gone: start the fit from the floor
+    model = Recommender.fit(source, selection.config if selection else config.recommender(), as_of=scoring_as_of)
+    release_memory()  # and the fit's passes, before the scoring buffers
+    return selection, model
+
+
+def publish(build: StateBuild, plan: Plan, model_fingerprint: str, currency: str, scored: Scored) -> Built:
+    """Swap in (or merge) the staged outputs, settle the stage's dead letters and record the
+    build, in one warehouse transaction."""
+    config, staged = build.config, scored.staged
+    fitted_on_day = str(build.as_of) if plan.mode == REFIT else plan.stored["fitted_on_day"]
+    model_info = {"file": scored.model_file, "fingerprint": model_fingerprint, "fitted_on_day": fitted_on_day,
+                  "deployed": scored.deployed, "coverage": scored.report.purchase_pairs_covered_by_model,
+                  "incremental_ready": scored.incremental_ready, "purchase_state": PURCHASE_STATE_FORMAT}
     incremental, publishing = plan.mode == INCREMENTAL, time.perf_counter()
     with build.warehouse.connect() as con:
         staged.publish(con, incremental=incremental)
@@ -648,22 +687,21 @@ def score_and_publish(build: StateBuild, plan: Plan, model_fingerprint: str, cur
         # Customers scored this time leave the queue, whatever partition dead-lettered them.
         dead_letters.resolve(con, STAGE, f"SELECT customer_id FROM {CUSTOMERS_TABLE} WHERE collaborative IS NOT NULL")
         dead_letters.supersede(con, STAGE, f"SELECT customer_id FROM {CUSTOMERS_TABLE}")
-        dead_letters.write(con, STAGE, build.partition_key, deployed, dead_letters_)
+        dead_letters.write(con, STAGE, build.partition_key, scored.deployed, scored.dead_letters)
         rescored = {"mode": plan.mode, "reason": plan.reason, "customers_scored": staged.customers_scored,
-                    "customers_with_kept_ranking": ranking_kept,
-                    "base_version": plan.base_version, "by_reason": rescore_reasons(taken) if plan.mode == INCREMENTAL else {}}
+                    "customers_with_kept_ranking": scored.ranking_kept,
+                    "base_version": plan.base_version, "by_reason": rescore_reasons(staged.taken) if incremental else {}}
         plain_distribution = {k: (v.value if isinstance(v, dg.JsonMetadataValue) else v) for k, v in distribution.items()}
         build.record(con, stored, {"distribution": plain_distribution, "counts": counts, "skip_reasons": skip_reasons,
-                                   "items": items, "deployed_model": deployed,
+                                   "items": items, "deployed_model": scored.deployed,
                                    "currency": currency, "model": model_info, "build": rescored})
         con.execute("COMMIT")
     build.log.info(f"published in {time.perf_counter() - publishing:.1f}s")
-    remove_other_models(build, model_file)
-    metadata = recommendations_metadata(build, report, counts, distribution, stored, dead_letters_, skip_reasons)
-    return Built({**metadata, **selection_metadata(selection, model_info), **build_metadata(rescored, model_info),
-                  **engine.describe(),
-                  "in_stock_candidates": in_stock_model_items, "catalog_products_not_in_model": not_in_model,
-                  "cold_start_products_in_reach": cold_start_products, "currency": currency})
+    remove_other_models(build, scored.model_file)
+    metadata = recommendations_metadata(build, scored.report, counts, distribution, stored, scored.dead_letters,
+                                        skip_reasons)
+    return Built({**metadata, **selection_metadata(scored.selection, model_info), **build_metadata(rescored, model_info),
+                  **build.resources.compute_engine.describe(), **scored.candidates, "currency": currency})
 
 
 def rescore_reasons(taken: Snapshot) -> dict[str, int]:

@@ -10,9 +10,10 @@ from assets.common.partitions import daily_partitions
 from assets.infer.dead_letter_replay import build_replay_job
 from assets.common.lakehouse_retention import prune_lakehouse_builds, prune_schedule
 from assets.ingest.retention import build_purge_job
-from assets.common.sources import SOURCES, Source
+from assets.common.sources import SOURCES, Source, configured_sources
 from assets.ingest import build_ingestion_assets
-from assets.ingest.lakehouse_landing import LAKEHOUSE_GROUP, build_lakehouse_ingestion_assets, build_lakehouse_pipeline
+from assets.ingest.lakehouse_landing import (LAKEHOUSE_GROUP, build_lakehouse_ingestion_assets, build_lakehouse_pipeline,
+                                             lake_asset_name)
 from assets.ingest.triggers import build_daily_schedule, build_landing_sensor
 from assets.transform import build_sql_assets
 from assets.common.lakehouse_stages import build_lakehouse_stage_assets, lake_name
@@ -48,16 +49,22 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
     """Everything derives from the source registry and the sql/ folder."""
     # Every stage for one day, from landing files to validated recommendations and their checks.
     lake = lakehouse_configured()
+    # A source the deployment never receives (not in PIPELINE_SOURCES) is not ingested by the
+    # runs: its missing file would fail every day. The SQL models read its empty raw tables.
+    not_received = [source for source in sources if source not in configured_sources(sources)]
     daily_pipeline = dg.define_asset_job(
         "daily_pipeline",
-        selection=dg.AssetSelection.all() - dg.AssetSelection.groups(LAKEHOUSE_GROUP),
+        selection=(dg.AssetSelection.all() - dg.AssetSelection.groups(LAKEHOUSE_GROUP)
+                   - dg.AssetSelection.assets(*[source.asset for source in not_received])),
         partitions_def=daily_partitions,
-        description="One daily batch end to end: ingestion, validation, SQL models, AI stages, output rules, checks.",
+        description="One daily batch end to end: ingestion (of the sources in PIPELINE_SOURCES), validation, "
+                    "SQL models, AI stages, output rules, checks.",
         tags={"pipeline": "daily"},  # the instance runs one such run at a time (dagster.yaml)
     )
     # What the schedule and the landing sensor start: the run on the chosen backend.
     on_lake = pipeline_backend() == "lakehouse"
-    lakehouse_pipeline = build_lakehouse_pipeline(lake_name(VALIDATED), serves=on_lake)
+    lakehouse_pipeline = build_lakehouse_pipeline(lake_name(VALIDATED), serves=on_lake,
+                                                  not_received=[lake_asset_name(s) for s in not_received])
     triggered = lakehouse_pipeline if on_lake else daily_pipeline
     purge_job, purge_schedule = build_purge_job(with_lakehouse=lake)
     return dg.Definitions.merge(

@@ -157,6 +157,19 @@ def test_a_build_on_inputs_that_hold_a_later_day_is_a_skip_or_refused_when_force
     assert "inputs hold later days {'toy_source': '2011-03-05'}" in failure.step_failure_data.error.message
 
 
+def test_a_stage_never_built_whose_inputs_hold_a_later_day_fails_naming_the_day_to_run(warehouse):
+    """No skip can stand for a build that never happened: the run is red and says which day builds it."""
+    run(warehouse, assets=(toy_source,))
+    with warehouse.transaction() as con:
+        write_state(con, "toy_source", __import__("datetime").date(2011, 3, 5), "later", 5)
+    result = dg.materialize([toy_state], partition_key=DAY, resources={"warehouse": warehouse}, raise_on_error=False)
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.error.message
+    assert "toy_state has never been built" in message and "run the partition 2011-03-05" in message
+    assert not result.get_asset_materialization_events()  # nothing claims the table is there
+
+
 @current_state_asset(name="toy_gate", inputs=["toy_source"], tables=["ml.toy_gate"], group="test",
                      config_class=ToyConfig, verdicts=lambda m, c: [dg.AssetCheckResult(
                          check_name="counts_reconcile", passed=m["value"] <= c.max_value,

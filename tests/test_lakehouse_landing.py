@@ -266,6 +266,11 @@ def test_the_lake_assets_are_defined_when_a_lakehouse_is_configured_and_stay_out
     watching = settings_for()  # the alerting sensors watch what the triggers run
     assert watching.freshness_assets == ["lake_raw_products", "lake_raw_customers", "lake_raw_transactions"]
     assert watching.rule_assets["confidence_drop"] == ["lake_recommendations"]
+    monkeypatch.setenv("PIPELINE_SOURCES", "transactions")  # an order-lines shop: the others never arrive
+    received = {k.to_user_string() for k in build_definitions().resolve_job_def(
+        "lakehouse_pipeline").asset_layer.executable_asset_keys}
+    assert received == serving - {"lake_raw_products", "lake_raw_customers"}
+    monkeypatch.delenv("PIPELINE_SOURCES")
     monkeypatch.delenv("LAKEHOUSE_CATALOG_URI")
     with pytest.raises(ValueError, match="PIPELINE_BACKEND=lakehouse needs"):
         build_definitions()

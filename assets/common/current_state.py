@@ -585,6 +585,12 @@ def materialize_stage(recipe: StageRecipe, context: dg.AssetExecutionContext, co
             f"{spec.name} as of {as_of}: its inputs hold later days {later}. Rebuild them as of {as_of} first "
             "(force), or materialize the partition of their day.", metadata={"later_inputs": later},
             allow_retries=False)
+    if later and decision.stored is None:  # no build a skip could stand for
+        latest = max(later.values())
+        raise dg.Failure(
+            f"{spec.name} has never been built, and its inputs already hold a later day ({later}): run the "
+            f"partition {latest} (its run builds this table), or rebuild the inputs as of {as_of} first (force).",
+            metadata={"later_inputs": later}, allow_retries=False)
     if later:  # a later day's run built the inputs: that run builds this table too
         decision = BuildDecision(False, f"its inputs already hold a later day ({later}): the run of that day "
                                         "builds this table", decision.fingerprint, decision.stored)
@@ -641,11 +647,8 @@ def _table_metadata(spec: StageSpec, context: dg.AssetExecutionContext, describe
 def _skipped(spec: StageSpec, context: dg.AssetExecutionContext, config: Any, as_of: dt.date,
              decision: BuildDecision, started: float) -> dg.MaterializeResult:
     """The stored build stands: its checks are computed again from its stored measurements."""
-    stored = decision.stored
+    stored = decision.stored  # a skip always stands for a stored build (materialize_stage)
     context.log.info(f"skipped: {decision.reason}")
-    if stored is None:  # never built here: nothing to report but the skip
-        return dg.MaterializeResult(metadata={"skipped": True, "skip_reason": decision.reason, "as_of": str(as_of),
-                                              "model_calls": 0})
     checks = all_verdicts(spec, stored.measurements, config)
     built_as_of = str(stored.as_of)
     checks = [c._replace(metadata={**c.metadata, "verdict_of_build_as_of": dg.MetadataValue.text(built_as_of)})

@@ -66,7 +66,10 @@ def test_a_30_day_range_in_one_run_gives_the_same_rows_as_30_single_day_runs(mon
     assert evaluations(again) == checks  # a skip reports each day's stored verdict
 
 
-def test_a_range_leaves_days_without_a_file_unmaterialized_and_lands_the_others(month, tmp_path, warehouse):
+def test_a_range_leaves_days_without_a_file_unmaterialized_lands_the_others_and_is_red_for_what_it_skipped(
+        month, tmp_path, warehouse):
+    """Without an output for the range, Dagster skips the run's steps after ingestion (here the GX
+    suite): the run is red and names them, instead of a green run that did not do them."""
     landing = Path(shutil.copytree(month, tmp_path / "landing"))
     (landing / "transactions" / f"{day(2)}.csv").unlink()
     resources = raw_resources(warehouse, landing)
@@ -74,7 +77,11 @@ def test_a_range_leaves_days_without_a_file_unmaterialized_and_lands_the_others(
 
     result = materialize_range(resources, day(0), day(3), [RAW["raw_transactions"], suite_check])
 
-    assert result.success
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    message = failure.step_failure_data.error.message
+    assert f"1 day(s) of the range have no transactions file: ['{day(2)}']" in message
+    assert "so raw_transactions_expectation_suites did not run" in message and f"({day(3)}) alone" in message
     landed = [day(0), day(1), day(3)]
     assert materialized(result) == collections.Counter(("raw_transactions", d) for d in landed)
     assert set(evaluations(result)) == {("raw_transactions", check, d) for d in landed
@@ -109,7 +116,8 @@ def test_online_retail_days_land_in_one_range_run(online_retail_dir, warehouse):
 
     result = materialize_range(raw_resources(warehouse, zone), first, last, [RAW["raw_transactions"]])
 
-    assert result.success and len(files) < 14  # the shop was closed on some days: they have no file
+    # the shop was closed on some days: they have no file, and nothing in this run waits on them
+    assert result.success and len(files) < 14
     assert materialized(result) == collections.Counter(("raw_transactions", d) for d in files)
     assert all(passed for (_, check, _), passed in evaluations(result).items() if check == "record_accounting")
     with warehouse.connect(read_only=True) as con:

@@ -223,3 +223,24 @@ def test_a_transactions_only_deployment_runs_its_days_end_to_end(tmp_path, landi
     assert sources == [("transactions",)] and catalog == [("order_lines",)]
     # Two days of order lines calibrate no confidence yet: the rules reject them all, each kept with its reason.
     assert recommended > 0 and judged == recommended
+
+
+def test_a_range_with_a_day_without_its_file_is_red_and_its_last_day_builds_the_rest(tmp_path, landing, model_server):
+    """A UI backfill over a day whose customers file never came: the landed days land, the stages
+    after ingestion are skipped by Dagster (the range has no output), so the run is red and says
+    which day to run; that day alone then builds them from every landed day."""
+    gap = Path(shutil.copytree(landing, tmp_path / "landing"))
+    (gap / "customers" / f"{DAY1}.jsonl").unlink()
+    resources = pipeline_resources(tmp_path / "gap.duckdb", gap, model_server)
+    run_config = {"ops": {"recommendation_quality": {"config": {"online_retail_dir": ""}}}}
+    ranged = dg.materialize([*defs.assets, *defs.asset_checks], resources=resources, run_config=run_config,
+                            tags={"dagster/asset_partition_range_start": DAY1,
+                                  "dagster/asset_partition_range_end": DAY2}, raise_on_error=False)
+    assert not ranged.success
+    [failure] = [e for e in ranged.all_events if e.is_step_failure]
+    assert failure.step_key == "raw_customers"
+    assert "stg_customer_history" in failure.step_failure_data.error.message  # the first stage it skipped
+    assert f"({DAY2}) alone" in failure.step_failure_data.error.message
+    assert "recommendations" not in materializations(ranged)
+    last_day = run_day(resources, DAY2)
+    assert last_day.success and "recommendations" in materializations(last_day)

@@ -14,7 +14,8 @@ single-run backfill (`BackfillPolicy.single_run()`), a range of days; each day i
    upsert the fingerprint. An error anywhere rolls the day back to its previous rows.
 A range run lands the days of the range one transaction a day, and reports
 one materialization and one result of each check per day. A day of a range without a landing
-file has no batch: it is logged and left unmaterialized (a one-day run for it fails instead).
+file has no batch: it is left unmaterialized (a one-day run for it fails instead); if the run
+holds steps after this one, Dagster skips them, so the run is then red, naming them.
 """
 
 
@@ -477,12 +478,41 @@ def _range_events(context: dg.AssetExecutionContext, config: IngestionConfig, so
             yield partition_check_evaluation(context.instance, result, source.asset, result.check_name, day.day,
                                              blocking[result.check_name])
     yield from asset_check_outputs(context)
+    waiting = steps_waiting_on(context) if without_file else []
+    if unreadable or waiting:
+        raise range_failure(source, landed, unreadable, without_file, waiting)
+
+
+def steps_waiting_on(context: dg.AssetExecutionContext) -> list[str]:
+    """The run's steps that take this asset's output (the stages after it, a separate check):
+    Dagster skips them when the step yields none."""
+    downstream = context.job_def.graph.dependency_structure.output_to_downstream_inputs_for_node(
+        context.op_handle.name)
+    return sorted({node_input.node.name for inputs in downstream.values() for node_input in inputs})
+
+
+def range_failure(source: Source, landed: list[Day], unreadable: list[Day], without_file: list[str],
+                  waiting: list[str]) -> dg.Failure:
+    """A range with days that did not land yields no output (it would mark every day of the range
+    materialized), so the run's steps after ingestion are skipped: the run is red then, not a green
+    that says the range was processed. (Without such steps, days without a file are only logged:
+    a shop closed on Sundays has none.)"""
+    problems = []
     if unreadable:
-        raise dg.Failure(description=f"{len(unreadable)} day(s) of the range could not be read (the other days "
-                                     f"landed): " + " | ".join(str(d.problem) for d in unreadable[:5]),
-                         metadata={"days": [d.day for d in unreadable]})
-
-
+        problems.append(f"{len(unreadable)} day(s) of the range could not be read: "
+                        + " | ".join(str(d.problem) for d in unreadable[:5]))
+    if without_file:
+        more = f" and {len(without_file) - 10} more" if len(without_file) > 10 else ""
+        problems.append(f"{len(without_file)} day(s) of the range have no {source.name} file: {without_file[:10]}{more}")
+    skipped = f"; so {', '.join(waiting)} did not run" if waiting else ""
+    last = (f". Run the range's last landed day ({landed[-1].day}) alone to build what comes after ingestion "
+            "from every landed day, or mend the files and run the range again") if landed else ""
+    return dg.Failure(
+        description=f"{'; '.join(problems)}. The {len(landed)} other day(s) landed and are materialized one by one"
+                    + skipped + last + ".",
+        metadata={"days": [d.day for d in unreadable] + without_file, "landed_days": len(landed),
+                  "steps_not_run": waiting},
+        allow_retries=False)
 
 
 def ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg.AssetsDefinition:

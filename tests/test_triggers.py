@@ -60,6 +60,25 @@ def test_a_complete_day_is_requested_once_and_again_when_a_file_changes(landing)
     assert len({r.run_key for r in [*first.run_requests, *later.run_requests]}) == 3
 
 
+def test_a_corrected_earlier_day_is_run_and_then_the_latest_day_which_takes_it_into_the_current_tables(landing):
+    """The current tables hold the latest day, so the corrected day's own run skips them: the latest
+    day is asked again after it, once per correction."""
+    from definitions import defs
+
+    sensor = build_landing_sensor(defs.resolve_job_def("daily_pipeline"), SOURCES, PARTITIONS)
+    history = tick(sensor, landing, None)
+    corrected = landing / "transactions" / f"{DAYS[0]}.csv"
+    corrected.write_text("".join(corrected.read_text().splitlines(keepends=True)[:-1]))  # a line taken back
+    first = tick(sensor, landing, history.cursor)
+    assert [r.partition_key for r in first.run_requests] == list(DAYS)  # in this order: runs go one at a time
+    assert first.run_requests[1].tags["after_changed_days"] == DAYS[0]
+    assert tick(sensor, landing, first.cursor).run_requests == []
+    corrected.write_text(corrected.read_text() + corrected.read_text().splitlines(keepends=True)[-1])
+    again = tick(sensor, landing, first.cursor)  # a second correction: both days once more, new run keys
+    assert [r.partition_key for r in again.run_requests] == list(DAYS)
+    assert not {r.run_key for r in again.run_requests} & {r.run_key for r in first.run_requests}
+
+
 def test_only_the_configured_sources_make_a_day_complete(landing, monkeypatch):
     from definitions import defs
 

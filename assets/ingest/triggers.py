@@ -3,8 +3,9 @@
 `landing_sensor` looks at the last days' landing folders; once every configured source
 (`PIPELINE_SOURCES`) has its file for a day, it requests a run of `daily_pipeline` for that
 partition, keyed by the files' names, sizes and modification times: a file that changes later
-triggers the day again (the fingerprints make that run cheap: only what changed is rebuilt),
-and an unchanged day is never requested twice. Its first tick only takes stock: the days that
+triggers the day again (the fingerprints make that run cheap: only what changed is rebuilt), and
+the latest complete day after it, whose run takes the change into the current tables; an
+unchanged day is never requested twice. Its first tick only takes stock: the days that
 had landed before it was turned on are history, which a user backfills in one run from the UI
 (a sensor that woke up to 14 queued runs would surprise, and race that backfill). The schedule
 asks for yesterday's partition every morning, for the days the sensor missed (its daemon down,
@@ -75,12 +76,29 @@ def build_landing_sensor(job: Any, sources: tuple[Source, ...] = SOURCES,
         seen = json.loads(context.cursor)
         requests = [dg.RunRequest(run_key=f"{day}:{signature}", partition_key=day, tags={"trigger": "landing"})
                     for day, signature in complete.items() if seen.get(day) != signature]
+        requests += latest_day_again(complete, seen, requests)
         kept = {day: complete.get(day) or seen[day] for day in days if day in complete or day in seen}
         waiting = [day for day, signature in signatures.items() if signature is None]
         skip = None if requests else f"no new or changed complete day; incomplete: {waiting[-3:] or 'none'}"
         return dg.SensorResult(run_requests=requests, cursor=json.dumps(kept), skip_reason=skip)
 
     return landing_sensor
+
+
+def latest_day_again(complete: dict[str, str], seen: dict[str, str], requests: list[dg.RunRequest]
+                     ) -> list[dg.RunRequest]:
+    """A file of an earlier day written again (a correction) lands in that day's run, but the
+    current tables hold a later day and skip there: the latest complete day is asked again after
+    it (runs go one at a time, in the order asked), so its run rebuilds them with the change."""
+    changed = [day for day, signature in complete.items() if day in seen and seen[day] != signature]
+    if not changed:
+        return []
+    latest = max(complete)
+    if latest in {request.partition_key for request in requests}:
+        return []
+    corrections = ",".join(f"{day}:{complete[day]}" for day in changed)
+    return [dg.RunRequest(run_key=f"{latest}:{complete[latest]}:after:{corrections}", partition_key=latest,
+                          tags={"trigger": "landing", "after_changed_days": ",".join(changed)})]
 
 
 # When the fallback asks for the last complete day (cron, UTC); tests run it every minute.

@@ -42,14 +42,16 @@ class LandingZone(dg.ConfigurableResource):
         pattern = self.patterns.get(source, default_pattern)
         return Path(self.root) / pattern.format(date=day)
 
-    def days_available(self, source: str, until: str | dt.date | None, default_pattern: str) -> list[str]:
-        """The days (YYYY-MM-DD) that have a file for the source, up to `until` included."""
+    def days_available(self, source: str, until: str | dt.date | None, default_pattern: str,
+                       since: str | dt.date | None = None) -> list[str]:
+        """The days (YYYY-MM-DD) that have a file for the source, from `since` up to `until` included."""
         pattern = str(self.path(source, "{date}", default_pattern))
         shape = re.compile(re.escape(pattern).replace(re.escape("{date}"), r"(\d{4}-\d{2}-\d{2})"))
         days = set()
         for candidate in glob.glob(glob.escape(pattern).replace(glob.escape("{date}"), "*")):
             match = shape.fullmatch(candidate)
-            if match and _is_iso_day(match.group(1)) and (until is None or match.group(1) <= str(until)):
+            if match and _is_iso_day(match.group(1)) and (until is None or match.group(1) <= str(until)) \
+                    and (since is None or match.group(1) >= str(since)):
                 days.add(match.group(1))
         return sorted(days)
 

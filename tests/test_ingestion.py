@@ -129,6 +129,18 @@ def test_customers_wait_for_earlier_catalog_days_and_follow_catalog_changes(ware
     assert materialization(again, "raw_customers")["skipped"] is False  # the catalog up to the day changed
 
 
+def test_customers_do_not_wait_for_catalog_files_of_days_before_the_first_partition(warehouse, own_landing):
+    """A landing folder with history older than PIPELINE_FIRST_DAY (2010-12-01 in the tests): those days are no partition
+    and never land, so waiting for them only ended in a failure after catalog_wait_seconds."""
+    shutil.copy(own_landing / "products" / f"{day(0)}.csv", own_landing / "products" / "2010-11-30.csv")
+    resources = raw_resources(warehouse, own_landing)
+    materialize(resources, day(0), assets=[RAW["raw_products"]])
+    result = dg.materialize([RAW["raw_customers"]], partition_key=day(0), resources=resources, raise_on_error=False,
+                            run_config={"ops": {"raw_customers": {"config": {"catalog_wait_seconds": 0.5}}}})
+    assert result.success
+    assert not [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_UP_FOR_RETRY]
+
+
 @pytest.mark.parametrize("asset", ["raw_customers", "raw_transactions"])
 def test_an_alert_row_is_written_while_a_file_is_read_and_judged(warehouse, landing, monkeypatch, asset):
     """A file is parsed and judged with the warehouse detached (20M customers: 13 minutes); the
@@ -159,6 +171,26 @@ def test_landing_zone_patterns_and_errors(tmp_path):
     for name in ("2011-09-02.csv", "2011-09-01.csv", "2011-09-03.csv", "notes.csv", "2011-09-01.csv.partial"):
         (tmp_path / "products" / name).write_text("x")
     assert zone.days_available("products", "2011-09-02", PRODUCTS.landing_pattern) == ["2011-09-01", "2011-09-02"]
+    assert zone.days_available("products", None, PRODUCTS.landing_pattern, since="2011-09-02") == ["2011-09-02",
+                                                                                                  "2011-09-03"]
+
+
+def test_the_landing_last_day_sees_a_source_pointed_elsewhere(tmp_path, monkeypatch):
+    """PIPELINE_LAST_DAY=landing (what `tasks.py ui` sets) with Online Retail's folder as the
+    transactions pattern: the partitions end on its last file, not yesterday (years of empty,
+    late partitions)."""
+    from assets.common.partitions import last_day
+
+    elsewhere = tmp_path / "by-day"
+    elsewhere.mkdir()
+    for name in ("2011-05-30.csv", "2011-05-31.csv", "notes.txt"):
+        (elsewhere / name).write_text("x")
+    monkeypatch.setenv("LANDING_DIR", str(tmp_path / "landing"))
+    monkeypatch.setenv("LANDING_TRANSACTIONS_PATTERN", str(elsewhere / "{date}.csv"))
+    assert last_day("landing") == "2011-05-31"
+    (tmp_path / "landing" / "products").mkdir(parents=True)
+    (tmp_path / "landing" / "products" / "2011-06-02.csv").write_text("x")
+    assert last_day("landing") == "2011-06-02"
 
 
 def test_line_numbers_count_blank_and_undecodable_lines(warehouse, tmp_path):

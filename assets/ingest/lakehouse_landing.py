@@ -34,7 +34,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from assets.common.partitions import daily_partitions
+from assets.common.partitions import daily_partitions, first_partition
 from assets.common.sources import SOURCES, Source
 from assets.ingest.accounting import BatchCounts, TableCounts, check_results, check_specs
 from assets.ingest.raw_assets import (
@@ -228,8 +228,9 @@ def wait_for_landed_days(context: dg.AssetExecutionContext, config: IngestionCon
     """Every day of these sources that has a file up to the day must have landed on the lakehouse
     first (a backfill runs days at once): else a retry, whose wait holds no slot, and in the end a
     failure naming the days."""
+    first = first_partition(context)  # files of earlier days are no partition: they never land
     for source in sources:
-        missing = sorted(set(landing.days_available(source.name, day, source.landing_pattern))
+        missing = sorted(set(landing.days_available(source.name, day, source.landing_pattern, since=first))
                          - set(landed_days(lakehouse, source.name, day)))
         if not missing:
             continue

@@ -37,7 +37,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from assets.common.current_state import PII_TAG, register_sources
-from assets.common.partitions import daily_partitions
+from assets.common.partitions import daily_partitions, first_partition
 from assets.common.range_runs import asset_check_outputs, partition_check_evaluation
 from assets.common.sources import SOURCES, RawTable, Source
 from assets.ingest.accounting import BatchCounts, batch_metadata, check_results, check_specs, count_partition, preview
@@ -257,7 +257,8 @@ def catalog_digests(context: dg.AssetExecutionContext, warehouse: DuckDBWarehous
     missing day's raw_products needs, and both would stall until the timeout. It asks Dagster
     for a retry instead; a step up for retry gives its slot back while it waits."""
     last = max(days)
-    expected = set(landing.days_available(catalog.name, last, catalog.landing_pattern))
+    # files of days before the first partition are no partition: they never land
+    expected = set(landing.days_available(catalog.name, last, catalog.landing_pattern, since=first_partition(context)))
     landed = landed_batches(warehouse, catalog.name, last)
     missing = sorted(expected - set(landed))
     if not missing:

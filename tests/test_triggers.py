@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,6 +90,21 @@ def test_only_the_configured_sources_make_a_day_complete(landing, monkeypatch):
     sensor = build_landing_sensor(defs.resolve_job_def("daily_pipeline"), SOURCES, PARTITIONS)
     assert "2 complete day(s)" in tick(sensor, landing, None).skip_reason.skip_message
     assert sorted(r.partition_key for r in tick(sensor, landing, "{}").run_requests) == list(DAYS)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("transaction", "unknown sources ['transaction']"),  # a typo: no source to wait for, every day complete
+    ("customers", "customers is judged against ['products']"),  # every item an unknown product
+])
+def test_a_sources_setting_that_cannot_work_stops_the_code_location_with_the_reason(monkeypatch, setting, message):
+    from assets.common.sources import configured_sources
+    from definitions import build_definitions
+
+    monkeypatch.setenv("PIPELINE_SOURCES", setting)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_definitions()
+    monkeypatch.setenv("PIPELINE_SOURCES", "products, customers")
+    assert [source.name for source in configured_sources()] == ["products", "customers"]
 
 
 @pytest.mark.slow

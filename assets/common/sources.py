@@ -164,7 +164,18 @@ def configured_sources(sources: tuple[Source, ...] = SOURCES) -> tuple[Source, .
     day is complete when all of them have landed; a transactions-only set-up is neither waiting
     for nor late on customers it never receives."""
     wanted = [name.strip() for name in os.getenv("PIPELINE_SOURCES", "").split(",") if name.strip()]
-    return tuple(source for source in sources if not wanted or source.name in wanted)
+    unknown = sorted(set(wanted) - {source.name for source in sources})
+    if unknown:  # a typo would leave no source to wait for: every day complete, nothing landed
+        raise ValueError(f"PIPELINE_SOURCES names unknown sources {unknown}; the sources are "
+                         f"{[source.name for source in sources]}")
+    chosen = tuple(source for source in sources if not wanted or source.name in wanted)
+    by_asset = {source.asset: source for source in sources}
+    for source in chosen:
+        needed = [by_asset[dep].name for dep in source.deps if dep in by_asset and by_asset[dep] not in chosen]
+        if needed:  # its records would all be judged against an empty catalog and quarantined
+            raise ValueError(f"PIPELINE_SOURCES: {source.name} is judged against {needed} (unknown ids are "
+                             f"quarantined), which the deployment does not receive; add {', '.join(needed)}")
+    return chosen
 
 
 def currency_of(source: Source) -> str | None:

@@ -5,6 +5,7 @@ Real runs against the fake OpenAI-compatible server on 127.0.0.1."""
 from __future__ import annotations
 
 import dagster as dg
+import pytest
 
 from assets.evaluate import quality as quality_module
 from assets.evaluate.quality import recommendation_quality
@@ -106,6 +107,22 @@ def test_an_unreconciled_batch_is_red_and_blocks_what_builds_on_it(warehouse, tm
     assert not again.success and not checks_of(again)["record_accounting"].passed
     with warehouse.connect(read_only=True) as con:
         assert fetch_all(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = 'stg_order_lines'") == [(0,)]
+
+
+@pytest.mark.parametrize("selection, message", [
+    ({"stages": ["recomendations"]}, "unknown stages ['recomendations']"),
+    ({"reasons": ["timed_out"]}, "unknown reason classes ['timed_out']"),
+    ({"first_partition": "2011-9-1"}, "first_partition '2011-9-1' is not a day written YYYY-MM-DD"),
+    ({"first_partition": "2011-09-03", "last_partition": "2011-09-01"}, "is after last_partition"),
+])
+def test_a_replay_whose_selection_cannot_match_is_red_not_an_empty_green(resources, selection, message):
+    """Compared as text, a misspelt stage, reason or day selected nothing: a green replay that did nothing."""
+    from definitions import defs
+
+    config = {"ops": {"replay_open_dead_letters": {"config": selection}}}
+    result = defs.resolve_job_def("replay_dead_letters").execute_in_process(run_config=config, resources=resources,
+                                                                           raise_on_error=False)
+    assert not result.success and message in failure_message(result)
 
 
 def test_replay_drains_a_dead_letter_queue_spread_over_three_days(resources, server):

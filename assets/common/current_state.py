@@ -564,6 +564,12 @@ def stage_names() -> list[str]:
     return sorted(_STAGES)
 
 
+def dead_letter_stages() -> list[str]:
+    """The stages that dead-letter items (a stage's own name, or the part of it that calls a model)."""
+    _register_every_asset()
+    return sorted({recipe.spec.dead_letter_stage for recipe in _STAGES.values() if recipe.spec.dead_letter_stage})
+
+
 def decide_stage(recipe: StageRecipe, context: dg.AssetExecutionContext, config: Any
                  ) -> tuple[BuildDecision, dict[str, str]]:
     """Whether the stage builds as of the run's day (from the stored states of it and its

@@ -25,6 +25,7 @@ find; it does not rewrite a build's rows, which a build running meanwhile could 
 """
 
 
+import datetime as dt
 import tempfile
 import uuid
 from pathlib import Path
@@ -32,7 +33,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from assets.common.current_state import stage_names
+from assets.common.current_state import dead_letter_stages, stage_names
 from assets.common.lakehouse_stages import (
     CACHE_ADDITIONS,
     FAR_FUTURE,
@@ -63,6 +64,31 @@ class ReplayConfig(dg.Config):
     reasons: list[str] = Field(default_factory=list, description=f"Reason classes; empty: all of {list(REASON_CLASSES)}.")
     first_partition: str = Field(default="", description="Oldest partition (YYYY-MM-DD) whose rows are replayed; empty: any.")
     last_partition: str = Field(default="", description="Newest partition whose rows are replayed; empty: any.")
+
+
+def refuse_a_selection_that_cannot_match(config: ReplayConfig) -> None:
+    """A misspelt stage or reason class, or a day not written YYYY-MM-DD (compared as text), would
+    select nothing, and the replay would be green having done nothing."""
+    problems = []
+    if unknown := sorted(set(config.stages) - set(dead_letter_stages())):
+        problems.append(f"unknown stages {unknown} (the stages that dead-letter: {dead_letter_stages()})")
+    if unknown := sorted(set(config.reasons) - set(REASON_CLASSES)):
+        problems.append(f"unknown reason classes {unknown} (they are {list(REASON_CLASSES)})")
+    for name in ("first_partition", "last_partition"):
+        value = getattr(config, name)
+        if value and not is_iso_day(value):
+            problems.append(f"{name} {value!r} is not a day written YYYY-MM-DD")
+    if config.first_partition and config.last_partition and config.first_partition > config.last_partition:
+        problems.append(f"first_partition {config.first_partition} is after last_partition {config.last_partition}")
+    if problems:
+        raise dg.Failure("the replay's selection cannot match: " + "; ".join(problems), allow_retries=False)
+
+
+def is_iso_day(text: str) -> bool:
+    try:
+        return dt.date.fromisoformat(text).isoformat() == text
+    except ValueError:
+        return False
 
 
 def selected_rows(warehouse: DuckDBWarehouse, config: ReplayConfig) -> dict[str, list[str]]:
@@ -193,6 +219,7 @@ def build_replay_job(on_lakehouse: bool) -> dg.JobDefinition:
 
     @dg.op(required_resource_keys=resources)
     def replay_open_dead_letters(context: dg.OpExecutionContext, config: ReplayConfig) -> dg.Output:
+        refuse_a_selection_that_cannot_match(config)
         replay = replay_on_lakehouse if on_lakehouse else replay_on_warehouse
         metadata = {"selection": dg.MetadataValue.json(config.model_dump()), **replay(context, config)}
         if metadata["failed_again"]:  # green would say the queue is drained

@@ -83,6 +83,13 @@ def test_a_failed_evaluation_stays_failed_on_the_skipped_rerun(resources, monkey
     assert not check.passed and check.metadata["versus_best_baseline"].value == {"warehouse": losing}
 
 
+def test_an_evaluation_dataset_path_that_is_wrong_is_red_not_quietly_skipped(resources, tmp_path):
+    assert run([product_embeddings, customer_segments], resources).success
+    wrong = {"ops": {"recommendation_quality": {"config": {"online_retail_dir": str(tmp_path / "no-such-folder")}}}}
+    result = run([recommendation_quality], resources, wrong, raise_on_error=False)
+    assert not result.success and "no-such-folder is not a folder" in failure_message(result)
+
+
 def test_an_unreconciled_batch_is_red_and_blocks_what_builds_on_it(warehouse, tmp_path, monkeypatch):
     from definitions import defs
 

@@ -218,6 +218,10 @@ def quality_verdicts(measured: Mapping[str, Any], config: EvaluationConfig) -> l
 def recommendation_quality(build: StateBuild) -> Built:
     """Hit-rate, precision, recall, NDCG @K and coverage: ours vs global and segment popularity."""
     config = build.config
+    folder = Path(config.online_retail_dir) if config.online_retail_dir else None
+    if folder and not folder.is_dir():  # a set path that is wrong would skip that evaluation for ever, quietly
+        raise dg.Failure(f"online_retail_dir (ONLINE_RETAIL_DIR) {folder} is not a folder: set it to the Online "
+                         "Retail by-day CSVs, or leave it empty to skip that evaluation", allow_retries=False)
     evaluation = fingerprint_of(CODE_VERSION, semantic_config(config))
     recent = recent_evaluation(build, evaluation)
     if recent is not None:
@@ -228,11 +232,8 @@ def recommendation_quality(build: StateBuild) -> Built:
         reports["warehouse"] = warehouse_report
     else:
         build.log.warning("warehouse split: no customer bought a new product in the test window; nothing to evaluate")
-    folder = Path(config.online_retail_dir) if config.online_retail_dir else None
-    if folder and folder.is_dir():
+    if folder:
         reports["online_retail"] = evaluate_online_retail(folder, config)
-    elif folder:
-        build.log.warning(f"ONLINE_RETAIL_DIR {folder} is not a folder; the Online Retail evaluation is skipped")
     versus = {name: versus_best_baseline(report) for name, report in reports.items()}
     store_results(build, reports, versus, evaluation)
     metadata: dict = {"versus_best_baseline": dg.MetadataValue.json(versus), "evaluated_on_day": str(build.as_of),

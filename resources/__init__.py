@@ -25,6 +25,9 @@ def build_resources(source_names: tuple[str, ...] = ()) -> dict[str, object]:
         ),
     }
     resources["landing"] = landing_zone(source_names)
+    if os.getenv("ALERT_WEBHOOK_URL") and not os.environ["ALERT_WEBHOOK_URL"].startswith(("http://", "https://")):
+        # Said without the value: the URL is a secret. Every alert would fail to leave.
+        raise ValueError("ALERT_WEBHOOK_URL is not an http(s) URL (https://...): alerts could not be delivered")
     resources["alerts"] = Alerts(
         warehouse=resources["warehouse"],
         # An unset variable means no webhook (dg.EnvVar would fail the load on a missing variable).

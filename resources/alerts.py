@@ -149,9 +149,11 @@ class Alerts(dg.ConfigurableResource):
 
     def _post_once(self, body: bytes) -> tuple[str | None, float | None]:
         """(None, None) when delivered; else (why, seconds to wait or None when retrying is pointless)."""
-        request = urllib.request.Request(
-            self.webhook_url, data=body, method="POST", headers={"Content-Type": "application/json"}
-        )
+        try:
+            request = urllib.request.Request(
+                self.webhook_url, data=body, method="POST", headers={"Content-Type": "application/json"})
+        except ValueError:  # not a URL urllib can open; its message quotes the URL, a secret
+            return "ValueError: the webhook URL is not an http(s) URL", None
         try:
             with urllib.request.urlopen(request, timeout=self.webhook_timeout_seconds) as response:
                 response.read()

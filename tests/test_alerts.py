@@ -93,6 +93,20 @@ def test_a_down_webhook_is_recorded_and_never_raised(warehouse):
     assert status == "failed" and attempts == 2 and "127.0.0.1" not in error
 
 
+def test_a_webhook_url_that_is_no_url_is_recorded_not_raised_and_stops_the_code_location(warehouse, monkeypatch):
+    secret = "hooks.example.com/T000/B000/secret-token"  # the scheme forgotten
+    record = quick_alerts(warehouse, secret).send("ERROR", "test", "bad url", "still recorded")
+    assert record.webhook_status == "failed" and record.webhook_attempts == 1
+    ((*_, status, _, error),) = alert_rows(warehouse)
+    assert status == "failed" and "not an http(s) URL" in error and "secret" not in error
+    from resources import build_resources
+
+    monkeypatch.setenv("ALERT_WEBHOOK_URL", secret)
+    with pytest.raises(ValueError, match="ALERT_WEBHOOK_URL is not an http") as refused:
+        build_resources(("products",))
+    assert "secret" not in str(refused.value)
+
+
 def test_a_client_error_is_not_retried(warehouse):
     with Webhook(statuses=[404]) as hook:
         record = quick_alerts(warehouse, hook.url).send("INFO", "test", "wrong path", "no retry")

@@ -51,7 +51,8 @@ def build_definitions(sources: tuple[Source, ...] = SOURCES, sql_dir: Path = SQL
     lake = lakehouse_configured()
     # A source the deployment never receives (not in PIPELINE_SOURCES) is not ingested by the
     # runs: its missing file would fail every day. The SQL models read its empty raw tables.
-    not_received = [source for source in sources if source not in configured_sources(sources)]
+    received = configured_sources(sources)
+    not_received = [source for source in sources if source not in received]
     daily_pipeline = dg.define_asset_job(
         "daily_pipeline",
         selection=(dg.AssetSelection.all() - dg.AssetSelection.groups(LAKEHOUSE_GROUP)

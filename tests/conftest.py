@@ -46,22 +46,8 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
-# The longest files, longest first (`--durations`, 2026-12-07: the UI daily loop 158 s, the two
-# daemon tests 184 s, the lakehouse pipeline's fixture 140 s, ...). Alphabetically the UI files
-# came last, so one worker ran them alone while the other had finished.
-LONGEST_FIRST = ("test_ui_daily_loop.py", "test_triggers.py", "test_lakehouse_pipeline.py", "test_lakehouse_landing.py",
-                 "test_postgres_instance.py", "test_bench.py", "test_file_shards.py", "test_ui.py")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files with slow tests first, the longest of them first: with two workers (`tasks.py test`),
-    the long waits on daemons, browsers and cron minutes start early and the quick files fill in
-    around them."""
+    """Files with slow tests first: with two workers (`tasks.py test`), the long waits on daemons,
+    browsers and cron minutes start early and the quick files fill in around them."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-
-    def order(item: pytest.Item) -> tuple[int, int]:
-        if item.path.name in LONGEST_FIRST:
-            return 0, LONGEST_FIRST.index(item.path.name)
-        return (1 if item.path in slow_files else 2), 0
-
-    items.sort(key=order)
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -116,7 +116,7 @@ def awkward_csv(landing: Path, source, out: Path, every: int = 5) -> Path:
 
 
 @pytest.mark.parametrize("source", [TRANSACTIONS, PRODUCTS], ids=lambda s: s.name)
-@pytest.mark.parametrize("shard_bytes", [150, 4_096, 20_000])
+@pytest.mark.parametrize("shard_bytes", [300, 4_096, 20_000])
 def test_a_csv_file_in_shards_stages_exactly_what_the_whole_file_gives(csv_landing, tmp_path, source, shard_bytes):
     """Shards staged from their cut are staged again after the record the shard before ran on into."""
     path = awkward_csv(csv_landing, source, tmp_path / f"{source.name}.csv")

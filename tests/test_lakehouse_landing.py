@@ -1,5 +1,5 @@
 """The raw layer and the SQL models on the lakehouse (Iceberg, SQL catalog on a real PostgreSQL):
-ten processes land ten days of each source at once, without a lock, and the tables hold row for
+five processes land five days of each source at once, without a lock, and the tables hold row for
 row what the warehouse's assets land from the same files; the sql/ models over them equal the
 warehouse's; a re-run is a skip, a changed file replaces its day exactly, and a writer that dies
 before its batch marker leaves a day that the next run writes again."""
@@ -23,7 +23,7 @@ from tests.postgres_support import PostgresServer, postgres_fixture  # noqa: F40
 
 pytestmark = pytest.mark.slow  # a PostgreSQL server
 
-DAYS = 10
+DAYS = 5  # more writers than cores; ten took twice as long in CI for nothing more
 SOURCE_ORDER = ("products", "customers", "transactions")  # a catalog's day before the sources judged against it
 
 
@@ -56,8 +56,8 @@ def lake_snapshot(lakehouse: Lakehouse, tmp_path: Path) -> dict[str, list[tuple]
 
 
 @pytest.fixture(scope="module")
-def ten_days(tmp_path_factory) -> tuple[Path, dict, DuckDBWarehouse]:
-    """Ten days of generated files with every fault, and what the warehouse's assets land from them."""
+def landed_days(tmp_path_factory) -> tuple[Path, dict, DuckDBWarehouse]:
+    """Five days of generated files with every fault, and what the warehouse's assets land from them."""
     root = tmp_path_factory.mktemp("lake-landing")
     landing = generate_landing(root / "landing", customers=150, days=DAYS, faults=FaultRates.uniform(0.03), seed=11,
                                returning_share=0.3)
@@ -68,11 +68,11 @@ def ten_days(tmp_path_factory) -> tuple[Path, dict, DuckDBWarehouse]:
 
 
 @pytest.fixture(scope="module")
-def landed_lake(postgres, tmp_path_factory, ten_days) -> tuple[dict, dict[str, list], list]:
-    """The ten days landed on the lakehouse by ten processes at once, source after source (then
+def landed_lake(postgres, tmp_path_factory, landed_days) -> tuple[dict, dict[str, list], list]:
+    """The five days landed on the lakehouse by five processes at once, source after source (then
     the customers again); what each writer returned."""
-    landing = ten_days[0]
-    options = lakehouse_options(postgres, tmp_path_factory.mktemp("lake"), "ten_days")
+    landing = landed_days[0]
+    options = lakehouse_options(postgres, tmp_path_factory.mktemp("lake"), "landed_days")
 
     def files_of(source: str) -> list[tuple]:
         suffix = "jsonl" if source == "customers" else "csv"
@@ -88,8 +88,8 @@ def landed_lake(postgres, tmp_path_factory, ten_days) -> tuple[dict, dict[str, l
     return options, landed, again
 
 
-def test_ten_processes_land_ten_days_at_once_and_the_raw_layer_equals_the_warehouses(landed_lake, tmp_path, ten_days):
-    _, expected, _ = ten_days
+def test_five_processes_land_five_days_at_once_and_the_raw_layer_equals_the_warehouses(landed_lake, tmp_path, landed_days):
+    _, expected, _ = landed_days
     options, landed, again = landed_lake
     for source, batches in landed.items():
         assert sorted(d for s, d, skipped, _ in batches if not skipped) == [day(i) for i in range(DAYS)], source
@@ -112,7 +112,7 @@ MODELS = {  # doubles summed in another order may differ in the last bits
 }
 
 
-def test_the_sql_models_on_the_lakehouse_equal_the_warehouses_as_of_a_day(landed_lake, ten_days, tmp_path):
+def test_the_sql_models_on_the_lakehouse_equal_the_warehouses_as_of_a_day(landed_lake, landed_days, tmp_path):
     """sql/ over the raw layer on the lakehouse, as of the last day and an earlier one: the last
     day's tables equal the warehouse's models built from the same files, row for row; a re-run
     is a skip; the earlier day's partition holds only what had landed by then."""
@@ -120,9 +120,9 @@ def test_the_sql_models_on_the_lakehouse_equal_the_warehouses_as_of_a_day(landed
     from tests.test_sql_models import materialize_models
 
     options, _, _ = landed_lake
-    _, _, warehouse = ten_days
+    _, _, warehouse = landed_days
     lakehouse = Lakehouse(**options)
-    last, earlier = day(DAYS - 1), day(4)
+    last, earlier = day(DAYS - 1), day(2)
     built = build_models_on_lakehouse(lakehouse, last)
     assert not built.skipped and all(w.rows > 0 for w in built.written.values())
     assert materialize_models(warehouse, last).success
@@ -145,8 +145,8 @@ def test_the_sql_models_on_the_lakehouse_equal_the_warehouses_as_of_a_day(landed
 
 
 def test_a_changed_file_replaces_its_day_and_a_batch_without_its_marker_is_written_again(
-        postgres, tmp_path, ten_days, monkeypatch):
-    landing = ten_days[0]
+        postgres, tmp_path, landed_days, monkeypatch):
+    landing = landed_days[0]
     lakehouse = Lakehouse(**lakehouse_options(postgres, tmp_path, "replace"))
     products = next(s for s in SOURCES if s.name == "products")
     transactions = next(s for s in SOURCES if s.name == "transactions")
@@ -187,7 +187,7 @@ def test_a_changed_file_replaces_its_day_and_a_batch_without_its_marker_is_writt
         [r for r in before["schema_errors"] if r[1] == "products"] != []
 
 
-def test_the_lake_assets_land_a_day_skip_it_again_and_wait_for_their_catalog(postgres, tmp_path, ten_days, monkeypatch):
+def test_the_lake_assets_land_a_day_skip_it_again_and_wait_for_their_catalog(postgres, tmp_path, landed_days, monkeypatch):
     """lake_raw_* through Dagster: a day's three files land (metadata: rows, counts, skipped) with
     the warehouse's record_accounting and error_rate checks, a re-run is a skip that reports the
     same verdicts (a failed error_rate stays failed); customers of a day whose products have not
@@ -197,7 +197,7 @@ def test_the_lake_assets_land_a_day_skip_it_again_and_wait_for_their_catalog(pos
     from assets.ingest.lakehouse_landing import build_lakehouse_ingestion_assets
     from resources.landing import LandingZone
 
-    landing = ten_days[0]
+    landing = landed_days[0]
     assets = build_lakehouse_ingestion_assets()
     resources = {"lakehouse": Lakehouse(**lakehouse_options(postgres, tmp_path, "assets")),
                  "landing": LandingZone(root=str(landing))}
@@ -276,10 +276,10 @@ def test_the_lake_assets_are_defined_when_a_lakehouse_is_configured_and_stay_out
         build_definitions()
 
 
-def test_the_arrow_route_for_object_stores_lands_the_same_rows(postgres, tmp_path, ten_days, monkeypatch):
+def test_the_arrow_route_for_object_stores_lands_the_same_rows(postgres, tmp_path, landed_days, monkeypatch):
     """On a local location DuckDB writes the Parquet files and pyiceberg adds them; on S3 the rows
     go through Arrow chunks (writes_local_files is False there). Both land the same tables."""
-    landing = ten_days[0]
+    landing = landed_days[0]
     customers = next(s for s in SOURCES if s.name == "customers")
     products = next(s for s in SOURCES if s.name == "products")
     lakes = {}

@@ -18,7 +18,7 @@ import dagster as dg
 import pytest
 
 from assets.common.sources import SOURCES
-from assets.ingest.triggers import build_landing_sensor
+from assets.ingest.triggers import build_daily_schedule, build_landing_sensor
 from generator import FaultRates, GeneratorConfig, generate
 from resources.landing import LandingZone
 from tests.conftest import ROOT
@@ -195,10 +195,34 @@ def test_the_schedule_asks_for_yesterday_every_morning():
     schedule = defs.get_schedule_def("daily_pipeline_schedule")
     assert schedule.cron_schedule == "0 6 * * *" and schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     morning = dt.datetime(2011, 9, 3, 6, 0, tzinfo=dt.UTC)
-    with dg.build_schedule_context(scheduled_execution_time=morning,
-                                   repository_def=defs.get_repository_def()) as context:
+    with dg.instance_for_test() as instance, dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=morning, repository_def=defs.get_repository_def()) as context:
         (request,) = schedule.evaluate_tick(context).run_requests
     assert request.partition_key == "2011-09-02" and request.tags["trigger"] == "schedule"
+
+
+def test_the_schedule_asks_for_a_day_once_though_its_ticks_keep_naming_it():
+    """Partitions that end on a set day (PIPELINE_LAST_DAY), or ticks caught up after the daemon
+    was down, name the same last complete day again. Dagster's run key only dedupes within one
+    tick, so the schedule itself skips a day it already asked for (a run per cron minute under
+    a slow CI run: two runs of one day)."""
+    from dagster._core.test_utils import create_run_for_test
+
+    from definitions import defs
+
+    schedule = build_daily_schedule(defs.resolve_job_def("daily_pipeline"), PARTITIONS)  # its last day: 2011-09-02
+    with dg.instance_for_test() as instance:
+        def tick(morning: dt.datetime) -> dg.ScheduleExecutionData:
+            with dg.build_schedule_context(instance=instance, scheduled_execution_time=morning,
+                                           repository_def=defs.get_repository_def()) as context:
+                return schedule.evaluate_tick(context)
+
+        (request,) = tick(dt.datetime(2011, 9, 3, 6, 0, tzinfo=dt.UTC)).run_requests
+        create_run_for_test(instance, job_name=schedule.job_name,
+                            tags={**request.tags, "dagster/partition": request.partition_key})
+        later = tick(dt.datetime(2011, 9, 4, 6, 0, tzinfo=dt.UTC))
+        assert later.run_requests == [] and "2011-09-02" in later.skip_message
+        assert [r.partition_key for r in tick(dt.datetime(2011, 9, 3, 6, 0, tzinfo=dt.UTC)).run_requests or []] == []
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """The daily loop as a user meets it in the UI (headless Chromium against a real `dagster dev`).
 
-A month of history has landed before the deployment starts. The landing sensor takes stock of
-it on its first tick (history is for a backfill, not for 30 queued runs); the user backfills the
-month from the job page and the daemon runs it as one run. Then a new day lands with a bad
+Two weeks of history have landed before the deployment starts. The landing sensor takes stock of
+it on its first tick (history is for a backfill, not for 14 queued runs); the user backfills the
+history from the job page and the daemon runs it as one run. Then a new day lands with a bad
 customers file: the landing sensor runs it by itself, the failed error_rate check becomes one
 incident on the `incidents` asset, and the check's page plots the measured rate over the days.
 
@@ -110,11 +110,11 @@ def test_the_daily_loop_from_the_ui(tmp_path: Path):
         with running_dagster_dev(env, tmp_path / "dagster-dev.log") as ui, \
                 dg.DagsterInstance.from_config(str(home)) as instance:
             base = ui.base_url
-            # 1. The landing sensor's first tick takes stock of the month: no run of its own.
+            # 1. The landing sensor's first tick takes stock of the history: no run of its own.
             wait_for(lambda: landing_sensor_cursor(instance), 120, "the landing sensor's first tick")
             assert instance.get_runs() == []
 
-            # 2. The user backfills the month from the job page: one run, every day materialized.
+            # 2. The user backfills the history from the job page: one run, every day materialized.
             with screenshot_on_failure(browser, tmp_path / "backfill.png"):
                 browser.get(f"{base}/locations/definitions/jobs/daily_pipeline")
                 click_button(browser, "Materialize all…")

@@ -108,8 +108,10 @@ SCHEDULE_CRON = os.getenv("DAILY_SCHEDULE_CRON", "0 6 * * *")
 def build_daily_schedule(job: Any, partitions_def: dg.TimeWindowPartitionsDefinition = daily_partitions
                          ) -> dg.ScheduleDefinition:
     """Every morning at 06:00 UTC, the last complete day (yesterday, or the partitions' last day):
-    the fallback of the landing sensor. Asked once per day (run key): an unchanged day is a skip
-    run, a day whose file never came fails with the path (and its incident)."""
+    the fallback of the landing sensor. An unchanged day is a skip run, a day whose file never
+    came fails with the path (and its incident). Asked once per day: Dagster's run key dedupes
+    only within one tick, and partitions that end on a set day, or ticks caught up after the
+    daemon was down, name the same day again."""
 
     @dg.schedule(
         name="daily_pipeline_schedule", job=job, cron_schedule=SCHEDULE_CRON, execution_timezone="UTC",
@@ -121,6 +123,10 @@ def build_daily_schedule(job: Any, partitions_def: dg.TimeWindowPartitionsDefini
         if not days:
             return dg.SkipReason("no complete day yet")
         day = days[-1]
+        asked = context.instance.get_run_records(
+            dg.RunsFilter(job_name=job.name, tags={"trigger": "schedule", "dagster/partition": day}), limit=1)
+        if asked:
+            return dg.SkipReason(f"{day} was asked for already (run {asked[0].dagster_run.run_id})")
         return dg.RunRequest(run_key=f"schedule:{day}", partition_key=day, tags={"trigger": "schedule"})
 
     return daily_pipeline_schedule

@@ -435,3 +435,33 @@ def test_on_the_lakehouse_backend_the_replay_job_embeds_the_lakes_dead_letters_f
         assert server.stats.requests == 1  # the vector came from the cache
         assert open_dead_letters_on_the_lake(lakehouse, tmp_path / "after.duckdb") == []
         assert replayed()["by_stage"] == {}
+
+
+def test_a_transactions_only_deployment_runs_a_day_on_the_lakehouse(postgres, tmp_path, monkeypatch):
+    """PIPELINE_SOURCES=transactions on the lakehouse backend: lakehouse_pipeline leaves out the
+    lake ingestion of products and customers (their files never come) and the day is green to
+    the served outputs, with products known from the order lines (checked by hand before)."""
+    from definitions import build_definitions
+
+    landing = tmp_path / "landing"
+    generate(GeneratorConfig(out=tmp_path / "generated", customers=200, days=1, seed=9, start=dt.date(2011, 9, 1),
+                             faults=FaultRates.uniform(0.0), returning_share=0.5))
+    (tmp_path / "generated" / "transactions").rename(landing.mkdir() or landing / "transactions")
+    lakehouse = Lakehouse(**lakehouse_options(postgres, tmp_path, "transactions_only"))
+    monkeypatch.setenv("PIPELINE_SOURCES", "transactions")
+    monkeypatch.setenv("PIPELINE_BACKEND", "lakehouse")
+    monkeypatch.setenv("LAKEHOUSE_CATALOG_URI", lakehouse.catalog_uri)
+    job = build_definitions().resolve_job_def("lakehouse_pipeline")
+    selected = {key.to_user_string() for key in job.asset_layer.executable_asset_keys}
+    assert "lake_raw_transactions" in selected and not {"lake_raw_products", "lake_raw_customers"} & selected
+    with FakeOpenAIServer(default_dimensions=384) as server:
+        resources = {**pipeline_resources(tmp_path / "unused.duckdb", landing, server), "lakehouse": lakehouse}
+        result = job.execute_in_process(partition_key=DAYS[0], resources=resources, instance=dg.DagsterInstance.ephemeral(),
+                                        run_config={"ops": {"lake_recommendation_quality": {"config": {"online_retail_dir": ""}}}},
+                                        raise_on_error=False)
+    assert result.success, [e.message for e in result.all_events if e.is_step_failure]
+    assert {"raw_transactions", "recommendations", "validated_recommendations"} <= materialized(result).keys()
+    catalog = lakehouse.read_day("analytics.dim_products", DAYS[0])
+    assert catalog.num_rows > 0 and set(catalog.column("source").to_pylist()) == {"order_lines"}
+    assert lakehouse.read_day("outputs.recommendations", DAYS[0]).num_rows + \
+        lakehouse.read_day("outputs.rejected_recommendations", DAYS[0]).num_rows > 0

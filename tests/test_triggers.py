@@ -205,7 +205,7 @@ def test_the_schedule_asks_for_a_day_once_though_its_ticks_keep_naming_it():
     """Partitions that end on a set day (PIPELINE_LAST_DAY), or ticks caught up after the daemon
     was down, name the same last complete day again. Dagster's run key only dedupes within one
     tick, so the schedule itself skips a day it already asked for (a run per cron minute under
-    a slow CI run: two runs of one day)."""
+    a slow CI run: two runs of one day), unless that run failed."""
     from dagster._core.test_utils import create_run_for_test
 
     from definitions import defs
@@ -218,11 +218,13 @@ def test_the_schedule_asks_for_a_day_once_though_its_ticks_keep_naming_it():
                 return schedule.evaluate_tick(context)
 
         (request,) = tick(dt.datetime(2011, 9, 3, 6, 0, tzinfo=dt.UTC)).run_requests
-        create_run_for_test(instance, job_name=schedule.job_name,
-                            tags={**request.tags, "dagster/partition": request.partition_key})
+        run = create_run_for_test(instance, job_name=schedule.job_name, status=dg.DagsterRunStatus.STARTED,
+                                  tags={**request.tags, "dagster/partition": request.partition_key})
         later = tick(dt.datetime(2011, 9, 4, 6, 0, tzinfo=dt.UTC))
         assert later.run_requests == [] and "2011-09-02" in later.skip_message
-        assert [r.partition_key for r in tick(dt.datetime(2011, 9, 3, 6, 0, tzinfo=dt.UTC)).run_requests or []] == []
+        instance.report_run_failed(run)  # a failed ask is asked again
+        (again,) = tick(dt.datetime(2011, 9, 5, 6, 0, tzinfo=dt.UTC)).run_requests
+        assert again.partition_key == "2011-09-02"
 
 
 @pytest.mark.slow

@@ -103,15 +103,17 @@ def latest_day_again(complete: dict[str, str], seen: dict[str, str], requests: l
 
 # When the fallback asks for the last complete day (cron, UTC); tests run it every minute.
 SCHEDULE_CRON = os.getenv("DAILY_SCHEDULE_CRON", "0 6 * * *")
+NOT_FAILED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+              dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.SUCCESS]
 
 
 def build_daily_schedule(job: Any, partitions_def: dg.TimeWindowPartitionsDefinition = daily_partitions
                          ) -> dg.ScheduleDefinition:
     """Every morning at 06:00 UTC, the last complete day (yesterday, or the partitions' last day):
     the fallback of the landing sensor. An unchanged day is a skip run, a day whose file never
-    came fails with the path (and its incident). Asked once per day: Dagster's run key dedupes
-    only within one tick, and partitions that end on a set day, or ticks caught up after the
-    daemon was down, name the same day again."""
+    came fails with the path (and its incident). Asked once per day unless that run failed:
+    Dagster's run key dedupes only within one tick, and partitions that end on a set day, or
+    ticks caught up after the daemon was down, name the same day again."""
 
     @dg.schedule(
         name="daily_pipeline_schedule", job=job, cron_schedule=SCHEDULE_CRON, execution_timezone="UTC",
@@ -123,10 +125,11 @@ def build_daily_schedule(job: Any, partitions_def: dg.TimeWindowPartitionsDefini
         if not days:
             return dg.SkipReason("no complete day yet")
         day = days[-1]
-        asked = context.instance.get_run_records(
-            dg.RunsFilter(job_name=job.name, tags={"trigger": "schedule", "dagster/partition": day}), limit=1)
-        if asked:
-            return dg.SkipReason(f"{day} was asked for already (run {asked[0].dagster_run.run_id})")
+        asked = context.instance.get_run_records(dg.RunsFilter(
+            job_name=job.name, tags={"trigger": "schedule", "dagster/partition": day}, statuses=NOT_FAILED), limit=1)
+        if asked:  # a failed or canceled ask is asked again: the fallback goes on until the day is built
+            return dg.SkipReason(f"{day} was asked for already (run {asked[0].dagster_run.run_id}, "
+                                 f"{asked[0].dagster_run.status.value})")
         return dg.RunRequest(run_key=f"schedule:{day}", partition_key=day, tags={"trigger": "schedule"})
 
     return daily_pipeline_schedule

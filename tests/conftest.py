@@ -47,7 +47,7 @@ def skip_or_fail(reason: str) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Files with slow tests first: with two workers (`tasks.py test`), the long waits on daemons,
+    """Files with slow tests first: with xdist workers (`tasks.py test`), the long waits on daemons,
     browsers and cron minutes start early and the quick files fill in around them."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)

@@ -15,7 +15,7 @@ from resources.landing import LandingZone
 from resources.warehouse import fetch_all
 from tests.ingestion_support import RAW, RAW_ASSETS, SUITE_CHECKS, day, generate_landing, materialize, raw_resources, snapshot
 
-DAYS = 10  # the month backfill from the UI is tests/test_ui_daily_loop.py's; 30 single-day runs here took 2 min
+DAYS = 5  # the 14-day backfill from the UI is tests/test_ui_daily_loop.py's; 10 days here took 158 s of a CI worker
 
 
 def materialize_range(resources: dict, first: str, last: str, assets: list | None = None) -> dg.ExecuteInProcessResult:

@@ -110,9 +110,10 @@ def test_a_sources_setting_that_cannot_work_stops_the_code_location_with_the_rea
 @pytest.mark.slow
 def test_the_daemon_runs_a_landed_day_by_itself(tmp_path):
     """`dagster-daemon` with the project's workspace: the landing sensor (on by default) takes
-    stock on its first tick, then asks for each day that lands, and the daemon's runs succeed."""
+    stock on its first tick, then asks for the day that lands, and the daemon's run succeeds.
+    (Several days in one tick: the sensor tests above; one day here saves a run of CI time.)"""
     arriving = tmp_path / "arriving"
-    generate(GeneratorConfig(out=arriving, customers=50, days=2, seed=3, start=dt.date(2011, 9, 1),
+    generate(GeneratorConfig(out=arriving, customers=50, days=1, seed=3, start=dt.date(2011, 9, 1),
                              faults=FaultRates.uniform(0.0)))
     landing = tmp_path / "landing"
     landing.mkdir()
@@ -122,9 +123,9 @@ def test_the_daemon_runs_a_landed_day_by_itself(tmp_path):
         assert instance.get_runs() == []  # an empty landing zone: nothing to run
         for source in arriving.iterdir():  # the files land after the sensor took stock
             source.rename(landing / source.name)
-        runs = wait_for_finished_runs(instance, len(DAYS), seconds=420)
+        runs = wait_for_finished_runs(instance, 1, seconds=420)
         step_processes = [step_pids(instance, run.run_id) for run in runs]
-    assert sorted(run.tags.get("dagster/partition") for run in runs) == list(DAYS)
+    assert [run.tags.get("dagster/partition") for run in runs] == [DAYS[0]]
     assert all(run.tags.get("trigger") == "landing" for run in runs)
     assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs), [r.status for r in runs]
     # each step in a process of its own, so its memory is given back when it ends (definitions.py)

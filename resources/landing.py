@@ -50,7 +50,7 @@ class LandingZone(dg.ConfigurableResource):
         days = set()
         for candidate in glob.glob(glob.escape(pattern).replace(glob.escape("{date}"), "*")):
             match = shape.fullmatch(candidate)
-            if match and _is_iso_day(match.group(1)) and (until is None or match.group(1) <= str(until)) \
+            if match and is_iso_day(match.group(1)) and (until is None or match.group(1) <= str(until)) \
                     and (since is None or match.group(1) >= str(since)):
                 days.add(match.group(1))
         return sorted(days)
@@ -78,7 +78,8 @@ class LandingZone(dg.ConfigurableResource):
         return path
 
 
-def _is_iso_day(text: str) -> bool:
+def is_iso_day(text: str) -> bool:
+    """A real day written YYYY-MM-DD (not 2011-13-45, not 2011-9-1)."""
     try:
         return dt.date.fromisoformat(text).isoformat() == text
     except ValueError:

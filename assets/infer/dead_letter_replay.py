@@ -25,7 +25,6 @@ find; it does not rewrite a build's rows, which a build running meanwhile could 
 """
 
 
-import datetime as dt
 import tempfile
 import uuid
 from pathlib import Path
@@ -52,6 +51,7 @@ from assets.infer.embeddings import STAGE as EMBEDDING_STAGE
 from resources import dead_letters
 from resources.dead_letters import REASON_CLASSES
 from resources.lakehouse import Lakehouse
+from resources.landing import is_iso_day
 from resources.model_clients import EmbeddingModel, batch_api
 from resources.model_clients.texts import prepare_text
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar
@@ -82,13 +82,6 @@ def refuse_a_selection_that_cannot_match(config: ReplayConfig) -> None:
         problems.append(f"first_partition {config.first_partition} is after last_partition {config.last_partition}")
     if problems:
         raise dg.Failure("the replay's selection cannot match: " + "; ".join(problems), allow_retries=False)
-
-
-def is_iso_day(text: str) -> bool:
-    try:
-        return dt.date.fromisoformat(text).isoformat() == text
-    except ValueError:
-        return False
 
 
 def selected_rows(warehouse: DuckDBWarehouse, config: ReplayConfig) -> dict[str, list[str]]:

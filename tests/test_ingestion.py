@@ -191,6 +191,8 @@ def test_the_landing_last_day_sees_a_source_pointed_elsewhere(tmp_path, monkeypa
     (tmp_path / "landing" / "products").mkdir(parents=True)
     (tmp_path / "landing" / "products" / "2011-06-02.csv").write_text("x")
     assert last_day("landing") == "2011-06-02"
+    (tmp_path / "landing" / "products" / "2011-06-09.csv.bak").write_text("x")  # no file ingestion reads
+    assert last_day("landing") == "2011-06-02"
 
 
 def test_line_numbers_count_blank_and_undecodable_lines(warehouse, tmp_path):

@@ -446,7 +446,8 @@ def test_a_transactions_only_deployment_runs_a_day_on_the_lakehouse(postgres, tm
     landing = tmp_path / "landing"
     generate(GeneratorConfig(out=tmp_path / "generated", customers=200, days=1, seed=9, start=dt.date(2011, 9, 1),
                              faults=FaultRates.uniform(0.0), returning_share=0.5))
-    (tmp_path / "generated" / "transactions").rename(landing.mkdir() or landing / "transactions")
+    landing.mkdir()
+    (tmp_path / "generated" / "transactions").rename(landing / "transactions")  # products, customers never come
     lakehouse = Lakehouse(**lakehouse_options(postgres, tmp_path, "transactions_only"))
     monkeypatch.setenv("PIPELINE_SOURCES", "transactions")
     monkeypatch.setenv("PIPELINE_BACKEND", "lakehouse")

@@ -103,8 +103,9 @@ def latest_day_again(complete: dict[str, str], seen: dict[str, str], requests: l
 
 # When the fallback asks for the last complete day (cron, UTC); tests run it every minute.
 SCHEDULE_CRON = os.getenv("DAILY_SCHEDULE_CRON", "0 6 * * *")
-NOT_FAILED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-              dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.SUCCESS]
+# A day the schedule asked for is asked again only when that run ended failed or canceled.
+NOT_FAILED = [status for status in dg.DagsterRunStatus
+              if status not in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)]
 
 
 def build_daily_schedule(job: Any, partitions_def: dg.TimeWindowPartitionsDefinition = daily_partitions

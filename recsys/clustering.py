@@ -41,6 +41,9 @@ from threadpoolctl import threadpool_limits
 from recsys.segment_ids import SegmentModel, match_segment_ids, nearest_centroid, unit_rows
 
 
+FEWEST_TO_COMPARE = 3  # customers: below this no silhouette compares two k's, so they share one segment
+
+
 @dataclass(frozen=True)
 class SegmentingConfig:
     k_min: int = 4
@@ -101,10 +104,16 @@ def fit_segments(
 
 
 def _fit_segments(vectors: np.ndarray, previous: SegmentModel | None, config: SegmentingConfig) -> SegmentFit:
-    fits = {k: _best_fit(vectors, k, config) for k in _k_values(config, len(vectors))}
-    scores = _silhouette_by_k(vectors, fits, config)
-    k, reason = _choose_k(scores, previous, config)
-    centroids, inertia, init = _with_warm_start(vectors, fits[k], previous, config)
+    if len(vectors) < FEWEST_TO_COMPARE:
+        scores, k = {}, 1
+        reason = (f"too few customers to compare segments ({len(vectors)}; a silhouette needs {FEWEST_TO_COMPARE}):"
+                  " one segment until more have bought")
+        centroids, inertia, init = _one_segment(vectors)
+    else:
+        fits = {k: _best_fit(vectors, k, config) for k in _k_values(config, len(vectors))}
+        scores = _silhouette_by_k(vectors, fits, config)
+        k, reason = _choose_k(scores, previous, config)
+        centroids, inertia, init = _with_warm_start(vectors, fits[k], previous, config)
     sizes = np.bincount(nearest_centroid(vectors, centroids), minlength=len(centroids))
     dropped = int((sizes == 0).sum())
     centroids, sizes = centroids[sizes > 0], sizes[sizes > 0]
@@ -114,10 +123,16 @@ def _fit_segments(vectors: np.ndarray, previous: SegmentModel | None, config: Se
     return SegmentFit(model, scores, k, reason, init, inertia, kept, new, retired, dropped)
 
 
+def _one_segment(vectors: np.ndarray) -> _Fit:
+    """k-means with k = 1: the mean."""
+    centroid = vectors.mean(axis=0, keepdims=True, dtype=np.float64).astype(np.float32)
+    return _Fit(centroid, _inertia(vectors, centroid), "the sample's mean")
+
+
 def _checked_sample(sample_vectors: np.ndarray, previous: SegmentModel | None) -> np.ndarray:
     vectors = np.ascontiguousarray(sample_vectors, dtype=np.float32)
-    if vectors.ndim != 2 or len(vectors) < 3:
-        raise ValueError("need a (customers x dims) sample of at least 3 customers")
+    if vectors.ndim != 2 or len(vectors) < 1:
+        raise ValueError("need a (customers x dims) sample of at least one customer")
     if not np.isfinite(vectors).all():
         raise ValueError("sample vectors must be finite")
     if previous is not None and previous.centroids.shape[1] != vectors.shape[1]:

@@ -112,7 +112,7 @@ SCORED_SCHEMA = pa.schema([("customer_id", pa.string()), ("collaborative", pa.bo
 # Per customer, the blocked products that would enter their top-k as candidates (Ranking.hidden_*).
 HIDDEN_SCHEMA = pa.schema([("customer_id", pa.string()), ("product_id", pa.string())])
 
-REASON_NO_MODEL = "no model items: no valid purchases before as_of"
+REASON_NO_MODEL = "no model items: no product had min_item_buyers buyers before as_of"
 REASON_NO_STOCK = "no in-stock candidate products"
 REASON_ALL_BOUGHT = "customer already bought every in-stock candidate"
 

@@ -123,8 +123,6 @@ def select_model(
     judged = [row for row in table if row["hit_rate"] is not None]
     if not judged:
         chosen, reason = "ease", "no candidate could be judged (see the table's errors): the default model"
-    elif evaluated == 0:
-        chosen, reason = "ease", "no customer bought a new product in the validation window: the default model"
     else:
         best = max(judged, key=lambda row: row["hit_rate"])  # max keeps the first of equals
         chosen = best["candidate"]
@@ -162,6 +160,9 @@ def _judge_row(name, sample, cutoff, end, config, product_vectors=None, shared: 
         metrics = _judge(sample, cutoff, end, config, product_vectors, shared)
     except Exception as error:  # a candidate that cannot be judged is out of the race, said so
         return {"candidate": name, "hit_rate": None, "ndcg": None, "error": f"{type(error).__name__}: {error}"[:300]}
+    if not metrics.customers:  # a hit rate of 0 would say the candidate lost
+        return {"candidate": name, "hit_rate": None, "ndcg": None, "customers": 0,
+                "error": "no customer to judge: none bought a product new to them in the validation window"}
     summary = metrics.summary()
     return {"candidate": name, "hit_rate": summary[f"hit_rate@{config.top_k}"],
             "ndcg": summary[f"ndcg@{config.top_k}"], "customers": metrics.customers}
@@ -174,7 +175,7 @@ def _judge(sample: pa.Table, cutoff: datetime, end: datetime, config: Recommende
     model = Recommender.fit(sample, config=config, as_of=cutoff, shared=shared)
     items = candidate_items(sample, cutoff_us, None, config.score_chunk_customers)
     candidates = model.candidates(pa.table({"product_id": items.product_ids,
-                                            "in_stock": pa.array([True] * len(items))}), product_vectors)
+                                            "in_stock": pa.array([True] * len(items), pa.bool_())}), product_vectors)
     metrics = RankingMetrics(config.top_k, len(items))
     for chunk in iter_customer_chunks(sample, config.score_chunk_customers):
         _, truth_customer, truth_item, evaluated = relevant_items(chunk, items, cutoff_us, end_us)

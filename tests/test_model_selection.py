@@ -101,6 +101,19 @@ def test_a_candidate_that_fails_is_out_of_the_race_and_said_so(monkeypatch):
     assert len(judged) == len(CANDIDATES) - 1 and selection.chosen == max(judged, key=lambda r: r["hit_rate"])["candidate"]
 
 
+def test_a_new_shop_whose_purchases_all_fall_in_the_window_gets_the_default_model_and_the_reason():
+    """Nothing before the validation window (a shop's first days): no candidate can be judged,
+    which the table says per row, instead of an Arrow error or a hit rate of 0 that would read
+    as a loss."""
+    day = STRUCTURED.start + timedelta(days=2)
+    first_days = pa.table({"customer_id": ["A", "A", "B", "B"], "product_id": ["P1", "P2", "P3", "P4"],
+                           "amount": [1.0, 2.0, 3.0, 4.0], "purchased_at": pa.array([day] * 4, pa.timestamp("us"))})
+    selection = select_model(first_days, day + timedelta(days=1))
+    assert selection.chosen == "ease" and selection.evaluated_customers == 0
+    assert selection.reason.startswith("no candidate could be judged")
+    assert all(row["hit_rate"] is None and row["error"].startswith("no customer to judge") for row in selection.table)
+
+
 def tail_like_head_vectors() -> ProductEmbeddings:
     """Product vectors where each tail product reads like a head product."""
     rng = np.random.default_rng(3)

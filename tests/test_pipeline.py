@@ -18,6 +18,8 @@ import pytest
 
 from definitions import build_definitions, defs
 from generator import FaultRates, GeneratorConfig, generate
+from recsys.recommender import REASON_NO_MODEL
+from recsys.selection import CANDIDATES
 from resources.alerts import Alerts
 from resources.landing import LandingZone
 from resources.compute_engine import ComputeEngine
@@ -244,3 +246,33 @@ def test_a_range_with_a_day_without_its_file_is_red_and_its_last_day_builds_the_
     assert "recommendations" not in materializations(ranged)
     last_day = run_day(resources, DAY2)
     assert last_day.success and "recommendations" in materializations(last_day)
+
+
+def test_a_new_shops_first_day_with_two_customers_is_green_with_one_segment(tmp_path, model_server, monkeypatch):
+    """Too few customers to compare segments (k-means needs 3 for a silhouette) is not a failure
+    of the day: they share one segment until more have bought, and the day goes on to the
+    served outputs."""
+    day = tmp_path / "landing" / "transactions" / f"{DAY1}.csv"
+    day.parent.mkdir(parents=True)
+    day.write_text("InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
+                   "536365,85123A,WHITE HANGING HEART T-LIGHT HOLDER,6,2011-09-01 08:26:00,2.55,17850.0,United Kingdom\n"
+                   "536365,71053,WHITE METAL LANTERN,6,2011-09-01 08:26:00,3.39,17850.0,United Kingdom\n"
+                   "536366,22633,HAND WARMER UNION JACK,6,2011-09-01 08:28:00,1.85,13047.0,United Kingdom\n"
+                   "536366,22632,HAND WARMER RED POLKA DOT,6,2011-09-01 08:28:00,1.85,13047.0,United Kingdom\n")
+    monkeypatch.setenv("PIPELINE_SOURCES", "transactions")
+    job = build_definitions().resolve_job_def("daily_pipeline")
+    resources = pipeline_resources(tmp_path / "shop.duckdb", tmp_path / "landing", model_server)
+    result = job.execute_in_process(partition_key=DAY1, resources=resources, instance=dg.DagsterInstance.ephemeral(),
+                                    run_config={"ops": {"recommendation_quality": {"config": {"online_retail_dir": ""}}}},
+                                    raise_on_error=False)
+    assert result.success, [e.message for e in result.all_events if e.is_step_failure]
+    built = materializations(result)
+    clustering = built["customer_segments"]["clustering"]
+    assert clustering["k"] == 1 and "too few customers" in clustering["k_reason"]
+    with resources["warehouse"].connect(read_only=True) as con:
+        segments = fetch_all(con, "SELECT customer_id, segment_id FROM ml.customer_segments ORDER BY ALL")
+    assert [customer for customer, _ in segments] == ["13047", "17850"] and len({s for _, s in segments}) == 1
+    # No product has two buyers yet, so nothing can be recommended: said per customer, not hidden.
+    assert built["recommendations"]["skip_reasons"] == {REASON_NO_MODEL: 2}
+    assert [row["error"][:20] for row in built["recommendations"]["model_selection_table"]] == \
+        ["no customer to judge"] * len(CANDIDATES)

@@ -433,11 +433,15 @@ def test_identical_customers_make_one_segment_and_the_rest_are_dropped_as_empty(
     assert set(result.model.assign(same).tolist()) == {0}
 
 
-def test_a_sample_smaller_than_k_min_still_gets_segments():
+def test_a_sample_smaller_than_k_min_still_gets_segments_and_fewer_than_3_customers_share_one():
     ids, vectors, _ = planted_customers(planted_centers(2, seed=28), 4, seed=29)
     assert fit_segments(vectors, config=CONFIG).chosen_k in (2, 3)
-    with pytest.raises(ValueError, match="at least 3"):
-        fit_segments(vectors[:2], config=CONFIG)
+    two = fit_segments(vectors[:2], config=CONFIG)
+    assert two.model.k == 1 and two.silhouette_by_k == {} and "too few customers" in two.k_reason
+    np.testing.assert_allclose(two.model.centroids[0], vectors[:2].mean(axis=0), rtol=1e-6)
+    assert fit_segments(vectors[:1], config=CONFIG).model.assign(vectors[:1]).tolist() == [two.model.segment_ids[0]]
+    with pytest.raises(ValueError, match="at least one customer"):
+        fit_segments(vectors[:0], config=CONFIG)
 
 
 def test_the_benchmark_runs_at_small_scale(tmp_path):

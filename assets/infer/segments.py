@@ -85,7 +85,7 @@ def segment_verdicts(measured: Mapping[str, Any], config: "SegmentsConfig") -> l
 class SegmentsConfig(DeadLetterConfig):
     half_life_days: float = Field(default=90.0, description="Recency half-life of a purchase's weight.")
     sample_size: int = Field(default=20_000, description="Customers the clustering is fit on.")
-    k_min: int = Field(default=4, description="Fewest segments tried (silhouette picks k).")
+    k_min: int = Field(default=4, description="Fewest segments tried (silhouette picks k; a sample too small for it gets the k's it holds, and fewer than 3 customers share one segment).")
     k_max: int = Field(default=12, description="Most segments tried.")
     seed: int = 0
     store_customer_vectors: bool = Field(default=False, description="Also write ml.customer_embeddings (384 floats each).")
@@ -202,9 +202,9 @@ def fit(taken: Snapshot, products, as_of, config: SegmentsConfig, previous, mapp
     """Pass 1: pool the customers that can be in the deterministic sample, keep the sample, fit
     the clustering on it."""
     sample = sample_for_fit(taken, products, as_of, config, mapper)
-    if len(sample) < config.k_min:
-        raise dg.Failure(f"only {len(sample)} customers have embeddable purchases; at least {config.k_min} are needed "
-                         "to segment", allow_retries=False)
+    if not len(sample):
+        raise dg.Failure("no customer has an embeddable purchase yet: there is nothing to segment",
+                         allow_retries=False)
     segmenting = SegmentingConfig(k_min=config.k_min, k_max=min(config.k_max, len(sample) - 1), seed=config.seed)
     segment_fit = fit_segments(sample.vectors, previous, segmenting)
     return segment_fit, len(sample), kept_share(previous, segment_fit.model, sample.vectors)

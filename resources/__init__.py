@@ -10,7 +10,7 @@ import dagster as dg
 from resources.alerts import Alerts
 from resources.compute_engine import ComputeEngine
 from resources.lakehouse import Lakehouse
-from resources.landing import DEFAULT_LANDING_DIR, LandingZone
+from resources.landing import DEFAULT_LANDING_DIR, LandingZone, parse_days, parse_weekdays
 from resources.model_clients import ChatModel, EmbeddingModel
 from resources.warehouse import DEFAULT_STEP_MEMORY_BUDGET, DEFAULT_WAREHOUSE_PATH, DuckDBWarehouse
 
@@ -89,10 +89,14 @@ def compute_engine() -> ComputeEngine:
 
 
 def landing_zone(source_names: tuple[str, ...]) -> LandingZone:
-    """LANDING_DIR, and LANDING_<SOURCE>_PATTERN to point one source elsewhere (e.g. Online Retail)."""
+    """LANDING_DIR, and LANDING_<SOURCE>_PATTERN to point one source elsewhere (e.g. Online Retail);
+    LANDING_CLOSED_WEEKDAYS (e.g. Sat) and LANDING_CLOSED_DAYS (YYYY-MM-DD, comma-separated): the
+    days no file comes, which land as closed days and are not expected by the freshness sensor."""
     patterns = {source: os.environ[f"LANDING_{source.upper()}_PATTERN"]
                 for source in source_names if os.getenv(f"LANDING_{source.upper()}_PATTERN")}
-    return LandingZone(root=os.getenv("LANDING_DIR", DEFAULT_LANDING_DIR), patterns=patterns)
+    return LandingZone(root=os.getenv("LANDING_DIR", DEFAULT_LANDING_DIR), patterns=patterns,
+                       closed_weekdays=parse_weekdays(os.getenv("LANDING_CLOSED_WEEKDAYS", "")),
+                       closed_days=parse_days(os.getenv("LANDING_CLOSED_DAYS", "")))
 
 
 def _openai_endpoint() -> dict[str, object]:

@@ -35,6 +35,15 @@ class LandingZone(dg.ConfigurableResource):
     root: str = Field(default=DEFAULT_LANDING_DIR, description="Folder the relative patterns start from.")
     patterns: dict[str, str] = Field(
         default_factory=dict, description="Source name -> path pattern ({date} = YYYY-MM-DD), overriding its default.")
+    closed_weekdays: list[int] = Field(
+        default_factory=list, description="Days of the week no file comes (0 = Monday; Online Retail: [5]): such a "
+                                          "day without a file lands as a closed day, with no records, not as missing.")
+    closed_days: list[str] = Field(default_factory=list, description="Days (YYYY-MM-DD) no file comes (holidays).")
+
+    def is_closed(self, partition_date: str | dt.date) -> bool:
+        """A day the shop sends no file: its weekday or the day itself is configured closed."""
+        day = partition_date if isinstance(partition_date, dt.date) else dt.date.fromisoformat(partition_date)
+        return day.weekday() in self.closed_weekdays or day.isoformat() in self.closed_days
 
     def path(self, source: str, partition_date: str | dt.date, default_pattern: str) -> Path:
         """Where the source's file for the day should be (it may not exist)."""
@@ -76,6 +85,31 @@ class LandingZone(dg.ConfigurableResource):
         except OSError as error:
             raise LandingFileError(source, path, f"unreadable ({error.strerror or error})") from None
         return path
+
+
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+def parse_weekdays(text: str) -> list[int]:
+    """'Sat,Sun' (names or their first three letters, any case) or '5,6' -> [5, 6]."""
+    days = []
+    for part in filter(None, (p.strip().lower() for p in text.split(","))):
+        if part.isdigit() and int(part) < 7:
+            days.append(int(part))
+        elif names := [i for i, name in enumerate(WEEKDAYS) if part in (name, name[:3])]:
+            days.append(names[0])
+        else:
+            raise ValueError(f"{part!r} is not a day of the week: use Mon..Sun or 0..6 (0 = Monday)")
+    return sorted(set(days))
+
+
+def parse_days(text: str) -> list[str]:
+    """'2011-12-25,2011-12-26' -> the days, each checked to be a real YYYY-MM-DD day."""
+    days = [p.strip() for p in text.split(",") if p.strip()]
+    wrong = [d for d in days if not is_iso_day(d)]
+    if wrong:
+        raise ValueError(f"{wrong} are not days written YYYY-MM-DD")
+    return sorted(set(days))
 
 
 def is_iso_day(text: str) -> bool:

@@ -175,6 +175,21 @@ def test_landing_zone_patterns_and_errors(tmp_path):
                                                                                                   "2011-09-03"]
 
 
+def test_closed_days_are_configured_by_weekday_names_or_numbers_and_listed_days():
+    from resources.landing import parse_days, parse_weekdays
+
+    assert parse_weekdays("Sat") == parse_weekdays("saturday") == parse_weekdays("5") == [5]
+    assert parse_weekdays(" sun, Sat ,") == [5, 6] and parse_weekdays("") == []
+    for wrong in ("Sa", "Saturdays", "7", "weekend"):
+        with pytest.raises(ValueError, match="not a day of the week"):
+            parse_weekdays(wrong)
+    assert parse_days("2011-12-26, 2011-12-25") == ["2011-12-25", "2011-12-26"]
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        parse_days("2011-12-25,25/12/2011")
+    zone = LandingZone(closed_weekdays=[5], closed_days=["2011-12-26"])
+    assert [zone.is_closed(day) for day in ("2011-09-02", "2011-09-03", "2011-12-26")] == [False, True, True]
+
+
 def test_the_landing_last_day_sees_a_source_pointed_elsewhere(tmp_path, monkeypatch):
     """PIPELINE_LAST_DAY=landing (what `tasks.py ui` sets) with Online Retail's folder as the
     transactions pattern: the partitions end on its last file, not yesterday (years of empty,

@@ -456,12 +456,18 @@ def test_a_transactions_only_deployment_runs_a_day_on_the_lakehouse(postgres, tm
     selected = {key.to_user_string() for key in job.asset_layer.executable_asset_keys}
     assert "lake_raw_transactions" in selected and not {"lake_raw_products", "lake_raw_customers"} & selected
     with FakeOpenAIServer(default_dimensions=384) as server:
-        resources = {**pipeline_resources(tmp_path / "unused.duckdb", landing, server), "lakehouse": lakehouse}
-        result = job.execute_in_process(partition_key=DAYS[0], resources=resources, instance=dg.DagsterInstance.ephemeral(),
-                                        run_config={"ops": {"lake_recommendation_quality": {"config": {"online_retail_dir": ""}}}},
-                                        raise_on_error=False)
+        resources = {**pipeline_resources(tmp_path / "unused.duckdb", landing, server), "lakehouse": lakehouse,
+                     "landing": LandingZone(root=str(landing), closed_weekdays=[5])}
+        run_config = {"ops": {"lake_recommendation_quality": {"config": {"online_retail_dir": ""}}}}
+        result, closed_saturday = (
+            job.execute_in_process(partition_key=day, resources=resources, instance=dg.DagsterInstance.ephemeral(),
+                                   run_config=run_config, raise_on_error=False) for day in (DAYS[0], "2011-09-03"))
     assert result.success, [e.message for e in result.all_events if e.is_step_failure]
     assert {"raw_transactions", "recommendations", "validated_recommendations"} <= materialized(result).keys()
+    # A closed Saturday without a file (closed_weekdays, as on the warehouse) is green to the served outputs.
+    assert closed_saturday.success, [e.message for e in closed_saturday.all_events if e.is_step_failure]
+    built = materialized(closed_saturday)
+    assert "no files on Saturdays" in built["raw_transactions"]["closed_day"] and "validated_recommendations" in built
     catalog = lakehouse.read_day("analytics.dim_products", DAYS[0])
     assert catalog.num_rows > 0 and set(catalog.column("source").to_pylist()) == {"order_lines"}
     assert lakehouse.read_day("outputs.recommendations", DAYS[0]).num_rows + \

@@ -248,6 +248,51 @@ def test_a_range_with_a_day_without_its_file_is_red_and_its_last_day_builds_the_
     assert last_day.success and "recommendations" in materializations(last_day)
 
 
+def test_a_range_over_a_closed_saturday_is_green_and_a_closed_day_whose_file_landed_is_not(
+        tmp_path, landing, model_server, monkeypatch):
+    """LANDING_CLOSED_WEEKDAYS=Sat (Online Retail has no Saturdays): a Saturday without a file lands
+    as a closed day, with no records and its checks passed on none, so a backfill over it builds
+    every stage instead of going red. A Saturday that has a file lands it; once its batch landed, a
+    missing file is missing again (the batch in the warehouse would be unexplained)."""
+    saturday = "2011-09-03"
+    shop = tmp_path / "landing"
+    shutil.copytree(landing / "transactions", shop / "transactions")
+    monkeypatch.setenv("PIPELINE_SOURCES", "transactions")
+    monkeypatch.setenv("LANDING_CLOSED_WEEKDAYS", "Sat")
+    definitions = build_definitions()
+    assert definitions.resources["landing"].closed_weekdays == [5]
+    resources = {**pipeline_resources(tmp_path / "shop.duckdb", shop, model_server),
+                 "landing": LandingZone(root=str(shop), closed_weekdays=[5])}
+    run_config = {"ops": {"recommendation_quality": {"config": {"online_retail_dir": ""}}}}
+    job = definitions.resolve_job_def("daily_pipeline")
+    ranged = job.execute_in_process(resources=resources, run_config=run_config, instance=dg.DagsterInstance.ephemeral(),
+                                    tags={"dagster/asset_partition_range_start": DAY1,
+                                          "dagster/asset_partition_range_end": saturday}, raise_on_error=False)
+    assert ranged.success, [e.message for e in ranged.all_events if e.is_step_failure]
+    landed = {e.partition: {k: v.value for k, v in e.materialization.metadata.items()}
+              for e in ranged.get_asset_materialization_events() if e.asset_key.to_user_string() == "raw_transactions"}
+    assert sorted(landed) == [DAY1, DAY2, saturday]
+    assert "no files on Saturdays" in landed[saturday]["closed_day"] and landed[saturday]["input_records"] == 0
+    assert "closed_day" not in landed[DAY2] and landed[DAY2]["input_records"] > 0
+    checks = {(c.partition, c.check_name): c.passed for c in ranged.get_asset_check_evaluations()
+              if c.asset_key.to_user_string() == "raw_transactions"}
+    assert checks[(saturday, "record_accounting")] and checks[(saturday, "error_rate")]
+    assert {"recommendations", "validated_recommendations"} <= materializations(ranged).keys()
+    with resources["warehouse"].connect(read_only=True) as con:
+        assert fetch_scalar(con, "SELECT count(*) FROM ops.batch_fingerprints WHERE partition_date = ?", [saturday]) == 0
+
+    ingestion = [a for a in definitions.assets if a.key.to_user_string() == "raw_transactions"]
+    opened = shop / "transactions" / f"{saturday}.csv"
+    opened.write_bytes((shop / "transactions" / f"{DAY2}.csv").read_bytes().replace(DAY2.encode(), saturday.encode()))
+    with_file = dg.materialize(ingestion, partition_key=saturday, resources=resources)
+    metadata = materializations(with_file)["raw_transactions"]
+    assert "closed_day" not in metadata and metadata["input_records"] > 0
+    opened.unlink()
+    gone = dg.materialize(ingestion, partition_key=saturday, resources=resources, raise_on_error=False)
+    assert not gone.success
+    assert "missing" in next(e for e in gone.all_events if e.is_step_failure).step_failure_data.error.message
+
+
 def test_a_new_shops_first_day_with_two_customers_is_green_with_one_segment(tmp_path, model_server, monkeypatch):
     """Too few customers to compare segments (k-means needs 3 for a silhouette) is not a failure
     of the day: they share one segment until more have bought, and the day goes on to the

@@ -191,6 +191,27 @@ def test_late_partitions_alert_per_asset_and_day_after_the_lag(instance):
     assert ("raw_products", "2024-03-05") in after_lag
 
 
+def test_the_shops_closed_days_are_not_expected_by_the_freshness_sensor(instance, monkeypatch):
+    """One calendar: LANDING_CLOSED_WEEKDAYS / LANDING_CLOSED_DAYS make ingestion land those days as
+    closed and the default monitoring settings expect no batch on them."""
+    from assets.monitor.settings import settings_for
+
+    monkeypatch.setenv("PIPELINE_SOURCES", "transactions")
+    monkeypatch.setenv("LANDING_CLOSED_WEEKDAYS", "Sat")
+    monkeypatch.setenv("LANDING_CLOSED_DAYS", "2024-03-04")
+    calendar = settings_for()
+    assert calendar.expected_weekdays == [0, 1, 2, 3, 4, 6] and calendar.holidays == ["2024-03-04"]
+    settings = MonitoringSettings(freshness_assets=calendar.freshness_assets, expected_weekdays=calendar.expected_weekdays,
+                                  holidays=calendar.holidays, freshness_lookback_days=4)
+    emit(instance, "raw_transactions", {"dagster/row_count": 5}, partition="2024-03-01")  # a Friday
+    now = dt.datetime(2024, 3, 6, 7, tzinfo=dt.timezone.utc)  # Saturday the 2nd to Tuesday the 5th are due
+    late = {a.partition for a in freshness_alerts(instance, settings, now) if not a.resolves}
+    assert late == {"2024-03-03", "2024-03-05"}
+    monkeypatch.setenv("LANDING_CLOSED_WEEKDAYS", "Saturdays")
+    with pytest.raises(ValueError, match="not a day of the week"):
+        settings_for()
+
+
 def test_no_freshness_alert_when_every_due_day_landed(instance):
     for day in ("2024-03-04", "2024-03-05"):
         emit(instance, "raw_transactions", {"dagster/row_count": 5}, partition=day)

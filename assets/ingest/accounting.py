@@ -66,6 +66,11 @@ class BatchCounts:
         return rates
 
 
+def no_records(source: Source) -> BatchCounts:
+    """The counts of a day that landed nothing (a closed day)."""
+    return BatchCounts({spec.name: TableCounts(0, 0, 0, {}) for spec in source.tables}, 0)
+
+
 def count_partition(con: duckdb.DuckDBPyConnection, source: Source, partition_date: str,
                     inputs: dict[str, int]) -> BatchCounts:
     """Valid rows in the raw tables, distinct quarantined records in ops.schema_errors, against the

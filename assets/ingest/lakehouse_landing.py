@@ -36,11 +36,13 @@ import pyarrow.compute as pc
 
 from assets.common.partitions import daily_partitions, first_partition
 from assets.common.sources import SOURCES, Source
-from assets.ingest.accounting import BatchCounts, TableCounts, check_results, check_specs
+from assets.ingest.accounting import BatchCounts, TableCounts, check_results, check_specs, no_records
 from assets.ingest.raw_assets import (
+    CLOSED_FINGERPRINT,
     IngestionConfig,
     catalog_digest,
     catalog_tables,
+    closed_day_note,
     ensure_tables,
     file_fingerprint,
     land_file,
@@ -263,6 +265,12 @@ def lakehouse_ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg
         day = context.partition_key
         try:
             path = landing.require(source.name, day, source.landing_pattern)
+        except LandingFileError as error:
+            if not (error.cause.startswith("missing") and landing.is_closed(day)
+                    and day not in landed_days(lakehouse, source.name, day)):
+                raise dg.Failure(str(error), allow_retries=False) from None
+            return closed_day_result(source, closed_day_note(landing, source, day, error.path), config)
+        try:
             wait_for_landed_days(context, config, lakehouse, landing, [s for s in sources if s.asset in source.deps], day)
             batch = land_on_lakehouse(lakehouse, source, day, path, sources, force=config.force)
         except LandingFileError as error:
@@ -285,6 +293,19 @@ def lakehouse_ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg
                                         asset=lake_asset_name(source)))
 
     return _asset
+
+
+def closed_day_result(source: Source, note: str, config: IngestionConfig) -> dg.MaterializeResult:
+    """A closed day (LandingZone.is_closed) without a file, of which nothing landed: no records, as
+    on the warehouse (raw_assets.mark_closed_days)."""
+    counts = no_records(source)
+    return dg.MaterializeResult(
+        metadata={"closed_day": note,
+                  "skipped": False, "rows": {}, "input_records": 0, "valid_records": 0, "quarantined_records": 0,
+                  **counts.rates, "dagster/row_count": 0},
+        data_version=dg.DataVersion(CLOSED_FINGERPRINT),
+        check_results=check_results(source, counts, config.max_error_rate, config.min_records_for_error,
+                                    asset=lake_asset_name(source)))
 
 
 def build_lakehouse_ingestion_assets(sources: tuple[Source, ...] = SOURCES) -> list[dg.AssetsDefinition]:

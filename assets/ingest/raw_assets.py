@@ -2,7 +2,9 @@
 
 One asset per source of the registry (assets/common/sources.py). A run covers one day or, as a
 single-run backfill (`BackfillPolicy.single_run()`), a range of days; each day is its own batch:
-1. the file must exist, be non-empty and readable (else `dg.Failure` naming the path and cause);
+1. the file must exist, be non-empty and readable (else `dg.Failure` naming the path and cause),
+   unless the day is closed (`LandingZone.is_closed`) and nothing landed for it: then no file is
+   the expected batch, materialized with no records (mark_closed_days);
 2. its fingerprint (content hash + hash of the suites + parser version) is compared with the one
    recorded in `ops.batch_fingerprints`: unchanged -> skipped, unless run config `force: true`;
 3. the file is read as text with line numbers (assets/ingest/landing_files.py), so a bad line is
@@ -19,6 +21,7 @@ holds steps after this one, Dagster skips them, so the run is then red, naming t
 """
 
 
+import datetime as dt
 import hashlib
 import json
 import shutil
@@ -40,7 +43,7 @@ from assets.common.current_state import PII_TAG, register_sources
 from assets.common.partitions import daily_partitions, first_partition
 from assets.common.range_runs import asset_check_outputs, partition_check_evaluation
 from assets.common.sources import SOURCES, RawTable, Source
-from assets.ingest.accounting import BatchCounts, batch_metadata, check_results, check_specs, count_partition, preview
+from assets.ingest.accounting import BatchCounts, batch_metadata, check_results, check_specs, count_partition, no_records, preview
 from assets.ingest.file_shards import Sharding, shard_plan, stage_in_shards
 from assets.ingest.landing_files import READERS, Staged, create_from_arrow, line_texts, stage_and_judge
 from assets.validate.rules import load_suite, typed
@@ -322,6 +325,7 @@ class Day:
     seconds: float = 0.0
     notes: dict[str, Any] = field(default_factory=dict)
     preview: str | None = None
+    closed: str = ""  # why no file comes this day (LandingZone.closed_weekdays / closed_days); then nothing lands
 
     @property
     def has_no_file(self) -> bool:
@@ -336,6 +340,7 @@ def plan_days(context: dg.AssetExecutionContext, config: IngestionConfig, source
             day.path = landing.require(source.name, day.day, source.landing_pattern)
         except LandingFileError as error:
             day.problem = error
+    mark_closed_days(days, source, warehouse, landing)
     present = [d for d in days if d.path is not None]
     for catalog in (s for s in sources if s.asset in source.deps):
         # Records are judged against the catalog up to the day (unknown products): a new catalog means new results.
@@ -349,6 +354,26 @@ def plan_days(context: dg.AssetExecutionContext, config: IngestionConfig, source
         day.stored = stored.get(day.day)
         day.skipped = bool(day.stored and day.stored["fingerprint"] == day.fingerprint and not config.force)
     return days
+
+
+CLOSED_FINGERPRINT = "closed"
+
+
+def mark_closed_days(days: list[Day], source: Source, warehouse: DuckDBWarehouse, landing: LandingZone) -> None:
+    """A day without a file that the landing zone calls closed lands nothing: it is materialized
+    with no records, its checks pass on none, and the stages after it run. A closed day whose
+    file landed before is still a missing file: its batch in the warehouse would be unexplained."""
+    closed = [d for d in days if d.has_no_file and landing.is_closed(d.day)]
+    stored = stored_batches(warehouse, source, [d.day for d in closed]) if closed else {}
+    for day in closed:
+        if day.day not in stored:
+            day.closed = closed_day_note(landing, source, day.day, day.problem.path)
+            day.problem, day.fingerprint, day.counts = None, CLOSED_FINGERPRINT, no_records(source)
+
+
+def closed_day_note(landing: LandingZone, source: Source, day: str, path: Path) -> str:
+    why = "listed in closed_days" if day in landing.closed_days else f"no files on {dt.date.fromisoformat(day):%A}s"
+    return f"a closed day ({why}): no {source.name} file expected at {path}, and none has landed"
 
 
 @contextmanager
@@ -443,7 +468,10 @@ def _failure(problem: LandingFileError) -> dg.Failure:
 
 def _day_metadata(source: Source, day: Day, seconds: float) -> dict[str, Any]:
     metadata = batch_metadata(source, day.day, day.path, day.fingerprint, day.counts, seconds, day.skipped)
-    if day.skipped:
+    if day.closed:
+        metadata.pop("source_path")  # there is none
+        metadata["closed_day"] = day.closed
+    elif day.skipped:
         metadata["skip_reason"] = f"source unchanged since {day.stored['landed_at']}"
     else:
         metadata["read_as"] = {k: v for k, v in day.notes.items() if v not in (None, False, 0)}

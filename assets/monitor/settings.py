@@ -40,8 +40,9 @@ class MonitoringSettings(dg.ConfigurableResource):
     )
     expected_weekdays: list[int] = Field(
         default=[0, 1, 2, 3, 4, 5, 6],
-        description="Days of the week a batch is expected (0 = Monday); Online Retail, for one, has no Saturdays.")
-    holidays: list[str] = Field(default=[], description="Days (YYYY-MM-DD) no batch is expected.")
+        description="Days of the week a batch is expected (0 = Monday); by default every day but "
+                    "LANDING_CLOSED_WEEKDAYS (Online Retail, for one, has no Saturdays).")
+    holidays: list[str] = Field(default=[], description="Days (YYYY-MM-DD) no batch is expected (LANDING_CLOSED_DAYS).")
 
     # Which assets each metric rule watches ("*" = every asset the instance has seen)
     rule_assets: dict[str, list[str]] = Field(
@@ -84,14 +85,17 @@ def settings_for(sources: tuple[Source, ...] = SOURCES) -> MonitoringSettings:
     """The default settings, watching the ingestion assets of the configured sources; with
     PIPELINE_BACKEND=lakehouse, the lakehouse's assets of the same stages (lake_<asset>: the
     daily triggers run those, with the same metadata)."""
-    from resources import pipeline_backend
+    from resources import landing_zone, pipeline_backend
 
     watched = ingestion_assets(configured_sources(sources))
+    closed = landing_zone(())  # the shop's closed days (LANDING_CLOSED_*): no batch is expected then
+    calendar = {"expected_weekdays": [d for d in range(7) if d not in closed.closed_weekdays],
+                "holidays": closed.closed_days}
     if pipeline_backend() != "lakehouse":
-        return MonitoringSettings(freshness_assets=watched)
+        return MonitoringSettings(freshness_assets=watched, **calendar)
 
     def on_lake(asset: str) -> str:
         return asset if asset == EVERY_ASSET else f"lake_{asset}"
 
-    return MonitoringSettings(freshness_assets=[on_lake(a) for a in watched],
+    return MonitoringSettings(freshness_assets=[on_lake(a) for a in watched], **calendar,
                               rule_assets={rule: [on_lake(a) for a in assets] for rule, assets in METRIC_RULE_ASSETS.items()})

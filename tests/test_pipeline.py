@@ -282,6 +282,8 @@ def test_a_range_over_a_closed_saturday_is_green_and_a_closed_day_whose_file_lan
         assert fetch_scalar(con, "SELECT count(*) FROM ops.batch_fingerprints WHERE partition_date = ?", [saturday]) == 0
 
     ingestion = [a for a in definitions.assets if a.key.to_user_string() == "raw_transactions"]
+    alone = materializations(dg.materialize(ingestion, partition_key=saturday, resources=resources))["raw_transactions"]
+    assert alone["closed_day"] == landed[saturday]["closed_day"] and alone["dagster/row_count"] == 0
     opened = shop / "transactions" / f"{saturday}.csv"
     opened.write_bytes((shop / "transactions" / f"{DAY2}.csv").read_bytes().replace(DAY2.encode(), saturday.encode()))
     with_file = dg.materialize(ingestion, partition_key=saturday, resources=resources)

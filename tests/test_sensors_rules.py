@@ -238,6 +238,20 @@ def test_row_count_anomaly_against_the_trailing_median_ignoring_skips(instance):
     assert new_alerts(instance, settings, positions) == []
 
 
+def test_a_closed_days_empty_batch_is_no_row_count_anomaly_nor_part_of_the_baseline(instance):
+    """A closed day (LANDING_CLOSED_*) lands no records by design: 0 rows is neither an anomaly
+    nor a point of the trailing median the next day is judged against."""
+    settings = MonitoringSettings(row_count_min_history=3, row_count_max_change=0.3)
+    positions: dict[str, int] = {}
+    for day, rows in (("2024-03-01", 1000), ("2024-03-02", 1100), ("2024-03-04", 900)):
+        emit(instance, "raw_transactions", {"dagster/row_count": rows}, partition=day)
+    for day in ("2024-03-05", "2024-03-06"):
+        emit(instance, "raw_transactions", {"dagster/row_count": 0, "closed_day": "a closed day"}, partition=day)
+    assert new_alerts(instance, settings, positions) == []
+    emit(instance, "raw_transactions", {"dagster/row_count": 1000}, partition="2024-03-07")
+    assert new_alerts(instance, settings, positions) == []  # against 1000, 1100, 900; not against 0, 0
+
+
 def test_row_count_band_is_thirty_percent_of_the_trailing_median(instance):
     positions: dict[str, int] = {}
     for index, rows in enumerate((1000, 1000, 1000, 1290)):

@@ -103,6 +103,12 @@ class Materialization:
     def skipped(self) -> bool:
         return self.metadata.get("skipped") is True
 
+    @property
+    def measured(self) -> bool:
+        """A build that measured its data: not a skip (which re-reports an earlier state) nor a
+        closed day (metadata `closed_day`: no file and no records, by design)."""
+        return not self.skipped and "closed_day" not in self.metadata
+
     def number(self, key: str) -> float | None:
         return as_number(self.metadata.get(key))
 
@@ -139,7 +145,7 @@ MAX_EARLIER_RUNS = 100
 def earlier_materializations(
     instance: dg.DagsterInstance, current: Materialization, page: int = 50
 ) -> Iterator[Materialization]:
-    """Non-skipped materializations before `current`, newest first, one per run, other runs only.
+    """Measured materializations before `current`, newest first, one per run, other runs only.
 
     A run over a partition range writes one identical materialization per partition; counting
     each would let a single run outvote the history, or make it its own "previous" value.
@@ -156,7 +162,7 @@ def earlier_materializations(
                     return
                 seen_runs.add(record.run_id)
                 earlier = _materialization(current.asset, record)
-                if not earlier.skipped:
+                if earlier.measured:
                     yield earlier
         if not result.has_more or not result.records:
             return

@@ -2,8 +2,9 @@
 
 Each new materialization of a watched asset is judged once (per-asset storage-id cursor) by the
 rules that watch that asset. A rule whose metadata key is absent does not apply: no alert, no
-error. Skipped materializations (metadata `skipped` = True) re-report old state and are ignored,
-both as the subject and in the history a baseline is taken from.
+error. Skipped materializations (metadata `skipped` = True) re-report old state, and closed days
+(metadata `closed_day`) have no data by design: both are ignored, as the subject and in the
+history a baseline is taken from.
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ def metric_alerts(
         for m in materializations_after(instance, asset, positions.get(asset, -1), budget):
             budget -= 1
             positions[asset] = m.storage_id
-            if m.skipped or m.run_id in judged_runs:
+            if not m.measured or m.run_id in judged_runs:
                 continue
             judged_runs.add(m.run_id)
             alerts.extend(materialization_alerts(instance, m, settings))

@@ -29,8 +29,8 @@ DAYS = ("2011-09-01", "2011-09-02")
 PARTITIONS = dg.DailyPartitionsDefinition(start_date=DAYS[0], end_date="2011-09-03")
 
 
-def tick(sensor: dg.SensorDefinition, landing: Path, cursor: str | None) -> dg.SensorResult:
-    with dg.build_sensor_context(cursor=cursor, resources={"landing": LandingZone(root=str(landing))}) as context:
+def tick(sensor: dg.SensorDefinition, landing: Path, cursor: str | None, **zone) -> dg.SensorResult:
+    with dg.build_sensor_context(cursor=cursor, resources={"landing": LandingZone(root=str(landing), **zone)}) as context:
         return sensor(context)
 
 
@@ -90,6 +90,27 @@ def test_only_the_configured_sources_make_a_day_complete(landing, monkeypatch):
     sensor = build_landing_sensor(defs.resolve_job_def("daily_pipeline"), SOURCES, PARTITIONS)
     assert "2 complete day(s)" in tick(sensor, landing, None).skip_reason.skip_message
     assert sorted(r.partition_key for r in tick(sensor, landing, "{}").run_requests) == list(DAYS)
+
+
+def test_on_a_closed_day_the_files_that_came_make_the_day_complete(landing):
+    """A closed day (LandingZone.closed_days) waits for no file (the shop sends none): the day is run
+    once the files that do come have landed, and again if the order lines come after all. A closed
+    day without any file is left to the daily schedule (nothing landed to run on)."""
+    from definitions import defs
+
+    sensor = build_landing_sensor(defs.resolve_job_def("daily_pipeline"), SOURCES, PARTITIONS)
+    orders = landing / "transactions" / f"{DAYS[1]}.csv"
+    kept = orders.read_bytes()
+    orders.unlink()
+    closed = {"closed_days": [DAYS[1]]}
+    assert tick(sensor, landing, "{}").run_requests[0].partition_key == DAYS[0]  # day 2 waits: not closed
+    first = tick(sensor, landing, "{}", **closed)
+    assert [r.partition_key for r in first.run_requests] == list(DAYS)
+    orders.write_bytes(kept)
+    assert [r.partition_key for r in tick(sensor, landing, first.cursor, **closed).run_requests] == [DAYS[1]]
+    for source, suffix in (("transactions", "csv"), ("products", "csv"), ("customers", "jsonl")):
+        (landing / source / f"{DAYS[1]}.{suffix}").unlink()
+    assert [r.partition_key for r in tick(sensor, landing, "{}", **closed).run_requests] == [DAYS[0]]
 
 
 @pytest.mark.parametrize("setting, message", [

@@ -1,7 +1,8 @@
 """What starts the daily pipeline: the landing files, and a schedule as the fallback.
 
 `landing_sensor` looks at the last days' landing folders; once every configured source
-(`PIPELINE_SOURCES`) has its file for a day, it requests a run of `daily_pipeline` for that
+(`PIPELINE_SOURCES`) has its file for a day (on a closed day: the sources that send one), it
+requests a run of `daily_pipeline` for that
 partition, keyed by the files' names, sizes and modification times: a file that changes later
 triggers the day again (the fingerprints make that run cheap: only what changed is rebuilt), and
 the latest complete day after it, whose run takes the change into the current tables; an
@@ -29,18 +30,24 @@ INTERVAL_SECONDS = int(os.getenv("LANDING_SENSOR_INTERVAL_SECONDS", "60"))
 
 
 def day_signature(landing: LandingZone, sources: tuple[Source, ...], day: str) -> str | None:
-    """A digest of the day's files (path, size, mtime), or None while one is missing or empty."""
-    parts = []
+    """A digest of the day's files (path, size, mtime), or None while one is missing or empty. On a
+    closed day (LandingZone.is_closed) no file is awaited: the files that came make it complete
+    (the others land as closed), and a closed day without any is left to the schedule."""
+    parts, closed = [], landing.is_closed(day)
     for source in sources:
         path = landing.path(source.name, day, source.landing_pattern)
         try:
             stat = path.stat()
+        except FileNotFoundError:
+            if closed:
+                continue
+            return None
         except OSError:
             return None
         if stat.st_size == 0:
             return None
         parts.append((str(path), stat.st_size, stat.st_mtime_ns))
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16] if parts else None
 
 
 def took_stock(complete: dict[str, str]) -> str:

@@ -39,6 +39,9 @@ class LandingZone(dg.ConfigurableResource):
         default_factory=list, description="Days of the week no file comes (0 = Monday; Online Retail: [5]): such a "
                                           "day without a file lands as a closed day, with no records, not as missing.")
     closed_days: list[str] = Field(default_factory=list, description="Days (YYYY-MM-DD) no file comes (holidays).")
+    timestamp_formats: dict[str, str] = Field(
+        default_factory=dict, description="Source name -> the strftime format its files write timestamps in "
+                                          "(e.g. %m/%d/%Y %H:%M), when it is not ISO 8601.")
 
     def is_closed(self, partition_date: str | dt.date) -> bool:
         """A day the shop sends no file: its weekday or the day itself is configured closed."""
@@ -85,6 +88,17 @@ class LandingZone(dg.ConfigurableResource):
         except OSError as error:
             raise LandingFileError(source, path, f"unreadable ({error.strerror or error})") from None
         return path
+
+
+STRFTIME_FORMAT = re.compile(r"[%A-Za-z0-9 /:.,_\-]+")
+
+
+def checked_strftime_format(text: str) -> str:
+    """A strftime format safe to write into SQL (it comes from configuration, not from data):
+    directives, letters, digits and the separators dates use, with at least one directive."""
+    if not STRFTIME_FORMAT.fullmatch(text) or "%" not in text:
+        raise ValueError(f"timestamp format {text!r} is not a strftime format such as %m/%d/%Y %H:%M")
+    return text
 
 
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")

@@ -277,6 +277,60 @@ def test_online_retail_days_ingest_with_their_quirks(warehouse, online_retail_di
     assert others == 0
 
 
+def test_a_file_writing_us_dates_lands_with_the_timestamp_format_its_landing_zone_sets(
+        warehouse, online_retail_dir, tmp_path, monkeypatch):
+    """The Kaggle copy of Online Retail (and a CSV Excel saves from the UCI .xlsx) writes
+    InvoiceDate as 6/1/2011 7:37. ISO 8601 only: every record is quarantined, said per record.
+    LANDING_TRANSACTIONS_TIMESTAMP_FORMAT=%m/%d/%Y %H:%M: the same values as the ISO file, and a
+    changed format lands the day again (another format, other values; a wrong one that still
+    parses, day and month swapped, lands wrong days: no rule ties an order line to its day)."""
+    import csv
+    import datetime as dt
+
+    from resources import landing_zone
+
+    partition = "2011-06-01"
+    us_dates = tmp_path / "us" / "transactions" / f"{partition}.csv"
+    us_dates.parent.mkdir(parents=True)
+    with open(online_retail_dir / f"{partition}.csv", newline="", encoding="utf-8") as iso, \
+            open(us_dates, "w", newline="", encoding="utf-8") as us:
+        rows, writer = csv.reader(iso), csv.writer(us)
+        writer.writerow(next(rows))
+        for row in rows:
+            when = dt.datetime.fromisoformat(row[4])
+            writer.writerow([*row[:4], f"{when.month}/{when.day}/{when.year} {when.hour}:{when.minute:02d}", *row[5:]])
+    iso_only = materialization(materialize(raw_resources(warehouse, LandingZone(root=str(tmp_path / "us"))), partition,
+                                           assets=[RAW["raw_transactions"]]), "raw_transactions")
+    assert iso_only["valid_records"] == 0 and set(iso_only["quarantined_by_rule"]) >= {"invoice_date_not_a_timestamp"}
+
+    monkeypatch.setenv("LANDING_DIR", str(tmp_path / "us"))
+    monkeypatch.setenv("LANDING_TRANSACTIONS_TIMESTAMP_FORMAT", "%m/%d/%Y %H:%M")
+    zone = landing_zone(("transactions",))
+    assert zone.timestamp_formats == {"transactions": "%m/%d/%Y %H:%M"}
+    read = materialization(materialize(raw_resources(warehouse, zone), partition, assets=[RAW["raw_transactions"]]),
+                           "raw_transactions")
+    assert not read["skipped"] and "invoice_date_not_a_timestamp" not in read["quarantined_by_rule"]
+    assert read["valid_records"] > 0.99 * read["input_records"]
+    with warehouse.connect(read_only=True) as con:
+        landed = fetch_all(con, "SELECT invoice_no, stock_code, invoice_date FROM raw.transactions ORDER BY ALL")
+    iso_warehouse = type(warehouse)(path=str(tmp_path / "iso.duckdb"), memory_limit="512MB")
+    iso_zone = LandingZone(root=str(online_retail_dir), patterns={"transactions": "{date}.csv"})
+    materialize(raw_resources(iso_warehouse, iso_zone), partition, assets=[RAW["raw_transactions"]])
+    with iso_warehouse.connect(read_only=True) as con:
+        assert landed == fetch_all(con, "SELECT invoice_no, stock_code, invoice_date FROM raw.transactions ORDER BY ALL")
+
+    monkeypatch.setenv("LANDING_TRANSACTIONS_TIMESTAMP_FORMAT", "%d/%m/%Y %H:%M")
+    misread = materialization(materialize(raw_resources(warehouse, landing_zone(("transactions",))), partition,
+                                          assets=[RAW["raw_transactions"]]), "raw_transactions")
+    assert not misread["skipped"]  # a changed format lands the day again; a wrong one that parses lands wrong days:
+    with warehouse.connect(read_only=True) as con:
+        assert fetch_all(con, "SELECT DISTINCT invoice_date::DATE::VARCHAR FROM raw.transactions") == [("2011-01-06",)]
+    for wrong in ("%m/%d/%Y'; DROP TABLE raw.transactions; --", "06/01/2011"):
+        monkeypatch.setenv("LANDING_TRANSACTIONS_TIMESTAMP_FORMAT", wrong)
+        with pytest.raises(ValueError, match="not a strftime format"):
+            landing_zone(("transactions",))
+
+
 def test_the_code_location_loads_the_ingestion_assets_checks_and_resources():
     from definitions import defs
 

@@ -59,6 +59,9 @@ class Source:
     deps: tuple[str, ...] = ()  # assets that must land first (customers are judged against the catalog)
     # Timestamps written without an offset are in this zone (IANA name); every timestamp lands in UTC.
     naive_timezone: str = "UTC"
+    # Timestamps written another way than ISO 8601 (e.g. "%m/%d/%Y %H:%M"): set per deployment on
+    # the landing zone (LANDING_<SOURCE>_TIMESTAMP_FORMAT), which ingestion copies here.
+    timestamp_format: str | None = None
     # JSON sources: accept a string holding a number ("12.5") where a number is expected. Off by
     # default: a string amount is quarantined as `amount_not_a_number`, never silently cast.
     numeric_strings: bool = False

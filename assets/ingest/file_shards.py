@@ -154,11 +154,11 @@ def stage_in_shards(con: duckdb.DuckDBPyConnection, source: Source, path: Path, 
     first, *parts = source.tables
     for table in (t for t in source.tables if "line_no" in t.record_key):
         _rename_failures(con, table)
-    validate_staged(con, first, day, source.naive_timezone, across_rows=True)
+    validate_staged(con, first, day, source.naive_timezone, across_rows=True, timestamp_format=source.timestamp_format)
     for part in parts:  # parts are staged only for records that pass every rule: those failing across the file go
         for table in (f"stg_{part.name}", f"failures_{part.name}"):
             con.execute(f"DELETE FROM {table} WHERE line_no IN (SELECT line_no FROM failures_{first.name})")
-        validate_staged(con, part, day, source.naive_timezone, across_rows=True)
+        validate_staged(con, part, day, source.naive_timezone, across_rows=True, timestamp_format=source.timestamp_format)
     with open_text_bytes(source.name, path) as (stream, notes):
         line_ending = "CRLF" if b"\r\n" in stream.read(READ_BLOCK_BYTES) else "LF"
     notes.update(line_ending=line_ending, physical_lines=sum(c["lines"] for c in counts), shards=len(ranges),

@@ -40,6 +40,7 @@ from assets.ingest.accounting import BatchCounts, TableCounts, check_results, ch
 from assets.ingest.raw_assets import (
     CLOSED_FINGERPRINT,
     IngestionConfig,
+    as_written,
     catalog_digest,
     catalog_tables,
     closed_day_note,
@@ -262,7 +263,7 @@ def lakehouse_ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg
     )
     def _asset(context: dg.AssetExecutionContext, config: IngestionConfig, lakehouse: Lakehouse,
                landing: LandingZone) -> dg.MaterializeResult:
-        day = context.partition_key
+        day, written = context.partition_key, as_written(source, landing)
         try:
             path = landing.require(source.name, day, source.landing_pattern)
         except LandingFileError as error:
@@ -272,7 +273,7 @@ def lakehouse_ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg
             return closed_day_result(source, closed_day_note(landing, source, day, error.path), config)
         try:
             wait_for_landed_days(context, config, lakehouse, landing, [s for s in sources if s.asset in source.deps], day)
-            batch = land_on_lakehouse(lakehouse, source, day, path, sources, force=config.force)
+            batch = land_on_lakehouse(lakehouse, written, day, path, sources, force=config.force)
         except LandingFileError as error:
             raise dg.Failure(str(error), allow_retries=False) from None
         context.log.info(f"{source.name} {day}: " + ("skipped (the marker holds this file)" if batch.skipped else

@@ -903,8 +903,8 @@ def stage_and_judge(con: duckdb.DuckDBPyConnection, source: Source, day: str, pa
     rules (assets/validate/rules.py `quarantine`; a shard applies the one-record rules)."""
     reader = READERS[source.reader]
     staged = reader.stage(con, path, source) if byte_range is None else reader.stage(con, path, source, byte_range)
-    validate_staged(con, source.tables[0], day, source.naive_timezone, across_rows)
+    validate_staged(con, source.tables[0], day, source.naive_timezone, across_rows, source.timestamp_format)
     for part in source.tables[1:]:
         staged.inputs[part.name] = reader.stage_part(con, part, source)
-        validate_staged(con, part, day, source.naive_timezone, across_rows)
+        validate_staged(con, part, day, source.naive_timezone, across_rows, source.timestamp_format)
     return staged

@@ -48,7 +48,7 @@ from assets.ingest.file_shards import Sharding, shard_plan, stage_in_shards
 from assets.ingest.landing_files import READERS, Staged, create_from_arrow, line_texts, stage_and_judge
 from assets.validate.rules import load_suite, typed
 from resources.compute_engine import ComputeEngine
-from resources.landing import LandingFileError, LandingZone
+from resources.landing import LandingFileError, LandingZone, checked_strftime_format
 from resources.memory import parse_size
 from resources.warehouse import DuckDBWarehouse, fetch_all, rebudget, step_pool, table_exists
 
@@ -85,9 +85,9 @@ def suites_digest(source: Source) -> str:
     return "+".join(load_suite(t).digest for t in source.table_names)
 
 
-def landed_sql(table: RawTable, column: str, naive_timezone: str = "UTC") -> str:
+def landed_sql(table: RawTable, column: str, naive_timezone: str = "UTC", timestamp_format: str | None = None) -> str:
     """SQL of a staged text column as it lands in the raw table."""
-    return table.landed.get(column) or typed(f'"{column}"', table.columns[column], naive_timezone)
+    return table.landed.get(column) or typed(f'"{column}"', table.columns[column], naive_timezone, timestamp_format)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def insert_partition(con: duckdb.DuckDBPyConnection, source: Source, partition_d
     """Valid rows into the raw tables, failures and unparseable lines into ops.schema_errors."""
     for spec in source.tables:
         table = spec.name
-        landed = ", ".join(landed_sql(spec, c, source.naive_timezone) for c in spec.columns)
+        landed = ", ".join(landed_sql(spec, c, source.naive_timezone, source.timestamp_format) for c in spec.columns)
         con.execute(
             f"""INSERT INTO {spec.qualified}
             SELECT $day, line_no, {landed} FROM stg_{table}
@@ -184,7 +184,8 @@ def file_fingerprint(path: Path, source: Source) -> str:
     with open(path, "rb") as handle:
         while block := handle.read(HASH_BLOCK_BYTES):
             digest.update(block)
-    return f"{digest.hexdigest()[:32]}:{suites_digest(source)}:p{PARSER_VERSION}"
+    read_as = f":tf={source.timestamp_format}" if source.timestamp_format else ""  # another format, other values
+    return f"{digest.hexdigest()[:32]}:{suites_digest(source)}:p{PARSER_VERSION}{read_as}"
 
 
 def land_file(con: duckdb.DuckDBPyConnection, source: Source, sources: tuple[Source, ...], day: str,
@@ -356,6 +357,13 @@ def plan_days(context: dg.AssetExecutionContext, config: IngestionConfig, source
     return days
 
 
+def as_written(source: Source, landing: LandingZone) -> Source:
+    """The source as this deployment's files write it: its timestamp format, when the landing zone
+    sets one (the fingerprint holds it: another format lands other values)."""
+    written = landing.timestamp_formats.get(source.name)
+    return replace(source, timestamp_format=checked_strftime_format(written)) if written else source
+
+
 CLOSED_FINGERPRINT = "closed"
 
 
@@ -445,6 +453,7 @@ def ingest(context: dg.AssetExecutionContext, config: IngestionConfig, source: S
     """Lands each day of the run. A breach of the error rate is the error_rate check's to report:
     the check-failure sensor turns it into one incident, resolved when the day passes again."""
     started = time.perf_counter()
+    source = as_written(source, landing)
     days = plan_days(context, config, source, sources, warehouse, landing)
     one_day = context.has_partition_key  # a one-partition run; otherwise a range (single-run backfill)
     if one_day and days[0].problem:

@@ -47,6 +47,7 @@ from assets.ingest.raw_assets import (
     ensure_tables,
     file_fingerprint,
     land_file,
+    missing_on_a_closed_day,
     record_fingerprint,
 )
 from resources.lakehouse import PARTITION_COLUMN, Lakehouse, Written
@@ -267,8 +268,7 @@ def lakehouse_ingestion_asset(source: Source, sources: tuple[Source, ...]) -> dg
         try:
             path = landing.require(source.name, day, source.landing_pattern)
         except LandingFileError as error:
-            if not (error.cause.startswith("missing") and landing.is_closed(day)
-                    and day not in landed_days(lakehouse, source.name, day)):
+            if not (missing_on_a_closed_day(landing, error, day) and day not in landed_days(lakehouse, source.name, day)):
                 raise dg.Failure(str(error), allow_retries=False) from None
             return closed_day_result(source, closed_day_note(landing, source, day, error.path), config)
         try:

@@ -341,7 +341,7 @@ def plan_days(context: dg.AssetExecutionContext, config: IngestionConfig, source
             day.path = landing.require(source.name, day.day, source.landing_pattern)
         except LandingFileError as error:
             day.problem = error
-    mark_closed_days(days, source, warehouse, landing)
+    closed = [d for d in days if missing_on_a_closed_day(landing, d.problem, d.day)]
     present = [d for d in days if d.path is not None]
     for catalog in (s for s in sources if s.asset in source.deps):
         # Records are judged against the catalog up to the day (unknown products): a new catalog means new results.
@@ -349,7 +349,9 @@ def plan_days(context: dg.AssetExecutionContext, config: IngestionConfig, source
                                   config.catalog_wait_seconds) if present else {}
         for day in present:
             day.fingerprint += f":{catalog.name}=" + digests[day.day]
-    stored = stored_batches(warehouse, source, [d.day for d in present]) if present else {}
+    looked_up = [d.day for d in present + closed]
+    stored = stored_batches(warehouse, source, looked_up) if looked_up else {}
+    mark_closed_days(closed, source, landing, stored)
     for day in present:
         day.fingerprint = file_fingerprint(day.path, source) + day.fingerprint
         day.stored = stored.get(day.day)
@@ -367,12 +369,15 @@ def as_written(source: Source, landing: LandingZone) -> Source:
 CLOSED_FINGERPRINT = "closed"
 
 
-def mark_closed_days(days: list[Day], source: Source, warehouse: DuckDBWarehouse, landing: LandingZone) -> None:
-    """A day without a file that the landing zone calls closed lands nothing: it is materialized
-    with no records, its checks pass on none, and the stages after it run. A closed day whose
-    file landed before is still a missing file: its batch in the warehouse would be unexplained."""
-    closed = [d for d in days if d.has_no_file and landing.is_closed(d.day)]
-    stored = stored_batches(warehouse, source, [d.day for d in closed]) if closed else {}
+def missing_on_a_closed_day(landing: LandingZone, problem: LandingFileError | None, day: str) -> bool:
+    """No file, on a day the landing zone calls closed (whether anything landed is the caller's to ask)."""
+    return problem is not None and problem.cause.startswith("missing") and landing.is_closed(day)
+
+
+def mark_closed_days(closed: list[Day], source: Source, landing: LandingZone, stored: dict[str, Any]) -> None:
+    """A closed day without a file lands nothing: it is materialized with no records, its checks
+    pass on none, and the stages after it run. A closed day whose file landed before (`stored`)
+    is still a missing file: its batch in the warehouse would be unexplained."""
     for day in closed:
         if day.day not in stored:
             day.closed = closed_day_note(landing, source, day.day, day.problem.path)

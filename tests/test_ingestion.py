@@ -282,8 +282,8 @@ def test_a_file_writing_us_dates_lands_with_the_timestamp_format_its_landing_zon
     """The Kaggle copy of Online Retail (and a CSV Excel saves from the UCI .xlsx) writes
     InvoiceDate as 6/1/2011 7:37. ISO 8601 only: every record is quarantined, said per record.
     LANDING_TRANSACTIONS_TIMESTAMP_FORMAT=%m/%d/%Y %H:%M: the same values as the ISO file, and a
-    changed format lands the day again (another format, other values; a wrong one that still
-    parses, day and month swapped, lands wrong days: no rule ties an order line to its day)."""
+    changed format lands the day again. A wrong one that still parses (day and month swapped)
+    reads 2011-01-06: every line is quarantined as off its batch day, none lands on a wrong day."""
     import csv
     import datetime as dt
 
@@ -322,9 +322,13 @@ def test_a_file_writing_us_dates_lands_with_the_timestamp_format_its_landing_zon
     monkeypatch.setenv("LANDING_TRANSACTIONS_TIMESTAMP_FORMAT", "%d/%m/%Y %H:%M")
     misread = materialization(materialize(raw_resources(warehouse, landing_zone(("transactions",))), partition,
                                           assets=[RAW["raw_transactions"]]), "raw_transactions")
-    assert not misread["skipped"]  # a changed format lands the day again; a wrong one that parses lands wrong days:
+    assert not misread["skipped"] and misread["valid_records"] == 0  # a changed format lands the day again
+    assert misread["quarantined_by_rule"]["invoice_date_off_the_batch_day"] == misread["input_records"]
     with warehouse.connect(read_only=True) as con:
-        assert fetch_all(con, "SELECT DISTINCT invoice_date::DATE::VARCHAR FROM raw.transactions") == [("2011-01-06",)]
+        assert fetch_scalar(con, "SELECT count(*) FROM raw.transactions") == 0
+        said = fetch_all(con, """SELECT column_name, value FROM ops.schema_errors
+                                 WHERE rule = 'invoice_date_off_the_batch_day' ORDER BY line_no LIMIT 1""")
+        assert said == [("invoice_date", "6/1/2011 7:37")]  # the value as the file wrote it
     for wrong in ("%m/%d/%Y'; DROP TABLE raw.transactions; --", "06/01/2011"):
         monkeypatch.setenv("LANDING_TRANSACTIONS_TIMESTAMP_FORMAT", wrong)
         with pytest.raises(ValueError, match="not a strftime format"):

@@ -68,7 +68,7 @@ def write(root: Path, source: str, content: bytes, name: str | None = None) -> P
 
 
 def land(warehouse, root: Path, assets: list[str], patterns: dict[str, str] | None = None,
-         asset_defs: list | None = None, suite_checks: bool = False) -> dg.ExecuteInProcessResult:
+         asset_defs: list | None = None, suite_checks: bool = False, day: str = DAY) -> dg.ExecuteInProcessResult:
     run_config = None
     if "raw_customers" in assets:
         if not any((root / "products").glob(f"{DAY}.csv*")):
@@ -78,7 +78,7 @@ def land(warehouse, root: Path, assets: list[str], patterns: dict[str, str] | No
     selected = asset_defs or [RAW[a] for a in assets]
     selected = [*selected, *(SUITE_CHECKS if suite_checks else [])]
     zone = LandingZone(root=str(root), patterns=patterns or {})
-    return dg.materialize(selected, partition_key=DAY, resources=raw_resources(warehouse, zone), raise_on_error=False,
+    return dg.materialize(selected, partition_key=day, resources=raw_resources(warehouse, zone), raise_on_error=False,
                           run_config=run_config)
 
 
@@ -331,12 +331,14 @@ def test_invalid_clock_values_are_quarantined(warehouse, tmp_path):
 def test_naive_timestamps_take_the_source_timezone(warehouse, tmp_path):
     london = dataclasses.replace(TRANSACTIONS, naive_timezone="Europe/London")
     (asset,) = [a for a in build_ingestion_assets((PRODUCTS, CUSTOMERS, london)) if a.key.to_user_string() == "raw_transactions"]
-    write(tmp_path, "transactions", "\n".join([TRANSACTIONS_HEADER, order_line("536365", date="2011-07-01 10:00:00"),
-                                               order_line("536366", date="2011-01-10 10:00:00"),
-                                               order_line("536367", date="2011-07-01T10:00:00Z")]).encode())
-    result = land(warehouse, tmp_path, ["raw_transactions"], asset_defs=[asset])
-    assert counts(result, "raw_transactions") == (3, 3, 0)
-    assert query(warehouse, "SELECT invoice_date FROM raw.transactions ORDER BY line_no") == [
+    """Summer time on a July day, Greenwich time on a January day; an offset is kept."""
+    for day, lines in (("2011-07-01", [order_line("536365", date="2011-07-01 10:00:00"),
+                                       order_line("536367", date="2011-07-01T10:00:00Z")]),
+                       ("2011-01-10", [order_line("536366", date="2011-01-10 10:00:00")])):
+        write(tmp_path, "transactions", "\n".join([TRANSACTIONS_HEADER, *lines]).encode(), name=f"{day}.csv")
+        result = land(warehouse, tmp_path, ["raw_transactions"], asset_defs=[asset], day=day)
+        assert counts(result, "raw_transactions") == (len(lines), len(lines), 0)
+    assert query(warehouse, "SELECT invoice_date FROM raw.transactions ORDER BY invoice_no") == [
         (dt.datetime(2011, 7, 1, 9, 0),), (dt.datetime(2011, 1, 10, 10, 0),), (dt.datetime(2011, 7, 1, 10, 0),)]
 
 

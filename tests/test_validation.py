@@ -389,3 +389,21 @@ def test_sql_compares_numeric_columns_as_numbers_as_gx_does(warehouse):
                                        every_row_in_sql=True)
     assert {t.rule: (t.unexpected_count, t.rows_breaking_in_sql) for t in tallies} == {
         "rank_unknown": (1, 1), "confidence_forbidden": (1, 1)}
+
+
+@pytest.mark.parametrize("zone", ["Europe/London", "Pacific/Kiritimati", "America/Los_Angeles"])
+def test_an_order_line_dated_more_than_a_day_from_its_batch_day_is_quarantined(zone):
+    """The transactions suite keeps a line dated a day either side of its file's day in the
+    source's zone; one further off (day and month swapped, a two-digit year read as 1911, a file
+    in another day's place) is quarantined, named by rule, not landed on a wrong day."""
+    suite = load_suite("transactions")
+    rules = ("invoice_date_not_a_timestamp", "invoice_date_off_the_batch_day")
+    kept = ["2011-09-01 10:00:00", "2011-08-31 23:30:00", "2011-09-01 00:00:00", "2011-09-02 23:59:00",
+            "2011-09-01T10:00:00+14:00", "2011-09-01T23:00:00-10:00"]
+    off = ["2011-01-09 10:00:00", "2011-08-29 10:00:00", "1911-09-01 10:00:00", "2011-09-04T12:00:00Z"]
+    con = staged([(v,) for v in kept + off], ["invoice_date"])
+    expectations = tuple(e for e in suite.expectations if e["meta"]["rule"] in rules)
+    quarantine(con, Suite("t", expectations, "d"), "stg", {"invoice_date", "line_no"}, "'k'", "failures",
+               "2011-09-01", naive_timezone=zone)
+    assert fetch_all(con, "SELECT line_no, rule FROM failures ORDER BY 1") == [
+        (len(kept) + i, "invoice_date_off_the_batch_day") for i in range(1, len(off) + 1)]

@@ -37,7 +37,7 @@ from assets.common.metadata import markdown_table
 from assets.common.partitions import daily_partitions
 from assets.common.range_runs import asset_check_outputs, partition_check_evaluation
 from assets.common.sources import SOURCES, Source, personal_columns
-from assets.validate.rules import SUITE_PARAMETERS, Suite, count_rule_breaks, load_suite
+from assets.validate.rules import Suite, count_rule_breaks, load_suite, suite_parameter_values
 from resources.background import import_in_background
 from resources.redaction import mask_column
 from resources.warehouse import DuckDBWarehouse, fetch_all, fetch_scalar, parquet_batches, step_priority, table_exists
@@ -149,7 +149,7 @@ def _export_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, part
         if every_row_in_sql and only:  # the rows in scope once (`only` costs a semi-join), then SQL counts and GX's sample
             con.execute(f"CREATE OR REPLACE TEMP TABLE rows_in_scope AS {scope}", params)
             source, params = "rows_in_scope", {}
-            breaks = count_rule_breaks(con, suite, source)
+            breaks = count_rule_breaks(con, suite, source, where_params={"partition_date": partition_date})
         elif every_row_in_sql:  # a partition or a whole table: counted where it is stored, in one pass a rule kind
             breaks = count_rule_breaks(con, suite, table, where, params)
         rows = fetch_scalar(con, f"SELECT count(*) FROM {source}", params) if only else total
@@ -158,8 +158,7 @@ def _export_partition(warehouse: DuckDBWarehouse, suite: Suite, table: str, part
         sampled = (f"WHERE hash({select}) % {SAMPLE_BUCKETS} < {max(1, SAMPLE_BUCKETS * max_rows // rows)}"
                    if max_rows and rows > max_rows else "")
         con.execute(f"COPY (SELECT {select} FROM {source} {sampled} {order}) TO '{export}' (FORMAT parquet)", params)
-        parameters = {name: [r[0] for r in fetch_all(con, sql, {"partition_date": partition_date})]
-                      for name, sql in SUITE_PARAMETERS.items() if _suite_uses(suite, name)}
+        parameters = suite_parameter_values(con, suite, partition_date)
     return int(total), parameters, breaks
 
 
@@ -216,10 +215,6 @@ def _judged_column(expectation: dict[str, Any]) -> str | None:
 def _expectation_columns(expectation: dict[str, Any]) -> list[str]:
     kwargs = expectation.get("kwargs", {})
     return list(kwargs.get("column_list", [])) + ([kwargs["column"]] if "column" in kwargs else [])
-
-
-def _suite_uses(suite: Suite, parameter: str) -> bool:
-    return parameter in json.dumps(suite.expectations)
 
 
 def suite_check_result(suite: Suite, tallies: list[ExpectationTally], validated: int, total: int,

@@ -36,11 +36,48 @@ if TYPE_CHECKING:
 
 EXPECTATIONS_DIR = Path(__file__).resolve().parents[2] / "expectations"
 
-# Suite parameters (`{"$PARAMETER": name}`) and the SQL that gives their values for a partition.
+
+@dataclass(frozen=True)
+class SuiteParameter:
+    """The SQL that gives a suite parameter's value for a partition ($partition_date): a set of
+    values (`be_in_set`) or one value (a `be_between` bound)."""
+
+    sql: str
+    is_set: bool = False
+
+
+# Suite parameters (`{"$PARAMETER": name}` in a suite) and how a partition gives their values.
 SUITE_PARAMETERS = {
-    "known_product_ids": "SELECT DISTINCT product_id FROM raw.products"
-    " WHERE partition_date <= $partition_date AND product_id IS NOT NULL",
+    "known_product_ids": SuiteParameter("SELECT DISTINCT product_id FROM raw.products"
+                                        " WHERE partition_date <= $partition_date AND product_id IS NOT NULL", is_set=True),
+    # A batch's times, in UTC: its day and a day either side in the source's own time (a late
+    # line, a file cut after midnight) is, in any time zone (-12 to +14 hours), within two days of
+    # it in UTC. Online Retail keeps every line on its file's day.
+    "batch_window_start": SuiteParameter("SELECT CAST($partition_date AS DATE) - INTERVAL 2 DAY"),
+    "batch_window_end": SuiteParameter("SELECT CAST($partition_date AS DATE) + INTERVAL 3 DAY"),
 }
+
+
+def suite_parameter(value: Any) -> SuiteParameter | None:
+    """The parameter a suite value names (`{"$PARAMETER": name}`), or None for a literal."""
+    if not (isinstance(value, dict) and "$PARAMETER" in value):
+        return None
+    name = value["$PARAMETER"]
+    if name not in SUITE_PARAMETERS:
+        raise ValueError(f"suite parameter {name!r} is not defined; known: {sorted(SUITE_PARAMETERS)}")
+    return SUITE_PARAMETERS[name]
+
+
+def suite_parameter_values(con: duckdb.DuckDBPyConnection, suite: "Suite", partition_date: str | None) -> dict[str, Any]:
+    """The values of the parameters a suite uses, for GX (`expectation_parameters`)."""
+    used = json.dumps(suite.expectations)
+    values = {}
+    for name, parameter in SUITE_PARAMETERS.items():
+        if f'"{name}"' not in used:
+            continue
+        rows = con.execute(parameter.sql, {"partition_date": partition_date}).fetchall()
+        values[name] = [r[0] for r in rows] if parameter.is_set else rows[0][0]
+    return values
 
 # What a column must cast to, by the numpy dtype name GX checks on the landed table.
 DUCKDB_TYPES = {
@@ -275,6 +312,8 @@ def count_rule_breaks(con: duckdb.DuckDBPyConnection, suite: Suite, relation: st
                 rule_params = {f"{p}set": [float(v) for v in kwargs["value_set"]]}
             else:
                 fails, rule_params = _fails(kind, kwargs, value, "VARCHAR", p)
+        elif kind == "expect_column_values_to_be_between" and column_type != "VARCHAR":  # a landed TIMESTAMP
+            fails, rule_params = _between(column, column_type, kwargs, f"p{position}_")
         elif kind == "expect_column_values_to_be_of_type" and column_type != "VARCHAR":
             # a typed column (a landed TIMESTAMP): GX reads its values as they are, not as text
             fails, rule_params = f"{column} IS NOT NULL AND TRY_CAST({column} AS {duckdb_type(kwargs['type_'])}) IS NULL", {}
@@ -295,11 +334,11 @@ def _used(params: dict[str, Any], sql: str) -> dict[str, Any]:
 
 
 def _membership(value_set: Any, text: str, prefix: str) -> tuple[str, dict]:
-    if isinstance(value_set, dict) and "$PARAMETER" in value_set:
-        name = value_set["$PARAMETER"]
-        if name not in SUITE_PARAMETERS:
-            raise ValueError(f"suite parameter {name!r} is not defined; known: {sorted(SUITE_PARAMETERS)}")
-        return f"{text} IN ({SUITE_PARAMETERS[name]})", {}
+    parameter = suite_parameter(value_set)
+    if parameter is not None:
+        if not parameter.is_set:
+            raise ValueError(f"suite parameter {value_set['$PARAMETER']!r} is one value, not a set")
+        return f"{text} IN ({parameter.sql})", {}
     return f"list_contains(${prefix}set::VARCHAR[], {text})", {f"{prefix}set": [str(v) for v in value_set]}
 
 
@@ -310,6 +349,12 @@ def _between(value_sql: str, value_type: str, kwargs: dict[str, Any], prefix: st
             continue
         name = f"{prefix}{bound}"
         operator = ("<=" if kwargs.get(strict_key) else "<") if low else (">=" if kwargs.get(strict_key) else ">")
+        parameter = suite_parameter(kwargs[bound])
+        if parameter is not None and parameter.is_set:
+            raise ValueError(f"suite parameter {kwargs[bound]['$PARAMETER']!r} is a set, not a bound")
+        if parameter is not None:  # SQL from code: its value for the partition ($partition_date)
+            conditions.append(f"{value_sql} {operator} CAST(({parameter.sql}) AS {value_type})")
+            continue
         conditions.append(f"{value_sql} {operator} CAST(${name} AS {value_type})")
         params[name] = kwargs[bound]
     if not conditions:

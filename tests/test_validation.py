@@ -152,8 +152,12 @@ def test_the_suite_check_finds_bad_rows_even_across_batches(warehouse, faulty_la
                        ORDER BY customer_id LIMIT 1 OFFSET ?""", [day(0), chunk_rows - 1])
         con.execute("""UPDATE raw.customer_purchases SET amount = -1
                        WHERE (line_no, item_no) IN (SELECT (line_no, item_no) FROM raw.customer_purchases LIMIT 1)""")
+        # a line three days before its batch day: GX reads the window from the suite's parameters
+        con.execute("""UPDATE raw.transactions SET invoice_date = invoice_date - INTERVAL 3 DAY
+                       WHERE line_no = (SELECT max(line_no) FROM raw.transactions)""")
     for table, rule, batch in (("customers", "customer_id_duplicate", chunk_rows),
-                               ("customer_purchases", "amount_negative", 2_000)):
+                               ("customer_purchases", "amount_negative", 2_000),
+                               ("transactions", "invoice_date_off_the_batch_day", 2_000)):
         suite = load_suite(table)
         tallies, validated, total = validate_partition(warehouse, suite, f"raw.{table}", day(0), chunk_rows=batch)
         failed = {t.rule: t.unexpected_count for t in tallies if not t.success}

@@ -10,7 +10,8 @@ import dagster as dg
 from resources.alerts import Alerts
 from resources.compute_engine import ComputeEngine
 from resources.lakehouse import Lakehouse
-from resources.landing import DEFAULT_LANDING_DIR, LandingZone, checked_strftime_format, parse_days, parse_weekdays
+from resources.landing import (DEFAULT_LANDING_DIR, LandingZone, checked_encoding, checked_strftime_format, parse_days,
+                               parse_weekdays)
 from resources.model_clients import ChatModel, EmbeddingModel
 from resources.warehouse import DEFAULT_STEP_MEMORY_BUDGET, DEFAULT_WAREHOUSE_PATH, DuckDBWarehouse
 
@@ -91,13 +92,17 @@ def compute_engine() -> ComputeEngine:
 def landing_zone(source_names: tuple[str, ...]) -> LandingZone:
     """LANDING_DIR, and LANDING_<SOURCE>_PATTERN to point one source elsewhere (e.g. Online Retail);
     LANDING_<SOURCE>_TIMESTAMP_FORMAT (strftime) for files that do not write ISO 8601 timestamps;
+    LANDING_<SOURCE>_ENCODING (latin-1, cp1252...) for files not written in UTF-8;
     LANDING_CLOSED_WEEKDAYS (e.g. Sat) and LANDING_CLOSED_DAYS (YYYY-MM-DD, comma-separated): the
     days no file comes, which land as closed days and are not expected by the freshness sensor."""
     patterns = {source: os.environ[f"LANDING_{source.upper()}_PATTERN"]
                 for source in source_names if os.getenv(f"LANDING_{source.upper()}_PATTERN")}
     formats = {source: checked_strftime_format(os.environ[f"LANDING_{source.upper()}_TIMESTAMP_FORMAT"])
                for source in source_names if os.getenv(f"LANDING_{source.upper()}_TIMESTAMP_FORMAT")}
+    encodings = {source: encoding for source in source_names if os.getenv(f"LANDING_{source.upper()}_ENCODING")
+                 and (encoding := checked_encoding(os.environ[f"LANDING_{source.upper()}_ENCODING"]))}
     return LandingZone(root=os.getenv("LANDING_DIR", DEFAULT_LANDING_DIR), patterns=patterns, timestamp_formats=formats,
+                       encodings=encodings,
                        closed_weekdays=parse_weekdays(os.getenv("LANDING_CLOSED_WEEKDAYS", "")),
                        closed_days=parse_days(os.getenv("LANDING_CLOSED_DAYS", "")))
 

@@ -9,6 +9,7 @@ from the generator.
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import glob
 import os
@@ -42,6 +43,9 @@ class LandingZone(dg.ConfigurableResource):
     timestamp_formats: dict[str, str] = Field(
         default_factory=dict, description="Source name -> the strftime format its files write timestamps in "
                                           "(e.g. %m/%d/%Y %H:%M), when it is not ISO 8601.")
+    encodings: dict[str, str] = Field(
+        default_factory=dict, description="Source name -> the single-byte text encoding its files are written in "
+                                          "(e.g. latin-1, cp1252), when it is not UTF-8; read as UTF-8 after.")
 
     def is_closed(self, partition_date: str | dt.date) -> bool:
         """A day the shop sends no file: its weekday or the day itself is configured closed."""
@@ -99,6 +103,26 @@ def checked_strftime_format(text: str) -> str:
     if not STRFTIME_FORMAT.fullmatch(text) or "%" not in text:
         raise ValueError(f"timestamp format {text!r} is not a strftime format such as %m/%d/%Y %H:%M")
     return text
+
+
+ASCII = bytes(range(128))
+
+
+def checked_encoding(name: str) -> str | None:
+    """A file encoding this ingestion can read: UTF-8 (None, the default) or a single-byte codec
+    that keeps ASCII (latin-1, cp1252, iso-8859-15...), whose lines end where the file's bytes say
+    (byte ranges of shards stay whole lines). Its canonical name; a ValueError names a wrong one."""
+    try:
+        codec = codecs.lookup(name).name
+    except LookupError:
+        raise ValueError(f"encoding {name!r} is not a known text encoding (e.g. latin-1, cp1252)") from None
+    if codec == "utf-8":
+        return None
+    single_byte = len(bytes(range(256)).decode(codec, "replace")) == 256
+    if not single_byte or ASCII.decode(codec, "replace") != ASCII.decode("ascii"):
+        raise ValueError(f"encoding {name!r} is not a single-byte encoding that keeps ASCII (e.g. latin-1, cp1252): "
+                         "convert the files to UTF-8")
+    return codec
 
 
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")

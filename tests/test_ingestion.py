@@ -335,6 +335,43 @@ def test_a_file_writing_us_dates_lands_with_the_timestamp_format_its_landing_zon
             landing_zone(("transactions",))
 
 
+def test_a_latin_1_file_lands_as_its_utf8_copy_with_the_encoding_its_landing_zone_sets(
+        warehouse, online_retail_dir, tmp_path, monkeypatch):
+    """The Kaggle copy of Online Retail is Latin-1: read as UTF-8, its "£" lines are quarantined
+    as bad_encoding (said per line, nothing lost). LANDING_TRANSACTIONS_ENCODING=latin-1: the day
+    lands again (the encoding is in the fingerprint) with the rows of the UTF-8 file, "£" included."""
+    from resources import landing_zone
+
+    partition = "2011-01-05"
+    latin_1 = tmp_path / "latin-1" / "transactions" / f"{partition}.csv"
+    latin_1.parent.mkdir(parents=True)
+    latin_1.write_text((online_retail_dir / f"{partition}.csv").read_text(encoding="utf-8"), encoding="latin-1")
+    as_utf8 = materialization(materialize(raw_resources(warehouse, LandingZone(root=str(tmp_path / "latin-1"))),
+                                          partition, assets=[RAW["raw_transactions"]]), "raw_transactions")
+    assert as_utf8["quarantined_by_rule"]["bad_encoding"] == 2
+
+    monkeypatch.setenv("LANDING_DIR", str(tmp_path / "latin-1"))
+    monkeypatch.setenv("LANDING_TRANSACTIONS_ENCODING", "latin-1")
+    zone = landing_zone(("transactions",))
+    assert zone.encodings == {"transactions": "iso8859-1"}
+    read = materialization(materialize(raw_resources(warehouse, zone), partition, assets=[RAW["raw_transactions"]]),
+                           "raw_transactions")
+    assert not read["skipped"] and "bad_encoding" not in read["quarantined_by_rule"]
+    assert read["valid_records"] == as_utf8["valid_records"] + 2
+    rows = "SELECT * EXCLUDE (partition_date) FROM raw.transactions ORDER BY line_no"
+    with warehouse.connect(read_only=True) as con:
+        landed = fetch_all(con, rows)
+    utf8_warehouse = type(warehouse)(path=str(tmp_path / "utf8.duckdb"), memory_limit="512MB")
+    utf8_zone = LandingZone(root=str(online_retail_dir), patterns={"transactions": "{date}.csv"})
+    materialize(raw_resources(utf8_warehouse, utf8_zone), partition, assets=[RAW["raw_transactions"]])
+    with utf8_warehouse.connect(read_only=True) as con:
+        assert landed == fetch_all(con, rows) and sum("£" in str(row) for row in landed) == 2
+    for wrong in ("utf-16", "no-such-codec"):
+        monkeypatch.setenv("LANDING_TRANSACTIONS_ENCODING", wrong)
+        with pytest.raises(ValueError, match="encoding"):
+            landing_zone(("transactions",))
+
+
 def test_the_code_location_loads_the_ingestion_assets_checks_and_resources():
     from definitions import defs
 

@@ -62,6 +62,9 @@ class Source:
     # Timestamps written another way than ISO 8601 (e.g. "%m/%d/%Y %H:%M"): set per deployment on
     # the landing zone (LANDING_<SOURCE>_TIMESTAMP_FORMAT), which ingestion copies here.
     timestamp_format: str | None = None
+    # Files written in a single-byte encoding (latin-1, cp1252), not UTF-8: set on the landing zone
+    # (LANDING_<SOURCE>_ENCODING) and copied here, like the timestamp format.
+    encoding: str | None = None
     # JSON sources: accept a string holding a number ("12.5") where a number is expected. Off by
     # default: a string amount is quarantined as `amount_not_a_number`, never silently cast.
     numeric_strings: bool = False

@@ -86,7 +86,7 @@ def shard_plan(source: Source, path: Path, shard_bytes: int) -> list[tuple[int, 
     cannot) raises here, as the whole-file read would."""
     if shard_bytes <= 0 or path.stat().st_size <= shard_bytes:
         return None
-    with open_text_bytes(source.name, path) as (stream, notes):  # the start-of-file checks
+    with open_text_bytes(source.name, path, encoding=source.encoding) as (stream, notes):  # the start-of-file checks
         if notes["compression"] or b"\n" not in stream.read(READ_BLOCK_BYTES):
             return None
     # the shard at 0 holds a CSV file's header
@@ -159,7 +159,7 @@ def stage_in_shards(con: duckdb.DuckDBPyConnection, source: Source, path: Path, 
         for table in (f"stg_{part.name}", f"failures_{part.name}"):
             con.execute(f"DELETE FROM {table} WHERE line_no IN (SELECT line_no FROM failures_{first.name})")
         validate_staged(con, part, day, source.naive_timezone, across_rows=True, timestamp_format=source.timestamp_format)
-    with open_text_bytes(source.name, path) as (stream, notes):
+    with open_text_bytes(source.name, path, encoding=source.encoding) as (stream, notes):
         line_ending = "CRLF" if b"\r\n" in stream.read(READ_BLOCK_BYTES) else "LF"
     notes.update(line_ending=line_ending, physical_lines=sum(c["lines"] for c in counts), shards=len(ranges),
                  shards_engine=sharding.engine.describe()["engine"],

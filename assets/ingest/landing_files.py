@@ -102,9 +102,10 @@ class Staged:
 # ---------------------------------------------------------------------------------------------
 
 @contextmanager
-def open_text_bytes(source: str, path: Path, byte_range: tuple[int, ...] | None = None
+def open_text_bytes(source: str, path: Path, byte_range: tuple[int, ...] | None = None, encoding: str | None = None
                     ) -> Iterator[tuple[BinaryIO, dict[str, Any]]]:
-    """The file's bytes as UTF-8 text bytes (gunzipped, BOM removed), with notes on what was done.
+    """The file's bytes as UTF-8 text bytes (gunzipped, BOM removed, and from `encoding`, a
+    single-byte one the landing zone sets for the source, when not UTF-8), with notes on what was done.
 
     LandingFileError (path and cause in one line) when the name and the bytes disagree about gzip,
     or the bytes are another encoding or format. `byte_range` (start, end): only those bytes of a
@@ -115,7 +116,7 @@ def open_text_bytes(source: str, path: Path, byte_range: tuple[int, ...] | None 
     if byte_range is not None and byte_range[0] > 0:
         with open(path, "rb", buffering=READ_BLOCK_BYTES) as raw:
             raw.seek(byte_range[0])
-            yield ByteRangeReader(raw, byte_range[1], read_on), {"compression": None, "bom": False}
+            yield as_utf8(ByteRangeReader(raw, byte_range[1], read_on), encoding), {"compression": None, "bom": False}
         return
     with open(path, "rb", buffering=READ_BLOCK_BYTES) as raw:
         named_gzip = path.name.lower().endswith(".gz")
@@ -140,7 +141,31 @@ def open_text_bytes(source: str, path: Path, byte_range: tuple[int, ...] | None 
             stream.read(len(UTF8_BOM))
         if byte_range is not None:
             stream = ByteRangeReader(stream, byte_range[1], read_on)
-        yield stream, {"compression": "gzip" if is_gzip else None, "bom": bom}
+        yield as_utf8(stream, encoding), {"compression": "gzip" if is_gzip else None, "bom": bom}
+
+
+def as_utf8(stream: BinaryIO, encoding: str | None) -> BinaryIO:
+    """The stream, or with a single-byte `encoding` its bytes re-encoded as UTF-8 as they are read."""
+    return Reencoded(stream, encoding) if encoding else stream
+
+
+class Reencoded:
+    """A single-byte encoding's bytes (checked by resources.landing.checked_encoding) as UTF-8.
+    Each byte is one character, so any piece converts alone and lines end where the file's do. A
+    byte the encoding leaves undefined (cp1252's 0x81) stays as it is: not UTF-8, so its line is
+    quarantined as bad_encoding, like any undecodable line."""
+
+    def __init__(self, stream: BinaryIO, encoding: str):
+        self.stream, self.encoding = stream, encoding
+
+    def _utf8(self, data: bytes) -> bytes:
+        return data if data.isascii() else data.decode(self.encoding, "surrogateescape").encode("utf-8", "surrogateescape")
+
+    def read(self, size: int = -1) -> bytes:
+        return self._utf8(self.stream.read(size))
+
+    def peek(self, size: int) -> bytes:
+        return self._utf8(self.stream.peek(size))
 
 
 class ByteRangeReader:
@@ -701,7 +726,7 @@ class CsvShard:
 def read_csv_header(source: Source, path: Path) -> tuple[CsvHeader, int]:
     """A CSV file's header and the line its record ends on, read (and refused) as the whole file's
     read does."""
-    with open_text_bytes(source.name, path) as (stream, _):
+    with open_text_bytes(source.name, path, encoding=source.encoding) as (stream, _):
         records = CsvRecords(LineReader(source.name, path, stream), sniff_delimiter(stream.peek(READ_BLOCK_BYTES), source))
         _, _, header = _parse_csv(source, path, records, header_only=True)
     return header, records.header_end
@@ -717,7 +742,7 @@ def stage_csv(con: duckdb.DuckDBPyConnection, path: Path, source: Source, shard:
     if shard is not None:
         stop_line = count_lines(path, shard.start, shard.end)
         byte_range = (offset_after_lines(path, shard.start, shard.skip), shard.end, SEEK_BYTES)
-    with open_text_bytes(source.name, path, byte_range) as (stream, notes):
+    with open_text_bytes(source.name, path, byte_range, source.encoding) as (stream, notes):
         reader = LineReader(source.name, path, stream, detect_line_ending=shard is None)
         reader.lines_read = shard.skip if shard else 0
         header = shard.header if shard else None
@@ -809,7 +834,7 @@ def stage_customers(con: duckdb.DuckDBPyConnection, path: Path, source: Source,
     `byte_range`: one shard of an LF-terminated file (its lines numbered from 1; a shard may hold
     no record: only the whole file must hold one)."""
     _create_work_tables(con)
-    with open_text_bytes(source.name, path, byte_range) as (stream, notes):
+    with open_text_bytes(source.name, path, byte_range, source.encoding) as (stream, notes):
         reader = LineReader(source.name, path, stream, detect_line_ending=byte_range is None,
                             block_bytes=JSON_BLOCK_BYTES)
         batches = JsonLineBatches(reader)
@@ -868,7 +893,7 @@ def line_texts(source: Source, path: Path, wanted: np.ndarray,
     """The text of some lines of a file (sorted line numbers), read again: only the quarantined
     records' raw text is needed, and keeping every line while parsing would hold the whole file."""
     found: list[tuple[int, str]] = []
-    with open_text_bytes(source.name, path) as (stream, _):
+    with open_text_bytes(source.name, path, encoding=source.encoding) as (stream, _):
         reader = LineReader(source.name, path, stream, block_bytes=block_bytes)
         for block in reader.blocks():
             last = block.first_line + len(block.ends) - 1

@@ -48,7 +48,7 @@ from assets.ingest.file_shards import Sharding, shard_plan, stage_in_shards
 from assets.ingest.landing_files import READERS, Staged, create_from_arrow, line_texts, stage_and_judge
 from assets.validate.rules import load_suite, typed
 from resources.compute_engine import ComputeEngine
-from resources.landing import LandingFileError, LandingZone, checked_strftime_format
+from resources.landing import LandingFileError, LandingZone, checked_encoding, checked_strftime_format
 from resources.memory import parse_size
 from resources.warehouse import DuckDBWarehouse, fetch_all, rebudget, step_pool, table_exists
 
@@ -185,6 +185,7 @@ def file_fingerprint(path: Path, source: Source) -> str:
         while block := handle.read(HASH_BLOCK_BYTES):
             digest.update(block)
     read_as = f":tf={source.timestamp_format}" if source.timestamp_format else ""  # another format, other values
+    read_as += f":enc={source.encoding}" if source.encoding else ""
     return f"{digest.hexdigest()[:32]}:{suites_digest(source)}:p{PARSER_VERSION}{read_as}"
 
 
@@ -360,10 +361,11 @@ def plan_days(context: dg.AssetExecutionContext, config: IngestionConfig, source
 
 
 def as_written(source: Source, landing: LandingZone) -> Source:
-    """The source as this deployment's files write it: its timestamp format, when the landing zone
-    sets one (the fingerprint holds it: another format lands other values)."""
-    written = landing.timestamp_formats.get(source.name)
-    return replace(source, timestamp_format=checked_strftime_format(written)) if written else source
+    """The source as this deployment's files write it: its timestamp format and text encoding,
+    when the landing zone sets them (the fingerprint holds both: read another way, other values)."""
+    written, encoding = landing.timestamp_formats.get(source.name), landing.encodings.get(source.name)
+    return replace(source, timestamp_format=checked_strftime_format(written) if written else source.timestamp_format,
+                   encoding=checked_encoding(encoding) if encoding else source.encoding)
 
 
 CLOSED_FINGERPRINT = "closed"

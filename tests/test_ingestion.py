@@ -12,7 +12,7 @@ import pytest
 from resources.landing import LandingFileError, LandingZone
 from resources.warehouse import fetch_all, fetch_scalar
 from assets.common.sources import CUSTOMERS, PRODUCTS, TRANSACTIONS
-from assets.ingest import landing_files, raw_assets
+from assets.ingest import accounting, landing_files, raw_assets
 from tests.ingestion_support import (
     RAW, check_results, day, generate_landing, materialization, materialize, raw_resources, snapshot,
 )
@@ -299,9 +299,13 @@ def test_a_file_writing_us_dates_lands_with_the_timestamp_format_its_landing_zon
         for row in rows:
             when = dt.datetime.fromisoformat(row[4])
             writer.writerow([*row[:4], f"{when.month}/{when.day}/{when.year} {when.hour}:{when.minute:02d}", *row[5:]])
-    iso_only = materialization(materialize(raw_resources(warehouse, LandingZone(root=str(tmp_path / "us"))), partition,
-                                           assets=[RAW["raw_transactions"]]), "raw_transactions")
+    iso_run = materialize(raw_resources(warehouse, LandingZone(root=str(tmp_path / "us"))), partition,
+                          assets=[RAW["raw_transactions"]])
+    iso_only = materialization(iso_run, "raw_transactions")
     assert iso_only["valid_records"] == 0 and set(iso_only["quarantined_by_rule"]) >= {"invoice_date_not_a_timestamp"}
+    error_rate = check_results(iso_run)[("raw_transactions", "error_rate")]  # what to set, said where it fails
+    assert not error_rate.passed and "most: invoice_date_not_a_timestamp (1456): timestamps that are not ISO 8601: " \
+        "set LANDING_TRANSACTIONS_TIMESTAMP_FORMAT" in error_rate.description
 
     monkeypatch.setenv("LANDING_DIR", str(tmp_path / "us"))
     monkeypatch.setenv("LANDING_TRANSACTIONS_TIMESTAMP_FORMAT", "%m/%d/%Y %H:%M")
@@ -320,8 +324,11 @@ def test_a_file_writing_us_dates_lands_with_the_timestamp_format_its_landing_zon
         assert landed == fetch_all(con, "SELECT invoice_no, stock_code, invoice_date FROM raw.transactions ORDER BY ALL")
 
     monkeypatch.setenv("LANDING_TRANSACTIONS_TIMESTAMP_FORMAT", "%d/%m/%Y %H:%M")
-    misread = materialization(materialize(raw_resources(warehouse, landing_zone(("transactions",))), partition,
-                                          assets=[RAW["raw_transactions"]]), "raw_transactions")
+    misread_run = materialize(raw_resources(warehouse, landing_zone(("transactions",))), partition,
+                              assets=[RAW["raw_transactions"]])
+    misread = materialization(misread_run, "raw_transactions")
+    assert "most: invoice_date_off_the_batch_day (1456): dates far from the file's day: is LANDING_TRANSACTIONS_" \
+        "TIMESTAMP_FORMAT right" in check_results(misread_run)[("raw_transactions", "error_rate")].description
     assert not misread["skipped"] and misread["valid_records"] == 0  # a changed format lands the day again
     assert misread["quarantined_by_rule"]["invoice_date_off_the_batch_day"] == misread["input_records"]
     with warehouse.connect(read_only=True) as con:
@@ -370,6 +377,23 @@ def test_a_latin_1_file_lands_as_its_utf8_copy_with_the_encoding_its_landing_zon
         monkeypatch.setenv("LANDING_TRANSACTIONS_ENCODING", wrong)
         with pytest.raises(ValueError, match="encoding"):
             landing_zone(("transactions",))
+
+
+def test_a_failed_error_rate_names_the_rule_that_took_the_most_records_and_what_to_set():
+    """A whole file written another way than expected breaks one rule in most records: the failed
+    check names it, and for the encoding and timestamp rules the setting to look at."""
+    from assets.ingest.accounting import BatchCounts, TableCounts
+
+    def error_rate(by_rule: dict[str, int], bad: int) -> dg.AssetCheckResult:
+        counts = BatchCounts({"transactions": TableCounts(100, 100 - bad, bad, by_rule)}, bad)
+        return next(r for r in accounting.check_results(TRANSACTIONS, counts, 0.05) if r.check_name == "error_rate")
+
+    latin_1 = error_rate({"bad_encoding": 40, "duplicate_line": 2}, 42)
+    assert not latin_1.passed and latin_1.description.endswith(
+        "; most: bad_encoding (40): lines that are not UTF-8: if the files are Latin-1 or cp1252, "
+        "set LANDING_TRANSACTIONS_ENCODING")
+    assert error_rate({"unit_price_negative": 9}, 9).description.endswith("; most: unit_price_negative (9)")
+    assert "most:" not in error_rate({"bad_encoding": 2}, 2).description  # within the rate: nothing to look at
 
 
 def test_the_code_location_loads_the_ingestion_assets_checks_and_resources():

@@ -108,6 +108,30 @@ def check_specs(asset: str) -> list[dg.AssetCheckSpec]:
     ]
 
 
+# What to check first when a rule takes the most records of a batch over the error rate: the
+# rules a whole file breaks when it is written another way than the landing zone expects.
+RULE_HINTS = {
+    "bad_encoding": "lines that are not UTF-8: if the files are Latin-1 or cp1252, set LANDING_{SOURCE}_ENCODING",
+    "_not_a_timestamp": "timestamps that are not ISO 8601: set LANDING_{SOURCE}_TIMESTAMP_FORMAT to the files' "
+                        "strftime format (e.g. %m/%d/%Y %H:%M)",
+    "_off_the_batch_day": "dates far from the file's day: is LANDING_{SOURCE}_TIMESTAMP_FORMAT right (day and month "
+                          "swapped?), or is the file in another day's place?",
+}
+
+
+def most_broken_rule(source: Source, counts: BatchCounts) -> str:
+    """The rule that quarantined the most records of the batch, with a hint when it has one."""
+    by_rule: dict[str, int] = {}
+    for table_counts in counts.tables.values():
+        for rule, n in table_counts.by_rule.items():
+            by_rule[rule] = by_rule.get(rule, 0) + n
+    if not by_rule:
+        return ""
+    rule, n = max(by_rule.items(), key=lambda item: (item[1], item[0]))
+    hint = next((text for suffix, text in RULE_HINTS.items() if rule.endswith(suffix)), None)
+    return f"; most: {rule} ({n})" + (f": {hint.format(SOURCE=source.name.upper())}" if hint else "")
+
+
 def check_results(source: Source, counts: BatchCounts, max_error_rate: float,
                   min_records_for_error: int = 50, asset: str | None = None) -> list[dg.AssetCheckResult]:
     """The checks' verdicts on a batch's counts, for `asset` (default: the source's raw asset)."""
@@ -133,7 +157,7 @@ def check_results(source: Source, counts: BatchCounts, max_error_rate: float,
             severity=dg.AssetCheckSeverity.WARN if small else dg.AssetCheckSeverity.ERROR,
             description=(f"above {max_error_rate:.1%}" if too_high else f"within {max_error_rate:.1%}")
             + (f" (a batch under {min_records_for_error} records: WARN)" if too_high and small else "")
-            + f": {described}",
+            + f": {described}" + (most_broken_rule(source, counts) if too_high else ""),
             # Floats, so that the check's page plots the measured rate over the partitions.
             metadata={**{name: float(rate) for name, rate in counts.rates.items()}, "bad_records": counts.bad_records,
                       "input_records": records, "max_error_rate": float(max_error_rate),

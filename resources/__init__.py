@@ -99,10 +99,10 @@ def landing_zone(source_names: tuple[str, ...]) -> LandingZone:
                 for source in source_names if os.getenv(f"LANDING_{source.upper()}_PATTERN")}
     formats = {source: checked_strftime_format(os.environ[f"LANDING_{source.upper()}_TIMESTAMP_FORMAT"])
                for source in source_names if os.getenv(f"LANDING_{source.upper()}_TIMESTAMP_FORMAT")}
-    encodings = {source: encoding for source in source_names if os.getenv(f"LANDING_{source.upper()}_ENCODING")
-                 and (encoding := checked_encoding(os.environ[f"LANDING_{source.upper()}_ENCODING"]))}
+    encodings = {source: checked_encoding(os.environ[f"LANDING_{source.upper()}_ENCODING"])
+                 for source in source_names if os.getenv(f"LANDING_{source.upper()}_ENCODING")}
     return LandingZone(root=os.getenv("LANDING_DIR", DEFAULT_LANDING_DIR), patterns=patterns, timestamp_formats=formats,
-                       encodings=encodings,
+                       encodings={source: name for source, name in encodings.items() if name},  # None: UTF-8
                        closed_weekdays=parse_weekdays(os.getenv("LANDING_CLOSED_WEEKDAYS", "")),
                        closed_days=parse_days(os.getenv("LANDING_CLOSED_DAYS", "")))
 

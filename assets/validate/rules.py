@@ -79,6 +79,7 @@ def suite_parameter_values(con: duckdb.DuckDBPyConnection, suite: "Suite", parti
         values[name] = [r[0] for r in rows] if parameter.is_set else rows[0][0]
     return values
 
+
 # What a column must cast to, by the numpy dtype name GX checks on the landed table.
 DUCKDB_TYPES = {
     "float64": "DOUBLE", "float32": "DOUBLE", "float": "DOUBLE",

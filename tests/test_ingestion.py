@@ -277,6 +277,22 @@ def test_online_retail_days_ingest_with_their_quirks(warehouse, online_retail_di
     assert others == 0
 
 
+def land_transactions(warehouse, zone: LandingZone, partition: str) -> tuple[dg.ExecuteInProcessResult, dict]:
+    """A run of raw_transactions for the day, and its materialization's metadata."""
+    run = materialize(raw_resources(warehouse, zone), partition, assets=[RAW["raw_transactions"]])
+    return run, materialization(run, "raw_transactions")
+
+
+def zone_from_environment(monkeypatch, root: Path, **variables: str) -> LandingZone:
+    """The landing zone the code location builds from LANDING_DIR and the given variables."""
+    from resources import landing_zone
+
+    monkeypatch.setenv("LANDING_DIR", str(root))
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    return landing_zone(("transactions",))
+
+
 def test_a_file_writing_us_dates_lands_with_the_timestamp_format_its_landing_zone_sets(
         warehouse, online_retail_dir, tmp_path, monkeypatch):
     """The Kaggle copy of Online Retail (and a CSV Excel saves from the UCI .xlsx) writes
@@ -286,8 +302,6 @@ def test_a_file_writing_us_dates_lands_with_the_timestamp_format_its_landing_zon
     reads 2011-01-06: every line is quarantined as off its batch day, none lands on a wrong day."""
     import csv
     import datetime as dt
-
-    from resources import landing_zone
 
     partition = "2011-06-01"
     us_dates = tmp_path / "us" / "transactions" / f"{partition}.csv"
@@ -299,20 +313,15 @@ def test_a_file_writing_us_dates_lands_with_the_timestamp_format_its_landing_zon
         for row in rows:
             when = dt.datetime.fromisoformat(row[4])
             writer.writerow([*row[:4], f"{when.month}/{when.day}/{when.year} {when.hour}:{when.minute:02d}", *row[5:]])
-    iso_run = materialize(raw_resources(warehouse, LandingZone(root=str(tmp_path / "us"))), partition,
-                          assets=[RAW["raw_transactions"]])
-    iso_only = materialization(iso_run, "raw_transactions")
+    iso_run, iso_only = land_transactions(warehouse, LandingZone(root=str(tmp_path / "us")), partition)
     assert iso_only["valid_records"] == 0 and set(iso_only["quarantined_by_rule"]) >= {"invoice_date_not_a_timestamp"}
     error_rate = check_results(iso_run)[("raw_transactions", "error_rate")]  # what to set, said where it fails
     assert not error_rate.passed and "most: invoice_date_not_a_timestamp (1456): timestamps that are not ISO 8601: " \
         "set LANDING_TRANSACTIONS_TIMESTAMP_FORMAT" in error_rate.description
 
-    monkeypatch.setenv("LANDING_DIR", str(tmp_path / "us"))
-    monkeypatch.setenv("LANDING_TRANSACTIONS_TIMESTAMP_FORMAT", "%m/%d/%Y %H:%M")
-    zone = landing_zone(("transactions",))
+    zone = zone_from_environment(monkeypatch, tmp_path / "us", LANDING_TRANSACTIONS_TIMESTAMP_FORMAT="%m/%d/%Y %H:%M")
     assert zone.timestamp_formats == {"transactions": "%m/%d/%Y %H:%M"}
-    read = materialization(materialize(raw_resources(warehouse, zone), partition, assets=[RAW["raw_transactions"]]),
-                           "raw_transactions")
+    _, read = land_transactions(warehouse, zone, partition)
     assert not read["skipped"] and "invoice_date_not_a_timestamp" not in read["quarantined_by_rule"]
     assert read["valid_records"] > 0.99 * read["input_records"]
     with warehouse.connect(read_only=True) as con:
@@ -323,10 +332,8 @@ def test_a_file_writing_us_dates_lands_with_the_timestamp_format_its_landing_zon
     with iso_warehouse.connect(read_only=True) as con:
         assert landed == fetch_all(con, "SELECT invoice_no, stock_code, invoice_date FROM raw.transactions ORDER BY ALL")
 
-    monkeypatch.setenv("LANDING_TRANSACTIONS_TIMESTAMP_FORMAT", "%d/%m/%Y %H:%M")
-    misread_run = materialize(raw_resources(warehouse, landing_zone(("transactions",))), partition,
-                              assets=[RAW["raw_transactions"]])
-    misread = materialization(misread_run, "raw_transactions")
+    swapped = zone_from_environment(monkeypatch, tmp_path / "us", LANDING_TRANSACTIONS_TIMESTAMP_FORMAT="%d/%m/%Y %H:%M")
+    misread_run, misread = land_transactions(warehouse, swapped, partition)
     assert "most: invoice_date_off_the_batch_day (1456): dates far from the file's day: is LANDING_TRANSACTIONS_" \
         "TIMESTAMP_FORMAT right" in check_results(misread_run)[("raw_transactions", "error_rate")].description
     assert not misread["skipped"] and misread["valid_records"] == 0  # a changed format lands the day again
@@ -337,9 +344,8 @@ def test_a_file_writing_us_dates_lands_with_the_timestamp_format_its_landing_zon
                                  WHERE rule = 'invoice_date_off_the_batch_day' ORDER BY line_no LIMIT 1""")
         assert said == [("invoice_date", "6/1/2011 7:37")]  # the value as the file wrote it
     for wrong in ("%m/%d/%Y'; DROP TABLE raw.transactions; --", "06/01/2011"):
-        monkeypatch.setenv("LANDING_TRANSACTIONS_TIMESTAMP_FORMAT", wrong)
         with pytest.raises(ValueError, match="not a strftime format"):
-            landing_zone(("transactions",))
+            zone_from_environment(monkeypatch, tmp_path / "us", LANDING_TRANSACTIONS_TIMESTAMP_FORMAT=wrong)
 
 
 def test_a_latin_1_file_lands_as_its_utf8_copy_with_the_encoding_its_landing_zone_sets(
@@ -347,22 +353,16 @@ def test_a_latin_1_file_lands_as_its_utf8_copy_with_the_encoding_its_landing_zon
     """The Kaggle copy of Online Retail is Latin-1: read as UTF-8, its "£" lines are quarantined
     as bad_encoding (said per line, nothing lost). LANDING_TRANSACTIONS_ENCODING=latin-1: the day
     lands again (the encoding is in the fingerprint) with the rows of the UTF-8 file, "£" included."""
-    from resources import landing_zone
-
     partition = "2011-01-05"
     latin_1 = tmp_path / "latin-1" / "transactions" / f"{partition}.csv"
     latin_1.parent.mkdir(parents=True)
     latin_1.write_text((online_retail_dir / f"{partition}.csv").read_text(encoding="utf-8"), encoding="latin-1")
-    as_utf8 = materialization(materialize(raw_resources(warehouse, LandingZone(root=str(tmp_path / "latin-1"))),
-                                          partition, assets=[RAW["raw_transactions"]]), "raw_transactions")
+    _, as_utf8 = land_transactions(warehouse, LandingZone(root=str(tmp_path / "latin-1")), partition)
     assert as_utf8["quarantined_by_rule"]["bad_encoding"] == 2
 
-    monkeypatch.setenv("LANDING_DIR", str(tmp_path / "latin-1"))
-    monkeypatch.setenv("LANDING_TRANSACTIONS_ENCODING", "latin-1")
-    zone = landing_zone(("transactions",))
+    zone = zone_from_environment(monkeypatch, tmp_path / "latin-1", LANDING_TRANSACTIONS_ENCODING="latin-1")
     assert zone.encodings == {"transactions": "iso8859-1"}
-    read = materialization(materialize(raw_resources(warehouse, zone), partition, assets=[RAW["raw_transactions"]]),
-                           "raw_transactions")
+    _, read = land_transactions(warehouse, zone, partition)
     assert not read["skipped"] and "bad_encoding" not in read["quarantined_by_rule"]
     assert read["valid_records"] == as_utf8["valid_records"] + 2
     rows = "SELECT * EXCLUDE (partition_date) FROM raw.transactions ORDER BY line_no"
@@ -374,9 +374,8 @@ def test_a_latin_1_file_lands_as_its_utf8_copy_with_the_encoding_its_landing_zon
     with utf8_warehouse.connect(read_only=True) as con:
         assert landed == fetch_all(con, rows) and sum("£" in str(row) for row in landed) == 2
     for wrong in ("utf-16", "no-such-codec"):
-        monkeypatch.setenv("LANDING_TRANSACTIONS_ENCODING", wrong)
         with pytest.raises(ValueError, match="encoding"):
-            landing_zone(("transactions",))
+            zone_from_environment(monkeypatch, tmp_path / "latin-1", LANDING_TRANSACTIONS_ENCODING=wrong)
 
 
 def test_a_failed_error_rate_names_the_rule_that_took_the_most_records_and_what_to_set():

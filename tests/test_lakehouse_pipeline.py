@@ -440,7 +440,8 @@ def test_on_the_lakehouse_backend_the_replay_job_embeds_the_lakes_dead_letters_f
 def test_a_transactions_only_deployment_runs_a_day_on_the_lakehouse(postgres, tmp_path, monkeypatch):
     """PIPELINE_SOURCES=transactions on the lakehouse backend: lakehouse_pipeline leaves out the
     lake ingestion of products and customers (their files never come) and the day is green to
-    the served outputs, with products known from the order lines (checked by hand before)."""
+    the served outputs, with products known from the order lines (checked by hand before). The
+    day's file is cp1252, read with the encoding the landing zone sets."""
     from definitions import build_definitions
 
     landing = tmp_path / "landing"
@@ -448,6 +449,12 @@ def test_a_transactions_only_deployment_runs_a_day_on_the_lakehouse(postgres, tm
                              faults=FaultRates.uniform(0.0), returning_share=0.5))
     landing.mkdir()
     (tmp_path / "generated" / "transactions").rename(landing / "transactions")  # products, customers never come
+    # the shop writes cp1252 (LANDING_TRANSACTIONS_ENCODING): its accents land as text, not as bad_encoding
+    day_file = landing / "transactions" / f"{DAYS[0]}.csv"
+    header, first, *rest = day_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    fields = first.split(",")
+    fields[2] = "CAFÉ CRÈME MUG"
+    day_file.write_bytes("".join([header, ",".join(fields), *rest]).encode("cp1252"))
     lakehouse = Lakehouse(**lakehouse_options(postgres, tmp_path, "transactions_only"))
     monkeypatch.setenv("PIPELINE_SOURCES", "transactions")
     monkeypatch.setenv("PIPELINE_BACKEND", "lakehouse")
@@ -457,7 +464,7 @@ def test_a_transactions_only_deployment_runs_a_day_on_the_lakehouse(postgres, tm
     assert "lake_raw_transactions" in selected and not {"lake_raw_products", "lake_raw_customers"} & selected
     with FakeOpenAIServer(default_dimensions=384) as server:
         resources = {**pipeline_resources(tmp_path / "unused.duckdb", landing, server), "lakehouse": lakehouse,
-                     "landing": LandingZone(root=str(landing), closed_weekdays=[5])}
+                     "landing": LandingZone(root=str(landing), closed_weekdays=[5], encodings={"transactions": "cp1252"})}
         run_config = {"ops": {"lake_recommendation_quality": {"config": {"online_retail_dir": ""}}}}
         result, closed_saturday = (
             job.execute_in_process(partition_key=day, resources=resources, instance=dg.DagsterInstance.ephemeral(),
@@ -470,5 +477,7 @@ def test_a_transactions_only_deployment_runs_a_day_on_the_lakehouse(postgres, tm
     assert "no files on Saturdays" in built["raw_transactions"]["closed_day"] and "validated_recommendations" in built
     catalog = lakehouse.read_day("analytics.dim_products", DAYS[0])
     assert catalog.num_rows > 0 and set(catalog.column("source").to_pylist()) == {"order_lines"}
+    assert "CAFÉ CRÈME MUG" in lakehouse.read_day("raw.transactions", DAYS[0]).column("description").to_pylist()
+    assert materialized(result)["raw_transactions"]["quarantined_records"] == 0  # no bad_encoding (no faults generated)
     assert lakehouse.read_day("outputs.recommendations", DAYS[0]).num_rows + \
         lakehouse.read_day("outputs.rejected_recommendations", DAYS[0]).num_rows > 0

@@ -28,11 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,30 +38,9 @@ import openai
 
 from resources.model_clients import EmbeddingModel
 from resources.warehouse import DuckDBWarehouse, fetch_scalar
-from tests.fake_openai_server import expected_vector
+from tests.fake_openai_server import expected_vector, in_own_process, stats_of
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGE = "bench_products"
-
-
-def start_server(latency: float, rate_limit: float, burst: float, fault_rate: float) -> tuple[subprocess.Popen, str]:
-    command = [
-        sys.executable, "-m", "tests.fake_openai_server", "--latency", str(latency), "--rate-limit", str(rate_limit),
-        "--burst", str(burst), "--transient-rate", str(fault_rate),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    base_url = server.stdout.readline().strip()  # type: ignore[union-attr]
-    if not base_url.startswith("http"):
-        server.kill()
-        raise RuntimeError("the fake server did not start")
-    return server, base_url
-
-
-def server_stats(base_url: str, reset: bool = False) -> dict:
-    root = base_url.removesuffix("/v1")
-    with urllib.request.urlopen(f"{root}/{'_reset' if reset else '_stats'}", timeout=5) as response:
-        return json.load(response)
 
 
 def product_texts(count: int, offset: int) -> list[tuple[str, str]]:
@@ -182,19 +158,15 @@ def verify(embedder, warehouse: DuckDBWarehouse, items: list[tuple[str, str]], d
 
 
 def run_scenario(name: str, fault_rate: float, args: argparse.Namespace, workdir: Path) -> dict:
-    server, base_url = start_server(args.latency, args.rate_limit, args.burst, fault_rate)
-    try:
+    with in_own_process(args.latency, args.rate_limit, args.burst, fault_rate) as base_url:
         seed_items = product_texts(args.seed_batches * args.batch_size, offset=0)
         seed = seed_loop(base_url, seed_items, args.batch_size, "bench-embed")
         count = int(args.rate_limit * args.seconds) * args.batch_size
-        server_stats(base_url, reset=True)
+        stats_of(base_url, reset=True)
         client = our_client_only(base_url, product_texts(count, offset=10_000_000), args)
-        client_server = server_stats(base_url, reset=True)
+        client_server = stats_of(base_url, reset=True)
         end_to_end = our_end_to_end(base_url, product_texts(count, offset=20_000_000), args, workdir / name)
-        end_to_end_server = server_stats(base_url)
-    finally:
-        server.terminate()
-        server.wait(10)
+        end_to_end_server = stats_of(base_url)
     limit_items_per_second = args.rate_limit * args.batch_size
     return {
         "scenario": name,

@@ -28,15 +28,20 @@ import base64
 import hashlib
 import json
 import math
+import os
 import random
 import socket
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 
@@ -430,6 +435,35 @@ def _as_list(value: object) -> list[str]:
     return [str(v) for v in value]  # type: ignore[union-attr]
 
 
+@contextmanager
+def in_own_process(latency: float = 0.0, rate_limit: float | None = None, burst: float | None = None,
+                   transient_rate: float = 0.0, dimensions: int = 384) -> Iterator[str]:
+    """A server in a process of its own (its arrivals are not judged by the caller's GIL); yields
+    its base URL. Its counters come from `stats_of(base_url)`."""
+    command = [sys.executable, "-m", "tests.fake_openai_server", "--latency", str(latency),
+               "--transient-rate", str(transient_rate), "--dimensions", str(dimensions)]
+    command += ["--rate-limit", str(rate_limit)] if rate_limit else []
+    command += ["--burst", str(burst)] if burst else []
+    root = Path(__file__).resolve().parents[1]
+    server = subprocess.Popen(command, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        base_url = server.stdout.readline().strip()  # type: ignore[union-attr]
+        if not base_url.startswith("http"):
+            raise RuntimeError("the fake server did not start")
+        yield base_url
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def stats_of(base_url: str, reset: bool = False) -> dict:
+    """The counters of a server in another process (`in_own_process`); `reset`: then zero them."""
+    root = base_url.removesuffix("/v1")
+    with urllib.request.urlopen(f"{root}/{'_reset' if reset else '_stats'}", timeout=5) as response:
+        return json.load(response)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="0 = any free port")
@@ -437,6 +471,7 @@ def main() -> None:
     parser.add_argument("--rate-limit", type=float, default=None, help="requests per second")
     parser.add_argument("--burst", type=float, default=None, help="token-bucket capacity (default rate/10)")
     parser.add_argument("--transient-rate", type=float, default=0.0, help="share of requests that fail")
+    parser.add_argument("--dimensions", type=int, default=384, help="vector size when a request names none")
     args = parser.parse_args()
     # A gateway stamps arrivals as they come; here a handler thread waits for the GIL while others
     # encode answers, up to the 5 ms switch interval: arrivals would be judged by that noise.
@@ -446,6 +481,7 @@ def main() -> None:
         rate_limit_rps=args.rate_limit,
         burst=args.burst,
         transient_rate=args.transient_rate,
+        default_dimensions=args.dimensions,
         port=args.port,
     )
     with server:

@@ -37,6 +37,8 @@ from tests.fake_openai_server import (
     WRONG_ORDER,
     FakeOpenAIServer,
     expected_vector,
+    in_own_process,
+    stats_of,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,12 +52,13 @@ def server():
         yield fake
 
 
-def remote_model(server: FakeOpenAIServer, **overrides) -> EmbeddingModel:
+def remote_model(server: FakeOpenAIServer | str, **overrides) -> EmbeddingModel:
+    """The embedding resource on a fake server (or the base URL of one in its own process)."""
     knobs = dict(
         provider="openai",
         model="fake-embed",
         dimensions=DIMS,
-        base_url=server.base_url,
+        base_url=server if isinstance(server, str) else server.base_url,
         api_key=API_KEY,
         max_batch_size=8,
         max_concurrency=4,
@@ -643,23 +646,24 @@ def test_build_resources_runs_offline_by_default_and_reads_openai_settings_from_
 def test_a_strict_rate_limit_is_met_without_a_storm_of_429s(warehouse):
     """A server whose bucket holds one request (burst 1): the client learns its pace from the
     budget headers and keeps to it. (The old throttle got 35 % of requests refused and 35 % of
-    the limit; the figures of the goal, 90 % of the limit with at most 1 % refused, are the
-    client benchmark's, with the server in its own process: `python -m bench.model_clients
-    --rate-limit 50 --burst 1`. Here the server shares our process and its GIL, and other test
-    workers share the 2 cores, which makes arrivals jitter more, hence the loose bounds: a quiet
-    run refuses under 8 % at over 60 % of the limit; loaded CI runs refused 22 %, or kept 55 %
-    of the limit. Speed is the benchmark's to measure.)"""
-    with FakeOpenAIServer(default_dimensions=DIMS, latency_s=0.02, rate_limit_rps=40, burst=1) as strict:
-        model = remote_model(strict, max_batch_size=4, max_concurrency=8, max_attempts=8)
+    the limit.) The server runs in its own process, as a provider would: in ours, the test's GIL
+    made its arrivals jitter, and loaded CI runs refused 22 % or kept 55 % of the limit. (In its
+    own process it once dead-lettered every item: it answered 384-dimension vectors to a model of
+    32; it is now told the size.) The benchmark measures the goal of 90 % of the limit with at
+    most 1 % refused: `python -m bench.model_clients --rate-limit 50 --burst 1`."""
+    with in_own_process(latency=0.02, rate_limit=40, burst=1, dimensions=DIMS) as base_url:
+        model = remote_model(base_url, max_batch_size=4, max_concurrency=8, max_attempts=8)
         items = catalog(4 * 240)
         with model.open() as embedder:
             started = time.monotonic()
             report = embedder.embed_items(warehouse, items, stage="strict")
-            rate = strict.stats.requests / (time.monotonic() - started)
-        refused = strict.stats.statuses[429] / strict.stats.requests
+            seconds = time.monotonic() - started
+        stats = stats_of(base_url)
+    rate, refused = stats["requests"] / seconds, stats["statuses"].get("429", 0) / stats["requests"]
     assert report.dlq_count == 0
-    assert refused <= 0.3, f"{refused:.1%} of requests refused"
-    assert rate >= 0.3 * 40, f"{rate:.1f} requests/s against a limit of 40"
+    # measured: 3.2 % refused at 34 requests/s on a quiet machine, 6.6 % at 27 under three busy processes
+    assert refused <= 0.15, f"{refused:.1%} of requests refused"
+    assert rate >= 0.5 * 40, f"{rate:.1f} requests/s against a limit of 40"
 
 
 @pytest.mark.parametrize("earlier_days", [2, 8])  # 40,000 rows deleted; 160,000 rows: the map rebuilt

@@ -319,6 +319,22 @@ def test_timestamps_with_offsets_land_as_the_same_instant_in_utc(warehouse, tmp_
         (dt.datetime(2011, 7, 31, 22, 15),), (dt.datetime(2011, 8, 2, 0, 30),)]
 
 
+def test_an_account_or_purchase_after_the_files_day_is_quarantined(warehouse, tmp_path):
+    """The customers of 2011-09-01 cannot hold an account or a purchase of 2011-09-04 (a wrong
+    clock or a misread date); up to two days after, in UTC, they can (time zones, late files)."""
+    write(tmp_path, "customers", jsonl([
+        customer(1, created="2011-09-02T23:00:00-10:00", items=[item(date="2011-09-03T12:00:00+14:00")]),
+        customer(2, created="2011-09-04T00:00:00Z"),
+        customer(3, items=[item(date="2011-09-01T10:00:00Z"), item(date="2012-09-01T10:00:00Z")]),
+    ]))
+    result = land(warehouse, tmp_path, ["raw_customers"])
+    # customer 2 is quarantined with its purchase; customer 3 stays, without its purchase of 2012
+    assert counts(result, "raw_customers") == (3, 2, 1)
+    assert counts(result, "raw_customers", "customer_purchases") == (3, 2, 1)
+    assert sorted(r[1:] for r in errors(warehouse, "customers")) == [
+        ("customer_purchases", 3, "purchased_at_after_the_batch_day"), ("customers", 2, "created_at_after_the_batch_day")]
+
+
 def test_invalid_clock_values_are_quarantined(warehouse, tmp_path):
     bad = ["2011-01-01T24:00:00Z", "2011-01-01T10:00:00+25:00", "2011-01-01T10:00:00 Z", "2011-02-30T10:00:00Z",
            "2011-01-01T10:60:00Z", "01/01/2011 10:00", "2011-01-01T10:00:00+05:30:00"]

@@ -116,6 +116,8 @@ RULE_HINTS = {
                         "strftime format (e.g. %m/%d/%Y %H:%M)",
     "_off_the_batch_day": "dates far from the file's day: is LANDING_{SOURCE}_TIMESTAMP_FORMAT right (day and month "
                           "swapped?), or is the file in another day's place?",
+    "_after_the_batch_day": "dates after the file's day: is LANDING_{SOURCE}_TIMESTAMP_FORMAT right (day and month "
+                            "swapped?), or the sender's clock?",
 }
 
 

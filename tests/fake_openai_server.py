@@ -453,7 +453,9 @@ def in_own_process(latency: float = 0.0, rate_limit: float | None = None, burst:
             raise RuntimeError("the fake server did not start")
         yield base_url
     finally:
-        server.terminate()
+        # SIGKILL: a test worker's process can hand its children SIGTERM ignored or blocked (a CI
+        # run waited 10 s for a terminated server here), and the fake server has nothing to flush.
+        server.kill()
         server.wait(10)
 
 

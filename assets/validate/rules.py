@@ -70,11 +70,11 @@ def suite_parameter(value: Any) -> SuiteParameter | None:
 
 def suite_parameter_values(con: duckdb.DuckDBPyConnection, suite: "Suite", partition_date: str | None) -> dict[str, Any]:
     """The values of the parameters a suite uses, for GX (`expectation_parameters`)."""
-    used = json.dumps(suite.expectations)
+    used = {value["$PARAMETER"] for e in suite.expectations for value in e.get("kwargs", {}).values()
+            if suite_parameter(value) is not None}
     values = {}
-    for name, parameter in SUITE_PARAMETERS.items():
-        if f'"{name}"' not in used:
-            continue
+    for name in sorted(used):
+        parameter = SUITE_PARAMETERS[name]
         rows = con.execute(parameter.sql, {"partition_date": partition_date}).fetchall()
         values[name] = [r[0] for r in rows] if parameter.is_set else rows[0][0]
     return values

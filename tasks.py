@@ -5,6 +5,7 @@
     python3 tasks.py test      # the test suite (what CI runs, on three workers); installs Chromium via apt when missing
     python3 tasks.py ui        # the Dagster UI on http://127.0.0.1:3000
     python3 tasks.py bench ... # the scale benchmark (bench/run_pipeline.py)
+    python3 tasks.py online-retail <online+retail.zip> [--out DIR]  # UCI's download, one CSV per day (README: Data)
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def main(argv: list[str]) -> int:
         return run("-m", "dagster", "dev", "-h", "127.0.0.1", "-p", "3000", *rest)
     if command == "bench":
         return run("-m", "bench.run_pipeline", *rest)
+    if command == "online-retail":
+        return run("-m", "bench.online_retail_days", *rest)
     print(f"unknown command {command!r}\n{__doc__}")
     return 2
 

@@ -83,8 +83,10 @@ def xlsx_rows(source: Path) -> Iterator[tuple]:
             workbook = load_workbook(io.BytesIO(archive.read(members[0])), read_only=True, data_only=True)
     else:
         workbook = load_workbook(source, read_only=True, data_only=True)
+    sheet = workbook.worksheets[0]
+    sheet.reset_dimensions()  # read every row, not the range the file declares (some writers declare A1:A1)
     try:
-        yield from workbook.worksheets[0].iter_rows(values_only=True)
+        yield from sheet.iter_rows(values_only=True)
     finally:
         workbook.close()
 

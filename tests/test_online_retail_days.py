@@ -71,6 +71,22 @@ def test_uci_workbook_in_its_zip_splits_into_the_shared_day_files_and_later_days
     assert (report["lines_after_last_day"], report["days_after_last_day"]) == (lines[2], 1)
 
 
+def test_a_workbook_declaring_a_smaller_range_than_it_holds_is_read_whole(online_retail_dir, tmp_path):
+    """Read-only openpyxl trusts the sheet's declared range: A1:A1 would have read the header only."""
+    built = tmp_path / "built.xlsx"
+    write_uci_workbook(online_retail_dir, DAYS[:1], built)
+    workbook = tmp_path / "Online Retail.xlsx"
+    with zipfile.ZipFile(built) as source, zipfile.ZipFile(workbook, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "xl/worksheets/sheet1.xml":
+                data = data.replace(b"<sheetViews>", b'<dimension ref="A1:A1"/><sheetViews>', 1)
+                assert b"A1:A1" in data
+            target.writestr(item, data)
+    split(workbook, tmp_path / "by-day")
+    assert_same_files(tmp_path / "by-day", online_retail_dir, DAYS[:1])
+
+
 def test_kaggles_latin_1_csv_with_us_dates_splits_into_the_same_files_once_told_how_it_is_written(
         online_retail_dir, tmp_path, capsys):
     source = tmp_path / "data.csv"

@@ -652,7 +652,8 @@ def test_a_strict_rate_limit_is_met_without_a_storm_of_429s(warehouse):
     --rate-limit 50 --burst 1`. Here the server shares our process and its GIL, and other test
     workers share the 2 cores, which makes arrivals jitter more, hence the loose bounds: a quiet
     run refuses under 8 % at over 60 % of the limit; loaded CI runs refused 22 %, or kept 55 %
-    of the limit. Speed is the benchmark's to measure.)"""
+    of the limit, before the pace kept to the times requests actually go (2026-12-08: with three
+    busy processes 8-15 % refused before, 3.6-5.5 % after). Speed is the benchmark's to measure.)"""
     with FakeOpenAIServer(default_dimensions=DIMS, latency_s=0.02, rate_limit_rps=40, burst=1) as strict:
         model = remote_model(strict, max_batch_size=4, max_concurrency=8, max_attempts=8)
         items = catalog(4 * 240)

@@ -192,6 +192,28 @@ def test_without_budget_headers_a_429_lowers_rate_and_concurrency_and_successes_
     assert throttle.limit == 8 and throttle.rate > rate
 
 
+def test_a_request_that_goes_late_holds_the_next_one_a_period_after_it_not_after_its_own_send_time():
+    """On a loaded CPU a request's thread wakes after its send time; the next one, woken on time,
+    followed it closer than one period, which a bucket of one request refuses. The bucket counts
+    arrivals, so the pace keeps to the times requests actually go."""
+    clock = FakeClock()
+    oversleep = iter([0.8, 0.0, 0.5, 0.3])  # periods late, then on time
+
+    def sleep(seconds: float) -> None:
+        clock.now += seconds + next(oversleep, 0.0) * period
+
+    throttle = AdaptiveThrottle(max_concurrency=8, clock=clock, sleep=sleep)
+    throttle.on_success(RateLimitInfo(limit_requests=1, remaining_requests=0, reset_requests_s=1 / 40))
+    period = throttle.period  # 40 requests/s at 95 % of it
+    sent = []
+    for _ in range(8):
+        with throttle.slot():
+            sent.append(clock.now)
+    gaps = [later - earlier for earlier, later in zip(sent, sent[1:])]
+    assert min(gaps) >= period * (1 - 1e-9), [round(gap / period, 2) for gap in gaps]
+    assert sent[-1] - sent[0] <= 7 * period + 1.6 * period  # late wake-ups cost their own delay, no more
+
+
 def test_with_budget_headers_the_bucket_mirrors_the_server_and_a_429_empties_it():
     throttle = AdaptiveThrottle(max_concurrency=4)
     # 0 of 10 left, full again in 100 ms: the server's bucket holds 10 and refills 100 requests/s.

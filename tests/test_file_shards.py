@@ -96,8 +96,8 @@ def csv_landing(tmp_path_factory) -> Path:
 def awkward_csv(landing: Path, source, out: Path, every: int = 5) -> Path:
     """A generated CSV file (with its faults) with CRLF endings, a record with line feeds, CRs,
     quotes and delimiters in a quoted field after every `every` lines (so that cuts fall inside
-    records), one record longer than small shards, blank lines, an unterminated quote near the
-    end, and no line ending at the end."""
+    records), one record longer than small shards, blank lines, a stray quote, an unterminated
+    quote near the end, and no line ending at the end."""
     lines = (landing / source.name / f"{day(0)}.csv").read_bytes().splitlines()
     header, body = lines[0], lines[1:]
     for index in range(len(body) - 1, 0, -every):
@@ -110,6 +110,7 @@ def awkward_csv(landing: Path, source, out: Path, every: int = 5) -> Path:
         if index // every % 3 == 0:
             body.insert(index, b"")
     body.insert(len(body) // 2, b'1,2,"a field longer than a shard:' + b"\n,,,\r\n" * 200 + b'",4,5,6,7,8')
+    body.insert(len(body) // 4, b'9,9,"a stray quote that swallows lines across cuts,9')
     body.insert(len(body) - 3, b'a,"never closed,' + b"x" * 50)
     out.write_bytes(b"\r\n".join([header, b"  ", *body]))
     return out
@@ -135,7 +136,7 @@ def test_a_csv_file_in_shards_stages_exactly_what_the_whole_file_gives(csv_landi
     assert whole_notes["line_ending"] == "CRLF" and whole_notes["blank_lines"] > 2
     multi_line = [row for row in whole[f"stg_{source.name}"] if any("line one\n\nline" in str(v) for v in row)]
     assert len(multi_line) > 20
-    assert {row[1] for row in whole["unparseable"]} >= {"wrong_column_count"}
+    assert {row[1] for row in whole["unparseable"]} >= {"wrong_column_count", "unbalanced_quote"}
 
 
 @pytest.mark.parametrize("source", [TRANSACTIONS, PRODUCTS], ids=lambda s: s.name)

@@ -167,6 +167,38 @@ def test_a_quoted_field_spanning_lines_is_one_record_at_its_first_line(warehouse
     assert errors(warehouse) == [("transactions", "transactions", 6, "quantity_not_an_integer")]
 
 
+@pytest.mark.parametrize("block_bytes", [150, 1_000, None])  # None: the default READ_BLOCK_BYTES
+def test_a_stray_quote_refuses_its_own_line_and_the_lines_it_swallowed_are_read_as_records(
+        tmp_path, monkeypatch, block_bytes):
+    """An opening quote that is never closed, or closed by a stray one lines later, made one record
+    of every line up to it: 90 of 101 lines disappeared into one quarantined record (or into one
+    description, when the fields happened to add up), and the error rate counted one bad record
+    (found by an outside-in probe). Now its own line is `unbalanced_quote` and the others land;
+    a real quoted line end still makes one record."""
+    import duckdb
+
+    import assets.ingest.landing_files as landing_files
+    from assets.ingest.landing_files import stage_csv
+
+    if block_bytes is not None:
+        monkeypatch.setattr(landing_files, "READ_BLOCK_BYTES", block_bytes)
+    rows = [TRANSACTIONS_HEADER] + [order_line(str(536400 + n)) for n in range(2, 41)]  # lines 2..40
+    rows[4] = order_line("536404", description='"HEART')  # opened, closed by the stray quote on line 12
+    rows[11] = order_line("536411", description='MUG 7"')  # a literal quote, alone
+    rows[19] = order_line("536419", description='"TRAY, BREAKFAST\nIN BED"')  # a real line end: lines 20-21
+    rows[29] = order_line("536429", description='"LANTERN')  # never closed: runs to the end of the file
+    path = tmp_path / "orders.csv"
+    path.write_bytes("\n".join(rows).encode() + b"\n")  # 41 physical lines
+    with duckdb.connect() as con:
+        staged = stage_csv(con, path, TRANSACTIONS)
+        refused = con.execute("SELECT line_no, rule FROM unparseable ORDER BY 1").fetchall()
+        kept = dict(con.execute("SELECT line_no, description FROM stg_transactions ORDER BY 1").fetchall())
+    assert refused == [(5, "unbalanced_quote"), (31, "unbalanced_quote")]
+    assert sorted(kept) == [n for n in range(2, 42) if n not in (5, 21, 31)]  # 21: the end of line 20's record
+    assert kept[12] == 'MUG 7"' and kept[20] == "TRAY, BREAKFAST\nIN BED" and kept[32] == "MUG"
+    assert staged.inputs["transactions"] == len(kept) + len(refused) == 39
+
+
 def test_blank_and_whitespace_only_lines_are_not_records(warehouse, tmp_path):
     write(tmp_path, "transactions", "\n".join([
         "", TRANSACTIONS_HEADER, order_line("536365"), "", "   ", order_line("536366"), "\t", order_line("536367"),

@@ -29,6 +29,7 @@ import io
 import json
 import threading
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -429,6 +430,13 @@ class CsvRecords:
     A block is judged on its own only where a record ended with the block before it (a quoted
     field may run on into the next block: the csv module then reads on).
 
+    A quoted field may hold line ends, but a record that runs on past its first line is a stray
+    quote that swallowed the lines after it when it is not a well-formed record (the wrong number
+    of fields, or a field over the size limit), or when a line it took is on its own a record of
+    the header's width: its first line alone is refused (`unbalanced_quote`) and reading starts
+    again on the next line, so the lines it took are judged as records of their own, not hidden
+    in one quarantined record or one long field. `width` is the header's, once known.
+
     `stop_line` (a shard of the file): only the records that start on a line up to it, the last
     of them read to its end wherever that is; `last_line` is the last line they took."""
 
@@ -440,7 +448,10 @@ class CsvRecords:
         self.header_end: int | None = None  # the line the header's record ends on
         self.blank_lines = 0
         self.undecodable: list[tuple[int, str]] = []  # lines of simple blocks that are not UTF-8
+        self.width: int | None = None
         self._consumed: list[tuple[int, str, bool]] = []
+        self._read_again: deque[tuple[int, str, bool]] = deque()  # the lines a stray quote swallowed
+        self._at_end = False
         self._blocks: Iterator[LineBlock] = iter(())
 
     def __iter__(self) -> Iterator[pa.Table | tuple[int, list[str] | None, str, str | None]]:
@@ -481,6 +492,11 @@ class CsvRecords:
             lines, self._consumed = self._consumed, []
             if self._stopped(lines[0][0]):  # after an over-long line, which the reader left out
                 return
+            if len(lines) > 1 and self._stray_quote(fields, lines[1:]):
+                self._read_again.extend(lines[1:])
+                lines, fields, problem = lines[:1], None, "unbalanced_quote"
+                if self._at_end:  # the parser has seen the file end: a new one reads the lines again
+                    parser = csv.reader(self._lines(None), delimiter=self.delimiter, strict=False)
             self.last_line = lines[-1][0]
             if fields is not None and (not fields or (len(fields) == 1 and not fields[0].strip())):
                 self.blank_lines += len(lines)
@@ -490,15 +506,47 @@ class CsvRecords:
                 fields, problem, raw = None, "bad_encoding", printable(raw)
             yield lines[0][0], _restore_cr(fields) if "\r" in raw else fields, raw, problem
 
+    def _stray_quote(self, fields: list[str] | None, taken: list[tuple[int, str, bool]]) -> bool:
+        """Whether the quote that opened a record's first line swallowed the lines after it: the
+        record is not well-formed, or a line it took is on its own a record of the header's width
+        (the quote was closed by a stray one further on, and the fields happened to add up)."""
+        if self.width is None:
+            return False
+        if fields is None or len(fields) != self.width:
+            return True
+        for _, text, _ in taken:
+            try:
+                alone = next(csv.reader([text], delimiter=self.delimiter, strict=False), [])
+            except csv.Error:
+                continue
+            if len(alone) == self.width:
+                return True
+        return False
+
     def _lines(self, block: LineBlock | None) -> Iterator[str]:
-        while block is not None:
-            for line_no, text, decodes in decoded_lines(block, self.reader.terminator):
-                self._consumed.append((line_no, text, decodes))
-                # The csv module ends a record at any CR; a CR inside a line is data here.
-                yield (text.replace("\r", CR_STAND_IN) if "\r" in text else text) + "\n"
+        self._at_end = False
+        while True:
+            yield from self._lines_read_again()
+            if block is None:
+                self._at_end = True
+                return
+            for line in decoded_lines(block, self.reader.terminator):
+                yield from self._lines_read_again()
+                yield self._consume(line)
+            yield from self._lines_read_again()
             if not self._consumed:
                 return  # a record ended with the block: the next block is judged on its own
             block = next(self._blocks, None)
+
+    def _lines_read_again(self) -> Iterator[str]:
+        while self._read_again:
+            yield self._consume(self._read_again.popleft())
+
+    def _consume(self, line: tuple[int, str, bool]) -> str:
+        self._consumed.append(line)
+        text = line[1]
+        # The csv module ends a record at any CR; a CR inside a line is data here.
+        return (text.replace("\r", CR_STAND_IN) if "\r" in text else text) + "\n"
 
 
 def simple_lines(block: LineBlock, terminator: bytes, undecodable: list[tuple[int, str]]) -> pa.Table | None:
@@ -661,6 +709,7 @@ def _parse_csv(source: Source, path: Path, records: CsvRecords, header: CsvHeade
     the file; `header_only`: stop there."""
     columns = CsvColumns(source, records.delimiter, sink)
     problems: list[tuple[int, str, str]] = []
+    records.width = header.width if header is not None else None
     for item in records:
         if isinstance(item, pa.Table):
             if header is None:
@@ -676,7 +725,7 @@ def _parse_csv(source: Source, path: Path, records: CsvRecords, header: CsvHeade
             if fields is None:
                 raise LandingFileError(source.name, path, f"unreadable header on line {line_no} ({problem})")
             header = match_header(source, path, fields, records.delimiter)
-            records.header_end = records.last_line
+            records.header_end, records.width = records.last_line, header.width
             if header_only:
                 return None, problems, header
             continue
@@ -706,7 +755,7 @@ def _header_of_simple(source: Source, path: Path, lines: pa.Table, records: CsvR
     if header_line is None:
         return None, lines.slice(len(blank))
     header = match_header(source, path, text[first].as_py().split(records.delimiter), records.delimiter)
-    records.header_end = header_line
+    records.header_end, records.width = header_line, header.width
     return header, lines.slice(first + 1)
 
 

@@ -199,6 +199,28 @@ def test_a_stray_quote_refuses_its_own_line_and_the_lines_it_swallowed_are_read_
     assert staged.inputs["transactions"] == len(kept) + len(refused) == 39
 
 
+def test_lines_that_land_as_the_same_values_are_duplicates_and_the_suite_check_agrees(warehouse, tmp_path):
+    """The quarantine judged `duplicate_line` on the text as written, so `17850.0` and `17850`,
+    `6` and `6.0`, `08:26:00` and `T08:26:00` landed twice, and the GX check on the landed rows
+    then failed at ERROR on a batch nothing could fix (found by an outside-in probe). Values that
+    do not land (two different bad quantities) stay two values."""
+    lines = [order_line("536365"), order_line("536365", customer_id="17850"),
+             order_line("536366"), order_line("536366", quantity="6.0", price="2.550"),
+             order_line("536367"), order_line("536367", description='"MUG"', date="2011-09-01T08:26:00"),
+             order_line("536368", quantity="six"), order_line("536368", quantity="seven")]
+    lines += [order_line(str(539900 + n), code=f"22{n:03d}") for n in range(120)]  # an error rate under 5 %
+    write(tmp_path, "transactions", "\n".join([TRANSACTIONS_HEADER, *lines]).encode() + b"\n")
+
+    result = land(warehouse, tmp_path, ["raw_transactions"], suite_checks=True)
+
+    assert counts(result, "raw_transactions") == (128, 123, 5)
+    assert errors(warehouse) == [("transactions", "transactions", n, rule) for n, rule in [
+        (3, "duplicate_line"), (5, "duplicate_line"), (7, "duplicate_line"),
+        (8, "quantity_not_an_integer"), (9, "quantity_not_an_integer")]]
+    assert query(warehouse, "SELECT count(*) FROM (SELECT DISTINCT * EXCLUDE (line_no) FROM raw.transactions)") == [(123,)]
+    assert check_results(result)[("raw_transactions", "transactions_expectation_suite")].passed
+
+
 def test_blank_and_whitespace_only_lines_are_not_records(warehouse, tmp_path):
     write(tmp_path, "transactions", "\n".join([
         "", TRANSACTIONS_HEADER, order_line("536365"), "", "   ", order_line("536366"), "\t", order_line("536367"),

@@ -80,6 +80,35 @@ def test_a_corrected_earlier_day_is_run_and_then_the_latest_day_which_takes_it_i
     assert not {r.run_key for r in again.run_requests} & {r.run_key for r in first.run_requests}
 
 
+def test_a_corrected_catalog_day_asks_every_later_day_again_whose_records_were_judged_against_it(
+        tmp_path, monkeypatch):
+    """Customers' purchases are judged against the products up to their day: a corrected products
+    file of day 1 changes the verdicts of days 2 and 3 as well (a product added: its purchases are
+    no longer unknown). Only day 1 and the latest were asked, and day 2 kept its old verdicts,
+    all green (found by an outside-in probe). Without a catalog source, the latest is enough."""
+    from definitions import defs
+
+    days = ("2011-09-01", "2011-09-02", "2011-09-03", "2011-09-04")
+    folder = tmp_path / "landing"
+    generate(GeneratorConfig(out=folder, customers=50, days=4, seed=3, start=dt.date(2011, 9, 1),
+                             faults=FaultRates.uniform(0.0)))
+    partitions = dg.DailyPartitionsDefinition(start_date=days[0], end_date="2011-09-05")
+    sensor = build_landing_sensor(defs.resolve_job_def("daily_pipeline"), SOURCES, partitions)
+    history = tick(sensor, folder, None)
+    catalog = folder / "products" / f"{days[0]}.csv"
+    catalog.write_text(catalog.read_text() + "99999,Added later,A product a correction added,Kitchen,1.50,true\n")
+    asked = tick(sensor, folder, history.cursor).run_requests
+    assert [r.partition_key for r in asked] == list(days)  # in day order: the latest last
+    assert [r.tags.get("after_changed_days") for r in asked] == [None, days[0], days[0], days[0]]
+
+    monkeypatch.setenv("PIPELINE_SOURCES", "transactions")  # nothing judged against a catalog
+    sensor = build_landing_sensor(defs.resolve_job_def("daily_pipeline"), SOURCES, partitions)
+    history = tick(sensor, folder, None)
+    orders = folder / "transactions" / f"{days[1]}.csv"
+    orders.write_text("".join(orders.read_text().splitlines(keepends=True)[:-1]))
+    assert [r.partition_key for r in tick(sensor, folder, history.cursor).run_requests] == [days[1], days[3]]
+
+
 def test_only_the_configured_sources_make_a_day_complete(landing, monkeypatch):
     from definitions import defs
 

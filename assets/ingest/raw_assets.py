@@ -46,7 +46,7 @@ from assets.common.sources import SOURCES, RawTable, Source
 from assets.ingest.accounting import BatchCounts, batch_metadata, check_results, check_specs, count_partition, no_records, preview
 from assets.ingest.file_shards import Sharding, shard_plan, stage_in_shards
 from assets.ingest.landing_files import READERS, Staged, create_from_arrow, line_texts, stage_and_judge
-from assets.validate.rules import load_suite, typed
+from assets.validate.rules import landed_sql, load_suite
 from resources.compute_engine import ComputeEngine
 from resources.landing import LandingFileError, LandingZone, checked_encoding, checked_strftime_format
 from resources.memory import parse_size
@@ -54,8 +54,9 @@ from resources.warehouse import DuckDBWarehouse, fetch_all, rebudget, step_pool,
 
 # Part of the fingerprint: bump it when files are read differently. 2: bytes read in Python (CR,
 # BOM, gzip), CSV columns by name, strict numbers and ISO 8601 timestamps landed in UTC. 3: a line
-# over MAX_LINE_BYTES refused wherever it falls (inside a read block it used to be parsed).
-PARSER_VERSION = "3"
+# over MAX_LINE_BYTES refused wherever it falls (inside a read block it used to be parsed). 4: a
+# stray quote refuses its own line only (`unbalanced_quote`); duplicates judged on landed values.
+PARSER_VERSION = "4"
 HASH_BLOCK_BYTES = 8 << 20
 
 
@@ -83,11 +84,6 @@ class IngestionConfig(dg.Config):
 
 def suites_digest(source: Source) -> str:
     return "+".join(load_suite(t).digest for t in source.table_names)
-
-
-def landed_sql(table: RawTable, column: str, naive_timezone: str = "UTC", timestamp_format: str | None = None) -> str:
-    """SQL of a staged text column as it lands in the raw table."""
-    return table.landed.get(column) or typed(f'"{column}"', table.columns[column], naive_timezone, timestamp_format)
 
 
 # ---------------------------------------------------------------------------------------------

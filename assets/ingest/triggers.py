@@ -5,8 +5,8 @@
 requests a run of `daily_pipeline` for that
 partition, keyed by the files' names, sizes and modification times: a file that changes later
 triggers the day again (the fingerprints make that run cheap: only what changed is rebuilt), and
-the latest complete day after it, whose run takes the change into the current tables; an
-unchanged day is never requested twice. Its first tick only takes stock: the days that
+the complete days after it (`days_after_a_correction`), whose runs take the change into the later
+days' verdicts and the current tables; an unchanged day is never requested twice. Its first tick only takes stock: the days that
 had landed before it was turned on are history, which a user backfills in one run from the UI
 (a sensor that woke up to 14 queued runs would surprise, and race that backfill). The schedule
 asks for yesterday's partition every morning, for the days the sensor missed (its daemon down,
@@ -83,7 +83,8 @@ def build_landing_sensor(job: Any, sources: tuple[Source, ...] = SOURCES,
         seen = json.loads(context.cursor)
         requests = [dg.RunRequest(run_key=f"{day}:{signature}", partition_key=day, tags={"trigger": "landing"})
                     for day, signature in complete.items() if seen.get(day) != signature]
-        requests += latest_day_again(complete, seen, requests)
+        requests += days_after_a_correction(complete, seen, requests, judged_against_a_catalog(watched_sources))
+        requests.sort(key=lambda request: request.partition_key)  # runs go one at a time, in the order asked
         kept = {day: complete.get(day) or seen[day] for day in days if day in complete or day in seen}
         waiting = [day for day, signature in signatures.items() if signature is None]
         skip = None if requests else f"no new or changed complete day; incomplete: {waiting[-3:] or 'none'}"
@@ -92,20 +93,31 @@ def build_landing_sensor(job: Any, sources: tuple[Source, ...] = SOURCES,
     return landing_sensor
 
 
-def latest_day_again(complete: dict[str, str], seen: dict[str, str], requests: list[dg.RunRequest]
-                     ) -> list[dg.RunRequest]:
-    """A file of an earlier day written again (a correction) lands in that day's run, but the
-    current tables hold a later day and skip there: the latest complete day is asked again after
-    it (runs go one at a time, in the order asked), so its run rebuilds them with the change."""
+def judged_against_a_catalog(sources: tuple[Source, ...]) -> bool:
+    """Whether a source's records are judged against another's batches up to their day (customers'
+    purchases against the products catalog): then a corrected day changes the later days too."""
+    return any(catalog.asset in source.deps for catalog in sources for source in sources)
+
+
+def days_after_a_correction(complete: dict[str, str], seen: dict[str, str], requests: list[dg.RunRequest],
+                            catalog_judged: bool) -> list[dg.RunRequest]:
+    """A file of an earlier day written again (a correction) lands in that day's run, but the days
+    after it need a run too: the current tables hold the latest day and skip in the corrected
+    day's run, so the latest complete day is asked again, and its run rebuilds them with the
+    change. Where records are judged against a catalog up to their day, every complete day after
+    the corrected one is asked as well: its records were judged against the old catalog (a product
+    added or taken back), and its run lands them again (the catalog is in its fingerprint), before
+    the latest rebuilds the current tables (found by an outside-in probe: the days between kept
+    their old verdicts, all green)."""
     changed = [day for day, signature in complete.items() if day in seen and seen[day] != signature]
     if not changed:
         return []
-    latest = max(complete)
-    if latest in {request.partition_key for request in requests}:
-        return []
+    asked = {request.partition_key for request in requests}
+    later = [day for day in complete if day > min(changed)] if catalog_judged else [max(complete)]
     corrections = ",".join(f"{day}:{complete[day]}" for day in changed)
-    return [dg.RunRequest(run_key=f"{latest}:{complete[latest]}:after:{corrections}", partition_key=latest,
-                          tags={"trigger": "landing", "after_changed_days": ",".join(changed)})]
+    return [dg.RunRequest(run_key=f"{day}:{complete[day]}:after:{corrections}", partition_key=day,
+                          tags={"trigger": "landing", "after_changed_days": ",".join(changed)})
+            for day in later if day not in asked]
 
 
 # When the fallback asks for the last complete day (cron, UTC); tests run it every minute.

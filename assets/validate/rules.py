@@ -144,14 +144,15 @@ class Suite:
         return []
 
     def row_rules(self, columns: set[str], naive_timezone: str = "UTC",
-                  timestamp_format: str | None = None) -> list[RowRule]:
-        """The suite's row-level expectations compiled against a staged relation with `columns`."""
+                  timestamp_format: str | None = None, landed: dict[str, str] | None = None) -> list[RowRule]:
+        """The suite's row-level expectations compiled against a staged relation with `columns`
+        (`landed`: SQL of a column's value as it lands, where that is not its staged text)."""
         rules = []
         for position, expectation in enumerate(self.expectations):
             if expectation["type"].startswith(AGGREGATE_PREFIXES):
                 continue  # nothing to quarantine row by row; the GX check still runs it
             rules.append(compile_expectation(expectation, f"p{position}_", columns, self.column_types,
-                                             naive_timezone, timestamp_format))
+                                             naive_timezone, timestamp_format, landed))
         return rules
 
 
@@ -198,6 +199,11 @@ def typed(column_sql: str, duckdb_type_name: str, naive_timezone: str = "UTC",
     return f"TRY_CAST({column_sql} AS {duckdb_type_name})"
 
 
+def landed_sql(table: "RawTable", column: str, naive_timezone: str = "UTC", timestamp_format: str | None = None) -> str:
+    """SQL of a staged text column as it lands in the raw table."""
+    return table.landed.get(column) or typed(f'"{column}"', table.columns[column], naive_timezone, timestamp_format)
+
+
 def _utc_timestamp(column_sql: str, naive_timezone: str, timestamp_format: str | None = None) -> str:
     """An ISO 8601 text as a UTC TIMESTAMP: an offset is applied (never dropped), a naive value is
     read in `naive_timezone`. The zone comes from the source registry (code), checked here. With
@@ -223,7 +229,7 @@ def _utc_timestamp(column_sql: str, naive_timezone: str, timestamp_format: str |
 
 def compile_expectation(expectation: dict[str, Any], prefix: str, columns: set[str],
                         column_types: dict[str, str], naive_timezone: str = "UTC",
-                        timestamp_format: str | None = None) -> RowRule:
+                        timestamp_format: str | None = None, landed: dict[str, str] | None = None) -> RowRule:
     kind, kwargs = expectation["type"], expectation.get("kwargs", {})
     rule = expectation.get("meta", {}).get("rule")
     if not rule:
@@ -233,12 +239,30 @@ def compile_expectation(expectation: dict[str, Any], prefix: str, columns: set[s
     if kind == "expect_compound_columns_to_be_unique":
         names = [_identifier(c, columns) for c in kwargs["column_list"]]
         value = "concat_ws(',', " + ", ".join(f"CAST({n} AS VARCHAR)" for n in names) + ")"
-        fails = f"row_number() OVER (PARTITION BY {', '.join(names)} ORDER BY line_no, row_id) > 1"
+        keys = _uniqueness_keys(kwargs["column_list"], columns, landed or {})
+        fails = f"row_number() OVER (PARTITION BY {keys} ORDER BY line_no, row_id) > 1"
         return RowRule(rule, ",".join(kwargs["column_list"]), fails, value, window=True)
     column = _identifier(kwargs["column"], columns)
     as_text, value_type = f"CAST({column} AS VARCHAR)", column_types.get(kwargs["column"], "VARCHAR")
+    if kind == "expect_column_values_to_be_unique":
+        keys = _uniqueness_keys([kwargs["column"]], columns, landed or {})
+        fails = f"{column} IS NOT NULL AND row_number() OVER (PARTITION BY {keys} ORDER BY line_no, row_id) > 1"
+        return RowRule(rule, kwargs["column"], fails, as_text, window=True)
     fails, params = _fails(kind, kwargs, column, value_type, prefix, naive_timezone, timestamp_format)
-    return RowRule(rule, kwargs["column"], fails, as_text, params, window=kind == "expect_column_values_to_be_unique")
+    return RowRule(rule, kwargs["column"], fails, as_text, params)
+
+
+def _uniqueness_keys(names: list[str], columns: set[str], landed: dict[str, str]) -> str:
+    """A uniqueness rule judges values as they land, as the GX check on the landed table does:
+    `17850.0` and `17850`, `6` and `6.0`, two spellings of one instant are one value. A value
+    that does not land (not a number, say) is compared as its text, so two different bad values
+    stay two values."""
+    keys = []
+    for name in names:
+        column = _identifier(name, columns)
+        value = landed.get(name, column)
+        keys += [column] if value == column else [value, f"CASE WHEN {value} IS NULL THEN {column} END"]
+    return ", ".join(keys)
 
 
 def _fails(kind: str, kwargs: dict[str, Any], column: str, value_type: str, prefix: str,
@@ -251,8 +275,6 @@ def _fails(kind: str, kwargs: dict[str, Any], column: str, value_type: str, pref
         return f"{column} IS NULL", {}
     if kind == "expect_column_values_to_be_null":
         return present, {}
-    if kind == "expect_column_values_to_be_unique":
-        return f"{present} AND row_number() OVER (PARTITION BY {column} ORDER BY line_no, row_id) > 1", {}
     if kind == "expect_column_values_to_be_of_type":
         return f"{present} AND {typed(column, duckdb_type(kwargs['type_']), naive_timezone, timestamp_format)} IS NULL", {}
     if kind == "expect_column_values_to_match_regex":
@@ -372,14 +394,14 @@ def _identifier(column: str, columns: set[str]) -> str:
 
 def quarantine(con: duckdb.DuckDBPyConnection, suite: Suite, staged: str, columns: set[str], record_key: str,
                failures: str, partition_date: str, naive_timezone: str = "UTC", across_rows: bool | None = None,
-               timestamp_format: str | None = None) -> None:
+               timestamp_format: str | None = None, landed: dict[str, str] | None = None) -> None:
     """Append every (row, broken rule) of the staged relation to the `failures` temp table.
 
     `staged` and `record_key` are SQL from code; the staged relation has `row_id` and `line_no`.
     `across_rows`: None, every rule; False, the rules that judge a row alone (a file shard can
     apply them); True, the rules across rows (uniqueness: over the whole file).
     """
-    rules = [r for r in suite.row_rules(columns, naive_timezone, timestamp_format)
+    rules = [r for r in suite.row_rules(columns, naive_timezone, timestamp_format, landed)
              if across_rows is None or r.window == across_rows]
     suspects = _rows_breaking_any(con, [r for r in rules if not r.window], staged, failures, partition_date)
     for rule in rules:
@@ -419,5 +441,6 @@ def validate_staged(con: duckdb.DuckDBPyConnection, table: "RawTable", partition
         con.execute(f"""CREATE OR REPLACE TEMP TABLE failures_{name} (
             row_id BIGINT, line_no BIGINT, record_key VARCHAR, rule VARCHAR, column_name VARCHAR, value VARCHAR)""")
     columns = set(table.columns) | {"line_no"}
+    landed = {column: landed_sql(table, column, naive_timezone, timestamp_format) for column in table.columns}
     quarantine(con, load_suite(name), f"stg_{name}", columns, table.record_key, f"failures_{name}", partition_date,
-               naive_timezone, across_rows, timestamp_format)
+               naive_timezone, across_rows, timestamp_format, landed)

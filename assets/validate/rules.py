@@ -115,6 +115,7 @@ class RowRule:
     value: str  # SQL of the offending value, as text
     params: dict[str, Any] = field(default_factory=dict)
     window: bool = False  # judged across rows (uniqueness): goes in QUALIFY, not WHERE
+    among: str = ""  # a window rule: the rows that can break it at all (a cheap QUALIFY first)
 
 
 @dataclass(frozen=True)
@@ -239,30 +240,35 @@ def compile_expectation(expectation: dict[str, Any], prefix: str, columns: set[s
     if kind == "expect_compound_columns_to_be_unique":
         names = [_identifier(c, columns) for c in kwargs["column_list"]]
         value = "concat_ws(',', " + ", ".join(f"CAST({n} AS VARCHAR)" for n in names) + ")"
-        keys = _uniqueness_keys(kwargs["column_list"], columns, landed or {})
+        keys, among = _uniqueness_keys(kwargs["column_list"], columns, landed or {})
         fails = f"row_number() OVER (PARTITION BY {keys} ORDER BY line_no, row_id) > 1"
-        return RowRule(rule, ",".join(kwargs["column_list"]), fails, value, window=True)
+        return RowRule(rule, ",".join(kwargs["column_list"]), fails, value, window=True, among=among)
     column = _identifier(kwargs["column"], columns)
     as_text, value_type = f"CAST({column} AS VARCHAR)", column_types.get(kwargs["column"], "VARCHAR")
     if kind == "expect_column_values_to_be_unique":
-        keys = _uniqueness_keys([kwargs["column"]], columns, landed or {})
+        keys, among = _uniqueness_keys([kwargs["column"]], columns, landed or {})
         fails = f"{column} IS NOT NULL AND row_number() OVER (PARTITION BY {keys} ORDER BY line_no, row_id) > 1"
-        return RowRule(rule, kwargs["column"], fails, as_text, window=True)
+        return RowRule(rule, kwargs["column"], fails, as_text, window=True, among=among)
     fails, params = _fails(kind, kwargs, column, value_type, prefix, naive_timezone, timestamp_format)
     return RowRule(rule, kwargs["column"], fails, as_text, params)
 
 
-def _uniqueness_keys(names: list[str], columns: set[str], landed: dict[str, str]) -> str:
+def _uniqueness_keys(names: list[str], columns: set[str], landed: dict[str, str]) -> tuple[str, str]:
     """A uniqueness rule judges values as they land, as the GX check on the landed table does:
     `17850.0` and `17850`, `6` and `6.0`, two spellings of one instant are one value. A value
     that does not land (not a number, say) is compared as its text, so two different bad values
-    stay two values."""
-    keys = []
+    stay two values. Returns the partition keys, and which rows can repeat at all: those whose
+    columns that land as written repeat (casting every row's timestamp first cost 4.6x the
+    rule's time on 2M order lines)."""
+    keys, plain = [], []
     for name in names:
         column = _identifier(name, columns)
         value = landed.get(name, column)
+        if value == column:
+            plain.append(column)
         keys += [column] if value == column else [value, f"CASE WHEN {value} IS NULL THEN {column} END"]
-    return ", ".join(keys)
+    among = f"count(*) OVER (PARTITION BY {', '.join(plain)}) > 1" if plain and len(plain) < len(names) else ""
+    return ", ".join(keys), among
 
 
 def _fails(kind: str, kwargs: dict[str, Any], column: str, value_type: str, prefix: str,
@@ -406,8 +412,9 @@ def quarantine(con: duckdb.DuckDBPyConnection, suite: Suite, staged: str, column
     suspects = _rows_breaking_any(con, [r for r in rules if not r.window], staged, failures, partition_date)
     for rule in rules:
         where = "QUALIFY" if rule.window else "WHERE"
+        rows = suspects if not rule.window else f"(SELECT * FROM {staged} QUALIFY {rule.among})" if rule.among else staged
         sql = (f"INSERT INTO {failures} SELECT row_id, line_no, {record_key}, $rule, $column_name, {rule.value}"
-               f" FROM {staged if rule.window else suspects} {where} {rule.fails}")
+               f" FROM {rows} {where} {rule.fails}")
         params = {"rule": rule.rule, "column_name": rule.column_name, **rule.params}
         if "$partition_date" in rule.fails:
             params["partition_date"] = partition_date

@@ -42,7 +42,7 @@ from pydantic import Field
 from assets.common.current_state import PII_TAG, register_sources
 from assets.common.partitions import daily_partitions, first_partition
 from assets.common.range_runs import asset_check_outputs, partition_check_evaluation
-from assets.common.sources import SOURCES, RawTable, Source
+from assets.common.sources import SOURCES, Source
 from assets.ingest.accounting import BatchCounts, batch_metadata, check_results, check_specs, count_partition, no_records, preview
 from assets.ingest.file_shards import Sharding, shard_plan, stage_in_shards
 from assets.ingest.landing_files import READERS, Staged, create_from_arrow, line_texts, stage_and_judge

@@ -6,8 +6,9 @@ requests a run of `daily_pipeline` for that
 partition, keyed by the files' names, sizes and modification times: a file that changes later
 triggers the day again (the fingerprints make that run cheap: only what changed is rebuilt), and
 the complete days after it (`days_after_a_correction`), whose runs take the change into the later
-days' verdicts and the current tables; an unchanged day is never requested twice. Its first tick only takes stock: the days that
-had landed before it was turned on are history, which a user backfills in one run from the UI
+days' verdicts and the current tables; an unchanged day is never requested twice. Its first tick
+only takes stock: the days that had landed before it was turned on are history, which a user
+backfills in one run from the UI
 (a sensor that woke up to 14 queued runs would surprise, and race that backfill). The schedule
 asks for yesterday's partition every morning, for the days the sensor missed (its daemon down,
 a file that never came): a run of complete, unchanged inputs is a skip.

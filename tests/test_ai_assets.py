@@ -91,6 +91,31 @@ def test_products_without_text_are_counted_and_a_garbage_vector_goes_to_the_dlq(
     assert stored == meta["products"] - 2 and vectors_ok
 
 
+def test_a_dead_lettered_product_that_loses_its_text_is_superseded_not_left_open_for_ever(resources, server):
+    """Such a product is no longer sent to the model, so its row could never close: every later
+    build was red and rebuilt, saying "open items are retried by the next run", while nothing was
+    retried (found by an outside-in probe)."""
+    warehouse: DuckDBWarehouse = resources["warehouse"]
+    with warehouse.connect(read_only=True) as con:
+        product, name = fetch_all(con, "SELECT product_id, name FROM analytics.dim_products ORDER BY 1 LIMIT 1")[0]
+    server.poison[name] = "server_error"
+    strict = {"ops": {"product_embeddings": {"config": {"max_failed_share": 0.0}}}}
+    assert not run([product_embeddings], resources, strict, raise_on_error=False).success
+    server.poison.clear()
+    with warehouse.transaction() as con:
+        con.execute("UPDATE analytics.dim_products SET name = NULL, description = NULL, category = NULL "
+                    "WHERE product_id = ?", [product])
+
+    result = run([product_embeddings], resources, strict)
+
+    assert checks_of(result)["products_embedded"].passed and checks_of(result)["dead_letter_share"].passed
+    with warehouse.connect(read_only=True) as con:
+        assert fetch_all(con, "SELECT DISTINCT resolution FROM ops.dead_letter WHERE item_key = ?", [product]) == [
+            ("superseded",)]
+        assert fetch_scalar(con, "SELECT count(*) FROM ops.dead_letter WHERE resolved_at IS NULL") == 0
+    assert metadata_of(run([product_embeddings], resources, strict), "product_embeddings")["skipped"]
+
+
 def test_a_failing_recommendation_chunk_is_dead_lettered_the_rest_goes_on_and_the_run_is_red(resources, monkeypatch):
     assert run([product_embeddings], resources).success
     original = Recommender.score_chunk
@@ -161,6 +186,20 @@ def test_a_garbage_segment_naming_answer_falls_back_is_dead_lettered_and_retried
     assert metadata_of(again, "customer_segments")["named_by"] == "chat"
     with resources["warehouse"].connect(read_only=True) as con:
         assert fetch_all(con, "SELECT resolution FROM ops.dead_letter WHERE stage = 'segment_names'") == [("succeeded",)]
+
+
+def test_a_naming_dead_letter_closes_when_the_chat_model_is_turned_off(resources, server):
+    """With no chat model the naming request is never made again: its open row kept every build
+    red ("1 of 0 items in the dead-letter queue") and rebuilding for ever (found by a probe)."""
+    assert run([product_embeddings], resources).success
+    assert not run([customer_segments], chat_resources(resources, server, max_attempts=1), raise_on_error=False).success
+
+    result = run([customer_segments], {**resources, "chat_model": ChatModel(provider="none")})
+
+    assert checks_of(result)["dead_letter_share"].passed
+    assert metadata_of(result, "customer_segments")["named_by"] == "profile (no chat model configured)"
+    with resources["warehouse"].connect(read_only=True) as con:
+        assert fetch_all(con, "SELECT resolution FROM ops.dead_letter WHERE stage = 'segment_names'") == [("superseded",)]
 
 
 def test_segment_names_come_from_the_chat_model_when_its_answer_is_valid(resources, server):

@@ -50,7 +50,7 @@ def read_product_texts(warehouse) -> tuple[list[tuple[str, str]], list[str]]:
 def store_product_vectors(build: StateBuild, item_vectors: tuple[str, dict], measurements: dict
                           ) -> tuple[int, dg.MarkdownMetadataValue, dict[str, int]]:
     """Replace ml.product_embeddings with the vectors just embedded (or found in the cache), close
-    the dead letters of products no longer in the catalog, and retire the item maps and cached
+    the dead letters of products no longer in the catalog or without text, and retire the item maps and cached
     vectors nothing needs any more, in the same transaction (one trip to the warehouse lock: this
     step runs beside the writer steps). Returns the rows, a preview and what was retired."""
     sql, params = item_vectors
@@ -59,7 +59,8 @@ def store_product_vectors(build: StateBuild, item_vectors: tuple[str, dict], mea
         con.execute(f"CREATE OR REPLACE TABLE {PRODUCT_EMBEDDINGS_TABLE} AS "
                     f"SELECT item_key AS product_id, text_hash, vector FROM ({sql}) ORDER BY product_id", params)
         rows = fetch_scalar(con, f"SELECT count(*) FROM {PRODUCT_EMBEDDINGS_TABLE}")
-        dead_letters.supersede(con, STAGE, "SELECT product_id FROM analytics.dim_products")
+        # a product that left the catalog, or lost its text, is no longer sent: its rows close
+        dead_letters.supersede(con, STAGE, f"SELECT product_id FROM ({PRODUCT_TEXT_SQL}) WHERE text <> ''")
         build.record(con, rows, {**measurements, "embedded": rows})
         items, vectors = store.retire_superseded(con, STAGE, build.partition_key, store.cache_keep_days())
         retired = {"item_map_rows_retired": items, "cached_vectors_pruned": vectors,

@@ -51,6 +51,7 @@ def new_alerts(instance, settings, positions):
 
 class BuildConfig(dg.Config):
     skip: bool = False  # report a skipped build (inputs unchanged) that re-reports its checks
+    volume_fails: bool = False  # the stored build judged by a tighter threshold
 
 
 @dg.asset(
@@ -65,7 +66,7 @@ def checked_batch(config: BuildConfig) -> dg.MaterializeResult:
     return dg.MaterializeResult(
         metadata={"dagster/row_count": 10, "skipped": config.skip},
         check_results=[
-            dg.AssetCheckResult(check_name="volume_ok", passed=True),
+            dg.AssetCheckResult(check_name="volume_ok", passed=not config.volume_fails),
             dg.AssetCheckResult(
                 check_name="keys_unique", passed=False, severity=dg.AssetCheckSeverity.WARN,
                 metadata={"duplicates": 3, "api_key": "sk-should-never-leave-123456"},
@@ -105,6 +106,20 @@ def test_a_skipped_build_re_reporting_its_failed_checks_is_not_alerted_again(ins
     dg.materialize([checked_batch], instance=instance, partition_key="2024-03-01",
                    run_config={"ops": {"checked_batch": {"config": {"skip": True}}}})
     assert len(first) == 2 and failed_check_alerts(instance, cursor, limit=100)[0] == []
+
+
+def test_a_verdict_that_changes_on_a_skipped_build_is_alerted(instance):
+    """A threshold tightened, or a later day's build judged in an earlier day's run, fails a
+    check on a skip: no incident was opened, and a run stopped by such a blocking check raised
+    none at all (found by an outside-in probe). Only a repeated verdict is quiet."""
+    dg.materialize([checked_batch], instance=instance, partition_key="2024-03-01")
+    _, cursor = failed_check_alerts(instance, -1, limit=100)
+    tighter = {"ops": {"checked_batch": {"config": {"skip": True, "volume_fails": True}}}}
+    dg.materialize([checked_batch], instance=instance, partition_key="2024-03-01", run_config=tighter)
+    changed, cursor = failed_check_alerts(instance, cursor, limit=100)
+    assert [(a.details["check"], a.resolves) for a in changed] == [("volume_ok", False)]
+    dg.materialize([checked_batch], instance=instance, partition_key="2024-03-01", run_config=tighter)
+    assert failed_check_alerts(instance, cursor, limit=100)[0] == []  # the same verdict again
 
 
 def test_check_cursor_pages_through_a_backlog(instance):

@@ -5,7 +5,7 @@ turns a failed evaluation into an incident (asset, check, partition), raised onc
 open, and a later passing evaluation of the same check into the notice that closes it. The
 cursor is the event-log storage id of the last evaluation read, so each evaluation is seen
 exactly once whatever the tick rate. An evaluation that only re-reports a skipped build (inputs
-unchanged) changes nothing.
+unchanged) with the verdict the check gave before changes nothing.
 """
 
 from __future__ import annotations
@@ -21,11 +21,16 @@ from assets.monitor.settings import MonitoringSettings
 RULE = "asset_check_failed"
 
 
-def rechecks_a_skip(instance: dg.DagsterInstance, evaluation: dg.AssetCheckEvaluation) -> bool:
-    """True when the check re-reports a build that was skipped (metadata `skipped` = True).
+def repeats_a_skipped_verdict(instance: dg.DagsterInstance, entry: dg.EventLogEntry,
+                              evaluation: dg.AssetCheckEvaluation) -> bool:
+    """True when the check re-reports a build that was skipped (metadata `skipped` = True) with the
+    verdict the check gave before.
 
     A skipped build keeps the data of an earlier one, whose failed checks were alerted then; a
-    daily run over unchanged inputs must not raise the same failure again every day.
+    daily run over unchanged inputs must not raise the same failure again every day. A verdict
+    that changed on a skip is news, though: a threshold tightened, or a later day's build judged
+    in an earlier day's run, failed with no incident, and a red run raised none at all (found by
+    an outside-in probe).
     """
     target = evaluation.target_materialization_data
     if target is None:
@@ -33,13 +38,26 @@ def rechecks_a_skip(instance: dg.DagsterInstance, evaluation: dg.AssetCheckEvalu
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=evaluation.asset_key, storage_ids=[target.storage_id]), limit=1
     ).records
-    return bool(records) and is_skipped(records[0])
+    if not (records and is_skipped(records[0])):
+        return False
+    return previous_verdict(instance, evaluation.asset_check_key, entry.timestamp) == evaluation.passed
+
+
+def previous_verdict(instance: dg.DagsterInstance, check: dg.AssetCheckKey, before: float) -> bool | None:
+    """Whether the check's latest evaluation before `before` passed; None without one."""
+    for record in instance.event_log_storage.get_asset_check_execution_history(check, limit=20):
+        if record.event is None or record.event.timestamp >= before:
+            continue
+        earlier = record.event.dagster_event.event_specific_data if record.event.dagster_event else None
+        if isinstance(earlier, dg.AssetCheckEvaluation):
+            return earlier.passed
+    return None
 
 
 def check_failure_alert(instance: dg.DagsterInstance, storage_id: int, entry: dg.EventLogEntry) -> Alert | None:
     """A failed evaluation opens the incident (asset, check, partition); a passing one closes it."""
     evaluation = entry.dagster_event.event_specific_data
-    if rechecks_a_skip(instance, evaluation):
+    if repeats_a_skipped_verdict(instance, entry, evaluation):
         return None
     asset = evaluation.asset_key.to_user_string()
     # A check declared without its own partitions reports none; the run's partition says which day.

@@ -15,6 +15,7 @@ import pytest
 from assets.infer.embeddings import product_embeddings
 from assets.infer.recommendations import recommendations
 from assets.infer.segments import customer_segments
+from assets.outputs.business_rules import validated_recommendations
 from generator import FaultRates, GeneratorConfig, generate
 from recsys.recommender import Recommender
 from resources.model_clients import ChatModel
@@ -65,6 +66,11 @@ def run(assets, resources, run_config=None, raise_on_error=True):
 def metadata_of(result, asset: str) -> dict:
     event = next(e for e in result.get_asset_materialization_events() if e.asset_key.to_user_string() == asset)
     return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def failure_of(result) -> str:
+    (failure,) = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_FAILURE]
+    return failure.step_failure_data.error.message
 
 
 def checks_of(result) -> dict:
@@ -144,6 +150,10 @@ def test_a_failing_recommendation_chunk_is_dead_lettered_the_rest_goes_on_and_th
         customers = fetch_scalar(con, "SELECT count(DISTINCT customer_id) FROM analytics.stg_purchases")
     assert dead == [("processing_error", meta["dlq_count"])] and 0 < meta["dlq_count"] <= 50
     assert cursed == 0 and served + meta["dlq_count"] == customers
+    # A later run of the outputs alone must not serve the gap green (it did; found by a probe).
+    outputs = run([validated_recommendations], resources, raise_on_error=False)
+    assert not outputs.success
+    assert "recommendations (" in failure_of(outputs) and "failed blocking checks ['dead_letter_share']" in failure_of(outputs)
 
 
 def test_a_catalog_with_nothing_in_stock_serves_nobody_and_says_why(resources):

@@ -453,6 +453,9 @@ def dead_letter_verdict(measured: Mapping[str, Any], config: DeadLetterConfig) -
     )
 
 
+BLOCKED = "failed blocking checks"  # in a stored incomplete_reason: nothing may build on that build
+
+
 def incomplete_reason(measurements: Mapping[str, Any], checks: list[dg.AssetCheckResult],
                       blocking: frozenset[str]) -> str | None:
     """Why a build cannot count as an unchanged success next time, or None."""
@@ -462,8 +465,23 @@ def incomplete_reason(measurements: Mapping[str, Any], checks: list[dg.AssetChec
     failed = [c.check_name for c in checks
               if not c.passed and c.severity == dg.AssetCheckSeverity.ERROR and c.check_name in blocking]
     if failed:
-        reasons.append(f"failed blocking checks {failed}")
+        reasons.append(f"{BLOCKED} {failed}")
     return "; ".join(reasons) or None
+
+
+def refuse_to_build_on_a_blocked_input(con: duckdb.DuckDBPyConnection, spec: StageSpec) -> None:
+    """A failed blocking check blocks what reads the build in its own run (Dagster's rule), but a
+    later run that selects only the stage read the gap and was green (outputs served without the
+    customers recommendations dead-lettered; found by an outside-in probe). The stored state says
+    which input's last build failed one: the stage refuses until that input builds again."""
+    blocked = {name: state.incomplete_reason for name in spec.inputs
+               if (state := read_state(con, name)) is not None and BLOCKED in (state.incomplete_reason or "")}
+    if blocked:
+        raise dg.Failure(
+            f"{spec.name} does not build on an input whose last build failed a blocking check: "
+            + "; ".join(f"{name} ({reason})" for name, reason in blocked.items())
+            + ". Build those inputs again first (a plain run of them retries what they left open).",
+            metadata={"blocked_inputs": blocked}, allow_retries=False)
 
 
 def current_state_asset(
@@ -604,6 +622,8 @@ def materialize_stage(recipe: StageRecipe, context: dg.AssetExecutionContext, co
                                         "builds this table", decision.fingerprint, decision.stored)
     if not decision.build:
         return _skipped(spec, context, config, as_of, decision, started)
+    with context.resources.warehouse.connect(read_only=True) as con:
+        refuse_to_build_on_a_blocked_input(con, spec)
     state_build = StateBuild(spec, context, config, as_of, decision)
     try:
         built = build(state_build)

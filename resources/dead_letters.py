@@ -140,14 +140,17 @@ def resolve_keys(con: duckdb.DuckDBPyConnection, stage: str, item_keys: Sequence
     return resolve(con, stage, "SELECT unnest($keys::VARCHAR[])", {"keys": list(item_keys)})
 
 
-def supersede(con: duckdb.DuckDBPyConnection, stage: str, current_keys_sql: str, params: dict | None = None) -> int:
-    """Close the open rows of `stage` whose item is not among the items the stage now processes."""
+def supersede(con: duckdb.DuckDBPyConnection, stage: str, current_keys_sql: str | None,
+              params: dict | None = None) -> int:
+    """Close the open rows of `stage` whose item is not among the items the stage now processes
+    (`current_keys_sql`; None: it processes none, every open row closes)."""
     if not count_open(con, stage):
         return 0
+    still_processed = f"AND item_key NOT IN ({current_keys_sql})" if current_keys_sql is not None else ""
     closed = fetch_all(
         con,
         f"""UPDATE {TABLE} SET resolved_at = $now, resolution = '{SUPERSEDED}'
-            WHERE stage = $stage AND resolved_at IS NULL AND item_key NOT IN ({current_keys_sql})
+            WHERE stage = $stage AND resolved_at IS NULL {still_processed}
             RETURNING item_key""",
         {**(params or {}), "now": utc_now(), "stage": stage},
     )

@@ -2,6 +2,7 @@
 
 import datetime as dt
 import json
+import time
 
 import dagster as dg
 import duckdb
@@ -11,6 +12,7 @@ import pytest
 from assets.common.partitions import daily_partitions
 from assets.infer.recommendations import confidence_summary
 from assets.monitor.check_alerts import failed_check_alerts as check_alerts
+from assets.monitor.check_alerts import previous_verdict
 from assets.monitor.freshness import late_partition_alerts as freshness_alerts
 from assets.monitor.metrics import metric_alerts
 from assets.monitor.run_failures import failed_run_alerts, run_failure_alert
@@ -114,12 +116,17 @@ def test_a_verdict_that_changes_on_a_skipped_build_is_alerted(instance):
     none at all (found by an outside-in probe). Only a repeated verdict is quiet."""
     dg.materialize([checked_batch], instance=instance, partition_key="2024-03-01")
     _, cursor = failed_check_alerts(instance, -1, limit=100)
+    tightened_at = time.time()
     tighter = {"ops": {"checked_batch": {"config": {"skip": True, "volume_fails": True}}}}
     dg.materialize([checked_batch], instance=instance, partition_key="2024-03-01", run_config=tighter)
     changed, cursor = failed_check_alerts(instance, cursor, limit=100)
     assert [(a.details["check"], a.resolves) for a in changed] == [("volume_ok", False)]
     dg.materialize([checked_batch], instance=instance, partition_key="2024-03-01", run_config=tighter)
     assert failed_check_alerts(instance, cursor, limit=100)[0] == []  # the same verdict again
+    key = dg.AssetCheckKey(dg.AssetKey("checked_batch"), "volume_ok")
+    for size in (1, 100):  # read a page at a time, past the planned evaluations
+        assert previous_verdict(instance, key, tightened_at, page=size) is True
+        assert previous_verdict(instance, key, time.time(), page=size) is False
 
 
 def test_check_cursor_pages_through_a_backlog(instance):

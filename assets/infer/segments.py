@@ -480,7 +480,7 @@ def customer_segments(build: StateBuild) -> Built:
         # The naming request is the stage's one model item (none when no chat model is configured).
         naming_items = int(build.resources.chat_model.provider != "none" and bool(profiles))
         if not naming_items:  # nothing asks again: a row of an earlier request would stay open for ever
-            dead_letters.supersede(con, NAMING_STAGE, "SELECT NULL::VARCHAR WHERE false")
+            dead_letters.supersede(con, NAMING_STAGE, current_keys_sql=None)
         build.record(con, sum(sizes.values()), {
             "segment_sizes": sizes, "items": naming_items, "kept_segment_share": stability,
             "model": {"fingerprint": fingerprint, "fitted_on_day": fitted_on,

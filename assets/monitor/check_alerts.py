@@ -43,14 +43,22 @@ def repeats_a_skipped_verdict(instance: dg.DagsterInstance, entry: dg.EventLogEn
     return previous_verdict(instance, evaluation.asset_check_key, entry.timestamp) == evaluation.passed
 
 
-def previous_verdict(instance: dg.DagsterInstance, check: dg.AssetCheckKey, before: float) -> bool | None:
-    """Whether the check's latest evaluation before `before` passed; None without one."""
-    for record in instance.event_log_storage.get_asset_check_execution_history(check, limit=20):
-        if record.event is None or record.event.timestamp >= before:
-            continue
-        earlier = record.event.dagster_event.event_specific_data if record.event.dagster_event else None
-        if isinstance(earlier, dg.AssetCheckEvaluation):
-            return earlier.passed
+def previous_verdict(instance: dg.DagsterInstance, check: dg.AssetCheckKey, before: float,
+                     page: int = 100, pages: int = 20) -> bool | None:
+    """Whether the check's latest evaluation before `before` passed; None without one. Newest
+    first, a page at a time: a sensor catching up reads evaluations older than many others."""
+    cursor = None
+    for _ in range(pages):
+        records = instance.event_log_storage.get_asset_check_execution_history(check, limit=page, cursor=cursor)
+        for record in records:
+            if record.event is None or record.event.timestamp >= before:
+                continue
+            earlier = record.event.dagster_event.event_specific_data if record.event.dagster_event else None
+            if isinstance(earlier, dg.AssetCheckEvaluation):
+                return earlier.passed
+        if len(records) < page:
+            return None
+        cursor = records[-1].id
     return None
 
 

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.event_api import PartitionKeyFilter
 import pytest
 
 from definitions import build_definitions, defs
@@ -189,6 +190,12 @@ def test_a_range_of_days_runs_the_whole_pipeline_in_one_run(tmp_path, landing, m
         assert result.success
         for asset in ("raw_customers", "customer_features", "recommendations", "validated_recommendations"):
             assert instance.get_materialized_partitions(dg.AssetKey(asset)) == {DAY1, DAY2}, asset
+        # Every check of every day has its verdict (a stage's used to stay "planned" for each day).
+        for check_key in result.job_def.asset_layer.asset_graph.asset_check_keys:
+            for day in (DAY1, DAY2):
+                (latest,) = instance.event_log_storage.get_asset_check_execution_history(
+                    check_key, limit=1, partition_filter=PartitionKeyFilter(key=day))
+                assert latest.status.value in ("SUCCEEDED", "FAILED"), (check_key, day, latest.status)
     with resources["warehouse"].connect(read_only=True) as con:
         batches = fetch_all(con, "SELECT source, partition_date::VARCHAR FROM ops.batch_fingerprints ORDER BY ALL")
         as_of = dict(fetch_all(con, "SELECT asset, as_of::VARCHAR FROM ops.asset_state"))

@@ -101,6 +101,14 @@ def test_a_corrected_catalog_day_asks_every_later_day_again_whose_records_were_j
     assert [r.partition_key for r in asked] == list(days)  # in day order: the latest last
     assert [r.tags.get("after_changed_days") for r in asked] == [None, days[0], days[0], days[0]]
 
+    late = folder / "customers" / f"{days[2]}.jsonl"  # a file that comes after the later days ran
+    held_back = late.read_bytes()
+    late.unlink()
+    before = tick(sensor, folder, None)
+    late.write_bytes(held_back)
+    asked = tick(sensor, folder, before.cursor).run_requests
+    assert [(r.partition_key, r.tags.get("after_changed_days")) for r in asked] == [(days[2], None), (days[3], days[2])]
+
     monkeypatch.setenv("PIPELINE_SOURCES", "transactions")  # nothing judged against a catalog
     sensor = build_landing_sensor(defs.resolve_job_def("daily_pipeline"), SOURCES, partitions)
     history = tick(sensor, folder, None)

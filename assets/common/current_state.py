@@ -47,6 +47,7 @@ from pydantic import Field
 from sqlglot import exp
 
 from assets.common.partitions import daily_partitions
+from assets.common.range_runs import asset_check_outputs, partition_check_evaluation
 from assets.common.sources import SOURCES, Source
 from resources import dead_letters
 from resources.model_clients.errors import ModelConfigurationError
@@ -523,8 +524,8 @@ def current_state_asset(
                              description or inspect.getdoc(build), personal_data)
         _STAGES[name] = recipe
 
-        def body(context: dg.AssetExecutionContext, config: Any) -> dg.MaterializeResult:
-            return materialize_stage(recipe, context, config)
+        def body(context: dg.AssetExecutionContext, config: Any) -> Iterator[Any]:
+            yield from checks_per_day(context, materialize_stage(recipe, context, config))
 
         body.__name__ = name
         body.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
@@ -549,6 +550,32 @@ def current_state_asset(
         )(body)
 
     return decorate
+
+
+def checks_per_day(context: dg.AssetExecutionContext, result: dg.MaterializeResult) -> Iterator[Any]:
+    """A stage's result; in a run over a range of days, with its checks reported for every day the
+    build covers (as ingestion reports its own, assets/common/range_runs.py). A check result knows
+    only a run's single partition: the range's days kept their checks "planned" for ever, so a
+    failed check showed on none of them (found by an outside-in probe). A failed blocking check
+    still fails the step, as it does in a one-day run, so nothing after it builds on the gap."""
+    days = context.partition_keys if context.has_partition_key_range else []
+    if len(days) <= 1 or not result.check_results:
+        yield result
+        return
+    yield dg.MaterializeResult(metadata=result.metadata)  # every day of the range, as before
+    specs = {spec.name: spec for spec in context.assets_def.check_specs}
+    asset = context.assets_def.key.to_user_string()
+    for day in days:
+        for check in result.check_results:
+            yield partition_check_evaluation(context.instance, check, asset, check.check_name, day,
+                                             specs[check.check_name].blocking)
+    yield from asset_check_outputs(context)
+    failed = [c for c in result.check_results if not c.passed and specs[c.check_name].blocking
+              and c.severity == dg.AssetCheckSeverity.ERROR]
+    if failed:
+        raise dg.Failure(f"{asset}: {len(failed)} blocking check(s) failed for the days {days[0]}..{days[-1]}: "
+                         + "; ".join(f"{c.check_name}: {c.description}" for c in failed),
+                         metadata={"failed_checks": [c.check_name for c in failed]}, allow_retries=False)
 
 
 @dataclass(frozen=True)

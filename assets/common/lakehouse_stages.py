@@ -51,6 +51,7 @@ from assets.common.current_state import (
     ConcurrentBuildError,
     StageRecipe,
     as_of_day,
+    checks_per_day,
     decide_stage,
     ensure_state_table,
     materialize_stage,
@@ -446,8 +447,8 @@ def lakehouse_stage_asset(name: str, upstream: dict[str, str]) -> dg.AssetsDefin
     asset = lake_name(name)
     resources = (set(recipe.resources) - {"warehouse"}) | {"lakehouse"}
 
-    def body(context: dg.AssetExecutionContext, config: Any) -> dg.MaterializeResult:
-        return run_on_lakehouse(recipe, context, config, context.resources.lakehouse)
+    def body(context: dg.AssetExecutionContext, config: Any) -> Iterator[Any]:
+        yield from checks_per_day(context, run_on_lakehouse(recipe, context, config, context.resources.lakehouse))
 
     body.__name__ = asset
     body.__signature__ = inspect.Signature([  # type: ignore[attr-defined]

@@ -11,6 +11,7 @@ materialization (what Dagster does for a one-partition run), then closes the che
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import dagster as dg
 from dagster._core.definitions.asset_checks.asset_check_evaluation import (
@@ -45,3 +46,16 @@ def asset_check_outputs(context: dg.AssetExecutionContext | dg.AssetCheckExecuti
     definition = context.op_execution_context.assets_def
     for key in context.selected_asset_check_keys:
         yield dg.Output(None, output_name=definition.get_output_name_for_asset_check_key(key))
+
+
+def check_per_day(context: dg.AssetCheckExecutionContext, result: dg.AssetCheckResult, asset_key: str,
+                  check_name: str) -> Iterator[Any]:
+    """A check of a current-state build: in a range run, the same verdict for every day the build
+    covers (the days kept it "planned" for ever otherwise); in a one-day run, the result itself."""
+    days = [] if context.has_partition_key else list(context.partition_keys)
+    if len(days) <= 1:
+        yield result
+        return
+    for day in days:
+        yield partition_check_evaluation(context.instance, result, asset_key, check_name, day, blocking=False)
+    yield from asset_check_outputs(context)

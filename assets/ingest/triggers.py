@@ -102,15 +102,18 @@ def judged_against_a_catalog(sources: tuple[Source, ...]) -> bool:
 
 def days_after_a_correction(complete: dict[str, str], seen: dict[str, str], requests: list[dg.RunRequest],
                             catalog_judged: bool) -> list[dg.RunRequest]:
-    """A file of an earlier day written again (a correction) lands in that day's run, but the days
-    after it need a run too: the current tables hold the latest day and skip in the corrected
+    """A file of an earlier day written again (a correction), or come late, lands in that day's
+    run, but the days after it need a run too: the current tables hold the latest day and skip in the corrected
     day's run, so the latest complete day is asked again, and its run rebuilds them with the
     change. Where records are judged against a catalog up to their day, every complete day after
     the corrected one is asked as well: its records were judged against the old catalog (a product
     added or taken back), and its run lands them again (the catalog is in its fingerprint), before
     the latest rebuilds the current tables (found by an outside-in probe: the days between kept
     their old verdicts, all green)."""
-    changed = [day for day, signature in complete.items() if day in seen and seen[day] != signature]
+    # A day completed late (its file came after a later day's run) is a correction too: the
+    # current tables hold that later day and skip in its run (found by an outside-in probe).
+    changed = [day for day, signature in complete.items()
+               if (seen[day] != signature if day in seen else bool(seen) and day < max(seen))]
     if not changed:
         return []
     asked = {request.partition_key for request in requests}

@@ -11,7 +11,7 @@ disagreement with the stored verdicts rebuilds both tables from all recommendati
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import dagster as dg
@@ -31,6 +31,7 @@ from assets.common.current_state import (
 from assets.common.key_ranges import in_range, key_ranges, range_params
 from assets.common.metadata import table_preview
 from assets.common.partitions import daily_partitions
+from assets.common.range_runs import check_per_day
 from assets.validate.gx_checks import SUITE_STEP_TAGS, run_suite_check
 from assets.validate.rules import load_suite
 from resources.lakehouse import Lakehouse
@@ -333,8 +334,8 @@ class OutputSuiteConfig(dg.Config):
 )
 def output_expectation_suite(
     context: dg.AssetCheckExecutionContext, config: OutputSuiteConfig, warehouse: DuckDBWarehouse
-) -> dg.AssetCheckResult:
-    return judge_outputs(context, config, warehouse)
+) -> Iterator[Any]:
+    yield from check_per_day(context, judge_outputs(context, config, warehouse), STAGE, "output_expectation_suite")
 
 
 def lake_output_expectation_suite(asset: str) -> dg.AssetChecksDefinition:
@@ -345,13 +346,14 @@ def lake_output_expectation_suite(asset: str) -> dg.AssetChecksDefinition:
                     description="The GX suite expectations/recommendations.json on outputs.recommendations "
                                 "(the lakehouse's build as of the day).")
     def _check(context: dg.AssetCheckExecutionContext, config: OutputSuiteConfig, lakehouse: Lakehouse
-               ) -> dg.AssetCheckResult:
+               ) -> Iterator[Any]:
         from assets.common.lakehouse_stages import builds_on_private_warehouse
 
         day = as_of_day(context).isoformat()
         with builds_on_private_warehouse(lakehouse, day, {STAGE: [ACCEPTED_TABLE],
                                                           "recommendations": ["ml.recommendation_changes"]}) as warehouse:
-            return judge_outputs(context, config, warehouse)
+            result = judge_outputs(context, config, warehouse)
+        yield from check_per_day(context, result, asset, "output_expectation_suite")
 
     return _check
 

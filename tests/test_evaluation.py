@@ -83,6 +83,18 @@ def test_a_loss_to_the_best_baseline_is_judged_on_the_same_customers():
     gaining = theirs.copy()
     gaining[1_000:1_040] = True
     assert not versus_best_baseline(report(gaining))["worse_beyond_noise"]
+    # Worse beyond noise than a baseline that is not the best: the paired margin to each one.
+    best = np.zeros(2_000, dtype=bool)
+    best[1_200:2_000] = True  # 0.40, sharing none of our hits: a wide margin
+    vectors = {OURS: ours, "global popularity": best, "segment popularity": theirs}  # 0.38 vs 0.40 and 0.40
+    vectors["segment popularity"] = theirs.copy()
+    vectors["segment popularity"][799] = False  # 0.3995: below the best, and still beats us beyond noise
+    table = [{"method": name, "hit_rate@10": round(float(hits.mean()), 4)} for name, hits in vectors.items()]
+    mixed = versus_best_baseline(EvaluationReport(cutoff="", test_end="", k=10, evaluated_customers=2_000,
+                                                  candidate_products=1, segmentation="", table=table,
+                                                  hit_vectors=vectors))
+    assert mixed["best_baseline"] == "global popularity" and mixed["ours"] > mixed["baseline"] - mixed["noise_margin"]
+    assert mixed["worse_beyond_noise"] and mixed["worse_beyond_noise_than"] == ["segment popularity"]
 
 def test_rfm_segments_are_deterministic_and_in_range():
     cutoff_us = to_micros(SMALL_CUTOFF)

@@ -166,18 +166,25 @@ def store_results(build: StateBuild, reports: dict[str, EvaluationReport], versu
 
 
 def versus_best_baseline(report: EvaluationReport) -> dict | None:
-    """Our hit rate against the best baseline's, and whether the gap is beyond noise: more than
-    1.96 standard errors of the difference of the two hit rates. The customers are the same, so
-    the standard error is the paired one (customers both methods hit, or both miss, are no noise)."""
+    """Our hit rate against the best baseline's, and whether we are worse beyond noise than any
+    baseline: more than 1.96 standard errors of the difference of the two hit rates, each pair
+    with its own margin. The customers are the same, so the standard error is the paired one
+    (customers both methods hit, or both miss, are no noise); a baseline a little below the best
+    can share more of our hits and so be beaten with a narrower margin (found by a probe: 0.370
+    against 0.390 lost beyond noise while the best, 0.400, did not)."""
     key = f"hit_rate@{report.k}"
-    best = max((row for row in report.table if row["method"] in BASELINES), key=lambda row: row[key])
+    baselines = [row for row in report.table if row["method"] in BASELINES]
+    best = max(baselines, key=lambda row: row[key])
     ours, theirs = report.row(OURS)[key], best[key]
-    noise = paired_difference_margin(report.hit_vectors[OURS], report.hit_vectors[best["method"]])
-    if noise is None or not theirs:
+    margins = {row["method"]: paired_difference_margin(report.hit_vectors[OURS], report.hit_vectors[row["method"]])
+               for row in baselines}
+    if margins[best["method"]] is None or not theirs:
         return None
+    losing_to = sorted(row["method"] for row in baselines
+                       if margins[row["method"]] is not None and ours < row[key] - margins[row["method"]])
     return {"lift": round(ours / theirs, 3), "best_baseline": best["method"], "ours": ours, "baseline": theirs,
-            "noise_margin": round(noise, 4), "worse_beyond_noise": ours < theirs - noise,
-            "model": report.selection.get("chosen")}
+            "noise_margin": round(margins[best["method"]], 4), "worse_beyond_noise": bool(losing_to),
+            "worse_beyond_noise_than": losing_to, "model": report.selection.get("chosen")}
 
 
 def quality_verdicts(measured: Mapping[str, Any], config: EvaluationConfig) -> list[dg.AssetCheckResult]:
@@ -185,7 +192,8 @@ def quality_verdicts(measured: Mapping[str, Any], config: EvaluationConfig) -> l
     measured_lifts = {name: v for name, v in versus.items() if v is not None}
     complete = bool(measured_lifts) and len(measured_lifts) == len(versus)
     weakest = min(measured_lifts.items(), key=lambda item: item[1]["lift"]) if complete else None
-    losing = sorted(name for name, v in measured_lifts.items() if v["worse_beyond_noise"])
+    losing = sorted(f"{name} (than {', '.join(v.get('worse_beyond_noise_than') or [v['best_baseline']])})"
+                    for name, v in measured_lifts.items() if v["worse_beyond_noise"])
     dated = f" (evaluated as of {measured['evaluated_on_day']})" if measured.get("evaluated_on_day") else ""
     description = "no dataset could be evaluated against the baselines" if weakest is None else (
         f"our hit-rate is {weakest[1]['lift']:.2f}x that of the best baseline ({weakest[1]['best_baseline']}) on "

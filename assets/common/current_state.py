@@ -210,7 +210,8 @@ def decide(stored: StoredState | None, as_of: dt.date, fingerprint: str, force: 
     if stored.as_of > as_of:
         return BuildDecision(False, f"the table already holds a later day ({stored.as_of}): a run of {stored.as_of} "
                                     "rebuilds it with any change to this day's inputs (the landing sensor asks for "
-                                    "it after a corrected file); force would rebuild it as of this day, going back",
+                                    "it after a corrected or late file; after a backfill of earlier days, run "
+                                    f"{stored.as_of} yourself); force would rebuild it as of this day, going back",
                              fingerprint, stored)
     if stored.fingerprint != fingerprint:
         return BuildDecision(True, "inputs changed", fingerprint, stored)

@@ -55,8 +55,9 @@ def took_stock(complete: dict[str, str]) -> str:
     if not complete:
         return "first tick: no complete day landed yet; each day is run once all its files are in"
     return (f"first tick: {len(complete)} complete day(s) already landed ({min(complete)}..{max(complete)}) are "
-            "history: backfill them from the UI (Materialize all -> partitions). New or changed days from now on "
-            "are run by this sensor.")
+            "history: backfill them from the UI (Materialize all -> partitions), in one range up to the latest "
+            "day (a backfill that ends before a day already run leaves the current tables at that day's build). "
+            "New or changed days from now on are run by this sensor.")
 
 
 def watched_days(partitions_def: dg.TimeWindowPartitionsDefinition, lookback: int) -> list[str]:

@@ -109,12 +109,23 @@ def test_a_corrected_catalog_day_asks_every_later_day_again_whose_records_were_j
     asked = tick(sensor, folder, before.cursor).run_requests
     assert [(r.partition_key, r.tags.get("after_changed_days")) for r in asked] == [(days[2], None), (days[3], days[2])]
 
+    # The latest day is closed (the schedule ran it, the tables hold it): it is asked after a correction.
+    for source in ("products", "customers", "transactions"):
+        for path in (folder / source).glob(f"{days[3]}.*"):
+            path.unlink()
+    history = tick(sensor, folder, None, closed_days=[days[3]])
+    orders = folder / "transactions" / f"{days[2]}.csv"
+    orders.write_text("".join(orders.read_text().splitlines(keepends=True)[:-1]))
+    asked = tick(sensor, folder, history.cursor, closed_days=[days[3]]).run_requests
+    assert [(r.partition_key, r.tags.get("after_changed_days")) for r in asked] == [(days[2], None), (days[3], days[2])]
+
     monkeypatch.setenv("PIPELINE_SOURCES", "transactions")  # nothing judged against a catalog
     sensor = build_landing_sensor(defs.resolve_job_def("daily_pipeline"), SOURCES, partitions)
     history = tick(sensor, folder, None)
     orders = folder / "transactions" / f"{days[1]}.csv"
     orders.write_text("".join(orders.read_text().splitlines(keepends=True)[:-1]))
-    assert [r.partition_key for r in tick(sensor, folder, history.cursor).run_requests] == [days[1], days[3]]
+    assert [r.partition_key for r in tick(sensor, folder, history.cursor, closed_days=[days[3]]).run_requests] == [
+        days[1], days[3]]
 
 
 def test_only_the_configured_sources_make_a_day_complete(landing, monkeypatch):

@@ -85,7 +85,9 @@ def build_landing_sensor(job: Any, sources: tuple[Source, ...] = SOURCES,
         seen = json.loads(context.cursor)
         requests = [dg.RunRequest(run_key=f"{day}:{signature}", partition_key=day, tags={"trigger": "landing"})
                     for day, signature in complete.items() if seen.get(day) != signature]
-        requests += days_after_a_correction(complete, seen, requests, judged_against_a_catalog(watched_sources))
+        closed = [day for day, signature in signatures.items() if signature is None and landing.is_closed(day)]
+        requests += days_after_a_correction(complete, seen, requests, judged_against_a_catalog(watched_sources),
+                                            closed)
         requests.sort(key=lambda request: request.partition_key)  # runs go one at a time, in the order asked
         kept = {day: complete.get(day) or seen[day] for day in days if day in complete or day in seen}
         waiting = [day for day, signature in signatures.items() if signature is None]
@@ -102,7 +104,7 @@ def judged_against_a_catalog(sources: tuple[Source, ...]) -> bool:
 
 
 def days_after_a_correction(complete: dict[str, str], seen: dict[str, str], requests: list[dg.RunRequest],
-                            catalog_judged: bool) -> list[dg.RunRequest]:
+                            catalog_judged: bool, closed: list[str] = ()) -> list[dg.RunRequest]:
     """A file of an earlier day written again (a correction), or come late, lands in that day's
     run, but the days after it need a run too: the current tables hold the latest day and skip in the corrected
     day's run, so the latest complete day is asked again, and its run rebuilds them with the
@@ -110,7 +112,9 @@ def days_after_a_correction(complete: dict[str, str], seen: dict[str, str], requ
     the corrected one is asked as well: its records were judged against the old catalog (a product
     added or taken back), and its run lands them again (the catalog is in its fingerprint), before
     the latest rebuilds the current tables (found by an outside-in probe: the days between kept
-    their old verdicts, all green)."""
+    their old verdicts, all green). The days after it include the `closed` ones without a file:
+    the schedule runs those too, so the tables may hold one (a closed day is never complete, and
+    a correction before it used to skip every stage, green)."""
     # A day completed late (its file came after a later day's run) is a correction too: the
     # current tables hold that later day and skip in its run (found by an outside-in probe).
     changed = [day for day, signature in complete.items()
@@ -118,9 +122,10 @@ def days_after_a_correction(complete: dict[str, str], seen: dict[str, str], requ
     if not changed:
         return []
     asked = {request.partition_key for request in requests}
-    later = [day for day in complete if day > min(changed)] if catalog_judged else [max(complete)]
+    days = sorted({*complete, *closed})
+    later = [day for day in days if day > min(changed)] if catalog_judged else [days[-1]]
     corrections = ",".join(f"{day}:{complete[day]}" for day in changed)
-    return [dg.RunRequest(run_key=f"{day}:{complete[day]}:after:{corrections}", partition_key=day,
+    return [dg.RunRequest(run_key=f"{day}:{complete.get(day, 'closed')}:after:{corrections}", partition_key=day,
                           tags={"trigger": "landing", "after_changed_days": ",".join(changed)})
             for day in later if day not in asked]
 

@@ -157,6 +157,27 @@ def test_a_build_on_inputs_that_hold_a_later_day_is_a_skip_or_refused_when_force
     assert "inputs hold later days {'toy_source': '2011-03-05'}" in failure.step_failure_data.error.message
 
 
+def test_a_run_of_an_earlier_day_that_changed_the_inputs_of_the_tables_day_builds_again_as_of_that_day(warehouse):
+    """A backfill of earlier days after a later day was built changes what the later build read:
+    the stage used to skip ("a run of the later day rebuilds it"), green, and nothing asked for
+    that day (found by an outside-in probe). Now it catches up as of the table's day; unchanged
+    inputs are still a skip."""
+    later = "2011-03-05"
+    dg.materialize([toy_source, toy_state], partition_key=later, resources={"warehouse": warehouse})
+    plain = dg.materialize([toy_state], partition_key=DAY, resources={"warehouse": warehouse})
+    assert toy_metadata(plain)["skipped"] is True  # nothing changed: the later build stands
+    with warehouse.transaction() as con:  # an earlier day changes an input (a late or corrected file)
+        write_state(con, "toy_source", __import__("datetime").date(2011, 3, 1), "corrected", 5)
+
+    caught_up = dg.materialize([toy_state], partition_key=DAY, resources={"warehouse": warehouse})
+
+    meta = toy_metadata(caught_up)
+    assert meta["skipped"] is False and meta["as_of"] == later and meta["build_reason"].startswith("caught up")
+    with warehouse.connect(read_only=True) as con:
+        assert str(read_state(con, "toy_state").as_of) == later
+    assert toy_metadata(dg.materialize([toy_state], partition_key=DAY, resources={"warehouse": warehouse}))["skipped"]
+
+
 def test_a_stage_never_built_whose_inputs_hold_a_later_day_fails_naming_the_day_to_run(warehouse):
     """No skip can stand for a build that never happened: the run is red and says which day builds it."""
     run(warehouse, assets=(toy_source,))

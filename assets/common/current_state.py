@@ -500,7 +500,7 @@ def current_state_asset(
     kinds: Iterable[str] = ("duckdb", "python"),
     description: str | None = None,
     code_version: str | None = None,
-    fingerprint_extra: Callable[[dg.AssetExecutionContext], Any] | None = None,
+    fingerprint_extra: Callable[[dg.AssetExecutionContext, dt.date], Any] | None = None,
     dead_letter_stage: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     personal_data: bool = False,
@@ -589,7 +589,7 @@ class StageRecipe:
     config_class: type[StateConfig]
     checks: tuple[dg.AssetCheckSpec, ...]
     resources: tuple[str, ...]
-    fingerprint_extra: Callable[[dg.AssetExecutionContext], Any] | None
+    fingerprint_extra: Callable[[dg.AssetExecutionContext, dt.date], Any] | None  # (context, the build's day)
     code_version: str | None
     description: str | None
     personal_data: bool
@@ -617,23 +617,41 @@ def dead_letter_stages() -> list[str]:
 
 
 def decide_stage(recipe: StageRecipe, context: dg.AssetExecutionContext, config: Any
-                 ) -> tuple[BuildDecision, dict[str, str]]:
-    """Whether the stage builds as of the run's day (from the stored states of it and its
-    inputs), and the inputs that hold a later day when it would."""
+                 ) -> tuple[BuildDecision, dict[str, str], dt.date]:
+    """Whether the stage builds (from the stored states of it and its inputs), as of which day,
+    and the inputs that hold a later day when it would.
+
+    The day is the run's. But when the table already holds a later day X and this run changed
+    what X's build read (an earlier day landed late, was corrected or backfilled), the stage
+    builds again as of X, so the current tables take the change now: it used to skip, green,
+    saying a run of X would, and after a backfill nothing asked for X (found by an outside-in
+    probe). A lake stage never sees a later day: its states are read up to the run's day."""
     spec, as_of = recipe.spec, as_of_day(context)
     with context.resources.warehouse.connect(read_only=True) as con:
-        upstream = {name: input_fingerprint(con, name, as_of) for name in spec.inputs}
-        extra = recipe.fingerprint_extra(context) if recipe.fingerprint_extra else None
-        fingerprint = fingerprint_of(recipe.code_version, semantic_config(config), upstream, extra)
-        decision = decide(read_state(con, spec.name), as_of, fingerprint, config.force)
-        return decision, later_inputs(con, spec.inputs, as_of) if decision.build else {}
+        stored = read_state(con, spec.name)
+        fingerprint = _fingerprint(recipe, context, config, con, as_of)
+        decision = decide(stored, as_of, fingerprint, config.force)
+        if not decision.build and stored is not None and stored.as_of > as_of and not config.force:
+            at_table_day = _fingerprint(recipe, context, config, con, stored.as_of)
+            if at_table_day != stored.fingerprint:
+                as_of = stored.as_of
+                decision = BuildDecision(True, f"caught up: this run changed the inputs of the table's day ({as_of}; "
+                                               "an earlier day landed, was corrected or backfilled): built again as "
+                                               f"of {as_of}", at_table_day, stored)
+        return decision, later_inputs(con, spec.inputs, as_of) if decision.build else {}, as_of
+
+
+def _fingerprint(recipe: StageRecipe, context: dg.AssetExecutionContext, config: Any,
+                 con: duckdb.DuckDBPyConnection, as_of: dt.date) -> str:
+    upstream = {name: input_fingerprint(con, name, as_of) for name in recipe.spec.inputs}
+    extra = recipe.fingerprint_extra(context, as_of) if recipe.fingerprint_extra else None
+    return fingerprint_of(recipe.code_version, semantic_config(config), upstream, extra)
 
 
 def materialize_stage(recipe: StageRecipe, context: dg.AssetExecutionContext, config: Any) -> dg.MaterializeResult:
     spec, build = recipe.spec, recipe.build
     started = time.perf_counter()
-    as_of = as_of_day(context)
-    decision, later = decide_stage(recipe, context, config)
+    decision, later, as_of = decide_stage(recipe, context, config)
     if later and config.force:
         raise dg.Failure(
             f"{spec.name} as of {as_of}: its inputs hold later days {later}. Rebuild them as of {as_of} first "

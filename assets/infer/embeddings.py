@@ -100,7 +100,7 @@ def coverage_verdicts(measured: Mapping[str, Any], config: DeadLetterConfig) -> 
     verdicts=coverage_verdicts,
     dead_letter_stage=STAGE,
     # Vectors of another model are other vectors.
-    fingerprint_extra=lambda context: context.resources.embedding_model.model_id,
+    fingerprint_extra=lambda context, as_of: context.resources.embedding_model.model_id,
 )
 def product_embeddings(build: StateBuild) -> Built:
     """One vector per product (name, description, category) from the embedding model; cached by text."""

@@ -518,7 +518,7 @@ def served_verdicts(measured: Mapping[str, Any], config: RecommendationsConfig) 
     personal_data=True,  # customer ids
     resources=("warehouse", "compute_engine"),
     pool=None,  # reads a snapshot and publishes in short connections; fits and scores holding none
-    fingerprint_extra=lambda context: {"currency": configured_currency()},  # a new currency rebuilds
+    fingerprint_extra=lambda context, as_of: {"currency": configured_currency()},  # a new currency rebuilds
     code_version=CODE_VERSION,
 )
 def recommendations(build: StateBuild) -> Built:

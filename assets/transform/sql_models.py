@@ -7,6 +7,7 @@ declared next to the SQL (`sql/schema.yml`) are its blocking checks (model_tests
 """
 
 
+import datetime as dt
 import hashlib
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -108,13 +109,15 @@ def upstream_assets(model: SqlModel, model_names: set[str], raw_owners: dict[str
     return sorted(set(owners))
 
 
-def sql_parameters(model: SqlModel, context: dg.AssetExecutionContext) -> dict[str, object]:
+def sql_parameters(model: SqlModel, context: dg.AssetExecutionContext, as_of: dt.date | None = None
+                   ) -> dict[str, object]:
+    """The parameters a model uses, for the build's day (`as_of`; the run's by default: a build
+    that catches up the table's later day is as of that day, its window that day alone)."""
+    run_day = as_of_day(context)
+    as_of = as_of or run_day
     window = context.partition_time_window
-    available = {
-        "as_of": as_of_day(context),
-        "window_start": window.start.date(),
-        "window_end": window.end.date(),
-    }
+    start, end = (window.start.date(), window.end.date()) if as_of == run_day else (as_of, as_of + dt.timedelta(days=1))
+    available = {"as_of": as_of, "window_start": start, "window_end": end}
     unknown = set(model.parameters) - available.keys()
     if unknown:
         raise dg.Failure(f"sql/{model.name}.sql uses unknown parameters {sorted(unknown)}; available: {sorted(available)}",
@@ -150,7 +153,7 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
         description=model.description or None,
         code_version=model.code_version,
         # The day reaches the SQL as a parameter: it is part of what the model produces.
-        fingerprint_extra=lambda context: sql_parameters(model, context),
+        fingerprint_extra=lambda context, as_of: sql_parameters(model, context, as_of),
         kinds={"duckdb", "sql"},
         metadata={"table": model.table, "sql_file": f"sql/{model.name}.sql", **(code_references(model.path) if model.path else {})},
         personal_data=personal_data,
@@ -161,7 +164,7 @@ def build_sql_asset(model: SqlModel, model_names: set[str], owners: dict[str, st
         priority=int(run_first),
     )
     def _build(build: StateBuild) -> Built:
-        params = sql_parameters(model, build.context)
+        params = sql_parameters(model, build.context, build.as_of)
         with ExitStack() as stack:
             computed, where = None, {}
             engine = build.resources.compute_engine

@@ -11,8 +11,10 @@ is a `current_state_asset`, which does for it, once and the same way:
    thresholds) are left out: changing one is a skip, never a rebuild.
 2. **Decide**: build on the first run, on `force`, when the fingerprint changed, or when the
    last build was *incomplete* (it left open dead letters or failed a blocking check); skip when
-   unchanged, or when the table already holds a later day (tables only move forward unless
-   forced). A build refuses to run when one of its inputs holds a later day than the build's.
+   unchanged, or when the table already holds a later day and nothing that day's build read
+   changed (tables only move forward unless forced; a change rebuilds as of the later day). A
+   build refuses to run when one of its inputs holds a later day than the build's, or when an
+   input's last build failed a blocking check.
 3. **Build** through a guarded warehouse: the build may read only its declared inputs' tables
    (and its own, and the `ops.*` machinery); any other pipeline table fails the step
    (`UndeclaredInputError`), so declared dependencies cannot drift from what the code reads.
@@ -34,11 +36,11 @@ import inspect
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import dagster as dg
 import duckdb
@@ -47,7 +49,7 @@ from pydantic import Field
 from sqlglot import exp
 
 from assets.common.partitions import daily_partitions
-from assets.common.range_runs import asset_check_outputs, partition_check_evaluation
+from assets.common.range_runs import range_days, verdicts_on_every_day
 from assets.common.sources import SOURCES, Source
 from resources import dead_letters
 from resources.model_clients.errors import ModelConfigurationError
@@ -208,11 +210,9 @@ def decide(stored: StoredState | None, as_of: dt.date, fingerprint: str, force: 
     if stored is None:
         return BuildDecision(True, "first build", fingerprint, stored)
     if stored.as_of > as_of:
-        return BuildDecision(False, f"the table already holds a later day ({stored.as_of}): a run of {stored.as_of} "
-                                    "rebuilds it with any change to this day's inputs (the landing sensor asks for "
-                                    "it after a corrected or late file; after a backfill of earlier days, run "
-                                    f"{stored.as_of} yourself); force would rebuild it as of this day, going back",
-                             fingerprint, stored)
+        return BuildDecision(False, f"the table already holds a later day ({stored.as_of}), and nothing that day's "
+                                    "build read has changed: it stands (a change would rebuild it as of that day); "
+                                    "force would rebuild it as of this day, going back", fingerprint, stored)
     if stored.fingerprint != fingerprint:
         return BuildDecision(True, "inputs changed", fingerprint, stored)
     if not stored.complete:
@@ -425,11 +425,15 @@ class StateBuild:
         self.check_results, self.measurements, self.recorded = checks, measured, True
 
 
+def failed_blocking(checks: Iterable[dg.AssetCheckResult], blocking: Container[str]) -> list[dg.AssetCheckResult]:
+    """The checks that block what builds on the build: failed, at ERROR, declared blocking."""
+    return [c for c in checks if not c.passed and c.severity == dg.AssetCheckSeverity.ERROR and c.check_name in blocking]
+
+
 def refuse_to_serve_a_failed_build(spec: StageSpec, checks: list[dg.AssetCheckResult]) -> None:
     """Raises inside the build's transaction when a blocking check failed: its tables roll back to
     the last good build."""
-    failed = [c for c in checks if c.check_name in spec.blocking_checks and not c.passed
-              and c.severity == dg.AssetCheckSeverity.ERROR]  # what blocks, as incomplete_reason counts it
+    failed = failed_blocking(checks, spec.blocking_checks)
     if not failed:
         return
     raise dg.Failure(f"{spec.name}: not served, a blocking check failed (its tables keep the last good build): "
@@ -464,26 +468,19 @@ def incomplete_reason(measurements: Mapping[str, Any], checks: list[dg.AssetChec
     reasons = []
     if measurements.get("dlq_open"):
         reasons.append(f"{measurements['dlq_open']} open dead letters")
-    failed = [c.check_name for c in checks
-              if not c.passed and c.severity == dg.AssetCheckSeverity.ERROR and c.check_name in blocking]
+    failed = [c.check_name for c in failed_blocking(checks, blocking)]
     if failed:
         reasons.append(f"{BLOCKED} {failed}")
     return "; ".join(reasons) or None
 
 
-def refuse_to_build_on_a_blocked_input(con: duckdb.DuckDBPyConnection, spec: StageSpec) -> None:
-    """A failed blocking check blocks what reads the build in its own run (Dagster's rule), but a
-    later run that selects only the stage read the gap and was green (outputs served without the
-    customers recommendations dead-lettered; found by an outside-in probe). The stored state says
-    which input's last build failed one: the stage refuses until that input builds again."""
-    blocked = {name: state.incomplete_reason for name in spec.inputs
-               if (state := read_state(con, name)) is not None and BLOCKED in (state.incomplete_reason or "")}
-    if blocked:
-        raise dg.Failure(
-            f"{spec.name} does not build on an input whose last build failed a blocking check: "
-            + "; ".join(f"{name} ({reason})" for name, reason in blocked.items())
-            + ". Build those inputs again first (a plain run of them retries what they left open).",
-            metadata={"blocked_inputs": blocked}, allow_retries=False)
+def blocked_inputs(con: duckdb.DuckDBPyConnection, inputs: Iterable[str]) -> dict[str, str]:
+    """The inputs whose stored last build failed a blocking check, with why. Dagster's rule blocks
+    what reads such a build only in its own run; a later run that selected only the outputs read
+    the gap and was green (outputs served without the customers whose recommendations were
+    dead-lettered; found by an outside-in probe)."""
+    return {name: state.incomplete_reason for name in inputs
+            if (state := read_state(con, name)) is not None and BLOCKED in (state.incomplete_reason or "")}
 
 
 def current_state_asset(
@@ -555,24 +552,18 @@ def current_state_asset(
 
 def checks_per_day(context: dg.AssetExecutionContext, result: dg.MaterializeResult) -> Iterator[Any]:
     """A stage's result; in a run over a range of days, with its checks reported for every day the
-    build covers (as ingestion reports its own, assets/common/range_runs.py). A check result knows
-    only a run's single partition: the range's days kept their checks "planned" for ever, so a
-    failed check showed on none of them (found by an outside-in probe). A failed blocking check
-    still fails the step, as it does in a one-day run, so nothing after it builds on the gap."""
-    days = context.partition_keys if context.has_partition_key_range else []
+    build covers (range_runs.verdicts_on_every_day; found by an outside-in probe). A failed
+    blocking check still fails the step, as it does in a one-day run, so nothing after it builds
+    on the gap."""
+    days = range_days(context)
     if len(days) <= 1 or not result.check_results:
         yield result
         return
     yield dg.MaterializeResult(metadata=result.metadata)  # every day of the range, as before
-    specs = {spec.name: spec for spec in context.assets_def.check_specs}
+    blocking = {spec.name: spec.blocking for spec in context.assets_def.check_specs}
     asset = context.assets_def.key.to_user_string()
-    for day in days:
-        for check in result.check_results:
-            yield partition_check_evaluation(context.instance, check, asset, check.check_name, day,
-                                             specs[check.check_name].blocking)
-    yield from asset_check_outputs(context)
-    failed = [c for c in result.check_results if not c.passed and specs[c.check_name].blocking
-              and c.severity == dg.AssetCheckSeverity.ERROR]
+    yield from verdicts_on_every_day(context, asset, list(result.check_results), blocking, days)
+    failed = failed_blocking(result.check_results, {name for name, blocks in blocking.items() if blocks})
     if failed:
         raise dg.Failure(f"{asset}: {len(failed)} blocking check(s) failed for the days {days[0]}..{days[-1]}: "
                          + "; ".join(f"{c.check_name}: {c.description}" for c in failed),
@@ -616,10 +607,17 @@ def dead_letter_stages() -> list[str]:
     return sorted({recipe.spec.dead_letter_stage for recipe in _STAGES.values() if recipe.spec.dead_letter_stage})
 
 
-def decide_stage(recipe: StageRecipe, context: dg.AssetExecutionContext, config: Any
-                 ) -> tuple[BuildDecision, dict[str, str], dt.date]:
+class StageDecision(NamedTuple):
+    decision: BuildDecision
+    later: dict[str, str]  # inputs that hold a later day (when it would build)
+    as_of: dt.date  # the day it builds as of
+    blocked: dict[str, str]  # inputs whose last build failed a blocking check (when it would build)
+
+
+def decide_stage(recipe: StageRecipe, context: dg.AssetExecutionContext, config: Any) -> StageDecision:
     """Whether the stage builds (from the stored states of it and its inputs), as of which day,
-    and the inputs that hold a later day when it would.
+    and, when it would, the inputs that hold a later day or whose last build failed a blocking
+    check (one read connection for all of it).
 
     The day is the run's. But when the table already holds a later day X and this run changed
     what X's build read (an earlier day landed late, was corrected or backfilled), the stage
@@ -638,7 +636,9 @@ def decide_stage(recipe: StageRecipe, context: dg.AssetExecutionContext, config:
                 decision = BuildDecision(True, f"caught up: this run changed the inputs of the table's day ({as_of}; "
                                                "an earlier day landed, was corrected or backfilled): built again as "
                                                f"of {as_of}", at_table_day, stored)
-        return decision, later_inputs(con, spec.inputs, as_of) if decision.build else {}, as_of
+        if not decision.build:
+            return StageDecision(decision, {}, as_of, {})
+        return StageDecision(decision, later_inputs(con, spec.inputs, as_of), as_of, blocked_inputs(con, spec.inputs))
 
 
 def _fingerprint(recipe: StageRecipe, context: dg.AssetExecutionContext, config: Any,
@@ -651,7 +651,7 @@ def _fingerprint(recipe: StageRecipe, context: dg.AssetExecutionContext, config:
 def materialize_stage(recipe: StageRecipe, context: dg.AssetExecutionContext, config: Any) -> dg.MaterializeResult:
     spec, build = recipe.spec, recipe.build
     started = time.perf_counter()
-    decision, later, as_of = decide_stage(recipe, context, config)
+    decision, later, as_of, blocked = decide_stage(recipe, context, config)
     if later and config.force:
         raise dg.Failure(
             f"{spec.name} as of {as_of}: its inputs hold later days {later}. Rebuild them as of {as_of} first "
@@ -668,8 +668,12 @@ def materialize_stage(recipe: StageRecipe, context: dg.AssetExecutionContext, co
                                         "builds this table", decision.fingerprint, decision.stored)
     if not decision.build:
         return _skipped(spec, context, config, as_of, decision, started)
-    with context.resources.warehouse.connect(read_only=True) as con:
-        refuse_to_build_on_a_blocked_input(con, spec)
+    if blocked:  # the stage refuses until those inputs build again
+        raise dg.Failure(
+            f"{spec.name} does not build on an input whose last build failed a blocking check: "
+            + "; ".join(f"{name} ({reason})" for name, reason in blocked.items())
+            + ". Build those inputs again first (a plain run of them retries what they left open).",
+            metadata={"blocked_inputs": blocked}, allow_retries=False)
     state_build = StateBuild(spec, context, config, as_of, decision)
     try:
         built = build(state_build)

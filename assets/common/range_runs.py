@@ -10,7 +10,7 @@ materialization (what Dagster does for a one-partition run), then closes the che
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import dagster as dg
@@ -48,14 +48,31 @@ def asset_check_outputs(context: dg.AssetExecutionContext | dg.AssetCheckExecuti
         yield dg.Output(None, output_name=definition.get_output_name_for_asset_check_key(key))
 
 
+def range_days(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> list[str]:
+    """The days of a run over a range of partitions; none for a one-day run."""
+    return [] if context.has_partition_key else list(context.partition_keys)
+
+
+def verdicts_on_every_day(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, asset_key: str,
+                          results: list[dg.AssetCheckResult], blocking: Mapping[str, bool],
+                          days: list[str]) -> Iterator[Any]:
+    """The checks of one build that covers every day of a range (a current-state build, as of the
+    range's last day), reported for each day: they kept "planned" for ever otherwise, so a failed
+    one showed on no day. Then the check outputs are closed."""
+    for day in days:
+        for result in results:
+            yield partition_check_evaluation(context.instance, result, asset_key, result.check_name, day,
+                                             blocking[result.check_name])
+    yield from asset_check_outputs(context)
+
+
 def check_per_day(context: dg.AssetCheckExecutionContext, result: dg.AssetCheckResult, asset_key: str,
                   check_name: str) -> Iterator[Any]:
-    """A check of a current-state build: in a range run, the same verdict for every day the build
-    covers (the days kept it "planned" for ever otherwise); in a one-day run, the result itself."""
-    days = [] if context.has_partition_key else list(context.partition_keys)
+    """A (non-blocking) check of a current-state build: in a range run, its verdict on every day
+    of the range; in a one-day run, the result itself."""
+    days = range_days(context)
     if len(days) <= 1:
         yield result
         return
-    for day in days:
-        yield partition_check_evaluation(context.instance, result, asset_key, check_name, day, blocking=False)
-    yield from asset_check_outputs(context)
+    yield from verdicts_on_every_day(context, asset_key, [result._replace(check_name=check_name)],
+                                     {check_name: False}, days)

@@ -50,9 +50,10 @@ def read_product_texts(warehouse) -> tuple[list[tuple[str, str]], list[str]]:
 def store_product_vectors(build: StateBuild, item_vectors: tuple[str, dict], measurements: dict
                           ) -> tuple[int, dg.MarkdownMetadataValue, dict[str, int]]:
     """Replace ml.product_embeddings with the vectors just embedded (or found in the cache), close
-    the dead letters of products no longer in the catalog or without text, and retire the item maps and cached
-    vectors nothing needs any more, in the same transaction (one trip to the warehouse lock: this
-    step runs beside the writer steps). Returns the rows, a preview and what was retired."""
+    the dead letters of products no longer in the catalog or without text, and retire the item
+    maps and cached vectors nothing needs any more, in the same transaction (one trip to the
+    warehouse lock: this step runs beside the writer steps). Returns the rows, a preview and what
+    was retired."""
     sql, params = item_vectors
     with build.warehouse.transaction() as con:
         con.execute("CREATE SCHEMA IF NOT EXISTS ml")

@@ -55,9 +55,8 @@ def took_stock(complete: dict[str, str]) -> str:
     if not complete:
         return "first tick: no complete day landed yet; each day is run once all its files are in"
     return (f"first tick: {len(complete)} complete day(s) already landed ({min(complete)}..{max(complete)}) are "
-            "history: backfill them from the UI (Materialize all -> partitions), in one range up to the latest "
-            "day (a backfill that ends before a day already run leaves the current tables at that day's build). "
-            "New or changed days from now on are run by this sensor.")
+            "history: backfill them from the UI (Materialize all -> partitions). New or changed days from now on "
+            "are run by this sensor.")
 
 
 def watched_days(partitions_def: dg.TimeWindowPartitionsDefinition, lookback: int) -> list[str]:
@@ -106,17 +105,16 @@ def judged_against_a_catalog(sources: tuple[Source, ...]) -> bool:
 def days_after_a_correction(complete: dict[str, str], seen: dict[str, str], requests: list[dg.RunRequest],
                             catalog_judged: bool, closed: list[str] = ()) -> list[dg.RunRequest]:
     """A file of an earlier day written again (a correction), or come late, lands in that day's
-    run, but the days after it need a run too: the current tables hold the latest day and skip in the corrected
-    day's run, so the latest complete day is asked again, and its run rebuilds them with the
-    change. Where records are judged against a catalog up to their day, every complete day after
-    the corrected one is asked as well: its records were judged against the old catalog (a product
-    added or taken back), and its run lands them again (the catalog is in its fingerprint), before
-    the latest rebuilds the current tables (found by an outside-in probe: the days between kept
-    their old verdicts, all green). The days after it include the `closed` ones without a file:
-    the schedule runs those too, so the tables may hold one (a closed day is never complete, and
-    a correction before it used to skip every stage, green)."""
-    # A day completed late (its file came after a later day's run) is a correction too: the
-    # current tables hold that later day and skip in its run (found by an outside-in probe).
+    run; the days after it are asked again after it (runs go one at a time, in the order asked):
+    - the latest day (complete, or closed without a file: the schedule runs those too), whose run
+      takes the change into the current tables where the corrected day's run did not (on the
+      lakehouse, whose stages build as of the run's day; the warehouse's catch up already);
+    - where records are judged against a catalog up to their day, every day after the corrected
+      one: its records were judged against the old catalog (a product added or taken back), and
+      its run lands them again (the catalog is in its fingerprint). Before, the days between kept
+      their old verdicts, all green (found by an outside-in probe), as did a late day and a
+      correction before a closed day."""
+    # A day completed late (its file came after a later day's run) is a correction too.
     changed = [day for day, signature in complete.items()
                if (seen[day] != signature if day in seen else bool(seen) and day < max(seen))]
     if not changed:
